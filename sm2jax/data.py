@@ -1,0 +1,226 @@
+"""Data sets as in-memory arrays, read through ``tfds.data_source`` + ``grain`` (no TensorFlow).
+
+All of the paper's data sets fit in device memory (CIFAR-10 is 150 MB as uint8), so a cohort keeps
+the training arrays on the device and every trial draws its own batches *inside* the jitted step:
+:func:`batch_indices` maps (per-trial data key, per-trial step) to example indices. The data
+position of a trial is therefore just its step counter, which makes survivor gathering and resuming
+exact with no iterator state to checkpoint.
+
+Sources:
+
+* ``digits`` -- the 8x8 digits shipped inside scikit-learn (offline default);
+* ``mnist``, ``cifar10`` -- the TFDS catalogue;
+* ``household_power``, ``wikitext2`` -- TFDS builders of our own in :mod:`sm2jax.datasets`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Int, UInt32
+
+TASKS = ("classification", "regression", "language_model")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayDataset:
+    """A training and a validation split as numpy arrays.
+
+    Attributes:
+      name: data set name.
+      task: one of :data:`TASKS`; selects the loss and the validation metric.
+      x_train, y_train, x_val, y_val: examples along axis 0.
+      num_outputs: classes, regression targets or vocabulary size.
+    """
+
+    name: str
+    task: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    num_outputs: int
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known: {TASKS}")
+        if len(self.x_train) != len(self.y_train) or len(self.x_val) != len(self.y_val):
+            raise ValueError(f"{self.name}: inputs and targets differ in length")
+        if len(self.x_train) == 0 or len(self.x_val) == 0:
+            raise ValueError(f"{self.name}: empty training or validation split")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_train(self) -> int:
+        return len(self.x_train)
+
+    def subset(self, num_train: int | None = None, num_val: int | None = None) -> ArrayDataset:
+        """The first ``num_train``/``num_val`` examples (for quick runs and tests)."""
+        return dataclasses.replace(
+            self,
+            x_train=self.x_train[:num_train], y_train=self.y_train[:num_train],
+            x_val=self.x_val[:num_val], y_val=self.y_val[:num_val],
+        )
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full batches per epoch (the remainder is dropped; each epoch reshuffles)."""
+    if batch_size > num_examples:
+        raise ValueError(f"batch_size {batch_size} exceeds the {num_examples} training examples")
+    return num_examples // batch_size
+
+
+def batch_indices(data_key: UInt32[Array, "2"], step: Int[Array, ""], num_examples: int, batch_size: int) -> Int[Array, " batch"]:
+    """Indices of the examples that a trial sees at ``step``: epoch ``e`` is a fresh permutation
+    keyed by ``fold_in(data_key, e)``; the step's batch is its ``step mod steps_per_epoch`` slice."""
+    per_epoch = steps_per_epoch(num_examples, batch_size)
+    epoch, position = step // per_epoch, step % per_epoch
+    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
+    return jax.lax.dynamic_slice_in_dim(perm, position * batch_size, batch_size)
+
+
+# --------------------------------------------------------------------------------------- loaders
+
+
+def load_digits(val_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
+    """The 1797 8x8 digit images that ship inside scikit-learn: offline, ~1 s to load.
+
+    Images are ``float32[8, 8, 1]`` scaled to [0, 1]; the validation split is a seeded
+    ``val_fraction`` hold-out.
+    """
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[..., None]
+    y = bunch.target.astype(np.int32)
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = int(round(len(x) * val_fraction))
+    val, train = order[:n_val], order[n_val:]
+    return ArrayDataset("digits", "classification", x[train], y[train], x[val], y[val], 10)
+
+
+def source_to_arrays(source: Any, to_example, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a random-access source (e.g. ``tfds.data_source``) into two stacked arrays with grain.
+
+    Args:
+      source: anything with ``__len__`` and ``__getitem__``.
+      to_example: maps one record to an ``(x, y)`` pair of arrays.
+      chunk: records per grain batch.
+    """
+    import grain
+
+    if len(source) == 0:
+        raise ValueError("empty data source")
+    batches = grain.MapDataset.source(source).map(to_example).batch(chunk)
+    xs, ys = zip(*(batches[i] for i in range(len(batches))))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _image_example(record):
+    image = np.asarray(record["image"], dtype=np.float32) / 255.0
+    return image, np.int32(record["label"])
+
+
+def load_tfds_images(name: str, *, data_dir: str | None = None, val_percent: int = 10, download: bool = True) -> ArrayDataset:
+    """MNIST or CIFAR-10 (any TFDS image classification set with ``image``/``label`` features).
+
+    The validation split is the last ``val_percent`` % of ``train``; the test split stays untouched
+    so that a study's selection is never tuned on it.
+    """
+    import tensorflow_datasets as tfds
+
+    splits = [f"train[:{100 - val_percent}%]", f"train[{100 - val_percent}%:]"]
+    train, val = tfds.data_source(name, split=splits, data_dir=data_dir, download=download)
+    x_train, y_train = source_to_arrays(train, _image_example)
+    x_val, y_val = source_to_arrays(val, _image_example)
+    classes = int(max(y_train.max(), y_val.max())) + 1
+    return ArrayDataset(name, "classification", x_train, y_train, x_val, y_val, classes)
+
+
+def load_household_power(*, data_dir: str | None = None, window: int = 24, val_fraction: float = 0.1, download: bool = True) -> ArrayDataset:
+    """Next-hour global active power from the previous ``window`` hours of all 7 measurements.
+
+    Reads the hourly means prepared by :class:`sm2jax.datasets.household_power.HouseholdPower`;
+    features are standardised with training-split statistics; the split is chronological.
+    """
+    import tensorflow_datasets as tfds
+
+    from sm2jax.datasets import household_power  # noqa: F401  (registers the builder)
+
+    source = tfds.data_source("household_power", split="train", data_dir=data_dir, download=download)
+    hours, values = source_to_arrays(source, lambda r: (np.int64(r["hour"]), np.asarray(r["values"], np.float32)))
+    values = values[np.argsort(hours)]
+    return windows_to_dataset(values, window, val_fraction)
+
+
+def windows_to_dataset(values: np.ndarray, window: int, val_fraction: float) -> ArrayDataset:
+    """Sliding windows over a ``[T, F]`` series; the target is feature 0 of the next step."""
+    if len(values) <= window + 1:
+        raise ValueError(f"series of {len(values)} steps is too short for window {window}")
+    n_train_steps = int(len(values) * (1 - val_fraction))
+    mean, std = values[:n_train_steps].mean(0), values[:n_train_steps].std(0) + 1e-6
+    z = ((values - mean) / std).astype(np.float32)
+    starts = np.arange(len(z) - window)
+    x = np.stack([z[s : s + window] for s in starts])
+    y = z[starts + window, :1]
+    cut = max(n_train_steps - window, 1)
+    return ArrayDataset("household_power", "regression", x[:cut], y[:cut], x[cut:], y[cut:], 1)
+
+
+def load_wikitext2(*, data_dir: str | None = None, context: int = 64, download: bool = True) -> ArrayDataset:
+    """Byte-level language modelling on WikiText-2 (raw): vocabulary 256, ``context``-token chunks.
+
+    Bytes need no tokenizer download; perplexities are per byte, not per word.
+    """
+    import tensorflow_datasets as tfds
+
+    from sm2jax.datasets import wikitext2  # noqa: F401  (registers the builder)
+
+    train, val = tfds.data_source("wikitext2", split=["train", "validation"], data_dir=data_dir, download=download)
+    return text_to_dataset(_join_lines(train), _join_lines(val), context)
+
+
+def _join_lines(source) -> bytes:
+    lines = [source[i]["text"] for i in range(len(source))]
+    return b"\n".join(line if isinstance(line, bytes) else line.encode() for line in lines)
+
+
+def text_to_dataset(train_text: bytes, val_text: bytes, context: int) -> ArrayDataset:
+    """Cuts byte strings into non-overlapping ``context + 1`` chunks: inputs and shifted targets."""
+
+    def chunks(text: bytes) -> tuple[np.ndarray, np.ndarray]:
+        tokens = np.frombuffer(text, dtype=np.uint8).astype(np.int32)
+        n = (len(tokens) - 1) // context
+        if n < 1:
+            raise ValueError(f"text of {len(tokens)} bytes is shorter than one context of {context}")
+        x = tokens[: n * context].reshape(n, context)
+        y = tokens[1 : n * context + 1].reshape(n, context)
+        return x, y
+
+    (xt, yt), (xv, yv) = chunks(train_text), chunks(val_text)
+    return ArrayDataset("wikitext2", "language_model", xt, yt, xv, yv, 256)
+
+
+def load_dataset(name: str, **kwargs) -> ArrayDataset:
+    """Loads a data set by name: ``digits``, ``mnist``, ``cifar10``, ``household_power``, ``wikitext2``."""
+    if name == "digits":
+        return load_digits(**kwargs)
+    if name in ("mnist", "cifar10"):
+        return load_tfds_images(name, **kwargs)
+    if name == "household_power":
+        return load_household_power(**kwargs)
+    if name == "wikitext2":
+        return load_wikitext2(**kwargs)
+    raise ValueError(f"unknown data set {name!r}; known: digits, mnist, cifar10, household_power, wikitext2")
+
+
+def device_put_dataset(ds: ArrayDataset) -> dict[str, jax.Array]:
+    """The arrays a cohort step reads, on the default device."""
+    return {k: jnp.asarray(getattr(ds, k)) for k in ("x_train", "y_train", "x_val", "y_val")}

@@ -1,0 +1,208 @@
+"""Flax NNX models for the paper's tasks, built from a JSON-able spec.
+
+Every model is called as ``model(x, train=..., key=...)``: ``train`` is a Python bool (it selects
+dropout and batch-norm behaviour at trace time), ``key`` is the per-trial dropout key (a raw
+``uint32[2]`` PRNG key, or ``None`` when no dropout is active). Models hold no ``Rngs`` after
+construction, so ``nnx.split(model, nnx.Param, ...)`` yields only parameters and batch statistics,
+both of which stack cleanly on a trial axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _dropout(rate: float, x: jax.Array, train: bool, key: jax.Array | None, salt: int) -> jax.Array:
+    """Dropout with an explicit key, so masks depend only on the trial's own key."""
+    if not train or rate == 0.0 or key is None:
+        return x
+    return nnx.Dropout(rate)(x, deterministic=False, rngs=jax.random.fold_in(key, salt))
+
+
+class MLP(nnx.Module):
+    """Flattens the input and applies ``Linear -> relu`` blocks, then a linear head."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: Sequence[int] = (64,), dropout: float = 0.0, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        sizes = [in_features, *hidden]
+        self.layers = nnx.List([nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.head = nnx.Linear(sizes[-1], out_features, dtype=dtype, rngs=rngs)
+        self.dropout = dropout
+
+    def __call__(self, x, *, train: bool = False, key=None):
+        x = x.reshape(x.shape[0], -1)
+        for i, layer in enumerate(self.layers):
+            x = _dropout(self.dropout, jax.nn.relu(layer(x)), train, key, i)
+        return self.head(x)
+
+
+class SmallCNN(nnx.Module):
+    """Two 3x3 convolutions with average pooling and a linear head (MNIST/digits-sized inputs)."""
+
+    def __init__(self, in_channels: int, out_features: int, height: int, width: int, channels: Sequence[int] = (16, 32), dropout: float = 0.0, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        c1, c2 = channels
+        self.conv1 = nnx.Conv(in_channels, c1, (3, 3), dtype=dtype, rngs=rngs)
+        self.conv2 = nnx.Conv(c1, c2, (3, 3), dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(c2 * (height // 4) * (width // 4), out_features, dtype=dtype, rngs=rngs)
+        self.dropout = dropout
+
+    def __call__(self, x, *, train: bool = False, key=None):
+        x = nnx.avg_pool(jax.nn.relu(self.conv1(x)), (2, 2), (2, 2))
+        x = nnx.avg_pool(jax.nn.relu(self.conv2(x)), (2, 2), (2, 2))
+        x = _dropout(self.dropout, x.reshape(x.shape[0], -1), train, key, 0)
+        return self.head(x)
+
+
+class BasicBlock(nnx.Module):
+    def __init__(self, cin: int, cout: int, stride: int, dtype, *, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False, dtype=dtype, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(cout, dtype=dtype, rngs=rngs)
+        self.conv2 = nnx.Conv(cout, cout, (3, 3), use_bias=False, dtype=dtype, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(cout, dtype=dtype, rngs=rngs)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, dtype=dtype, rngs=rngs)
+            self.bn_short = nnx.BatchNorm(cout, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, train: bool):
+        avg = not train
+        y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=avg))
+        y = self.bn2(self.conv2(y), use_running_average=avg)
+        if self.shortcut is not None:
+            x = self.bn_short(self.shortcut(x), use_running_average=avg)
+        return jax.nn.relu(x + y)
+
+
+class ResNet18(nnx.Module):
+    """ResNet-18 with the CIFAR stem (3x3 conv, no max-pool), He et al. 2016.
+
+    ``width`` scales the stage widths (64, 128, 256, 512); tests use a narrow net.
+    """
+
+    def __init__(self, in_channels: int, out_features: int, width: int = 64, blocks: Sequence[int] = (2, 2, 2, 2), dropout: float = 0.0, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        self.stem = nnx.Conv(in_channels, width, (3, 3), use_bias=False, dtype=dtype, rngs=rngs)
+        self.stem_bn = nnx.BatchNorm(width, dtype=dtype, rngs=rngs)
+        layers, cin = [], width
+        for stage, count in enumerate(blocks):
+            cout = width * 2**stage
+            for b in range(count):
+                layers.append(BasicBlock(cin, cout, 2 if (b == 0 and stage > 0) else 1, dtype, rngs=rngs))
+                cin = cout
+        self.blocks = nnx.List(layers)
+        self.head = nnx.Linear(cin, out_features, dtype=dtype, rngs=rngs)
+        self.dropout = dropout
+
+    def __call__(self, x, *, train: bool = False, key=None):
+        x = jax.nn.relu(self.stem_bn(self.stem(x), use_running_average=not train))
+        for block in self.blocks:
+            x = block(x, train)
+        x = _dropout(self.dropout, x.mean(axis=(1, 2)), train, key, 0)
+        return self.head(x)
+
+
+class LSTMRegressor(nnx.Module):
+    """An LSTM over ``[B, T, F]`` windows; a linear head on the last hidden state predicts ``[B, out]``."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: int = 64, dropout: float = 0.0, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        self.cell = nnx.OptimizedLSTMCell(in_features, hidden, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(hidden, out_features, dtype=dtype, rngs=rngs)
+        self.hidden = hidden
+        self.dropout = dropout
+
+    def __call__(self, x, *, train: bool = False, key=None):
+        carry = self.cell.initialize_carry((x.shape[0], x.shape[-1]))
+
+        def step(carry, xt):
+            carry, h = self.cell(carry, xt)
+            return carry, h
+
+        # A plain scan over time: the cell's parameters are closed over, not split per step.
+        _, hs = jax.lax.scan(step, carry, jnp.swapaxes(x, 0, 1))
+        return self.head(_dropout(self.dropout, hs[-1], train, key, 0))
+
+
+class TransformerBlock(nnx.Module):
+    def __init__(self, dim: int, heads: int, dropout: float, dtype, *, rngs: nnx.Rngs):
+        self.ln1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(heads, dim, decode=False, dtype=dtype, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+        self.fc1 = nnx.Linear(dim, 4 * dim, dtype=dtype, rngs=rngs)
+        self.fc2 = nnx.Linear(4 * dim, dim, dtype=dtype, rngs=rngs)
+        self.dropout = dropout
+
+    def __call__(self, x, mask, train: bool, key, salt: int):
+        x = x + _dropout(self.dropout, self.attn(self.ln1(x), mask=mask, deterministic=True), train, key, 2 * salt)
+        return x + _dropout(self.dropout, self.fc2(jax.nn.gelu(self.fc1(self.ln2(x)))), train, key, 2 * salt + 1)
+
+
+class TransformerLM(nnx.Module):
+    """A small decoder-only (pre-LN, causal) Transformer language model over token ids ``[B, T]``."""
+
+    def __init__(self, vocab_size: int, context: int, dim: int = 64, depth: int = 2, heads: int = 4, dropout: float = 0.0, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(vocab_size, dim, dtype=dtype, rngs=rngs)
+        self.pos = nnx.Embed(context, dim, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([TransformerBlock(dim, heads, dropout, dtype, rngs=rngs) for _ in range(depth)])
+        self.ln = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(dim, vocab_size, dtype=dtype, rngs=rngs)
+
+    def __call__(self, tokens, *, train: bool = False, key=None):
+        t = tokens.shape[1]
+        x = self.embed(tokens) + self.pos(jnp.arange(t))[None]
+        mask = nnx.make_causal_mask(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, train, key, i)
+        return self.head(self.ln(x))
+
+
+def _build_mlp(spec, shape, outputs, dropout, dtype, rngs):
+    size = 1
+    for d in shape:
+        size *= d
+    return MLP(size, outputs, tuple(spec.get("hidden", (64,))), dropout, dtype, rngs=rngs)
+
+
+def _build_cnn(spec, shape, outputs, dropout, dtype, rngs):
+    h, w, c = shape
+    return SmallCNN(c, outputs, h, w, tuple(spec.get("channels", (16, 32))), dropout, dtype, rngs=rngs)
+
+
+def _build_resnet18(spec, shape, outputs, dropout, dtype, rngs):
+    return ResNet18(shape[-1], outputs, int(spec.get("width", 64)), tuple(spec.get("blocks", (2, 2, 2, 2))), dropout, dtype, rngs=rngs)
+
+
+def _build_lstm(spec, shape, outputs, dropout, dtype, rngs):
+    return LSTMRegressor(shape[-1], outputs, int(spec.get("hidden", 64)), dropout, dtype, rngs=rngs)
+
+
+def _build_transformer(spec, shape, outputs, dropout, dtype, rngs):
+    return TransformerLM(outputs, shape[0], int(spec.get("dim", 64)), int(spec.get("depth", 2)), int(spec.get("heads", 4)), dropout, dtype, rngs=rngs)
+
+
+MODEL_REGISTRY: dict[str, Callable[..., nnx.Module]] = {
+    "mlp": _build_mlp,
+    "cnn": _build_cnn,
+    "resnet18": _build_resnet18,
+    "lstm": _build_lstm,
+    "transformer": _build_transformer,
+}
+
+
+def build_model(spec: Mapping[str, Any], input_shape: Sequence[int], num_outputs: int, *, dropout: float = 0.0, dtype: str = "float32", key: jax.Array) -> nnx.Module:
+    """Builds the model named by ``spec['name']`` for per-example ``input_shape``.
+
+    Args:
+      spec: ``{"name": ..., **options}``; see the ``_build_*`` functions for options.
+      input_shape: shape of one example (no batch axis).
+      num_outputs: classes, regression targets, or vocabulary size.
+      dropout: static dropout rate.
+      dtype: computation dtype name.
+      key: PRNG key for parameter initialisation.
+    """
+    name = spec["name"]
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODEL_REGISTRY)}")
+    return MODEL_REGISTRY[name](spec, tuple(input_shape), num_outputs, dropout, jnp.dtype(dtype), nnx.Rngs(params=key))

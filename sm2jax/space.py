@@ -1,0 +1,342 @@
+"""Search spaces: typed domains, grid and seeded random sampling, validated configurations.
+
+A :class:`SearchSpace` maps hyperparameter names to domains. Every configuration it produces is
+*complete* (unspecified hyperparameters take the defaults in :data:`DEFAULTS`) and carries a stable
+integer ``trial_id`` (its index in the generated sequence, deterministic for a given space and seed)
+and a content ``key`` (a short hash of its values) so that results can be matched across runs.
+
+Hyperparameters split into two kinds (see :mod:`sm2jax.cohort`):
+
+* **static** ones change array shapes or the program (``model``, ``batch_size``, ``optimizer``,
+  ``dropout``, ``dtype``); configurations that differ in them cannot share one ``vmap``;
+* **traced** ones are numbers that live in the optimizer state with a leading trial axis
+  (``learning_rate``, ``weight_decay``, ``momentum``, ``b1``, ``b2``, ``warmup_fraction``,
+  ``schedule``, ``max_grad_norm``, ``seed``); changing them never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "linear")
+DTYPES = ("float32", "bfloat16")
+
+STATIC_HYPERPARAMETERS = ("model", "batch_size", "optimizer", "dropout", "dtype")
+TRACED_HYPERPARAMETERS = (
+    "learning_rate",
+    "weight_decay",
+    "momentum",
+    "b1",
+    "b2",
+    "warmup_fraction",
+    "schedule",
+    "max_grad_norm",
+    "seed",
+)
+
+DEFAULTS: dict[str, Any] = {
+    "model": {"name": "mlp", "hidden": [64]},
+    "batch_size": 32,
+    "optimizer": "adam",
+    "dropout": 0.0,
+    "dtype": "float32",
+    "learning_rate": 1e-3,
+    "weight_decay": 0.0,
+    "momentum": 0.9,
+    "b1": 0.9,
+    "b2": 0.999,
+    "warmup_fraction": 0.0,
+    "schedule": "constant",
+    "max_grad_norm": math.inf,
+    "seed": 0,
+}
+
+
+def _check_value(name: str, value: Any) -> None:
+    """Raises ``ValueError`` naming ``name`` if ``value`` is not admissible for it."""
+
+    def fail(why: str) -> None:
+        raise ValueError(f"hyperparameter {name!r}: {why} (got {value!r})")
+
+    if name not in DEFAULTS:
+        fail(f"unknown hyperparameter; known: {sorted(DEFAULTS)}")
+    if name == "model":
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, Mapping) or not isinstance(value.get("name"), str):
+            fail("must be a model name or a mapping with a 'name' entry")
+        from sm2jax.models import MODEL_REGISTRY  # local: models import jax, keep space light
+
+        if value["name"] not in MODEL_REGISTRY:
+            fail(f"unknown model; known: {sorted(MODEL_REGISTRY)}")
+    elif name == "optimizer":
+        if value not in OPTIMIZERS:
+            fail(f"unknown optimizer; known: {list(OPTIMIZERS)}")
+    elif name == "schedule":
+        if value not in SCHEDULES:
+            fail(f"unknown schedule; known: {list(SCHEDULES)}")
+    elif name == "dtype":
+        if value not in DTYPES:
+            fail(f"unknown dtype; known: {list(DTYPES)}")
+    elif name in ("batch_size", "seed"):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            fail("must be an integer")
+        if name == "batch_size" and value < 1:
+            fail("must be >= 1")
+        if name == "seed" and not 0 <= value < 2**31:
+            fail("must be in [0, 2**31)")
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            fail("must be a number")
+        value = float(value)
+        if math.isnan(value):
+            fail("must not be NaN")
+        if name == "learning_rate" and not (0 < value < math.inf):
+            fail("must be positive and finite")
+        if name == "max_grad_norm" and not value > 0:
+            fail("must be positive (inf disables clipping)")
+        if name in ("weight_decay",) and not (0 <= value < math.inf):
+            fail("must be non-negative and finite")
+        if name in ("momentum", "b1", "b2", "dropout") and not 0 <= value < 1:
+            fail("must be in [0, 1)")
+        if name == "warmup_fraction" and not 0 <= value <= 1:
+            fail("must be in [0, 1]")
+
+
+def canonical_model(value: Any) -> dict[str, Any]:
+    """Returns the model spec as a plain dict with a ``name`` entry (a bare string is a name)."""
+    if isinstance(value, str):
+        return {"name": value}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(value).items()}
+
+
+# --------------------------------------------------------------------------------------- domains
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixed:
+    """A single value."""
+
+    value: Any
+
+    def grid(self) -> list[Any]:
+        return [self.value]
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        return self.value
+
+    def check(self, name: str) -> None:
+        _check_value(name, self.value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Categorical:
+    """One of a finite list of choices."""
+
+    choices: tuple[Any, ...]
+
+    def __init__(self, choices: Sequence[Any]):
+        object.__setattr__(self, "choices", tuple(choices))
+
+    def grid(self) -> list[Any]:
+        return list(self.choices)
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        return self.choices[int(rng.integers(len(self.choices)))]
+
+    def check(self, name: str) -> None:
+        if not self.choices:
+            raise ValueError(f"hyperparameter {name!r}: empty categorical domain")
+        for choice in self.choices:
+            _check_value(name, choice)
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform:
+    """A float drawn uniformly from ``[low, high]``; the grid has ``num`` evenly spaced points."""
+
+    low: float
+    high: float
+    num: int = 3
+
+    def grid(self) -> list[float]:
+        return [float(v) for v in np.linspace(self.low, self.high, self.num)]
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return float(rng.uniform(self.low, self.high))
+
+    def check(self, name: str) -> None:
+        if not self.low <= self.high:
+            raise ValueError(f"hyperparameter {name!r}: lower bound {self.low} > upper bound {self.high}")
+        if self.num < 1:
+            raise ValueError(f"hyperparameter {name!r}: grid needs num >= 1 (got {self.num})")
+        _check_value(name, self.low)
+        _check_value(name, self.high)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogUniform(Uniform):
+    """A positive float whose logarithm is uniform on ``[log low, log high]``."""
+
+    def grid(self) -> list[float]:
+        return [float(v) for v in np.geomspace(self.low, self.high, self.num)]
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return float(np.exp(rng.uniform(np.log(self.low), np.log(self.high))))
+
+    def check(self, name: str) -> None:
+        if not self.low > 0:
+            raise ValueError(f"hyperparameter {name!r}: log domain needs a positive lower bound (got {self.low})")
+        super().check(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class IntUniform:
+    """An integer in ``[low, high]`` (inclusive), optionally log-spaced; the grid holds every value
+    (or ``num`` spaced values when ``num`` is given)."""
+
+    low: int
+    high: int
+    log: bool = False
+    num: int | None = None
+
+    def grid(self) -> list[int]:
+        if self.num is None:
+            return list(range(self.low, self.high + 1))
+        space = np.geomspace if self.log else np.linspace
+        return sorted({int(round(v)) for v in space(self.low, self.high, self.num)})
+
+    def sample(self, rng: np.random.Generator) -> int:
+        if self.log:
+            return int(round(np.exp(rng.uniform(np.log(self.low), np.log(self.high)))))
+        return int(rng.integers(self.low, self.high + 1))
+
+    def check(self, name: str) -> None:
+        if not self.low <= self.high:
+            raise ValueError(f"hyperparameter {name!r}: lower bound {self.low} > upper bound {self.high}")
+        if self.log and self.low < 1:
+            raise ValueError(f"hyperparameter {name!r}: log domain needs low >= 1 (got {self.low})")
+        _check_value(name, self.low)
+        _check_value(name, self.high)
+
+
+Domain = Fixed | Categorical | Uniform | LogUniform | IntUniform
+
+
+# ------------------------------------------------------------------------------- configurations
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One complete configuration.
+
+    Attributes:
+      trial_id: stable integer id (index in the generated sequence); seeds per-trial PRNG keys.
+      values: every hyperparameter in :data:`DEFAULTS`, filled with defaults where unspecified.
+    """
+
+    trial_id: int
+    values: Mapping[str, Any]
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    @property
+    def key(self) -> str:
+        """A short content hash: the same values give the same key in any run."""
+        blob = json.dumps(self.values, sort_keys=True, default=str).encode()
+        return hashlib.sha1(blob).hexdigest()[:10]
+
+    def to_json(self) -> dict[str, Any]:
+        values = dict(self.values)
+        if math.isinf(values["max_grad_norm"]):
+            values["max_grad_norm"] = "inf"
+        return {"trial_id": self.trial_id, "values": values}
+
+    @classmethod
+    def from_json(cls, blob: Mapping[str, Any]) -> Config:
+        values = dict(blob["values"])
+        values["max_grad_norm"] = float(values["max_grad_norm"])
+        return cls(int(blob["trial_id"]), values)
+
+    def describe(self, names: Sequence[str] | None = None) -> str:
+        names = names or [n for n in DEFAULTS if n != "model"]
+        parts = []
+        for n in names:
+            v = self.values[n]
+            parts.append(f"{n}={v:.3g}" if isinstance(v, float) else f"{n}={v}")
+        return " ".join(parts)
+
+
+def make_config(trial_id: int, **values: Any) -> Config:
+    """Builds one validated, complete configuration (defaults fill the rest)."""
+    for name, value in values.items():
+        _check_value(name, value)
+    full = dict(DEFAULTS)
+    full.update(values)
+    full["model"] = canonical_model(full["model"])
+    for name in ("learning_rate", "weight_decay", "momentum", "b1", "b2", "warmup_fraction", "dropout", "max_grad_norm"):
+        full[name] = float(full[name])
+    full["batch_size"] = int(full["batch_size"])
+    full["seed"] = int(full["seed"])
+    return Config(trial_id, full)
+
+
+class SearchSpace:
+    """A mapping from hyperparameter names to domains (plain values mean :class:`Fixed`).
+
+    Example:
+      >>> space = SearchSpace({"learning_rate": LogUniform(1e-3, 1e-1, num=3),
+      ...                      "batch_size": Categorical([16, 64])})
+      >>> len(space.grid())
+      6
+    """
+
+    def __init__(self, domains: Mapping[str, Any]):
+        if not domains:
+            raise ValueError("empty search space: give at least one hyperparameter")
+        self.domains: dict[str, Domain] = {}
+        for name, domain in domains.items():
+            if not isinstance(domain, (Fixed, Categorical, Uniform, LogUniform, IntUniform)):
+                domain = Fixed(domain)
+            domain.check(name)
+            self.domains[name] = domain
+
+    def grid(self) -> list[Config]:
+        """Every combination of the domains' grids, in a deterministic order."""
+        names = list(self.domains)
+        product = itertools.product(*(self.domains[n].grid() for n in names))
+        return [make_config(i, **dict(zip(names, combo))) for i, combo in enumerate(product)]
+
+    def sample(self, num: int, seed: int = 0) -> list[Config]:
+        """``num`` configurations drawn independently with ``numpy`` seeded by ``seed``."""
+        if num < 1:
+            raise ValueError(f"sample needs num >= 1 (got {num})")
+        rng = np.random.default_rng(seed)
+        return [
+            make_config(i, **{n: d.sample(rng) for n, d in self.domains.items()}) for i in range(num)
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {n: {"type": type(d).__name__, **dataclasses.asdict(d)} for n, d in self.domains.items()}
+
+    @classmethod
+    def from_json(cls, blob: Mapping[str, Any]) -> SearchSpace:
+        kinds = {k.__name__: k for k in (Fixed, Categorical, Uniform, LogUniform, IntUniform)}
+        domains = {}
+        for name, spec in blob.items():
+            spec = dict(spec)
+            kind = spec.pop("type")
+            if kind not in kinds:
+                raise ValueError(f"hyperparameter {name!r}: unknown domain type {kind!r}")
+            domains[name] = kinds[kind](**spec)
+        return cls(domains)
