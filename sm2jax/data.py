@@ -77,13 +77,48 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     return num_examples // batch_size
 
 
+_FEISTEL_ROUNDS = 6
+
+
+def _mix32(v: jax.Array) -> jax.Array:
+    """The murmur3 32-bit finaliser: a cheap, well-mixing bijection on uint32."""
+    v = v ^ (v >> 16)
+    v = v * jnp.uint32(0x85EBCA6B)
+    v = v ^ (v >> 13)
+    v = v * jnp.uint32(0xC2B2AE35)
+    return v ^ (v >> 16)
+
+
+def _feistel(x: jax.Array, round_keys: jax.Array, half_bits: int) -> jax.Array:
+    """A keyed bijection on ``[0, 2**(2 * half_bits))`` (balanced Feistel network)."""
+    mask = jnp.uint32((1 << half_bits) - 1)
+    left, right = x >> half_bits, x & mask
+    for r in range(_FEISTEL_ROUNDS):
+        left, right = right, left ^ (_mix32(right ^ round_keys[r]) & mask)
+    return (left << half_bits) | right
+
+
 def batch_indices(data_key: UInt32[Array, "2"], step: Int[Array, ""], num_examples: int, batch_size: int) -> Int[Array, " batch"]:
-    """Indices of the examples that a trial sees at ``step``: epoch ``e`` is a fresh permutation
-    keyed by ``fold_in(data_key, e)``; the step's batch is its ``step mod steps_per_epoch`` slice."""
+    """Indices of the examples that a trial sees at ``step``.
+
+    Epoch ``e`` visits every example once, in the order of a pseudo-random permutation keyed by
+    ``fold_in(data_key, e)``; the step's batch is its ``step mod steps_per_epoch`` slice. The
+    permutation is a Feistel network over the next power of four with cycle-walking back into
+    ``[0, num_examples)``, so a step costs O(batch) instead of the O(N log N) of materialising
+    ``jax.random.permutation`` (which made up ~85% of a digits-MLP step).
+    """
     per_epoch = steps_per_epoch(num_examples, batch_size)
     epoch, position = step // per_epoch, step % per_epoch
-    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
-    return jax.lax.dynamic_slice_in_dim(perm, position * batch_size, batch_size)
+    half_bits = max(1, ((num_examples - 1).bit_length() + 1) // 2)
+    round_keys = jax.random.bits(jax.random.fold_in(data_key, epoch), (_FEISTEL_ROUNDS,), jnp.uint32)
+    slots = (position * batch_size + jnp.arange(batch_size)).astype(jnp.uint32)
+    limit = jnp.uint32(num_examples)
+
+    def walk(x):
+        first = _feistel(x, round_keys, half_bits)
+        return jax.lax.while_loop(lambda y: y >= limit, lambda y: _feistel(y, round_keys, half_bits), first)
+
+    return jax.vmap(walk)(slots).astype(jnp.int32)
 
 
 # --------------------------------------------------------------------------------------- loaders

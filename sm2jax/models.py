@@ -63,8 +63,8 @@ class BasicBlock(nnx.Module):
         self.bn1 = nnx.BatchNorm(cout, dtype=dtype, rngs=rngs)
         self.conv2 = nnx.Conv(cout, cout, (3, 3), use_bias=False, dtype=dtype, rngs=rngs)
         self.bn2 = nnx.BatchNorm(cout, dtype=dtype, rngs=rngs)
-        self.shortcut = None
-        if stride != 1 or cin != cout:
+        self.project = stride != 1 or cin != cout  # 1x1 projection shortcut when shapes change
+        if self.project:
             self.shortcut = nnx.Conv(cin, cout, (1, 1), strides=stride, use_bias=False, dtype=dtype, rngs=rngs)
             self.bn_short = nnx.BatchNorm(cout, dtype=dtype, rngs=rngs)
 
@@ -72,7 +72,7 @@ class BasicBlock(nnx.Module):
         avg = not train
         y = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=avg))
         y = self.bn2(self.conv2(y), use_running_average=avg)
-        if self.shortcut is not None:
+        if self.project:
             x = self.bn_short(self.shortcut(x), use_running_average=avg)
         return jax.nn.relu(x + y)
 
@@ -114,7 +114,8 @@ class LSTMRegressor(nnx.Module):
         self.dropout = dropout
 
     def __call__(self, x, *, train: bool = False, key=None):
-        carry = self.cell.initialize_carry((x.shape[0], x.shape[-1]))
+        zeros = jnp.zeros((x.shape[0], self.hidden), x.dtype)
+        carry = (zeros, zeros)  # (c, h), the zero state
 
         def step(carry, xt):
             carry, h = self.cell(carry, xt)

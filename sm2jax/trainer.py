@@ -175,7 +175,7 @@ class CohortTrainer:
     # ------------------------------------------------------------------------------------ train
 
     def _loss(self, params, model_state, x, y, key):
-        model = nnx.merge(self.graphdef, params, model_state)
+        model = nnx.merge(self.graphdef, params, model_state, copy=True)
         per_example, _ = task_loss(self.task, model(x, train=True, key=key), y)
         new_model_state = nnx.split(model, nnx.Param, ...)[2]
         return per_example.mean(), new_model_state
@@ -241,7 +241,7 @@ class CohortTrainer:
         mask = (jnp.arange(chunks * b) < n).reshape(chunks, b).astype(jnp.float32)
 
         def run_trial(ts):
-            model = nnx.merge(self.graphdef, ts.params, ts.model_state)
+            model = nnx.merge(self.graphdef, ts.params, ts.model_state, copy=True)
 
             def body(carry, chunk):
                 x, y, m = chunk

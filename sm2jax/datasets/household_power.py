@@ -45,7 +45,8 @@ class HouseholdPower(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples(path / FILE)}
 
     def _generate_examples(self, path):
-        yield from hourly_means(path.open("r"))
+        with path.open("r") as f:
+            yield from hourly_means(f)
 
 
 def hourly_means(lines):

@@ -1,0 +1,22 @@
+"""Strict numerics for the whole suite: no silent rank promotion.
+
+Dtype promotion stays "standard" globally because optax's own bias correction raises a traced
+``b1`` (float32) to an int32 count, which strict mode rejects; our own numerical helpers are checked
+under ``jax.numpy_dtype_promotion("strict")`` in ``test_strict_dtypes.py``.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+import jax
+import pytest
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from sm2jax.data import load_digits
+
+    return load_digits()

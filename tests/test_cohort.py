@@ -1,0 +1,44 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sm2jax.cohort import Signature, group_into_cohorts, hyperparameter_arrays, unit_schedule
+from sm2jax.space import Categorical, LogUniform, SearchSpace
+
+
+def test_grouping_by_static_signature_keeps_order():
+    space = SearchSpace({"learning_rate": LogUniform(1e-3, 1e-2, num=2), "batch_size": Categorical([16, 32]), "optimizer": Categorical(["sgd", "adam"])})
+    cohorts = group_into_cohorts(space.grid())
+    assert len(cohorts) == 4
+    assert all(c.width == 2 for c in cohorts)
+    for c in cohorts:
+        assert len({Signature.of(x) for x in c.configs}) == 1
+        assert [x.trial_id for x in c.configs] == sorted(x.trial_id for x in c.configs)
+    with pytest.raises(ValueError):
+        group_into_cohorts([])
+
+
+def test_hyperparameter_arrays_have_a_trial_axis():
+    configs = SearchSpace({"learning_rate": LogUniform(1e-3, 1e-1, num=3), "schedule": "cosine"}).grid()
+    arrays = hyperparameter_arrays(configs, schedule_steps=100)
+    assert arrays["learning_rate"].shape == (3,) and arrays["learning_rate"].dtype == np.float32
+    np.testing.assert_allclose(arrays["learning_rate"], [1e-3, 1e-2, 1e-1], rtol=1e-6)
+    np.testing.assert_array_equal(arrays["schedule_id"], [1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(arrays["schedule_steps"], [100.0] * 3)
+
+
+@pytest.mark.parametrize(
+    "schedule_id, warmup, t, expected",
+    [
+        (0.0, 0.0, 50, 1.0),  # constant
+        (1.0, 0.0, 0, 1.0),  # cosine at the start
+        (1.0, 0.0, 50, 0.5),  # cosine half way
+        (1.0, 0.0, 100, 0.0),  # cosine at the end
+        (2.0, 0.0, 25, 0.75),  # linear
+        (0.0, 0.1, 4, 0.5),  # warm-up over 10 steps: (4 + 1) / 10
+        (2.0, 0.1, 55, 0.5),  # linear decay after 10 warm-up steps: 1 - 45/90
+    ],
+)
+def test_unit_schedule(schedule_id, warmup, t, expected):
+    value = unit_schedule(jnp.int32(t), jnp.float32(warmup), jnp.float32(schedule_id), jnp.float32(100))
+    assert float(value) == pytest.approx(expected, abs=1e-6)

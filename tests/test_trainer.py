@@ -1,0 +1,163 @@
+"""The cohort trainer against plain single-configuration optax/flax loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from sm2jax.cohort import group_into_cohorts
+from sm2jax.data import batch_indices
+from sm2jax.models import build_model
+from sm2jax.space import Categorical, LogUniform, SearchSpace, make_config
+from sm2jax.trainer import CohortTrainer, trial_keys
+
+STEPS = 12
+
+
+def _single_cohort(configs):
+    (cohort,) = group_into_cohorts(configs)
+    return cohort
+
+
+def _plain_loop(config, ds, steps):
+    """One configuration trained alone: plain optax.adam, no inject_hyperparams, no vmap."""
+    init_key, _, data_key = trial_keys(config["seed"], config.trial_id)
+    model = build_model(config["model"], ds.input_shape, ds.num_outputs, key=init_key)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.adam(config["learning_rate"])
+    opt_state = tx.init(params)
+    x, y = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+
+    @jax.jit
+    def step(params, opt_state, idx):
+        def loss_fn(p):
+            logits = nnx.merge(graphdef, p, rest)(x[idx], train=True)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y[idx]).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    for t in range(steps):
+        idx = batch_indices(data_key, jnp.int32(t), ds.num_train, config["batch_size"])
+        params, opt_state, loss = step(params, opt_state, idx)
+    return params, loss
+
+
+def _row(tree, i):
+    return jax.tree.map(lambda a: np.asarray(a)[i], tree)
+
+
+def test_cohort_of_8_learning_rates_matches_training_each_alone(digits):
+    configs = SearchSpace({"learning_rate": LogUniform(1e-4, 3e-1, num=8), "batch_size": 32}).grid()
+    trainer = CohortTrainer(_single_cohort(configs), digits, schedule_steps=100)
+    state, metrics = trainer.train(trainer.init(), STEPS)
+    # Tolerance: float32 reassociation differs between the vmapped and the single program by
+    # ~1e-7 in gradients. Adam divides by sqrt(v), so for a parameter whose gradient is ~0 (a dead
+    # relu unit) that noise can move it by a fraction of the learning rate (observed: one element of
+    # 4096 off by 2.7e-3 * lr). We therefore bound each parameter tensor's relative L2 error by 1e-4
+    # (observed <= 2e-5) and the loss by 1e-4.
+    for i, config in enumerate(configs):
+        params, loss = _plain_loop(config, digits, STEPS)
+        for a, b in zip(jax.tree.leaves(_row(state.params, i)), jax.tree.leaves(params)):
+            assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b), (config["learning_rate"], np.linalg.norm(a - b))
+        np.testing.assert_allclose(metrics.loss_last[i], loss, atol=1e-4, rtol=1e-4)
+    assert np.all(np.asarray(state.step) == STEPS)
+
+
+def test_no_recompilation_on_second_call_or_after_select(digits):
+    configs = SearchSpace({"learning_rate": LogUniform(1e-3, 1e-1, num=4)}).grid()
+    trainer = CohortTrainer(_single_cohort(configs), digits, schedule_steps=100)
+    state = trainer.init()
+    state, _ = trainer.train(state, 3)
+    assert trainer._train_jit._cache_size() == 1
+    state, _ = trainer.train(state, 5)  # another budget: num_steps is traced
+    assert trainer._train_jit._cache_size() == 1
+    state = trainer.select(state, [3, 1, 0, 2])  # same width after select
+    state, _ = trainer.train(state, 2)
+    assert trainer._train_jit._cache_size() == 1
+    trainer.evaluate(state)
+    trainer.evaluate(trainer.select(state, [1, 0, 2, 3]))
+    assert trainer._eval_jit._cache_size() == 1
+
+
+def test_diverging_trial_is_frozen_and_others_are_bit_for_bit_unaffected(digits):
+    healthy = [make_config(i, optimizer="sgd", learning_rate=lr) for i, lr in zip((0, 1, 3), (0.1, 0.03, 0.01))]
+    bad = make_config(2, optimizer="sgd", learning_rate=1e7)
+    with_bad = [healthy[0], healthy[1], bad, healthy[2]]
+    trainer_a = CohortTrainer(_single_cohort(with_bad), digits, schedule_steps=100)
+    trainer_b = CohortTrainer(_single_cohort(healthy), digits, schedule_steps=100)
+    state_a, metrics_a = trainer_a.train(trainer_a.init(), 20)
+    state_b, _ = trainer_b.train(trainer_b.init(), 20)
+
+    assert list(np.asarray(state_a.active)) == [True, True, False, True]
+    at = int(state_a.diverged_at[2])
+    assert 0 <= at < 20 and int(state_a.step[2]) == at  # data position stopped at the bad step
+    assert list(np.asarray(state_a.diverged_at)[[0, 1, 3]]) == [-1, -1, -1]
+    # Frozen at its last finite values.
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(_row(state_a.params, 2)))
+    for ia, ib in zip((0, 1, 3), (0, 1, 2)):
+        for a, b in zip(jax.tree.leaves(_row(state_a.params, ia)), jax.tree.leaves(_row(state_b.params, ib))):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(_row(state_a.opt_state, ia)), jax.tree.leaves(_row(state_b.opt_state, ib))):
+            np.testing.assert_array_equal(a, b)
+    assert np.isfinite(np.asarray(metrics_a.loss_mean)[[0, 1, 3]]).all()
+
+
+def test_survivors_continue_with_their_exact_state(digits):
+    configs = SearchSpace({"learning_rate": LogUniform(1e-3, 1e-1, num=4), "schedule": "cosine", "dropout": 0.2}).grid()
+    trainer = CohortTrainer(_single_cohort(configs), digits, schedule_steps=40)
+    state, _ = trainer.train(trainer.init(), 10)
+    picked = trainer.select(state, [2, 0])
+    for row, source in ((0, 2), (1, 0)):
+        for a, b in zip(jax.tree.leaves(_row(picked, row)), jax.tree.leaves(_row(state, source))):
+            np.testing.assert_array_equal(a, b)  # params, optimizer state + hyperparameters, keys, step
+    resumed, _ = trainer.train(picked, 10)
+
+    straight = CohortTrainer(_single_cohort([configs[2], configs[0]]), digits, schedule_steps=40)
+    direct, _ = straight.train(straight.init(), 20)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6), resumed.params, direct.params)
+    np.testing.assert_array_equal(resumed.step, [20, 20])
+
+
+def test_width_changes_speed_not_results(digits):
+    configs = SearchSpace({"learning_rate": LogUniform(1e-3, 1e-1, num=4)}).grid()
+    trainer = CohortTrainer(_single_cohort(configs), digits, schedule_steps=100)
+    state = trainer.init()
+    probe = trainer.probe_width(state, steps=2, repeats=1)
+    assert probe.chosen == trainer.width and probe.chosen in probe.samples_per_second
+    assert set(probe.samples_per_second) | set(probe.skipped) == {1, 2, 4}
+    assert all(v > 0 for v in probe.samples_per_second.values())
+    results = {}
+    for w in (1, 4):
+        trainer.width = w
+        results[w], _ = trainer.train(state, 6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), results[1].params, results[4].params)
+
+
+def test_dropout_keys_belong_to_the_trial_not_its_position(digits):
+    a = make_config(5, dropout=0.5, learning_rate=0.01)
+    b = make_config(6, dropout=0.5, learning_rate=0.01, seed=0)
+    forward = CohortTrainer(_single_cohort([a, b]), digits, schedule_steps=10)
+    backward = CohortTrainer(_single_cohort([b, a]), digits, schedule_steps=10)
+    sf, _ = forward.train(forward.init(), 4)
+    sb, _ = backward.train(backward.init(), 4)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), _row(sf.params, 0), _row(sb.params, 1))
+    leaves0, leaves1 = jax.tree.leaves(_row(sf.params, 0)), jax.tree.leaves(_row(sf.params, 1))
+    assert any(not np.allclose(x, y) for x, y in zip(leaves0, leaves1))  # different trials, different init and masks
+
+
+def test_batch_larger_than_the_data_is_rejected(digits):
+    with pytest.raises(ValueError, match="batch_size 4096 exceeds"):
+        CohortTrainer(_single_cohort([make_config(0, batch_size=4096)]), digits, schedule_steps=10)
+
+
+def test_evaluate_reports_accuracy(digits):
+    configs = SearchSpace({"learning_rate": Categorical([3e-3])}).grid()
+    trainer = CohortTrainer(_single_cohort(configs), digits, schedule_steps=100)
+    state, _ = trainer.train(trainer.init(), 150)
+    metrics = trainer.evaluate(state)
+    assert 0.8 < float(metrics.metric[0]) <= 1.0  # digits MLP learns quickly
+    assert float(metrics.score[0]) == float(metrics.metric[0])
