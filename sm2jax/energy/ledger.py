@@ -1,0 +1,149 @@
+"""Attribution of window energy to trials, and the append-only energy ledger.
+
+Attribution. A window's measured energy :math:`E` on the devices is split among the trials that
+worked in it, in proportion to their work :math:`w_k` (FLOPs per step x steps taken in the window):
+
+.. math:: E_k = E \\cdot w_k / \\textstyle\\sum_j w_j .
+
+Identical shapes give equal FLOPs per step, so shares follow steps; a trial frozen after diverging
+takes no steps and receives nothing. The last share absorbs float rounding so that the shares sum to
+the window's total exactly as stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sm2jax.energy.monitor import IdleBaseline, WindowReading
+
+J_PER_KWH = 3.6e6
+DEFAULT_INTENSITY_G_PER_KWH = 475.0
+DEFAULT_INTENSITY_LABEL = "world-average default (475 gCO2e/kWh)"
+
+
+def attribute(total: float | None, work: Sequence[float]) -> tuple[list[float | None], float | None]:
+    """Splits ``total`` in proportion to ``work``; returns ``(shares, unattributed)``.
+
+    ``None`` (unavailable) stays ``None`` for every share. With no work at all (every trial frozen)
+    nothing is attributed and the whole total is returned as unattributed.
+    """
+    if any(w < 0 for w in work):
+        raise ValueError(f"work must be non-negative (got {list(work)})")
+    if total is None:
+        return [None] * len(work), None
+    weight = float(sum(work))
+    if weight == 0:
+        return [0.0] * len(work), total
+    shares = [total * w / weight for w in work]
+    last = max(i for i, w in enumerate(work) if w > 0)
+    shares[last] = total - sum(s for i, s in enumerate(shares) if i != last)
+    return shares, 0.0
+
+
+class EnergyLedger:
+    """Append-only JSON-lines ledger: one ``window`` record and one ``trial`` record per trial.
+
+    Each window is written and ``fsync``-ed before :meth:`record` returns, so a killed process loses
+    at most the window in flight.
+
+    Args:
+      path: the ``.jsonl`` file (appended to if it exists, as when a study resumes).
+      idle: the idle baseline; net energy is gross minus idle power x window seconds, split like
+        the gross energy. ``None`` if the baseline is unknown.
+      intensity_g_per_kwh: grid carbon intensity; its label is stored with every record.
+    """
+
+    def __init__(self, path: str | os.PathLike, idle: IdleBaseline | None = None, intensity_g_per_kwh: float = DEFAULT_INTENSITY_G_PER_KWH, intensity_label: str | None = None):
+        self.path = os.fspath(path)
+        self.idle = idle
+        self.intensity = intensity_g_per_kwh
+        if intensity_label is None:
+            intensity_label = DEFAULT_INTENSITY_LABEL if intensity_g_per_kwh == DEFAULT_INTENSITY_G_PER_KWH else "user-supplied"
+        self.intensity_label = intensity_label
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+
+    def _carbon(self, joules: float | None) -> tuple[float | None, float | None]:
+        if joules is None:
+            return None, None
+        kwh = joules / J_PER_KWH
+        return kwh, kwh * self.intensity
+
+    def record(self, reading: WindowReading, *, phase: str, cohort: str, trial_ids: Sequence[int], work: Sequence[float], steps: Sequence[int], samples: Sequence[int], devices: Sequence[str] | None = None, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Attributes one window to its trials and appends the records."""
+        if not len(trial_ids) == len(work) == len(steps) == len(samples):
+            raise ValueError("trial_ids, work, steps and samples must have one entry per trial")
+        idle_w = self.idle.watts if self.idle is not None else None
+        net_total = None if reading.joules is None or idle_w is None else reading.joules - idle_w * reading.seconds
+        gross, unattributed = attribute(reading.joules, work)
+        net, _ = attribute(net_total, work)
+        devices = list(devices) if devices is not None else sorted(reading.per_device or [])
+        base = {"phase": phase, "cohort": cohort, "method": reading.method, "valid": reading.valid, "devices": devices, "intensity_label": self.intensity_label, "time": time.time()}
+        kwh, g = self._carbon(reading.joules)
+        records = [{
+            "type": "window", **base, "window": reading.name, "seconds": reading.seconds,
+            "joules": reading.joules, "net_joules": net_total, "per_device": reading.per_device,
+            "unattributed_joules": unattributed, "kwh": kwh, "gco2e": g, "note": reading.note,
+            "idle_watts": idle_w, **(extra or {}),
+        }]
+        for tid, j, nj, st, sa in zip(trial_ids, gross, net, steps, samples):
+            kwh, g = self._carbon(j)
+            records.append({
+                "type": "trial", **base, "window": reading.name, "trial_id": int(tid), "seconds": reading.seconds,
+                "joules": j, "net_joules": nj, "steps": int(st), "samples": int(sa), "kwh": kwh, "gco2e": g,
+            })
+        with open(self.path, "a") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return records
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every complete record (a torn last line from a kill is skipped)."""
+        return read_ledger(self.path)
+
+
+def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # torn write of the window in flight when the process was killed
+    return out
+
+
+def summarize(records: Sequence[dict[str, Any]], key: str = "phase") -> dict[str, dict[str, Any]]:
+    """Totals of ``window`` records grouped by ``key``; a group with any unavailable window reports
+    ``None`` joules (an incomplete sum is not a measurement). Methods are listed, never merged."""
+    groups: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r["type"] != "window":
+            continue
+        g = groups.setdefault(str(r[key]), {"joules": 0.0, "net_joules": 0.0, "seconds": 0.0, "methods": set(), "windows": 0})
+        g["windows"] += 1
+        g["seconds"] += r["seconds"]
+        g["methods"].add(r["method"])
+        for field in ("joules", "net_joules"):
+            g[field] = None if g[field] is None or r[field] is None else g[field] + r[field]
+    for g in groups.values():
+        g["methods"] = sorted(g["methods"])
+    return groups
+
+
+def trial_totals(records: Sequence[dict[str, Any]], phases: Sequence[str] | None = None) -> dict[int, float | None]:
+    """Gross joules per trial over the given phases (all if ``None``); ``None`` if any was unavailable."""
+    totals: dict[int, float | None] = {}
+    for r in records:
+        if r["type"] != "trial" or (phases is not None and r["phase"] not in phases):
+            continue
+        t = totals.get(r["trial_id"], 0.0)
+        totals[r["trial_id"]] = None if t is None or r["joules"] is None else t + r["joules"]
+    return totals

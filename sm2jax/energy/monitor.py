@@ -1,0 +1,164 @@
+"""Energy windows around JAX work, the hardware profile, and the idle baseline."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from typing import Any
+
+import jax
+
+from sm2jax.energy.meters import Meter, open_nvml
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowReading:
+    """Energy of one window.
+
+    Attributes:
+      name: what the window covered (``compile``, ``explore``, ``rung-1`` ...).
+      seconds: wall time between the two samples.
+      joules: total over devices, or ``None`` when unavailable or invalid (never a stand-in zero).
+      per_device: joules per device, or ``None``.
+      method: the meter's method label.
+      valid: false when the reading cannot be trusted; ``note`` says why.
+    """
+
+    name: str
+    started: float
+    seconds: float
+    joules: float | None
+    per_device: dict[str, float] | None
+    method: str
+    valid: bool
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Window:
+    name: str
+    start: Any  # meters.Sample
+    covered: list = dataclasses.field(default_factory=list)
+    reading: WindowReading | None = None  # set by EnergyMonitor.measure on exit
+
+    def cover(self, outputs: Any) -> Any:
+        """Registers JAX outputs produced in this window; the window blocks on them before it ends."""
+        self.covered.append(outputs)
+        return outputs
+
+
+class EnergyMonitor:
+    """Begin/end windows around asynchronous JAX work.
+
+    ``begin`` blocks on ``after`` (work dispatched earlier must not leak into this window), then
+    samples; ``end`` blocks on the covered outputs (JAX dispatch is asynchronous: without it the
+    window would close before the work ran), then samples. Windows are independent pairs of
+    samples, so they nest freely.
+
+    Args:
+      meter: the energy source.
+      counter_resolution_s: the counter's update period; a counter window shorter than this that
+        reads no change is marked invalid rather than reported as zero.
+    """
+
+    def __init__(self, meter: Meter, counter_resolution_s: float = 0.1):
+        self.meter = meter
+        self.counter_resolution_s = counter_resolution_s
+
+    @property
+    def method(self) -> str:
+        return self.meter.method
+
+    def begin(self, name: str, after: Any = None) -> Window:
+        if after is not None:
+            jax.block_until_ready(after)
+        return Window(name, self.meter.sample())
+
+    def end(self, window: Window, outputs: Any = None) -> WindowReading:
+        if outputs is not None:
+            window.cover(outputs)
+        for out in window.covered:
+            jax.block_until_ready(out)
+        stop = self.meter.sample()
+        start = window.start
+        seconds = stop.time - start.time
+        if start.joules is None or stop.joules is None:
+            return WindowReading(window.name, start.time, seconds, None, None, self.method, False, self.meter.reason or "unavailable")
+        per_device = {d: stop.joules[d] - start.joules[d] for d in stop.joules}
+        if any(v < 0 for v in per_device.values()):
+            return WindowReading(window.name, start.time, seconds, None, None, self.method, False, "energy counter went backwards (driver reload?)")
+        total = sum(per_device.values())
+        if self.method == "nvml-counter" and total == 0 and seconds < self.counter_resolution_s:
+            return WindowReading(window.name, start.time, seconds, None, None, self.method, False, f"window of {seconds * 1e3:.0f} ms is below the counter's update period")
+        return WindowReading(window.name, start.time, seconds, total, per_device, self.method, True)
+
+    @contextlib.contextmanager
+    def measure(self, name: str, after: Any = None):
+        """Context manager: ``with monitor.measure("x") as w: w.cover(f())``; the reading is
+        available as ``w.reading`` after the block."""
+        window = self.begin(name, after)
+        try:
+            yield window
+        finally:
+            window.reading = self.end(window)
+
+
+@dataclasses.dataclass(frozen=True)
+class IdleBaseline:
+    """Idle power measured before a study; ``watts`` is ``None`` when it could not be measured."""
+
+    watts: float | None
+    seconds: float
+    method: str
+    note: str = ""
+
+
+def measure_idle(monitor: EnergyMonitor, seconds: float = 3.0) -> IdleBaseline:
+    """Average power over ``seconds`` of doing nothing (after all pending JAX work finished)."""
+    for array in jax.live_arrays():
+        array.block_until_ready()
+    window = monitor.begin("idle")
+    time.sleep(seconds)
+    reading = monitor.end(window)
+    if reading.joules is None or reading.seconds <= 0:
+        return IdleBaseline(None, reading.seconds, reading.method, reading.note)
+    return IdleBaseline(reading.joules / reading.seconds, reading.seconds, reading.method)
+
+
+def hardware_profile(nvml: Any | None = None) -> dict[str, Any]:
+    """Devices, memory and power limits (read only: limits are never set here)."""
+    profile: dict[str, Any] = {
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "gpus": [],
+    }
+    try:
+        profile["host_memory_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        profile["host_memory_bytes"] = None
+    nvml, reason = open_nvml(nvml)
+    if nvml is None:
+        profile["gpu_note"] = reason
+        return profile
+    for i in range(nvml.nvmlDeviceGetCount()):
+        h = nvml.nvmlDeviceGetHandleByIndex(i)
+        name = nvml.nvmlDeviceGetName(h)
+        gpu: dict[str, Any] = {"index": i, "name": name.decode() if isinstance(name, bytes) else str(name)}
+        for key, call in (
+            ("memory", lambda: nvml.nvmlDeviceGetMemoryInfo(h)),
+            ("power_limit_w", lambda: nvml.nvmlDeviceGetPowerManagementLimit(h) / 1e3),
+            ("power_limit_range_w", lambda: [v / 1e3 for v in nvml.nvmlDeviceGetPowerManagementLimitConstraints(h)]),
+        ):
+            try:
+                value = call()
+            except Exception:  # noqa: BLE001 -- unsupported queries are "unavailable", not fatal
+                value = "unavailable"
+            if key == "memory" and value != "unavailable":
+                gpu["memory_total_bytes"], gpu["memory_free_bytes"] = int(value.total), int(value.free)
+            else:
+                gpu[key] = value
+        profile["gpus"].append(gpu)
+    return profile

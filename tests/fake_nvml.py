@@ -1,0 +1,72 @@
+"""An in-process test double of the ``pynvml`` module (nvidia-ml-py) at the hardware boundary.
+
+It implements only the functions sm2jax calls, with the same names, units (mJ, mW, bytes) and error
+classes, and lets a test script each device's energy counter and power readings.
+"""
+
+from __future__ import annotations
+
+import types
+
+NVML_ERROR_NOT_SUPPORTED = 3
+
+
+class NVMLError(Exception):
+    def __init__(self, value):
+        super().__init__(value)
+        self.value = value
+
+
+class NVMLError_NotSupported(NVMLError):  # noqa: N801 -- pynvml's own spelling
+    def __init__(self):
+        super().__init__(NVML_ERROR_NOT_SUPPORTED)
+
+
+class FakeDevice:
+    def __init__(self, name="NVIDIA H200", energy_mj=0, power_mw=100_000, counter_supported=True, name_as_bytes=False):
+        self.name, self.energy_mj, self.power_mw = name, energy_mj, power_mw
+        self.counter_supported, self.name_as_bytes = counter_supported, name_as_bytes
+        self.memory_total, self.memory_free = 141 * 2**30, 140 * 2**30
+        self.power_limit_mw, self.power_limit_range_mw = 700_000, (200_000, 700_000)
+
+
+def make_fake_nvml(devices: list[FakeDevice], init_error: Exception | None = None) -> types.ModuleType:
+    nvml = types.ModuleType("pynvml")
+    nvml.NVMLError = NVMLError
+    nvml.NVMLError_NotSupported = NVMLError_NotSupported
+    nvml.NVML_ERROR_NOT_SUPPORTED = NVML_ERROR_NOT_SUPPORTED
+    nvml.devices = devices
+    nvml.calls = []
+
+    def nvmlInit():
+        nvml.calls.append("init")
+        if init_error is not None:
+            raise init_error
+
+    def nvmlDeviceGetTotalEnergyConsumption(h):
+        if not h.counter_supported:
+            raise NVMLError_NotSupported()
+        return h.energy_mj
+
+    def nvmlDeviceGetName(h):
+        return h.name.encode() if h.name_as_bytes else h.name
+
+    def nvmlDeviceGetMemoryInfo(h):
+        return types.SimpleNamespace(total=h.memory_total, free=h.memory_free, used=h.memory_total - h.memory_free)
+
+    nvml.nvmlInit = nvmlInit
+    nvml.nvmlShutdown = lambda: nvml.calls.append("shutdown")
+    nvml.nvmlDeviceGetCount = lambda: len(devices)
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: devices[i]
+    nvml.nvmlDeviceGetTotalEnergyConsumption = nvmlDeviceGetTotalEnergyConsumption
+    nvml.nvmlDeviceGetPowerUsage = lambda h: h.power_mw
+    nvml.nvmlDeviceGetName = nvmlDeviceGetName
+    nvml.nvmlDeviceGetMemoryInfo = nvmlDeviceGetMemoryInfo
+    nvml.nvmlDeviceGetPowerManagementLimit = lambda h: h.power_limit_mw
+    nvml.nvmlDeviceGetPowerManagementLimitConstraints = lambda h: h.power_limit_range_mw
+
+    def forbidden(*args):
+        raise AssertionError("sm2jax must never set power limits")
+
+    nvml.nvmlDeviceSetPowerManagementLimit = forbidden
+    return nvml

@@ -1,0 +1,229 @@
+"""Energy meters against a test double of NVML and a fake powercap tree; attribution; the ledger."""
+
+import json
+import os
+import sys
+import time
+
+import jax.numpy as jnp
+import pytest
+
+from fake_nvml import FakeDevice, make_fake_nvml
+from sm2jax.energy import (
+    EnergyLedger,
+    EnergyMonitor,
+    EstimateMeter,
+    IdleBaseline,
+    attribute,
+    find_rapl_zones,
+    hardware_profile,
+    make_meter,
+    measure_idle,
+    summarize,
+    trial_totals,
+)
+from sm2jax.energy.meters import RaplMeter
+
+
+def test_counter_path_sums_devices_in_joules():
+    devices = [FakeDevice(energy_mj=1_000), FakeDevice(energy_mj=5_000)]
+    monitor = EnergyMonitor(make_meter("auto", nvml=make_fake_nvml(devices)))
+    assert monitor.method == "nvml-counter"
+    window = monitor.begin("train")
+    devices[0].energy_mj += 2_500  # 2.5 J
+    devices[1].energy_mj += 1_500  # 1.5 J
+    reading = monitor.end(window, jnp.ones(3))  # blocks on JAX outputs, then reads
+    assert reading.valid and reading.method == "nvml-counter"
+    assert reading.joules == pytest.approx(4.0)
+    assert reading.per_device == pytest.approx({"gpu0": 2.5, "gpu1": 1.5})
+
+
+def test_counter_going_backwards_invalidates_the_window():
+    devices = [FakeDevice(energy_mj=10_000)]
+    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml(devices)))
+    window = monitor.begin("train")
+    devices[0].energy_mj = 200  # driver reloaded: counter restarted
+    reading = monitor.end(window)
+    assert not reading.valid and reading.joules is None
+    assert "backwards" in reading.note
+
+
+def test_an_unchanged_counter_in_a_short_window_is_not_a_zero():
+    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml([FakeDevice(energy_mj=7)])), counter_resolution_s=10.0)
+    reading = monitor.end(monitor.begin("tiny"))
+    assert reading.joules is None and not reading.valid and "update period" in reading.note
+
+
+def test_not_supported_counter_falls_back_to_power_polling():
+    device = FakeDevice(counter_supported=False, power_mw=200_000)  # 200 W
+    meter = make_meter("auto", nvml=make_fake_nvml([device]), interval_s=0.01)
+    try:
+        assert meter.method == "nvml-power" and "not supported" in meter.reason
+        monitor = EnergyMonitor(meter)
+        window = monitor.begin("train")
+        time.sleep(0.2)
+        reading = monitor.end(window)
+    finally:
+        meter.close()
+    assert reading.valid and reading.method == "nvml-power"
+    assert reading.joules == pytest.approx(200.0 * reading.seconds, rel=1e-6)  # constant power: exact trapezoid
+
+
+def test_power_polling_integrates_a_step_change():
+    device = FakeDevice(counter_supported=False, power_mw=100_000)
+    meter = make_meter("nvml-power", nvml=make_fake_nvml([device]), interval_s=0.005)
+    try:
+        first = meter.sample()
+        time.sleep(0.1)
+        device.power_mw = 300_000
+        time.sleep(0.1)
+        second = meter.sample()
+    finally:
+        meter.close()
+    joules = second.joules["gpu0"] - first.joules["gpu0"]
+    seconds = second.time - first.time
+    assert 100 * seconds < joules < 300 * seconds  # between the two power levels
+    assert joules == pytest.approx(200 * seconds, rel=0.2)
+
+
+def test_missing_library_means_unavailable_not_an_exception(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
+    meter = make_meter("nvml-counter")
+    assert meter.method == "unavailable" and "not installed" in meter.reason
+    reading = EnergyMonitor(meter).end(EnergyMonitor(meter).begin("x"))
+    assert reading.joules is None and reading.method == "unavailable"
+    # auto falls through to what this machine can do instead
+    assert make_meter("auto", rapl_root="/nonexistent").method == "estimated"
+
+
+def test_nvml_init_failure_means_unavailable():
+    fake = make_fake_nvml([FakeDevice()], init_error=RuntimeError("driver not loaded"))
+    meter = make_meter("nvml-counter", nvml=fake)
+    assert meter.method == "unavailable" and "driver not loaded" in meter.reason
+
+
+def test_hardware_profile_reads_but_never_sets_limits():
+    fake = make_fake_nvml([FakeDevice(name="NVIDIA H200", name_as_bytes=True)])
+    profile = hardware_profile(nvml=fake)
+    (gpu,) = profile["gpus"]
+    assert gpu["name"] == "NVIDIA H200"  # bytes decoded
+    assert gpu["power_limit_w"] == 700.0 and gpu["power_limit_range_w"] == [200.0, 700.0]
+    assert gpu["memory_total_bytes"] == 141 * 2**30
+    no_gpu = hardware_profile(nvml=make_fake_nvml([]))
+    assert no_gpu["gpus"] == [] and "no GPU" in no_gpu["gpu_note"]
+
+
+def _powercap(root, zones):
+    for name, (energy, max_range, mode) in zones.items():
+        d = root / name
+        d.mkdir(parents=True)
+        (d / "name").write_text("package-0\n" if "dram" not in name else "dram\n")
+        (d / "energy_uj").write_text(f"{energy}\n")
+        (d / "max_energy_range_uj").write_text(f"{max_range}\n")
+        os.chmod(d / "energy_uj", mode)
+    return root
+
+
+def test_rapl_unwraps_at_max_energy_range(tmp_path):
+    root = _powercap(tmp_path, {"intel-rapl:0": (900_000, 1_000_000, 0o644)})
+    meter = make_meter("rapl", rapl_root=str(root))
+    assert isinstance(meter, RaplMeter)
+    monitor = EnergyMonitor(meter)
+    window = monitor.begin("w")
+    (root / "intel-rapl:0" / "energy_uj").write_text("950000\n")
+    meter.sample()  # an intermediate read, as at every window boundary
+    (root / "intel-rapl:0" / "energy_uj").write_text("100000\n")  # wrapped past 1_000_000
+    reading = monitor.end(window)
+    assert reading.valid and reading.method == "rapl"
+    assert reading.joules == pytest.approx((1_000_000 - 900_000 + 100_000) / 1e6)
+
+
+def test_rapl_permission_denied_is_unavailable(tmp_path, monkeypatch):
+    root = _powercap(tmp_path, {"intel-rapl:0": (1, 10, 0o000)})
+    real_open = open
+
+    def deny(path, *args, **kwargs):  # the kernel's answer to a non-root reader since CVE-2020-8694
+        if str(path).endswith("energy_uj"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", deny)
+    zones, reason = find_rapl_zones(str(root))
+    assert zones == {} and "CVE-2020-8694" in reason
+    meter = make_meter("rapl", rapl_root=str(root))
+    assert meter.method == "unavailable"
+
+
+def test_estimate_meter_is_labelled_estimated():
+    cpu = iter([1.0, 3.5])
+    meter = EstimateMeter(watts_per_core=8.0, cpu_time=lambda: next(cpu))
+    monitor = EnergyMonitor(meter)
+    reading = monitor.end(monitor.begin("w"))
+    assert reading.method == "estimated" and reading.joules == pytest.approx(20.0)
+
+
+def test_idle_baseline_and_nested_windows():
+    device = FakeDevice(energy_mj=0)
+    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml([device])), counter_resolution_s=0.0)
+    outer = monitor.begin("outer")
+    inner = monitor.begin("inner")
+    device.energy_mj += 1_000
+    inner_reading = monitor.end(inner)
+    device.energy_mj += 3_000
+    with monitor.measure("ctx") as w:
+        w.cover(jnp.zeros(2))
+        device.energy_mj += 500
+    outer_reading = monitor.end(outer)
+    assert inner_reading.joules == pytest.approx(1.0)
+    assert w.reading.joules == pytest.approx(0.5)
+    assert outer_reading.joules == pytest.approx(4.5)
+    idle = measure_idle(monitor, seconds=0.05)
+    assert idle.watts == 0.0 and idle.method == "nvml-counter"  # counter did not move while idle
+
+
+def test_attribution_sums_to_the_total_and_skips_frozen_trials():
+    total = 10.0 / 3.0
+    shares, unattributed = attribute(total, [5.0, 5.0, 0.0, 5.0])  # trial 2 frozen: took no steps
+    assert shares[2] == 0.0 and unattributed == 0.0
+    assert sum(shares) == total
+    assert shares[0] == pytest.approx(total / 3)
+    uneven, _ = attribute(7.0, [1e9, 3e9])  # by FLOPs where shapes differ
+    assert uneven == pytest.approx([1.75, 5.25]) and sum(uneven) == 7.0
+    assert attribute(None, [1.0, 1.0]) == ([None, None], None)
+    assert attribute(2.0, [0.0, 0.0]) == ([0.0, 0.0], 2.0)
+    with pytest.raises(ValueError):
+        attribute(1.0, [-1.0])
+
+
+def test_ledger_records_gross_net_carbon_and_survives_a_torn_line(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    idle = IdleBaseline(watts=50.0, seconds=3.0, method="nvml-counter")
+    ledger = EnergyLedger(path, idle=idle)
+    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml([d := FakeDevice()])), counter_resolution_s=0.0)
+    window = monitor.begin("explore")
+    d.energy_mj += 360_000  # 360 J
+    reading = monitor.end(window)
+    records = ledger.record(reading, phase="explore", cohort="c0", trial_ids=[4, 7, 9], work=[2.0, 1.0, 0.0], steps=[10, 5, 0], samples=[320, 160, 0])
+    window_rec, *trials = records
+    assert window_rec["joules"] == pytest.approx(360.0) and window_rec["kwh"] == pytest.approx(1e-4)
+    assert window_rec["gco2e"] == pytest.approx(0.0475) and "world-average default" in window_rec["intensity_label"]
+    assert window_rec["net_joules"] == pytest.approx(360.0 - 50.0 * reading.seconds)
+    assert [t["joules"] for t in trials] == pytest.approx([240.0, 120.0, 0.0])
+    assert sum(t["net_joules"] for t in trials) == pytest.approx(window_rec["net_joules"])
+    with open(path, "a") as f:
+        f.write('{"type": "trial", "torn')  # a kill in the middle of a write
+    again = ledger.records()
+    assert len(again) == 4
+    assert summarize(again)["explore"]["joules"] == pytest.approx(360.0)
+    assert trial_totals(again) == pytest.approx({4: 240.0, 7: 120.0, 9: 0.0})
+    assert json.loads(path.read_text().splitlines()[1])["method"] == "nvml-counter"
+
+
+def test_unavailable_windows_stay_none_in_the_ledger(tmp_path):
+    ledger = EnergyLedger(tmp_path / "l.jsonl", idle=IdleBaseline(None, 1.0, "unavailable"))
+    meter = make_meter("rapl", rapl_root=str(tmp_path / "none"))
+    monitor = EnergyMonitor(meter)
+    records = ledger.record(monitor.end(monitor.begin("w")), phase="explore", cohort="c", trial_ids=[1], work=[1.0], steps=[1], samples=[8])
+    assert records[0]["joules"] is None and records[0]["method"] == "unavailable"
+    assert records[1]["joules"] is None and records[1]["kwh"] is None
+    assert summarize(records)["explore"]["joules"] is None
