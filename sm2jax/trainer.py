@@ -149,6 +149,9 @@ class CohortTrainer:
         self._train_jit = jax.jit(self._train_impl, static_argnames=("width",))
         self._eval_jit = jax.jit(self._eval_impl, static_argnames=("width",))
         self._init_jit = jax.jit(jax.vmap(self._init_one))
+        # Ahead-of-time compiled programs keyed by (kind, trials, width): compilation happens in
+        # compile_train/compile_eval (its own energy window), never inside a training call.
+        self._compiled: dict[tuple[str, int, int], Any] = {}
 
     # ------------------------------------------------------------------------------------ init
 
@@ -219,16 +222,26 @@ class CohortTrainer:
     def effective_width(self, k: int) -> int:
         return max(1, min(self.width or k, k))
 
+    def compile_train(self, state: CohortState, width: int | None = None):
+        """The compiled training program for this state's width (compiled once, then cached)."""
+        k = state.step.shape[0]
+        width = self.effective_width(k) if width is None else width
+        key = ("train", k, width)
+        if key not in self._compiled:
+            lowered = self._train_jit.lower(state, jnp.int32(1), self.data["x_train"], self.data["y_train"], width=width)
+            self._compiled[key] = lowered.compile()
+        return self._compiled[key]
+
     def train(self, state: CohortState, num_steps: int) -> tuple[CohortState, TrainMetrics]:
         """Runs ``num_steps`` steps of every trial in one dispatch (asynchronous: block on the
         outputs before reading clocks or energy counters)."""
-        k = state.step.shape[0]
-        return self._train_jit(state, jnp.int32(num_steps), self.data["x_train"], self.data["y_train"], width=self.effective_width(k))
+        return self.compile_train(state)(state, jnp.int32(num_steps), self.data["x_train"], self.data["y_train"])
 
-    def lower_train(self, state: CohortState, width: int | None = None):
-        """The lowered training program (for compile timing, cost and memory analysis)."""
-        width = width or self.effective_width(state.step.shape[0])
-        return self._train_jit.lower(state, jnp.int32(1), self.data["x_train"], self.data["y_train"], width=width)
+    def flops_per_trial_step(self, state: CohortState) -> float | None:
+        """FLOPs of one training step of one trial, from XLA's cost analysis of a 1-step call
+        (``None`` where the backend reports none)."""
+        flops = compiled_flops(self.compile_train(state))
+        return None if flops is None else flops / state.step.shape[0]
 
     # ------------------------------------------------------------------------------------ eval
 
@@ -258,10 +271,16 @@ class CohortTrainer:
             return EvalMetrics(loss, metric, -metric)
         return EvalMetrics(loss, jnp.exp(metric), -metric)
 
+    def compile_eval(self, state: CohortState):
+        k = state.step.shape[0]
+        key = ("eval", k, self.effective_width(k))
+        if key not in self._compiled:
+            self._compiled[key] = self._eval_jit.lower(state, self.data["x_val"], self.data["y_val"], width=key[2]).compile()
+        return self._compiled[key]
+
     def evaluate(self, state: CohortState) -> EvalMetrics:
         """Validation loss and metric of every trial (vmapped at the trainer's width)."""
-        k = state.step.shape[0]
-        return self._eval_jit(state, self.data["x_val"], self.data["y_val"], width=self.effective_width(k))
+        return self.compile_eval(state)(state, self.data["x_val"], self.data["y_val"])
 
     # ------------------------------------------------------------------------------------ select
 
@@ -277,7 +296,7 @@ class CohortTrainer:
             raise ValueError("select needs at least one index")
         idx = np.asarray(indices, dtype=np.int64)
         host = jax.device_get(state)
-        return jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[idx]), host)
+        return jax.device_put(jax.tree.map(lambda a: np.asarray(a)[idx], host))
 
     # ------------------------------------------------------------------------------------ width
 
@@ -296,7 +315,7 @@ class CohortTrainer:
         rates: dict[int, float] = {}
         skipped: dict[int, str] = {}
         for w in candidates:
-            compiled = self.lower_train(state, width=w).compile()
+            compiled = self.compile_train(state, width=w)
             need = compiled_memory_bytes(compiled)
             if limit is not None and need is not None and need > memory_fraction * limit:
                 skipped[w] = f"needs {need / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB"
