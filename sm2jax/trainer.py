@@ -232,6 +232,11 @@ class CohortTrainer:
             self._compiled[key] = lowered.compile()
         return self._compiled[key]
 
+    def is_compiled(self, state: CohortState) -> bool:
+        k = state.step.shape[0]
+        w = self.effective_width(k)
+        return ("train", k, w) in self._compiled and ("eval", k, w) in self._compiled
+
     def train(self, state: CohortState, num_steps: int) -> tuple[CohortState, TrainMetrics]:
         """Runs ``num_steps`` steps of every trial in one dispatch (asynchronous: block on the
         outputs before reading clocks or energy counters)."""

@@ -1,0 +1,59 @@
+"""Per-phase checkpoints of every surviving cohort, with Orbax.
+
+Step ``p`` of the study's ``CheckpointManager`` holds ``{cohort name: CohortState}`` after phase
+``p`` finished *and* its survivors were gathered: the exact state the next phase starts from.
+Orbax cannot select rows at restore, so survivors are gathered on the host (``CohortTrainer.select``)
+before saving. Saves are asynchronous and atomic (a directory rename commits them); the study waits
+for a save to commit before it records the phase as done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be restored (missing, torn or corrupt)."""
+
+
+class StudyCheckpoints:
+    """Thin wrapper over ``ocp.CheckpointManager`` for a study's ``checkpoints/`` folder."""
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, phase: int, states: dict[str, Any]) -> None:
+        """Starts an asynchronous save of ``states`` as step ``phase`` (call :meth:`wait` to commit)."""
+        self.manager.save(phase, args=ocp.args.StandardSave(states), force=True)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def steps(self) -> list[int]:
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def restore(self, phase: int, abstract: dict[str, Any]) -> dict[str, Any]:
+        """Restores step ``phase`` into the structure of ``abstract`` (``jax.eval_shape`` output).
+
+        Raises:
+          CheckpointError: if the step is missing or cannot be read.
+        """
+        if phase not in self.steps():
+            raise CheckpointError(f"no committed checkpoint for phase {phase} in {self.directory}")
+        try:
+            return self.manager.restore(phase, args=ocp.args.StandardRestore(abstract))
+        except Exception as err:  # noqa: BLE001 -- Orbax raises many types for torn/corrupt files
+            raise CheckpointError(f"checkpoint of phase {phase} is unreadable: {type(err).__name__}: {err}") from err
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
