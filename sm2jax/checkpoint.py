@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -53,6 +54,18 @@ class StudyCheckpoints:
             return self.manager.restore(phase, args=ocp.args.StandardRestore(abstract))
         except Exception as err:  # noqa: BLE001 -- Orbax raises many types for torn/corrupt files
             raise CheckpointError(f"checkpoint of phase {phase} is unreadable: {type(err).__name__}: {err}") from err
+
+    def discard_after(self, phase: int) -> list[int]:
+        """Deletes every step after ``phase``: a step the study cannot trust (corrupt, or committed
+        by a run killed before it recorded the phase) would otherwise block the re-save."""
+        gone = [step for step in self.steps() if step > phase]
+        for step in gone:
+            try:
+                self.manager.delete(step)
+            except Exception:  # noqa: BLE001 -- a corrupt step may not even parse; remove its folder
+                shutil.rmtree(os.path.join(self.directory, str(step)), ignore_errors=True)
+        self.manager.reload()
+        return gone
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -268,7 +268,7 @@ class Study:
 
     # ------------------------------------------------------------------------------ hardware filter
 
-    def _hardware_filter(self, cohort_spec: CohortSpec, ds: ArrayDataset, infeasible: dict[str, str], widths: dict[str, int]) -> _Cohort | None:
+    def _hardware_filter(self, cohort_spec: CohortSpec, ds: ArrayDataset, infeasible: dict[str, str], hardware: dict[str, Any]) -> _Cohort | None:
         """Builds a cohort, finds a vmap width that fits in memory (narrowing as needed) and, if
         enabled, the fastest such width. Records infeasible trials instead of raising."""
         ids = [c.trial_id for c in cohort_spec.configs]
@@ -281,25 +281,28 @@ class Study:
         cohort = _Cohort(cohort_spec, trainer, trainer.init(), ids)
         limit = self.spec.memory_limit_bytes or memory_limit_bytes()
         k = len(ids)
-        width = min(self.spec.width or k, k)
         notes = []
         window = self.monitor.begin(f"compile:{cohort_spec.name}", after=cohort.state)
-        while True:
+        # Try widths from widest down and keep the widest that fits. XLA's need is not monotone in
+        # the width (a narrower lax.map stacks a copy of the state), so every candidate is checked.
+        width = None
+        for w in sorted({min(self.spec.width or k, k) // 2**i for i in range(k.bit_length())} - {0}, reverse=True):
             try:
-                need = compiled_memory_bytes(trainer.compile_train(cohort.state, width=width))
+                need = compiled_memory_bytes(trainer.compile_train(cohort.state, width=w))
             except Exception as err:  # noqa: BLE001
                 if not _is_oom(err):
                     raise
                 need = math.inf
             if limit is None or need is None or need <= limit:
+                width = w
                 break
-            notes.append(f"width {width} needs {need / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB")
-            if width == 1:
-                self._record(self.monitor.end(window), cohort, "compile", np.zeros(k))
-                for i in ids:
-                    infeasible[str(i)] = f"does not fit in device memory even alone: {notes[-1]}"
-                return None
-            width = max(1, width // 2)
+            notes.append(f"width {w} needs {need / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB")
+        if width is None:
+            self._record(self.monitor.end(window), cohort, "compile", np.zeros(k))
+            for i in ids:
+                infeasible[str(i)] = f"does not fit in device memory even alone: {notes[-1]}"
+            hardware[cohort_spec.name] = {"width": None, "notes": notes}
+            return None
         trainer.width = width
         if self.spec.probe_width and width > 1:
             candidates = sorted({w for w in (1, 2, 4, 8, 16, 32, 64, width) if w <= width})
@@ -308,7 +311,7 @@ class Study:
             notes.append(f"probe samples/s {probe.samples_per_second}")
         trainer.compile_eval(cohort.state)
         self._record(self.monitor.end(window), cohort, "compile", np.zeros(k))
-        widths[cohort_spec.name] = trainer.width
+        hardware[cohort_spec.name] = {"width": trainer.width, "notes": notes}
         if notes:
             log.info("%s: width %d (%s)", cohort_spec.name, trainer.width, "; ".join(notes))
         return cohort
@@ -387,14 +390,17 @@ class Study:
         self.attempt = (progress or {}).get("attempt", 0) + 1
 
         checkpoints = StudyCheckpoints(os.path.join(self.directory, "checkpoints"))
+        checkpoints.discard_after(start_phase - 1)
+        for stale in (p for p in saved if p >= start_phase):
+            os.remove(self._progress_path(stale))
         try:
             for c in cohorts:  # restored cohorts compile here, not inside their first training window
                 if start_phase < len(phases):
                     self._compile(c, "compile")
             if progress is None:
-                progress = {"phase": -1, "infeasible": {}, "widths": {}, "trials": {}, "decisions": [], "cohort_steps": {}}
+                progress = {"phase": -1, "infeasible": {}, "hardware": {}, "widths": {}, "trials": {}, "decisions": []}
                 for cohort_spec in group_into_cohorts(list(self.configs.values())):
-                    cohort = self._hardware_filter(cohort_spec, ds, progress["infeasible"], progress["widths"])
+                    cohort = self._hardware_filter(cohort_spec, ds, progress["infeasible"], progress["hardware"])
                     if cohort is not None:
                         cohorts.append(cohort)
                 for i, reason in progress["infeasible"].items():
@@ -545,7 +551,7 @@ class Study:
             "energy_method": self.meter.method, "energy_note": self.hardware.get("energy_note", ""),
             "intensity_label": self.ledger.intensity_label, "idle": self.hardware["idle"],
             "energy_by_phase": by_phase, "wall_seconds_this_attempt": wall_seconds, "attempts": self.attempt,
-            "decisions": progress["decisions"], "infeasible": progress["infeasible"],
+            "decisions": progress["decisions"], "infeasible": progress["infeasible"], "hardware": progress["hardware"],
             "metric_name": TASK_METRIC[self._dataset.task], "num_configs": len(self.configs),
         }
         totals = [g["joules"] for g in by_phase.values()]
@@ -564,3 +570,33 @@ class Study:
             "energy_method": self.meter.method,
         }
         return out
+
+
+def run_hyperband(directory: str | os.PathLike, spec: StudySpec, *, progress: bool = True, nvml: Any = None, dataset: ArrayDataset | None = None) -> dict[str, Any]:
+    """Hyperband (Li et al. 2018): one successive-halving study per bracket, in ``bracket-S/``.
+
+    ``spec.max_budget`` is R; bracket ``s`` samples ``n`` random configurations (seed ``spec.seed + s``)
+    and halves them from budget ``R * eta**-s`` to R. The winner is the best score over the brackets.
+    Finished brackets are read back, so a killed Hyperband run resumes bracket by bracket.
+    """
+    from sm2jax.scheduler import hyperband_brackets
+
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    _atomic_write_json(os.path.join(directory, "spec.json"), {"hyperband": spec.to_json()})
+    brackets, outcomes = hyperband_brackets(spec.max_budget, spec.eta), []
+    for b in brackets:
+        sub = dataclasses.replace(spec, mode="sh", sampler="random", num_samples=int(b["n"]), seed=spec.seed + int(b["s"]), min_budget=float(b["r"]), explore_budget=0.0, objective="performance")
+        result = Study(os.path.join(directory, f"bracket-{b['s']}"), sub, progress=progress, nvml=nvml, dataset=dataset).run()
+        outcomes.append({**b, "selected": result["selected"], "total_joules": result["total_joules"], "energy_method": result["energy_method"]})
+    scored = [o for o in outcomes if o["selected"] is not None and o["selected"]["score"] is not None]
+    best = max(scored, key=lambda o: o["selected"]["score"]) if scored else None
+    totals = [o["total_joules"] for o in outcomes]
+    results = {
+        "study": directory, "mode": "hyperband", "brackets": outcomes,
+        "selected": None if best is None else {**best["selected"], "bracket": best["s"]},
+        "total_joules": None if any(t is None for t in totals) else float(sum(totals)),
+        "energy_method": outcomes[0]["energy_method"] if outcomes else None,
+    }
+    _atomic_write_json(os.path.join(directory, "results.json"), results)
+    return results

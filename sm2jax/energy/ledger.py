@@ -81,13 +81,13 @@ class EnergyLedger:
         gross, unattributed = attribute(reading.joules, work)
         net, _ = attribute(net_total, work)
         devices = list(devices) if devices is not None else sorted(reading.per_device or [])
-        base = {"phase": phase, "cohort": cohort, "method": reading.method, "valid": reading.valid, "devices": devices, "intensity_label": self.intensity_label, "time": time.time()}
+        base = {"phase": phase, "cohort": cohort, "method": reading.method, "valid": reading.valid, "devices": devices, "intensity_label": self.intensity_label, "time": time.time(), **(extra or {})}
         kwh, g = self._carbon(reading.joules)
         records = [{
             "type": "window", **base, "window": reading.name, "seconds": reading.seconds,
             "joules": reading.joules, "net_joules": net_total, "per_device": reading.per_device,
             "unattributed_joules": unattributed, "kwh": kwh, "gco2e": g, "note": reading.note,
-            "idle_watts": idle_w, **(extra or {}),
+            "idle_watts": idle_w,
         }]
         for tid, j, nj, st, sa in zip(trial_ids, gross, net, steps, samples):
             kwh, g = self._carbon(j)

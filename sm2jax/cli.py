@@ -1,0 +1,81 @@
+"""``sm2jax`` command line: ``run``, ``resume`` and ``report`` studies."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+
+from sm2jax.presets import PRESETS
+
+
+def _run(args) -> dict:
+    from sm2jax.study import Study, run_hyperband
+
+    spec = PRESETS[args.preset](quick=args.quick)
+    overrides = {"energy_method": args.energy}
+    if args.mode != "hyperband":
+        overrides["mode"] = args.mode
+    if args.idle_seconds is not None:
+        overrides["idle_seconds"] = args.idle_seconds
+    if args.steps_per_window is not None:
+        overrides["steps_per_window"] = args.steps_per_window
+    if args.no_probe:
+        overrides["probe_width"] = False
+    spec = dataclasses.replace(spec, **overrides)
+    directory = args.dir or os.path.join("runs", f"{args.preset}-{args.mode}{'-quick' if args.quick else ''}")
+    if os.path.exists(os.path.join(directory, "progress")) and os.listdir(os.path.join(directory, "progress")):
+        print(f"resuming the study in {directory}", file=sys.stderr)
+    if args.mode == "hyperband":
+        return run_hyperband(directory, spec, progress=not args.no_progress)
+    return Study(directory, spec, progress=not args.no_progress).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sm2jax", description="Energy-aware hyperparameter optimisation (SM2) for JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a study (the offline digits SM2 study by default)")
+    run.add_argument("--preset", choices=sorted(PRESETS), default="digits")
+    run.add_argument("--mode", choices=("sm2", "sh", "full", "hyperband"), default="sm2", help="SM2, or a baseline on identical work")
+    run.add_argument("--dir", help="study directory (default runs/PRESET-MODE); an existing one resumes")
+    run.add_argument("--quick", action="store_true", help="a tiny version of the preset")
+    run.add_argument("--energy", default="auto", help="auto, nvml-counter, nvml-power, rapl, estimated or unavailable")
+    run.add_argument("--idle-seconds", type=float, help="idle-baseline measurement length")
+    run.add_argument("--steps-per-window", type=int, help="fixed steps per energy window")
+    run.add_argument("--no-probe", action="store_true", help="skip the vmap-width probe (vmap all trials of a cohort)")
+    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--json", action="store_true", help="print results.json instead of the report")
+    resume = sub.add_parser("resume", help="continue a killed study")
+    resume.add_argument("dir")
+    resume.add_argument("--no-progress", action="store_true")
+    resume.add_argument("--json", action="store_true")
+    report = sub.add_parser("report", help="print a finished study's report")
+    report.add_argument("dir")
+    report.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    from sm2jax.report import format_results, load_results
+
+    if args.command == "run":
+        results = _run(args)
+    elif args.command == "resume":
+        from sm2jax.study import Study, StudySpec, run_hyperband
+
+        with open(os.path.join(args.dir, "spec.json")) as f:
+            blob = json.load(f)
+        if "hyperband" in blob:
+            results = run_hyperband(args.dir, StudySpec(**blob["hyperband"]), progress=not args.no_progress)
+        else:
+            results = Study(args.dir, progress=not args.no_progress).run()
+    else:
+        results = load_results(args.dir)
+    print(json.dumps(results, indent=1) if args.json else format_results(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Plain-text reports of a study's results (what ``sm2jax report`` prints)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from typing import Any
+
+
+def _joules(value: float | None, method: str | list[str]) -> str:
+    label = ",".join(method) if isinstance(method, list) else method
+    if value is None:
+        return f"unavailable ({label})"
+    return f"{value:,.1f} J [{label}]"
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """The selected configuration, its metric and energy, energy by phase, and the decisions."""
+    lines = [f"study: {results['study']}  mode: {results['mode']}"]
+    method = results.get("energy_method") or "unavailable"
+    if method == "estimated":
+        lines.append("energy: ESTIMATED from process CPU time (no GPU counter, no readable RAPL) -- not a measurement")
+    sel = results.get("selected")
+    if results["mode"] == "hyperband":
+        lines.append("brackets (s, n, r):")
+        for b in results["brackets"]:
+            s = b["selected"]
+            best = "none" if s is None else f"trial {s['trial_id']} score {s['score']:.4f}"
+            lines.append(f"  s={b['s']} n={b['n']} r={b['r']:.4g}: {best}, {_joules(b['total_joules'], b['energy_method'])}")
+    if sel is None:
+        lines.append("selected: none -- " + results.get("note", "no configuration survived"))
+    else:
+        cfg = sel["config"]
+        keys = ("model", "optimizer", "batch_size", "learning_rate", "weight_decay", "schedule", "warmup_fraction", "dropout", "seed")
+        desc = " ".join(f"{k}={json.dumps(cfg[k]) if isinstance(cfg[k], dict) else cfg[k]}" for k in keys if k in cfg)
+        lines.append(f"selected: trial {sel['trial_id']}: {desc}")
+        metric_name = results.get("metric_name", "metric")
+        lines.append(f"  {metric_name}: {sel['metric']:.4f}" if sel.get("metric") is not None else f"  {metric_name}: n/a")
+        if "energy_to_train_joules" in sel:
+            lines.append(f"  energy to train it: {_joules(sel['energy_to_train_joules'], method)} (its share of compile, exploration, rungs and evaluation)")
+    if "energy_by_phase" in results:
+        lines.append("energy by phase:")
+        order = sorted(results["energy_by_phase"], key=lambda p: (p != "compile", p != "explore", p))
+        for phase in order:
+            g = results["energy_by_phase"][phase]
+            lines.append(f"  {phase:<10} {_joules(g['joules'], g['methods']):>32}  {g['seconds']:8.2f} s in {g['windows']} windows")
+        idle = results["idle"]
+        if idle["watts"] is None:
+            lines.append(f"  idle baseline: unavailable ({idle.get('note') or idle['method']})")
+        else:
+            lines.append(f"  idle baseline: {idle['watts']:.2f} W [{idle['method']}] over {idle['seconds']:.1f} s; net figures in the ledger subtract it")
+    if results.get("total_joules") is not None or "energy_by_phase" in results:
+        lines.append(f"total: {_joules(results.get('total_joules'), method)}")
+    if results.get("decisions"):
+        lines.append("decisions:")
+        by_phase: dict[str, Counter] = {}
+        for d in results["decisions"]:
+            by_phase.setdefault(d["phase"], Counter())["kept" if d["kept"] else "dropped"] += 1
+        for phase, c in by_phase.items():
+            dropped = [d for d in results["decisions"] if d["phase"] == phase and not d["kept"]]
+            why = Counter(d["reason"].split(":")[0] for d in dropped)
+            detail = ", ".join(f"{n} {r}" for r, n in why.items())
+            lines.append(f"  {phase:<10} kept {c['kept']}, dropped {c['dropped']}" + (f" ({detail})" if detail else ""))
+    return "\n".join(lines)
+
+
+def load_results(directory: str | os.PathLike) -> dict[str, Any]:
+    path = os.path.join(os.fspath(directory), "results.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: the study has not finished (run `sm2jax resume {directory}`)")
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,142 @@
+"""Studies end to end on small digits data: lifecycle, hardware filter, kill-and-resume."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sm2jax.cohort import group_into_cohorts
+from sm2jax.energy import read_ledger
+from sm2jax.space import Categorical, LogUniform, SearchSpace
+from sm2jax.study import Study, StudySpec, run_hyperband
+from sm2jax.trainer import CohortTrainer, compiled_memory_bytes
+
+QUICK = dict(dataset="digits", explore_budget=0.25, min_budget=1, max_budget=3, eta=3, idle_seconds=0.1, probe_width=False, energy_method="auto")
+
+
+def _spec(space, **overrides):
+    return StudySpec(space=SearchSpace(space).to_json(), **{**QUICK, **overrides})
+
+
+def _decisions(results):
+    return [(d["phase"], d["trial_id"], d["kept"]) for d in results["decisions"]]
+
+
+def test_sm2_study_selects_a_config_and_labels_cpu_energy_honestly(tmp_path):
+    space = {"learning_rate": LogUniform(3e-3, 3e-2, num=2), "batch_size": Categorical([32, 64]), "optimizer": Categorical(["adam", "sgd"])}
+    results = Study(tmp_path / "s", _spec(space), progress=False).run()
+    sel = results["selected"]
+    assert sel is not None and 0.5 < sel["metric"] <= 1.0
+    # No GPU here: never presented as measured GPU energy.
+    assert results["energy_method"] in ("estimated", "rapl")
+    ledger = read_ledger(tmp_path / "s" / "ledger.jsonl")
+    assert ledger and all(r["method"] == results["energy_method"] for r in ledger)
+    phases = set(results["energy_by_phase"])
+    assert {"compile", "explore", "rung-1", "rung-2"} <= phases
+    # Every trial of every training window has its share; shares add up to the window.
+    windows = [r for r in ledger if r["type"] == "window" and r["phase"] == "rung-1"]
+    for w in windows:
+        shares = [r["joules"] for r in ledger if r["type"] == "trial" and r["window"] == w["window"] and r["time"] == w["time"]]
+        assert sum(shares) == pytest.approx(w["joules"])
+    assert sel["energy_to_train_joules"] > 0
+    # Decisions: every config appears in exploration, with its terms and reason.
+    explore = [d for d in results["decisions"] if d["phase"] == "explore"]
+    assert len(explore) == 8 and all("reason" in d and "projected_energy_j" in d for d in explore)
+    # SH keeps ceil(n / 3) at rung 1.
+    rung1 = [d for d in results["decisions"] if d["phase"] == "rung-1"]
+    assert sum(d["kept"] for d in rung1) == -(-len(rung1) // 3)
+
+
+def test_diverging_config_is_dropped_in_exploration_and_infeasible_batch_is_recorded(tmp_path):
+    space = {"learning_rate": Categorical([1e-2, 1e20]), "optimizer": "sgd", "batch_size": Categorical([32, 100_000])}
+    results = Study(tmp_path / "s", _spec(space), progress=False).run()
+    infeasible = results["infeasible"]
+    assert set(infeasible) == {"1", "3"} and all("exceeds" in r for r in infeasible.values())
+    explore = {d["trial_id"]: d for d in results["decisions"] if d["phase"] == "explore"}
+    assert explore[2]["kept"] is False and explore[2]["reason"].startswith("diverged at step")
+    assert results["selected"]["trial_id"] == 0
+
+
+def test_memory_cap_narrows_the_width_or_marks_infeasible(tmp_path, digits):
+    # Activation-dominated (small convolution weights, large batch), so memory grows with the width.
+    space = {"model": {"name": "cnn", "channels": [32, 64]}, "learning_rate": LogUniform(1e-3, 1e-2, num=4), "batch_size": 512}
+    spec = _spec(space, max_budget=1, min_budget=1, explore_budget=0.0)
+    (cohort,) = group_into_cohorts(spec.configs())
+    trainer = CohortTrainer(cohort, digits, schedule_steps=10)
+    state = trainer.init()
+    need = {w: compiled_memory_bytes(trainer.compile_train(state, width=w)) for w in (1, 2, 4)}
+    assert need[4] > need[2] > need[1]
+    narrowed = Study(tmp_path / "a", dataclasses.replace(spec, memory_limit_bytes=(need[2] + need[4]) // 2), progress=False).run()
+    assert narrowed["infeasible"] == {} and narrowed["selected"] is not None
+    assert narrowed["hardware"][cohort.name]["width"] == 2
+    assert "width 4 needs" in narrowed["hardware"][cohort.name]["notes"][0]
+    none_fit = Study(tmp_path / "b", dataclasses.replace(spec, memory_limit_bytes=need[1] // 2), progress=False).run()
+    assert set(none_fit["infeasible"]) == {"0", "1", "2", "3"} and none_fit["selected"] is None
+    assert "does not fit in device memory even alone" in none_fit["infeasible"]["0"]
+
+
+def test_kill_mid_rung_and_resume_reaches_the_same_decisions(tmp_path):
+    space = {"model": {"name": "mlp", "hidden": [256, 256]}, "learning_rate": LogUniform(1e-3, 1e-1, num=4), "batch_size": 16}
+    spec = _spec(space, steps_per_window=2, energy_method="estimated")
+    reference = Study(tmp_path / "ref", spec, progress=False).run()
+
+    killed = tmp_path / "killed"
+    Study(killed, spec, progress=False)  # writes spec.json
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sm2jax.cli", "resume", str(killed), "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ledger = killed / "ledger.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if any(r["phase"] == "rung-2" for r in read_ledger(ledger)):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    assert (killed / "progress" / "phase-1.json").exists() and not (killed / "progress" / "phase-2.json").exists()  # mid rung-2
+
+    resumed = Study(killed, progress=False).run()
+    assert resumed["attempts"] == 2
+    assert resumed["selected"]["trial_id"] == reference["selected"]["trial_id"]
+    assert resumed["selected"]["metric"] == pytest.approx(reference["selected"]["metric"], abs=1e-6)
+    assert _decisions(resumed) == _decisions(reference)
+    attempts = {r.get("attempt") for r in read_ledger(ledger)}
+    assert attempts == {1, 2}  # both attempts' energy is in the ledger: nothing is lost
+
+    # A corrupt latest checkpoint falls back to the previous phase, with a warning.
+    last = max(int(p) for p in os.listdir(tmp_path / "ref" / "checkpoints") if p.isdigit())
+    for root, _, files in os.walk(tmp_path / "ref" / "checkpoints" / str(last)):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00garbage")
+    with pytest.warns(RuntimeWarning, match="falling back"):
+        again = Study(tmp_path / "ref", progress=False).run()
+    assert _decisions(again)[: len(_decisions(reference))] == _decisions(reference)
+    assert again["selected"]["trial_id"] == reference["selected"]["trial_id"]
+
+
+def test_baselines_on_identical_work(tmp_path):
+    space = {"learning_rate": LogUniform(3e-3, 3e-2, num=3), "batch_size": 64}
+    sh = Study(tmp_path / "sh", _spec(space, mode="sh"), progress=False).run()
+    assert sh["objective"] == "performance" and "explore" not in sh["energy_by_phase"]
+    full = Study(tmp_path / "full", _spec(space, mode="full"), progress=False).run()
+    assert [d["phase"] for d in full["decisions"]] == ["rung-1"] * 3  # everyone trained to the full budget
+    best = max((d for d in full["decisions"]), key=lambda d: d["score"])
+    assert full["selected"]["trial_id"] == best["trial_id"]
+    hb = run_hyperband(tmp_path / "hb", _spec(space, max_budget=3, eta=3), progress=False)
+    assert [(b["s"], b["n"]) for b in hb["brackets"]] == [(1, 3), (0, 2)]
+    assert hb["selected"]["score"] == max(b["selected"]["score"] for b in hb["brackets"])
+
+
+def test_a_different_spec_in_an_existing_directory_is_refused(tmp_path):
+    Study(tmp_path / "s", _spec({"learning_rate": 1e-3}), progress=False)
+    with pytest.raises(ValueError, match="different study"):
+        Study(tmp_path / "s", _spec({"learning_rate": 2e-3}), progress=False)
+    with pytest.raises(FileNotFoundError):
+        Study(tmp_path / "nothing")
