@@ -327,7 +327,8 @@ class SearchSpace:
         ]
 
     def to_json(self) -> dict[str, Any]:
-        return {n: {"type": type(d).__name__, **dataclasses.asdict(d)} for n, d in self.domains.items()}
+        blob = {n: {"type": type(d).__name__, **dataclasses.asdict(d)} for n, d in self.domains.items()}
+        return json.loads(json.dumps(blob))  # tuples become lists: equal to what spec.json reads back
 
     @classmethod
     def from_json(cls, blob: Mapping[str, Any]) -> SearchSpace:

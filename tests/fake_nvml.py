@@ -6,6 +6,7 @@ classes, and lets a test script each device's energy counter and power readings.
 
 from __future__ import annotations
 
+import time
 import types
 
 NVML_ERROR_NOT_SUPPORTED = 3
@@ -23,11 +24,26 @@ class NVMLError_NotSupported(NVMLError):  # noqa: N801 -- pynvml's own spelling
 
 
 class FakeDevice:
-    def __init__(self, name="NVIDIA H200", energy_mj=0, power_mw=100_000, counter_supported=True, name_as_bytes=False):
-        self.name, self.energy_mj, self.power_mw = name, energy_mj, power_mw
+    """A device whose counter is set by the test, or (``clock_driven``) advances at ``power_mw``
+    with wall time, like a real card's counter."""
+
+    def __init__(self, name="NVIDIA H200", energy_mj=0, power_mw=100_000, counter_supported=True, name_as_bytes=False, clock_driven=False):
+        self.name, self._energy_mj, self.power_mw = name, energy_mj, power_mw
+        self.clock_driven, self._t0 = clock_driven, time.perf_counter()
         self.counter_supported, self.name_as_bytes = counter_supported, name_as_bytes
         self.memory_total, self.memory_free = 141 * 2**30, 140 * 2**30
         self.power_limit_mw, self.power_limit_range_mw = 700_000, (200_000, 700_000)
+
+
+    @property
+    def energy_mj(self):
+        if self.clock_driven:
+            return int(self._energy_mj + self.power_mw * (time.perf_counter() - self._t0))
+        return self._energy_mj
+
+    @energy_mj.setter
+    def energy_mj(self, value):
+        self._energy_mj = value
 
 
 def make_fake_nvml(devices: list[FakeDevice], init_error: Exception | None = None) -> types.ModuleType:
