@@ -40,16 +40,23 @@ def format_results(results: dict[str, Any]) -> str:
         if "energy_to_train_joules" in sel:
             lines.append(f"  energy to train it: {_joules(sel['energy_to_train_joules'], method)} (its share of compile, exploration, rungs and evaluation)")
     if "energy_by_phase" in results:
-        lines.append("energy by phase:")
+        lines.append(f"energy by phase:  {'gross':>30}  {'above idle':>12}  {'seconds':>8}")
         order = sorted(results["energy_by_phase"], key=lambda p: (p != "compile", p != "explore", p))
+        idle_joules = 0.0
         for phase in order:
             g = results["energy_by_phase"][phase]
-            lines.append(f"  {phase:<10} {_joules(g['joules'], g['methods']):>32}  {g['seconds']:8.2f} s in {g['windows']} windows")
+            net = "unavailable" if g["net_joules"] is None else f"{g['net_joules']:,.1f} J"
+            lines.append(f"  {phase:<14} {_joules(g['joules'], g['methods']):>30}  {net:>12}  {g['seconds']:8.2f}")
+            if g["joules"] is not None and g["net_joules"] is not None and idle_joules is not None:
+                idle_joules += g["joules"] - g["net_joules"]
+            else:
+                idle_joules = None
         idle = results["idle"]
         if idle["watts"] is None:
-            lines.append(f"  idle baseline: unavailable ({idle.get('note') or idle['method']})")
+            lines.append(f"  idle baseline: unavailable ({idle.get('note') or idle['method']}): no net figures")
         else:
-            lines.append(f"  idle baseline: {idle['watts']:.2f} W [{idle['method']}] over {idle['seconds']:.1f} s; net figures in the ledger subtract it")
+            lines.append(f"  idle baseline: {idle['watts']:.2f} W [{idle['method']}], measured over {idle['seconds']:.1f} s before the study;"
+                         f" idle share of the windows: {idle_joules:,.1f} J")
     if results.get("total_joules") is not None or "energy_by_phase" in results:
         lines.append(f"total: {_joules(results.get('total_joules'), method)}")
     if results.get("decisions"):

@@ -54,6 +54,7 @@ class Candidate:
       samples_total: training samples at the full budget.
       diverged: the trial produced a non-finite loss or gradient and is frozen.
       diverged_at: step of divergence (-1 if finite).
+      plateau_tolerance: gain at or below which the candidate counts as plateaued.
     """
 
     trial_id: int
@@ -67,6 +68,12 @@ class Candidate:
     samples_total: int
     diverged: bool = False
     diverged_at: int = -1
+    plateau_tolerance: float = 0.005
+
+    @property
+    def plateaued(self) -> bool:
+        """Learning-rate behaviour: no meaningful score gain over the last budget."""
+        return not self.diverged and self.gain <= self.plateau_tolerance
 
     @property
     def projected_energy(self) -> float | None:
@@ -94,7 +101,7 @@ class Candidate:
             "energy_spent_j": self.energy_spent, "energy_last_j": self.energy_last,
             "projected_energy_j": self.projected_energy, "joules_per_sample": self.joules_per_sample,
             "progress_per_joule": self.progress_per_joule, "samples_spent": self.samples_spent,
-            "diverged": self.diverged, "diverged_at": self.diverged_at,
+            "diverged": self.diverged, "diverged_at": self.diverged_at, "plateaued": self.plateaued,
         }
 
 

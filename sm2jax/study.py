@@ -34,7 +34,7 @@ import numpy as np
 
 from sm2jax.checkpoint import CheckpointError, StudyCheckpoints
 from sm2jax.cohort import CohortSpec, group_into_cohorts
-from sm2jax.data import ArrayDataset, load_dataset
+from sm2jax.data import ArrayDataset, device_put_dataset, load_dataset
 from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, hardware_profile, make_meter, measure_idle, summarize
 from sm2jax.scheduler import Candidate, exploration_filter, halve, resolve_objective, rung_budgets, steps_for
 from sm2jax.space import Config, SearchSpace
@@ -62,6 +62,8 @@ class StudySpec:
       objective: ``sm2``, ``performance`` or ``pareto`` (a callable via :class:`Study` directly).
       alpha, beta: weights of the ``sm2`` objective.
       score_tolerance, energy_tolerance: exploration dominance margins.
+      plateau_tolerance: a score gain at or below this over a budget flags the candidate's learning
+        rate as plateaued (recorded with its decision; the G term of the objective penalises it).
       energy_method: ``auto`` or a method of :data:`sm2jax.energy.METHODS`.
       watts_per_core: the ``estimated`` method's per-core power.
       idle_seconds: idle-baseline measurement before the study (0 skips it: net energy unavailable).
@@ -91,6 +93,7 @@ class StudySpec:
     beta: float = 0.3
     score_tolerance: float = 0.02
     energy_tolerance: float = 0.1
+    plateau_tolerance: float = 0.005
     energy_method: str = "auto"
     watts_per_core: float = 10.0
     idle_seconds: float = 2.0
@@ -222,6 +225,12 @@ class Study:
             self._dataset = ds
         return self._dataset
 
+    def _device_data(self) -> dict[str, Any]:
+        """The data set on the device, once per study: every cohort reads the same arrays."""
+        if getattr(self, "_on_device", None) is None:
+            self._on_device = device_put_dataset(self._load_data())
+        return self._on_device
+
     def _schedule_steps(self, cohort: CohortSpec, ds: ArrayDataset) -> int:
         per_epoch = ds.num_train // cohort.signature.batch_size
         return steps_for(self.spec.max_budget, self.spec.budget_unit, cohort.signature.batch_size, per_epoch)
@@ -245,13 +254,13 @@ class Study:
 
     # ------------------------------------------------------------------------------ energy helpers
 
-    def _record(self, reading, cohort: _Cohort, phase: str, steps: np.ndarray, work_per_step: float | None = None) -> dict[int, float | None]:
-        """Writes a window to the ledger; returns joules per trial id."""
+    def _record(self, reading, cohort: _Cohort, phase: str, work, steps=None) -> dict[int, float | None]:
+        """Writes a window to the ledger, attributing it in proportion to ``work`` (per row);
+        returns joules per trial id. ``steps``: training steps per row in the window (0 if none)."""
         bs = cohort.spec.signature.batch_size
-        steps = np.asarray(steps, dtype=np.int64)
-        work = [float(s) * (work_per_step or 1.0) for s in steps] if steps.sum() > 0 else [1.0] * len(steps)
+        steps = np.zeros(len(cohort.trial_ids), np.int64) if steps is None else np.asarray(steps, np.int64)
         recs = self.ledger.record(
-            reading, phase=phase, cohort=cohort.spec.name, trial_ids=cohort.trial_ids, work=work,
+            reading, phase=phase, cohort=cohort.spec.name, trial_ids=cohort.trial_ids, work=[float(w) for w in work],
             steps=steps.tolist(), samples=(steps * bs).tolist(), extra={"attempt": self.attempt},
         )
         return {r["trial_id"]: r["joules"] for r in recs[1:]}
@@ -264,7 +273,7 @@ class Study:
         cohort.trainer.compile_eval(cohort.state)
         reading = self.monitor.end(window)
         log.info("compiled %s (width %s) in %.1f s", cohort.spec.name, cohort.trainer.width, time.perf_counter() - t0)
-        self._record(reading, cohort, "compile", np.zeros(len(cohort.trial_ids)))
+        self._record(reading, cohort, "compile", np.ones(len(cohort.trial_ids)))  # a cohort's program serves all its trials
 
     # ------------------------------------------------------------------------------ hardware filter
 
@@ -273,7 +282,7 @@ class Study:
         enabled, the fastest such width. Records infeasible trials instead of raising."""
         ids = [c.trial_id for c in cohort_spec.configs]
         try:
-            trainer = CohortTrainer(cohort_spec, ds, schedule_steps=self._schedule_steps(cohort_spec, ds))
+            trainer = CohortTrainer(cohort_spec, ds, schedule_steps=self._schedule_steps(cohort_spec, ds), device_data=self._device_data())
         except ValueError as err:  # e.g. a batch larger than the data set
             for i in ids:
                 infeasible[str(i)] = str(err)
@@ -298,7 +307,7 @@ class Study:
                 break
             notes.append(f"width {w} needs {need / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB")
         if width is None:
-            self._record(self.monitor.end(window), cohort, "compile", np.zeros(k))
+            self._record(self.monitor.end(window), cohort, "compile", np.ones(k))
             for i in ids:
                 infeasible[str(i)] = f"does not fit in device memory even alone: {notes[-1]}"
             hardware[cohort_spec.name] = {"width": None, "notes": notes}
@@ -310,7 +319,7 @@ class Study:
             cohort.rate = probe.samples_per_second[probe.chosen]
             notes.append(f"probe samples/s {probe.samples_per_second}")
         trainer.compile_eval(cohort.state)
-        self._record(self.monitor.end(window), cohort, "compile", np.zeros(k))
+        self._record(self.monitor.end(window), cohort, "compile", np.ones(k))
         hardware[cohort_spec.name] = {"width": trainer.width, "notes": notes}
         if notes:
             log.info("%s: width %d (%s)", cohort_spec.name, trainer.width, "; ".join(notes))
@@ -337,14 +346,15 @@ class Study:
             except Exception as err:  # noqa: BLE001
                 if not _is_oom(err) or (trainer.width or 1) <= 1:
                     raise
-                self.monitor.end(window)
+                # The failed attempt still used energy: keep it, on its own line.
+                self._record(self.monitor.end(window), cohort, "oom-retry", np.ones(len(cohort.trial_ids)))
                 trainer.width = max(1, (trainer.width or len(cohort.trial_ids)) // 2)
                 warnings.warn(f"{cohort.spec.name}: out of memory; retrying at vmap width {trainer.width}", RuntimeWarning, stacklevel=2)
                 self._compile(cohort, "compile")
                 continue
-            steps = np.asarray(new_state.step) - before
-            flops = trainer.flops_per_trial_step(new_state)
-            for t, j in self._record(reading, cohort, phase, steps, flops).items():
+            steps = np.asarray(new_state.step) - before  # 0 for frozen (diverged) trials
+            work = steps * (trainer.flops_per_trial_step(new_state) or 1.0)
+            for t, j in self._record(reading, cohort, phase, work, steps).items():
                 energy[t] = None if j is None or energy[t] is None else energy[t] + j
             cohort.state = new_state
             if bar is not None:
@@ -363,7 +373,7 @@ class Study:
         window = self.monitor.begin(f"{phase}:eval", after=cohort.state)
         metrics = cohort.trainer.evaluate(cohort.state)
         reading = self.monitor.end(window, metrics)
-        joules = self._record(reading, cohort, phase, np.ones(len(cohort.trial_ids)))
+        joules = self._record(reading, cohort, phase, np.asarray(cohort.state.active, np.float64))  # frozen trials get nothing
         return np.asarray(metrics.score), np.asarray(metrics.metric), joules
 
     # ----------------------------------------------------------------------------------------- run
@@ -464,6 +474,7 @@ class Study:
                         energy_spent=spent, energy_last=last_energy, samples_spent=samples,
                         samples_last=samples - before_samples[t], samples_total=total_samples,
                         diverged=bool(diverged[row]), diverged_at=int(diverged_at[row]),
+                        plateau_tolerance=self.spec.plateau_tolerance,
                     ))
                     record.update(score=_finite_or_none(score), metric=_finite_or_none(float(metrics[row])), energy_spent=spent, samples_spent=samples)
                     record["history"].append({"phase": name, "score": _finite_or_none(score), "samples": samples, "energy_spent": spent})
@@ -513,7 +524,7 @@ class Study:
             spec = by_name[name]
             id_set = set(ids)
             sub = CohortSpec(spec.signature, tuple(sorted((c for c in spec.configs if c.trial_id in id_set), key=lambda c: ids.index(c.trial_id))))
-            trainer = CohortTrainer(sub, ds, schedule_steps=self._schedule_steps(spec, ds), width=progress["widths"].get(name))
+            trainer = CohortTrainer(sub, ds, schedule_steps=self._schedule_steps(spec, ds), width=progress["widths"].get(name), device_data=self._device_data())
             abstract[name] = jax.eval_shape(trainer.init)
             cohorts.append(_Cohort(sub, trainer, None, list(ids), progress.get("rates", {}).get(name)))
         checkpoints = StudyCheckpoints(os.path.join(self.directory, "checkpoints"))

@@ -34,7 +34,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int, PyTree, UInt32
 
 from sm2jax.cohort import CohortSpec, hyperparameter_arrays, make_optimizer
-from sm2jax.data import ArrayDataset, batch_indices, steps_per_epoch
+from sm2jax.data import ArrayDataset, batch_indices, device_put_dataset, steps_per_epoch
 from sm2jax.models import build_model
 
 
@@ -126,9 +126,11 @@ class CohortTrainer:
       schedule_steps: length T of the learning-rate schedule (the full budget, in steps).
       width: vmap width; ``None`` means all trials at once until :meth:`probe_width` chooses.
       eval_batch_size: validation examples per evaluation chunk.
+      device_data: the data set's arrays already on the device (``data.device_put_dataset``), so
+        that cohorts of one study share one copy.
     """
 
-    def __init__(self, cohort: CohortSpec, dataset: ArrayDataset, *, schedule_steps: int, width: int | None = None, eval_batch_size: int = 512):
+    def __init__(self, cohort: CohortSpec, dataset: ArrayDataset, *, schedule_steps: int, width: int | None = None, eval_batch_size: int = 512, device_data: dict[str, jax.Array] | None = None):
         sig = cohort.signature
         self.cohort = cohort
         self.dataset = dataset
@@ -139,7 +141,7 @@ class CohortTrainer:
         self.schedule_steps = int(schedule_steps)
         self.width = width
         self.eval_batch_size = min(eval_batch_size, len(dataset.x_val))
-        self.data = {k: jnp.asarray(getattr(dataset, k)) for k in ("x_train", "y_train", "x_val", "y_val")}
+        self.data = device_data if device_data is not None else device_put_dataset(dataset)
 
         def build(key):
             return build_model(sig.model_spec, dataset.input_shape, dataset.num_outputs, dropout=sig.dropout, dtype=sig.dtype, key=key)
@@ -233,6 +235,7 @@ class CohortTrainer:
         return self._compiled[key]
 
     def is_compiled(self, state: CohortState) -> bool:
+        """Whether training and evaluation at this state's width are compiled already."""
         k = state.step.shape[0]
         w = self.effective_width(k)
         return ("train", k, w) in self._compiled and ("eval", k, w) in self._compiled
@@ -243,10 +246,15 @@ class CohortTrainer:
         return self.compile_train(state)(state, jnp.int32(num_steps), self.data["x_train"], self.data["y_train"])
 
     def flops_per_trial_step(self, state: CohortState) -> float | None:
-        """FLOPs of one training step of one trial, from XLA's cost analysis of a 1-step call
-        (``None`` where the backend reports none)."""
-        flops = compiled_flops(self.compile_train(state))
-        return None if flops is None else flops / state.step.shape[0]
+        """FLOPs of one training step of one trial, from XLA's cost analysis (``None`` where the
+        backend reports none). XLA counts a loop body once, whatever its trip count: the program's
+        figure covers one step of one ``width``-wide chunk."""
+        k = state.step.shape[0]
+        key = ("flops", k, self.effective_width(k))
+        if key not in self._compiled:
+            flops = compiled_flops(self.compile_train(state))
+            self._compiled[key] = None if flops is None else flops / key[2]
+        return self._compiled[key]
 
     # ------------------------------------------------------------------------------------ eval
 
