@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import tempfile
+
+from _results import write_rows
 
 from sm2jax.presets import digits
 from sm2jax.study import Study
@@ -53,9 +54,7 @@ def main(argv=None):
         tj = "unavailable" if row["training_joules"] is None else f"{row['training_joules']:.2f}"
         cj = "unavailable" if row["compile_joules"] is None else f"{row['compile_joules']:.1f}"
         print(f"{row['mode']:<6} {row['repeat']:>3} {acc:>9} {tj:>10} {cj:>10} {'n/a' if ratio is None else f'{ratio:.3f}x':>14}  {row['energy_method']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
+    write_rows(args.json, rows)
     return rows
 
 

@@ -21,11 +21,12 @@ probe falls back to narrow widths.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import time
 
 import jax
+
+from _results import write_rows
 
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.data import load_digits
@@ -56,8 +57,9 @@ def bench(model_name: str, trials: int, batch_size: int, steps: int, repeats: in
 
     singles = [CohortTrainer(cohort.subset([i]), ds, schedule_steps=10 * steps) for i in range(trials)]
     single_states = [t.init() for t in singles]
-    # The single-trial program is identical for every trial: compile once, outside the timing.
-    jax.block_until_ready(singles[0].train(single_states[0], 1))
+    # Each single-trial trainer holds its own compiled program: compile all outside the timing.
+    for trainer, single in zip(singles, single_states):
+        jax.block_until_ready(trainer.train(single, 1))
 
     def run_loop():
         states = list(single_states)
@@ -98,9 +100,7 @@ def main(argv=None):
         row = bench(name, args.trials, args.batch_size, args.steps, args.repeats)
         rows.append(row)
         print(f"{row['model']:<12} {row['trials']:>6} {row['width']:>5} {row['loop_samples_per_s']:>15.0f} {row['cohort_samples_per_s']:>17.0f} {row['speedup']:>7.2f}x")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=2))
+    write_rows(args.json, rows)
     return rows
 
 
