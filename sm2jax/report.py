@@ -66,7 +66,7 @@ def format_results(results: dict[str, Any]) -> str:
             by_phase.setdefault(d["phase"], Counter())["kept" if d["kept"] else "dropped"] += 1
         for phase, c in by_phase.items():
             dropped = [d for d in results["decisions"] if d["phase"] == phase and not d["kept"]]
-            why = Counter(d["reason"].split(":")[0] for d in dropped)
+            why = Counter(d["reason"].split(": ")[-1] if "outside the top" in d["reason"] else d["reason"].split(":")[0] for d in dropped)
             detail = ", ".join(f"{n} {r}" for r, n in why.items())
             lines.append(f"  {phase:<10} kept {c['kept']}, dropped {c['dropped']}" + (f" ({detail})" if detail else ""))
     return "\n".join(lines)

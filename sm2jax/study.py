@@ -333,7 +333,10 @@ class Study:
         energy = {t: 0.0 for t in cohort.trial_ids}
         trainer = cohort.trainer
         while True:
-            done = int(np.max(np.asarray(cohort.state.step)))
+            active = np.asarray(cohort.state.active)
+            if not active.any():  # every trial diverged: nothing left to train
+                return energy
+            done = int(np.asarray(cohort.state.step)[active].max())  # active trials move in lockstep
             remaining = target_steps - done
             if remaining <= 0:
                 return energy
@@ -507,8 +510,9 @@ class Study:
         progress["widths"] = {c.spec.name: c.trainer.width for c in survivors}
         progress["rates"] = {c.spec.name: c.rate for c in survivors}
         progress["phase"] = p
-        checkpoints.save(p, {c.spec.name: c.state for c in survivors})
-        checkpoints.wait()  # committed before the phase is recorded as done
+        if survivors:  # Orbax refuses an empty tree; a phase with no survivor needs no checkpoint
+            checkpoints.save(p, {c.spec.name: c.state for c in survivors})
+            checkpoints.wait()  # committed before the phase is recorded as done
         _atomic_write_json(self._progress_path(p), progress)
         if not last:
             for c in survivors:
@@ -518,6 +522,8 @@ class Study:
 
     def _restore(self, progress: dict, ds: ArrayDataset, phase: int) -> list[_Cohort]:
         """Rebuilds the cohorts alive after ``phase`` from their checkpoint."""
+        if not progress["alive"]:
+            return []
         by_name = {c.name: c for c in group_into_cohorts(list(self.configs.values()))}
         cohorts, abstract = [], {}
         for name, ids in progress["alive"].items():

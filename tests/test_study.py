@@ -63,6 +63,12 @@ def test_diverging_config_is_dropped_in_exploration_and_infeasible_batch_is_reco
     assert results["selected"]["trial_id"] == 0
 
 
+def test_a_study_whose_every_config_diverges_ends_without_a_selection(tmp_path):
+    results = Study(tmp_path / "s", _spec({"learning_rate": Categorical([1e20, 1e25]), "optimizer": "sgd"}), progress=False).run()
+    assert results["selected"] is None and "no configuration survived" in results["note"]
+    assert all(d["reason"].startswith("diverged at step") for d in results["decisions"])
+
+
 def test_memory_cap_narrows_the_width_or_marks_infeasible(tmp_path, digits):
     # Activation-dominated (small convolution weights, large batch), so memory grows with the width.
     space = {"model": {"name": "cnn", "channels": [32, 64]}, "learning_rate": LogUniform(1e-3, 1e-2, num=4), "batch_size": 512}
