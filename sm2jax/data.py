@@ -172,7 +172,18 @@ def load_tfds_images(name: str, *, data_dir: str | None = None, val_percent: int
     import tensorflow_datasets as tfds
 
     splits = [f"train[:{100 - val_percent}%]", f"train[{100 - val_percent}%:]"]
-    train, val = tfds.data_source(name, split=splits, data_dir=data_dir, download=download)
+    try:
+        train, val = tfds.data_source(name, split=splits, data_dir=data_dir, download=download)
+    except Exception as err:
+        # Reading needs no TensorFlow, but TFDS's archive extractor (used once, when a catalogue
+        # data set is prepared) does: say so instead of surfacing a bare ModuleNotFoundError.
+        if "tensorflow" in str(err).lower():
+            raise RuntimeError(
+                f"preparing {name!r} with TFDS needs TensorFlow once (its archive extractor imports it): "
+                f"`pip install tensorflow-cpu`, run again, then uninstall it if you like; or copy an already "
+                f"prepared array_record {name} folder into data_dir"
+            ) from err
+        raise
     x_train, y_train = source_to_arrays(train, _image_example)
     x_val, y_val = source_to_arrays(val, _image_example)
     classes = int(max(y_train.max(), y_val.max())) + 1

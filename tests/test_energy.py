@@ -36,6 +36,7 @@ def test_counter_path_sums_devices_in_joules():
     assert reading.valid and reading.method == "nvml-counter"
     assert reading.joules == pytest.approx(4.0)
     assert reading.per_device == pytest.approx({"gpu0": 2.5, "gpu1": 1.5})
+    assert reading.note.startswith("short window")  # valid, but flagged as coarse
 
 
 def test_counter_going_backwards_invalidates_the_window():

@@ -59,3 +59,15 @@ def test_resnet18_has_the_cifar_layout():
     assert model.stem.kernel_size == (3, 3)
     out = model(np.zeros((2, 32, 32, 3), np.float32))
     assert out.shape == (2, 10)
+
+
+def test_bfloat16_cohort_computes_in_bf16_and_keeps_float32_parameters(digits):
+    from sm2jax.trainer import CohortTrainer
+
+    (cohort,) = group_into_cohorts(SearchSpace({"learning_rate": Categorical([1e-2]), "dtype": "bfloat16", "model": {"name": "cnn", "channels": [8, 16]}}).grid())
+    trainer = CohortTrainer(cohort, digits, schedule_steps=100)
+    state, metrics = trainer.train(trainer.init(), 100)
+    assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))
+    model = build_model(cohort.signature.model_spec, digits.input_shape, 10, dtype="bfloat16", key=jax.random.PRNGKey(0))
+    assert model(digits.x_train[:2]).dtype == np.dtype("bfloat16")
+    assert float(trainer.evaluate(state).metric[0]) > 0.6

@@ -87,7 +87,7 @@ def bench(model_name: str, trials: int, batch_size: int, steps: int, repeats: in
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["mlp-64", "mlp-1024x2"], choices=sorted(MODELS))
+    parser.add_argument("--models", nargs="+", default=sorted(MODELS), choices=sorted(MODELS))
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=40)

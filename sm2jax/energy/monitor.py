@@ -61,11 +61,13 @@ class EnergyMonitor:
       meter: the energy source.
       counter_resolution_s: the counter's update period; a counter window shorter than this that
         reads no change is marked invalid rather than reported as zero.
+      min_window_s: NVML windows shorter than this carry a note that their figure is coarse.
     """
 
-    def __init__(self, meter: Meter, counter_resolution_s: float = 0.1):
+    def __init__(self, meter: Meter, counter_resolution_s: float = 0.1, min_window_s: float = 1.0):
         self.meter = meter
         self.counter_resolution_s = counter_resolution_s
+        self.min_window_s = min_window_s
 
     @property
     def method(self) -> str:
@@ -92,7 +94,10 @@ class EnergyMonitor:
         total = sum(per_device.values())
         if self.method == "nvml-counter" and total == 0 and seconds < self.counter_resolution_s:
             return WindowReading(window.name, start.time, seconds, None, None, self.method, False, f"window of {seconds * 1e3:.0f} ms is below the counter's update period")
-        return WindowReading(window.name, start.time, seconds, total, per_device, self.method, True)
+        note = ""
+        if self.method in ("nvml-counter", "nvml-power") and seconds < self.min_window_s:
+            note = f"short window ({seconds:.2f} s < {self.min_window_s:g} s): NVML updates every ~0.1 s, expect error"
+        return WindowReading(window.name, start.time, seconds, total, per_device, self.method, True, note)
 
     @contextlib.contextmanager
     def measure(self, name: str, after: Any = None):
