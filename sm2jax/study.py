@@ -315,7 +315,7 @@ class Study:
         trainer.width = width
         if self.spec.probe_width and width > 1:
             candidates = sorted({w for w in (1, 2, 4, 8, 16, 32, 64, width) if w <= width})
-            probe = trainer.probe_width(cohort.state, candidates=candidates, steps=3, repeats=2)
+            probe = trainer.probe_width(cohort.state, candidates=candidates, steps=3, repeats=3)
             cohort.rate = probe.samples_per_second[probe.chosen]
             notes.append(f"probe samples/s {probe.samples_per_second}")
         trainer.compile_eval(cohort.state)

@@ -313,36 +313,40 @@ class CohortTrainer:
 
     # ------------------------------------------------------------------------------------ width
 
-    def probe_width(self, state: CohortState, *, steps: int = 5, repeats: int = 2, candidates: Sequence[int] | None = None, memory_fraction: float = 0.8) -> WidthProbe:
+    def probe_width(self, state: CohortState, *, steps: int = 5, repeats: int = 3, candidates: Sequence[int] | None = None, memory_fraction: float = 0.8) -> WidthProbe:
         """Measures samples/s of candidate vmap widths on this hardware and keeps the fastest.
 
-        Each candidate is compiled first (compile time is not counted), then timed over ``repeats``
-        calls of ``steps`` steps, blocking on the outputs. A width whose compiled program needs more
-        than ``memory_fraction`` of the device memory is skipped and recorded. The state is not
-        advanced (JAX is functional; results are discarded).
+        Every candidate is compiled and warmed first (compile time is not counted); then the
+        candidates are timed round-robin, ``repeats`` rounds of one ``steps``-step call each,
+        blocking on the outputs, and each keeps its best round (round-robin spreads the drift of a
+        shared, noisy machine over all candidates). A width whose compiled program needs more than
+        ``memory_fraction`` of the device memory is skipped and recorded. The state is not advanced
+        (JAX is functional; results are discarded).
         """
         k = state.step.shape[0]
         if candidates is None:
             candidates = sorted({w for w in (1, 2, 4, 8, 16, 32, 64, k) if w <= k})
         limit = memory_limit_bytes()
-        rates: dict[int, float] = {}
         skipped: dict[int, str] = {}
+        programs = {}
+        args = (state, jnp.int32(steps), self.data["x_train"], self.data["y_train"])
         for w in candidates:
             compiled = self.compile_train(state, width=w)
             need = compiled_memory_bytes(compiled)
             if limit is not None and need is not None and need > memory_fraction * limit:
                 skipped[w] = f"needs {need / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB"
                 continue
-            args = (state, jnp.int32(steps), self.data["x_train"], self.data["y_train"])
             jax.block_until_ready(compiled(*args))  # warm caches
-            best = np.inf
-            for _ in range(repeats):
+            programs[w] = compiled
+        if not programs:
+            raise MemoryError(f"no vmap width fits in device memory: {skipped}")
+        best = {w: np.inf for w in programs}
+        for _ in range(repeats):
+            for w, compiled in programs.items():
                 t0 = time.perf_counter()
                 jax.block_until_ready(compiled(*args))
-                best = min(best, time.perf_counter() - t0)
-            rates[w] = k * steps * self.batch_size / best
-        if not rates:
-            raise MemoryError(f"no vmap width fits in device memory: {skipped}")
+                best[w] = min(best[w], time.perf_counter() - t0)
+        rates = {w: k * steps * self.batch_size / t for w, t in best.items()}
         chosen = max(rates, key=rates.get)
         self.width = chosen
         return WidthProbe(rates, skipped, chosen, steps)

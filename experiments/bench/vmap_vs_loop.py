@@ -53,7 +53,7 @@ def bench(model_name: str, trials: int, batch_size: int, steps: int, repeats: in
 
     cohort_trainer = CohortTrainer(cohort, ds, schedule_steps=10 * steps)
     state = cohort_trainer.init()
-    probe = cohort_trainer.probe_width(state, steps=max(2, steps // 5))
+    probe = cohort_trainer.probe_width(state, steps=max(4, steps // 4))
 
     singles = [CohortTrainer(cohort.subset([i]), ds, schedule_steps=10 * steps) for i in range(trials)]
     single_states = [t.init() for t in singles]
