@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-import numpy as np
+import jax
 import pytest
 
 from sm2jax.cohort import group_into_cohorts
@@ -85,6 +85,26 @@ def test_memory_cap_narrows_the_width_or_marks_infeasible(tmp_path, digits):
     none_fit = Study(tmp_path / "b", dataclasses.replace(spec, memory_limit_bytes=need[1] // 2), progress=False).run()
     assert set(none_fit["infeasible"]) == {"0", "1", "2", "3"} and none_fit["selected"] is None
     assert "does not fit in device memory even alone" in none_fit["infeasible"]["0"]
+
+
+def test_out_of_memory_during_training_narrows_the_width_and_retries(tmp_path, monkeypatch):
+    """The device running out of memory mid-study (simulated at the hardware boundary: the compiled
+    program raises XLA's RESOURCE_EXHAUSTED above width 2) halves the width and retries the window."""
+    real_train = CohortTrainer.train
+
+    def train_on_a_small_device(self, state, num_steps):
+        if self.effective_width(state.step.shape[0]) > 2:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
+        return real_train(self, state, num_steps)
+
+    monkeypatch.setattr(CohortTrainer, "train", train_on_a_small_device)
+    space = {"learning_rate": LogUniform(1e-3, 3e-2, num=8), "batch_size": 64}
+    with pytest.warns(RuntimeWarning, match="out of memory; retrying at vmap width") as caught:
+        results = Study(tmp_path / "s", _spec(space), progress=False).run()
+    assert [str(w.message)[-7:] for w in caught] == ["width 4", "width 2"]
+    assert results["selected"] is not None and results["infeasible"] == {}
+    retries = [r for r in read_ledger(tmp_path / "s" / "ledger.jsonl") if r["phase"] == "oom-retry" and r["type"] == "window"]
+    assert len(retries) == 2  # the failed attempts' energy is kept on its own line
 
 
 def test_kill_mid_rung_and_resume_reaches_the_same_decisions(tmp_path):
