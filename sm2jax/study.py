@@ -231,9 +231,12 @@ class Study:
             self._on_device = device_put_dataset(self._load_data())
         return self._on_device
 
-    def _schedule_steps(self, cohort: CohortSpec, ds: ArrayDataset) -> int:
-        per_epoch = ds.num_train // cohort.signature.batch_size
-        return steps_for(self.spec.max_budget, self.spec.budget_unit, cohort.signature.batch_size, per_epoch)
+    def _steps(self, budget: float, batch_size: int) -> int:
+        """Training steps that a cumulative ``budget`` means at ``batch_size``."""
+        return steps_for(budget, self.spec.budget_unit, batch_size, self._load_data().num_train // batch_size)
+
+    def _schedule_steps(self, cohort: CohortSpec) -> int:
+        return self._steps(self.spec.max_budget, cohort.signature.batch_size)
 
     def _setup_energy(self, fresh: bool) -> None:
         self.meter = make_meter(self.spec.energy_method, nvml=self._nvml, watts_per_core=self.spec.watts_per_core)
@@ -282,7 +285,7 @@ class Study:
         enabled, the fastest such width. Records infeasible trials instead of raising."""
         ids = [c.trial_id for c in cohort_spec.configs]
         try:
-            trainer = CohortTrainer(cohort_spec, ds, schedule_steps=self._schedule_steps(cohort_spec, ds), device_data=self._device_data())
+            trainer = CohortTrainer(cohort_spec, ds, schedule_steps=self._schedule_steps(cohort_spec), device_data=self._device_data())
         except ValueError as err:  # e.g. a batch larger than the data set
             for i in ids:
                 infeasible[str(i)] = str(err)
@@ -400,15 +403,17 @@ class Study:
             except (CheckpointError, OSError, json.JSONDecodeError, KeyError) as err:
                 warnings.warn(f"phase {phase} cannot be restored ({err}); falling back to the previous phase", RuntimeWarning, stacklevel=2)
                 progress, cohorts = None, []
-        self.attempt = (progress or {}).get("attempt", 0) + 1
+        # Count attempts from the ledger: a run killed before its first phase completed left no
+        # progress file, but its energy is in the ledger and must stay distinguishable.
+        self.attempt = max((r.get("attempt", 0) for r in self.ledger.records()), default=0) + 1
 
         checkpoints = StudyCheckpoints(os.path.join(self.directory, "checkpoints"))
         checkpoints.discard_after(start_phase - 1)
         for stale in (p for p in saved if p >= start_phase):
             os.remove(self._progress_path(stale))
         try:
-            for c in cohorts:  # restored cohorts compile here, not inside their first training window
-                if start_phase < len(phases):
+            if start_phase < len(phases):
+                for c in cohorts:  # restored cohorts compile here, not inside their first training window
                     self._compile(c, "compile")
             if progress is None:
                 progress = {"phase": -1, "infeasible": {}, "hardware": {}, "widths": {}, "trials": {}, "decisions": []}
@@ -421,7 +426,6 @@ class Study:
                 for c in cohorts:
                     for t in c.trial_ids:
                         progress["trials"][str(t)] = {"score": None, "energy_spent": 0.0, "samples_spent": 0, "history": []}
-            progress["attempt"] = self.attempt
 
             for p in range(start_phase, len(phases)):
                 if not cohorts:
@@ -439,11 +443,7 @@ class Study:
     def _run_phase(self, p: int, name: str, budget: float, last: bool, cohorts: list[_Cohort], progress: dict, checkpoints: StudyCheckpoints) -> list[_Cohort]:
         from tqdm.auto import tqdm
 
-        ds = self._dataset
-        targets = {}
-        for c in cohorts:
-            bs = c.spec.signature.batch_size
-            targets[c.spec.name] = steps_for(budget, self.spec.budget_unit, bs, ds.num_train // bs)
+        targets = {c.spec.name: self._steps(budget, c.spec.signature.batch_size) for c in cohorts}
         total_steps = sum(max(targets[c.spec.name] - int(np.max(np.asarray(c.state.step))), 0) for c in cohorts)
         bar = tqdm(total=total_steps, desc=f"{name}", unit="step", leave=True, disable=not self.progress_bar)
         candidates: list[Candidate] = []
@@ -462,7 +462,7 @@ class Study:
                 diverged = ~np.asarray(c.state.active)
                 diverged_at = np.asarray(c.state.diverged_at)
                 bs = c.spec.signature.batch_size
-                total_samples = steps_for(self.spec.max_budget, self.spec.budget_unit, bs, ds.num_train // bs) * bs
+                total_samples = self._steps(self.spec.max_budget, bs) * bs
                 for row, t in enumerate(c.trial_ids):
                     record = progress["trials"][str(t)]
                     previous = record["score"] if base_scores is None else float(base_scores[row])
@@ -530,7 +530,7 @@ class Study:
             spec = by_name[name]
             id_set = set(ids)
             sub = CohortSpec(spec.signature, tuple(sorted((c for c in spec.configs if c.trial_id in id_set), key=lambda c: ids.index(c.trial_id))))
-            trainer = CohortTrainer(sub, ds, schedule_steps=self._schedule_steps(spec, ds), width=progress["widths"].get(name), device_data=self._device_data())
+            trainer = CohortTrainer(sub, ds, schedule_steps=self._schedule_steps(spec), width=progress["widths"].get(name), device_data=self._device_data())
             abstract[name] = jax.eval_shape(trainer.init)
             cohorts.append(_Cohort(sub, trainer, None, list(ids), progress.get("rates", {}).get(name)))
         checkpoints = StudyCheckpoints(os.path.join(self.directory, "checkpoints"))
@@ -567,7 +567,7 @@ class Study:
             "study": self.directory, "mode": self.spec.mode, "objective": self.spec.objective,
             "energy_method": self.meter.method, "energy_note": self.hardware.get("energy_note", ""),
             "intensity_label": self.ledger.intensity_label, "idle": self.hardware["idle"],
-            "energy_by_phase": by_phase, "wall_seconds_this_attempt": wall_seconds, "attempts": self.attempt,
+            "energy_by_phase": by_phase, "wall_seconds_this_attempt": wall_seconds, "attempts": max((r.get("attempt", 0) for r in records), default=0),
             "decisions": progress["decisions"], "infeasible": progress["infeasible"], "hardware": progress["hardware"],
             "metric_name": TASK_METRIC[self._dataset.task], "num_configs": len(self.configs),
         }
