@@ -41,7 +41,7 @@ def format_results(results: dict[str, Any]) -> str:
             lines.append(f"  energy to train it: {_joules(sel['energy_to_train_joules'], method)} (its share of compile, exploration, rungs and evaluation)")
     if "energy_by_phase" in results:
         lines.append(f"energy by phase:  {'gross':>30}  {'above idle':>12}  {'seconds':>8}")
-        order = sorted(results["energy_by_phase"], key=lambda p: (p != "compile", p != "explore", p))
+        order = sorted(results["energy_by_phase"], key=lambda p: (p != "compile", p != "probe", p != "explore", p))
         idle_joules = 0.0
         for phase in order:
             g = results["energy_by_phase"][phase]

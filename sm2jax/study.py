@@ -268,7 +268,7 @@ class Study:
         )
         return {r["trial_id"]: r["joules"] for r in recs[1:]}
 
-    def _compile(self, cohort: _Cohort, phase: str) -> None:
+    def _compile(self, cohort: _Cohort) -> None:
         """Compiles the cohort's train and eval programs inside a ``compile`` window."""
         window = self.monitor.begin(f"compile:{cohort.spec.name}", after=cohort.state)
         t0 = time.perf_counter()
@@ -316,13 +316,18 @@ class Study:
             hardware[cohort_spec.name] = {"width": None, "notes": notes}
             return None
         trainer.width = width
-        if self.spec.probe_width and width > 1:
-            candidates = sorted({w for w in (1, 2, 4, 8, 16, 32, 64, width) if w <= width})
+        candidates = sorted({w for w in (1, 2, 4, 8, 16, 32, 64, width) if w <= width}) if self.spec.probe_width and width > 1 else []
+        for w in candidates:  # compiled here so that the probe window below holds no compilation
+            trainer.compile_train(cohort.state, width=w)
+        self._record(self.monitor.end(window), cohort, "compile", np.ones(k))
+        if candidates:
+            # The probe trains (and discards) a few steps per width: its energy is its own line.
+            window = self.monitor.begin(f"probe:{cohort_spec.name}", after=cohort.state)
             probe = trainer.probe_width(cohort.state, candidates=candidates, steps=3, repeats=3)
+            self._record(self.monitor.end(window), cohort, "probe", np.ones(k))
             cohort.rate = probe.samples_per_second[probe.chosen]
             notes.append(f"probe samples/s {probe.samples_per_second}")
-        trainer.compile_eval(cohort.state)
-        self._record(self.monitor.end(window), cohort, "compile", np.ones(k))
+        self._compile(cohort)  # evaluation at the chosen width
         hardware[cohort_spec.name] = {"width": trainer.width, "notes": notes}
         if notes:
             log.info("%s: width %d (%s)", cohort_spec.name, trainer.width, "; ".join(notes))
@@ -356,7 +361,7 @@ class Study:
                 self._record(self.monitor.end(window), cohort, "oom-retry", np.ones(len(cohort.trial_ids)))
                 trainer.width = max(1, (trainer.width or len(cohort.trial_ids)) // 2)
                 warnings.warn(f"{cohort.spec.name}: out of memory; retrying at vmap width {trainer.width}", RuntimeWarning, stacklevel=2)
-                self._compile(cohort, "compile")
+                self._compile(cohort)
                 continue
             steps = np.asarray(new_state.step) - before  # 0 for frozen (diverged) trials
             work = steps * (trainer.flops_per_trial_step(new_state) or 1.0)
@@ -414,7 +419,7 @@ class Study:
         try:
             if start_phase < len(phases):
                 for c in cohorts:  # restored cohorts compile here, not inside their first training window
-                    self._compile(c, "compile")
+                    self._compile(c)
             if progress is None:
                 progress = {"phase": -1, "infeasible": {}, "hardware": {}, "widths": {}, "trials": {}, "decisions": []}
                 for cohort_spec in group_into_cohorts(list(self.configs.values())):
@@ -517,7 +522,7 @@ class Study:
         if not last:
             for c in survivors:
                 if not c.trainer.is_compiled(c.state):  # a narrower cohort: compile outside training windows
-                    self._compile(c, "compile")
+                    self._compile(c)
         return survivors
 
     def _restore(self, progress: dict, ds: ArrayDataset, phase: int) -> list[_Cohort]:
