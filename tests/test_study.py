@@ -155,6 +155,8 @@ def test_baselines_on_identical_work(tmp_path):
     assert [d["phase"] for d in full["decisions"]] == ["rung-1"] * 3  # everyone trained to the full budget
     best = max((d for d in full["decisions"]), key=lambda d: d["score"])
     assert full["selected"]["trial_id"] == best["trial_id"]
+    pareto = Study(tmp_path / "pareto", _spec(space, objective="pareto"), progress=False).run()
+    assert all("front" in d for d in pareto["decisions"] if d["phase"].startswith("rung") and d["objective"] is not None)
     hb = run_hyperband(tmp_path / "hb", _spec(space, max_budget=3, eta=3), progress=False)
     assert [(b["s"], b["n"]) for b in hb["brackets"]] == [(1, 3), (0, 2)]
     assert hb["selected"]["score"] == max(b["selected"]["score"] for b in hb["brackets"])
