@@ -496,7 +496,7 @@ class Study:
             kept = ranked_ids
         else:
             kept, records = halve(candidates, self.objective, self.spec.eta)
-        progress["decisions"].extend({"phase": name, **r} for r in records)
+        progress["decisions"].extend({"phase": name, **r, "energy_method": self.meter.method} for r in records)
         if last:
             progress["selected"] = kept[0] if kept else None
 

@@ -48,6 +48,7 @@ def test_sm2_study_selects_a_config_and_labels_cpu_energy_honestly(tmp_path):
     # Decisions: every config appears in exploration, with its terms and reason.
     explore = [d for d in results["decisions"] if d["phase"] == "explore"]
     assert len(explore) == 8 and all("reason" in d and "projected_energy_j" in d for d in explore)
+    assert all(d["energy_method"] == results["energy_method"] for d in explore)  # every figure says how it was obtained
     # SH keeps ceil(n / 3) at rung 1.
     rung1 = [d for d in results["decisions"] if d["phase"] == "rung-1"]
     assert sum(d["kept"] for d in rung1) == -(-len(rung1) // 3)
