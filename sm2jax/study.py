@@ -266,7 +266,13 @@ class Study:
             reading, phase=phase, cohort=cohort.spec.name, trial_ids=cohort.trial_ids, work=[float(w) for w in work],
             steps=steps.tolist(), samples=(steps * bs).tolist(), extra={"attempt": self.attempt},
         )
+        self._tally(recs[0])
         return {r["trial_id"]: r["joules"] for r in recs[1:]}
+
+    def _tally(self, window: dict[str, Any]) -> None:
+        """Keeps the study's running energy total (for the progress bar) without rereading the ledger."""
+        self._methods.add(window["method"])
+        self._total_joules = None if self._total_joules is None or window["joules"] is None else self._total_joules + window["joules"]
 
     def _compile(self, cohort: _Cohort) -> None:
         """Compiles the cohort's train and eval programs inside a ``compile`` window."""
@@ -410,7 +416,12 @@ class Study:
                 progress, cohorts = None, []
         # Count attempts from the ledger: a run killed before its first phase completed left no
         # progress file, but its energy is in the ledger and must stay distinguishable.
-        self.attempt = max((r.get("attempt", 0) for r in self.ledger.records()), default=0) + 1
+        earlier = self.ledger.records()
+        self.attempt = max((r.get("attempt", 0) for r in earlier), default=0) + 1
+        self._total_joules, self._methods = 0.0, set()
+        for r in earlier:
+            if r["type"] == "window":
+                self._tally(r)
 
         checkpoints = StudyCheckpoints(os.path.join(self.directory, "checkpoints"))
         checkpoints.discard_after(start_phase - 1)
@@ -553,11 +564,9 @@ class Study:
     # ------------------------------------------------------------------------------------ results
 
     def _energy_so_far_text(self) -> str:
-        records = self.ledger.records()
-        joules = [r["joules"] for r in records if r["type"] == "window"]
-        if any(j is None for j in joules):
+        if self._total_joules is None:
             return "energy unavailable"
-        return f"{sum(joules):.1f} J {self.meter.method}"
+        return f"{self._total_joules:.1f} J {','.join(sorted(self._methods)) or self.meter.method}"
 
     @staticmethod
     def _best_text(progress: dict) -> str:

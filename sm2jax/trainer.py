@@ -151,8 +151,9 @@ class CohortTrainer:
         self._train_jit = jax.jit(self._train_impl, static_argnames=("width",))
         self._eval_jit = jax.jit(self._eval_impl, static_argnames=("width",))
         self._init_jit = jax.jit(jax.vmap(self._init_one))
-        # Ahead-of-time compiled programs keyed by (kind, trials, width): compilation happens in
-        # compile_train/compile_eval (its own energy window), never inside a training call.
+        # Ahead-of-time compiled programs (and their FLOP counts) keyed by (kind, trials, width):
+        # compilation happens in compile_train/compile_eval (its own energy window), never inside a
+        # training call.
         self._compiled: dict[tuple[str, int, int], Any] = {}
 
     # ------------------------------------------------------------------------------------ init
