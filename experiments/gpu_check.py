@@ -31,7 +31,7 @@ from sm2jax.cohort import group_into_cohorts
 from sm2jax.data import ArrayDataset
 from sm2jax.energy import EnergyMonitor, attribute, hardware_profile, make_meter, measure_idle
 from sm2jax.space import Categorical, LogUniform, SearchSpace
-from sm2jax.trainer import CohortTrainer
+from sm2jax.trainer import CohortTrainer, row_view
 
 
 def _fmt(joules: float | None) -> str:
@@ -77,11 +77,11 @@ def run(windows: int = 4, window_seconds: float = 3.0, idle_seconds: float = 3.0
         ds = synthetic_images()
         space = SearchSpace({"model": model or RESNET, "optimizer": "sgd", "learning_rate": LogUniform(1e-3, 0.3, num=trials), "batch_size": Categorical([128])})
         (cohort,) = group_into_cohorts(space.grid())
-        trainer = CohortTrainer(cohort, ds, schedule_steps=1000, width=width)
-        state = trainer.init()
+        trainer = CohortTrainer(cohort, ds, schedule_steps=1000)
+        state = trainer.init(width)  # ceil(trials / width) chunks of one width-wide program
         begins = {k: m.begin("compile", after=state) for k, m in meters.items()}
         t0 = time.perf_counter()
-        trainer.compile_train(state)
+        trainer.compile_train(state[0])
         compile_s = time.perf_counter() - t0
         out["compile"] = {k: m.end(begins[k]).joules for k, m in meters.items()}
         out["compile"]["seconds"] = compile_s
@@ -89,18 +89,18 @@ def run(windows: int = 4, window_seconds: float = 3.0, idle_seconds: float = 3.0
 
         # Size windows from one timed call so each lasts about window_seconds.
         t0 = time.perf_counter()
-        state, _ = jax.block_until_ready(trainer.train(state, 5))
+        state = jax.block_until_ready([trainer.train(c, 5)[0] for c in state])
         per_step = (time.perf_counter() - t0) / 5
         steps = max(5, int(window_seconds / per_step))
-        flops = trainer.flops_per_trial_step(state)
+        flops = trainer.flops_per_trial_step(state[0])
         out["windows"] = []
         print(f"{'window':>6} {'seconds':>8} {'counter':>12} {'power-polled':>13} {'ratio':>6}  samples/s")
         for i in range(windows):
-            before = np.asarray(state.step)
+            before = row_view(state, "step", trials)
             begins = {k: m.begin(f"train-{i}", after=state) for k, m in meters.items()}
-            state, metrics = trainer.train(state, steps)
-            readings = {k: m.end(begins[k], (state, metrics)) for k, m in meters.items()}
-            work = ((np.asarray(state.step) - before) * (flops or 1.0)).tolist()
+            state = [trainer.train(c, steps)[0] for c in state]
+            readings = {k: m.end(begins[k], state) for k, m in meters.items()}
+            work = ((row_view(state, "step", trials) - before) * (flops or 1.0)).tolist()
             shares, _ = attribute(readings["nvml-counter"].joules, work)
             c, p = readings["nvml-counter"].joules, readings["nvml-power"].joules
             ratio = None if c is None or p is None or c == 0 else p / c

@@ -2,7 +2,8 @@
 
 from sm2jax.cohort import CohortSpec, group_into_cohorts
 from sm2jax.space import Categorical, Config, Fixed, IntUniform, LogUniform, SearchSpace, Uniform, make_config
-from sm2jax.study import Study, StudySpec, run_hyperband
+from sm2jax.hyperband import run_hyperband
+from sm2jax.study import Study, StudySpec
 from sm2jax.trainer import CohortState, CohortTrainer
 
 __version__ = "0.1.0"

@@ -13,7 +13,8 @@ from sm2jax.presets import PRESETS
 
 
 def _run(args) -> dict:
-    from sm2jax.study import Study, run_hyperband
+    from sm2jax.hyperband import run_hyperband
+    from sm2jax.study import Study
 
     spec = PRESETS[args.preset](quick=args.quick)
     overrides = {"energy_method": args.energy}
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         results = _run(args)
     elif args.command == "resume":
-        from sm2jax.study import Study, StudySpec, run_hyperband
+        from sm2jax.hyperband import run_hyperband
+        from sm2jax.study import Study, StudySpec
 
         with open(os.path.join(args.dir, "spec.json")) as f:
             blob = json.load(f)

@@ -98,11 +98,23 @@ def _feistel(x: jax.Array, round_keys: jax.Array, half_bits: int) -> jax.Array:
     return (left << half_bits) | right
 
 
+def _round_keys(data_key: UInt32[Array, "2"], epoch: Int[Array, ""]) -> UInt32[Array, " rounds"]:
+    """The Feistel round keys of one epoch: the murmur3 finaliser over (key words, epoch, round).
+
+    A hash, not ``jax.random``: threefry would add two 20-round hash networks to every training
+    step's program, which made up a sixth of its XLA compile time on CPU; shuffling needs mixing,
+    not cryptographic strength.
+    """
+    words = jnp.asarray(data_key, jnp.uint32)
+    seed = _mix32(words[0] ^ _mix32(words[1] ^ _mix32(jnp.asarray(epoch).astype(jnp.uint32) + jnp.uint32(0x9E3779B9))))
+    return _mix32(seed ^ (jnp.arange(_FEISTEL_ROUNDS, dtype=jnp.uint32) * jnp.uint32(0x632BE5AB)))
+
+
 def batch_indices(data_key: UInt32[Array, "2"], step: Int[Array, ""], num_examples: int, batch_size: int) -> Int[Array, " batch"]:
     """Indices of the examples that a trial sees at ``step``.
 
     Epoch ``e`` visits every example once, in the order of a pseudo-random permutation keyed by
-    ``fold_in(data_key, e)``; the step's batch is its ``step mod steps_per_epoch`` slice. The
+    ``(data_key, e)``; the step's batch is its ``step mod steps_per_epoch`` slice. The
     permutation is a Feistel network over the next power of four with cycle-walking back into
     ``[0, num_examples)``, so a step costs O(batch) instead of the O(N log N) of materialising
     ``jax.random.permutation`` (which made up ~85% of a digits-MLP step).
@@ -110,7 +122,7 @@ def batch_indices(data_key: UInt32[Array, "2"], step: Int[Array, ""], num_exampl
     per_epoch = steps_per_epoch(num_examples, batch_size)
     epoch, position = step // per_epoch, step % per_epoch
     half_bits = max(1, ((num_examples - 1).bit_length() + 1) // 2)
-    round_keys = jax.random.bits(jax.random.fold_in(data_key, epoch), (_FEISTEL_ROUNDS,), jnp.uint32)
+    round_keys = _round_keys(data_key, epoch)
     slots = (position * batch_size + jnp.arange(batch_size)).astype(jnp.uint32)
     limit = jnp.uint32(num_examples)
 
@@ -268,5 +280,5 @@ def load_dataset(name: str, **kwargs) -> ArrayDataset:
 
 
 def device_put_dataset(ds: ArrayDataset) -> dict[str, jax.Array]:
-    """The arrays a cohort step reads, on the default device."""
-    return {k: jnp.asarray(getattr(ds, k)) for k in ("x_train", "y_train", "x_val", "y_val")}
+    """The arrays a cohort step reads, on the default device (a transfer, not a compiled op)."""
+    return {k: jax.device_put(np.asarray(getattr(ds, k))) for k in ("x_train", "y_train", "x_val", "y_val")}

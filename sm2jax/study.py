@@ -34,11 +34,13 @@ import numpy as np
 
 from sm2jax.checkpoint import CheckpointError, StudyCheckpoints
 from sm2jax.cohort import CohortSpec, group_into_cohorts
+from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import ArrayDataset, device_put_dataset, load_dataset
 from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, hardware_profile, make_meter, measure_idle, summarize
+from sm2jax.runner import CohortRunner, Metering, WidthPolicy
 from sm2jax.scheduler import Candidate, exploration_filter, halve, resolve_objective, rung_budgets, steps_for
 from sm2jax.space import Config, SearchSpace
-from sm2jax.trainer import TASK_METRIC, CohortTrainer, compiled_memory_bytes, memory_limit_bytes
+from sm2jax.trainer import TASK_METRIC, CohortTrainer, memory_limit_bytes
 
 log = logging.getLogger(__name__)
 
@@ -151,23 +153,12 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def _is_oom(err: Exception) -> bool:
-    return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
-
-
-@dataclasses.dataclass
-class _Cohort:
-    """A live cohort during a run: its trainer, state and the trial ids of its rows."""
-
-    spec: CohortSpec
-    trainer: CohortTrainer
-    state: Any
-    trial_ids: list[int]
-    rate: float | None = None  # measured samples/s at the chosen width (sizes energy windows)
-
-
 class Study:
     """Runs, resumes and reports a study in ``directory``.
+
+    The study is a loop over phases; each live cohort is a :class:`sm2jax.runner.CohortRunner`,
+    which owns its rows, width and compiled programs. JAX's persistent compilation cache is turned
+    on when a study runs (see :mod:`sm2jax.compile_cache`; ``SM2JAX_COMPILE_CACHE=off`` disables it).
 
     Args:
       directory: the study folder (created).
@@ -198,9 +189,11 @@ class Study:
         self.progress_bar = progress
         self._nvml = nvml
         self._dataset = dataset
+        self._on_device = None
         self.configs = {c.trial_id: c for c in spec.configs()}
         if not self.configs:
             raise ValueError("the search space produced no configuration")
+        self.policy = WidthPolicy(max_width=spec.width, memory_limit=spec.memory_limit_bytes or memory_limit_bytes(), probe=spec.probe_width)
 
     # ------------------------------------------------------------------------------- progress io
 
@@ -227,7 +220,7 @@ class Study:
 
     def _device_data(self) -> dict[str, Any]:
         """The data set on the device, once per study: every cohort reads the same arrays."""
-        if getattr(self, "_on_device", None) is None:
+        if self._on_device is None:
             self._on_device = device_put_dataset(self._load_data())
         return self._on_device
 
@@ -235,8 +228,24 @@ class Study:
         """Training steps that a cumulative ``budget`` means at ``batch_size``."""
         return steps_for(budget, self.spec.budget_unit, batch_size, self._load_data().num_train // batch_size)
 
-    def _schedule_steps(self, cohort: CohortSpec) -> int:
-        return self._steps(self.spec.max_budget, cohort.signature.batch_size)
+    def _trainer(self, cohort: CohortSpec) -> CohortTrainer:
+        return CohortTrainer(cohort, self._load_data(), schedule_steps=self._steps(self.spec.max_budget, cohort.signature.batch_size), device_data=self._device_data())
+
+    def _planned_trial_steps(self, runner: CohortRunner, from_phase: int) -> float:
+        """Trial-steps the study still plans for ``runner`` from ``from_phase`` on, if successive
+        halving keeps ``1/eta`` of it per rung (an estimate for the width policy, not a promise)."""
+        bs = runner.spec.signature.batch_size
+        done = int(runner.field("step").max())
+        alive, total = float(runner.k), 0.0
+        phases = self.spec.phases()
+        for i in range(from_phase, len(phases)):
+            name, budget = phases[i]
+            steps = self._steps(budget, bs)
+            total += alive * max(steps - done, 0)
+            done = max(done, steps)
+            if name != "explore":
+                alive = max(1.0, alive / self.spec.eta)
+        return total
 
     def _setup_energy(self, fresh: bool) -> None:
         self.meter = make_meter(self.spec.energy_method, nvml=self._nvml, watts_per_core=self.spec.watts_per_core)
@@ -255,247 +264,138 @@ class Study:
         self.idle = IdleBaseline(**hw["idle"])
         self.ledger = EnergyLedger(os.path.join(self.directory, "ledger.jsonl"), idle=self.idle, intensity_g_per_kwh=self.spec.carbon_intensity)
 
-    # ------------------------------------------------------------------------------ energy helpers
-
-    def _record(self, reading, cohort: _Cohort, phase: str, work, steps=None) -> dict[int, float | None]:
-        """Writes a window to the ledger, attributing it in proportion to ``work`` (per row);
-        returns joules per trial id. ``steps``: training steps per row in the window (0 if none)."""
-        bs = cohort.spec.signature.batch_size
-        steps = np.zeros(len(cohort.trial_ids), np.int64) if steps is None else np.asarray(steps, np.int64)
-        recs = self.ledger.record(
-            reading, phase=phase, cohort=cohort.spec.name, trial_ids=cohort.trial_ids, work=[float(w) for w in work],
-            steps=steps.tolist(), samples=(steps * bs).tolist(), extra={"attempt": self.attempt},
-        )
-        self._tally(recs[0])
-        return {r["trial_id"]: r["joules"] for r in recs[1:]}
-
     def _tally(self, window: dict[str, Any]) -> None:
         """Keeps the study's running energy total (for the progress bar) without rereading the ledger."""
         self._methods.add(window["method"])
         self._total_joules = None if self._total_joules is None or window["joules"] is None else self._total_joules + window["joules"]
 
-    def _compile(self, cohort: _Cohort) -> None:
-        """Compiles the cohort's train and eval programs inside a ``compile`` window."""
-        window = self.monitor.begin(f"compile:{cohort.spec.name}", after=cohort.state)
-        t0 = time.perf_counter()
-        cohort.trainer.compile_train(cohort.state)
-        cohort.trainer.compile_eval(cohort.state)
-        reading = self.monitor.end(window)
-        log.info("compiled %s (width %s) in %.1f s", cohort.spec.name, cohort.trainer.width, time.perf_counter() - t0)
-        self._record(reading, cohort, "compile", np.ones(len(cohort.trial_ids)))  # a cohort's program serves all its trials
-
     # ------------------------------------------------------------------------------ hardware filter
 
-    def _hardware_filter(self, cohort_spec: CohortSpec, ds: ArrayDataset, infeasible: dict[str, str], hardware: dict[str, Any]) -> _Cohort | None:
-        """Builds a cohort, finds a vmap width that fits in memory (narrowing as needed) and, if
-        enabled, the fastest such width. Records infeasible trials instead of raising."""
+    def _create_runner(self, cohort_spec: CohortSpec, progress: dict) -> CohortRunner | None:
+        """Builds a cohort's runner at the widest width that fits; records infeasible trials
+        (a batch larger than the data, no width fits in memory) instead of raising."""
         ids = [c.trial_id for c in cohort_spec.configs]
         try:
-            trainer = CohortTrainer(cohort_spec, ds, schedule_steps=self._schedule_steps(cohort_spec), device_data=self._device_data())
+            trainer = self._trainer(cohort_spec)
         except ValueError as err:  # e.g. a batch larger than the data set
             for i in ids:
-                infeasible[str(i)] = str(err)
+                progress["infeasible"][str(i)] = str(err)
             return None
-        cohort = _Cohort(cohort_spec, trainer, trainer.init(), ids)
-        limit = self.spec.memory_limit_bytes or memory_limit_bytes()
-        k = len(ids)
-        notes = []
-        window = self.monitor.begin(f"compile:{cohort_spec.name}", after=cohort.state)
-        # Try widths from widest down and keep the widest that fits. XLA's need is not monotone in
-        # the width (a narrower lax.map stacks a copy of the state), so every candidate is checked.
-        width = None
-        for w in sorted({min(self.spec.width or k, k) // 2**i for i in range(k.bit_length())} - {0}, reverse=True):
-            try:
-                need = compiled_memory_bytes(trainer.compile_train(cohort.state, width=w))
-            except Exception as err:  # noqa: BLE001
-                if not _is_oom(err):
-                    raise
-                need = math.inf
-            if limit is None or need is None or need <= limit:
-                width = w
-                break
-            notes.append(f"width {w} needs {need / 2**20:.1f} MiB > {limit / 2**20:.1f} MiB")
-        if width is None:
-            self._record(self.monitor.end(window), cohort, "compile", np.ones(k))
+        runner, notes = CohortRunner.create(cohort_spec, trainer, self.metering, self.policy)
+        if runner is None:
             for i in ids:
-                infeasible[str(i)] = f"does not fit in device memory even alone: {notes[-1]}"
-            hardware[cohort_spec.name] = {"width": None, "notes": notes}
+                progress["infeasible"][str(i)] = f"does not fit in device memory even alone: {notes[-1]}"
+            progress["hardware"][cohort_spec.name] = {"width": None, "notes": notes}
             return None
-        trainer.width = width
-        candidates = sorted({w for w in (1, 2, 4, 8, 16, 32, 64, width) if w <= width}) if self.spec.probe_width and width > 1 else []
-        for w in candidates:  # compiled here so that the probe window below holds no compilation
-            trainer.compile_train(cohort.state, width=w)
-        self._record(self.monitor.end(window), cohort, "compile", np.ones(k))
-        if candidates:
-            # The probe trains (and discards) a few steps per width: its energy is its own line.
-            window = self.monitor.begin(f"probe:{cohort_spec.name}", after=cohort.state)
-            probe = trainer.probe_width(cohort.state, candidates=candidates, steps=3, repeats=3)
-            self._record(self.monitor.end(window), cohort, "probe", np.ones(k))
-            cohort.rate = probe.samples_per_second[probe.chosen]
-            notes.append(f"probe samples/s {probe.samples_per_second}")
-        self._compile(cohort)  # evaluation at the chosen width
-        hardware[cohort_spec.name] = {"width": trainer.width, "notes": notes}
-        if notes:
-            log.info("%s: width %d (%s)", cohort_spec.name, trainer.width, "; ".join(notes))
-        return cohort
-
-    # ------------------------------------------------------------------------------------ training
-
-    def _train_to(self, cohort: _Cohort, target_steps: int, phase: str, bar) -> dict[int, float | None]:
-        """Trains ``cohort`` until its trials reach ``target_steps``, in energy windows; returns
-        joules per trial. An out-of-memory error narrows the width and retries the window."""
-        energy = {t: 0.0 for t in cohort.trial_ids}
-        trainer = cohort.trainer
-        while True:
-            active = np.asarray(cohort.state.active)
-            if not active.any():  # every trial diverged: nothing left to train
-                return energy
-            done = int(np.asarray(cohort.state.step)[active].max())  # active trials move in lockstep
-            remaining = target_steps - done
-            if remaining <= 0:
-                return energy
-            chunk = min(remaining, self._steps_per_window(cohort))
-            before = np.asarray(cohort.state.step)
-            window = self.monitor.begin(phase, after=cohort.state)
-            try:
-                new_state, _ = trainer.train(cohort.state, chunk)
-                reading = self.monitor.end(window, new_state)
-            except Exception as err:  # noqa: BLE001
-                if not _is_oom(err) or (trainer.width or 1) <= 1:
-                    raise
-                # The failed attempt still used energy: keep it, on its own line.
-                self._record(self.monitor.end(window), cohort, "oom-retry", np.ones(len(cohort.trial_ids)))
-                trainer.width = max(1, (trainer.width or len(cohort.trial_ids)) // 2)
-                warnings.warn(f"{cohort.spec.name}: out of memory; retrying at vmap width {trainer.width}", RuntimeWarning, stacklevel=2)
-                self._compile(cohort)
-                continue
-            steps = np.asarray(new_state.step) - before  # 0 for frozen (diverged) trials
-            work = steps * (trainer.flops_per_trial_step(new_state) or 1.0)
-            for t, j in self._record(reading, cohort, phase, work, steps).items():
-                energy[t] = None if j is None or energy[t] is None else energy[t] + j
-            cohort.state = new_state
-            if bar is not None:
-                bar.update(chunk)
-
-    def _steps_per_window(self, cohort: _Cohort) -> int:
-        if self.spec.steps_per_window:
-            return self.spec.steps_per_window
-        rate = cohort.rate
-        if rate is None:
-            return 10**9  # one window per phase
-        samples_per_step = len(cohort.trial_ids) * cohort.spec.signature.batch_size
-        return max(1, int(self.spec.window_seconds * rate / samples_per_step))
-
-    def _evaluate(self, cohort: _Cohort, phase: str) -> tuple[np.ndarray, np.ndarray, dict[int, float | None]]:
-        window = self.monitor.begin(f"{phase}:eval", after=cohort.state)
-        metrics = cohort.trainer.evaluate(cohort.state)
-        reading = self.monitor.end(window, metrics)
-        joules = self._record(reading, cohort, phase, np.asarray(cohort.state.active, np.float64))  # frozen trials get nothing
-        return np.asarray(metrics.score), np.asarray(metrics.metric), joules
+        progress["hardware"][cohort_spec.name] = {"width": runner.width, "notes": notes, "choices": runner.choices}
+        return runner
 
     # ----------------------------------------------------------------------------------------- run
 
     def run(self) -> dict[str, Any]:
         """Runs (or resumes) the study to the end; returns and writes ``results.json``."""
+        cache_dir = enable_compile_cache()
+        with count_compiles() as tally:
+            results = self._run()
+        results["compilation"] = {**tally.to_json(), "cache_dir": cache_dir}
+        _atomic_write_json(os.path.join(self.directory, "results.json"), results)
+        return results
+
+    def _run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         ds = self._load_data()
         saved = self._saved_phases()
         fresh = not saved
         self._setup_energy(fresh)
         phases = self.spec.phases()
-
-        progress, cohorts, start_phase = None, [], 0
-        for phase in reversed(saved):
-            try:
-                progress = self._load_progress(phase)
-                cohorts = self._restore(progress, ds, phase)
-                start_phase = phase + 1
-                break
-            except (CheckpointError, OSError, json.JSONDecodeError, KeyError) as err:
-                warnings.warn(f"phase {phase} cannot be restored ({err}); falling back to the previous phase", RuntimeWarning, stacklevel=2)
-                progress, cohorts = None, []
         # Count attempts from the ledger: a run killed before its first phase completed left no
         # progress file, but its energy is in the ledger and must stay distinguishable.
         earlier = self.ledger.records()
-        self.attempt = max((r.get("attempt", 0) for r in earlier), default=0) + 1
+        attempt = max((r.get("attempt", 0) for r in earlier), default=0) + 1
         self._total_joules, self._methods = 0.0, set()
         for r in earlier:
             if r["type"] == "window":
                 self._tally(r)
+        self.metering = Metering(self.monitor, self.ledger, attempt, on_window=self._tally)
+
+        progress, runners, start_phase = None, [], 0
+        for phase in reversed(saved):
+            try:
+                progress = self._load_progress(phase)
+                runners = self._restore(progress, phase)
+                start_phase = phase + 1
+                break
+            except (CheckpointError, OSError, json.JSONDecodeError, KeyError) as err:
+                warnings.warn(f"phase {phase} cannot be restored ({err}); falling back to the previous phase", RuntimeWarning, stacklevel=3)
+                progress, runners = None, []
 
         checkpoints = StudyCheckpoints(os.path.join(self.directory, "checkpoints"))
         checkpoints.discard_after(start_phase - 1)
         for stale in (p for p in saved if p >= start_phase):
             os.remove(self._progress_path(stale))
         try:
-            if start_phase < len(phases):
-                for c in cohorts:  # restored cohorts compile here, not inside their first training window
-                    self._compile(c)
             if progress is None:
-                progress = {"phase": -1, "infeasible": {}, "hardware": {}, "widths": {}, "trials": {}, "decisions": []}
+                progress = {"phase": -1, "infeasible": {}, "hardware": {}, "runners": {}, "trials": {}, "decisions": []}
                 for cohort_spec in group_into_cohorts(list(self.configs.values())):
-                    cohort = self._hardware_filter(cohort_spec, ds, progress["infeasible"], progress["hardware"])
-                    if cohort is not None:
-                        cohorts.append(cohort)
+                    runner = self._create_runner(cohort_spec, progress)
+                    if runner is not None:
+                        runners.append(runner)
                 for i, reason in progress["infeasible"].items():
                     progress["decisions"].append({"phase": "hardware", "trial_id": int(i), "kept": False, "reason": f"infeasible: {reason}"})
-                for c in cohorts:
-                    for t in c.trial_ids:
+                for r in runners:
+                    for t in r.trial_ids:
                         progress["trials"][str(t)] = {"score": None, "energy_spent": 0.0, "samples_spent": 0, "history": []}
-
             for p in range(start_phase, len(phases)):
-                if not cohorts:
+                if not runners:
                     break
-                name, budget = phases[p]
-                last = p == len(phases) - 1
-                cohorts = self._run_phase(p, name, budget, last, cohorts, progress, checkpoints)
+                runners = self._run_phase(p, runners, progress, checkpoints)
             results = self._results(progress, time.perf_counter() - t_start)
         finally:
             checkpoints.close()
             self.meter.close()
-        _atomic_write_json(os.path.join(self.directory, "results.json"), results)
         return results
 
-    def _run_phase(self, p: int, name: str, budget: float, last: bool, cohorts: list[_Cohort], progress: dict, checkpoints: StudyCheckpoints) -> list[_Cohort]:
+    def _run_phase(self, p: int, runners: list[CohortRunner], progress: dict, checkpoints: StudyCheckpoints) -> list[CohortRunner]:
         from tqdm.auto import tqdm
 
-        targets = {c.spec.name: self._steps(budget, c.spec.signature.batch_size) for c in cohorts}
-        total_steps = sum(max(targets[c.spec.name] - int(np.max(np.asarray(c.state.step))), 0) for c in cohorts)
+        phases = self.spec.phases()
+        name, budget = phases[p]
+        last = p == len(phases) - 1
+        targets = {r.spec.name: self._steps(budget, r.spec.signature.batch_size) for r in runners}
+        total_steps = sum(max(targets[r.spec.name] - int(r.field("step").max()), 0) for r in runners)
         bar = tqdm(total=total_steps, desc=f"{name}", unit="step", leave=True, disable=not self.progress_bar)
         candidates: list[Candidate] = []
         try:
-            for c in cohorts:
-                alive = int(sum(len(x.trial_ids) for x in cohorts))
+            for r in runners:
+                alive = sum(x.k for x in runners)
                 bar.set_postfix_str(f"trials alive {alive}, {self._energy_so_far_text()}, best {self._best_text(progress)}")
-                base_scores = None
-                eval_energy: dict[int, float | None] = {}
-                if name == "explore":
-                    base_scores, _, eval_energy = self._evaluate(c, "explore")
-                before_samples = {t: progress["trials"][str(t)]["samples_spent"] for t in c.trial_ids}
-                train_energy = self._train_to(c, targets[c.spec.name], name, bar)
-                scores, metrics, end_eval = self._evaluate(c, name)
-                step = np.asarray(c.state.step)
-                diverged = ~np.asarray(c.state.active)
-                diverged_at = np.asarray(c.state.diverged_at)
-                bs = c.spec.signature.batch_size
+                base = r.evaluate("explore") if name == "explore" else None
+                before_samples = {t: progress["trials"][str(t)]["samples_spent"] for t in r.trial_ids}
+                trained = r.train_to(
+                    targets[r.spec.name], name, planned_trial_steps=self._planned_trial_steps(r, p),
+                    window_seconds=self.spec.window_seconds, steps_per_window=self.spec.steps_per_window, on_steps=bar.update,
+                )
+                end = r.evaluate(name)
+                step, diverged, diverged_at = r.field("step"), ~r.field("active"), r.field("diverged_at")
+                bs = r.spec.signature.batch_size
                 total_samples = self._steps(self.spec.max_budget, bs) * bs
-                for row, t in enumerate(c.trial_ids):
+                for row, t in enumerate(r.trial_ids):
                     record = progress["trials"][str(t)]
-                    previous = record["score"] if base_scores is None else float(base_scores[row])
-                    joules = [eval_energy.get(t, 0.0), train_energy[t], end_eval[t]]
+                    previous = record["score"] if base is None else float(base.scores[row])
+                    joules = [0.0 if base is None else base.joules[t], trained.joules[t], end.joules[t]]
                     last_energy = None if any(j is None for j in joules) else float(sum(joules))
                     spent = None if last_energy is None or record["energy_spent"] is None else record["energy_spent"] + last_energy
                     samples = int(step[row]) * bs
-                    score = float(scores[row])
+                    score = float(end.scores[row])
                     candidates.append(Candidate(
-                        trial_id=t, cohort=c.spec.name, score=score,
+                        trial_id=t, cohort=r.spec.name, score=score,
                         gain=score - previous if previous is not None and math.isfinite(score) else 0.0,
                         energy_spent=spent, energy_last=last_energy, samples_spent=samples,
                         samples_last=samples - before_samples[t], samples_total=total_samples,
                         diverged=bool(diverged[row]), diverged_at=int(diverged_at[row]),
                         plateau_tolerance=self.spec.plateau_tolerance,
                     ))
-                    record.update(score=_finite_or_none(score), metric=_finite_or_none(float(metrics[row])), energy_spent=spent, samples_spent=samples)
+                    record.update(score=_finite_or_none(score), metric=_finite_or_none(float(end.metrics[row])), energy_spent=spent, samples_spent=samples)
                     record["history"].append({"phase": name, "score": _finite_or_none(score), "samples": samples, "energy_spent": spent})
         finally:
             bar.close()
@@ -503,63 +403,63 @@ class Study:
         if name == "explore":
             kept, records = exploration_filter(candidates, score_tolerance=self.spec.score_tolerance, energy_tolerance=self.spec.energy_tolerance)
         elif last:
-            ranked_ids, records = halve(candidates, self.objective, eta=len(candidates) + 1)  # keep only the best
-            kept = ranked_ids
+            kept, records = halve(candidates, self.objective, eta=len(candidates) + 1)  # keep only the best
         else:
             kept, records = halve(candidates, self.objective, self.spec.eta)
-        progress["decisions"].extend({"phase": name, **r, "energy_method": self.meter.method} for r in records)
+        progress["decisions"].extend({"phase": name, **rec, "energy_method": self.meter.method} for rec in records)
         if last:
             progress["selected"] = kept[0] if kept else None
 
-        survivors = []
         kept_set = set(kept)
-        for c in cohorts:
-            rows = [i for i, t in enumerate(c.trial_ids) if t in kept_set]
-            if not rows:
+        survivors = []
+        for r in runners:
+            ids = [t for t in r.trial_ids if t in kept_set]
+            if not ids:
                 continue
-            if len(rows) < len(c.trial_ids):
-                c.state = c.trainer.select(c.state, rows)
-                c.trial_ids = [c.trial_ids[i] for i in rows]
-                c.trainer.width = min(c.trainer.width or len(rows), len(rows))
-            survivors.append(c)
-        progress["alive"] = {c.spec.name: c.trial_ids for c in survivors}
-        progress["widths"] = {c.spec.name: c.trainer.width for c in survivors}
-        progress["rates"] = {c.spec.name: c.rate for c in survivors}
+            if len(ids) < r.k:
+                r.select(ids)
+                if not last:
+                    r.narrow_for_survivors(self._planned_trial_steps(r, p + 1))
+            survivors.append(r)
+        for r in runners:
+            if r.spec.name in progress["hardware"]:
+                progress["hardware"][r.spec.name]["choices"] = r.choices
+        progress["alive"] = {r.spec.name: r.trial_ids for r in survivors}
+        progress["runners"] = {r.spec.name: r.to_json() for r in survivors}
         progress["phase"] = p
         if survivors:  # Orbax refuses an empty tree; a phase with no survivor needs no checkpoint
-            checkpoints.save(p, {c.spec.name: c.state for c in survivors})
+            checkpoints.save(p, {r.spec.name: r.rows() for r in survivors})
             checkpoints.wait()  # committed before the phase is recorded as done
         _atomic_write_json(self._progress_path(p), progress)
-        if not last:
-            for c in survivors:
-                if not c.trainer.is_compiled(c.state):  # a narrower cohort: compile outside training windows
-                    self._compile(c)
         return survivors
 
-    def _restore(self, progress: dict, ds: ArrayDataset, phase: int) -> list[_Cohort]:
-        """Rebuilds the cohorts alive after ``phase`` from their checkpoint."""
+    def _restore(self, progress: dict, phase: int) -> list[CohortRunner]:
+        """Rebuilds the runners alive after ``phase`` from their checkpoint (rows gathered on the
+        host at save time, re-chunked here at the recorded width)."""
         if not progress["alive"]:
             return []
         by_name = {c.name: c for c in group_into_cohorts(list(self.configs.values()))}
-        cohorts, abstract = [], {}
+        trainers, abstract = {}, {}
         for name, ids in progress["alive"].items():
-            spec = by_name[name]
-            id_set = set(ids)
-            sub = CohortSpec(spec.signature, tuple(sorted((c for c in spec.configs if c.trial_id in id_set), key=lambda c: ids.index(c.trial_id))))
-            trainer = CohortTrainer(sub, ds, schedule_steps=self._schedule_steps(spec), width=progress["widths"].get(name), device_data=self._device_data())
-            abstract[name] = jax.eval_shape(trainer.init)
-            cohorts.append(_Cohort(sub, trainer, None, list(ids), progress.get("rates", {}).get(name)))
+            trainers[name] = self._trainer(by_name[name])
+            abstract[name] = trainers[name].abstract_rows(len(ids))
         checkpoints = StudyCheckpoints(os.path.join(self.directory, "checkpoints"))
         try:
             states = checkpoints.restore(phase, abstract)
         finally:
             checkpoints.close()
-        for c in cohorts:
-            c.state = states[c.spec.name]
-            c.trainer.width = c.trainer.effective_width(len(c.trial_ids))
-            if [int(t) for t in np.asarray(c.state.trial_id)] != c.trial_ids:
-                raise CheckpointError(f"checkpoint rows of {c.spec.name} do not match the recorded survivors")
-        return cohorts
+        runners = []
+        for name, ids in progress["alive"].items():
+            rows = jax.device_get(states[name])
+            if [int(t) for t in np.asarray(rows.trial_id)] != ids:
+                raise CheckpointError(f"checkpoint rows of {name} do not match the recorded survivors")
+            saved = progress["runners"][name]
+            runners.append(CohortRunner(
+                by_name[name], trainers[name], rows, saved["width"], self.metering, self.policy,
+                rate_seconds={int(w): s for w, s in saved["step_seconds"].items()}, probe_pending=saved["probe_pending"],
+                choices=progress["hardware"].get(name, {}).get("choices", []),
+            ))
+        return runners
 
     # ------------------------------------------------------------------------------------ results
 
@@ -601,33 +501,3 @@ class Study:
             "energy_method": self.meter.method,
         }
         return out
-
-
-def run_hyperband(directory: str | os.PathLike, spec: StudySpec, *, progress: bool = True, nvml: Any = None, dataset: ArrayDataset | None = None) -> dict[str, Any]:
-    """Hyperband (Li et al. 2018): one successive-halving study per bracket, in ``bracket-S/``.
-
-    ``spec.max_budget`` is R; bracket ``s`` samples ``n`` random configurations (seed ``spec.seed + s``)
-    and halves them from budget ``R * eta**-s`` to R. The winner is the best score over the brackets.
-    Finished brackets are read back, so a killed Hyperband run resumes bracket by bracket.
-    """
-    from sm2jax.scheduler import hyperband_brackets
-
-    directory = os.path.abspath(os.fspath(directory))
-    os.makedirs(directory, exist_ok=True)
-    _atomic_write_json(os.path.join(directory, "spec.json"), {"hyperband": spec.to_json()})
-    brackets, outcomes = hyperband_brackets(spec.max_budget, spec.eta), []
-    for b in brackets:
-        sub = dataclasses.replace(spec, mode="sh", sampler="random", num_samples=int(b["n"]), seed=spec.seed + int(b["s"]), min_budget=float(b["r"]), explore_budget=0.0, objective="performance")
-        result = Study(os.path.join(directory, f"bracket-{b['s']}"), sub, progress=progress, nvml=nvml, dataset=dataset).run()
-        outcomes.append({**b, "selected": result["selected"], "total_joules": result["total_joules"], "energy_method": result["energy_method"]})
-    scored = [o for o in outcomes if o["selected"] is not None and o["selected"]["score"] is not None]
-    best = max(scored, key=lambda o: o["selected"]["score"]) if scored else None
-    totals = [o["total_joules"] for o in outcomes]
-    results = {
-        "study": directory, "mode": "hyperband", "brackets": outcomes,
-        "selected": None if best is None else {**best["selected"], "bracket": best["s"]},
-        "total_joules": None if any(t is None for t in totals) else float(sum(totals)),
-        "energy_method": outcomes[0]["energy_method"] if outcomes else None,
-    }
-    _atomic_write_json(os.path.join(directory, "results.json"), results)
-    return results

@@ -1,21 +1,37 @@
-"""Cohort trainer: K configurations trained together in one jitted program.
+"""Cohort trainer: configurations of one static signature trained by fixed-width compiled programs.
 
-Layout. Every leaf of :class:`CohortState` has a leading trial axis of size K. One call of
-:meth:`CohortTrainer.train` runs ``num_steps`` steps for all K trials in a single dispatch::
+Compile once. A compiled program depends on the cohort's static signature and a vmap *width* W,
+never on how many trials are alive. A cohort of K trials is held as ``ceil(K / W)`` *chunks*, each a
+:class:`CohortState` whose leaves have a leading axis of exactly W; the last chunk is padded with
+inactive rows (``trial_id == -1``, ``active == False``). One call of :meth:`CohortTrainer.train` runs
+``num_steps`` steps of one chunk in a single dispatch::
 
-    lax.map(run_trial, state, batch_size=width)      # width trials vmapped at a time
-      run_trial = fori_loop(step, num_steps)         # num_steps is traced: no recompile per budget
+    vmap(run_trial)(chunk)                       # W trials side by side
+      run_trial = fori_loop(step, num_steps)     # num_steps is traced: no recompile per budget
         step: per-trial batch -> grads -> clipped, scheduled update (optimizer state holds the
               trial's hyperparameters) -> NaN/inf guard
 
-``width`` is the vmap width: ``width == K`` is one fully vmapped program, ``width == 1`` a loop over
-trials inside the same program. Which is faster depends on model size and hardware (vmapping large
-matmuls can be slower than a loop on a 2-core CPU), so :meth:`CohortTrainer.probe_width` measures it.
+Survivor selection gathers rows on the host and re-chunks them (:func:`chunk_rows`): the chunk count
+and the padding change, the programs do not. Three programs serve a cohort:
+
+* ``init``: one trial, no trial axis (keys derived inside from ``(seed, trial_id)``); shared by every
+  cohort with the same model, optimizer and input shape (batch size and dropout do not change it).
+* ``train``: W trials, keyed by the whole signature and W.
+* ``eval``: W trials' parameters and model state only, keyed by the model and W: cohorts that differ
+  only in batch size, optimizer or dropout share it.
+
+Compiled programs live in a process-wide table (:func:`compiled_program`), so a second cohort or study
+of the same shapes compiles nothing; JAX's persistent compilation cache (:mod:`sm2jax.compile_cache`)
+carries them across processes.
+
+Which width is fastest depends on model size and hardware (vmapping large matmuls can be slower than
+a loop on a 2-core CPU); :meth:`CohortTrainer.probe_width` measures it, and
+:class:`sm2jax.runner.CohortRunner` decides when measuring pays for its compilation.
 
 Isolation. A trial whose loss, gradients or new parameters are not finite is frozen inside the step
 (``jnp.where`` on its own rows, so no other trial sees it): its parameters and optimizer state keep
 their last finite values, ``diverged_at`` records the step, ``active`` turns false, and its data
-position stops advancing.
+position stops advancing. Padding rows are inactive from the start: they take no step.
 """
 
 from __future__ import annotations
@@ -39,34 +55,36 @@ from sm2jax.models import build_model
 
 
 class CohortState(NamedTuple):
-    """Everything a cohort needs to continue training; every leaf has a leading trial axis K."""
+    """Everything a chunk of trials needs to continue training; every leaf has a leading trial axis
+    (W in a chunk, K when a cohort's rows are gathered on the host)."""
 
-    params: PyTree  # nnx.State of nnx.Param, leaves [K, ...]
-    model_state: PyTree  # nnx.State of everything else (batch statistics), leaves [K, ...]
-    opt_state: PyTree  # optax InjectHyperparamsState; .hyperparams holds float32[K] arrays
-    dropout_key: UInt32[Array, "K 2"]
-    data_key: UInt32[Array, "K 2"]
-    step: Int[Array, " K"]  # steps taken = the trial's data position
-    trial_id: Int[Array, " K"]
-    active: Bool[Array, " K"]
-    diverged_at: Int[Array, " K"]  # -1 while finite
+    params: PyTree  # nnx.State of nnx.Param, leaves [W, ...]
+    model_state: PyTree  # nnx.State of everything else (batch statistics), leaves [W, ...]
+    opt_state: PyTree  # optax InjectHyperparamsState; .hyperparams holds float32[W] arrays
+    dropout_key: UInt32[Array, "W 2"]
+    data_key: UInt32[Array, "W 2"]
+    step: Int[Array, " W"]  # steps taken = the trial's data position
+    trial_id: Int[Array, " W"]  # -1 on padding rows
+    active: Bool[Array, " W"]
+    diverged_at: Int[Array, " W"]  # -1 while finite
 
 
 class TrainMetrics(NamedTuple):
-    loss_mean: Float[Array, " K"]  # mean training loss over the call's active steps (NaN if none)
-    loss_last: Float[Array, " K"]
+    loss_mean: Float[Array, " W"]  # mean training loss over the call's active steps (NaN if none)
+    loss_last: Float[Array, " W"]
 
 
 class EvalMetrics(NamedTuple):
-    loss: Float[Array, " K"]
-    metric: Float[Array, " K"]  # accuracy, mse or perplexity (see TASK_METRIC)
-    score: Float[Array, " K"]  # higher is better: accuracy, -mse, -log perplexity
+    loss: Float[Array, " W"]
+    metric: Float[Array, " W"]  # accuracy, mse or perplexity (see TASK_METRIC)
+    score: Float[Array, " W"]  # higher is better: accuracy, -mse, -log perplexity
 
 
 TASK_METRIC = {"classification": "accuracy", "regression": "mse", "language_model": "perplexity"}
+PADDING_ID = -1
 
 
-def trial_keys(seed: int, trial_id: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def trial_keys(seed, trial_id) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(init, dropout, data)`` raw PRNG keys of a trial: ``fold_in(PRNGKey(seed), trial_id)`` split
     three ways, so keys depend only on the trial, never on its cohort or position."""
     base = jax.random.fold_in(jax.random.PRNGKey(seed), trial_id)
@@ -89,20 +107,84 @@ def task_loss(task: str, outputs: jax.Array, targets: jax.Array) -> tuple[jax.Ar
     raise ValueError(f"unknown task {task!r}")
 
 
+# ------------------------------------------------------------------------------------ host rows
+
+
+def num_chunks(k: int, width: int) -> int:
+    return -(-k // width)
+
+
+def chunk_rows(rows: CohortState, width: int) -> list[CohortState]:
+    """Splits host rows (leaves ``[K, ...]``, numpy) into ``ceil(K / width)`` chunks of exactly
+    ``width`` rows; the last is padded with copies of row 0 marked inactive with trial id -1 (a
+    finite, well-formed row that takes no step and is never reported)."""
+    k = int(np.shape(rows.step)[0])
+    if k == 0:
+        raise ValueError("a cohort needs at least one row")
+    pad = num_chunks(k, width) * width - k
+    idx = np.concatenate([np.arange(k), np.zeros(pad, np.int64)])
+    padded = jax.tree.map(lambda a: np.asarray(a)[idx], rows)
+    if pad:
+        padded = padded._replace(
+            trial_id=np.where(np.arange(k + pad) < k, padded.trial_id, PADDING_ID).astype(np.int32),
+            active=padded.active & (np.arange(k + pad) < k),
+            diverged_at=np.where(np.arange(k + pad) < k, padded.diverged_at, -1).astype(np.int32),
+        )
+    return [jax.device_put(jax.tree.map(lambda a: a[i * width:(i + 1) * width], padded)) for i in range(len(idx) // width)]
+
+
+def gather_rows(chunks: Sequence[CohortState], trial_ids: Sequence[int]) -> CohortState:
+    """The rows of ``trial_ids`` (in that order) from device chunks, as host numpy arrays."""
+    host = jax.device_get(list(chunks))
+    stacked = jax.tree.map(lambda *a: np.concatenate(a), *host)
+    where = {int(t): i for i, t in enumerate(np.asarray(stacked.trial_id)) if t != PADDING_ID}
+    missing = [t for t in trial_ids if t not in where]
+    if missing:
+        raise KeyError(f"trials {missing} are not rows of this cohort")
+    idx = np.asarray([where[int(t)] for t in trial_ids], np.int64)
+    return jax.tree.map(lambda a: a[idx], stacked)
+
+
+def row_view(chunks: Sequence[CohortState], field: str, k: int) -> np.ndarray:
+    """One per-trial field (e.g. ``step``, ``active``) of the first ``k`` rows, on the host."""
+    return np.concatenate([np.asarray(getattr(c, field)) for c in chunks])[:k]
+
+
+# ------------------------------------------------------------------------------------ programs
+
+_PROGRAMS: dict[tuple, tuple[Any, float]] = {}
+
+
+def compiled_program(key: tuple, lower) -> tuple[Any, float]:
+    """The compiled program for ``key`` from the process-wide table, lowering and compiling it with
+    ``lower()`` on a miss. Returns ``(compiled, seconds its compilation took)``: what it cost when it
+    was compiled (or loaded from the persistent cache), the figure a width decision weighs.
+
+    Programs compile with XLA's default optimisation: compiling init at ``-O0`` would save ~1.2 s
+    on an MLP 256x256 but changes initial parameters by float rounding (6e-8), and initialisation
+    must match a plain ``build_model`` bit for bit.
+    """
+    if key not in _PROGRAMS:
+        t0 = time.perf_counter()
+        compiled = lower().compile()
+        _PROGRAMS[key] = (compiled, time.perf_counter() - t0)
+    return _PROGRAMS[key]
+
+
+def _abstract(tree) -> Any:
+    return jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
+
+
 @dataclasses.dataclass
 class WidthProbe:
     """Result of :meth:`CohortTrainer.probe_width`: samples/s per candidate width and the choice."""
 
     samples_per_second: dict[int, float]
-    skipped: dict[int, str]
     chosen: int
     steps: int
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "samples_per_second": {str(k): v for k, v in self.samples_per_second.items()},
-            "skipped": {str(k): v for k, v in self.skipped.items()}, "chosen": self.chosen, "steps": self.steps,
-        }
+        return {"samples_per_second": {str(k): v for k, v in self.samples_per_second.items()}, "chosen": self.chosen, "steps": self.steps}
 
 
 def memory_limit_bytes(device: jax.Device | None = None) -> int | None:
@@ -118,19 +200,21 @@ def memory_limit_bytes(device: jax.Device | None = None) -> int | None:
 
 
 class CohortTrainer:
-    """Trains one cohort (configurations sharing a static signature) on a trial axis.
+    """Programs of one cohort signature: init one trial, train and evaluate W-wide chunks.
+
+    The trainer is stateless apart from its compiled programs: chunks (:class:`CohortState`) are
+    passed in and returned; which rows and which width a cohort uses is its runner's business.
 
     Args:
       cohort: the configurations and their shared signature.
       dataset: training and validation arrays.
       schedule_steps: length T of the learning-rate schedule (the full budget, in steps).
-      width: vmap width; ``None`` means all trials at once until :meth:`probe_width` chooses.
       eval_batch_size: validation examples per evaluation chunk.
       device_data: the data set's arrays already on the device (``data.device_put_dataset``), so
         that cohorts of one study share one copy.
     """
 
-    def __init__(self, cohort: CohortSpec, dataset: ArrayDataset, *, schedule_steps: int, width: int | None = None, eval_batch_size: int = 512, device_data: dict[str, jax.Array] | None = None):
+    def __init__(self, cohort: CohortSpec, dataset: ArrayDataset, *, schedule_steps: int, eval_batch_size: int = 512, device_data: dict[str, jax.Array] | None = None):
         sig = cohort.signature
         self.cohort = cohort
         self.dataset = dataset
@@ -139,7 +223,6 @@ class CohortTrainer:
         self.num_train = dataset.num_train
         self.steps_per_epoch = steps_per_epoch(self.num_train, sig.batch_size)  # raises if B > N
         self.schedule_steps = int(schedule_steps)
-        self.width = width
         self.eval_batch_size = min(eval_batch_size, len(dataset.x_val))
         self.data = device_data if device_data is not None else device_put_dataset(dataset)
 
@@ -148,35 +231,67 @@ class CohortTrainer:
 
         self._build = build
         self.graphdef = nnx.split(nnx.eval_shape(lambda: build(jax.random.PRNGKey(0))), nnx.Param, ...)[0]
-        self._train_jit = jax.jit(self._train_impl, static_argnames=("width",))
-        self._eval_jit = jax.jit(self._eval_impl, static_argnames=("width",))
-        self._init_jit = jax.jit(jax.vmap(self._init_one))
-        # Ahead-of-time compiled programs (and their FLOP counts) keyed by (kind, trials, width):
-        # compilation happens in compile_train/compile_eval (its own energy window), never inside a
-        # training call.
-        self._compiled: dict[tuple[str, int, int], Any] = {}
+        data_shapes = _abstract(self.data)
+        model = (sig.model, sig.dtype, tuple(dataset.input_shape), dataset.num_outputs)
+        # What each program depends on, and nothing more (see the module docstring).
+        self._keys = {
+            "init": ("init", *model, sig.optimizer),
+            "train": ("train", *model, sig.optimizer, sig.batch_size, sig.dropout, self.task, data_shapes["x_train"], data_shapes["y_train"]),
+            "eval": ("eval", *model, self.task, self.eval_batch_size, data_shapes["x_val"], data_shapes["y_val"]),
+        }
 
     # ------------------------------------------------------------------------------------ init
 
-    def _init_one(self, init_key, hyperparameters):
-        model = self._build(init_key)
-        _, params, model_state = nnx.split(model, nnx.Param, ...)
+    def _init_one(self, seed, trial_id, hyperparameters):
+        init_key, dropout_key, data_key = trial_keys(seed, trial_id)
+        _, params, model_state = nnx.split(self._build(init_key), nnx.Param, ...)
         opt_state = make_optimizer(self.cohort.signature.optimizer, hyperparameters).init(params)
-        return params, model_state, opt_state
+        return params, model_state, opt_state, dropout_key, data_key
 
-    def init(self, configs: Sequence[Any] | None = None) -> CohortState:
-        """Initialises every trial from its own keys (vmapped; one compile per cohort width)."""
+    def _program(self, kind: str, width: int, lower) -> Any:
+        return compiled_program((*self._keys[kind], width), lower)[0]
+
+    def compile_seconds(self, kind: str, width: int) -> float | None:
+        """Seconds the ``kind`` program at ``width`` took to compile (``None``: not compiled)."""
+        entry = _PROGRAMS.get((*self._keys[kind], width))
+        return None if entry is None else entry[1]
+
+    def is_compiled(self, kind: str, width: int) -> bool:
+        """Whether the ``kind`` program at ``width`` is in the process-wide table."""
+        return (*self._keys[kind], width) in _PROGRAMS
+
+    def compile_init(self):
+        """The single-trial init program (no trial axis: it never depends on the cohort's size)."""
+        hps = {k: np.float32(0) for k in hyperparameter_arrays(self.cohort.configs[:1], self.schedule_steps)}
+        return self._program("init", 0, lambda: jax.jit(self._init_one).lower(np.int32(0), np.int32(0), hps))
+
+    def init_rows(self, configs: Sequence[Any] | None = None) -> CohortState:
+        """Initialises every trial from its own keys, one dispatch of the single-trial program per
+        trial; returns host rows (leaves ``[K, ...]``) for :func:`chunk_rows`."""
         configs = list(configs if configs is not None else self.cohort.configs)
-        keys = [trial_keys(c["seed"], c.trial_id) for c in configs]
-        init_keys, dropout_keys, data_keys = (jnp.stack(k) for k in zip(*keys))
-        hps = {k: jnp.asarray(v) for k, v in hyperparameter_arrays(configs, self.schedule_steps).items()}
-        params, model_state, opt_state = self._init_jit(init_keys, hps)
+        program = self.compile_init()
+        hps = hyperparameter_arrays(configs, self.schedule_steps)
+        outs = [program(np.int32(c["seed"]), np.int32(c.trial_id), {k: v[i] for k, v in hps.items()}) for i, c in enumerate(configs)]
+        params, model_state, opt_state, dropout_key, data_key = jax.tree.map(lambda *a: np.stack(a), *jax.device_get(outs))
         k = len(configs)
         return CohortState(
-            params, model_state, opt_state, dropout_keys, data_keys,
-            step=jnp.zeros(k, jnp.int32), trial_id=jnp.asarray([c.trial_id for c in configs], jnp.int32),
-            active=jnp.ones(k, bool), diverged_at=jnp.full(k, -1, jnp.int32),
+            params, model_state, opt_state, dropout_key, data_key,
+            step=np.zeros(k, np.int32), trial_id=np.asarray([c.trial_id for c in configs], np.int32),
+            active=np.ones(k, bool), diverged_at=np.full(k, -1, np.int32),
         )
+
+    def init(self, width: int | None = None, configs: Sequence[Any] | None = None) -> list[CohortState]:
+        """Device chunks of every trial of the cohort (or ``configs``) at ``width`` (default: all)."""
+        rows = self.init_rows(configs)
+        return chunk_rows(rows, width or len(rows.step))
+
+    def abstract_rows(self, k: int) -> CohortState:
+        """Shapes and dtypes of ``k`` host rows (restore targets), without computing anything."""
+        hps = {n: jax.ShapeDtypeStruct((), jnp.float32) for n in hyperparameter_arrays(self.cohort.configs[:1], 1)}
+        one = jax.eval_shape(self._init_one, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32), hps)
+        params, model_state, opt_state, dropout_key, data_key = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype), one)
+        i32 = jax.ShapeDtypeStruct((k,), jnp.int32)
+        return CohortState(params, model_state, opt_state, dropout_key, data_key, i32, i32, jax.ShapeDtypeStruct((k,), jnp.bool_), i32)
 
     # ------------------------------------------------------------------------------------ train
 
@@ -189,14 +304,16 @@ class CohortTrainer:
     def _trial_step(self, ts: CohortState, x_all, y_all):
         """One step of one trial (no trial axis here; vmapped by the caller)."""
         idx = batch_indices(ts.data_key, ts.step, self.num_train, self.batch_size)
-        key = jax.random.fold_in(ts.dropout_key, ts.step)
+        # Dropout masks from the trial's own key and step; no key work in programs without dropout.
+        key = jax.random.fold_in(ts.dropout_key, ts.step) if self.cohort.signature.dropout > 0 else None
         (loss, model_state), grads = jax.value_and_grad(self._loss, has_aux=True)(ts.params, ts.model_state, x_all[idx], y_all[idx], key)
         tx = make_optimizer(self.cohort.signature.optimizer, ts.opt_state.hyperparams)
         updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
-        finite = jnp.isfinite(loss)
-        for leaf in jax.tree.leaves((grads, params, model_state)):
-            finite &= jnp.all(jnp.isfinite(leaf))
+        # One sum over every element: a NaN or inf anywhere makes it non-finite (inf - inf is NaN),
+        # and a finite float32 sum overflows only past ~3e38. One reduction per leaf, one test.
+        total = sum(jnp.sum(leaf, dtype=jnp.float32) for leaf in jax.tree.leaves((grads, params, model_state)))
+        finite = jnp.isfinite(loss) & jnp.isfinite(total)
         ok = ts.active & finite
 
         def keep(new, old):
@@ -209,7 +326,7 @@ class CohortTrainer:
         )
         return new, jnp.where(ok, loss, 0.0), ok
 
-    def _train_impl(self, state: CohortState, num_steps, x_all, y_all, *, width: int):
+    def _train_impl(self, state: CohortState, num_steps, x_all, y_all):
         def run_trial(ts):
             def body(_, carry):
                 ts, loss_sum, count, last = carry
@@ -220,46 +337,28 @@ class CohortTrainer:
             ts, loss_sum, count, last = jax.lax.fori_loop(0, num_steps, body, init)
             return ts, TrainMetrics(jnp.where(count > 0, loss_sum / jnp.maximum(count, 1), jnp.nan), last)
 
-        return jax.lax.map(run_trial, state, batch_size=width)
+        return jax.vmap(run_trial)(state)
 
-    def effective_width(self, k: int) -> int:
-        return max(1, min(self.width or k, k))
+    def compile_train(self, chunk: CohortState):
+        """The compiled training program for this chunk's width (compiled once per process)."""
+        width = int(chunk.step.shape[0])
+        return self._program("train", width, lambda: jax.jit(self._train_impl).lower(chunk, np.int32(1), self.data["x_train"], self.data["y_train"]))
 
-    def compile_train(self, state: CohortState, width: int | None = None):
-        """The compiled training program for this state's width (compiled once, then cached)."""
-        k = state.step.shape[0]
-        width = self.effective_width(k) if width is None else width
-        key = ("train", k, width)
-        if key not in self._compiled:
-            lowered = self._train_jit.lower(state, jnp.int32(1), self.data["x_train"], self.data["y_train"], width=width)
-            self._compiled[key] = lowered.compile()
-        return self._compiled[key]
+    def train(self, chunk: CohortState, num_steps: int) -> tuple[CohortState, TrainMetrics]:
+        """Runs ``num_steps`` steps of every trial of one chunk in one dispatch (asynchronous: block
+        on the outputs before reading clocks or energy counters)."""
+        return self.compile_train(chunk)(chunk, np.int32(num_steps), self.data["x_train"], self.data["y_train"])
 
-    def is_compiled(self, state: CohortState) -> bool:
-        """Whether training and evaluation at this state's width are compiled already."""
-        k = state.step.shape[0]
-        w = self.effective_width(k)
-        return ("train", k, w) in self._compiled and ("eval", k, w) in self._compiled
-
-    def train(self, state: CohortState, num_steps: int) -> tuple[CohortState, TrainMetrics]:
-        """Runs ``num_steps`` steps of every trial in one dispatch (asynchronous: block on the
-        outputs before reading clocks or energy counters)."""
-        return self.compile_train(state)(state, jnp.int32(num_steps), self.data["x_train"], self.data["y_train"])
-
-    def flops_per_trial_step(self, state: CohortState) -> float | None:
+    def flops_per_trial_step(self, chunk: CohortState) -> float | None:
         """FLOPs of one training step of one trial, from XLA's cost analysis (``None`` where the
         backend reports none). XLA counts a loop body once, whatever its trip count: the program's
-        figure covers one step of one ``width``-wide chunk."""
-        k = state.step.shape[0]
-        key = ("flops", k, self.effective_width(k))
-        if key not in self._compiled:
-            flops = compiled_flops(self.compile_train(state))
-            self._compiled[key] = None if flops is None else flops / key[2]
-        return self._compiled[key]
+        figure covers one step of the whole W-wide chunk."""
+        flops = compiled_flops(self.compile_train(chunk))
+        return None if flops is None else flops / int(chunk.step.shape[0])
 
     # ------------------------------------------------------------------------------------ eval
 
-    def _eval_impl(self, state: CohortState, x_val, y_val, *, width: int):
+    def _eval_impl(self, params, model_state, x_val, y_val):
         n, b = x_val.shape[0], self.eval_batch_size
         chunks = -(-n // b)
         pad = chunks * b - n
@@ -267,8 +366,8 @@ class CohortTrainer:
         ys = jnp.concatenate([y_val, jnp.zeros((pad, *y_val.shape[1:]), y_val.dtype)]).reshape(chunks, b, *y_val.shape[1:])
         mask = (jnp.arange(chunks * b) < n).reshape(chunks, b).astype(jnp.float32)
 
-        def run_trial(ts):
-            model = nnx.merge(self.graphdef, ts.params, ts.model_state, copy=True)
+        def run_trial(params, model_state):
+            model = nnx.merge(self.graphdef, params, model_state, copy=True)
 
             def body(carry, chunk):
                 x, y, m = chunk
@@ -278,79 +377,42 @@ class CohortTrainer:
             (loss_sum, metric_sum), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), (xs, ys, mask))
             return loss_sum / n, metric_sum / n
 
-        loss, metric = jax.lax.map(run_trial, state, batch_size=width)
+        loss, metric = jax.vmap(run_trial)(params, model_state)
         if self.task == "classification":
             return EvalMetrics(loss, metric, metric)
         if self.task == "regression":
             return EvalMetrics(loss, metric, -metric)
         return EvalMetrics(loss, jnp.exp(metric), -metric)
 
-    def compile_eval(self, state: CohortState):
-        k = state.step.shape[0]
-        key = ("eval", k, self.effective_width(k))
-        if key not in self._compiled:
-            self._compiled[key] = self._eval_jit.lower(state, self.data["x_val"], self.data["y_val"], width=key[2]).compile()
-        return self._compiled[key]
+    def compile_eval(self, chunk: CohortState):
+        width = int(chunk.step.shape[0])
+        return self._program("eval", width, lambda: jax.jit(self._eval_impl).lower(chunk.params, chunk.model_state, self.data["x_val"], self.data["y_val"]))
 
-    def evaluate(self, state: CohortState) -> EvalMetrics:
-        """Validation loss and metric of every trial (vmapped at the trainer's width)."""
-        return self.compile_eval(state)(state, self.data["x_val"], self.data["y_val"])
-
-    # ------------------------------------------------------------------------------------ select
-
-    @staticmethod
-    def select(state: CohortState, indices: Sequence[int]) -> CohortState:
-        """Gathers the rows ``indices`` of every leaf (survivors), on the host.
-
-        Parameters, optimizer state (with each trial's hyperparameters), keys, step counters (data
-        positions) and divergence flags travel together, so survivors continue exactly where they
-        were. The result is a new state of width ``len(indices)``.
-        """
-        if len(indices) == 0:
-            raise ValueError("select needs at least one index")
-        idx = np.asarray(indices, dtype=np.int64)
-        host = jax.device_get(state)
-        return jax.device_put(jax.tree.map(lambda a: np.asarray(a)[idx], host))
+    def evaluate(self, chunk: CohortState) -> EvalMetrics:
+        """Validation loss, metric and score of every row of one chunk."""
+        return self.compile_eval(chunk)(chunk.params, chunk.model_state, self.data["x_val"], self.data["y_val"])
 
     # ------------------------------------------------------------------------------------ width
 
-    def probe_width(self, state: CohortState, *, steps: int = 5, repeats: int = 3, candidates: Sequence[int] | None = None, memory_fraction: float = 0.8) -> WidthProbe:
-        """Measures samples/s of candidate vmap widths on this hardware and keeps the fastest.
+    def probe_width(self, chunks_by_width: dict[int, CohortState], *, steps: int = 5, repeats: int = 3) -> WidthProbe:
+        """Measures samples/s of candidate widths on this hardware and keeps the fastest.
 
-        Every candidate is compiled and warmed first (compile time is not counted); then the
-        candidates are timed round-robin, ``repeats`` rounds of one ``steps``-step call each,
-        blocking on the outputs, and each keeps its best round (round-robin spreads the drift of a
-        shared, noisy machine over all candidates). A width whose compiled program needs more than
-        ``memory_fraction`` of the device memory is skipped and recorded. The state is not advanced
-        (JAX is functional; results are discarded).
+        ``chunks_by_width`` maps each candidate width to a chunk of that width made of real trials
+        (no padding), whose programs are compiled and warmed first (compile time is not counted
+        here). The candidates are then timed round-robin, ``repeats`` rounds of one ``steps``-step
+        call each, blocking on the outputs, and each keeps its best round (round-robin spreads the
+        drift of a shared, noisy machine over all candidates). Results are discarded.
         """
-        k = state.step.shape[0]
-        if candidates is None:
-            candidates = sorted({w for w in (1, 2, 4, 8, 16, 32, 64, k) if w <= k})
-        limit = memory_limit_bytes()
-        skipped: dict[int, str] = {}
-        programs = {}
-        args = (state, jnp.int32(steps), self.data["x_train"], self.data["y_train"])
-        for w in candidates:
-            compiled = self.compile_train(state, width=w)
-            need = compiled_memory_bytes(compiled)
-            if limit is not None and need is not None and need > memory_fraction * limit:
-                skipped[w] = f"needs {need / 2**20:.0f} MiB of {limit / 2**20:.0f} MiB"
-                continue
-            jax.block_until_ready(compiled(*args))  # warm caches
-            programs[w] = compiled
-        if not programs:
-            raise MemoryError(f"no vmap width fits in device memory: {skipped}")
-        best = {w: np.inf for w in programs}
+        for chunk in chunks_by_width.values():
+            jax.block_until_ready(self.train(chunk, steps))  # compile and warm
+        best = {w: np.inf for w in chunks_by_width}
         for _ in range(repeats):
-            for w, compiled in programs.items():
+            for w, chunk in chunks_by_width.items():
                 t0 = time.perf_counter()
-                jax.block_until_ready(compiled(*args))
+                jax.block_until_ready(self.train(chunk, steps))
                 best[w] = min(best[w], time.perf_counter() - t0)
-        rates = {w: k * steps * self.batch_size / t for w, t in best.items()}
-        chosen = max(rates, key=rates.get)
-        self.width = chosen
-        return WidthProbe(rates, skipped, chosen, steps)
+        rates = {w: w * steps * self.batch_size / t for w, t in best.items()}
+        return WidthProbe(rates, max(rates, key=rates.get), steps)
 
 
 def compiled_memory_bytes(compiled) -> int | None:

@@ -12,7 +12,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 import jax
 import pytest
 
+from sm2jax.compile_cache import enable_compile_cache
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The persistent compilation cache (at its per-user default, or SM2JAX_COMPILE_CACHE): a second run
+# of the suite loads its programs instead of compiling them. Tests that count compiles run in
+# subprocesses with their own cache directory.
+enable_compile_cache()
 
 
 @pytest.fixture(scope="session")

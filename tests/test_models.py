@@ -40,7 +40,7 @@ def test_model_trains_in_a_cohort(model, task):
     configs = SearchSpace({"model": model, "learning_rate": Categorical([1e-3, 1e-2]), "batch_size": 8, "dropout": 0.1}).grid()
     (cohort,) = group_into_cohorts(configs)
     trainer = CohortTrainer(cohort, ds, schedule_steps=10)
-    state = trainer.init()
+    (state,) = trainer.init()
     before = trainer.evaluate(state)
     state, metrics = trainer.train(state, 6)
     after = trainer.evaluate(state)
@@ -66,7 +66,7 @@ def test_bfloat16_cohort_computes_in_bf16_and_keeps_float32_parameters(digits):
 
     (cohort,) = group_into_cohorts(SearchSpace({"learning_rate": Categorical([1e-2]), "dtype": "bfloat16", "model": {"name": "cnn", "channels": [8, 16]}}).grid())
     trainer = CohortTrainer(cohort, digits, schedule_steps=100)
-    state, metrics = trainer.train(trainer.init(), 100)
+    state, metrics = trainer.train(trainer.init()[0], 100)
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))
     model = build_model(cohort.signature.model_spec, digits.input_shape, 10, dtype="bfloat16", key=jax.random.PRNGKey(0))
     assert model(digits.x_train[:2]).dtype == np.dtype("bfloat16")

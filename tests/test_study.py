@@ -14,8 +14,9 @@ import pytest
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.energy import read_ledger
 from sm2jax.space import Categorical, LogUniform, SearchSpace
-from sm2jax.study import Study, StudySpec, run_hyperband
-from sm2jax.trainer import CohortTrainer, compiled_memory_bytes
+from sm2jax.hyperband import run_hyperband
+from sm2jax.study import Study, StudySpec
+from sm2jax.trainer import CohortTrainer, chunk_rows, compiled_memory_bytes
 
 QUICK = dict(dataset="digits", explore_budget=0.25, min_budget=1, max_budget=3, eta=3, idle_seconds=0.1, probe_width=False, energy_method="auto")
 
@@ -76,8 +77,8 @@ def test_memory_cap_narrows_the_width_or_marks_infeasible(tmp_path, digits):
     spec = _spec(space, max_budget=1, min_budget=1, explore_budget=0.0)
     (cohort,) = group_into_cohorts(spec.configs())
     trainer = CohortTrainer(cohort, digits, schedule_steps=10)
-    state = trainer.init()
-    need = {w: compiled_memory_bytes(trainer.compile_train(state, width=w)) for w in (1, 2, 4)}
+    rows = trainer.init_rows()
+    need = {w: compiled_memory_bytes(trainer.compile_train(chunk_rows(jax.tree.map(lambda a: a[:w], rows), w)[0])) for w in (1, 2, 4)}
     assert need[4] > need[2] > need[1]
     narrowed = Study(tmp_path / "a", dataclasses.replace(spec, memory_limit_bytes=(need[2] + need[4]) // 2), progress=False).run()
     assert narrowed["infeasible"] == {} and narrowed["selected"] is not None
@@ -94,7 +95,7 @@ def test_out_of_memory_during_training_narrows_the_width_and_retries(tmp_path, m
     real_train = CohortTrainer.train
 
     def train_on_a_small_device(self, state, num_steps):
-        if self.effective_width(state.step.shape[0]) > 2:
+        if state.step.shape[0] > 2:
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
         return real_train(self, state, num_steps)
 

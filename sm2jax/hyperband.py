@@ -1,0 +1,40 @@
+"""Hyperband (Li et al., JMLR 18(185), 2018): one successive-halving study per bracket."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from sm2jax.data import ArrayDataset
+from sm2jax.scheduler import hyperband_brackets
+from sm2jax.study import Study, StudySpec, _atomic_write_json
+
+
+def run_hyperband(directory: str | os.PathLike, spec: StudySpec, *, progress: bool = True, nvml: Any = None, dataset: ArrayDataset | None = None) -> dict[str, Any]:
+    """Runs Hyperband with one :class:`Study` per bracket, in ``directory/bracket-S/``.
+
+    ``spec.max_budget`` is R; bracket ``s`` samples ``n`` random configurations (seed ``spec.seed + s``)
+    and halves them from budget ``R * eta**-s`` to R. The winner is the best score over the brackets.
+    Finished brackets are read back, so a killed Hyperband run resumes bracket by bracket. Brackets
+    of one shape reuse each other's compiled programs (in-process and through the persistent cache).
+    """
+    directory = os.path.abspath(os.fspath(directory))
+    os.makedirs(directory, exist_ok=True)
+    _atomic_write_json(os.path.join(directory, "spec.json"), {"hyperband": spec.to_json()})
+    brackets, outcomes = hyperband_brackets(spec.max_budget, spec.eta), []
+    for b in brackets:
+        sub = dataclasses.replace(spec, mode="sh", sampler="random", num_samples=int(b["n"]), seed=spec.seed + int(b["s"]), min_budget=float(b["r"]), explore_budget=0.0, objective="performance")
+        result = Study(os.path.join(directory, f"bracket-{b['s']}"), sub, progress=progress, nvml=nvml, dataset=dataset).run()
+        outcomes.append({**b, "selected": result["selected"], "total_joules": result["total_joules"], "energy_method": result["energy_method"]})
+    scored = [o for o in outcomes if o["selected"] is not None and o["selected"]["score"] is not None]
+    best = max(scored, key=lambda o: o["selected"]["score"]) if scored else None
+    totals = [o["total_joules"] for o in outcomes]
+    results = {
+        "study": directory, "mode": "hyperband", "brackets": outcomes,
+        "selected": None if best is None else {**best["selected"], "bracket": best["s"]},
+        "total_joules": None if any(t is None for t in totals) else float(sum(totals)),
+        "energy_method": outcomes[0]["energy_method"] if outcomes else None,
+    }
+    _atomic_write_json(os.path.join(directory, "results.json"), results)
+    return results

@@ -1,0 +1,367 @@
+"""One owner per cohort: its trainer, rows, trial ids, width, compiled programs and measured speed.
+
+A :class:`CohortRunner` is what a study holds for each live cohort. It is the only place that
+decides a cohort's vmap width, the only place that compiles (always inside a ``compile`` energy
+window, never inside a training window), and it exposes metered calls that return typed records:
+:meth:`~CohortRunner.compile`, :meth:`~CohortRunner.train_to` and :meth:`~CohortRunner.evaluate`.
+
+Width policy (:class:`WidthPolicy`), all choices recorded in :attr:`CohortRunner.choices`:
+
+1. **Fit.** The widest width ``min(K, policy.max_width)``, halving until its training program fits
+   in ``policy.memory_limit`` bytes (XLA's own memory analysis). None fits: the cohort is infeasible.
+2. **Probe only when it pays.** After the first training window at that width, the cohort's
+   remaining training time is predicted as :math:`T = S \\cdot t_W / W` (``S`` planned trial-steps,
+   ``t_W`` the measured seconds per step of a W-wide chunk). Probing compiles the narrower
+   candidates (powers of four below W, and 1), each costing about the measured compile time
+   :math:`c_W` of the W-wide program. It runs only if :math:`T > \\text{payoff} \\cdot c_W \\cdot n`
+   for ``n`` new programs; otherwise the widest width stays.
+3. **Narrow for survivors only when it pays.** With ``K' < W`` survivors the padded chunk still
+   costs ``t_W`` per step. A narrower width ``w`` (the next power of two at or above K') is compiled
+   only if the predicted saving :math:`S' (\\lceil K'/W \\rceil t_W - \\lceil K'/w \\rceil t_w)`
+   exceeds its compile time (``t_w`` measured by the probe, else :math:`t_W w / W`, which
+   overstates the saving on accelerators that are not yet full and is the conservative side for
+   compile cost on CPUs).
+4. **Out of memory at run time** halves the width and retries the window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from sm2jax.cohort import CohortSpec
+from sm2jax.energy import EnergyLedger, EnergyMonitor
+from sm2jax.trainer import CohortState, CohortTrainer, chunk_rows, compiled_memory_bytes, gather_rows, num_chunks, row_view
+
+log = logging.getLogger(__name__)
+
+
+def is_oom(err: Exception) -> bool:
+    return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
+
+
+class Metering:
+    """Energy windows of a study written to its ledger: ``begin``/``end`` around work, ``record``
+    attributes a reading to a cohort's trials in proportion to their work."""
+
+    def __init__(self, monitor: EnergyMonitor, ledger: EnergyLedger, attempt: int, on_window: Callable[[dict], None] | None = None):
+        self.monitor = monitor
+        self.ledger = ledger
+        self.attempt = attempt
+        self.on_window = on_window
+
+    def begin(self, name: str, after: Any = None):
+        return self.monitor.begin(name, after=after)
+
+    def end(self, window, outputs: Any = None):
+        return self.monitor.end(window, outputs)
+
+    def record(self, reading, *, phase: str, cohort: str, trial_ids: list[int], work, steps=None, batch_size: int = 0) -> dict[int, float | None]:
+        """Writes a window to the ledger; returns joules per trial id."""
+        steps = np.zeros(len(trial_ids), np.int64) if steps is None else np.asarray(steps, np.int64)
+        recs = self.ledger.record(
+            reading, phase=phase, cohort=cohort, trial_ids=trial_ids, work=[float(w) for w in work],
+            steps=steps.tolist(), samples=(steps * batch_size).tolist(), extra={"attempt": self.attempt},
+        )
+        if self.on_window is not None:
+            self.on_window(recs[0])
+        return {r["trial_id"]: r["joules"] for r in recs[1:]}
+
+
+@dataclasses.dataclass(frozen=True)
+class WidthPolicy:
+    """How a runner chooses its width (see the module docstring).
+
+    Attributes:
+      max_width: cap on the width (``None``: all trials).
+      memory_limit: bytes a program may need (``None``: no check).
+      probe: allow measuring narrower widths.
+      payoff: the probe runs only when predicted training time exceeds ``payoff`` times its
+        predicted compile time.
+    """
+
+    max_width: int | None = None
+    memory_limit: int | None = None
+    probe: bool = True
+    payoff: float = 3.0
+
+
+@dataclasses.dataclass
+class CompileRecord:
+    width: int
+    seconds: float  # wall seconds of the compile window (0 when nothing new was compiled)
+    joules: float | None
+
+
+@dataclasses.dataclass
+class TrainRecord:
+    joules: dict[int, float | None]  # per trial id
+    steps: dict[int, int]  # steps taken in this call, per trial id
+    seconds: float
+
+
+@dataclasses.dataclass
+class EvalRecord:
+    scores: np.ndarray  # [K], higher is better
+    metrics: np.ndarray  # [K]
+    joules: dict[int, float | None]
+
+
+class CohortRunner:
+    """A live cohort: its trainer, its rows in W-wide chunks, and its width policy.
+
+    Args:
+      spec: the cohort's signature and configurations (all of them, alive or not).
+      trainer: the cohort's programs.
+      rows: host rows of the live trials (leaves ``[K, ...]``), in the order of their trial ids.
+      width: the vmap width of its chunks.
+      metering: where energy windows go.
+      policy: the width policy.
+      rate_seconds: measured seconds per step of a chunk, per width (restored on resume).
+      probe_pending: whether the probe decision is still to be taken.
+    """
+
+    def __init__(self, spec: CohortSpec, trainer: CohortTrainer, rows: CohortState, width: int, metering: Metering, policy: WidthPolicy, *, rate_seconds: dict[int, float] | None = None, probe_pending: bool = False, choices: list[dict] | None = None):
+        self.spec = spec
+        self.trainer = trainer
+        self.trial_ids = [int(t) for t in np.asarray(rows.trial_id)]
+        self.width = int(width)
+        self.chunks = chunk_rows(rows, self.width)
+        self.metering = metering
+        self.policy = policy
+        self.step_seconds: dict[int, float] = dict(rate_seconds or {})
+        self.probe_pending = probe_pending
+        self.choices: list[dict[str, Any]] = list(choices or [])
+
+    # ---------------------------------------------------------------------------------- creation
+
+    @classmethod
+    def create(cls, spec: CohortSpec, trainer: CohortTrainer, metering: Metering, policy: WidthPolicy) -> tuple[CohortRunner | None, list[str]]:
+        """Initialises every trial and finds the widest width that fits (step 1 of the policy),
+        inside one compile window. Returns ``(runner, notes)``; ``runner`` is ``None`` when even
+        width 1 does not fit (``notes`` say why)."""
+        ids = [c.trial_id for c in spec.configs]
+        k = len(ids)
+        window = metering.begin(f"compile:{spec.name}")
+        t0 = time.perf_counter()
+        rows = trainer.init_rows()
+        notes: list[str] = []
+        width = None
+        for w in sorted({min(policy.max_width or k, k) // 2**i for i in range(k.bit_length())} - {0}, reverse=True):
+            probe_chunk = chunk_rows(jax.tree.map(lambda a: a[:w], rows), w)[0]
+            try:
+                need = compiled_memory_bytes(trainer.compile_train(probe_chunk))
+            except Exception as err:  # noqa: BLE001
+                if not is_oom(err):
+                    raise
+                need = math.inf
+            if policy.memory_limit is None or need is None or need <= policy.memory_limit:
+                width = w
+                break
+            notes.append(f"width {w} needs {need / 2**20:.1f} MiB > {policy.memory_limit / 2**20:.1f} MiB")
+        if width is None:
+            metering.record(metering.end(window), phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k))
+            return None, notes
+        runner = cls(spec, trainer, rows, width, metering, policy, probe_pending=policy.probe and width > 1)
+        trainer.compile_eval(runner.chunks[0])
+        reading = metering.end(window, runner.chunks)
+        metering.record(reading, phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k))
+        runner._choose(width, "widest width that fits in memory" if notes else "widest width (all trials)", compile_seconds=time.perf_counter() - t0, notes=notes)
+        return runner, notes
+
+    # ---------------------------------------------------------------------------------- rows
+
+    @property
+    def k(self) -> int:
+        return len(self.trial_ids)
+
+    def field(self, name: str) -> np.ndarray:
+        """A per-trial field (``step``, ``active``, ``diverged_at``) of the live rows, on the host."""
+        return row_view(self.chunks, name, self.k)
+
+    def rows(self) -> CohortState:
+        """The live rows gathered on the host (for checkpoints)."""
+        return gather_rows(self.chunks, self.trial_ids)
+
+    def select(self, trial_ids: list[int]) -> None:
+        """Keeps the rows of ``trial_ids`` (survivors), gathered on the host and re-chunked at the
+        same width: the programs stay, the chunk count and padding change."""
+        if not trial_ids:
+            raise ValueError("select needs at least one trial")
+        rows = gather_rows(self.chunks, trial_ids)
+        self.trial_ids = [int(t) for t in trial_ids]
+        self.chunks = chunk_rows(rows, self.width)
+
+    def _set_width(self, width: int) -> None:
+        if width != self.width:
+            rows = self.rows()
+            self.width = int(width)
+            self.chunks = chunk_rows(rows, self.width)
+
+    def _choose(self, width: int, reason: str, **details: Any) -> None:
+        self.choices.append({"width": int(width), "reason": reason, **details})
+        log.info("%s: width %d (%s)", self.spec.name, width, reason)
+
+    # ---------------------------------------------------------------------------------- compile
+
+    def is_compiled(self) -> bool:
+        return self.trainer.is_compiled("train", self.width) and self.trainer.is_compiled("eval", self.width)
+
+    def compile(self) -> CompileRecord:
+        """Compiles the train and eval programs at the current width inside a ``compile`` window
+        (nothing is measured when both are compiled already)."""
+        if self.is_compiled():
+            return CompileRecord(self.width, 0.0, 0.0)
+        window = self.metering.begin(f"compile:{self.spec.name}", after=self.chunks)
+        t0 = time.perf_counter()
+        self.trainer.compile_train(self.chunks[0])
+        self.trainer.compile_eval(self.chunks[0])
+        reading = self.metering.end(window)
+        seconds = time.perf_counter() - t0
+        self.metering.record(reading, phase="compile", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k))
+        log.info("compiled %s (width %d) in %.1f s", self.spec.name, self.width, seconds)
+        return CompileRecord(self.width, seconds, reading.joules)
+
+    def compile_seconds(self, kind: str) -> float:
+        """Measured seconds the ``kind`` program at the current width took to compile: the
+        estimate of what another width of this cohort costs."""
+        return self.trainer.compile_seconds(kind, self.width) or 0.0
+
+    # ---------------------------------------------------------------------------------- train
+
+    def steps_per_window(self, window_seconds: float, fixed: int | None, pending_first: bool) -> int:
+        if fixed:
+            return fixed
+        t = self.step_seconds.get(self.width)
+        if t is None:  # no measurement yet: a short first window when the probe needs a rate
+            return max(1, self.trainer.steps_per_epoch // 8) if pending_first else 10**9
+        return max(1, int(window_seconds / (t * num_chunks(self.k, self.width))))
+
+    def train_to(self, target_steps: int, phase: str, *, planned_trial_steps: float, window_seconds: float = 2.0, steps_per_window: int | None = None, on_steps: Callable[[int], None] | None = None) -> TrainRecord:
+        """Trains every live trial to ``target_steps`` in energy windows; returns joules per trial.
+
+        ``planned_trial_steps`` (trial-steps the study still plans for this cohort, this phase
+        included) feeds the probe decision after the first window. An out-of-memory error halves
+        the width and retries the window.
+        """
+        energy: dict[int, float | None] = {t: 0.0 for t in self.trial_ids}
+        taken = {t: 0 for t in self.trial_ids}
+        t_start = time.perf_counter()
+        while True:
+            active = self.field("active")
+            if not active.any():  # every trial diverged: nothing left to train
+                break
+            done = int(self.field("step")[active].max())  # active trials move in lockstep
+            remaining = target_steps - done
+            if remaining <= 0:
+                break
+            self.compile()
+            chunk = min(remaining, self.steps_per_window(window_seconds, steps_per_window, self.probe_pending))
+            before = self.field("step")
+            window = self.metering.begin(phase, after=self.chunks)
+            try:
+                outs = [self.trainer.train(c, chunk) for c in self.chunks]
+                reading = self.metering.end(window, outs)
+            except Exception as err:  # noqa: BLE001
+                if not is_oom(err) or self.width <= 1:
+                    raise
+                # The failed attempt still used energy: keep it, on its own line.
+                self.metering.record(self.metering.end(window), phase="oom-retry", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k))
+                self._set_width(max(1, self.width // 2))
+                self._choose(self.width, "out of memory at run time: halved")
+                warnings.warn(f"{self.spec.name}: out of memory; retrying at vmap width {self.width}", RuntimeWarning, stacklevel=2)
+                continue
+            self.chunks = [state for state, _ in outs]
+            self.step_seconds[self.width] = reading.seconds / (chunk * len(self.chunks))
+            steps = self.field("step") - before  # 0 for frozen (diverged) trials
+            work = steps * (self.trainer.flops_per_trial_step(self.chunks[0]) or 1.0)
+            joules = self.metering.record(reading, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, work=work, steps=steps, batch_size=self.spec.signature.batch_size)
+            for row, t in enumerate(self.trial_ids):
+                j = joules[t]
+                energy[t] = None if j is None or energy[t] is None else energy[t] + j
+                taken[t] += int(steps[row])
+            if on_steps is not None:
+                on_steps(chunk)
+            if self.probe_pending:
+                self._maybe_probe(max(planned_trial_steps - sum(taken.values()), 0.0))
+        return TrainRecord(energy, taken, time.perf_counter() - t_start)
+
+    def _maybe_probe(self, planned_trial_steps: float) -> None:
+        """Step 2 of the policy, once: probe narrower widths if predicted training time pays for it."""
+        self.probe_pending = False
+        w = self.width
+        t_w = self.step_seconds[w]
+        predicted = planned_trial_steps * t_w / w
+        candidates = sorted({1, *(4**i for i in range(1, 8) if 4**i < w)} - {w})
+        c_w = self.compile_seconds("train")
+        cost = c_w * len(candidates) + self.compile_seconds("eval")
+        if predicted <= self.policy.payoff * cost:
+            self._choose(w, f"probe skipped: predicted training {predicted:.2f} s <= {self.policy.payoff:g} x predicted compile {cost:.2f} s", predicted_train_s=predicted, predicted_compile_s=cost)
+            return
+        rows = self.rows()
+        window = self.metering.begin(f"compile:{self.spec.name}", after=self.chunks)
+        t0 = time.perf_counter()
+        by_width = {c: chunk_rows(jax.tree.map(lambda a: a[:c], rows), c)[0] for c in [*candidates, w]}
+        for c in candidates:
+            self.trainer.compile_train(by_width[c])
+        compile_s = time.perf_counter() - t0
+        self.metering.record(self.metering.end(window), phase="compile", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k))
+        # The probe trains (and discards) a few steps per width: its energy is its own line.
+        window = self.metering.begin(f"probe:{self.spec.name}")
+        probe = self.trainer.probe_width(by_width, steps=3, repeats=3)
+        self.metering.record(self.metering.end(window), phase="probe", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k))
+        for c, rate in probe.samples_per_second.items():  # seconds per step of a c-wide chunk
+            self.step_seconds.setdefault(c, c * self.spec.signature.batch_size / rate)
+        self._set_width(probe.chosen)
+        self._choose(probe.chosen, "fastest measured width", samples_per_second={str(c): r for c, r in probe.samples_per_second.items()}, compile_seconds=compile_s, predicted_train_s=predicted)
+        self.compile()  # evaluation at the chosen width
+
+    def narrow_for_survivors(self, planned_trial_steps: float) -> None:
+        """Step 3 of the policy: a narrower program for fewer survivors, only if it pays."""
+        k, w = self.k, self.width
+        if k >= w:
+            return
+        narrow = 1 << (k - 1).bit_length()
+        if narrow >= w:
+            return
+        t_w = self.step_seconds.get(w)
+        if t_w is None:
+            return
+        t_n = self.step_seconds.get(narrow, t_w * narrow / w)
+        steps_each = planned_trial_steps / k
+        saving = steps_each * (num_chunks(k, w) * t_w - num_chunks(k, narrow) * t_n)
+        cost = sum(0.0 if self.trainer.is_compiled(kind, narrow) else self.compile_seconds(kind) for kind in ("train", "eval"))
+        if saving > cost:
+            self._set_width(narrow)
+            self._choose(narrow, f"narrowed for {k} survivors: predicted saving {saving:.2f} s > compile {cost:.2f} s", predicted_saving_s=saving, predicted_compile_s=cost)
+            self.compile()
+        else:
+            self.choices.append({"width": w, "reason": f"kept for {k} survivors: predicted saving {saving:.2f} s <= compile {cost:.2f} s", "predicted_saving_s": saving, "predicted_compile_s": cost})
+
+    # ---------------------------------------------------------------------------------- eval
+
+    def evaluate(self, phase: str) -> EvalRecord:
+        """Validation score and metric of every live trial in one ``PHASE:eval`` window; frozen
+        (diverged) trials and padding rows receive no energy."""
+        self.compile()
+        window = self.metering.begin(f"{phase}:eval", after=self.chunks)
+        outs = [self.trainer.evaluate(c) for c in self.chunks]
+        reading = self.metering.end(window, outs)
+        scores = np.concatenate([np.asarray(o.score) for o in outs])[: self.k]
+        metrics = np.concatenate([np.asarray(o.metric) for o in outs])[: self.k]
+        joules = self.metering.record(reading, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, work=self.field("active").astype(np.float64))
+        return EvalRecord(scores, metrics, joules)
+
+    # ---------------------------------------------------------------------------------- persist
+
+    def to_json(self) -> dict[str, Any]:
+        """What a resumed study needs besides the rows: width, measured rates, pending decisions."""
+        return {"width": self.width, "step_seconds": {str(w): s for w, s in self.step_seconds.items()}, "probe_pending": self.probe_pending}
