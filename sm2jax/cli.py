@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--json", action="store_true", help="print results.json instead of the report")
     resume = sub.add_parser("resume", help="continue a killed study")
     resume.add_argument("dir")
+    for p in (run, resume):
+        p.add_argument("--compile-cache", metavar="DIR|off", help="persistent XLA compilation cache (default: $SM2JAX_COMPILE_CACHE, else ~/.cache/sm2jax/xla)")
     resume.add_argument("--no-progress", action="store_true")
     resume.add_argument("--json", action="store_true")
     report = sub.add_parser("report", help="print a finished study's report")
@@ -58,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "compile_cache", None):
+        from sm2jax.compile_cache import ENV
+
+        os.environ[ENV] = args.compile_cache
 
     from sm2jax.report import format_results, load_results
 

@@ -74,16 +74,19 @@ class CompileTally:
     request_seconds: float = 0.0
     cache_hits: int = 0
     cache_saved_seconds: float = 0.0  # compile time the cache hits saved (JAX's own estimate)
+    programs: dict[str, int] = dataclasses.field(default_factory=dict)  # requests per function name
 
     @property
     def backend_compiles(self) -> int:
         """Real XLA backend compilations (cache hits excluded)."""
         return self.requests - self.cache_hits
 
-    def _duration(self, event: str, seconds: float, **_: Any) -> None:
+    def _duration(self, event: str, seconds: float, **kwargs: Any) -> None:
         if event == BACKEND_COMPILE:
             self.requests += 1
             self.request_seconds += seconds
+            name = str(kwargs.get("fun_name", "?"))
+            self.programs[name] = self.programs.get(name, 0) + 1
         elif event == CACHE_SAVED:
             self.cache_saved_seconds += max(seconds, 0.0)
 

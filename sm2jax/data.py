@@ -266,17 +266,38 @@ def text_to_dataset(train_text: bytes, val_text: bytes, context: int) -> ArrayDa
     return ArrayDataset("wikitext2", "language_model", xt, yt, xv, yv, 256)
 
 
+def load_mnist1d(num_samples: int = 5000, seed: int = 42) -> ArrayDataset:
+    """MNIST-1D (Greydanus & Kobak), generated offline by the ``mnist1d`` package's ``make_dataset``.
+
+    ``num_samples`` sequences of length 40 (``float32[40, 1]``), 10 classes; the package's own 80/20
+    split gives training and validation (4,000 / 1,000 at the default 5,000 samples). Never calls
+    ``get_dataset``, which downloads. Needs ``pip install mnist1d`` (the ``bench`` extra).
+    """
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as err:
+        raise ImportError("MNIST-1D needs the mnist1d package: pip install mnist1d (or sm2jax[bench])") from err
+    args = get_dataset_args()
+    args.num_samples, args.seed = int(num_samples), int(seed)
+    d = make_dataset(args)
+    as_x = lambda a: np.asarray(a, np.float32)[..., None]  # noqa: E731
+    return ArrayDataset("mnist1d", "classification", as_x(d["x"]), np.asarray(d["y"], np.int32), as_x(d["x_test"]), np.asarray(d["y_test"], np.int32), 10)
+
+
 def load_dataset(name: str, **kwargs) -> ArrayDataset:
-    """Loads a data set by name: ``digits``, ``mnist``, ``cifar10``, ``household_power``, ``wikitext2``."""
+    """Loads a data set by name: ``digits``, ``mnist1d``, ``mnist``, ``cifar10``, ``household_power``,
+    ``wikitext2``."""
     if name == "digits":
         return load_digits(**kwargs)
+    if name == "mnist1d":
+        return load_mnist1d(**kwargs)
     if name in ("mnist", "cifar10"):
         return load_tfds_images(name, **kwargs)
     if name == "household_power":
         return load_household_power(**kwargs)
     if name == "wikitext2":
         return load_wikitext2(**kwargs)
-    raise ValueError(f"unknown data set {name!r}; known: digits, mnist, cifar10, household_power, wikitext2")
+    raise ValueError(f"unknown data set {name!r}; known: digits, mnist1d, mnist, cifar10, household_power, wikitext2")
 
 
 def device_put_dataset(ds: ArrayDataset) -> dict[str, jax.Array]:

@@ -59,6 +59,16 @@ def format_results(results: dict[str, Any]) -> str:
                          f" idle share of the windows: {idle_joules:,.1f} J")
     if results.get("total_joules") is not None or "energy_by_phase" in results:
         lines.append(f"total: {_joules(results.get('total_joules'), method)}")
+    comp = results.get("compilation")
+    if comp:
+        cache = comp.get("cache_dir") or "off"
+        lines.append(f"compilation (this attempt): {comp['backend_compiles']} XLA compiles, {comp['cache_hits']} programs loaded from"
+                     f" the persistent cache ({cache}), saving ~{comp['cache_saved_seconds']:.1f} s of compilation")
+    widths = {name: hw["choices"][-1] for name, hw in (results.get("hardware") or {}).items() if hw.get("choices")}
+    if widths:
+        lines.append("vmap widths:")
+        for name, last in widths.items():
+            lines.append(f"  {name}: width {last['width']} ({last['reason']})")
     if results.get("decisions"):
         lines.append("decisions:")
         by_phase: dict[str, Counter] = {}
