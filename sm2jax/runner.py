@@ -44,6 +44,11 @@ from sm2jax.trainer import CohortState, CohortTrainer, chunk_rows, compiled_memo
 log = logging.getLogger(__name__)
 
 
+def probe_candidates(width: int) -> list[int]:
+    """Widths the probe measures for a ``width``-wide cohort: 1, the powers of four below it, and it."""
+    return sorted({1, *(4**i for i in range(1, 8) if 4**i < width), width})
+
+
 def is_oom(err: Exception) -> bool:
     return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
 
@@ -300,7 +305,7 @@ class CohortRunner:
         w = self.width
         t_w = self.step_seconds[w]
         predicted = planned_trial_steps * t_w / w
-        candidates = sorted({1, *(4**i for i in range(1, 8) if 4**i < w)} - {w})
+        candidates = [c for c in probe_candidates(w) if c != w]
         c_w = self.compile_seconds("train")
         cost = c_w * len(candidates) + self.compile_seconds("eval")
         if predicted <= self.policy.payoff * cost:
@@ -316,7 +321,9 @@ class CohortRunner:
         self.metering.record(self.metering.end(window), phase="compile", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k))
         # The probe trains (and discards) a few steps per width: its energy is its own line.
         window = self.metering.begin(f"probe:{self.spec.name}")
-        probe = self.trainer.probe_width(by_width, steps=3, repeats=3)
+        # Each timed call lasts ~0.2 s at the current width: long enough that dispatch and timer noise
+        # do not decide, short next to the training it steers.
+        probe = self.trainer.probe_width(by_width, steps=max(3, int(0.2 / t_w)), repeats=3)
         self.metering.record(self.metering.end(window), phase="probe", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k))
         for c, rate in probe.samples_per_second.items():  # seconds per step of a c-wide chunk
             self.step_seconds.setdefault(c, c * self.spec.signature.batch_size / rate)

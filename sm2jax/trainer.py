@@ -310,10 +310,12 @@ class CohortTrainer:
         tx = make_optimizer(self.cohort.signature.optimizer, ts.opt_state.hyperparams)
         updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
-        # One sum over every element: a NaN or inf anywhere makes it non-finite (inf - inf is NaN),
-        # and a finite float32 sum overflows only past ~3e38. One reduction per leaf, one test.
-        total = sum(jnp.sum(leaf, dtype=jnp.float32) for leaf in jax.tree.leaves((grads, params, model_state)))
-        finite = jnp.isfinite(loss) & jnp.isfinite(total)
+        # Finite loss, gradients, updates and statistics. The gradients' global norm is the one that
+        # clipping computes (XLA merges the two); finite old parameters plus updates of finite global
+        # norm stay finite (an update beyond ~1e19 overflows the norm and counts as divergence).
+        # A sum over every element is non-finite if any element is (inf - inf is NaN).
+        stats = sum((jnp.sum(leaf, dtype=jnp.float32) for leaf in jax.tree.leaves(model_state)), jnp.float32(0))
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)) & jnp.isfinite(optax.tree.norm(updates)) & jnp.isfinite(stats)
         ok = ts.active & finite
 
         def keep(new, old):

@@ -1,0 +1,78 @@
+"""The cohort runner: padding rows, width decisions that pay for their compilation, energy per trial."""
+
+import jax
+import numpy as np
+import pytest
+
+from sm2jax.cohort import group_into_cohorts
+from sm2jax.energy import EnergyLedger, EnergyMonitor, make_meter, read_ledger
+from sm2jax.runner import CohortRunner, Metering, WidthPolicy, probe_candidates
+from sm2jax.space import LogUniform, SearchSpace
+from sm2jax.trainer import CohortTrainer
+
+MODEL = {"name": "mlp", "hidden": [16]}
+
+
+def _runner(digits, tmp_path, trials, model=MODEL, **policy):
+    configs = SearchSpace({"model": model, "learning_rate": LogUniform(1e-3, 1e-1, num=trials), "batch_size": 32}).grid()
+    (cohort,) = group_into_cohorts(configs)
+    trainer = CohortTrainer(cohort, digits, schedule_steps=200)
+    ledger = EnergyLedger(tmp_path / f"ledger-{trials}-{policy.get('max_width')}.jsonl")
+    metering = Metering(EnergyMonitor(make_meter("estimated")), ledger, attempt=1)
+    runner, notes = CohortRunner.create(cohort, trainer, metering, WidthPolicy(**{"probe": False, **policy}))
+    assert runner is not None and notes == []
+    return runner, ledger
+
+
+def test_padding_rows_get_no_energy_and_do_not_change_results(digits, tmp_path):
+    padded, ledger = _runner(digits, tmp_path, 3, max_width=2)  # chunks of 2: the second holds one padding row
+    assert padded.width == 2 and len(padded.chunks) == 2
+    whole, _ = _runner(digits, tmp_path, 3)
+    assert whole.width == 3 and len(whole.chunks) == 1
+    record = padded.train_to(20, "rung-1", planned_trial_steps=60, steps_per_window=7)
+    whole.train_to(20, "rung-1", planned_trial_steps=60, steps_per_window=7)
+    assert record.steps == {0: 20, 1: 20, 2: 20}
+    np.testing.assert_array_equal(padded.field("step"), [20, 20, 20])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), padded.rows().params, whole.rows().params)
+    evaluation = padded.evaluate("rung-1")
+    assert evaluation.scores.shape == (3,)
+    records = read_ledger(ledger.path)
+    assert {r["trial_id"] for r in records if r["type"] == "trial"} == {0, 1, 2}  # never the padding id
+    for w in (r for r in records if r["type"] == "window" and r["phase"] == "rung-1"):
+        shares = [r for r in records if r["type"] == "trial" and r["window"] == w["window"] and r["time"] == w["time"]]
+        assert len(shares) == 3 and sum(s["joules"] for s in shares) == pytest.approx(w["joules"])
+
+
+def test_the_probe_runs_only_when_predicted_training_pays_for_its_compilation(digits, tmp_path):
+    runner, _ = _runner(digits, tmp_path, 6, probe=True)
+    assert runner.probe_pending
+    runner.train_to(4, "explore", planned_trial_steps=6 * 10)  # a study too small to pay for it
+    assert not runner.probe_pending and runner.width == 6
+    assert runner.choices[-1]["reason"].startswith("probe skipped") and runner.choices[-1]["predicted_compile_s"] > 0
+
+    runner, _ = _runner(digits, tmp_path, 6, probe=True)
+    runner.train_to(4, "explore", planned_trial_steps=1e9)  # a long study: measuring widths pays
+    choice = runner.choices[-1]
+    assert choice["reason"] == "fastest measured width" and set(choice["samples_per_second"]) == {"1", "4", "6"}
+    rates = choice["samples_per_second"]
+    assert runner.width == int(max(rates, key=rates.get))
+    assert runner.is_compiled()  # training and evaluation at the chosen width, outside any training window
+
+
+def test_fewer_survivors_get_a_narrower_program_only_when_it_pays(digits, tmp_path):
+    runner, _ = _runner(digits, tmp_path, 8, model={"name": "mlp", "hidden": [12]})  # no narrower program compiled yet
+    runner.train_to(2, "rung-1", planned_trial_steps=16)
+    runner.select([5, 2])
+    assert runner.trial_ids == [5, 2] and runner.width == 8 and len(runner.chunks) == 1  # padding, same program
+    runner.narrow_for_survivors(planned_trial_steps=2 * 3)
+    assert runner.width == 8 and runner.choices[-1]["reason"].startswith("kept for 2 survivors")
+    runner.narrow_for_survivors(planned_trial_steps=2 * 10**7)
+    assert runner.width == 2 and runner.choices[-1]["reason"].startswith("narrowed for 2 survivors")
+    assert [int(t) for t in np.asarray(runner.rows().trial_id)] == [5, 2]
+
+
+def test_probe_candidates():
+    assert probe_candidates(1) == [1]
+    assert probe_candidates(6) == [1, 4, 6]
+    assert probe_candidates(16) == [1, 4, 16]
+    assert probe_candidates(54) == [1, 4, 16, 54]
