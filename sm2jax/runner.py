@@ -14,7 +14,7 @@ Width policy (:class:`WidthPolicy`), all choices recorded in :attr:`CohortRunner
    ``t_W`` the measured seconds per step of a W-wide chunk). Probing compiles the narrower
    candidates (powers of four below W, and 1), each costing about the measured compile time
    :math:`c_W` of the W-wide program. It runs only if :math:`T > \\text{payoff} \\cdot c_W \\cdot n`
-   for ``n`` new programs; otherwise the widest width stays.
+   for ``n`` new programs (payoff 10 by default); otherwise the widest width stays.
 3. **Narrow for survivors only when it pays.** With ``K' < W`` survivors the padded chunk still
    costs ``t_W`` per step. A narrower width ``w`` (the next power of two at or above K') is compiled
    only if the predicted saving :math:`S' (\\lceil K'/W \\rceil t_W - \\lceil K'/w \\rceil t_w)`
@@ -90,13 +90,15 @@ class WidthPolicy:
       memory_limit: bytes a program may need (``None``: no check).
       probe: allow measuring narrower widths.
       payoff: the probe runs only when predicted training time exceeds ``payoff`` times its
-        predicted compile time.
+        predicted compile time. Measured on a 2-core CPU, the best width trained 0-30% faster than
+        the widest (MLP 256x256 on MNIST-1D: 10%), so a probe costing more than a tenth of the
+        training it steers rarely pays; on accelerators long studies clear the bar easily.
     """
 
     max_width: int | None = None
     memory_limit: int | None = None
     probe: bool = True
-    payoff: float = 3.0
+    payoff: float = 10.0
 
 
 @dataclasses.dataclass
