@@ -28,10 +28,12 @@ Which width is fastest depends on model size and hardware (vmapping large matmul
 a loop on a 2-core CPU); :meth:`CohortTrainer.probe_width` measures it, and
 :class:`sm2jax.runner.CohortRunner` decides when measuring pays for its compilation.
 
-Isolation. A trial whose loss, gradients or new parameters are not finite is frozen inside the step
-(``jnp.where`` on its own rows, so no other trial sees it): its parameters and optimizer state keep
-their last finite values, ``diverged_at`` records the step, ``active`` turns false, and its data
-position stops advancing. Padding rows are inactive from the start: they take no step.
+Isolation. A trial whose loss, gradients or batch statistics are not finite is frozen inside the
+step (``jnp.where`` on its own rows, so no other trial sees it): that step's update is not applied,
+its parameters and optimizer state keep their values, ``diverged_at`` records the step, ``active``
+turns false, and its data position stops advancing. An update that overflows finite parameters
+(absurd learning rates) shows as a non-finite loss one step later and freezes the trial there.
+Padding rows are inactive from the start: they take no step.
 """
 
 from __future__ import annotations
@@ -307,16 +309,17 @@ class CohortTrainer:
         # Dropout masks from the trial's own key and step; no key work in programs without dropout.
         key = jax.random.fold_in(ts.dropout_key, ts.step) if self.cohort.signature.dropout > 0 else None
         (loss, model_state), grads = jax.value_and_grad(self._loss, has_aux=True)(ts.params, ts.model_state, x_all[idx], y_all[idx], key)
+        # Decided before the update, from values the step has anyway: the loss, the gradients' global
+        # norm (the one clipping computes; XLA merges the two) and the new batch statistics. Known
+        # before the optimizer runs, the keep-or-freeze select fuses into the update itself: one pass
+        # over parameters and optimizer state, as in a plain loop (a check of the new parameters
+        # would cost two more passes, 3.6x slower per step on an MLP 1024x1024 at batch 32 on CPU).
+        stats = sum((jnp.sum(leaf, dtype=jnp.float32) for leaf in jax.tree.leaves(model_state)), jnp.float32(0))
+        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)) & jnp.isfinite(stats)
+        ok = ts.active & finite
         tx = make_optimizer(self.cohort.signature.optimizer, ts.opt_state.hyperparams)
         updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
         params = optax.apply_updates(ts.params, updates)
-        # Finite loss, gradients, updates and statistics. The gradients' global norm is the one that
-        # clipping computes (XLA merges the two); finite old parameters plus updates of finite global
-        # norm stay finite (an update beyond ~1e19 overflows the norm and counts as divergence).
-        # A sum over every element is non-finite if any element is (inf - inf is NaN).
-        stats = sum((jnp.sum(leaf, dtype=jnp.float32) for leaf in jax.tree.leaves(model_state)), jnp.float32(0))
-        finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)) & jnp.isfinite(optax.tree.norm(updates)) & jnp.isfinite(stats)
-        ok = ts.active & finite
 
         def keep(new, old):
             return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -339,7 +342,7 @@ class CohortTrainer:
             ts, loss_sum, count, last = jax.lax.fori_loop(0, num_steps, body, init)
             return ts, TrainMetrics(jnp.where(count > 0, loss_sum / jnp.maximum(count, 1), jnp.nan), last)
 
-        return jax.vmap(run_trial)(state)
+        return _map_trials(run_trial, state)
 
     def compile_train(self, chunk: CohortState):
         """The compiled training program for this chunk's width (compiled once per process)."""
@@ -379,7 +382,7 @@ class CohortTrainer:
             (loss_sum, metric_sum), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), (xs, ys, mask))
             return loss_sum / n, metric_sum / n
 
-        loss, metric = jax.vmap(run_trial)(params, model_state)
+        loss, metric = _map_trials(run_trial, params, model_state)
         if self.task == "classification":
             return EvalMetrics(loss, metric, metric)
         if self.task == "regression":
@@ -415,6 +418,16 @@ class CohortTrainer:
                 best[w] = min(best[w], time.perf_counter() - t0)
         rates = {w: w * steps * self.batch_size / t for w, t in best.items()}
         return WidthProbe(rates, max(rates, key=rates.get), steps)
+
+
+def _map_trials(fn, *trees):
+    """``jax.vmap(fn)(*trees)``, except at width 1, where the trial axis is squeezed and restored: a
+    one-wide batched matmul takes XLA's general batched-dot path, not the plain GEMM of a single
+    trial (MLP 1024x1024, batch 32, CPU: 4x slower per step)."""
+    if jax.tree.leaves(trees)[0].shape[0] != 1:
+        return jax.vmap(fn)(*trees)
+    out = fn(*jax.tree.map(lambda a: a[0], trees))
+    return jax.tree.map(lambda a: a[None], out)
 
 
 def compiled_memory_bytes(compiled) -> int | None:
