@@ -153,6 +153,38 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
+@dataclasses.dataclass
+class StudyState:
+    """What a study knows after a phase; ``progress/phase-P.json`` holds it, resume reads it back.
+
+    Attributes:
+      phase: the last finished phase (-1 before the first).
+      infeasible: trial id -> why it cannot run here (batch larger than the data, does not fit).
+      hardware: cohort name -> ``{"width", "notes", "choices"}``, every width decision with its reason.
+      runners: cohort name -> what its runner needs to continue (:meth:`CohortRunner.to_json`).
+      alive: cohort name -> trial ids of its surviving rows, in row order.
+      trials: trial id -> ``{"score", "metric", "energy_spent", "samples_spent", "history"}``.
+      decisions: every decision record, in order.
+      selected: the selected trial id once the last phase is done.
+    """
+
+    phase: int = -1
+    infeasible: dict[str, str] = dataclasses.field(default_factory=dict)
+    hardware: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    runners: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    alive: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    trials: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    decisions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    selected: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, blob: dict[str, Any]) -> StudyState:
+        return cls(**blob)
+
+
 class Study:
     """Runs, resumes and reports a study in ``directory``.
 
@@ -204,9 +236,9 @@ class Study:
         names = os.listdir(os.path.join(self.directory, "progress"))
         return sorted(int(n[6:-5]) for n in names if n.startswith("phase-") and n.endswith(".json"))
 
-    def _load_progress(self, phase: int) -> dict[str, Any]:
+    def _load_progress(self, phase: int) -> StudyState:
         with open(self._progress_path(phase)) as f:
-            return json.load(f)
+            return StudyState.from_json(json.load(f))
 
     # ------------------------------------------------------------------------------------- setup
 
@@ -271,7 +303,7 @@ class Study:
 
     # ------------------------------------------------------------------------------ hardware filter
 
-    def _create_runner(self, cohort_spec: CohortSpec, progress: dict) -> CohortRunner | None:
+    def _create_runner(self, cohort_spec: CohortSpec, progress: StudyState) -> CohortRunner | None:
         """Builds a cohort's runner at the widest width that fits; records infeasible trials
         (a batch larger than the data, no width fits in memory) instead of raising."""
         ids = [c.trial_id for c in cohort_spec.configs]
@@ -279,15 +311,15 @@ class Study:
             trainer = self._trainer(cohort_spec)
         except ValueError as err:  # e.g. a batch larger than the data set
             for i in ids:
-                progress["infeasible"][str(i)] = str(err)
+                progress.infeasible[str(i)] = str(err)
             return None
         runner, notes = CohortRunner.create(cohort_spec, trainer, self.metering, self.policy)
         if runner is None:
             for i in ids:
-                progress["infeasible"][str(i)] = f"does not fit in device memory even alone: {notes[-1]}"
-            progress["hardware"][cohort_spec.name] = {"width": None, "notes": notes}
+                progress.infeasible[str(i)] = f"does not fit in device memory even alone: {notes[-1]}"
+            progress.hardware[cohort_spec.name] = {"width": None, "notes": notes}
             return None
-        progress["hardware"][cohort_spec.name] = {"width": runner.width, "notes": notes, "choices": runner.choices}
+        progress.hardware[cohort_spec.name] = {"width": runner.width, "notes": notes, "choices": runner.choices}
         return runner
 
     # ----------------------------------------------------------------------------------------- run
@@ -325,7 +357,7 @@ class Study:
                 runners = self._restore(progress, phase)
                 start_phase = phase + 1
                 break
-            except (CheckpointError, OSError, json.JSONDecodeError, KeyError) as err:
+            except (CheckpointError, OSError, json.JSONDecodeError, KeyError, TypeError) as err:
                 warnings.warn(f"phase {phase} cannot be restored ({err}); falling back to the previous phase", RuntimeWarning, stacklevel=3)
                 progress, runners = None, []
 
@@ -335,16 +367,16 @@ class Study:
             os.remove(self._progress_path(stale))
         try:
             if progress is None:
-                progress = {"phase": -1, "infeasible": {}, "hardware": {}, "runners": {}, "trials": {}, "decisions": []}
+                progress = StudyState()
                 for cohort_spec in group_into_cohorts(list(self.configs.values())):
                     runner = self._create_runner(cohort_spec, progress)
                     if runner is not None:
                         runners.append(runner)
-                for i, reason in progress["infeasible"].items():
-                    progress["decisions"].append({"phase": "hardware", "trial_id": int(i), "kept": False, "reason": f"infeasible: {reason}"})
+                for i, reason in progress.infeasible.items():
+                    progress.decisions.append({"phase": "hardware", "trial_id": int(i), "kept": False, "reason": f"infeasible: {reason}"})
                 for r in runners:
                     for t in r.trial_ids:
-                        progress["trials"][str(t)] = {"score": None, "energy_spent": 0.0, "samples_spent": 0, "history": []}
+                        progress.trials[str(t)] = {"score": None, "energy_spent": 0.0, "samples_spent": 0, "history": []}
             for p in range(start_phase, len(phases)):
                 if not runners:
                     break
@@ -355,7 +387,7 @@ class Study:
             self.meter.close()
         return results
 
-    def _run_phase(self, p: int, runners: list[CohortRunner], progress: dict, checkpoints: StudyCheckpoints) -> list[CohortRunner]:
+    def _run_phase(self, p: int, runners: list[CohortRunner], progress: StudyState, checkpoints: StudyCheckpoints) -> list[CohortRunner]:
         from tqdm.auto import tqdm
 
         phases = self.spec.phases()
@@ -370,7 +402,7 @@ class Study:
                 alive = sum(x.k for x in runners)
                 bar.set_postfix_str(f"trials alive {alive}, {self._energy_so_far_text()}, best {self._best_text(progress)}")
                 base = r.evaluate("explore") if name == "explore" else None
-                before_samples = {t: progress["trials"][str(t)]["samples_spent"] for t in r.trial_ids}
+                before_samples = {t: progress.trials[str(t)]["samples_spent"] for t in r.trial_ids}
                 trained = r.train_to(
                     targets[r.spec.name], name, planned_trial_steps=self._planned_trial_steps(r, p),
                     window_seconds=self.spec.window_seconds, steps_per_window=self.spec.steps_per_window, on_steps=bar.update,
@@ -380,7 +412,7 @@ class Study:
                 bs = r.spec.signature.batch_size
                 total_samples = self._steps(self.spec.max_budget, bs) * bs
                 for row, t in enumerate(r.trial_ids):
-                    record = progress["trials"][str(t)]
+                    record = progress.trials[str(t)]
                     previous = record["score"] if base is None else float(base.scores[row])
                     joules = [0.0 if base is None else base.joules[t], trained.joules[t], end.joules[t]]
                     last_energy = None if any(j is None for j in joules) else float(sum(joules))
@@ -406,9 +438,9 @@ class Study:
             kept, records = halve(candidates, self.objective, eta=len(candidates) + 1)  # keep only the best
         else:
             kept, records = halve(candidates, self.objective, self.spec.eta)
-        progress["decisions"].extend({"phase": name, **rec, "energy_method": self.meter.method} for rec in records)
+        progress.decisions.extend({"phase": name, **rec, "energy_method": self.meter.method} for rec in records)
         if last:
-            progress["selected"] = kept[0] if kept else None
+            progress.selected = kept[0] if kept else None
 
         kept_set = set(kept)
         survivors = []
@@ -422,25 +454,25 @@ class Study:
                     r.narrow_for_survivors(self._planned_trial_steps(r, p + 1))
             survivors.append(r)
         for r in runners:
-            if r.spec.name in progress["hardware"]:
-                progress["hardware"][r.spec.name]["choices"] = r.choices
-        progress["alive"] = {r.spec.name: r.trial_ids for r in survivors}
-        progress["runners"] = {r.spec.name: r.to_json() for r in survivors}
-        progress["phase"] = p
+            if r.spec.name in progress.hardware:
+                progress.hardware[r.spec.name]["choices"] = r.choices
+        progress.alive = {r.spec.name: r.trial_ids for r in survivors}
+        progress.runners = {r.spec.name: r.to_json() for r in survivors}
+        progress.phase = p
         if survivors:  # Orbax refuses an empty tree; a phase with no survivor needs no checkpoint
             checkpoints.save(p, {r.spec.name: r.rows() for r in survivors})
             checkpoints.wait()  # committed before the phase is recorded as done
-        _atomic_write_json(self._progress_path(p), progress)
+        _atomic_write_json(self._progress_path(p), progress.to_json())
         return survivors
 
-    def _restore(self, progress: dict, phase: int) -> list[CohortRunner]:
+    def _restore(self, progress: StudyState, phase: int) -> list[CohortRunner]:
         """Rebuilds the runners alive after ``phase`` from their checkpoint (rows gathered on the
         host at save time, re-chunked here at the recorded width)."""
-        if not progress["alive"]:
+        if not progress.alive:
             return []
         by_name = {c.name: c for c in group_into_cohorts(list(self.configs.values()))}
         trainers, abstract = {}, {}
-        for name, ids in progress["alive"].items():
+        for name, ids in progress.alive.items():
             trainers[name] = self._trainer(by_name[name])
             abstract[name] = trainers[name].abstract_rows(len(ids))
         checkpoints = StudyCheckpoints(os.path.join(self.directory, "checkpoints"))
@@ -449,15 +481,15 @@ class Study:
         finally:
             checkpoints.close()
         runners = []
-        for name, ids in progress["alive"].items():
+        for name, ids in progress.alive.items():
             rows = jax.device_get(states[name])
             if [int(t) for t in np.asarray(rows.trial_id)] != ids:
                 raise CheckpointError(f"checkpoint rows of {name} do not match the recorded survivors")
-            saved = progress["runners"][name]
+            saved = progress.runners[name]
             runners.append(CohortRunner(
                 by_name[name], trainers[name], rows, saved["width"], self.metering, self.policy,
                 rate_seconds={int(w): s for w, s in saved["step_seconds"].items()}, probe_pending=saved["probe_pending"],
-                choices=progress["hardware"].get(name, {}).get("choices", []),
+                choices=progress.hardware.get(name, {}).get("choices", []),
             ))
         return runners
 
@@ -469,20 +501,20 @@ class Study:
         return f"{self._total_joules:.1f} J {','.join(sorted(self._methods)) or self.meter.method}"
 
     @staticmethod
-    def _best_text(progress: dict) -> str:
-        scores = [t["score"] for t in progress["trials"].values() if t["score"] is not None]
+    def _best_text(progress: StudyState) -> str:
+        scores = [t["score"] for t in progress.trials.values() if t["score"] is not None]
         return f"{max(scores):.4g}" if scores else "-"
 
-    def _results(self, progress: dict, wall_seconds: float) -> dict[str, Any]:
+    def _results(self, progress: StudyState, wall_seconds: float) -> dict[str, Any]:
         records = self.ledger.records()
         by_phase = summarize(records)
-        selected = progress.get("selected")
+        selected = progress.selected
         out: dict[str, Any] = {
             "study": self.directory, "mode": self.spec.mode, "objective": self.spec.objective,
             "energy_method": self.meter.method, "energy_note": self.hardware.get("energy_note", ""),
             "intensity_label": self.ledger.intensity_label, "idle": self.hardware["idle"],
             "energy_by_phase": by_phase, "wall_seconds_this_attempt": wall_seconds, "attempts": max((r.get("attempt", 0) for r in records), default=0),
-            "decisions": progress["decisions"], "infeasible": progress["infeasible"], "hardware": progress["hardware"],
+            "decisions": progress.decisions, "infeasible": progress.infeasible, "hardware": progress.hardware,
             "metric_name": TASK_METRIC[self._dataset.task], "num_configs": len(self.configs),
         }
         totals = [g["joules"] for g in by_phase.values()]
@@ -491,7 +523,7 @@ class Study:
             out["selected"] = None
             out["note"] = "no configuration survived (all diverged or infeasible)"
             return out
-        trial = progress["trials"][str(selected)]
+        trial = progress.trials[str(selected)]
         own = [r for r in records if r["type"] == "trial" and r["trial_id"] == selected]
         joules = [r["joules"] for r in own]
         out["selected"] = {

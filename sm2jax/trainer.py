@@ -30,8 +30,9 @@ a loop on a 2-core CPU); :meth:`CohortTrainer.probe_width` measures it, and
 
 Isolation. A trial whose loss, gradients or batch statistics are not finite is frozen inside the
 step (``jnp.where`` on its own rows, so no other trial sees it): that step's update is not applied,
-its parameters and optimizer state keep their values, ``diverged_at`` records the step, ``active``
-turns false, and its data position stops advancing. An update that overflows finite parameters
+its parameters and batch statistics keep their values, ``diverged_at`` records the step, ``active``
+turns false, and its data position stops advancing. (Its optimizer moments are not kept: a frozen
+trial never trains again.) An update that overflows finite parameters
 (absurd learning rates) shows as a non-finite loss one step later and freezes the trial there.
 Padding rows are inactive from the start: they take no step.
 """
@@ -319,14 +320,15 @@ class CohortTrainer:
         ok = ts.active & finite
         tx = make_optimizer(self.cohort.signature.optimizer, ts.opt_state.hyperparams)
         updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
-        params = optax.apply_updates(ts.params, updates)
-
-        def keep(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        # Frozen parameters take a zero update: the select sits inside the update's own fusion. The
+        # optimizer state of a frozen trial is not kept (it never trains again, and keeping it costs
+        # a select pass over every moment: MLP 1024x1024, batch 32, CPU: 1.6x slower per step).
+        params = optax.apply_updates(ts.params, jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates))
+        opt_state = opt_state._replace(hyperparams=ts.opt_state.hyperparams)  # a trial's hyperparameters never change
 
         new = ts._replace(
-            params=keep(params, ts.params), model_state=keep(model_state, ts.model_state),
-            opt_state=keep(opt_state, ts.opt_state), step=ts.step + ok.astype(jnp.int32),
+            params=params, model_state=jax.tree.map(lambda a, b: jnp.where(ok, a, b), model_state, ts.model_state),
+            opt_state=opt_state, step=ts.step + ok.astype(jnp.int32),
             active=ok, diverged_at=jnp.where(ts.active & ~finite, ts.step, ts.diverged_at),
         )
         return new, jnp.where(ok, loss, 0.0), ok
