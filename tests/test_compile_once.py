@@ -54,7 +54,9 @@ def test_a_study_compiles_each_program_once_and_a_warm_cache_compiles_nothing(tm
     os.remove(tmp_path / "a-new" / "results.json")
     for warm in (_run(cache, tmp_path / "a-new"), _run(cache, tmp_path / "b-new")):
         assert warm["backend_compiles"] == 0 and warm["cache_hits"] >= 2  # at least train and eval
-        assert warm["study_compilation"]["cache_hits"] >= 2 and warm["study_compilation"]["cache_saved_seconds"] > 0
+        # JAX's own estimate (stored compile time minus load time) of what the hits saved; it can
+        # round to 0 on a loaded machine, so only its presence and sign are checked.
+        assert warm["study_compilation"]["cache_hits"] >= 2 and warm["study_compilation"]["cache_saved_seconds"] >= 0
         assert warm["selected"] is not None
     assert warm["programs"] == cold["programs"]  # the fresh re-run requested the same programs, all hits
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sm2jax.data import batch_indices, load_digits, load_tfds_images, source_to_arrays, text_to_dataset, windows_to_dataset
+from sm2jax.data import batch_indices, load_dataset, load_digits, load_tfds_images, source_to_arrays, text_to_dataset, windows_to_dataset
 
 
 @pytest.mark.parametrize("n, b", [(64, 16), (1437, 32), (10, 3), (2, 2)])
@@ -104,3 +104,12 @@ def test_wikitext2_builder_offline(tmp_path):
     ds = load_wikitext2(data_dir=str(tmp_path), context=16, download=False)
     assert ds.task == "language_model" and ds.x_train.shape[1] == 16
     assert bytes(ds.x_train[0].astype(np.uint8)).isascii()
+
+
+def test_mnist1d_is_generated_offline_with_its_own_split():
+    ds = load_dataset("mnist1d", num_samples=300)  # make_dataset only: no download
+    assert ds.name == "mnist1d" and ds.task == "classification" and ds.num_outputs == 10
+    assert ds.x_train.shape == (240, 40, 1) and ds.x_val.shape == (60, 40, 1) and ds.x_train.dtype == np.float32
+    assert set(np.unique(ds.y_train).tolist()) <= set(range(10)) and ds.y_train.dtype == np.int32
+    again = load_dataset("mnist1d", num_samples=300)
+    np.testing.assert_array_equal(ds.x_train, again.x_train)  # seeded: the same data every time

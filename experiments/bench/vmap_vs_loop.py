@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from _plain import PlainTrainer
-from _results import write_rows
+from _results import write_rows, write_table
 
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.data import load_digits
@@ -125,12 +125,8 @@ def main(argv=None):
         row = bench(name, args.trials, args.batch_size, args.epochs, args.repeats)
         rows.append(row)
         print(f"{row['model']:<12} width {row['width']:>3}  vs loop-epochs {row['speedup_vs_loop_epochs']:.2f}x  vs loop-steps {row['speedup_vs_loop_steps']:.2f}x", flush=True)
-    table = markdown(rows)
-    print(table)
+    write_table(args.markdown, markdown(rows))
     write_rows(args.json, rows)
-    if args.markdown is not None:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
     return rows
 
 

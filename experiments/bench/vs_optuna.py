@@ -225,7 +225,7 @@ def main(argv=None):
         print(json.dumps(child(args.child, args.workload, args.data)))
         return None
     sys.path.insert(0, str(HERE))
-    from _results import write_rows
+    from _results import write_rows, write_table
 
     runs, run_id = [], 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,12 +241,8 @@ def main(argv=None):
                     print(f"{workload:<12} {contender:<12} wall {run['wall_s']:6.1f} s  cpu {run['cpu_s']:6.1f} s  compiles {run['backend_compiles']:3d}"
                           f"  epoch-trials {run['epoch_trials']:5.0f}  accuracy {run['accuracy']:.3f}", flush=True)
     rows = summarize(runs)
-    table = markdown(rows)
-    print(table)
+    write_table(args.markdown, markdown(rows))
     write_rows(args.json, [{"summary": rows, "runs": runs}])
-    if args.markdown is not None:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(table + "\n")
     return rows
 
 
