@@ -9,10 +9,11 @@ The per-trial learning rate follows
 
 .. math::  \\eta_t = \\eta_{\\text{peak}} \\cdot w_t \\cdot d_t,
 
-with linear warm-up :math:`w_t = \\min(1, (t+1)/(f_w T))` over a fraction :math:`f_w` of the
+with linear warm-up :math:`w_t = \\min(1, t/(f_w T))` over a fraction :math:`f_w` of the
 schedule length :math:`T`, and decay :math:`d_t \\in \\{1,\\ \\tfrac12(1+\\cos \\pi p_t),\\ 1-p_t\\}`
 (constant, cosine, linear) of the post-warm-up progress :math:`p_t \\in [0, 1]`. The schedule has unit
-peak and is multiplied by the traced peak: optax schedules cannot take a traced peak value.
+peak and is multiplied by the traced peak: optax schedules cannot take a traced peak value. It equals
+``optax.warmup_cosine_decay_schedule(0, peak, f_w T, T)`` step for step (warm-up from 0 at step 0).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def unit_schedule(count, warmup_fraction, schedule_id, schedule_steps):
     """The unit-peak learning-rate multiplier :math:`w_t d_t` (see the module docstring)."""
     t = count.astype(jnp.float32)
     warm = warmup_fraction * schedule_steps
-    warm_factor = jnp.where(warm > 0, jnp.minimum((t + 1.0) / jnp.maximum(warm, 1.0), 1.0), 1.0)
+    warm_factor = jnp.where(warm > 0, jnp.minimum(t / jnp.maximum(warm, 1.0), 1.0), 1.0)
     progress = jnp.clip((t - warm) / jnp.maximum(schedule_steps - warm, 1.0), 0.0, 1.0)
     decay = jnp.select(
         [schedule_id == SCHEDULES.index("cosine"), schedule_id == SCHEDULES.index("linear")],

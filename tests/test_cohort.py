@@ -35,10 +35,20 @@ def test_hyperparameter_arrays_have_a_trial_axis():
         (1.0, 0.0, 50, 0.5),  # cosine half way
         (1.0, 0.0, 100, 0.0),  # cosine at the end
         (2.0, 0.0, 25, 0.75),  # linear
-        (0.0, 0.1, 4, 0.5),  # warm-up over 10 steps: (4 + 1) / 10
+        (0.0, 0.1, 4, 0.4),  # warm-up over 10 steps: 4 / 10 (optax starts its warm-up at 0)
         (2.0, 0.1, 55, 0.5),  # linear decay after 10 warm-up steps: 1 - 45/90
     ],
 )
 def test_unit_schedule(schedule_id, warmup, t, expected):
     value = unit_schedule(jnp.int32(t), jnp.float32(warmup), jnp.float32(schedule_id), jnp.float32(100))
     assert float(value) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("warmup_steps, total", [(3, 10), (10, 100), (1, 5)])
+def test_warmup_cosine_matches_optax_step_for_step(warmup_steps, total):
+    import optax
+
+    reference = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps, total, 0.0)
+    for t in range(total + 2):
+        ours = unit_schedule(jnp.int32(t), jnp.float32(warmup_steps / total), jnp.float32(1.0), jnp.float32(total))
+        assert float(ours) == pytest.approx(float(reference(t)), abs=1e-6), t
