@@ -15,18 +15,25 @@ def run_hyperband(directory: str | os.PathLike, spec: StudySpec, *, progress: bo
     """Runs Hyperband with one :class:`Study` per bracket, in ``directory/bracket-S/``.
 
     ``spec.max_budget`` is R; bracket ``s`` samples ``n`` random configurations (seed ``spec.seed + s``)
-    and halves them from budget ``R * eta**-s`` to R. The winner is the best score over the brackets.
+    and runs Li et al.'s inner loop on them: rungs ``r_i = R * eta**(i - s)`` keeping ``floor(n_i / eta)``
+    (:func:`sm2jax.scheduler.hyperband_brackets`; integral budgets ``R * eta**i // eta**s`` when the unit
+    is steps or samples). The winner is the best score over the brackets.
     Finished brackets are read back, so a killed Hyperband run resumes bracket by bracket. Brackets
     of one shape reuse each other's compiled programs (in-process and through the persistent cache).
     """
     directory = os.path.abspath(os.fspath(directory))
     os.makedirs(directory, exist_ok=True)
     _atomic_write_json(os.path.join(directory, "spec.json"), {"hyperband": spec.to_json()})
-    brackets, outcomes = hyperband_brackets(spec.max_budget, spec.eta), []
+    integral = spec.budget_unit in ("steps", "samples") and spec.max_budget == int(spec.max_budget)
+    brackets, outcomes = hyperband_brackets(spec.max_budget, spec.eta, integral=integral), []
     for b in brackets:
-        sub = dataclasses.replace(spec, mode="sh", sampler="random", num_samples=int(b["n"]), seed=spec.seed + int(b["s"]), min_budget=float(b["r"]), explore_budget=0.0, objective="performance")
+        rungs = [r["r"] for r in b["rungs"]]
+        sub = dataclasses.replace(
+            spec, mode="sh", sampler="random", num_samples=int(b["n"]), seed=spec.seed + int(b["s"]),
+            min_budget=rungs[0], rungs=rungs, keep_rule="floor", explore_budget=0.0, objective="performance",
+        )
         result = Study(os.path.join(directory, f"bracket-{b['s']}"), sub, progress=progress, nvml=nvml, dataset=dataset).run()
-        outcomes.append({**b, "selected": result["selected"], "total_joules": result["total_joules"], "energy_method": result["energy_method"]})
+        outcomes.append({**{k: b[k] for k in ("s", "n", "r")}, "rungs": b["rungs"], "selected": result["selected"], "total_joules": result["total_joules"], "energy_method": result["energy_method"]})
     scored = [o for o in outcomes if o["selected"] is not None and o["selected"]["score"] is not None]
     best = max(scored, key=lambda o: o["selected"]["score"]) if scored else None
     totals = [o["total_joules"] for o in outcomes]

@@ -221,13 +221,20 @@ def rank(candidates: Sequence[Candidate], objective: Objective) -> list[tuple[Ca
     return ranked + [(c, {"objective": -math.inf}) for c in sorted(broken, key=lambda c: c.trial_id)]
 
 
-def halve(candidates: Sequence[Candidate], objective: Objective, eta: int) -> tuple[list[int], list[dict[str, Any]]]:
-    """Successive-halving step: keep the best ``ceil(n / eta)`` healthy candidates (at least one).
+KEEP_RULES = ("ceil", "floor")
+
+
+def halve(candidates: Sequence[Candidate], objective: Objective, eta: int, keep: str = "ceil") -> tuple[list[int], list[dict[str, Any]]]:
+    """Successive-halving step: keep the best ``ceil(n / eta)`` healthy candidates (``keep="ceil"``),
+    or ``floor(n / eta)`` as Hyperband's inner loop does (Li et al. 2018, Algorithm 1; ``"floor"``);
+    at least one either way.
 
     Returns the kept trial ids and one decision record per candidate (with its terms and reason).
     """
+    if keep not in KEEP_RULES:
+        raise ValueError(f"keep: unknown rule {keep!r}; known: {KEEP_RULES}")
     ranked = rank(candidates, objective)
-    keep_n = max(1, math.ceil(len(candidates) / eta))
+    keep_n = max(1, math.ceil(len(candidates) / eta) if keep == "ceil" else len(candidates) // eta)
     kept, records = [], []
     for position, (c, terms) in enumerate(ranked):
         healthy = terms["objective"] != -math.inf
@@ -297,17 +304,31 @@ def rung_budgets(min_budget: float, max_budget: float, eta: int) -> list[float]:
     return budgets
 
 
-def hyperband_brackets(max_budget: float, eta: int = 3) -> list[dict[str, float]]:
+def hyperband_brackets(max_budget: float, eta: int = 3, *, integral: bool = False) -> list[dict[str, Any]]:
     """Hyperband's brackets (Li et al. 2018, Algorithm 1), most exploratory first.
 
     ``s_max = floor(log_eta R)``; bracket ``s`` starts ``n = ceil((s_max + 1) / (s + 1) * eta**s)``
-    configurations at budget ``r = R * eta**-s``.
+    configurations at budget ``r = R * eta**-s``; its rung ``i`` (0..s) trains
+    ``n_i = floor(n * eta**-i)`` configurations to ``r_i = r * eta**i`` and keeps the best
+    ``floor(n_i / eta)`` (= ``n_{i+1}``). With ``integral`` (a whole-number R in an integral unit such
+    as steps) budgets are ``R * eta**i // eta**s``, as in the paper's integer resources.
+
+    Returns one ``{"s", "n", "r", "rungs": [{"n", "r"}, ...]}`` per bracket.
     """
+    if eta < 2:
+        raise ValueError(f"eta must be >= 2 (got {eta})")
+    if integral and max_budget != int(max_budget):
+        raise ValueError(f"integral budgets need a whole-number max_budget (got {max_budget})")
     s_max = int(math.floor(math.log(max_budget) / math.log(eta) + 1e-9))
     out = []
     for s in range(s_max, -1, -1):
         n = math.ceil((s_max + 1) / (s + 1) * eta**s - 1e-9)
-        out.append({"s": s, "n": n, "r": max_budget * eta ** (-s)})
+
+        def budget(i, s=s):
+            return float(int(max_budget) * eta**i // eta**s) if integral else max_budget * float(eta) ** (i - s)
+
+        rungs = [{"n": n // eta**i, "r": budget(i)} for i in range(s + 1)]
+        out.append({"s": s, "n": n, "r": budget(0), "rungs": rungs})
     return out
 
 

@@ -38,7 +38,7 @@ from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import ArrayDataset, device_put_dataset, load_dataset
 from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, hardware_profile, make_meter, measure_idle, summarize
 from sm2jax.runner import CohortRunner, Metering, WidthPolicy
-from sm2jax.scheduler import Candidate, exploration_filter, halve, resolve_objective, rung_budgets, steps_for
+from sm2jax.scheduler import KEEP_RULES, Candidate, exploration_filter, halve, resolve_objective, rung_budgets, steps_for
 from sm2jax.space import Config, SearchSpace
 from sm2jax.trainer import TASK_METRIC, CohortTrainer, memory_limit_bytes
 
@@ -61,6 +61,10 @@ class StudySpec:
       budget_unit: ``steps``, ``samples`` or ``epochs``; budgets are cumulative per configuration.
       explore_budget: SM2's exploratory pretraining budget (0 disables); must be below ``min_budget``.
       min_budget, max_budget, eta: successive-halving rungs ``min_budget * eta**i`` up to ``max_budget``.
+      rungs: explicit cumulative rung budgets instead (first ``min_budget``, last ``max_budget``), e.g.
+        Hyperband's integral budgets.
+      keep_rule: ``ceil`` keeps ``ceil(n / eta)`` per rung (successive halving), ``floor`` keeps
+        ``floor(n / eta)`` (Hyperband's inner loop, Li et al. 2018); at least one either way.
       objective: ``sm2``, ``performance`` or ``pareto`` (a callable via :class:`Study` directly).
       alpha, beta: weights of the ``sm2`` objective.
       score_tolerance, energy_tolerance: exploration dominance margins.
@@ -90,6 +94,8 @@ class StudySpec:
     min_budget: float = 1.0
     max_budget: float = 9.0
     eta: int = 3
+    rungs: list[float] | None = None
+    keep_rule: str = "ceil"
     objective: str = "sm2"
     alpha: float = 0.5
     beta: float = 0.3
@@ -116,13 +122,20 @@ class StudySpec:
         if self.mode == "full":
             self.explore_budget, self.objective, self.min_budget = 0.0, "performance", self.max_budget
         rung_budgets(self.min_budget, self.max_budget, self.eta)  # validates
+        if self.rungs is not None:
+            r = [float(x) for x in self.rungs]
+            if not r or r[0] != self.min_budget or r[-1] != self.max_budget or any(b <= a for a, b in zip(r, r[1:])):
+                raise ValueError(f"rungs must increase from min_budget to max_budget (got {self.rungs}, {self.min_budget}..{self.max_budget})")
+        if self.keep_rule not in KEEP_RULES:
+            raise ValueError(f"keep_rule: unknown {self.keep_rule!r}; known: {KEEP_RULES}")
         if not 0 <= self.explore_budget < self.min_budget:
             raise ValueError(f"explore_budget must be in [0, min_budget) (got {self.explore_budget}, min_budget {self.min_budget})")
         steps_for(1, self.budget_unit, 1, 1)  # validates the unit
 
     def phases(self) -> list[tuple[str, float]]:
         out = [("explore", self.explore_budget)] if self.explore_budget > 0 else []
-        return out + [(f"rung-{i + 1}", r) for i, r in enumerate(rung_budgets(self.min_budget, self.max_budget, self.eta))]
+        rungs = self.rungs if self.rungs is not None else rung_budgets(self.min_budget, self.max_budget, self.eta)
+        return out + [(f"rung-{i + 1}", float(r)) for i, r in enumerate(rungs)]
 
     def configs(self) -> list[Config]:
         space = SearchSpace.from_json(self.space)
@@ -437,7 +450,7 @@ class Study:
         elif last:
             kept, records = halve(candidates, self.objective, eta=len(candidates) + 1)  # keep only the best
         else:
-            kept, records = halve(candidates, self.objective, self.spec.eta)
+            kept, records = halve(candidates, self.objective, self.spec.eta, self.spec.keep_rule)
         progress.decisions.extend({"phase": name, **rec, "energy_method": self.meter.method} for rec in records)
         if last:
             progress.selected = kept[0] if kept else None

@@ -28,6 +28,50 @@ def test_hyperband_brackets_match_li_et_al_2018():
     brackets = hyperband_brackets(81, 3)
     assert [(b["n"], b["r"]) for b in brackets] == [(81, 1), (34, 3), (15, 9), (8, 27), (5, 81)]
     assert [b["s"] for b in brackets] == [4, 3, 2, 1, 0]
+    # Li et al. (JMLR 2018), Table 1: (n_i, r_i) per rung of every bracket for R = 81, eta = 3.
+    published = [
+        [(81, 1), (27, 3), (9, 9), (3, 27), (1, 81)],
+        [(34, 3), (11, 9), (3, 27), (1, 81)],
+        [(15, 9), (5, 27), (1, 81)],
+        [(8, 27), (2, 81)],
+        [(5, 81)],
+    ]
+    assert [[(r["n"], r["r"]) for r in b["rungs"]] for b in brackets] == published
+    # The issue's R = 243 example (bracket s = 4): 98 @ 3, 32 @ 9, 10 @ 27, 3 @ 81, 1 @ 243.
+    s4 = next(b for b in hyperband_brackets(243, 3) if b["s"] == 4)
+    assert [(r["n"], r["r"]) for r in s4["rungs"]] == [(98, 3), (32, 9), (10, 27), (3, 81), (1, 243)]
+
+
+def _algorithm_1(R, eta):
+    """Li et al.'s Algorithm 1, transcribed literally with integer resources (the reference)."""
+    s_max = 0
+    while eta ** (s_max + 1) <= R:
+        s_max += 1
+    out = []
+    for s in range(s_max, -1, -1):
+        n = -(-(s_max + 1) * eta**s // (s + 1))
+        out.append([(n * 1 // eta**i, R * eta**i // eta**s) for i in range(s + 1)])
+    return out
+
+
+@pytest.mark.parametrize("R, eta", [(27, 3), (81, 3), (243, 3), (16, 2), (64, 4)])
+def test_hyperband_plans_equal_algorithm_1(R, eta):
+    ours = [[(r["n"], r["r"]) for r in b["rungs"]] for b in hyperband_brackets(R, eta, integral=True)]
+    assert ours == _algorithm_1(R, eta)
+
+
+def test_hyperband_integral_budgets_round_down_like_the_paper():
+    (s4,) = [b for b in hyperband_brackets(100, 3, integral=True) if b["s"] == 4]
+    assert [r["r"] for r in s4["rungs"]] == [1, 3, 11, 33, 100]
+
+
+def test_halving_keeps_floor_in_hyperband_and_ceil_in_successive_halving():
+    candidates = [cand(i, 0.1 * i) for i in range(10)]
+    assert len(halve(candidates, performance_objective, 3, keep="floor")[0]) == 3
+    assert len(halve(candidates, performance_objective, 3, keep="ceil")[0]) == 4
+    assert len(halve(candidates[:2], performance_objective, 3, keep="floor")[0]) == 1  # at least one
+    with pytest.raises(ValueError, match="keep"):
+        halve(candidates, performance_objective, 3, keep="round")
 
 
 def test_rung_budgets_and_units():

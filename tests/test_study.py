@@ -164,6 +164,22 @@ def test_baselines_on_identical_work(tmp_path):
     assert hb["selected"]["score"] == max(b["selected"]["score"] for b in hb["brackets"])
 
 
+def test_hyperband_runs_li_et_al_rungs_and_keeps_floor(tmp_path):
+    """R = 27 steps, eta = 3: every bracket trains n_i configurations to r_i steps and keeps
+    floor(n_i / eta), ending with exactly one configuration at the full budget."""
+    space = {"learning_rate": LogUniform(1e-3, 1e-1, num=3), "batch_size": 64}
+    hb = run_hyperband(tmp_path / "hb", _spec(space, budget_unit="steps", max_budget=27, eta=3, explore_budget=0.0, idle_seconds=0.0), progress=False)
+    assert [(b["s"], b["n"]) for b in hb["brackets"]] == [(3, 27), (2, 12), (1, 6), (0, 4)]
+    for b in hb["brackets"]:
+        bracket = json.loads((tmp_path / "hb" / f"bracket-{b['s']}" / "results.json").read_text())
+        for i, rung in enumerate(b["rungs"]):
+            decided = [d for d in bracket["decisions"] if d["phase"] == f"rung-{i + 1}"]
+            assert len(decided) == rung["n"], (b["s"], i)
+            assert {d["samples_spent"] for d in decided} == {int(rung["r"]) * 64}  # r_i steps of batch 64
+            assert sum(d["kept"] for d in decided) == (b["rungs"][i + 1]["n"] if i < b["s"] else 1)
+        assert bracket["selected"] is not None
+
+
 def test_a_different_spec_in_an_existing_directory_is_refused(tmp_path):
     Study(tmp_path / "s", _spec({"learning_rate": 1e-3}), progress=False)
     with pytest.raises(ValueError, match="different study"):
