@@ -8,7 +8,7 @@ from typing import Any
 
 from sm2jax.data import ArrayDataset
 from sm2jax.scheduler import hyperband_brackets
-from sm2jax.study import Study, StudySpec, _atomic_write_json
+from sm2jax.study import Study, StudySpec, _atomic_write_json, claim_directory
 
 
 def run_hyperband(directory: str | os.PathLike, spec: StudySpec, *, progress: bool = True, nvml: Any = None, dataset: ArrayDataset | None = None) -> dict[str, Any]:
@@ -22,8 +22,7 @@ def run_hyperband(directory: str | os.PathLike, spec: StudySpec, *, progress: bo
     of one shape reuse each other's compiled programs (in-process and through the persistent cache).
     """
     directory = os.path.abspath(os.fspath(directory))
-    os.makedirs(directory, exist_ok=True)
-    _atomic_write_json(os.path.join(directory, "spec.json"), {"hyperband": spec.to_json()})
+    claim_directory(directory, {"hyperband": spec.to_json()})  # refuses a directory holding another study
     integral = spec.budget_unit in ("steps", "samples") and spec.max_budget == int(spec.max_budget)
     brackets, outcomes = hyperband_brackets(spec.max_budget, spec.eta, integral=integral), []
     for b in brackets:

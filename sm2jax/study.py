@@ -145,6 +145,51 @@ class StudySpec:
         return dataclasses.asdict(self)
 
 
+def read_spec(directory: str | os.PathLike) -> StudySpec:
+    """The :class:`StudySpec` stored in ``directory/spec.json``, with one-line errors for a missing
+    study, a Hyperband run, or a spec this version does not know."""
+    path = os.path.join(os.fspath(directory), "spec.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no study in {directory} (spec.json missing): start one with `sm2jax run --dir {directory}`")
+    with open(path) as f:
+        blob = json.load(f)
+    if "hyperband" in blob:
+        raise ValueError(f"{directory} holds a Hyperband run, not a single study: use run_hyperband (or `sm2jax resume {directory}`)")
+    unknown = sorted(set(blob) - {f.name for f in dataclasses.fields(StudySpec)})
+    if unknown:
+        raise ValueError(f"{path}: unknown field(s) {', '.join(unknown)}; remove them or upgrade sm2jax")
+    return StudySpec(**blob)
+
+
+def has_run(directory: str | os.PathLike) -> bool:
+    """Whether the study (or Hyperband run) in ``directory`` has measured or trained anything."""
+    d = os.fspath(directory)
+    if not os.path.isdir(d):
+        return False
+    names = os.listdir(d)
+    phases = os.listdir(os.path.join(d, "progress")) if "progress" in names else []
+    return bool(phases) or any(n in ("ledger.jsonl", "results.json", "checkpoints") or n.startswith("bracket-") for n in names)
+
+
+def claim_directory(directory: str | os.PathLike, spec_blob: dict[str, Any]) -> None:
+    """Writes ``spec_blob`` as ``directory/spec.json`` unless the directory holds a different study
+    that has already run (then raises; no study data is ever overwritten). A spec whose study never
+    ran -- a first start that failed on bad input -- is replaced by the corrected one."""
+    path = os.path.join(os.fspath(directory), "spec.json")
+    wanted = json.loads(json.dumps(spec_blob, default=_json_default))
+    held = None
+    if os.path.exists(path):
+        with open(path) as f:
+            held = json.load(f)
+    if held == wanted:
+        return
+    if held is not None and has_run(directory):
+        kind = "a Hyperband run" if "hyperband" in held else "a study"
+        raise ValueError(f"{directory} already holds {kind} with a different spec; resume it (`sm2jax resume {directory}`) or choose another directory")
+    os.makedirs(os.path.join(os.fspath(directory), "progress"), exist_ok=True)
+    _atomic_write_json(path, spec_blob)
+
+
 def _atomic_write_json(path: str, blob: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -216,28 +261,18 @@ class Study:
 
     def __init__(self, directory: str | os.PathLike, spec: StudySpec | None = None, *, objective: Callable | None = None, nvml: Any = None, progress: bool = True, dataset: ArrayDataset | None = None):
         self.directory = os.path.abspath(os.fspath(directory))
-        spec_path = os.path.join(self.directory, "spec.json")
         if spec is None:
-            if not os.path.exists(spec_path):
-                raise FileNotFoundError(f"no study in {self.directory} (spec.json missing)")
-            with open(spec_path) as f:
-                spec = StudySpec(**json.load(f))
-        else:
-            if os.path.exists(spec_path):
-                with open(spec_path) as f:
-                    if json.load(f) != json.loads(json.dumps(spec.to_json())):
-                        raise ValueError(f"{self.directory} already holds a different study; use Study(directory) to resume it")
-            os.makedirs(os.path.join(self.directory, "progress"), exist_ok=True)
-            _atomic_write_json(spec_path, spec.to_json())
+            spec = read_spec(self.directory)
         self.spec = spec
         self.objective = resolve_objective(objective or spec.objective, alpha=spec.alpha, beta=spec.beta)
         self.progress_bar = progress
         self._nvml = nvml
         self._dataset = dataset
         self._on_device = None
-        self.configs = {c.trial_id: c for c in spec.configs()}
+        self.configs = {c.trial_id: c for c in spec.configs()}  # a bad space fails here, before anything is written
         if not self.configs:
             raise ValueError("the search space produced no configuration")
+        claim_directory(self.directory, spec.to_json())
         self.policy = WidthPolicy(max_width=spec.width, memory_limit=spec.memory_limit_bytes or memory_limit_bytes(), probe=spec.probe_width)
 
     # ------------------------------------------------------------------------------- progress io
@@ -375,7 +410,9 @@ class Study:
                 progress, runners = None, []
 
         checkpoints = StudyCheckpoints(os.path.join(self.directory, "checkpoints"))
-        checkpoints.discard_after(start_phase - 1)
+        for step in checkpoints.discard_after(start_phase - 1):
+            if step not in saved:  # committed, but the run was killed before it recorded the phase
+                warnings.warn(f"checkpoint of phase {step} has no progress record (killed between the two); discarded, the phase runs again", RuntimeWarning, stacklevel=3)
         for stale in (p for p in saved if p >= start_phase):
             os.remove(self._progress_path(stale))
         try:

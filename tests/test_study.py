@@ -181,8 +181,34 @@ def test_hyperband_runs_li_et_al_rungs_and_keeps_floor(tmp_path):
 
 
 def test_a_different_spec_in_an_existing_directory_is_refused(tmp_path):
-    Study(tmp_path / "s", _spec({"learning_rate": 1e-3}), progress=False)
-    with pytest.raises(ValueError, match="different study"):
+    first = _spec({"learning_rate": 1e-3}, idle_seconds=0.0)
+    Study(tmp_path / "s", first, progress=False).run()
+    spec_file = (tmp_path / "s" / "spec.json").read_text()
+    with pytest.raises(ValueError, match="different spec"):
         Study(tmp_path / "s", _spec({"learning_rate": 2e-3}), progress=False)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="different spec"):  # Hyperband into it: refused before writing anything
+        run_hyperband(tmp_path / "s", _spec({"learning_rate": 2e-3}), progress=False)
+    assert (tmp_path / "s" / "spec.json").read_text() == spec_file
+    with pytest.raises(FileNotFoundError, match="spec.json missing"):
         Study(tmp_path / "nothing")
+
+
+def test_a_failed_first_start_does_not_block_the_corrected_spec(tmp_path):
+    with pytest.raises(ValueError, match="unknown data set"):
+        Study(tmp_path / "s", _spec({"learning_rate": 1e-3}, dataset="no-such-data"), progress=False).run()
+    with pytest.raises(ValueError, match="num >= 1"):  # a spec that yields nothing fails before anything is written
+        Study(tmp_path / "t", _spec({"learning_rate": LogUniform(1e-3, 1e-1, num=2)}, sampler="random", num_samples=0), progress=False)
+    assert not (tmp_path / "t").exists()
+    results = Study(tmp_path / "s", _spec({"learning_rate": 1e-3}, idle_seconds=0.0, explore_budget=0.0, max_budget=1), progress=False).run()
+    assert results["selected"] is not None
+
+
+def test_a_checkpoint_without_its_progress_record_is_discarded_with_a_warning(tmp_path):
+    spec = _spec({"learning_rate": 1e-3}, idle_seconds=0.0)
+    reference = Study(tmp_path / "s", spec, progress=False).run()
+    last = len(spec.phases()) - 1
+    os.remove(tmp_path / "s" / "progress" / f"phase-{last}.json")  # as if killed after the checkpoint committed
+    os.remove(tmp_path / "s" / "results.json")
+    with pytest.warns(RuntimeWarning, match=f"checkpoint of phase {last} has no progress record"):
+        again = Study(tmp_path / "s", progress=False).run()
+    assert again["selected"]["trial_id"] == reference["selected"]["trial_id"]
