@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+from sm2jax.energy.meters import METHODS
 from sm2jax.presets import PRESETS
 
 
@@ -28,11 +29,27 @@ def _run(args) -> dict:
         overrides["probe_width"] = False
     spec = dataclasses.replace(spec, **overrides)
     directory = args.dir or os.path.join("runs", f"{args.preset}-{args.mode}{'-quick' if args.quick else ''}")
-    if os.path.exists(os.path.join(directory, "progress")) and os.listdir(os.path.join(directory, "progress")):
-        print(f"resuming the study in {directory}", file=sys.stderr)
+    args.dir = directory  # named in the hint after Ctrl-C
     if args.mode == "hyperband":
         return run_hyperband(directory, spec, progress=not args.no_progress)
-    return Study(directory, spec, progress=not args.no_progress).run()
+    study = Study(directory, spec, progress=not args.no_progress)  # validates before anything is said
+    if os.listdir(os.path.join(directory, "progress")):
+        print(f"resuming the study in {directory}", file=sys.stderr)
+    return study.run()
+
+
+def _resume(args) -> dict:
+    from sm2jax.hyperband import run_hyperband
+    from sm2jax.study import Study, StudySpec
+
+    path = os.path.join(args.dir, "spec.json")
+    blob = None
+    if os.path.exists(path):
+        with open(path) as f:
+            blob = json.load(f)
+    if blob is not None and "hyperband" in blob:
+        return run_hyperband(args.dir, StudySpec(**blob["hyperband"]), progress=not args.no_progress)
+    return Study(args.dir, progress=not args.no_progress).run()  # one-line errors for a missing or unknown spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--mode", choices=("sm2", "sh", "full", "hyperband"), default="sm2", help="SM2, or a baseline on identical work")
     run.add_argument("--dir", help="study directory (default runs/PRESET-MODE); an existing one resumes")
     run.add_argument("--quick", action="store_true", help="a tiny version of the preset")
-    run.add_argument("--energy", default="auto", help="auto, nvml-counter, nvml-power, rapl, estimated or unavailable")
+    run.add_argument("--energy", default="auto", choices=("auto", *METHODS), help="how energy is obtained (default: auto)")
     run.add_argument("--idle-seconds", type=float, help="idle-baseline measurement length")
     run.add_argument("--steps-per-window", type=int, help="fixed steps per energy window")
     run.add_argument("--no-probe", action="store_true", help="skip the vmap-width probe (vmap all trials of a cohort)")
@@ -58,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="print a finished study's report")
     report.add_argument("dir")
     report.add_argument("--json", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "compile_cache", None):
@@ -67,20 +85,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from sm2jax.report import format_results, load_results
 
-    if args.command == "run":
-        results = _run(args)
-    elif args.command == "resume":
-        from sm2jax.hyperband import run_hyperband
-        from sm2jax.study import Study, StudySpec
-
-        with open(os.path.join(args.dir, "spec.json")) as f:
-            blob = json.load(f)
-        if "hyperband" in blob:
-            results = run_hyperband(args.dir, StudySpec(**blob["hyperband"]), progress=not args.no_progress)
+    try:
+        if args.command == "run":
+            results = _run(args)
+        elif args.command == "resume":
+            results = _resume(args)
         else:
-            results = Study(args.dir, progress=not args.no_progress).run()
-    else:
-        results = load_results(args.dir)
+            results = load_results(args.dir)
+    except KeyboardInterrupt:
+        where = getattr(args, "dir", None)
+        hint = f"`sm2jax resume {where}` continues the study" if where else "`sm2jax resume DIR` continues the study"
+        print(f"sm2jax: interrupted; {hint} (finished phases are kept)", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError, KeyError) as err:  # bad input: one line, no traceback
+        if args.debug:
+            raise
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"sm2jax: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
     print(json.dumps(results, indent=1) if args.json else format_results(results))
     return 0
 

@@ -2,6 +2,12 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
 
 from sm2jax.cli import main
 
@@ -29,3 +35,39 @@ def test_run_report_and_resume(tmp_path, capsys, monkeypatch):
     assert os.environ["SM2JAX_COMPILE_CACHE"] == str(tmp_path / "cache")
     again = json.loads(capsys.readouterr().out)
     assert again["selected"]["trial_id"] == results["selected"]["trial_id"]
+
+
+def test_bad_input_is_one_line_with_no_traceback(tmp_path, capsys):
+    assert main(["resume", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "spec.json missing" in err and "Traceback" not in err
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "spec.json").write_text(json.dumps({"space": {}, "learning_rat": 0.1}))
+    assert main(["resume", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown field(s) learning_rat" in err
+
+    assert main(["report", str(bad)]) == 2
+    assert "has not finished" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as exit_info:  # checked before any folder is written
+        main(["run", "--quick", "--energy", "bogus", "--dir", str(tmp_path / "never")])
+    assert exit_info.value.code == 2 and not (tmp_path / "never").exists()
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path):
+    study = tmp_path / "study"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sm2jax.cli", "run", "--quick", "--dir", str(study), "--no-progress", "--idle-seconds", "0", "--no-probe"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (study / "ledger.jsonl").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.fail("the study finished before the interrupt; nothing was tested")
+    assert proc.returncode == 130, err[-2000:]
+    assert f"sm2jax resume {study}" in err and "Traceback" not in err
