@@ -25,15 +25,24 @@ def test_experiment_config(folder):
     assert group_into_cohorts(spec.configs())
 
 
-def test_every_preset_has_a_quick_variant():
-    for build in PRESETS.values():
+def test_every_preset_has_a_quick_variant_that_does_less():
+    for name, build in PRESETS.items():
         quick, full = build(quick=True), build()
-        assert quick.max_budget <= full.max_budget
+        work = lambda spec: len(spec.configs()) * spec.max_budget  # noqa: E731 -- configurations x full budget
+        assert work(quick) < work(full), name
 
 
-def test_notebook_is_valid_and_uses_the_public_api():
-    nb = json.loads((ROOT / "notebooks" / "quickstart.ipynb").read_text())
-    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")  # committed clean
-    compile(code, "quickstart.ipynb", "exec")
-    exec(nb["cells"][1]["source"][0], {})  # the import cell
+def test_notebook_runs_every_cell(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    source = ROOT / "notebooks" / "quickstart.ipynb"
+    nb = nbformat.read(source, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # committed clean
+    # Executed in a scratch folder (the notebook writes runs/ next to itself), on this machine's CPU.
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "selected: trial" in text and "rung-1" in text
+    assert (tmp_path / "runs" / "notebook-digits" / "results.json").exists()
