@@ -46,7 +46,8 @@ class Candidate:
       trial_id: the configuration's id.
       cohort: its cohort's name.
       score: validation score, higher is better (NaN if it cannot be evaluated).
-      gain: score improvement over the last budget.
+      gain: score improvement over the last budget (``None`` with no earlier score, e.g. at the
+        first rung of plain successive halving: undefined, never a stand-in 0).
       energy_spent: joules attributed so far (training and evaluation, without compilation);
         ``None`` when energy is unavailable.
       energy_last: joules attributed over the last budget (``None`` when unavailable).
@@ -60,7 +61,7 @@ class Candidate:
     trial_id: int
     cohort: str
     score: float
-    gain: float
+    gain: float | None
     energy_spent: float | None
     energy_last: float | None
     samples_spent: int
@@ -71,8 +72,10 @@ class Candidate:
     plateau_tolerance: float = 0.005
 
     @property
-    def plateaued(self) -> bool:
-        """Learning-rate behaviour: no meaningful score gain over the last budget."""
+    def plateaued(self) -> bool | None:
+        """Learning-rate behaviour: no meaningful score gain over the last budget (``None``: no gain)."""
+        if self.gain is None:
+            return None
         return not self.diverged and self.gain <= self.plateau_tolerance
 
     @property
@@ -91,7 +94,7 @@ class Candidate:
 
     @property
     def progress_per_joule(self) -> float | None:
-        if self.energy_last is None or self.energy_last <= 0:
+        if self.gain is None or self.energy_last is None or self.energy_last <= 0:
             return None
         return self.gain / self.energy_last
 
@@ -162,7 +165,11 @@ def pareto_objective(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
     The objective is ``-front + crowding / (1 + crowding)``: earlier fronts always win, and within a
     front, less crowded points (the extremes have infinite crowding) win.
     """
-    points = [(c.score, c.projected_energy if c.projected_energy is not None else 0.0) for c in candidates]
+    if any(c.projected_energy is None for c in candidates):  # never a stand-in 0 J: rank on the score alone
+        order = sorted(range(len(candidates)), key=lambda i: -candidates[i].score if math.isfinite(candidates[i].score) else math.inf)
+        rank_of = {i: r for r, i in enumerate(order)}
+        return [{"objective": -rank_of[i], "front": None, "crowding": None, "note": "energy unavailable: performance only"} for i in range(len(candidates))]
+    points = [(c.score, c.projected_energy) for c in candidates]
     n = len(points)
     front = [0] * n
     remaining = set(range(n))
@@ -241,12 +248,12 @@ def halve(candidates: Sequence[Candidate], objective: Objective, eta: int, keep:
         keep = healthy and len(kept) < keep_n
         if keep:
             kept.append(c.trial_id)
-            reason = f"rank {position + 1} of {len(ranked)}: in the top {keep_n}"
+            code, reason = "top_k", f"rank {position + 1} of {len(ranked)}: in the top {keep_n}"
         elif not healthy:
-            reason = f"diverged at step {c.diverged_at}" if c.diverged else "score is not finite"
+            code, reason = ("diverged", f"diverged at step {c.diverged_at}") if c.diverged else ("score_not_finite", "score is not finite")
         else:
-            reason = f"rank {position + 1} of {len(ranked)}: outside the top {keep_n}"
-        records.append({**c.terms(), **terms, "objective": terms["objective"] if healthy else None, "kept": keep, "reason": reason})
+            code, reason = "outside_top_k", f"rank {position + 1} of {len(ranked)}: outside the top {keep_n}"
+        records.append({**c.terms(), **terms, "objective": terms["objective"] if healthy else None, "kept": keep, "reason_code": code, "reason": reason})
     return kept, records
 
 
@@ -262,11 +269,11 @@ def exploration_filter(candidates: Sequence[Candidate], *, score_tolerance: floa
     kept, records = [], []
     healthy = [c for c in candidates if not c.diverged and math.isfinite(c.score)]
     for c in candidates:
-        reason, dominated_by = "", None
+        reason, code, dominated_by = "", "", None
         if c.diverged:
-            reason = f"diverged at step {c.diverged_at}"
+            code, reason = "diverged", f"diverged at step {c.diverged_at}"
         elif not math.isfinite(c.score):
-            reason = "score is not finite"
+            code, reason = "score_not_finite", "score is not finite"
         elif c.projected_energy is not None:
             for other in healthy:
                 if other is c or other.projected_energy is None:
@@ -275,15 +282,18 @@ def exploration_filter(candidates: Sequence[Candidate], *, score_tolerance: floa
                     dominated_by = other
                     break
             if dominated_by is not None:
-                reason = (
+                code, reason = "dominated", (
                     f"dominated by trial {dominated_by.trial_id}: score {dominated_by.score:.4g} >= {c.score:.4g} + {score_tolerance:g} "
                     f"at {dominated_by.projected_energy:.4g} J <= {1 - energy_tolerance:g} x {c.projected_energy:.4g} J projected"
                 )
         keep = not reason
         if keep:
             kept.append(c.trial_id)
-            reason = "not dominated" if c.projected_energy is not None else "not diverged (energy unavailable: no dominance test)"
-        records.append({**c.terms(), "kept": keep, "reason": reason, "dominated_by": None if dominated_by is None else dominated_by.trial_id})
+            if c.projected_energy is not None:
+                code, reason = "not_dominated", "not dominated"
+            else:
+                code, reason = "energy_unavailable", "not diverged (energy unavailable: no dominance test)"
+        records.append({**c.terms(), "kept": keep, "reason_code": code, "reason": reason, "dominated_by": None if dominated_by is None else dominated_by.trial_id})
     return kept, records
 
 

@@ -423,7 +423,7 @@ class Study:
                     if runner is not None:
                         runners.append(runner)
                 for i, reason in progress.infeasible.items():
-                    progress.decisions.append({"phase": "hardware", "trial_id": int(i), "kept": False, "reason": f"infeasible: {reason}"})
+                    progress.decisions.append({"phase": "hardware", "trial_id": int(i), "kept": False, "reason_code": "infeasible", "reason": f"infeasible: {reason}"})
                 for r in runners:
                     for t in r.trial_ids:
                         progress.trials[str(t)] = {"score": None, "energy_spent": 0.0, "samples_spent": 0, "history": []}
@@ -471,7 +471,7 @@ class Study:
                     score = float(end.scores[row])
                     candidates.append(Candidate(
                         trial_id=t, cohort=r.spec.name, score=score,
-                        gain=score - previous if previous is not None and math.isfinite(score) else 0.0,
+                        gain=score - previous if previous is not None and math.isfinite(score) else None,
                         energy_spent=spent, energy_last=last_energy, samples_spent=samples,
                         samples_last=samples - before_samples[t], samples_total=total_samples,
                         diverged=bool(diverged[row]), diverged_at=int(diverged_at[row]),

@@ -174,3 +174,27 @@ def test_user_callable_objective():
     assert kept == [1]
     with pytest.raises(ValueError, match="unknown objective"):
         resolve_objective("fastest")
+
+
+def test_undefined_terms_are_null_never_zero():
+    first = Candidate(0, "c", 0.5, None, 10.0, 10.0, 100, 100, 1000)  # no earlier score: no gain
+    terms = first.terms()
+    assert terms["gain"] is None and terms["plateaued"] is None and terms["progress_per_joule"] is None
+    later = cand(1, 0.6, gain=0.0)
+    assert later.plateaued is True and later.progress_per_joule == 0.0  # a measured zero gain stays a zero
+
+
+def test_pareto_with_unavailable_energy_ranks_on_score_and_says_so():
+    unknown = [cand(0, 0.9, energy=None), cand(1, 0.5, energy=1.0), cand(2, 0.7, energy=2.0)]
+    records = pareto_objective(unknown)
+    assert all(r["note"] == "energy unavailable: performance only" for r in records)
+    assert sorted(range(3), key=lambda i: -records[i]["objective"]) == [0, 2, 1]
+
+
+def test_every_decision_has_a_reason_code():
+    candidates = [cand(0, 0.9), cand(1, 0.2), cand(2, float("nan"), diverged=True)]
+    _, halved = halve(candidates, performance_objective, 3)
+    _, explored = exploration_filter(candidates)
+    assert [r["reason_code"] for r in halved] == ["top_k", "outside_top_k", "diverged"]
+    assert {r["reason_code"] for r in explored} <= {"not_dominated", "dominated", "diverged", "score_not_finite", "energy_unavailable"}
+    assert explored[2]["reason_code"] == "diverged"

@@ -153,6 +153,10 @@ def test_baselines_on_identical_work(tmp_path):
     space = {"learning_rate": LogUniform(3e-3, 3e-2, num=3), "batch_size": 64}
     sh = Study(tmp_path / "sh", _spec(space, mode="sh"), progress=False).run()
     assert sh["objective"] == "performance" and "explore" not in sh["energy_by_phase"]
+    first_rung = [d for d in sh["decisions"] if d["phase"] == "rung-1"]
+    assert all(d["gain"] is None and d["plateaued"] is None and d["progress_per_joule"] is None for d in first_rung)  # no earlier score
+    assert all(d["gain"] is not None for d in sh["decisions"] if d["phase"] == "rung-2")
+    assert all(d["reason_code"] for d in sh["decisions"])
     full = Study(tmp_path / "full", _spec(space, mode="full"), progress=False).run()
     assert [d["phase"] for d in full["decisions"]] == ["rung-1"] * 3  # everyone trained to the full budget
     best = max((d for d in full["decisions"]), key=lambda d: d["score"])
