@@ -9,6 +9,7 @@ for a save to commit before it records the phase as done.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -23,13 +24,27 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be restored (missing, torn or corrupt)."""
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax logs an ERROR (through absl) for every unreadable metadata file it meets, several per
+    corrupt step; the study reports the fallback once, as a warning, so these are silenced here."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class StudyCheckpoints:
     """Thin wrapper over ``ocp.CheckpointManager`` for a study's ``checkpoints/`` folder."""
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
         self.directory = os.path.abspath(os.fspath(directory))
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        with _quiet_orbax():
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, phase: int, states: dict[str, Any]) -> None:
         """Starts an asynchronous save of ``states`` as step ``phase`` (call :meth:`wait` to commit)."""
@@ -39,8 +54,9 @@ class StudyCheckpoints:
         self.manager.wait_until_finished()
 
     def steps(self) -> list[int]:
-        self.manager.reload()
-        return sorted(self.manager.all_steps())
+        with _quiet_orbax():
+            self.manager.reload()
+            return sorted(self.manager.all_steps())
 
     def restore(self, phase: int, abstract: dict[str, Any]) -> dict[str, Any]:
         """Restores step ``phase`` into the structure of ``abstract`` (``jax.eval_shape`` output).
@@ -51,7 +67,8 @@ class StudyCheckpoints:
         if phase not in self.steps():
             raise CheckpointError(f"no committed checkpoint for phase {phase} in {self.directory}")
         try:
-            return self.manager.restore(phase, args=ocp.args.StandardRestore(abstract))
+            with _quiet_orbax():
+                return self.manager.restore(phase, args=ocp.args.StandardRestore(abstract))
         except Exception as err:  # noqa: BLE001 -- Orbax raises many types for torn/corrupt files
             raise CheckpointError(f"checkpoint of phase {phase} is unreadable: {type(err).__name__}: {err}") from err
 
@@ -59,12 +76,13 @@ class StudyCheckpoints:
         """Deletes every step after ``phase``: a step the study cannot trust (corrupt, or committed
         by a run killed before it recorded the phase) would otherwise block the re-save."""
         gone = [step for step in self.steps() if step > phase]
-        for step in gone:
-            try:
-                self.manager.delete(step)
-            except Exception:  # noqa: BLE001 -- a corrupt step may not even parse; remove its folder
-                shutil.rmtree(os.path.join(self.directory, str(step)), ignore_errors=True)
-        self.manager.reload()
+        with _quiet_orbax():
+            for step in gone:
+                try:
+                    self.manager.delete(step)
+                except Exception:  # noqa: BLE001 -- a corrupt step may not even parse; remove its folder
+                    shutil.rmtree(os.path.join(self.directory, str(step)), ignore_errors=True)
+            self.manager.reload()
         return gone
 
     def close(self) -> None:
