@@ -76,3 +76,24 @@ def test_probe_candidates():
     assert probe_candidates(6) == [1, 4, 6]
     assert probe_candidates(16) == [1, 4, 16]
     assert probe_candidates(54) == [1, 4, 16, 54]
+
+
+def test_the_probe_measures_only_widths_within_the_memory_limit(digits, tmp_path):
+    """The spec's memory limit binds the probe too: no candidate above it is compiled and run, and
+    nothing raises out of the study (issue 11, item 8)."""
+    from sm2jax.trainer import chunk_rows, compiled_memory_bytes
+
+    model = {"name": "cnn", "channels": [32, 64]}  # activation-dominated: memory grows with the width
+    configs = SearchSpace({"model": model, "learning_rate": LogUniform(1e-3, 1e-2, num=4), "batch_size": 512}).grid()
+    (cohort,) = group_into_cohorts(configs)
+    trainer = CohortTrainer(cohort, digits, schedule_steps=10)
+    rows = trainer.init_rows()
+    need = {w: compiled_memory_bytes(trainer.compile_train(chunk_rows(jax.tree.map(lambda a: a[:w], rows), w)[0])) for w in (1, 2, 4)}
+    limit = (need[2] + need[4]) // 2
+    metering = Metering(EnergyMonitor(make_meter("estimated")), EnergyLedger(tmp_path / "l.jsonl"), attempt=1)
+    runner, notes = CohortRunner.create(cohort, trainer, metering, WidthPolicy(memory_limit=limit, probe=True))
+    assert runner.width == 2 and "width 4 needs" in notes[0]
+    runner.train_to(1, "explore", planned_trial_steps=1e9)
+    probed = runner.choices[-1]["samples_per_second"]
+    assert set(probed) == {"1", "2"} and all(need[int(w)] <= limit for w in probed)
+    assert runner.width in (1, 2)
