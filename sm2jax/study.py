@@ -383,7 +383,7 @@ class Study:
 
     def _run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
-        ds = self._load_data()
+        self._load_data()  # fails fast on an unknown data set, before energy set-up
         saved = self._saved_phases()
         fresh = not saved
         self._setup_energy(fresh)
