@@ -105,7 +105,7 @@ class WidthPolicy:
 class CompileRecord:
     width: int
     seconds: float  # wall seconds of the compile window (0 when nothing new was compiled)
-    joules: float | None
+    joules: float | None  # the window's energy; None when unavailable or when there was no window
 
 
 @dataclasses.dataclass
@@ -226,7 +226,7 @@ class CohortRunner:
         """Compiles the train and eval programs at the current width inside a ``compile`` window
         (nothing is measured when both are compiled already)."""
         if self.is_compiled():
-            return CompileRecord(self.width, 0.0, 0.0)
+            return CompileRecord(self.width, 0.0, None)  # no window: nothing measured
         window = self.metering.begin(f"compile:{self.spec.name}", after=self.chunks)
         t0 = time.perf_counter()
         self.trainer.compile_train(self.chunks[0])
