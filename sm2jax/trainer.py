@@ -52,7 +52,7 @@ import optax
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int, PyTree, UInt32
 
-from sm2jax.cohort import CohortSpec, hyperparameter_arrays, make_optimizer
+from sm2jax.cohort import OPTIMIZER_HYPERPARAMETERS, CohortSpec, hyperparameter_arrays, make_optimizer
 from sm2jax.data import ArrayDataset, batch_indices, device_put_dataset, steps_per_epoch
 from sm2jax.models import build_model
 
@@ -251,21 +251,24 @@ class CohortTrainer:
         opt_state = make_optimizer(self.cohort.signature.optimizer, hyperparameters).init(params)
         return params, model_state, opt_state, dropout_key, data_key
 
+    def _key(self, kind: str, width: int) -> tuple:
+        return (*self._keys[kind], width)
+
     def _program(self, kind: str, width: int, lower) -> Any:
-        return compiled_program((*self._keys[kind], width), lower)[0]
+        return compiled_program(self._key(kind, width), lower)[0]
 
     def compile_seconds(self, kind: str, width: int) -> float | None:
         """Seconds the ``kind`` program at ``width`` took to compile (``None``: not compiled)."""
-        entry = _PROGRAMS.get((*self._keys[kind], width))
+        entry = _PROGRAMS.get(self._key(kind, width))
         return None if entry is None else entry[1]
 
     def is_compiled(self, kind: str, width: int) -> bool:
         """Whether the ``kind`` program at ``width`` is in the process-wide table."""
-        return (*self._keys[kind], width) in _PROGRAMS
+        return self._key(kind, width) in _PROGRAMS
 
     def compile_init(self):
         """The single-trial init program (no trial axis: it never depends on the cohort's size)."""
-        hps = {k: np.float32(0) for k in hyperparameter_arrays(self.cohort.configs[:1], self.schedule_steps)}
+        hps = {k: np.float32(0) for k in OPTIMIZER_HYPERPARAMETERS}
         return self._program("init", 0, lambda: jax.jit(self._init_one).lower(np.int32(0), np.int32(0), hps))
 
     def init_rows(self, configs: Sequence[Any] | None = None) -> CohortState:
@@ -290,7 +293,7 @@ class CohortTrainer:
 
     def abstract_rows(self, k: int) -> CohortState:
         """Shapes and dtypes of ``k`` host rows (restore targets), without computing anything."""
-        hps = {n: jax.ShapeDtypeStruct((), jnp.float32) for n in hyperparameter_arrays(self.cohort.configs[:1], 1)}
+        hps = {n: jax.ShapeDtypeStruct((), jnp.float32) for n in OPTIMIZER_HYPERPARAMETERS}
         one = jax.eval_shape(self._init_one, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32), hps)
         params, model_state, opt_state, dropout_key, data_key = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype), one)
         i32 = jax.ShapeDtypeStruct((k,), jnp.int32)
