@@ -19,6 +19,7 @@ peak and is multiplied by the traced peak: optax schedules cannot take a traced 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -77,8 +78,12 @@ class CohortSpec:
 
     @property
     def name(self) -> str:
+        """A readable name plus a short hash of the whole static signature, so two cohorts that differ
+        only in model options (hidden sizes, depth...) never share a name: progress, checkpoints and
+        restore are keyed by it."""
         s = self.signature
-        return f"{s.model_spec['name']}-bs{s.batch_size}-{s.optimizer}-d{s.dropout:g}-{s.dtype}"
+        digest = hashlib.sha1(json.dumps(dataclasses.asdict(s), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{s.model_spec['name']}-bs{s.batch_size}-{s.optimizer}-d{s.dropout:g}-{s.dtype}-{digest}"
 
     def subset(self, indices: Sequence[int]) -> CohortSpec:
         return CohortSpec(self.signature, tuple(self.configs[i] for i in indices))
@@ -91,7 +96,11 @@ def group_into_cohorts(configs: Sequence[Config]) -> list[CohortSpec]:
     groups: dict[Signature, list[Config]] = {}
     for config in configs:
         groups.setdefault(Signature.of(config), []).append(config)
-    return [CohortSpec(sig, tuple(cs)) for sig, cs in groups.items()]
+    cohorts = [CohortSpec(sig, tuple(cs)) for sig, cs in groups.items()]
+    names = [c.name for c in cohorts]
+    if len(set(names)) != len(names):  # a hash collision: never let two cohorts share their state
+        raise RuntimeError(f"cohort names collide: {sorted(n for n in names if names.count(n) > 1)}")
+    return cohorts
 
 
 def hyperparameter_arrays(configs: Sequence[Config], schedule_steps: int) -> dict[str, np.ndarray]:

@@ -18,6 +18,16 @@ def test_grouping_by_static_signature_keeps_order():
         group_into_cohorts([])
 
 
+def test_cohort_names_are_unique_when_only_model_options_differ():
+    models = [{"name": "mlp", "hidden": [32]}, {"name": "mlp", "hidden": [256, 256]}, {"name": "mlp", "hidden": [1024, 1024]}]
+    space = SearchSpace({"model": Categorical(models), "batch_size": 16, "learning_rate": LogUniform(1e-3, 1e-2, num=2)})
+    cohorts = group_into_cohorts(space.grid())
+    names = [c.name for c in cohorts]
+    assert len(cohorts) == 3 and len(set(names)) == 3
+    assert all(n.startswith("mlp-bs16-adam") for n in names)  # readable, then a hash of the signature
+    assert names == [c.name for c in group_into_cohorts(space.grid())]  # stable across calls (resume)
+
+
 def test_hyperparameter_arrays_have_a_trial_axis():
     configs = SearchSpace({"learning_rate": LogUniform(1e-3, 1e-1, num=3), "schedule": "cosine"}).grid()
     arrays = hyperparameter_arrays(configs, schedule_steps=100)

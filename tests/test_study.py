@@ -111,7 +111,10 @@ def test_out_of_memory_during_training_narrows_the_width_and_retries(tmp_path, m
 
 
 def test_kill_mid_rung_and_resume_reaches_the_same_decisions(tmp_path, caplog):
-    space = {"model": {"name": "mlp", "hidden": [256, 256]}, "learning_rate": LogUniform(1e-3, 1e-1, num=4), "batch_size": 16}
+    # Two models at one batch size: two cohorts that differ only in model options (their names and
+    # so their progress, checkpoints and restore must not collide).
+    models = Categorical([{"name": "mlp", "hidden": [256, 256]}, {"name": "mlp", "hidden": [32]}])
+    space = {"model": models, "learning_rate": LogUniform(1e-3, 1e-1, num=4), "batch_size": 16}
     spec = _spec(space, steps_per_window=2, energy_method="estimated")
     reference = Study(tmp_path / "ref", spec, progress=False).run()
 
