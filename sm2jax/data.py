@@ -28,13 +28,17 @@ TASKS = ("classification", "regression", "language_model")
 
 @dataclasses.dataclass(frozen=True)
 class ArrayDataset:
-    """A training and a validation split as numpy arrays.
+    """A training, a validation and (where the data set has one) a held-out test split as numpy arrays.
+
+    A study selects on the validation split only; the test split is evaluated once, for the selected
+    configuration, so the reported test metric is never tuned on.
 
     Attributes:
       name: data set name.
       task: one of :data:`TASKS`; selects the loss and the validation metric.
       x_train, y_train, x_val, y_val: examples along axis 0.
       num_outputs: classes, regression targets or vocabulary size.
+      x_test, y_test: the held-out test split, or ``None``.
     """
 
     name: str
@@ -44,6 +48,8 @@ class ArrayDataset:
     x_val: np.ndarray
     y_val: np.ndarray
     num_outputs: int
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -52,6 +58,12 @@ class ArrayDataset:
             raise ValueError(f"{self.name}: inputs and targets differ in length")
         if len(self.x_train) == 0 or len(self.x_val) == 0:
             raise ValueError(f"{self.name}: empty training or validation split")
+        if (self.x_test is None) != (self.y_test is None) or (self.x_test is not None and (len(self.x_test) != len(self.y_test) or len(self.x_test) == 0)):
+            raise ValueError(f"{self.name}: the test split needs inputs and targets of one non-zero length (or neither)")
+
+    @property
+    def has_test(self) -> bool:
+        return self.x_test is not None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -136,21 +148,24 @@ def batch_indices(data_key: UInt32[Array, "2"], step: Int[Array, ""], num_exampl
 # --------------------------------------------------------------------------------------- loaders
 
 
-def load_digits(val_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
+def load_digits(val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
     """The 1797 8x8 digit images that ship inside scikit-learn: offline, ~1 s to load.
 
-    Images are ``float32[8, 8, 1]`` scaled to [0, 1]; the validation split is a seeded
-    ``val_fraction`` hold-out.
+    Images are ``float32[8, 8, 1]`` scaled to [0, 1]; validation and test splits are seeded
+    ``val_fraction`` and ``test_fraction`` hold-outs (359 examples each by default).
     """
     from sklearn.datasets import load_digits as sk_digits
 
+    if not (0 < val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        raise ValueError(f"digits: need 0 < val_fraction, 0 <= test_fraction, sum < 1 (got {val_fraction}, {test_fraction})")
     bunch = sk_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[..., None]
     y = bunch.target.astype(np.int32)
     order = np.random.default_rng(seed).permutation(len(x))
-    n_val = int(round(len(x) * val_fraction))
-    val, train = order[:n_val], order[n_val:]
-    return ArrayDataset("digits", "classification", x[train], y[train], x[val], y[val], 10)
+    n_val, n_test = int(round(len(x) * val_fraction)), int(round(len(x) * test_fraction))
+    val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
+    held = (x[test], y[test]) if n_test else (None, None)
+    return ArrayDataset("digits", "classification", x[train], y[train], x[val], y[val], 10, *held)
 
 
 def source_to_arrays(source: Any, to_example, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -183,9 +198,9 @@ def load_tfds_images(name: str, *, data_dir: str | None = None, val_percent: int
     """
     import tensorflow_datasets as tfds
 
-    splits = [f"train[:{100 - val_percent}%]", f"train[{100 - val_percent}%:]"]
+    splits = [f"train[:{100 - val_percent}%]", f"train[{100 - val_percent}%:]", "test"]
     try:
-        train, val = tfds.data_source(name, split=splits, data_dir=data_dir, download=download)
+        train, val, test = tfds.data_source(name, split=splits, data_dir=data_dir, download=download)
     except Exception as err:
         # Reading needs no TensorFlow, but TFDS's archive extractor (used once, when a catalogue
         # data set is prepared) does: say so instead of surfacing a bare ModuleNotFoundError.
@@ -198,8 +213,9 @@ def load_tfds_images(name: str, *, data_dir: str | None = None, val_percent: int
         raise
     x_train, y_train = source_to_arrays(train, _image_example)
     x_val, y_val = source_to_arrays(val, _image_example)
+    x_test, y_test = source_to_arrays(test, _image_example)
     classes = int(max(y_train.max(), y_val.max())) + 1
-    return ArrayDataset(name, "classification", x_train, y_train, x_val, y_val, classes)
+    return ArrayDataset(name, "classification", x_train, y_train, x_val, y_val, classes, x_test, y_test)
 
 
 def load_household_power(*, data_dir: str | None = None, window: int = 24, val_fraction: float = 0.1, download: bool = True) -> ArrayDataset:
@@ -266,11 +282,12 @@ def text_to_dataset(train_text: bytes, val_text: bytes, context: int) -> ArrayDa
     return ArrayDataset("wikitext2", "language_model", xt, yt, xv, yv, 256)
 
 
-def load_mnist1d(num_samples: int = 5000, seed: int = 42) -> ArrayDataset:
+def load_mnist1d(num_samples: int = 5000, seed: int = 42, val_fraction: float = 0.2) -> ArrayDataset:
     """MNIST-1D (Greydanus & Kobak), generated offline by the ``mnist1d`` package's ``make_dataset``.
 
-    ``num_samples`` sequences of length 40 (``float32[40, 1]``), 10 classes; the package's own 80/20
-    split gives training and validation (4,000 / 1,000 at the default 5,000 samples). Never calls
+    ``num_samples`` sequences of length 40 (``float32[40, 1]``), 10 classes. The package's own test
+    split (20%) is the held-out test split; the last ``val_fraction`` of its training split is the
+    validation split (3,200 / 800 / 1,000 at the default 5,000 samples). Never calls
     ``get_dataset``, which downloads. Needs ``pip install mnist1d`` (the ``bench`` extra).
     """
     try:
@@ -281,7 +298,9 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42) -> ArrayDataset:
     args.num_samples, args.seed = int(num_samples), int(seed)
     d = make_dataset(args)
     as_x = lambda a: np.asarray(a, np.float32)[..., None]  # noqa: E731
-    return ArrayDataset("mnist1d", "classification", as_x(d["x"]), np.asarray(d["y"], np.int32), as_x(d["x_test"]), np.asarray(d["y_test"], np.int32), 10)
+    x, y = as_x(d["x"]), np.asarray(d["y"], np.int32)
+    cut = len(x) - int(round(len(x) * val_fraction))
+    return ArrayDataset("mnist1d", "classification", x[:cut], y[:cut], x[cut:], y[cut:], 10, as_x(d["x_test"]), np.asarray(d["y_test"], np.int32))
 
 
 def load_dataset(name: str, **kwargs) -> ArrayDataset:
@@ -300,6 +319,41 @@ def load_dataset(name: str, **kwargs) -> ArrayDataset:
     raise ValueError(f"unknown data set {name!r}; known: digits, mnist1d, mnist, cifar10, household_power, wikitext2")
 
 
-def device_put_dataset(ds: ArrayDataset) -> dict[str, jax.Array]:
-    """The arrays a cohort step reads, on the default device (a transfer, not a compiled op)."""
-    return {k: jax.device_put(np.asarray(getattr(ds, k))) for k in ("x_train", "y_train", "x_val", "y_val")}
+def eval_blocks(x: np.ndarray, y: np.ndarray, batch: int, chunks: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(x, y, mask)`` blocks of shape ``[chunks, batch, ...]`` covering every example once.
+
+    The evaluation program is compiled for one block shape; a split of any length is evaluated as
+    a few such blocks, zero-padded with a mask of 0, and the sums are added on the host. Built in
+    numpy so that no eager device op (and no compile) is needed.
+    """
+    per = chunks * batch
+    out = []
+    for start in range(0, len(x), per):
+        xb, yb = np.asarray(x[start : start + per]), np.asarray(y[start : start + per])
+        pad = per - len(xb)
+        mask = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
+        xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
+        yb = np.concatenate([yb, np.zeros((pad, *yb.shape[1:]), yb.dtype)])
+        out.append((xb.reshape(chunks, batch, *xb.shape[1:]), yb.reshape(chunks, batch, *yb.shape[1:]), mask.reshape(chunks, batch)))
+    return out
+
+
+EVAL_BATCH_SIZE = 512
+
+
+def device_put_dataset(ds: ArrayDataset, eval_batch_size: int = EVAL_BATCH_SIZE) -> dict[str, Any]:
+    """The arrays a cohort reads, on the default device (transfers, not compiled ops).
+
+    ``x_train``/``y_train`` as they are; ``val`` and ``test`` (``None`` without a test split) as lists
+    of :func:`eval_blocks` of the validation split's block shape, so one evaluation program serves
+    both splits.
+    """
+    batch = min(eval_batch_size, len(ds.x_val))
+    chunks = -(-len(ds.x_val) // batch)
+    put = lambda blocks: [tuple(jax.device_put(a) for a in b) for b in blocks]  # noqa: E731
+    return {
+        "x_train": jax.device_put(np.asarray(ds.x_train)), "y_train": jax.device_put(np.asarray(ds.y_train)),
+        "val": put(eval_blocks(ds.x_val, ds.y_val, batch, chunks)),
+        "test": put(eval_blocks(ds.x_test, ds.y_test, batch, chunks)) if ds.has_test else None,
+        "counts": {"val": len(ds.x_val), "test": len(ds.x_test) if ds.has_test else 0},
+    }

@@ -119,6 +119,7 @@ class TrainRecord:
 class EvalRecord:
     scores: np.ndarray  # [K], higher is better
     metrics: np.ndarray  # [K]
+    score_se: np.ndarray  # [K], the scores' standard errors (sampling noise of the split)
     joules: dict[int, float | None]
 
 
@@ -357,17 +358,17 @@ class CohortRunner:
 
     # ---------------------------------------------------------------------------------- eval
 
-    def evaluate(self, phase: str) -> EvalRecord:
-        """Validation score and metric of every live trial in one ``PHASE:eval`` window; frozen
-        (diverged) trials and padding rows receive no energy."""
+    def evaluate(self, phase: str, split: str = "val") -> EvalRecord:
+        """Score, metric and the score's standard error of every live trial on ``split`` in one
+        ``PHASE:eval`` (``PHASE:test``) window; frozen (diverged) trials and padding rows receive no
+        energy. The test split is only ever evaluated for the selected configuration."""
         self.compile()
-        window = self.metering.begin(f"{phase}:eval", after=self.chunks)
-        outs = [self.trainer.evaluate(c) for c in self.chunks]
+        window = self.metering.begin(f"{phase}:{'eval' if split == 'val' else split}", after=self.chunks)
+        outs = [self.trainer.evaluate(c, split) for c in self.chunks]
         reading = self.metering.end(window, outs)
-        scores = np.concatenate([np.asarray(o.score) for o in outs])[: self.k]
-        metrics = np.concatenate([np.asarray(o.metric) for o in outs])[: self.k]
+        field = lambda name: np.concatenate([getattr(o, name) for o in outs])[: self.k]  # noqa: E731
         joules = self.metering.record(reading, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, work=self.field("active").astype(np.float64))
-        return EvalRecord(scores, metrics, joules)
+        return EvalRecord(field("score"), field("metric"), field("score_se"), joules)
 
     # ---------------------------------------------------------------------------------- persist
 

@@ -78,9 +78,12 @@ class TrainMetrics(NamedTuple):
 
 
 class EvalMetrics(NamedTuple):
-    loss: Float[Array, " W"]
-    metric: Float[Array, " W"]  # accuracy, mse or perplexity (see TASK_METRIC)
-    score: Float[Array, " W"]  # higher is better: accuracy, -mse, -log perplexity
+    """Host (numpy) arrays over a chunk's rows; NaN for a diverged row."""
+
+    loss: Float[np.ndarray, " W"]
+    metric: Float[np.ndarray, " W"]  # accuracy, mse or perplexity (see TASK_METRIC)
+    score: Float[np.ndarray, " W"]  # higher is better: accuracy, -mse, -log perplexity
+    score_se: Float[np.ndarray, " W"]  # standard error of the score from the split's sampling noise
 
 
 TASK_METRIC = {"classification": "accuracy", "regression": "mse", "language_model": "perplexity"}
@@ -226,21 +229,21 @@ class CohortTrainer:
         self.num_train = dataset.num_train
         self.steps_per_epoch = steps_per_epoch(self.num_train, sig.batch_size)  # raises if B > N
         self.schedule_steps = int(schedule_steps)
-        self.eval_batch_size = min(eval_batch_size, len(dataset.x_val))
-        self.data = device_data if device_data is not None else device_put_dataset(dataset)
+        self.data = device_data if device_data is not None else device_put_dataset(dataset, eval_batch_size)
 
         def build(key):
             return build_model(sig.model_spec, dataset.input_shape, dataset.num_outputs, dropout=sig.dropout, dtype=sig.dtype, key=key)
 
         self._build = build
         self.graphdef = nnx.split(nnx.eval_shape(lambda: build(jax.random.PRNGKey(0))), nnx.Param, ...)[0]
-        data_shapes = _abstract(self.data)
+        data_shapes = _abstract({k: self.data[k] for k in ("x_train", "y_train")})
+        eval_block = _abstract(self.data["val"][0])
         model = (sig.model, sig.dtype, tuple(dataset.input_shape), dataset.num_outputs)
         # What each program depends on, and nothing more (see the module docstring).
         self._keys = {
             "init": ("init", *model, sig.optimizer),
             "train": ("train", *model, sig.optimizer, sig.batch_size, sig.dropout, self.task, data_shapes["x_train"], data_shapes["y_train"]),
-            "eval": ("eval", *model, self.task, self.eval_batch_size, data_shapes["x_val"], data_shapes["y_val"]),
+            "eval": ("eval", *model, self.task, eval_block),
         }
 
     # ------------------------------------------------------------------------------------ init
@@ -368,13 +371,8 @@ class CohortTrainer:
 
     # ------------------------------------------------------------------------------------ eval
 
-    def _eval_impl(self, params, model_state, x_val, y_val):
-        n, b = x_val.shape[0], self.eval_batch_size
-        chunks = -(-n // b)
-        pad = chunks * b - n
-        xs = jnp.concatenate([x_val, jnp.zeros((pad, *x_val.shape[1:]), x_val.dtype)]).reshape(chunks, b, *x_val.shape[1:])
-        ys = jnp.concatenate([y_val, jnp.zeros((pad, *y_val.shape[1:]), y_val.dtype)]).reshape(chunks, b, *y_val.shape[1:])
-        mask = (jnp.arange(chunks * b) < n).reshape(chunks, b).astype(jnp.float32)
+    def _eval_impl(self, params, model_state, xs, ys, mask):
+        """Per row: sums of the per-example loss, metric and squared metric over one masked block."""
 
         def run_trial(params, model_state):
             model = nnx.merge(self.graphdef, params, model_state, copy=True)
@@ -382,25 +380,43 @@ class CohortTrainer:
             def body(carry, chunk):
                 x, y, m = chunk
                 loss, metric = task_loss(self.task, model(x, train=False), y)
-                return (carry[0] + (loss * m).sum(), carry[1] + (metric * m).sum()), None
+                return (carry[0] + (loss * m).sum(), carry[1] + (metric * m).sum(), carry[2] + (metric * metric * m).sum()), None
 
-            (loss_sum, metric_sum), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), (xs, ys, mask))
-            return loss_sum / n, metric_sum / n
+            zero = jnp.float32(0)
+            sums, _ = jax.lax.scan(body, (zero, zero, zero), (xs, ys, mask))
+            return sums
 
-        loss, metric = _map_trials(run_trial, params, model_state)
-        if self.task == "classification":
-            return EvalMetrics(loss, metric, metric)
-        if self.task == "regression":
-            return EvalMetrics(loss, metric, -metric)
-        return EvalMetrics(loss, jnp.exp(metric), -metric)
+        return _map_trials(run_trial, params, model_state)
 
     def compile_eval(self, chunk: CohortState):
         width = int(chunk.step.shape[0])
-        return self._program("eval", width, lambda: jax.jit(self._eval_impl).lower(chunk.params, chunk.model_state, self.data["x_val"], self.data["y_val"]))
+        return self._program("eval", width, lambda: jax.jit(self._eval_impl).lower(chunk.params, chunk.model_state, *self.data["val"][0]))
 
-    def evaluate(self, chunk: CohortState) -> EvalMetrics:
-        """Validation loss, metric and score of every row of one chunk."""
-        return self.compile_eval(chunk)(chunk.params, chunk.model_state, self.data["x_val"], self.data["y_val"])
+    def evaluate(self, chunk: CohortState, split: str = "val") -> EvalMetrics:
+        """Loss, metric, score and the score's standard error of every row of one chunk on ``split``
+        (``val`` or ``test``), as host arrays.
+
+        The standard error is the sampling noise of the score over the split's ``n`` examples: for
+        accuracy the binomial ``sqrt(p~ (1 - p~) / n)`` with ``p~ = (correct + 1) / (n + 2)`` (never 0,
+        even at 100%); otherwise ``sqrt(Var[m] / n)`` of the per-example metric ``m`` (squared error,
+        or the sequence loss whose negative mean is the language-model score).
+        """
+        blocks = self.data.get(split)
+        if blocks is None:
+            raise ValueError(f"the data set {self.dataset.name!r} has no {split} split")
+        program = self.compile_eval(chunk)
+        outs = [program(chunk.params, chunk.model_state, *block) for block in blocks]
+        loss_sum, metric_sum, sq_sum = (sum(np.asarray(o[i], np.float64) for o in outs) for i in range(3))
+        n = self.data["counts"][split]
+        loss, mean = loss_sum / n, metric_sum / n
+        if self.task == "classification":
+            p = (metric_sum + 1.0) / (n + 2.0)
+            se = np.sqrt(p * (1.0 - p) / n)
+            return EvalMetrics(loss, mean, mean, se)
+        se = np.sqrt(np.maximum(sq_sum / n - mean**2, 0.0) / n)
+        if self.task == "regression":
+            return EvalMetrics(loss, mean, -mean, se)
+        return EvalMetrics(loss, np.exp(mean), -mean, se)
 
     # ------------------------------------------------------------------------------------ width
 
