@@ -36,7 +36,13 @@ def format_results(results: dict[str, Any]) -> str:
         desc = " ".join(f"{k}={json.dumps(cfg[k]) if isinstance(cfg[k], dict) else cfg[k]}" for k in keys if k in cfg)
         lines.append(f"selected: trial {sel['trial_id']}: {desc}")
         metric_name = results.get("metric_name", "metric")
-        lines.append(f"  {metric_name}: {sel['metric']:.4f}" if sel.get("metric") is not None else f"  {metric_name}: n/a")
+        se = f" (score +- {sel['score_se']:.4f})" if sel.get("score_se") is not None else ""
+        lines.append(f"  validation {metric_name}: {sel['metric']:.4f}{se}" if sel.get("metric") is not None else f"  validation {metric_name}: n/a")
+        test = sel.get("test")
+        if test and test.get("metric") is not None:
+            lines.append(f"  test {metric_name}: {test['metric']:.4f} (score +- {test['score_se']:.4f}; held out, never used to select)")
+        elif "test" in sel:
+            lines.append(f"  test {metric_name}: n/a (the data set has no test split)")
         if "energy_to_train_joules" in sel:
             lines.append(f"  energy to train it: {_joules(sel['energy_to_train_joules'], method)} (its share of compile, exploration, rungs and evaluation)")
     if "energy_by_phase" in results:
@@ -69,6 +75,13 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append("vmap widths:")
         for name, last in widths.items():
             lines.append(f"  {name}: width {last['width']} ({last['reason']})")
+    if results.get("finalists"):
+        lines.append("finalists (score, energy to train; * = on the score/energy Pareto front; selection is by score, ties within noise by energy):")
+        for f in results["finalists"]:
+            mark = "*" if f["pareto"] else " "
+            energy = "unavailable" if f["energy_to_train_j"] is None else f"{f['energy_to_train_j']:,.1f} J +- {f['energy_noise']:.0%} [{method}]"
+            chosen = "  <- selected" if sel and f["trial_id"] == sel["trial_id"] else ""
+            lines.append(f"  {mark} trial {f['trial_id']:>4} {f['cohort']:<40} score {f['score']:.4f} +- {f['score_se']:.4f}  {energy}{chosen}")
     if results.get("decisions"):
         lines.append("decisions:")
         by_phase: dict[str, Counter] = {}
@@ -76,7 +89,7 @@ def format_results(results: dict[str, Any]) -> str:
             by_phase.setdefault(d["phase"], Counter())["kept" if d["kept"] else "dropped"] += 1
         for phase, c in by_phase.items():
             dropped = [d for d in results["decisions"] if d["phase"] == phase and not d["kept"]]
-            why = Counter(d["reason"].split(": ")[-1] if "outside the top" in d["reason"] else d["reason"].split(":")[0] for d in dropped)
+            why = Counter(d.get("reason_code") or d["reason"].split(":")[0] for d in dropped)
             detail = ", ".join(f"{n} {r}" for r, n in why.items())
             lines.append(f"  {phase:<10} kept {c['kept']}, dropped {c['dropped']}" + (f" ({detail})" if detail else ""))
     return "\n".join(lines)

@@ -1,31 +1,68 @@
-"""SM2 decisions: rung budgets, the exploration filter, objectives, and Hyperband brackets.
+r"""SM2 decisions: rung budgets, the exploration filter, objectives, and Hyperband brackets.
 
 Everything here is pure logic over :class:`Candidate` records, so it is tested without training.
 
 SM2 (Geissler et al., "Spend More to Save More", arXiv 2412.08526) is successive halving (SH) made
 energy-aware: every configuration first gets a short *exploratory* budget with its energy measured;
-diverged and dominated configurations are dropped before the first rung; the rest go through SH
-rungs ranked by an objective that blends performance and energy.
+configurations that are hopeless are dropped before the first rung; the rest go through SH rungs.
+SM2 must find a configuration as good as plain SH finds, for less energy. Our rule (the paper's exact
+formula is not available to us) is an **epsilon-constraint with noise-derived epsilon**: energy
+decides only among configurations whose scores cannot be told apart.
 
-Our objective (the paper's exact formula is not available to us) is
+**Noise.** Candidate :math:`i` has score :math:`s_i` (higher is better) with standard error
+:math:`\sigma_i` (the validation split's sampling noise, e.g. binomial for accuracy). At a
+significance multiplier :math:`z`, :math:`i` is *clearly better* than :math:`j` when
 
-.. math::
+.. math::  s_i - s_j > z \sqrt{\sigma_i^2 + \sigma_j^2},
 
-    f = \\alpha \\hat P + \\beta (1 - \\hat E) + (1 - \\alpha - \\beta) \\hat G,
+and otherwise the two are *tied*. (Both are scored on the same split, so the independent-errors
+difference noise is conservative: it also absorbs some of the seed noise we do not measure.)
 
-where :math:`P` is the validation score (higher is better), :math:`E` the energy projected to the
-full budget (joules so far + joules per sample over the last budget x samples still to train), and
-:math:`G` the progress per joule over the last budget (score gain / energy spent on it: it rewards
-learning rates that learn fast for their energy and punishes ones that stall or oscillate). Hats
-denote min-max normalisation over the rung's candidates; a term that is constant up to float noise
-(relative spread below 1e-6, e.g. equal energy shares within one cohort) normalises to 0.5 for
-everyone, so noise is never amplified into a ranking. Defaults: alpha = 0.5, beta = 0.3.
+Energy per step is equal inside a cohort by construction, so energy separates cohorts only. A
+candidate's decision energy is what it still costs, :math:`F_i = \hat\jmath_c \, (N - n_i)`, with
+:math:`\hat\jmath_c` its cohort's joules per training sample smoothed over every phase so far (total
+joules / total samples), :math:`N` the samples of the full budget and :math:`n_i` those already spent
+(energy already spent is sunk and never traded for accuracy). At the final rung nothing remains, and
+:math:`F_i = \hat\jmath_c N`: what the configuration costs to train. Each cohort rate carries a
+relative uncertainty :math:`\rho_c` (the spread of its per-phase rates, at least ``energy_noise``);
+:math:`i` is *clearly cheaper* than :math:`j` when
+
+.. math::  F_j - F_i > z_E \sqrt{(\rho_i F_i)^2 + (\rho_j F_j)^2},
+
+with :math:`z_E = 2` by default: energy figures have heavier tails than a binomial score (identical
+runs' windows spread 21% median, up to 113%), so an energy gap must be wide to count.
+
+**Rungs** (objective ``sm2``). Candidates are ordered in score tiers: the first tier is everyone tied
+with the best score; inside a tier, candidates that fewer tier-mates are clearly cheaper than come
+first (ties broken by score, then trial id); the next tier starts from the best remaining score.
+SH's count is kept (``ceil(n / eta)``), so energy only ever chooses among configurations whose scores
+are tied within the noise, and a clearly better configuration always outranks a cheaper one. The final
+rung keeps one: the best score, or among those tied with it, the cheapest to train.
+
+**Exploration** (:func:`exploration_filter`) drops, with a *clear* margin ``explore_z``:
+
+* diverged configurations and non-finite scores;
+* configurations that have not learned: score not clearly above the larger of their own score
+  before exploration and chance (the majority-class rate);
+* configurations clearly worse than the best of their own cohort: same model, batch size and
+  energy per step, so the score alone decides (Pareto dominance where the energies are equal).
+
+If nothing has learned (exploration too short), nothing is dropped for not learning. Exploration
+never compares across cohorts: after the same number of samples, different batch sizes have taken
+different numbers of steps, and a quarter epoch's energy gaps are the noisiest figures of a study.
+Across cohorts, energy acts at the rungs, among tied scores. Exploration decisions therefore do not
+depend on energy at all.
+
+The alpha/beta blend of earlier versions stays available as objective ``blend``:
+:math:`f = \alpha \hat P + \beta (1 - \hat E) + (1 - \alpha - \beta) \hat G` (min-max normalised score,
+projected energy and progress per joule); it discards magnitudes and noise, and is not the default.
 
 References:
   Jamieson & Talwalkar, "Non-stochastic best arm identification and hyperparameter optimization",
-  AISTATS 2016 (successive halving). Li et al., "Hyperband", JMLR 18(185), 2018. Deb et al.,
-  "A fast and elitist multiobjective genetic algorithm: NSGA-II", IEEE TEC 6(2), 2002 (non-dominated
-  sorting, crowding distance).
+  AISTATS 2016 (successive halving). Li et al., "Hyperband", JMLR 18(185), 2018. Haimes et al., "On a
+  bicriterion formulation of the problems of integrated system identification and system
+  optimization", IEEE SMC 1(3), 1971 (epsilon-constraint). Deb et al., "A fast and elitist
+  multiobjective genetic algorithm: NSGA-II", IEEE TEC 6(2), 2002 (non-dominated sorting).
 """
 
 from __future__ import annotations
@@ -36,6 +73,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 NORMALISE_RTOL = 1e-6
+DEFAULT_ENERGY_NOISE = 0.2  # relative uncertainty of a cohort's energy rate, at least (measured run-to-run spread ~21%)
 
 
 @dataclasses.dataclass
@@ -52,10 +90,17 @@ class Candidate:
         ``None`` when energy is unavailable.
       energy_last: joules attributed over the last budget (``None`` when unavailable).
       samples_spent: training samples consumed so far.
+      samples_last: training samples consumed over the last budget.
       samples_total: training samples at the full budget.
       diverged: the trial produced a non-finite loss or gradient and is frozen.
       diverged_at: step of divergence (-1 if finite).
       plateau_tolerance: gain at or below which the candidate counts as plateaued.
+      score_se: standard error of ``score`` (0: noise unknown, every difference counts).
+      start_score, start_se: score and its error before exploration (``None`` if not measured).
+      chance_score: score of guessing (majority-class rate), ``None`` where undefined.
+      cohort_rate: the cohort's joules per training sample, smoothed over its phases (``None``:
+        fall back to this candidate's last budget).
+      energy_noise: relative uncertainty of the energy rate.
     """
 
     trial_id: int
@@ -70,6 +115,16 @@ class Candidate:
     diverged: bool = False
     diverged_at: int = -1
     plateau_tolerance: float = 0.005
+    score_se: float = 0.0
+    start_score: float | None = None
+    start_se: float = 0.0
+    chance_score: float | None = None
+    cohort_rate: float | None = None
+    energy_noise: float = DEFAULT_ENERGY_NOISE
+
+    @property
+    def healthy(self) -> bool:
+        return not self.diverged and math.isfinite(self.score)
 
     @property
     def plateaued(self) -> bool | None:
@@ -79,18 +134,34 @@ class Candidate:
         return not self.diverged and self.gain <= self.plateau_tolerance
 
     @property
-    def projected_energy(self) -> float | None:
-        """Joules to reach the full budget at the energy rate of the last budget."""
-        if self.energy_spent is None or self.energy_last is None or self.samples_last <= 0:
-            return self.energy_spent
-        remaining = max(self.samples_total - self.samples_spent, 0)
-        return self.energy_spent + self.energy_last / self.samples_last * remaining
-
-    @property
     def joules_per_sample(self) -> float | None:
+        """The energy rate decisions use: the cohort's smoothed rate, else this trial's last budget's."""
+        if self.cohort_rate is not None:
+            return self.cohort_rate
         if self.energy_last is None or self.samples_last <= 0:
             return None
         return self.energy_last / self.samples_last
+
+    @property
+    def samples_remaining(self) -> int:
+        return max(self.samples_total - self.samples_spent, 0)
+
+    @property
+    def projected_energy(self) -> float | None:
+        """Joules to reach the full budget: spent so far plus the rate times the samples still to train."""
+        rate = self.joules_per_sample
+        if self.energy_spent is None or rate is None:
+            return self.energy_spent
+        return self.energy_spent + rate * self.samples_remaining
+
+    @property
+    def decision_energy(self) -> float | None:
+        """Joules still to spend (``rate x remaining samples``); at the full budget, the joules to
+        train it (``rate x total samples``). Sunk energy never enters a decision."""
+        rate = self.joules_per_sample
+        if rate is None or self.energy_spent is None:
+            return None
+        return rate * (self.samples_remaining or self.samples_total)
 
     @property
     def progress_per_joule(self) -> float | None:
@@ -100,12 +171,44 @@ class Candidate:
 
     def terms(self) -> dict[str, Any]:
         return {
-            "trial_id": self.trial_id, "cohort": self.cohort, "score": self.score, "gain": self.gain,
+            "trial_id": self.trial_id, "cohort": self.cohort, "score": self.score, "score_se": self.score_se, "gain": self.gain,
             "energy_spent_j": self.energy_spent, "energy_last_j": self.energy_last,
-            "projected_energy_j": self.projected_energy, "joules_per_sample": self.joules_per_sample,
-            "progress_per_joule": self.progress_per_joule, "samples_spent": self.samples_spent,
+            "projected_energy_j": self.projected_energy, "decision_energy_j": self.decision_energy,
+            "joules_per_sample": self.joules_per_sample, "energy_noise": self.energy_noise,
+            "progress_per_joule": self.progress_per_joule, "samples_spent": self.samples_spent, "samples_total": self.samples_total,
+            "start_score": self.start_score, "start_se": self.start_se, "chance_score": self.chance_score,
             "diverged": self.diverged, "diverged_at": self.diverged_at, "plateaued": self.plateaued,
         }
+
+    @classmethod
+    def from_terms(cls, record: dict[str, Any]) -> Candidate:
+        """Rebuilds a candidate from a decision record's terms (to replay recorded decisions)."""
+        spent, last, rate = record["energy_spent_j"], record["energy_last_j"], record["joules_per_sample"]
+        return cls(
+            trial_id=record["trial_id"], cohort=record["cohort"], score=math.nan if record["score"] is None else record["score"],
+            gain=record["gain"], energy_spent=spent, energy_last=last, samples_spent=record["samples_spent"],
+            samples_last=record["samples_spent"], samples_total=record["samples_total"], diverged=record["diverged"],
+            diverged_at=record["diverged_at"], score_se=record["score_se"], start_score=record["start_score"],
+            start_se=record["start_se"], chance_score=record["chance_score"], cohort_rate=rate, energy_noise=record["energy_noise"],
+        )
+
+
+def score_margin(a: Candidate, b: Candidate, z: float) -> float:
+    """``z`` standard errors of the difference of two scores."""
+    return z * math.hypot(a.score_se, b.score_se)
+
+
+def clearly_better(a: Candidate, b: Candidate, z: float) -> bool:
+    """``a``'s score exceeds ``b``'s by more than the noise (module docstring)."""
+    return a.score - b.score > score_margin(a, b, z)
+
+
+def clearly_cheaper(a: Candidate, b: Candidate, z: float) -> bool:
+    """``a`` still costs less than ``b`` by more than the noise; never with energy unavailable."""
+    ea, eb = a.decision_energy, b.decision_energy
+    if ea is None or eb is None:
+        return False
+    return eb - ea > z * math.hypot(a.energy_noise * ea, b.energy_noise * eb)
 
 
 def normalise(values: Sequence[float | None]) -> list[float]:
@@ -130,9 +233,10 @@ def performance_objective(candidates: Sequence[Candidate]) -> list[dict[str, Any
     return [{"objective": c.score, "P": c.score} for c in candidates]
 
 
-def sm2_objective(alpha: float = 0.5, beta: float = 0.3) -> Objective:
-    """The SM2 blend ``alpha * P^ + beta * (1 - E^) + (1 - alpha - beta) * G^`` (module docstring).
+def blend_objective(alpha: float = 0.5, beta: float = 0.3) -> Objective:
+    """The blend ``alpha * P^ + beta * (1 - E^) + (1 - alpha - beta) * G^`` (module docstring).
 
+    Min-max normalisation discards magnitudes and noise: kept as an option, not the default.
     Where energy is unavailable for any candidate, the energy terms cannot be compared honestly and
     the objective falls back to ``P^`` alone; each record says so.
     """
@@ -150,6 +254,46 @@ def sm2_objective(alpha: float = 0.5, beta: float = 0.3) -> Objective:
             {"objective": alpha * p + beta * (1 - e) + gamma * g, "P_hat": p, "E_hat": e, "G_hat": g, "alpha": alpha, "beta": beta}
             for p, e, g in zip(p_hat, e_hat, g_hat)
         ]
+
+    return objective
+
+
+def sm2_objective(z: float = 1.0, energy_z: float = 2.0) -> Objective:
+    """SM2's epsilon-constraint ordering (module docstring): score tiers of width ``z`` standard
+    errors, cheapest first inside a tier (energies compared at ``energy_z``).
+
+    The objective value is minus the position in that order; each record says its tier, the best
+    score it is tied with, the margin, and how many tier-mates it is clearly cheaper than.
+    """
+    if z < 0 or energy_z < 0:
+        raise ValueError(f"noise multipliers must be >= 0 (got z={z}, energy_z={energy_z})")
+
+    def objective(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
+        remaining = sorted(range(len(candidates)), key=lambda i: (-candidates[i].score, candidates[i].trial_id))
+        energy_known = all(c.decision_energy is not None for c in candidates)
+        order, info = [], {}
+        tier = 0
+        while remaining:
+            head = candidates[remaining[0]]
+            members = [i for i in remaining if not clearly_better(head, candidates[i], z)]
+            beats = {i: sum(clearly_cheaper(candidates[i], candidates[j], energy_z) for j in members) for i in members}
+            beaten = {i: sum(clearly_cheaper(candidates[j], candidates[i], energy_z) for j in members) for i in members}
+            members.sort(key=lambda i: (beaten[i], -candidates[i].score, candidates[i].trial_id))
+            for i in members:
+                c = candidates[i]
+                margin = score_margin(head, c, z)
+                if i == remaining[0]:
+                    why = f"best score of tier {tier + 1} ({c.score:.4g} +- {c.score_se:.2g})"
+                else:
+                    why = f"tier {tier + 1}: {c.score:.4g} tied with {head.score:.4g} (difference {head.score - c.score:.3g} <= {margin:.3g})"
+                if len(members) > 1:
+                    why += f"; clearly cheaper than {beats[i]}, clearly dearer than {beaten[i]} of its {len(members)} tier-mates" if energy_known else "; energy unavailable: tier ordered by score"
+                info[i] = {"tier": tier + 1, "tier_size": len(members), "tied_with": head.trial_id, "margin": margin, "cheaper_than": beats[i], "dearer_than": beaten[i], "why": why}
+            order += members
+            remaining = [i for i in remaining if i not in set(members)]
+            tier += 1
+        position = {i: p for p, i in enumerate(order)}
+        return [{"objective": -float(position[i]), "z": z, "energy_z": energy_z, **info[i]} for i in range(len(candidates))]
 
     return objective
 
@@ -200,7 +344,8 @@ def pareto_objective(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
 
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "performance": lambda **_: performance_objective,
-    "sm2": lambda alpha=0.5, beta=0.3, **_: sm2_objective(alpha, beta),
+    "sm2": lambda z=1.0, energy_z=2.0, **_: sm2_objective(z, energy_z),
+    "blend": lambda alpha=0.5, beta=0.3, **_: blend_objective(alpha, beta),
     "pareto": lambda **_: pareto_objective,
 }
 
@@ -246,55 +391,87 @@ def halve(candidates: Sequence[Candidate], objective: Objective, eta: int, keep:
     for position, (c, terms) in enumerate(ranked):
         healthy = terms["objective"] != -math.inf
         keep = healthy and len(kept) < keep_n
+        why = f" ({terms['why']})" if terms.get("why") else ""
         if keep:
             kept.append(c.trial_id)
-            code, reason = "top_k", f"rank {position + 1} of {len(ranked)}: in the top {keep_n}"
+            code, reason = "top_k", f"rank {position + 1} of {len(ranked)}: in the top {keep_n}{why}"
         elif not healthy:
             code, reason = ("diverged", f"diverged at step {c.diverged_at}") if c.diverged else ("score_not_finite", "score is not finite")
         else:
-            code, reason = "outside_top_k", f"rank {position + 1} of {len(ranked)}: outside the top {keep_n}"
+            code, reason = "outside_top_k", f"rank {position + 1} of {len(ranked)}: outside the top {keep_n}{why}"
         records.append({**c.terms(), **terms, "objective": terms["objective"] if healthy else None, "kept": keep, "reason_code": code, "reason": reason})
     return kept, records
 
 
-def exploration_filter(candidates: Sequence[Candidate], *, score_tolerance: float = 0.02, energy_tolerance: float = 0.1) -> tuple[list[int], list[dict[str, Any]]]:
-    """SM2's "save more" step after exploratory pretraining.
+def exploration_filter(candidates: Sequence[Candidate], *, z: float = 2.0) -> tuple[list[int], list[dict[str, Any]]]:
+    """SM2's "save more" step after exploratory pretraining (module docstring).
 
-    A candidate is discarded if it diverged, or if another candidate dominates it by more than the
-    tolerances in *both* objectives: ``P_a >= P_b + score_tolerance`` and
-    ``E_a <= (1 - energy_tolerance) * E_b``, with ``E`` the projected energy to the full budget. A
-    configuration that is better or cheaper than every other (Pareto-optimal) is always kept.
-    Without energy figures only divergence discards.
+    Drops, in this order of reasons: divergence, a non-finite score, not having learned, and being
+    clearly worse than the best of its own cohort; "clearly" means by more than ``z`` standard errors
+    of the difference. The best configuration of every cohort that learned is always kept. Energy is
+    equal inside a cohort, so no decision here depends on an energy figure.
     """
+    if z < 0:
+        raise ValueError(f"noise multiplier z must be >= 0 (got {z})")
+    healthy = [c for c in candidates if c.healthy]
+
+    def learned(c: Candidate) -> tuple[bool, str]:
+        refs = []
+        if c.start_score is not None and math.isfinite(c.start_score):
+            refs.append((c.start_score, c.start_se, "its score before exploration"))
+        if c.chance_score is not None:
+            refs.append((c.chance_score, 0.0, "chance"))
+        if not refs:
+            return True, ""
+        ref, se, what = max(refs, key=lambda r: r[0])
+        margin = z * math.hypot(c.score_se, se)
+        return c.score - ref > margin, f"score {c.score:.4g} is not clearly above {what} {ref:.4g} (difference {c.score - ref:.3g} <= {margin:.3g})"
+
+    verdicts = {c.trial_id: learned(c) for c in healthy}
+    nothing_learned = bool(healthy) and not any(ok for ok, _ in verdicts.values())
+    learners = [c for c in healthy if verdicts[c.trial_id][0] or nothing_learned]
     kept, records = [], []
-    healthy = [c for c in candidates if not c.diverged and math.isfinite(c.score)]
     for c in candidates:
-        reason, code, dominated_by = "", "", None
+        code, reason, by = "", "", None
         if c.diverged:
             code, reason = "diverged", f"diverged at step {c.diverged_at}"
         elif not math.isfinite(c.score):
             code, reason = "score_not_finite", "score is not finite"
-        elif c.projected_energy is not None:
-            for other in healthy:
-                if other is c or other.projected_energy is None:
-                    continue
-                if other.score >= c.score + score_tolerance and other.projected_energy <= (1 - energy_tolerance) * c.projected_energy:
-                    dominated_by = other
-                    break
-            if dominated_by is not None:
-                code, reason = "dominated", (
-                    f"dominated by trial {dominated_by.trial_id}: score {dominated_by.score:.4g} >= {c.score:.4g} + {score_tolerance:g} "
-                    f"at {dominated_by.projected_energy:.4g} J <= {1 - energy_tolerance:g} x {c.projected_energy:.4g} J projected"
+        elif not verdicts[c.trial_id][0] and not nothing_learned:
+            code, reason = "not_learned", f"not learned: {verdicts[c.trial_id][1]}"
+        else:
+            mates = [o for o in learners if o is not c and o.cohort == c.cohort and clearly_better(o, c, z)]
+            if mates:
+                by = max(mates, key=lambda o: (o.score, -o.trial_id))
+                code, reason = "dominated_in_cohort", (
+                    f"clearly worse than trial {by.trial_id} of its cohort: {c.score:.4g} vs {by.score:.4g} "
+                    f"(difference {by.score - c.score:.3g} > {score_margin(by, c, z):.3g}; energy per step is equal in a cohort)"
                 )
-        keep = not reason
+        keep = not code
         if keep:
             kept.append(c.trial_id)
-            if c.projected_energy is not None:
-                code, reason = "not_dominated", "not dominated"
-            else:
-                code, reason = "energy_unavailable", "not diverged (energy unavailable: no dominance test)"
-        records.append({**c.terms(), "kept": keep, "reason_code": code, "reason": reason, "dominated_by": None if dominated_by is None else dominated_by.trial_id})
+            code, reason = "not_dominated", "learned and not clearly worse than the best of its cohort"
+            if nothing_learned:
+                code, reason = "nothing_learned", "no configuration learned clearly during exploration: none dropped for not learning"
+        records.append({**c.terms(), "kept": keep, "reason_code": code, "reason": reason, "dominated_by": None if by is None else by.trial_id, "z": z})
     return kept, records
+
+
+def finalist_front(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
+    """The final rung's healthy candidates with their score, energy to train and Pareto membership
+    on (score up, energy to train down), best score first: the trade-off shown beside the selection,
+    which is made on the score alone (ties within the noise broken by energy)."""
+    healthy = sorted((c for c in candidates if c.healthy), key=lambda c: (-c.score, c.trial_id))
+    points = {c.trial_id: (c.score, c.decision_energy) for c in healthy}
+    known = all(e is not None for _, e in points.values())
+    return [
+        {
+            "trial_id": c.trial_id, "cohort": c.cohort, "score": c.score, "score_se": c.score_se,
+            "energy_to_train_j": c.decision_energy, "energy_noise": c.energy_noise,
+            "pareto": None if not known else not any(dominates(points[o.trial_id], points[c.trial_id]) for o in healthy if o is not c),
+        }
+        for c in healthy
+    ]
 
 
 # ---------------------------------------------------------------------------------------- budgets

@@ -38,7 +38,7 @@ from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import ArrayDataset, device_put_dataset, load_dataset
 from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, hardware_profile, make_meter, measure_idle, summarize
 from sm2jax.runner import CohortRunner, Metering, WidthPolicy
-from sm2jax.scheduler import KEEP_RULES, Candidate, exploration_filter, halve, resolve_objective, rung_budgets, steps_for
+from sm2jax.scheduler import KEEP_RULES, Candidate, exploration_filter, finalist_front, halve, resolve_objective, rung_budgets, steps_for
 from sm2jax.space import Config, SearchSpace
 from sm2jax.trainer import TASK_METRIC, CohortTrainer, memory_limit_bytes
 
@@ -65,11 +65,18 @@ class StudySpec:
         Hyperband's integral budgets.
       keep_rule: ``ceil`` keeps ``ceil(n / eta)`` per rung (successive halving), ``floor`` keeps
         ``floor(n / eta)`` (Hyperband's inner loop, Li et al. 2018); at least one either way.
-      objective: ``sm2``, ``performance`` or ``pareto`` (a callable via :class:`Study` directly).
-      alpha, beta: weights of the ``sm2`` objective.
-      score_tolerance, energy_tolerance: exploration dominance margins.
+      objective: ``sm2`` (epsilon-constraint: energy decides only among scores tied within the noise,
+        see :mod:`sm2jax.scheduler`), ``performance``, ``blend`` or ``pareto`` (a callable via
+        :class:`Study` directly).
+      noise_z: two scores are tied unless they differ by more than ``noise_z`` standard errors of
+        their difference (rungs and the final selection).
+      energy_z: likewise for two energies, whose noise has heavier tails.
+      explore_z: the clear margin, in standard errors, exploration needs to drop a configuration.
+      energy_noise: relative uncertainty of a cohort's energy rate, at least (its measured spread
+        across phases when larger).
+      alpha, beta: weights of the ``blend`` objective.
       plateau_tolerance: a score gain at or below this over a budget flags the candidate's learning
-        rate as plateaued (recorded with its decision; the G term of the objective penalises it).
+        rate as plateaued (recorded with its decision; the ``blend`` objective's G term penalises it).
       energy_method: ``auto`` or a method of :data:`sm2jax.energy.METHODS`.
       watts_per_core: the ``estimated`` method's per-core power.
       idle_seconds: idle-baseline measurement before the study (0 skips it: net energy unavailable).
@@ -97,10 +104,12 @@ class StudySpec:
     rungs: list[float] | None = None
     keep_rule: str = "ceil"
     objective: str = "sm2"
+    noise_z: float = 1.0
+    energy_z: float = 2.0
+    explore_z: float = 2.0
+    energy_noise: float = 0.2
     alpha: float = 0.5
     beta: float = 0.3
-    score_tolerance: float = 0.02
-    energy_tolerance: float = 0.1
     plateau_tolerance: float = 0.005
     energy_method: str = "auto"
     watts_per_core: float = 10.0
@@ -128,6 +137,8 @@ class StudySpec:
                 raise ValueError(f"rungs must increase from min_budget to max_budget (got {self.rungs}, {self.min_budget}..{self.max_budget})")
         if self.keep_rule not in KEEP_RULES:
             raise ValueError(f"keep_rule: unknown {self.keep_rule!r}; known: {KEEP_RULES}")
+        if min(self.noise_z, self.energy_z, self.explore_z, self.energy_noise) < 0:
+            raise ValueError(f"noise_z, energy_z, explore_z and energy_noise must be >= 0 (got {self.noise_z}, {self.energy_z}, {self.explore_z}, {self.energy_noise})")
         if not 0 <= self.explore_budget < self.min_budget:
             raise ValueError(f"explore_budget must be in [0, min_budget) (got {self.explore_budget}, min_budget {self.min_budget})")
         steps_for(1, self.budget_unit, 1, 1)  # validates the unit
@@ -221,9 +232,15 @@ class StudyState:
       hardware: cohort name -> ``{"width", "notes", "choices"}``, every width decision with its reason.
       runners: cohort name -> what its runner needs to continue (:meth:`CohortRunner.to_json`).
       alive: cohort name -> trial ids of its surviving rows, in row order.
-      trials: trial id -> ``{"score", "metric", "energy_spent", "samples_spent", "history"}``.
+      trials: trial id -> ``{"score", "score_se", "metric", "energy_spent", "samples_spent", "history"}``.
+      cohort_energy: cohort name -> one ``{"phase", "joules", "samples"}`` per phase (its trials'
+        training energy and samples), from which decisions take a smoothed rate and its spread.
       decisions: every decision record, in order.
       selected: the selected trial id once the last phase is done.
+      finalists: the last rung's candidates with their score, energy to train and whether they are
+        on the score/energy Pareto front (shown apart from the selection).
+      test: the selected configuration's held-out test ``{"metric", "score", "score_se"}`` (``None``
+        without a test split).
     """
 
     phase: int = -1
@@ -232,8 +249,11 @@ class StudyState:
     runners: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     alive: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     trials: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    cohort_energy: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
     decisions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     selected: int | None = None
+    test: dict[str, Any] | None = None
+    finalists: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -264,7 +284,7 @@ class Study:
         if spec is None:
             spec = read_spec(self.directory)
         self.spec = spec
-        self.objective = resolve_objective(objective or spec.objective, alpha=spec.alpha, beta=spec.beta)
+        self.objective = resolve_objective(objective or spec.objective, z=spec.noise_z, energy_z=spec.energy_z, alpha=spec.alpha, beta=spec.beta)
         self.progress_bar = progress
         self._nvml = nvml
         self._dataset = dataset
@@ -447,6 +467,7 @@ class Study:
         total_steps = sum(max(targets[r.spec.name] - int(r.field("step").max()), 0) for r in runners)
         bar = tqdm(total=total_steps, desc=f"{name}", unit="step", leave=True, disable=not self.progress_bar)
         candidates: list[Candidate] = []
+        training: dict[str, dict[str, Any]] = {}
         try:
             for r in runners:
                 alive = sum(x.k for x in runners)
@@ -459,6 +480,11 @@ class Study:
                 )
                 end = r.evaluate(name)
                 step, diverged, diverged_at = r.field("step"), ~r.field("active"), r.field("diverged_at")
+                trained_samples = {t: int(step[row]) * r.spec.signature.batch_size - before_samples[t] for row, t in enumerate(r.trial_ids)}
+                training[r.spec.name] = {
+                    "phase": name, "joules": None if any(j is None for j in trained.joules.values()) else float(sum(trained.joules.values())),
+                    "samples": int(sum(trained_samples.values())),
+                }
                 bs = r.spec.signature.batch_size
                 total_samples = self._steps(self.spec.max_budget, bs) * bs
                 for row, t in enumerate(r.trial_ids):
@@ -475,15 +501,19 @@ class Study:
                         energy_spent=spent, energy_last=last_energy, samples_spent=samples,
                         samples_last=samples - before_samples[t], samples_total=total_samples,
                         diverged=bool(diverged[row]), diverged_at=int(diverged_at[row]),
-                        plateau_tolerance=self.spec.plateau_tolerance,
+                        plateau_tolerance=self.spec.plateau_tolerance, score_se=float(end.score_se[row]),
+                        start_score=None if base is None else float(base.scores[row]),
+                        start_se=0.0 if base is None else float(base.score_se[row]), chance_score=self._chance_score(),
+                        energy_noise=self.spec.energy_noise,
                     ))
-                    record.update(score=_finite_or_none(score), metric=_finite_or_none(float(end.metrics[row])), energy_spent=spent, samples_spent=samples)
-                    record["history"].append({"phase": name, "score": _finite_or_none(score), "samples": samples, "energy_spent": spent})
+                    record.update(score=_finite_or_none(score), score_se=float(end.score_se[row]), metric=_finite_or_none(float(end.metrics[row])), energy_spent=spent, samples_spent=samples)
+                    record["history"].append({"phase": name, "score": _finite_or_none(score), "score_se": float(end.score_se[row]), "samples": samples, "energy_spent": spent})
         finally:
             bar.close()
 
+        self._smooth_energy(training, candidates, progress)
         if name == "explore":
-            kept, records = exploration_filter(candidates, score_tolerance=self.spec.score_tolerance, energy_tolerance=self.spec.energy_tolerance)
+            kept, records = exploration_filter(candidates, z=self.spec.explore_z)
         elif last:
             kept, records = halve(candidates, self.objective, eta=len(candidates) + 1)  # keep only the best
         else:
@@ -491,6 +521,7 @@ class Study:
         progress.decisions.extend({"phase": name, **rec, "energy_method": self.meter.method} for rec in records)
         if last:
             progress.selected = kept[0] if kept else None
+            progress.finalists = finalist_front(candidates)
 
         kept_set = set(kept)
         survivors = []
@@ -502,6 +533,9 @@ class Study:
                 r.select(ids)
                 if not last:
                     r.narrow_for_survivors(self._planned_trial_steps(r, p + 1))
+            if last and self._load_data().has_test:  # once, for the selected configuration only
+                test = r.evaluate(name, split="test")
+                progress.test = {"trial_id": ids[0], "metric": _finite_or_none(float(test.metrics[0])), "score": _finite_or_none(float(test.scores[0])), "score_se": float(test.score_se[0])}
             survivors.append(r)
         for r in runners:
             if r.spec.name in progress.hardware:
@@ -514,6 +548,29 @@ class Study:
             checkpoints.wait()  # committed before the phase is recorded as done
         _atomic_write_json(self._progress_path(p), progress.to_json())
         return survivors
+
+    def _chance_score(self) -> float | None:
+        """The score of always guessing the majority class (classification), else ``None``."""
+        ds = self._load_data()
+        if ds.task != "classification":
+            return None
+        return float(np.bincount(np.asarray(ds.y_val).ravel()).max() / len(ds.y_val))
+
+    def _smooth_energy(self, training: dict[str, dict[str, Any]], candidates: list[Candidate], progress: StudyState) -> None:
+        """Adds this phase's training joules and samples per cohort to its history and gives each
+        candidate its cohort's rate smoothed over all phases (total training joules / total samples;
+        evaluation is a fixed cost per phase, not per sample) with a relative noise of at least
+        ``energy_noise``, or the spread of the per-phase rates when that is larger."""
+        for cohort, window in training.items():
+            progress.cohort_energy.setdefault(cohort, []).append(window)
+        for c in candidates:
+            history = [h for h in progress.cohort_energy.get(c.cohort, []) if h["samples"] > 0]
+            if not history or any(h["joules"] is None for h in history):
+                continue
+            rates = np.array([h["joules"] / h["samples"] for h in history])
+            spread = float(rates.std(ddof=1) / rates.mean()) if len(rates) > 1 and rates.mean() > 0 else 0.0
+            c.cohort_rate = sum(h["joules"] for h in history) / sum(h["samples"] for h in history)
+            c.energy_noise = max(self.spec.energy_noise, spread)
 
     def _restore(self, progress: StudyState, phase: int) -> list[CohortRunner]:
         """Rebuilds the runners alive after ``phase`` from their checkpoint (rows gathered on the
@@ -564,7 +621,7 @@ class Study:
             "energy_method": self.meter.method, "energy_note": self.hardware.get("energy_note", ""),
             "intensity_label": self.ledger.intensity_label, "idle": self.hardware["idle"],
             "energy_by_phase": by_phase, "wall_seconds_this_attempt": wall_seconds, "attempts": max((r.get("attempt", 0) for r in records), default=0),
-            "decisions": progress.decisions, "infeasible": progress.infeasible, "hardware": progress.hardware,
+            "decisions": progress.decisions, "finalists": progress.finalists, "infeasible": progress.infeasible, "hardware": progress.hardware,
             "metric_name": TASK_METRIC[self._dataset.task], "num_configs": len(self.configs),
         }
         totals = [g["joules"] for g in by_phase.values()]
@@ -578,7 +635,8 @@ class Study:
         joules = [r["joules"] for r in own]
         out["selected"] = {
             "trial_id": selected, "config": self.configs[selected].to_json()["values"],
-            "score": trial["score"], "metric": trial["metric"], "samples": trial["samples_spent"],
+            "score": trial["score"], "score_se": trial.get("score_se"), "metric": trial["metric"], "samples": trial["samples_spent"],
+            "test": progress.test,
             "energy_to_train_joules": None if any(j is None for j in joules) else float(sum(joules)),
             "energy_method": self.meter.method,
         }

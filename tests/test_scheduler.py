@@ -1,12 +1,17 @@
 """SM2 decision logic on constructed candidates (no training)."""
 
+import json
 import math
+import pathlib
+import random
 
 import pytest
 
 from sm2jax.scheduler import (
     Candidate,
+    blend_objective,
     exploration_filter,
+    finalist_front,
     halve,
     hyperband_brackets,
     normalise,
@@ -20,8 +25,16 @@ from sm2jax.scheduler import (
 )
 
 
-def cand(tid, score, energy=10.0, *, gain=0.1, last=None, samples=100, total=1000, diverged=False, cohort="c"):
-    return Candidate(tid, cohort, score, gain, energy, energy if last is None else last, samples, samples, total, diverged, 5 if diverged else -1)
+def cand(tid, score, energy=10.0, *, gain=0.1, last=None, samples=100, total=1000, diverged=False, cohort="c", se=0.0, start=None, chance=None, rate=None, noise=0.2):
+    return Candidate(
+        tid, cohort, score, gain, energy, energy if last is None else last, samples, samples, total, diverged, 5 if diverged else -1,
+        score_se=se, start_score=start, chance_score=chance, cohort_rate=rate, energy_noise=noise,
+    )
+
+
+def sm2_cand(tid, score, rate, *, cohort=None, se=0.01, spent=100, total=900, **kw):
+    """A candidate as a study builds it: a score with its standard error and its cohort's energy rate."""
+    return cand(tid, score, energy=rate * spent, samples=spent, total=total, cohort=cohort or f"rate{rate:g}", se=se, rate=rate, **kw)
 
 
 def test_hyperband_brackets_match_li_et_al_2018():
@@ -106,30 +119,125 @@ def test_diverged_candidates_rank_last_and_are_dropped():
     assert reasons[0].startswith("diverged at step 5") and "not finite" in reasons[2]
 
 
-def test_exploration_drops_a_dominated_config_and_keeps_the_pareto_front():
+def test_exploration_drops_what_has_not_learned_and_what_is_clearly_dominated():
     candidates = [
-        cand(0, 0.90, energy=100.0),  # best score: Pareto-optimal
-        cand(1, 0.70, energy=20.0),  # cheapest: Pareto-optimal
-        cand(2, 0.60, energy=200.0),  # worse and dearer than 0 by more than the margins: dominated
-        cand(3, 0.89, energy=95.0),  # within the score margin of 0: kept
-        cand(4, 0.95, energy=50.0, diverged=True),  # diverged
+        sm2_cand(0, 0.80, 1.0, cohort="small", start=0.10, chance=0.11),  # best of its cohort, cheapest
+        sm2_cand(1, 0.78, 1.0, cohort="small", start=0.10, chance=0.11),  # tied with 0 within the noise: kept
+        sm2_cand(2, 0.50, 1.0, cohort="small", start=0.10, chance=0.11),  # clearly worse than 0 in its cohort
+        sm2_cand(3, 0.12, 1.0, cohort="small", start=0.10, chance=0.11),  # has not learned (chance)
+        sm2_cand(4, 0.85, 10.0, cohort="big", start=0.10, chance=0.11),  # better but dearer: Pareto, kept
+        sm2_cand(5, 0.60, 10.0, cohort="big", start=0.10, chance=0.11),  # clearly worse than 4 in its cohort
+        sm2_cand(6, 0.70, 5.0, cohort="mid", start=0.10, chance=0.11),  # worse and dearer than 0, but best of its cohort: kept
+        sm2_cand(7, 0.99, 0.5, cohort="mid", diverged=True),
     ]
-    kept, records = exploration_filter(candidates, score_tolerance=0.02, energy_tolerance=0.1)
-    assert kept == [0, 1, 3]
+    kept, records = exploration_filter(candidates, z=2.0)
+    assert kept == [0, 1, 4, 6]
+    code = {r["trial_id"]: r["reason_code"] for r in records}
+    assert code == {0: "not_dominated", 1: "not_dominated", 2: "dominated_in_cohort", 3: "not_learned", 4: "not_dominated", 5: "dominated_in_cohort", 6: "not_dominated", 7: "diverged"}
     by_id = {r["trial_id"]: r for r in records}
-    assert by_id[2]["dominated_by"] in (0, 1, 3) and "dominated by trial" in by_id[2]["reason"]
-    assert by_id[4]["reason"].startswith("diverged")
+    assert by_id[2]["dominated_by"] == 0 and by_id[5]["dominated_by"] == 4 and "not clearly above chance" in by_id[3]["reason"]
 
 
-def test_without_energy_exploration_only_drops_divergence():
-    candidates = [cand(0, 0.9, energy=None), cand(1, 0.1, energy=None), cand(2, 0.5, energy=None, diverged=True)]
-    kept, records = exploration_filter(candidates)
-    assert kept == [0, 1]
-    assert "energy unavailable" in records[0]["reason"]
+def test_exploration_keeps_a_slow_starter_whose_gap_is_inside_the_noise():
+    """The issue's MNIST-1D case: 0.279 vs 0.299 after a quarter epoch on 800 examples is noise."""
+    se = lambda p: math.sqrt(p * (1 - p) / 800)  # noqa: E731
+    slow, fast = sm2_cand(0, 0.279, 1.0, se=se(0.279), start=0.1, chance=0.1), sm2_cand(1, 0.299, 1.0, se=se(0.299), start=0.1, chance=0.1)
+    assert exploration_filter([slow, fast], z=2.0)[0] == [0, 1]
 
 
-def test_sm2_objective_blends_performance_energy_and_progress():
-    objective = sm2_objective(alpha=0.5, beta=0.3)
+def test_exploration_drops_a_configuration_that_has_not_learned_from_its_own_start():
+    stuck = sm2_cand(0, 0.31, 1.0, start=0.30, chance=0.1, se=0.02)  # far above chance, but no better than its start
+    learner = sm2_cand(1, 0.45, 1.0, cohort="other", start=0.30, chance=0.1, se=0.02)
+    kept, records = exploration_filter([stuck, learner], z=2.0)
+    assert kept == [1] and records[0]["reason_code"] == "not_learned" and "before exploration" in records[0]["reason"]
+
+
+def test_exploration_too_short_to_learn_drops_nothing_for_it():
+    candidates = [sm2_cand(i, 0.1 + 0.001 * i, 1.0, cohort=f"c{i}", start=0.1, chance=0.1) for i in range(3)]
+    kept, records = exploration_filter(candidates, z=2.0)
+    assert kept == [0, 1, 2] and {r["reason_code"] for r in records} == {"nothing_learned"}
+
+
+def test_a_much_better_configuration_is_never_dropped_for_a_small_energy_saving():
+    better = sm2_cand(0, 0.95, 1.05, cohort="a")
+    cheaper = [sm2_cand(i, 0.80, 1.0, cohort=f"b{i}") for i in range(1, 6)]  # 5% cheaper: inside the noise
+    kept, _ = halve([better, *cheaper], sm2_objective(1.0), eta=3)
+    assert kept[0] == 0
+    kept, _ = halve([better, *cheaper], sm2_objective(1.0), eta=7)  # final rung: one kept
+    assert kept == [0]
+    # Even a much cheaper configuration never outranks a clearly better one.
+    kept, _ = halve([better, sm2_cand(9, 0.80, 0.01, cohort="tiny")], sm2_objective(1.0), eta=3)
+    assert kept == [0]
+    # Exploration never drops on energy: the best of each cohort goes on, whatever it costs.
+    assert exploration_filter([better, sm2_cand(9, 0.80, 0.01, cohort="tiny"), sm2_cand(10, 0.97, 100.0, cohort="huge")], z=2.0)[0] == [0, 9, 10]
+
+
+def test_ties_within_the_score_noise_go_to_the_clearly_cheaper_configuration():
+    dear = sm2_cand(0, 0.960, 10.0, cohort="big", se=0.01)
+    cheap = sm2_cand(1, 0.955, 1.0, cohort="small", se=0.01)  # tied: 0.005 < 1.4 standard errors
+    worse = sm2_cand(2, 0.900, 0.1, cohort="tiny", se=0.01)  # cheapest, but clearly worse
+    ranked = rank([dear, cheap, worse], sm2_objective(1.0))
+    assert [c.trial_id for c, _ in ranked] == [1, 0, 2]
+    terms = {c.trial_id: t for c, t in ranked}
+    assert terms[1]["tier"] == terms[0]["tier"] == 1 and terms[2]["tier"] == 2 and terms[1]["cheaper_than"] == 1
+    _, records = halve([dear, cheap, worse], sm2_objective(1.0), eta=4)  # final rung
+    by_id = {r["trial_id"]: r for r in records}
+    assert [r["trial_id"] for r in records if r["kept"]] == [1] and "tied with 0.96" in by_id[1]["reason"]
+    # Energies within the noise do not reorder a tier: the better score stays first.
+    close = sm2_cand(3, 0.955, 9.0, cohort="big2", se=0.01)
+    assert [c.trial_id for c, _ in rank([dear, close], sm2_objective(1.0))] == [0, 3]
+
+
+def test_without_energy_the_sm2_rule_is_successive_halving():
+    candidates = [cand(i, s, energy=None, se=0.01) for i, s in enumerate([0.5, 0.9, 0.7, 0.89])]
+    ranked = rank(candidates, sm2_objective(1.0))
+    assert [c.trial_id for c, _ in ranked] == [1, 3, 2, 0]
+    assert "energy unavailable" in ranked[0][1]["why"]
+    assert exploration_filter([cand(0, 0.9, energy=None, cohort="a"), cand(1, 0.1, energy=None, cohort="b")])[0] == [0, 1]
+
+
+RECORDED = json.loads((pathlib.Path(__file__).parent / "data" / "digits_sm2_decisions.json").read_text())
+
+
+def _decide(phase, candidates):
+    if phase == "explore":
+        return exploration_filter(candidates, z=2.0)[0]
+    return halve(candidates, sm2_objective(1.0, 2.0), eta=3)[0]
+
+
+@pytest.mark.parametrize("phase", ["explore", "rung-1", "rung-2"])
+def test_recorded_decisions_replay_and_survive_energy_perturbations_inside_the_noise(phase):
+    """Candidates recorded by a real digits study (9 cohorts, estimated energy): replayed, they get
+    the recorded decisions; with every cohort's energy rate moved by up to half its stated noise, too."""
+    records = RECORDED[phase]
+    recorded_kept = sorted(r["trial_id"] for r in records if r["kept"])
+    assert sorted(_decide(phase, [Candidate.from_terms(r) for r in records])) == recorded_kept
+    rng = random.Random(0)
+    for _ in range(50):
+        factor = {r["cohort"]: 1 + rng.uniform(-0.5, 0.5) * r["energy_noise"] for r in records}
+        perturbed = [Candidate.from_terms({**r, "joules_per_sample": r["joules_per_sample"] * factor[r["cohort"]]}) for r in records]
+        assert sorted(_decide(phase, perturbed)) == recorded_kept
+
+
+def test_energies_inside_the_noise_never_reorder_scores():
+    """Two cohorts whose rates differ by less than the noise are tied on energy whatever the
+    perturbation: the better score goes first, both ways round."""
+    rng = random.Random(1)
+    for _ in range(100):
+        ra, rb = 1.0 * (1 + rng.uniform(-0.1, 0.1)), 1.15 * (1 + rng.uniform(-0.1, 0.1))
+        a, b = sm2_cand(0, 0.950, ra, cohort="a", se=0.01), sm2_cand(1, 0.955, rb, cohort="b", se=0.01)
+        ranked = rank([a, b], sm2_objective(1.0, 2.0))
+        assert [c.trial_id for c, _ in ranked] == [1, 0] and ranked[0][1]["dearer_than"] == 0
+
+
+def test_finalists_show_the_score_energy_trade_off():
+    front = finalist_front([sm2_cand(0, 0.96, 10.0, total=100, spent=100), sm2_cand(1, 0.95, 1.0, total=100, spent=100), sm2_cand(2, 0.90, 5.0, total=100, spent=100), sm2_cand(3, 0.99, 1.0, diverged=True)])
+    assert [(f["trial_id"], f["pareto"]) for f in front] == [(0, True), (1, True), (2, False)]
+    assert front[0]["energy_to_train_j"] == pytest.approx(1000.0)  # nothing remains: rate x full budget
+
+
+def test_blend_objective_weighs_performance_energy_and_progress():
+    objective = blend_objective(alpha=0.5, beta=0.3)
     a = cand(0, 0.9, energy=100.0, gain=0.10)  # best score, dearest
     b = cand(1, 0.8, energy=10.0, gain=0.30)  # cheaper, learns faster per joule
     terms = objective([a, b])
@@ -138,22 +246,23 @@ def test_sm2_objective_blends_performance_energy_and_progress():
     assert terms[1]["G_hat"] == 1.0
     assert terms[0]["objective"] == pytest.approx(0.5) and terms[1]["objective"] == pytest.approx(0.5)
     assert rank([a, b], objective)[0][0].trial_id == 0  # tie broken by trial id
-    assert rank([a, b], sm2_objective(alpha=0.3, beta=0.5))[0][0].trial_id == 1  # energy-heavier blend
+    assert rank([a, b], blend_objective(alpha=0.3, beta=0.5))[0][0].trial_id == 1  # energy-heavier blend
     with pytest.raises(ValueError):
-        sm2_objective(alpha=0.8, beta=0.3)
+        blend_objective(alpha=0.8, beta=0.3)
+    assert resolve_objective("blend", alpha=0.3, beta=0.5)([a, b])[1]["objective"] > 0.5
 
 
 def test_float_noise_in_equal_energy_shares_is_not_amplified():
     e = 1.0 / 3.0
     noisy = [e, e, e + 2 * math.ulp(e)]  # the last share of a window absorbs rounding
     assert normalise(noisy) == [0.5, 0.5, 0.5]
-    objective = sm2_objective()
+    objective = blend_objective()
     ranked = rank([cand(i, s, energy=en) for i, (s, en) in enumerate(zip([0.5, 0.7, 0.6], noisy))], objective)
     assert [c.trial_id for c, _ in ranked] == [1, 2, 0]  # by score alone
 
 
 def test_energy_unavailable_falls_back_to_performance():
-    terms = sm2_objective()([cand(0, 0.5, energy=None), cand(1, 0.7, energy=None)])
+    terms = blend_objective()([cand(0, 0.5, energy=None), cand(1, 0.7, energy=None)])
     assert [t["objective"] for t in terms] == [0.0, 1.0] and "unavailable" in terms[0]["note"]
 
 
@@ -196,5 +305,5 @@ def test_every_decision_has_a_reason_code():
     _, halved = halve(candidates, performance_objective, 3)
     _, explored = exploration_filter(candidates)
     assert [r["reason_code"] for r in halved] == ["top_k", "outside_top_k", "diverged"]
-    assert {r["reason_code"] for r in explored} <= {"not_dominated", "dominated", "diverged", "score_not_finite", "energy_unavailable"}
+    assert {r["reason_code"] for r in explored} <= {"not_dominated", "dominated", "dominated_in_cohort", "not_learned", "nothing_learned", "diverged", "score_not_finite"}
     assert explored[2]["reason_code"] == "diverged"

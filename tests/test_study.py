@@ -54,6 +54,14 @@ def test_sm2_study_selects_a_config_and_labels_cpu_energy_honestly(tmp_path):
     # SH keeps ceil(n / 3) at rung 1.
     rung1 = [d for d in results["decisions"] if d["phase"] == "rung-1"]
     assert sum(d["kept"] for d in rung1) == -(-len(rung1) // 3)
+    # Every score a decision used carries its noise; energy a smoothed cohort rate with its noise.
+    assert all(0 < d["score_se"] < 0.1 and d["joules_per_sample"] > 0 and d["energy_noise"] >= 0.2 for d in rung1)
+    assert all("tier" in d and d["reason_code"] in ("top_k", "outside_top_k") for d in rung1)
+    # The selection's held-out test metric is reported beside its validation metric; the finalists'
+    # score/energy trade-off is shown apart.
+    assert 0.5 < sel["test"]["metric"] <= 1.0 and sel["test"]["trial_id"] == sel["trial_id"]
+    assert sel["trial_id"] in [f["trial_id"] for f in results["finalists"]]
+    assert any(f["pareto"] for f in results["finalists"])
 
 
 def test_diverging_config_is_dropped_in_exploration_and_infeasible_batch_is_recorded(tmp_path):
