@@ -44,25 +44,38 @@ def format_results(results: dict[str, Any]) -> str:
         elif "test" in sel:
             lines.append(f"  test {metric_name}: n/a (the data set has no test split)")
         if "energy_to_train_joules" in sel:
-            lines.append(f"  energy to train it: {_joules(sel['energy_to_train_joules'], method)} (its share of compile, exploration, rungs and evaluation)")
+            lines.append(f"  energy attributed to it: {_joules(sel['energy_to_train_joules'], method)} (its share of compile, exploration, rungs and evaluation)")
+            if sel.get("interrupted_joules"):
+                lines.append(f"  plus its share of interrupted attempts: {_joules(sel['interrupted_joules'], method)} (work repeated after a kill)")
     if "energy_by_phase" in results:
-        lines.append(f"energy by phase:  {'gross':>30}  {'above idle':>12}  {'seconds':>8}")
+        idle = results["idle"]
+        net_known = idle["watts"] is not None
+        lines.append(f"energy by phase:  {'gross':>30}  " + (f"{'above idle':>12}  " if net_known else "") + f"{'seconds':>8}")
         order = sorted(results["energy_by_phase"], key=lambda p: (p != "compile", p != "probe", p != "explore", p))
         idle_joules = 0.0
         for phase in order:
             g = results["energy_by_phase"][phase]
             net = "unavailable" if g["net_joules"] is None else f"{g['net_joules']:,.1f} J"
-            lines.append(f"  {phase:<14} {_joules(g['joules'], g['methods']):>30}  {net:>12}  {g['seconds']:8.2f}")
+            lines.append(f"  {phase:<14} {_joules(g['joules'], g['methods']):>30}  " + (f"{net:>12}  " if net_known else "") + f"{g['seconds']:8.2f}")
             if g["joules"] is not None and g["net_joules"] is not None and idle_joules is not None:
                 idle_joules += g["joules"] - g["net_joules"]
             else:
                 idle_joules = None
-        idle = results["idle"]
-        if idle["watts"] is None:
-            lines.append(f"  idle baseline: unavailable ({idle.get('note') or idle['method']}): no net figures")
+        if not net_known:
+            lines.append(f"  idle baseline: unavailable ({idle.get('note') or idle['method']}): gross figures only")
         else:
+            share = "unavailable" if idle_joules is None else f"{idle_joules:,.1f} J"
             lines.append(f"  idle baseline: {idle['watts']:.2f} W [{idle['method']}], measured over {idle['seconds']:.1f} s before the study;"
-                         f" idle share of the windows: {idle_joules:,.1f} J")
+                         f" idle share of the windows: {share}")
+        host = [(p, g) for p, g in results["energy_by_phase"].items() if "host_method" in g]
+        if host:
+            hj = [g["host_joules"] for _, g in host]
+            total = "unavailable" if None in hj else f"{sum(hj):,.1f} J"
+            lines.append(f"  host only (the accelerator is unmetered; not the study's energy): {total} [{host[0][1]['host_method']}]")
+        lost = results.get("interrupted_energy_by_phase") or {}
+        if lost:
+            parts = ", ".join(f"{p} {_joules(g['joules'], g['methods'])}" for p, g in sorted(lost.items()))
+            lines.append(f"  interrupted attempts (killed runs; their work was repeated): {_joules(results.get('interrupted_joules'), method)} -- {parts}")
     if results.get("total_joules") is not None or "energy_by_phase" in results:
         lines.append(f"total: {_joules(results.get('total_joules'), method)}")
     comp = results.get("compilation")

@@ -54,14 +54,27 @@ def is_oom(err: Exception) -> bool:
 
 
 class Metering:
-    """Energy windows of a study written to its ledger: ``begin``/``end`` around work, ``record``
-    attributes a reading to a cohort's trials in proportion to their work."""
+    """Energy windows of a study written to its ledger, at the meter's resolution.
+
+    ``begin``/``end`` bracket work; :meth:`record` queues a window with the trials that worked in
+    it. A window is written once the queued windows span at least the meter's resolution (1 s for
+    an NVML counter that updates every ~100 ms): shorter windows are merged with the next ones, never
+    turned into ``None``. A merged reading (first window's start to last window's end) is split
+    among its windows by their busy seconds, then among each window's trials by work, and every
+    record says it was merged. :meth:`flush` closes the queue at a decision point, waiting out the
+    rest of the resolution if needed (that wait is measured and charged, and said so).
+    :meth:`trial_joules` gives the attributed joules per trial of a phase.
+    """
 
     def __init__(self, monitor: EnergyMonitor, ledger: EnergyLedger, attempt: int, on_window: Callable[[dict], None] | None = None):
         self.monitor = monitor
         self.ledger = ledger
         self.attempt = attempt
         self.on_window = on_window
+        self.resolution_s = monitor.resolution_s
+        self._pending: list[dict[str, Any]] = []
+        self._totals: dict[tuple[str, str, int], float | None] = {}
+        self._seq = 0
 
     def begin(self, name: str, after: Any = None):
         return self.monitor.begin(name, after=after)
@@ -69,16 +82,77 @@ class Metering:
     def end(self, window, outputs: Any = None):
         return self.monitor.end(window, outputs)
 
-    def record(self, reading, *, phase: str, cohort: str, trial_ids: list[int], work, steps=None, batch_size: int = 0) -> dict[int, float | None]:
-        """Writes a window to the ledger; returns joules per trial id."""
+    def record(self, reading, *, phase: str, cohort: str, trial_ids: list[int], work, steps=None, batch_size: int = 0, kind: str = "train") -> None:
+        """Queues one window's reading for its trials (``work`` >= 0 each; ``kind``: ``train``,
+        ``eval``, ``test``, ``compile``, ``probe`` or ``oom-retry``) and writes the queue once it spans
+        the meter's resolution."""
         steps = np.zeros(len(trial_ids), np.int64) if steps is None else np.asarray(steps, np.int64)
-        recs = self.ledger.record(
-            reading, phase=phase, cohort=cohort, trial_ids=trial_ids, work=[float(w) for w in work],
-            steps=steps.tolist(), samples=(steps * batch_size).tolist(), extra={"attempt": self.attempt},
-        )
-        if self.on_window is not None:
-            self.on_window(recs[0])
-        return {r["trial_id"]: r["joules"] for r in recs[1:]}
+        self._pending.append({
+            "reading": reading, "phase": phase, "cohort": cohort, "trial_ids": [int(t) for t in trial_ids],
+            "work": [float(w) for w in work], "steps": steps.tolist(), "samples": (steps * batch_size).tolist(), "kind": kind,
+        })
+        if self._span() >= self.resolution_s:
+            self._write()
+
+    def _span(self) -> float:
+        first, last = self._pending[0]["reading"], self._pending[-1]["reading"]
+        return last.started + last.seconds - first.started
+
+    def flush(self, wait: bool = True) -> None:
+        """Writes every queued window. If they span less than the meter's resolution, first waits
+        out the rest (``wait``; otherwise, e.g. after an error, the short span is written as read)."""
+        if not self._pending:
+            return
+        short = self.resolution_s - self._span()
+        stop = None
+        if short > 0 and wait:
+            time.sleep(short)
+            stop = self.monitor.sample()
+        self._write(stop, waited=short if stop is not None else 0.0)
+
+    def _write(self, stop=None, waited: float = 0.0) -> None:
+        entries, self._pending = self._pending, []
+        first, last = entries[0]["reading"], entries[-1]["reading"]
+        if len(entries) == 1 and stop is None:
+            merged = last
+        elif first.start is None or (last.stop is None and stop is None):
+            merged = dataclasses.replace(last, joules=None, per_device=None, valid=False, note="cannot merge readings without samples")
+        else:
+            merged = self.monitor.between(last.name, first.start, stop or last.stop)
+        busy = [e["reading"].seconds for e in entries]
+        weights = [b / sum(busy) for b in busy] if sum(busy) > 0 else [1 / len(entries)] * len(entries)
+        note = merged.note
+        if len(entries) > 1 or waited > 0:
+            note = (f"merged: {len(entries)} window(s) over {merged.seconds:.2f} s" + (f" (waited {waited:.2f} s to reach the meter's {self.resolution_s:g} s resolution)" if waited > 0 else "")
+                    + "; split by busy seconds" + (f"; {merged.note}" if merged.note else ""))
+        for e, share in zip(entries, weights):
+            r = e["reading"]
+            part = dataclasses.replace(
+                r, joules=None if merged.joules is None else merged.joules * share,
+                per_device=None if merged.per_device is None else {d: v * share for d, v in merged.per_device.items()},
+                valid=merged.valid, note=note, method=merged.method, uncertainty=merged.uncertainty,
+            )
+            self._seq += 1
+            recs = self.ledger.record(
+                part, phase=e["phase"], cohort=e["cohort"], trial_ids=e["trial_ids"], work=e["work"], steps=e["steps"], samples=e["samples"],
+                extra={"attempt": self.attempt, "kind": e["kind"], "window_id": f"{self.attempt}-{self._seq}", "merged_windows": len(entries),
+                       "resolution_s": self.resolution_s, "uncertainty": merged.uncertainty},
+            )
+            for rec in recs[1:]:
+                key = (e["phase"], e["kind"], rec["trial_id"])
+                old = self._totals.get(key, 0.0)
+                self._totals[key] = None if old is None or rec["joules"] is None else old + rec["joules"]
+            if self.on_window is not None:
+                self.on_window(recs[0])
+
+    def trial_joules(self, phase: str, trial_ids: list[int], kinds: tuple[str, ...] = ("train", "eval")) -> dict[int, float | None]:
+        """Joules written so far for each trial in ``phase`` over window ``kinds`` (``None`` if any
+        of its windows was unavailable). Call :meth:`flush` first."""
+        out = {}
+        for t in trial_ids:
+            values = [self._totals[(phase, k, t)] for k in kinds if (phase, k, t) in self._totals]
+            out[t] = None if any(v is None for v in values) else float(sum(values))
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +179,11 @@ class WidthPolicy:
 class CompileRecord:
     width: int
     seconds: float  # wall seconds of the compile window (0 when nothing new was compiled)
-    joules: float | None  # the window's energy; None when unavailable or when there was no window
 
 
 @dataclasses.dataclass
 class TrainRecord:
-    joules: dict[int, float | None]  # per trial id
-    steps: dict[int, int]  # steps taken in this call, per trial id
+    steps: dict[int, int]  # steps taken in this call, per trial id (energy: Metering.trial_joules)
     seconds: float
 
 
@@ -120,7 +192,6 @@ class EvalRecord:
     scores: np.ndarray  # [K], higher is better
     metrics: np.ndarray  # [K]
     score_se: np.ndarray  # [K], the scores' standard errors (sampling noise of the split)
-    joules: dict[int, float | None]
 
 
 class CohortRunner:
@@ -176,12 +247,12 @@ class CohortRunner:
                 break
             notes.append(f"width {w} needs {need / 2**20:.1f} MiB > {policy.memory_limit / 2**20:.1f} MiB")
         if width is None:
-            metering.record(metering.end(window), phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k))
+            metering.record(metering.end(window), phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k), kind="compile")
             return None, notes
         runner = cls(spec, trainer, rows, width, metering, policy, probe_pending=policy.probe and width > 1)
         trainer.compile_eval(runner.chunks[0])
         reading = metering.end(window, runner.chunks)
-        metering.record(reading, phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k))
+        metering.record(reading, phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k), kind="compile")
         runner._choose(width, "widest width that fits in memory" if notes else "widest width (all trials)", compile_seconds=time.perf_counter() - t0, notes=notes)
         return runner, notes
 
@@ -227,16 +298,16 @@ class CohortRunner:
         """Compiles the train and eval programs at the current width inside a ``compile`` window
         (nothing is measured when both are compiled already)."""
         if self.is_compiled():
-            return CompileRecord(self.width, 0.0, None)  # no window: nothing measured
+            return CompileRecord(self.width, 0.0)  # no window: nothing measured
         window = self.metering.begin(f"compile:{self.spec.name}", after=self.chunks)
         t0 = time.perf_counter()
         self.trainer.compile_train(self.chunks[0])
         self.trainer.compile_eval(self.chunks[0])
         reading = self.metering.end(window)
         seconds = time.perf_counter() - t0
-        self.metering.record(reading, phase="compile", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k))
+        self.metering.record(reading, phase="compile", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="compile")
         log.info("compiled %s (width %d) in %.1f s", self.spec.name, self.width, seconds)
-        return CompileRecord(self.width, seconds, reading.joules)
+        return CompileRecord(self.width, seconds)
 
     def compile_seconds(self, kind: str) -> float:
         """Measured seconds the ``kind`` program at the current width took to compile: the
@@ -254,13 +325,13 @@ class CohortRunner:
         return max(1, int(window_seconds / (t * num_chunks(self.k, self.width))))
 
     def train_to(self, target_steps: int, phase: str, *, planned_trial_steps: float, window_seconds: float = 2.0, steps_per_window: int | None = None, on_steps: Callable[[int], None] | None = None) -> TrainRecord:
-        """Trains every live trial to ``target_steps`` in energy windows; returns joules per trial.
+        """Trains every live trial to ``target_steps`` in energy windows (:class:`Metering`
+        attributes their energy); returns the steps each trial took.
 
         ``planned_trial_steps`` (trial-steps the study still plans for this cohort, this phase
         included) feeds the probe decision after the first window. An out-of-memory error halves
         the width and retries the window.
         """
-        energy: dict[int, float | None] = {t: 0.0 for t in self.trial_ids}
         taken = {t: 0 for t in self.trial_ids}
         t_start = time.perf_counter()
         while True:
@@ -282,7 +353,7 @@ class CohortRunner:
                 if not is_oom(err) or self.width <= 1:
                     raise
                 # The failed attempt still used energy: keep it, on its own line.
-                self.metering.record(self.metering.end(window), phase="oom-retry", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k))
+                self.metering.record(self.metering.end(window), phase="oom-retry", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="oom-retry")
                 self._set_width(max(1, self.width // 2))
                 self._choose(self.width, "out of memory at run time: halved")
                 warnings.warn(f"{self.spec.name}: out of memory; retrying at vmap width {self.width}", RuntimeWarning, stacklevel=2)
@@ -291,16 +362,14 @@ class CohortRunner:
             self.step_seconds[self.width] = reading.seconds / (chunk * len(self.chunks))
             steps = self.field("step") - before  # 0 for frozen (diverged) trials
             work = steps * (self.trainer.flops_per_trial_step(self.chunks[0]) or 1.0)
-            joules = self.metering.record(reading, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, work=work, steps=steps, batch_size=self.spec.signature.batch_size)
+            self.metering.record(reading, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, work=work, steps=steps, batch_size=self.spec.signature.batch_size, kind="train")
             for row, t in enumerate(self.trial_ids):
-                j = joules[t]
-                energy[t] = None if j is None or energy[t] is None else energy[t] + j
                 taken[t] += int(steps[row])
             if on_steps is not None:
                 on_steps(chunk)
             if self.probe_pending:
                 self._maybe_probe(max(planned_trial_steps - sum(taken.values()), 0.0))
-        return TrainRecord(energy, taken, time.perf_counter() - t_start)
+        return TrainRecord(taken, time.perf_counter() - t_start)
 
     def _maybe_probe(self, planned_trial_steps: float) -> None:
         """Step 2 of the policy, once: probe narrower widths if predicted training time pays for it."""
@@ -321,13 +390,13 @@ class CohortRunner:
         for c in candidates:
             self.trainer.compile_train(by_width[c])
         compile_s = time.perf_counter() - t0
-        self.metering.record(self.metering.end(window), phase="compile", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k))
+        self.metering.record(self.metering.end(window), phase="compile", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="compile")
         # The probe trains (and discards) a few steps per width: its energy is its own line.
         window = self.metering.begin(f"probe:{self.spec.name}")
         # Each timed call lasts ~0.2 s at the current width: long enough that dispatch and timer noise
         # do not decide, short next to the training it steers.
         probe = self.trainer.probe_width(by_width, steps=max(3, int(0.2 / t_w)), repeats=3)
-        self.metering.record(self.metering.end(window), phase="probe", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k))
+        self.metering.record(self.metering.end(window), phase="probe", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="probe")
         for c, rate in probe.samples_per_second.items():  # seconds per step of a c-wide chunk
             self.step_seconds.setdefault(c, c * self.spec.signature.batch_size / rate)
         self._set_width(probe.chosen)
@@ -367,8 +436,8 @@ class CohortRunner:
         outs = [self.trainer.evaluate(c, split) for c in self.chunks]
         reading = self.metering.end(window, outs)
         field = lambda name: np.concatenate([getattr(o, name) for o in outs])[: self.k]  # noqa: E731
-        joules = self.metering.record(reading, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, work=self.field("active").astype(np.float64))
-        return EvalRecord(field("score"), field("metric"), field("score_se"), joules)
+        self.metering.record(reading, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, work=self.field("active").astype(np.float64), kind="eval" if split == "val" else split)
+        return EvalRecord(field("score"), field("metric"), field("score_se"))
 
     # ---------------------------------------------------------------------------------- persist
 

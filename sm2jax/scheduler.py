@@ -24,7 +24,7 @@ candidate's decision energy is what it still costs, :math:`F_i = \hat\jmath_c \,
 joules / total samples), :math:`N` the samples of the full budget and :math:`n_i` those already spent
 (energy already spent is sunk and never traded for accuracy). At the final rung nothing remains, and
 :math:`F_i = \hat\jmath_c N`: what the configuration costs to train. Each cohort rate carries a
-relative uncertainty :math:`\rho_c` (the spread of its per-phase rates, at least ``energy_noise``);
+relative uncertainty :math:`\rho_c` (``energy_noise``, 20% by default);
 :math:`i` is *clearly cheaper* than :math:`j` when
 
 .. math::  F_j - F_i > z_E \sqrt{(\rho_i F_i)^2 + (\rho_j F_j)^2},

@@ -72,8 +72,8 @@ class StudySpec:
         their difference (rungs and the final selection).
       energy_z: likewise for two energies, whose noise has heavier tails.
       explore_z: the clear margin, in standard errors, exploration needs to drop a configuration.
-      energy_noise: relative uncertainty of a cohort's energy rate, at least (its measured spread
-        across phases when larger).
+      energy_noise: relative uncertainty of a cohort's energy rate (default 20%: identical runs'
+        windows spread 21% median).
       alpha, beta: weights of the ``blend`` objective.
       plateau_tolerance: a score gain at or below this over a budget flags the candidate's learning
         rate as plateaued (recorded with its decision; the ``blend`` objective's G term penalises it).
@@ -239,6 +239,8 @@ class StudyState:
       selected: the selected trial id once the last phase is done.
       finalists: the last rung's candidates with their score, energy to train and whether they are
         on the score/energy Pareto front (shown apart from the selection).
+      completed_by: phase name -> the attempt that completed it (an earlier attempt's windows of
+        that phase are interrupted work, reported on their own line).
       test: the selected configuration's held-out test ``{"metric", "score", "score_se"}`` (``None``
         without a test split).
     """
@@ -254,6 +256,7 @@ class StudyState:
     selected: int | None = None
     test: dict[str, Any] | None = None
     finalists: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    completed_by: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -276,10 +279,12 @@ class Study:
       objective: optional callable objective overriding ``spec.objective`` (not persisted: pass it
         again on resume).
       nvml: optional NVML module (a test double in tests).
+      gpus: the GPUs to meter (``"all"`` or ``[{"pci_bus_id" | "uuid" | "index": ...}]``); default:
+        those JAX computes on, found by PCI bus id (:func:`sm2jax.energy.meters.jax_gpus`).
       progress: show a progress bar per phase.
     """
 
-    def __init__(self, directory: str | os.PathLike, spec: StudySpec | None = None, *, objective: Callable | None = None, nvml: Any = None, progress: bool = True, dataset: ArrayDataset | None = None):
+    def __init__(self, directory: str | os.PathLike, spec: StudySpec | None = None, *, objective: Callable | None = None, nvml: Any = None, gpus: Any = None, progress: bool = True, dataset: ArrayDataset | None = None):
         self.directory = os.path.abspath(os.fspath(directory))
         if spec is None:
             spec = read_spec(self.directory)
@@ -287,6 +292,7 @@ class Study:
         self.objective = resolve_objective(objective or spec.objective, z=spec.noise_z, energy_z=spec.energy_z, alpha=spec.alpha, beta=spec.beta)
         self.progress_bar = progress
         self._nvml = nvml
+        self._gpus = gpus
         self._dataset = dataset
         self._on_device = None
         self.configs = {c.trial_id: c for c in spec.configs()}  # a bad space fails here, before anything is written
@@ -348,7 +354,7 @@ class Study:
         return total
 
     def _setup_energy(self, fresh: bool) -> None:
-        self.meter = make_meter(self.spec.energy_method, nvml=self._nvml, watts_per_core=self.spec.watts_per_core)
+        self.meter = make_meter(self.spec.energy_method, nvml=self._nvml, watts_per_core=self.spec.watts_per_core, gpus=self._gpus, backend="gpu" if self._gpus else None)
         self.monitor = EnergyMonitor(self.meter)
         hw_path = os.path.join(self.directory, "hardware.json")
         if fresh or not os.path.exists(hw_path):
@@ -356,7 +362,11 @@ class Study:
                 idle = measure_idle(self.monitor, self.spec.idle_seconds)
             else:
                 idle = IdleBaseline(None, 0.0, self.meter.method, "idle baseline not measured (idle_seconds = 0)")
-            hw = {"profile": hardware_profile(self._nvml), "energy_method": self.meter.method, "energy_note": self.meter.reason, "idle": dataclasses.asdict(idle)}
+            hw = {
+                "profile": hardware_profile(self._nvml), "energy_method": self.meter.method, "energy_note": self.meter.reason,
+                "metered_devices": self.meter.devices, "resolution_s": self.meter.resolution_s, "idle": dataclasses.asdict(idle),
+                "host_method": getattr(getattr(self.meter, "host", None), "method", None),
+            }
             _atomic_write_json(hw_path, hw)
         with open(hw_path) as f:
             hw = json.load(f)
@@ -451,10 +461,14 @@ class Study:
                 if not runners:
                     break
                 runners = self._run_phase(p, runners, progress, checkpoints)
+            self.metering.flush()
             results = self._results(progress, time.perf_counter() - t_start)
         finally:
-            checkpoints.close()
-            self.meter.close()
+            try:
+                self.metering.flush(wait=False)  # after an error: whatever was measured is still written
+            finally:
+                checkpoints.close()
+                self.meter.close()
         return results
 
     def _run_phase(self, p: int, runners: list[CohortRunner], progress: StudyState, checkpoints: StudyCheckpoints) -> list[CohortRunner]:
@@ -467,50 +481,57 @@ class Study:
         total_steps = sum(max(targets[r.spec.name] - int(r.field("step").max()), 0) for r in runners)
         bar = tqdm(total=total_steps, desc=f"{name}", unit="step", leave=True, disable=not self.progress_bar)
         candidates: list[Candidate] = []
-        training: dict[str, dict[str, Any]] = {}
+        samples_before: dict[int, int] = {}
         try:
             for r in runners:
                 alive = sum(x.k for x in runners)
                 bar.set_postfix_str(f"trials alive {alive}, {self._energy_so_far_text()}, best {self._best_text(progress)}")
                 base = r.evaluate("explore") if name == "explore" else None
-                before_samples = {t: progress.trials[str(t)]["samples_spent"] for t in r.trial_ids}
-                trained = r.train_to(
+                samples_before.update({t: progress.trials[str(t)]["samples_spent"] for t in r.trial_ids})
+                r.train_to(
                     targets[r.spec.name], name, planned_trial_steps=self._planned_trial_steps(r, p),
                     window_seconds=self.spec.window_seconds, steps_per_window=self.spec.steps_per_window, on_steps=bar.update,
                 )
                 end = r.evaluate(name)
                 step, diverged, diverged_at = r.field("step"), ~r.field("active"), r.field("diverged_at")
-                trained_samples = {t: int(step[row]) * r.spec.signature.batch_size - before_samples[t] for row, t in enumerate(r.trial_ids)}
-                training[r.spec.name] = {
-                    "phase": name, "joules": None if any(j is None for j in trained.joules.values()) else float(sum(trained.joules.values())),
-                    "samples": int(sum(trained_samples.values())),
-                }
                 bs = r.spec.signature.batch_size
                 total_samples = self._steps(self.spec.max_budget, bs) * bs
                 for row, t in enumerate(r.trial_ids):
                     record = progress.trials[str(t)]
                     previous = record["score"] if base is None else float(base.scores[row])
-                    joules = [0.0 if base is None else base.joules[t], trained.joules[t], end.joules[t]]
-                    last_energy = None if any(j is None for j in joules) else float(sum(joules))
-                    spent = None if last_energy is None or record["energy_spent"] is None else record["energy_spent"] + last_energy
                     samples = int(step[row]) * bs
                     score = float(end.scores[row])
                     candidates.append(Candidate(
                         trial_id=t, cohort=r.spec.name, score=score,
                         gain=score - previous if previous is not None and math.isfinite(score) else None,
-                        energy_spent=spent, energy_last=last_energy, samples_spent=samples,
-                        samples_last=samples - before_samples[t], samples_total=total_samples,
+                        energy_spent=None, energy_last=None, samples_spent=samples,
+                        samples_last=samples - samples_before[t], samples_total=total_samples,
                         diverged=bool(diverged[row]), diverged_at=int(diverged_at[row]),
                         plateau_tolerance=self.spec.plateau_tolerance, score_se=float(end.score_se[row]),
                         start_score=None if base is None else float(base.scores[row]),
                         start_se=0.0 if base is None else float(base.score_se[row]), chance_score=self._chance_score(),
                         energy_noise=self.spec.energy_noise,
                     ))
-                    record.update(score=_finite_or_none(score), score_se=float(end.score_se[row]), metric=_finite_or_none(float(end.metrics[row])), energy_spent=spent, samples_spent=samples)
-                    record["history"].append({"phase": name, "score": _finite_or_none(score), "score_se": float(end.score_se[row]), "samples": samples, "energy_spent": spent})
+                    record.update(score=_finite_or_none(score), score_se=float(end.score_se[row]), metric=_finite_or_none(float(end.metrics[row])), samples_spent=samples)
         finally:
             bar.close()
 
+        # Energy: every window of this phase written (at the meter's resolution), then attributed.
+        self.metering.flush()
+        ids = [c.trial_id for c in candidates]
+        phase_joules = self.metering.trial_joules(name, ids)
+        train_joules = self.metering.trial_joules(name, ids, kinds=("train",))
+        training: dict[str, dict[str, Any]] = {}
+        for c in candidates:
+            record = progress.trials[str(c.trial_id)]
+            c.energy_last = phase_joules[c.trial_id]
+            c.energy_spent = None if c.energy_last is None or record["energy_spent"] is None else record["energy_spent"] + c.energy_last
+            record["energy_spent"] = c.energy_spent
+            record["history"].append({"phase": name, "score": record["score"], "score_se": c.score_se, "samples": c.samples_spent, "energy_spent": c.energy_spent})
+            window = training.setdefault(c.cohort, {"phase": name, "joules": 0.0, "samples": 0})
+            j = train_joules[c.trial_id]
+            window["joules"] = None if j is None or window["joules"] is None else window["joules"] + j
+            window["samples"] += c.samples_last
         self._smooth_energy(training, candidates, progress)
         if name == "explore":
             kept, records = exploration_filter(candidates, z=self.spec.explore_z)
@@ -543,6 +564,7 @@ class Study:
         progress.alive = {r.spec.name: r.trial_ids for r in survivors}
         progress.runners = {r.spec.name: r.to_json() for r in survivors}
         progress.phase = p
+        progress.completed_by[name] = self.metering.attempt
         if survivors:  # Orbax refuses an empty tree; a phase with no survivor needs no checkpoint
             checkpoints.save(p, {r.spec.name: r.rows() for r in survivors})
             checkpoints.wait()  # committed before the phase is recorded as done
@@ -559,18 +581,17 @@ class Study:
     def _smooth_energy(self, training: dict[str, dict[str, Any]], candidates: list[Candidate], progress: StudyState) -> None:
         """Adds this phase's training joules and samples per cohort to its history and gives each
         candidate its cohort's rate smoothed over all phases (total training joules / total samples;
-        evaluation is a fixed cost per phase, not per sample) with a relative noise of at least
-        ``energy_noise``, or the spread of the per-phase rates when that is larger."""
+        evaluation is a fixed cost per phase, not per sample) with the relative noise
+        ``energy_noise``. (The spread of per-phase rates is not used as noise: it mixes real changes
+        -- a narrower width for survivors, warm-up -- with noise, and is itself too noisy to decide on.)"""
         for cohort, window in training.items():
             progress.cohort_energy.setdefault(cohort, []).append(window)
         for c in candidates:
             history = [h for h in progress.cohort_energy.get(c.cohort, []) if h["samples"] > 0]
             if not history or any(h["joules"] is None for h in history):
                 continue
-            rates = np.array([h["joules"] / h["samples"] for h in history])
-            spread = float(rates.std(ddof=1) / rates.mean()) if len(rates) > 1 and rates.mean() > 0 else 0.0
             c.cohort_rate = sum(h["joules"] for h in history) / sum(h["samples"] for h in history)
-            c.energy_noise = max(self.spec.energy_noise, spread)
+            c.energy_noise = self.spec.energy_noise
 
     def _restore(self, progress: StudyState, phase: int) -> list[CohortRunner]:
         """Rebuilds the runners alive after ``phase`` from their checkpoint (rows gathered on the
@@ -613,31 +634,48 @@ class Study:
         return f"{max(scores):.4g}" if scores else "-"
 
     def _results(self, progress: StudyState, wall_seconds: float) -> dict[str, Any]:
-        records = self.ledger.records()
+        everything = self.ledger.records()
+        done = progress.completed_by
+        finishers = set(done.values())
+
+        def interrupted(r: dict[str, Any]) -> bool:
+            """Work of an attempt that was killed before it recorded the phase (repeated later)."""
+            if r["phase"] in done:
+                return r.get("attempt") != done[r["phase"]]
+            if r["phase"] in ("compile", "probe", "oom-retry"):
+                return r.get("attempt") not in finishers
+            return True
+
+        records = [r for r in everything if not interrupted(r)]
+        lost = [r for r in everything if interrupted(r)]
         by_phase = summarize(records)
         selected = progress.selected
         out: dict[str, Any] = {
             "study": self.directory, "mode": self.spec.mode, "objective": self.spec.objective,
             "energy_method": self.meter.method, "energy_note": self.hardware.get("energy_note", ""),
             "intensity_label": self.ledger.intensity_label, "idle": self.hardware["idle"],
-            "energy_by_phase": by_phase, "wall_seconds_this_attempt": wall_seconds, "attempts": max((r.get("attempt", 0) for r in records), default=0),
+            "energy_by_phase": by_phase, "interrupted_energy_by_phase": summarize(lost),
+            "wall_seconds_this_attempt": wall_seconds, "attempts": max((r.get("attempt", 0) for r in everything), default=0),
             "decisions": progress.decisions, "finalists": progress.finalists, "infeasible": progress.infeasible, "hardware": progress.hardware,
             "metric_name": TASK_METRIC[self._dataset.task], "num_configs": len(self.configs),
         }
         totals = [g["joules"] for g in by_phase.values()]
         out["total_joules"] = None if any(t is None for t in totals) else float(sum(totals))
+        lost_totals = [g["joules"] for g in out["interrupted_energy_by_phase"].values()]
+        out["interrupted_joules"] = None if any(t is None for t in lost_totals) else float(sum(lost_totals))
         if selected is None:
             out["selected"] = None
             out["note"] = "no configuration survived (all diverged or infeasible)"
             return out
         trial = progress.trials[str(selected)]
-        own = [r for r in records if r["type"] == "trial" and r["trial_id"] == selected]
-        joules = [r["joules"] for r in own]
+        joules = [r["joules"] for r in records if r["type"] == "trial" and r["trial_id"] == selected]
+        lost_joules = [r["joules"] for r in lost if r["type"] == "trial" and r["trial_id"] == selected]
         out["selected"] = {
             "trial_id": selected, "config": self.configs[selected].to_json()["values"],
             "score": trial["score"], "score_se": trial.get("score_se"), "metric": trial["metric"], "samples": trial["samples_spent"],
             "test": progress.test,
             "energy_to_train_joules": None if any(j is None for j in joules) else float(sum(joules)),
+            "interrupted_joules": None if any(j is None for j in lost_joules) else float(sum(lost_joules)),
             "energy_method": self.meter.method,
         }
         return out

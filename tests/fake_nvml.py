@@ -27,9 +27,10 @@ class FakeDevice:
     """A device whose counter is set by the test, or (``clock_driven``) advances at ``power_mw``
     with wall time, like a real card's counter."""
 
-    def __init__(self, name="NVIDIA H200", energy_mj=0, power_mw=100_000, counter_supported=True, name_as_bytes=False, clock_driven=False):
+    def __init__(self, name="NVIDIA H200", energy_mj=0, power_mw=100_000, counter_supported=True, name_as_bytes=False, clock_driven=False, tick_s=0.0, pci_bus_id=None, uuid=None):
         self.name, self._energy_mj, self.power_mw = name, energy_mj, power_mw
-        self.clock_driven, self._t0 = clock_driven, time.perf_counter()
+        self.clock_driven, self._t0, self.tick_s = clock_driven, time.perf_counter(), tick_s
+        self.pci_bus_id, self.uuid = pci_bus_id, uuid
         self.counter_supported, self.name_as_bytes = counter_supported, name_as_bytes
         self.memory_total, self.memory_free = 141 * 2**30, 140 * 2**30
         self.power_limit_mw, self.power_limit_range_mw = 700_000, (200_000, 700_000)
@@ -37,13 +38,21 @@ class FakeDevice:
 
     @property
     def energy_mj(self):
-        if self.clock_driven:
-            return int(self._energy_mj + self.power_mw * (time.perf_counter() - self._t0))
+        if self.clock_driven:  # a real card's counter moves only every tick_s (~100 ms)
+            elapsed = time.perf_counter() - self._t0
+            if self.tick_s:
+                elapsed = (elapsed // self.tick_s) * self.tick_s
+            return int(self._energy_mj + self.power_mw * elapsed)
         return self._energy_mj
 
     @energy_mj.setter
     def energy_mj(self, value):
         self._energy_mj = value
+
+
+def make_card(index: int, **kw) -> FakeDevice:
+    """A clock-driven device whose counter steps every 100 ms, with a PCI bus id and UUID."""
+    return FakeDevice(clock_driven=True, tick_s=0.1, pci_bus_id=f"00000000:{0x17 + index:02X}:00.0", uuid=f"GPU-fake-{index:04d}", **kw)
 
 
 def make_fake_nvml(devices: list[FakeDevice], init_error: Exception | None = None) -> types.ModuleType:
@@ -74,6 +83,22 @@ def make_fake_nvml(devices: list[FakeDevice], init_error: Exception | None = Non
     nvml.nvmlShutdown = lambda: nvml.calls.append("shutdown")
     nvml.nvmlDeviceGetCount = lambda: len(devices)
     nvml.nvmlDeviceGetHandleByIndex = lambda i: devices[i]
+
+    def by(attr, value):
+        for d in devices:
+            if getattr(d, attr) == value:
+                return d
+        raise NVMLError(13)  # NVML_ERROR_NOT_FOUND
+
+    nvml.nvmlDeviceGetHandleByPciBusId = lambda bus: by("pci_bus_id", bus.decode() if isinstance(bus, bytes) else bus)
+    nvml.nvmlDeviceGetHandleByUUID = lambda uuid: by("uuid", uuid.decode() if isinstance(uuid, bytes) else uuid)
+
+    def nvmlDeviceGetPciInfo(h):
+        if h.pci_bus_id is None:
+            raise NVMLError_NotSupported()
+        return types.SimpleNamespace(busId=h.pci_bus_id.encode())
+
+    nvml.nvmlDeviceGetPciInfo = nvmlDeviceGetPciInfo
     nvml.nvmlDeviceGetTotalEnergyConsumption = nvmlDeviceGetTotalEnergyConsumption
     nvml.nvmlDeviceGetPowerUsage = lambda h: h.power_mw
     nvml.nvmlDeviceGetName = nvmlDeviceGetName

@@ -5,10 +5,11 @@ import os
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import pytest
 
-from fake_nvml import FakeDevice, make_fake_nvml
+from fake_nvml import FakeDevice, make_card, make_fake_nvml
 from sm2jax.energy import (
     EnergyLedger,
     EnergyMonitor,
@@ -22,12 +23,13 @@ from sm2jax.energy import (
     summarize,
     trial_totals,
 )
-from sm2jax.energy.meters import RaplMeter
+from sm2jax.energy.meters import RaplMeter, jax_gpus
+from sm2jax.runner import Metering
 
 
 def test_counter_path_sums_devices_in_joules():
     devices = [FakeDevice(energy_mj=1_000), FakeDevice(energy_mj=5_000)]
-    monitor = EnergyMonitor(make_meter("auto", nvml=make_fake_nvml(devices)))
+    monitor = EnergyMonitor(make_meter("auto", nvml=make_fake_nvml(devices), gpus="all"))
     assert monitor.method == "nvml-counter"
     window = monitor.begin("train")
     devices[0].energy_mj += 2_500  # 2.5 J
@@ -41,7 +43,7 @@ def test_counter_path_sums_devices_in_joules():
 
 def test_counter_going_backwards_invalidates_the_window():
     devices = [FakeDevice(energy_mj=10_000)]
-    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml(devices)))
+    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml(devices), gpus="all"))
     window = monitor.begin("train")
     devices[0].energy_mj = 200  # driver reloaded: counter restarted
     reading = monitor.end(window)
@@ -50,14 +52,14 @@ def test_counter_going_backwards_invalidates_the_window():
 
 
 def test_an_unchanged_counter_in_a_short_window_is_not_a_zero():
-    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml([FakeDevice(energy_mj=7)])), counter_resolution_s=10.0)
+    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml([FakeDevice(energy_mj=7)]), gpus="all"), counter_resolution_s=10.0)
     reading = monitor.end(monitor.begin("tiny"))
     assert reading.joules is None and not reading.valid and "update period" in reading.note
 
 
 def test_not_supported_counter_falls_back_to_power_polling():
     device = FakeDevice(counter_supported=False, power_mw=200_000)  # 200 W
-    meter = make_meter("auto", nvml=make_fake_nvml([device]), interval_s=0.01)
+    meter = make_meter("auto", nvml=make_fake_nvml([device]), interval_s=0.01, gpus="all")
     try:
         assert meter.method == "nvml-power" and "not supported" in meter.reason
         monitor = EnergyMonitor(meter)
@@ -72,7 +74,7 @@ def test_not_supported_counter_falls_back_to_power_polling():
 
 def test_power_polling_integrates_a_step_change():
     device = FakeDevice(counter_supported=False, power_mw=100_000)
-    meter = make_meter("nvml-power", nvml=make_fake_nvml([device]), interval_s=0.005)
+    meter = make_meter("nvml-power", nvml=make_fake_nvml([device]), interval_s=0.005, gpus="all")
     try:
         first = meter.sample()
         time.sleep(0.1)
@@ -92,7 +94,7 @@ def test_power_polling_integrates_a_step_change():
 
 def test_missing_library_means_unavailable_not_an_exception(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
-    meter = make_meter("nvml-counter")
+    meter = make_meter("nvml-counter", gpus="all")
     assert meter.method == "unavailable" and "not installed" in meter.reason
     reading = EnergyMonitor(meter).end(EnergyMonitor(meter).begin("x"))
     assert reading.joules is None and reading.method == "unavailable"
@@ -102,7 +104,7 @@ def test_missing_library_means_unavailable_not_an_exception(monkeypatch):
 
 def test_nvml_init_failure_means_unavailable():
     fake = make_fake_nvml([FakeDevice()], init_error=RuntimeError("driver not loaded"))
-    meter = make_meter("nvml-counter", nvml=fake)
+    meter = make_meter("nvml-counter", nvml=fake, gpus="all")
     assert meter.method == "unavailable" and "driver not loaded" in meter.reason
 
 
@@ -168,7 +170,7 @@ def test_estimate_meter_is_labelled_estimated():
 
 def test_idle_baseline_and_nested_windows():
     device = FakeDevice(energy_mj=0)
-    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml([device])), counter_resolution_s=0.0)
+    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml([device]), gpus="all"), counter_resolution_s=0.0)
     outer = monitor.begin("outer")
     inner = monitor.begin("inner")
     device.energy_mj += 1_000
@@ -203,7 +205,7 @@ def test_ledger_records_gross_net_carbon_and_survives_a_torn_line(tmp_path):
     path = tmp_path / "ledger.jsonl"
     idle = IdleBaseline(watts=50.0, seconds=3.0, method="nvml-counter")
     ledger = EnergyLedger(path, idle=idle)
-    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml([d := FakeDevice()])), counter_resolution_s=0.0)
+    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml([d := FakeDevice()]), gpus="all"), counter_resolution_s=0.0)
     window = monitor.begin("explore")
     d.energy_mj += 360_000  # 360 J
     reading = monitor.end(window)
@@ -222,6 +224,15 @@ def test_ledger_records_gross_net_carbon_and_survives_a_torn_line(tmp_path):
     assert trial_totals(again) == pytest.approx({4: 240.0, 7: 120.0, 9: 0.0})
     assert json.loads(path.read_text().splitlines()[1])["method"] == "nvml-counter"
 
+    # The next run (a resume) repairs the torn tail before appending: nothing glued, nothing lost.
+    resumed = EnergyLedger(path, idle=idle)
+    assert resumed.repaired == len('{"type": "trial", "torn')
+    assert (tmp_path / "ledger.jsonl.torn").read_text() == '{"type": "trial", "torn\n'
+    resumed.record(reading, phase="rung-1", cohort="c0", trial_ids=[4], work=[1.0], steps=[1], samples=[32])
+    lines = path.read_text().splitlines()
+    assert len(lines) == 6 and all(json.loads(line) for line in lines)
+    assert summarize(resumed.records())["rung-1"]["joules"] == pytest.approx(360.0)
+
 
 def test_unavailable_windows_stay_none_in_the_ledger(tmp_path):
     ledger = EnergyLedger(tmp_path / "l.jsonl", idle=IdleBaseline(None, 1.0, "unavailable"))
@@ -231,3 +242,65 @@ def test_unavailable_windows_stay_none_in_the_ledger(tmp_path):
     assert records[0]["joules"] is None and records[0]["method"] == "unavailable"
     assert records[1]["joules"] is None and records[1]["kwh"] is None
     assert summarize(records)["explore"]["joules"] is None
+
+
+def test_only_the_gpus_jax_uses_are_metered_found_by_pci_bus_id_or_uuid():
+    cards = [make_card(i, power_mw=100_000 * (i + 1)) for i in range(4)]  # 100, 200, 300, 400 W
+    nvml = make_fake_nvml(cards)
+    for target in ({"pci_bus_id": cards[2].pci_bus_id}, {"uuid": cards[2].uuid}):
+        meter = make_meter("auto", nvml=nvml, gpus=[target], backend="gpu")
+        assert meter.method == "nvml-counter" and [d["nvml"] for d in meter.devices] == [cards[2].pci_bus_id]
+        monitor = EnergyMonitor(meter)
+        window = monitor.begin("w")
+        time.sleep(1.05)
+        reading = monitor.end(window)
+        assert list(reading.per_device) == [cards[2].pci_bus_id]
+        assert reading.joules == pytest.approx(300.0 * reading.seconds, rel=0.15)  # one 300 W card, not all four (1 kW)
+    # A JAX on the CPU backend never charges its trials for the machine's GPUs.
+    assert make_meter("auto", nvml=nvml, backend="cpu", rapl_root="/nonexistent").method == "estimated"
+    assert jax_gpus() == [] or jax.default_backend() == "gpu"  # no GPU device in a CPU process
+
+
+def test_an_accelerator_that_cannot_be_metered_is_unavailable_with_the_host_on_its_own_line(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # a GPU container without NVML
+    for backend, gpus, words in (("tpu", None, "tpu"), ("gpu", [{"index": 0}], "not installed")):
+        meter = make_meter("auto", backend=backend, gpus=gpus, rapl_root="/nonexistent")
+        assert meter.method == "unavailable" and words in meter.reason
+        monitor = EnergyMonitor(meter)
+        window = monitor.begin("w")
+        sum(i * i for i in range(200_000))  # host work
+        reading = monitor.end(window)
+        assert reading.joules is None and reading.host_method == "estimated" and reading.host_joules > 0
+        records = EnergyLedger(tmp_path / f"{backend}.jsonl").record(reading, phase="explore", cohort="c", trial_ids=[0], work=[1.0], steps=[1], samples=[1])
+        group = summarize(records)["explore"]
+        assert group["joules"] is None and group["host_joules"] > 0 and group["host_method"] == "estimated"
+
+
+def test_windows_shorter_than_the_counter_resolution_are_merged_never_none(tmp_path):
+    """A 100 ms-tick counter read over 20 ms windows: merged until they span the meter's 1 s
+    resolution, split by busy time, every window with a figure; flush waits out a short tail."""
+    card = make_card(0, power_mw=200_000)
+    monitor = EnergyMonitor(make_meter("auto", nvml=make_fake_nvml([card]), gpus="all", backend="gpu"))
+    ledger = EnergyLedger(tmp_path / "l.jsonl")
+    metering = Metering(monitor, ledger, attempt=1)
+    assert metering.resolution_s == 1.0
+    t0 = time.perf_counter()
+    for i in range(60):
+        window = metering.begin("rung-1")
+        time.sleep(0.02)
+        metering.record(metering.end(window), phase="rung-1", cohort=f"c{i % 2}", trial_ids=[i % 2], work=[1.0], steps=[1], batch_size=8)
+    metering.flush()
+    elapsed = time.perf_counter() - t0
+    windows = [r for r in ledger.records() if r["type"] == "window"]
+    assert len(windows) == 60 and all(w["joules"] is not None and w["joules"] > 0 for w in windows)
+    assert any(w["merged_windows"] > 1 and "merged" in w["note"] for w in windows)
+    total = sum(w["joules"] for w in windows)
+    assert total == pytest.approx(200.0 * elapsed, rel=0.15)  # the whole span, gaps included
+    joules = metering.trial_joules("rung-1", [0, 1])
+    assert joules[0] + joules[1] == pytest.approx(total) and joules[0] == pytest.approx(joules[1], rel=0.3)
+    # A lone short window at a decision point: the flush waits the rest of the resolution.
+    window = metering.begin("rung-2")
+    metering.record(metering.end(window), phase="rung-2", cohort="c0", trial_ids=[0], work=[1.0], kind="eval")
+    metering.flush()
+    last = ledger.records()[-2]
+    assert last["joules"] > 0 and "waited" in last["note"] and last["uncertainty"] <= 0.11

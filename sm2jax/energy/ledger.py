@@ -65,6 +65,7 @@ class EnergyLedger:
             intensity_label = DEFAULT_INTENSITY_LABEL if intensity_g_per_kwh == DEFAULT_INTENSITY_G_PER_KWH else "user-supplied"
         self.intensity_label = intensity_label
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.repaired = repair_torn_tail(self.path)
 
     def _carbon(self, joules: float | None) -> tuple[float | None, float | None]:
         if joules is None:
@@ -87,7 +88,7 @@ class EnergyLedger:
             "type": "window", **base, "window": reading.name, "seconds": reading.seconds,
             "joules": reading.joules, "net_joules": net_total, "per_device": reading.per_device,
             "unattributed_joules": unattributed, "kwh": kwh, "gco2e": g, "note": reading.note,
-            "idle_watts": idle_w,
+            "idle_watts": idle_w, **({"host_joules": reading.host_joules, "host_method": reading.host_method} if reading.host_method else {}),
         }]
         for tid, j, nj, st, sa in zip(trial_ids, gross, net, steps, samples):
             kwh, g = self._carbon(j)
@@ -105,6 +106,32 @@ class EnergyLedger:
     def records(self) -> list[dict[str, Any]]:
         """Every complete record (a torn last line from a kill is skipped)."""
         return read_ledger(self.path)
+
+
+def repair_torn_tail(path: str | os.PathLike) -> int:
+    """Makes a ledger end on a complete line before anything is appended.
+
+    A process killed mid-write leaves a last line without its newline; appending to it would glue
+    the next record onto it and lose both. The torn bytes are moved to ``PATH.torn`` (kept, not
+    deleted) and the file is truncated after its last complete line. Returns the bytes moved.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return 0
+        data = f.seek(0) or f.read()
+        keep = data.rfind(b"\n") + 1
+        with open(path + ".torn", "ab") as torn:
+            torn.write(data[keep:] + b"\n")
+            torn.flush()
+            os.fsync(torn.fileno())
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+        return len(data) - keep
 
 
 def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -128,6 +155,10 @@ def summarize(records: Sequence[dict[str, Any]], key: str = "phase") -> dict[str
         if r["type"] != "window":
             continue
         g = groups.setdefault(str(r[key]), {"joules": 0.0, "net_joules": 0.0, "seconds": 0.0, "methods": set(), "windows": 0})
+        if "host_method" in r:  # the accelerator is unmetered: the host's figure, on its own line
+            g["host_method"] = r["host_method"]
+            old = g.get("host_joules", 0.0)
+            g["host_joules"] = None if old is None or r["host_joules"] is None else old + r["host_joules"]
         g["windows"] += 1
         g["seconds"] += r["seconds"]
         g["methods"].add(r["method"])

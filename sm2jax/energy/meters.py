@@ -28,17 +28,31 @@ METHODS = ("nvml-counter", "nvml-power", "rapl", "estimated", "unavailable")
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """A cumulative reading: joules per device (``None`` if unreadable) at ``time`` (perf_counter)."""
+    """A cumulative reading: joules per device (``None`` if unreadable) at ``time`` (perf_counter);
+    ``host``: the host meter's cumulative joules when the accelerator itself cannot be metered."""
 
     time: float
     joules: dict[str, float] | None
+    host: float | None = None
 
 
 class Meter:
-    """Base class: subclasses implement :meth:`sample`."""
+    """Base class: subclasses implement :meth:`sample`.
+
+    Attributes:
+      method: how readings are obtained (:data:`METHODS`).
+      reason: why this method (or why nothing) was chosen.
+      resolution_s: the shortest window whose figure can be trusted; shorter windows are merged
+        with the next one by the study's metering.
+      update_s: the reading's update period (``None``: no stated bound); a window of ``T`` seconds
+        is then uncertain by about ``update_s / T``.
+    """
 
     method: str = "unavailable"
     reason: str = ""
+    resolution_s: float = 0.0
+    update_s: float | None = None
+    devices: list[dict[str, Any]] | None = None  # what is metered, and how each device was found
 
     def sample(self) -> Sample:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -51,15 +65,29 @@ class Meter:
 
 
 class UnavailableMeter(Meter):
-    """Nothing can be measured; every window reports ``None`` joules, labelled ``unavailable``."""
+    """Nothing can be measured; every window reports ``None`` joules, labelled ``unavailable``.
+
+    ``host``: a meter of the host (RAPL or the CPU-time estimate) read alongside when the
+    accelerator is what cannot be metered: its figure is reported on its own line, never as the
+    study's energy.
+    """
 
     method = "unavailable"
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, host: Meter | None = None):
         self.reason = reason
+        self.host = host
 
     def sample(self) -> Sample:
-        return Sample(time.perf_counter(), None)
+        host = None
+        if self.host is not None:
+            reading = self.host.sample().joules
+            host = None if reading is None else float(sum(reading.values()))
+        return Sample(time.perf_counter(), None, host)
+
+    def close(self) -> None:
+        if self.host is not None:
+            self.host.close()
 
 
 class EstimateMeter(Meter):
@@ -97,6 +125,8 @@ class NvmlCounterMeter(Meter):
     """Sums ``nvmlDeviceGetTotalEnergyConsumption`` (mJ) over the given devices."""
 
     method = "nvml-counter"
+    resolution_s = 1.0  # the counter updates about every 100 ms: 1 s windows are within ~10 %
+    update_s = 0.1
 
     def __init__(self, nvml: Any, handles: dict[str, Any]):
         self.nvml, self.handles = nvml, handles
@@ -114,6 +144,8 @@ class NvmlPowerMeter(Meter):
     """
 
     method = "nvml-power"
+    resolution_s = 1.0  # the power reading is itself a ~1 s average on recent GPUs
+    update_s = 0.1
 
     def __init__(self, nvml: Any, handles: dict[str, Any], interval_s: float = 0.1):
         self.nvml, self.handles, self.interval_s = nvml, handles, interval_s
@@ -159,6 +191,8 @@ class RaplMeter(Meter):
     """
 
     method = "rapl"
+    resolution_s = 0.01  # RAPL counters update about every millisecond
+    update_s = 0.001
 
     def __init__(self, zones: dict[str, str]):
         self.zones = zones  # name -> directory with energy_uj and max_energy_range_uj
@@ -215,10 +249,58 @@ def find_rapl_zones(root: str = "/sys/class/powercap") -> tuple[dict[str, str], 
     return {}, "no readable package/dram RAPL zone"
 
 
-def nvml_handles(nvml: Any, device_indices: list[int] | None = None) -> dict[str, Any]:
-    count = nvml.nvmlDeviceGetCount()
-    indices = range(count) if device_indices is None else device_indices
-    return {f"gpu{i}": nvml.nvmlDeviceGetHandleByIndex(i) for i in indices}
+def jax_gpus() -> list[dict[str, Any]]:
+    """JAX's local GPU devices and what identifies each to NVML, whose numbering ignores
+    ``CUDA_VISIBLE_DEVICES``: the device's PCI bus id where JAX exposes it, else the UUID or index
+    that ``CUDA_VISIBLE_DEVICES`` names for it (an index assumes ``CUDA_DEVICE_ORDER=PCI_BUS_ID``,
+    NVML's order), else its ordinal. Empty when JAX runs on no GPU."""
+    import jax
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
+    out = []
+    for d in jax.local_devices():
+        if d.platform != "gpu":
+            continue
+        entry: dict[str, Any] = {"jax": str(d)}
+        bus = getattr(d, "pci_bus_id", None)
+        ordinal = int(getattr(d, "local_hardware_id", None) or d.id)
+        if bus:
+            entry["pci_bus_id"], entry["by"] = str(bus), "PCI bus id reported by JAX"
+        elif names is not None and ordinal < len(names):
+            name = names[ordinal]
+            if name.isdigit():
+                entry["index"], entry["by"] = int(name), "CUDA_VISIBLE_DEVICES index (PCI bus order assumed)"
+            else:
+                entry["uuid"], entry["by"] = name, "CUDA_VISIBLE_DEVICES UUID"
+        else:
+            entry["index"], entry["by"] = ordinal, "CUDA ordinal (no CUDA_VISIBLE_DEVICES)"
+        out.append(entry)
+    return out
+
+
+def nvml_handles(nvml: Any, gpus: list[dict[str, Any]] | str = "all") -> dict[str, Any]:
+    """NVML handles keyed by PCI bus id (else ``gpuN``): every device (``"all"``) or the listed ones,
+    each found by ``pci_bus_id``, ``uuid`` or ``index``."""
+    def key(handle, fallback):
+        try:
+            bus = nvml.nvmlDeviceGetPciInfo(handle).busId
+            return bus.decode() if isinstance(bus, bytes) else str(bus)
+        except Exception:  # noqa: BLE001 -- a name is all this is for
+            return fallback
+
+    if gpus == "all":
+        handles = [(nvml.nvmlDeviceGetHandleByIndex(i), f"gpu{i}") for i in range(nvml.nvmlDeviceGetCount())]
+    else:
+        handles = []
+        for g in gpus:
+            if "pci_bus_id" in g:
+                handles.append((nvml.nvmlDeviceGetHandleByPciBusId(g["pci_bus_id"]), g["pci_bus_id"]))
+            elif "uuid" in g:
+                handles.append((nvml.nvmlDeviceGetHandleByUUID(g["uuid"]), g["uuid"]))
+            else:
+                handles.append((nvml.nvmlDeviceGetHandleByIndex(int(g["index"])), f"gpu{int(g['index'])}"))
+    return {key(h, name): h for h, name in handles}
 
 
 def open_nvml(nvml: Any | None = None) -> tuple[Any | None, str]:
@@ -236,26 +318,34 @@ def open_nvml(nvml: Any | None = None) -> tuple[Any | None, str]:
     return nvml, ""
 
 
-def make_nvml_meter(nvml: Any | None = None, *, prefer: str = "nvml-counter", interval_s: float = 0.1, device_indices: list[int] | None = None) -> Meter:
-    """The best NVML meter: the counter if every device supports it, else power polling.
+def make_nvml_meter(nvml: Any | None = None, *, prefer: str = "nvml-counter", interval_s: float = 0.1, gpus: list[dict[str, Any]] | str | None = None) -> Meter:
+    """The best NVML meter for ``gpus`` (default: the GPUs JAX uses, :func:`jax_gpus`; ``"all"``:
+    every GPU NVML sees): the counter if every device supports it, else power polling.
 
-    Never raises: a missing library or an NVML error gives an :class:`UnavailableMeter`.
+    Never raises: a missing library, no GPU in use or an NVML error gives an :class:`UnavailableMeter`.
     """
+    gpus = jax_gpus() if gpus is None else gpus
+    if not gpus:
+        return UnavailableMeter("JAX uses no GPU: there is no GPU energy to meter")
     nvml, reason = open_nvml(nvml)
     if nvml is None:
         return UnavailableMeter(reason)
     try:
-        handles = nvml_handles(nvml, device_indices)
+        handles = nvml_handles(nvml, gpus)
+        mapping = [{"nvml": key, **({} if gpus == "all" else gpus[i])} for i, key in enumerate(handles)]
         if prefer == "nvml-counter":
             try:
                 for h in handles.values():
                     nvml.nvmlDeviceGetTotalEnergyConsumption(h)
-                return NvmlCounterMeter(nvml, handles)
+                counter = NvmlCounterMeter(nvml, handles)
+                counter.devices = mapping
+                return counter
             except nvml.NVMLError:
                 pass  # NotSupported (pre-Volta, some vGPUs): fall back to polling power
         for h in handles.values():
             nvml.nvmlDeviceGetPowerUsage(h)
         meter = NvmlPowerMeter(nvml, handles, interval_s)
+        meter.devices = mapping
         if prefer == "nvml-counter":
             meter.reason = "energy counter not supported; power polled every %g s" % interval_s
         return meter
@@ -263,21 +353,43 @@ def make_nvml_meter(nvml: Any | None = None, *, prefer: str = "nvml-counter", in
         return UnavailableMeter(f"NVML error: {err}")
 
 
-def make_meter(method: str = "auto", *, nvml: Any | None = None, rapl_root: str = "/sys/class/powercap", watts_per_core: float = 10.0, interval_s: float = 0.1) -> Meter:
-    """Chooses a meter. ``auto``: NVML (counter, else power) if a GPU is visible, else RAPL if
-    readable, else the CPU-time estimate. A named method that cannot work gives ``unavailable``."""
+def make_host_meter(rapl_root: str = "/sys/class/powercap", watts_per_core: float = 10.0) -> Meter:
+    """RAPL if readable, else the CPU-time estimate."""
+    zones, _ = find_rapl_zones(rapl_root)
+    return RaplMeter(zones) if zones else EstimateMeter(watts_per_core)
+
+
+def make_meter(method: str = "auto", *, nvml: Any | None = None, rapl_root: str = "/sys/class/powercap", watts_per_core: float = 10.0, interval_s: float = 0.1, gpus: list[dict[str, Any]] | str | None = None, backend: str | None = None) -> Meter:
+    """Chooses the meter of the devices JAX computes on.
+
+    ``auto``: on GPUs, NVML (counter, else power) for the GPUs JAX uses (``gpus``, default
+    :func:`jax_gpus`); on the CPU backend, RAPL if readable, else the CPU-time estimate. When the
+    accelerator cannot be metered (a TPU, or GPUs without NVML) the method is ``unavailable`` with
+    the host meter read alongside for its own line: a host figure is never the study's energy. A
+    named method that cannot work gives ``unavailable``.
+    """
     if method not in ("auto", *METHODS):
         raise ValueError(f"unknown energy method {method!r}; known: auto, {', '.join(METHODS)}")
-    if method in ("auto", "nvml-counter", "nvml-power"):
-        meter = make_nvml_meter(nvml, prefer="nvml-power" if method == "nvml-power" else "nvml-counter", interval_s=interval_s)
-        if method != "auto" or meter.method != "unavailable":
-            return meter
-    if method in ("auto", "rapl"):
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    if gpus is None and backend != "gpu":
+        gpus = []
+    if method in ("nvml-counter", "nvml-power"):
+        return make_nvml_meter(nvml, prefer=method, interval_s=interval_s, gpus=gpus)
+    if method == "auto":
+        if gpus != []:
+            meter = make_nvml_meter(nvml, interval_s=interval_s, gpus=gpus)
+            if meter.method != "unavailable":
+                return meter
+            return UnavailableMeter(f"the GPU(s) JAX uses cannot be metered ({meter.reason})", host=make_host_meter(rapl_root, watts_per_core))
+        if backend != "cpu":
+            return UnavailableMeter(f"JAX computes on {backend}, whose energy cannot be metered here", host=make_host_meter(rapl_root, watts_per_core))
+        return make_host_meter(rapl_root, watts_per_core)
+    if method == "rapl":
         zones, reason = find_rapl_zones(rapl_root)
-        if zones:
-            return RaplMeter(zones)
-        if method == "rapl":
-            return UnavailableMeter(reason)
-    if method in ("auto", "estimated"):
+        return RaplMeter(zones) if zones else UnavailableMeter(reason)
+    if method == "estimated":
         return EstimateMeter(watts_per_core)
     return UnavailableMeter("energy measurement disabled")

@@ -10,7 +10,7 @@ from typing import Any
 
 import jax
 
-from sm2jax.energy.meters import Meter, open_nvml
+from sm2jax.energy.meters import Meter, Sample, open_nvml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +24,11 @@ class WindowReading:
       per_device: joules per device, or ``None``.
       method: the meter's method label.
       valid: false when the reading cannot be trusted; ``note`` says why.
+      start, stop: the meter's cumulative samples at both ends (to merge windows).
+      uncertainty: relative error bound from the meter's resolution (counter update period /
+        seconds), ``None`` when it has no stated bound (an estimate is labelled ``estimated`` instead).
+      host_joules, host_method: the host's energy over the window when the accelerator cannot be
+        metered (reported on its own line, never as the study's energy).
     """
 
     name: str
@@ -34,6 +39,11 @@ class WindowReading:
     method: str
     valid: bool
     note: str = ""
+    start: Sample | None = None
+    stop: Sample | None = None
+    uncertainty: float | None = None
+    host_joules: float | None = None
+    host_method: str | None = None
 
 
 @dataclasses.dataclass
@@ -78,26 +88,42 @@ class EnergyMonitor:
             jax.block_until_ready(after)
         return Window(name, self.meter.sample())
 
+    @property
+    def resolution_s(self) -> float:
+        """The shortest window whose figure this meter can be trusted for (see :class:`Metering
+        <sm2jax.runner.Metering>`, which merges shorter windows)."""
+        return getattr(self.meter, "resolution_s", 0.0)
+
     def end(self, window: Window, outputs: Any = None) -> WindowReading:
         if outputs is not None:
             window.cover(outputs)
         for out in window.covered:
             jax.block_until_ready(out)
-        stop = self.meter.sample()
-        start = window.start
+        return self.between(window.name, window.start, self.meter.sample())
+
+    def sample(self) -> Sample:
+        return self.meter.sample()
+
+    def between(self, name: str, start: Sample, stop: Sample) -> WindowReading:
+        """The reading of a window from two cumulative samples of this monitor's meter."""
         seconds = stop.time - start.time
         if start.joules is None or stop.joules is None:
-            return WindowReading(window.name, start.time, seconds, None, None, self.method, False, self.meter.reason or "unavailable")
+            host = getattr(self.meter, "host", None)
+            host_joules = None if host is None or start.host is None or stop.host is None else stop.host - start.host
+            return WindowReading(name, start.time, seconds, None, None, self.method, False, self.meter.reason or "unavailable", start, stop,
+                                 host_joules=host_joules, host_method=None if host is None else host.method)
         per_device = {d: stop.joules[d] - start.joules[d] for d in stop.joules}
         if any(v < 0 for v in per_device.values()):
-            return WindowReading(window.name, start.time, seconds, None, None, self.method, False, "energy counter went backwards (driver reload?)")
+            return WindowReading(name, start.time, seconds, None, None, self.method, False, "energy counter went backwards (driver reload?)", start, stop)
         total = sum(per_device.values())
         if self.method == "nvml-counter" and total == 0 and seconds < self.counter_resolution_s:
-            return WindowReading(window.name, start.time, seconds, None, None, self.method, False, f"window of {seconds * 1e3:.0f} ms is below the counter's update period")
+            return WindowReading(name, start.time, seconds, None, None, self.method, False, f"window of {seconds * 1e3:.0f} ms is below the counter's update period", start, stop)
         note = ""
         if self.method in ("nvml-counter", "nvml-power") and seconds < self.min_window_s:
             note = f"short window ({seconds:.2f} s < {self.min_window_s:g} s): NVML updates every ~0.1 s, expect error"
-        return WindowReading(window.name, start.time, seconds, total, per_device, self.method, True, note)
+        update = getattr(self.meter, "update_s", None)
+        uncertainty = None if update is None or seconds <= 0 else update / seconds
+        return WindowReading(name, start.time, seconds, total, per_device, self.method, True, note, start, stop, uncertainty)
 
     @contextlib.contextmanager
     def measure(self, name: str, after: Any = None):
@@ -121,11 +147,14 @@ class IdleBaseline:
 
 
 def measure_idle(monitor: EnergyMonitor, seconds: float = 3.0) -> IdleBaseline:
-    """Average power over ``seconds`` of doing nothing (after all pending JAX work finished)."""
+    """Average power over ``seconds`` of doing nothing (after all pending JAX work finished); at
+    least the meter's resolution (a 0.1 s window of a 100 ms counter would read 0 W)."""
+    if monitor.method == "estimated":  # process CPU time is ~0 while idle: a "0 W" would be a guess shown as a measurement
+        return IdleBaseline(None, 0.0, "estimated", "not applicable: the estimate counts this process's CPU time, which is ~0 while idle")
     for array in jax.live_arrays():
         array.block_until_ready()
     window = monitor.begin("idle")
-    time.sleep(seconds)
+    time.sleep(max(seconds, monitor.resolution_s))
     reading = monitor.end(window)
     if reading.joules is None or reading.seconds <= 0:
         return IdleBaseline(None, reading.seconds, reading.method, reading.note)
