@@ -1,19 +1,22 @@
-"""GPU check: real NVML energy for a training cohort, counter vs power polling, side by side.
+"""GPU check: real NVML energy and cohort throughput on a lent GPU, in one run (under 5 minutes).
 
-One short script for a lent GPU (about 2 minutes). It prints and writes (``--json``):
+It prints and writes (``--json``):
 
-* the hardware profile (names, memory, power limits -- read only);
-* the idle baseline from both NVML methods;
-* for each training window of a 16-trial cohort: joules from ``nvmlDeviceGetTotalEnergyConsumption``
-  and from integrated ``nvmlDeviceGetPowerUsage`` polling over the *same* window, their ratio, and
-  the per-trial shares;
-* the compile window on its own line.
+* the hardware profile (names, memory, power limits -- read only) and which NVML devices are
+  metered: only those JAX uses, matched by PCI bus id (or the UUID/index CUDA_VISIBLE_DEVICES names);
+* the idle baseline from both NVML methods over the same window;
+* for each >= 1 s training window of a 16-trial ResNet-18 cohort on CIFAR-shaped random data: joules
+  from ``nvmlDeviceGetTotalEnergyConsumption`` and from integrated ``nvmlDeviceGetPowerUsage`` polling
+  over the *same* window, their agreement in percent, and the per-trial shares;
+* the compile window on its own line;
+* per workload (the digits MLP and the ResNet-18 cohort): the vmap-vs-loop speedup (one W-wide
+  program vs a loop over W one-wide programs for the same trial-steps) and the achieved FLOP/s.
 
 Run::
 
     python experiments/gpu_check.py --json gpu_check.json
 
-Without a GPU every figure prints as "unavailable" with the reason; nothing raises.
+Without a GPU every energy figure prints as "unavailable" with the reason; nothing raises.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import jax
 import numpy as np
 
 from sm2jax.cohort import group_into_cohorts
-from sm2jax.data import ArrayDataset
-from sm2jax.energy import EnergyMonitor, attribute, hardware_profile, make_meter, measure_idle
+from sm2jax.data import ArrayDataset, load_digits
+from sm2jax.energy import EnergyMonitor, attribute, hardware_profile, make_meter
+from sm2jax.energy.meters import jax_gpus
 from sm2jax.space import Categorical, LogUniform, SearchSpace
 from sm2jax.trainer import CohortTrainer, row_view
 
@@ -50,14 +54,45 @@ def synthetic_images(n: int = 4096, seed: int = 0) -> ArrayDataset:
 RESNET = {"name": "resnet18", "width": 16}
 
 
-def run(windows: int = 4, window_seconds: float = 3.0, idle_seconds: float = 3.0, trials: int = 16, width: int = 8, model: dict | None = None, nvml: Any = None) -> dict[str, Any]:
-    counter = make_meter("nvml-counter", nvml=nvml)
-    power = make_meter("nvml-power", nvml=nvml, interval_s=0.05)
+def throughput(model: dict, ds: ArrayDataset, *, trials: int, batch_size: int, seconds: float = 2.0) -> dict[str, Any]:
+    """Samples/s and FLOP/s of one ``trials``-wide program against a loop over one-wide programs
+    (the per-trial jitted loop a user would write), for the same trial-steps."""
+    space = SearchSpace({"model": model, "learning_rate": LogUniform(1e-3, 0.1, num=trials), "batch_size": batch_size})
+    (cohort,) = group_into_cohorts(space.grid())
+    trainer = CohortTrainer(cohort, ds, schedule_steps=10_000)
+    wide = trainer.init(trials)
+    ones = trainer.init(1)
+    jax.block_until_ready([trainer.train(c, 2)[0] for c in wide + ones])  # compile both, warm up
+
+    def timed(chunks, steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready([trainer.train(c, steps)[0] for c in chunks])
+        return time.perf_counter() - t0
+
+    probe = timed(wide, 2) / 2
+    steps = max(2, int(seconds / max(probe, 1e-6)))
+    t_wide, t_loop = timed(wide, steps), timed(ones, steps)
+    flops = trainer.flops_per_trial_step(wide[0])
+    samples = trials * steps * batch_size
+    return {
+        "model": model, "trials": trials, "batch_size": batch_size, "steps": steps,
+        "vmap_seconds": t_wide, "loop_seconds": t_loop, "vmap_over_loop_speedup": t_loop / t_wide,
+        "vmap_samples_per_s": samples / t_wide, "loop_samples_per_s": samples / t_loop,
+        "flops_per_trial_step": flops, "vmap_flops_per_s": None if flops is None else flops * trials * steps / t_wide,
+        "loop_flops_per_s": None if flops is None else flops * trials * steps / t_loop,
+    }
+
+
+def run(windows: int = 4, window_seconds: float = 3.0, idle_seconds: float = 3.0, trials: int = 16, width: int = 8, model: dict | None = None, nvml: Any = None, gpus: Any = None, workloads: bool = True, digits_model: dict | None = None) -> dict[str, Any]:
+    gpus = gpus if gpus is not None else jax_gpus()
+    counter = make_meter("nvml-counter", nvml=nvml, gpus=gpus)
+    power = make_meter("nvml-power", nvml=nvml, interval_s=0.05, gpus=gpus)
     meters = {"nvml-counter": EnergyMonitor(counter), "nvml-power": EnergyMonitor(power)}
     out: dict[str, Any] = {
         "profile": hardware_profile(nvml),
-        "methods": {k: {"method": m.meter.method, "note": m.meter.reason} for k, m in meters.items()},
+        "methods": {k: {"method": m.meter.method, "note": m.meter.reason, "devices": m.meter.devices} for k, m in meters.items()},
         "jax_devices": [str(d) for d in jax.devices()],
+        "jax_gpus": gpus,
     }
     print("devices:", out["jax_devices"])
     for gpu in out["profile"]["gpus"]:
@@ -106,18 +141,28 @@ def run(windows: int = 4, window_seconds: float = 3.0, idle_seconds: float = 3.0
             ratio = None if c is None or p is None or c == 0 else p / c
             secs = readings["nvml-counter"].seconds
             rate = trials * steps * cohort.signature.batch_size / secs
-            out["windows"].append({"seconds": secs, "steps": steps, "counter_j": c, "power_j": p, "ratio_power_over_counter": ratio, "samples_per_s": rate, "shares_j": shares, "notes": {k: r.note for k, r in readings.items()}})
+            agreement = None if ratio is None else 100 * (ratio - 1)
+            out["windows"].append({"seconds": secs, "steps": steps, "counter_j": c, "power_j": p, "ratio_power_over_counter": ratio, "agreement_percent": agreement, "samples_per_s": rate, "shares_j": shares, "notes": {k: r.note for k, r in readings.items()}})
             print(f"{i:>6} {secs:8.2f} {_fmt(c):>12} {_fmt(p):>13} {'n/a' if ratio is None else f'{ratio:6.3f}'}  {rate:,.0f}")
         last = out["windows"][-1]["shares_j"]
         print("per-trial shares of the last window (counter):", "unavailable" if last[0] is None else [round(s, 2) for s in last])
         out["flops_per_trial_step"] = flops
+        if workloads:
+            digits = load_digits()
+            out["workloads"] = {
+                "digits-mlp": throughput(digits_model or {"name": "mlp", "hidden": [64]}, digits, trials=trials, batch_size=64),
+                "resnet18-cifar": throughput(model or RESNET, ds, trials=min(trials, width), batch_size=128),
+            }
+            for name, w in out["workloads"].items():
+                fl = "n/a" if w["vmap_flops_per_s"] is None else f"{w['vmap_flops_per_s'] / 1e12:.2f} TFLOP/s"
+                print(f"{name}: vmap {w['vmap_samples_per_s']:,.0f} samples/s vs loop {w['loop_samples_per_s']:,.0f} ({w['vmap_over_loop_speedup']:.2f}x), {fl}")
     finally:
         for m in meters.values():
             m.meter.close()
     return out
 
 
-def main(argv=None, nvml: Any = None) -> dict[str, Any]:
+def main(argv=None, nvml: Any = None, gpus: Any = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--window-seconds", type=float, default=3.0)
@@ -126,8 +171,10 @@ def main(argv=None, nvml: Any = None) -> dict[str, Any]:
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--json", type=pathlib.Path)
     parser.add_argument("--model", type=json.loads, default=RESNET, help="model spec as JSON")
+    parser.add_argument("--digits-model", type=json.loads, default={"name": "mlp", "hidden": [64]}, help="model spec as JSON")
+    parser.add_argument("--no-workloads", action="store_true", help="skip the vmap-vs-loop throughput part")
     args = parser.parse_args(argv)
-    out = run(args.windows, args.window_seconds, args.idle_seconds, args.trials, args.width, args.model, nvml=nvml)
+    out = run(args.windows, args.window_seconds, args.idle_seconds, args.trials, args.width, args.model, nvml=nvml, gpus=gpus, workloads=not args.no_workloads, digits_model=args.digits_model)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return out
