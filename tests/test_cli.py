@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -72,3 +73,17 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
         pytest.fail("the study finished before the interrupt; nothing was tested")
     assert proc.returncode == 130, err[-2000:]
     assert f"sm2jax resume {study}" in err and "Traceback" not in err
+
+
+def test_a_cpu_study_on_a_machine_with_gpus_never_charges_them(tmp_path):
+    """With the NVML double installed as the machine's pynvml (two 150 W cards) and JAX on the CPU
+    backend, the study meters the host and names the GPUs only in its hardware profile."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).parent / "nvml_machine"), os.environ.get("PYTHONPATH", "")]), "JAX_PLATFORMS": "cpu"}
+    study = tmp_path / "s"
+    cmd = [sys.executable, "-m", "sm2jax.cli", "run", "--quick", "--dir", str(study), "--no-progress", "--idle-seconds", "0.1", "--no-probe", "--json"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads(out.stdout)
+    hardware = json.loads((study / "hardware.json").read_text())
+    assert len(hardware["profile"]["gpus"]) == 2  # the double is what this process's NVML sees
+    assert results["energy_method"] in ("estimated", "rapl") and hardware["metered_devices"] is None
