@@ -17,6 +17,7 @@ from sm2jax.cohort import group_into_cohorts
 from sm2jax.energy import read_ledger
 from sm2jax.space import Categorical, LogUniform, SearchSpace
 from sm2jax.hyperband import run_hyperband
+from sm2jax.presets import digits as digits_preset
 from sm2jax.report import format_results
 from sm2jax.study import Study, StudySpec
 from sm2jax.trainer import CohortTrainer, chunk_rows, compiled_memory_bytes
@@ -247,9 +248,9 @@ def test_a_study_metered_by_a_100ms_counter_decides_with_energy(tmp_path):
     merged to the meter's 1 s resolution, so every window has a figure and no decision falls back
     to performance only. Two of four cards are JAX's; only they are charged."""
     cards = [make_card(i, power_mw=150_000) for i in range(4)]
-    space = {"learning_rate": LogUniform(3e-3, 3e-2, num=2), "batch_size": Categorical([32, 64])}
     mine = [{"pci_bus_id": cards[1].pci_bus_id}, {"pci_bus_id": cards[3].pci_bus_id}]
-    study = Study(tmp_path / "s", _spec(space, energy_method="auto", idle_seconds=0.1), nvml=make_fake_nvml(cards), gpus=mine, progress=False)
+    spec = dataclasses.replace(digits_preset(), energy_method="auto", idle_seconds=0.1)  # the default study (its idle window is stretched to 1 s)
+    study = Study(tmp_path / "s", spec, nvml=make_fake_nvml(cards), gpus=mine, progress=False)
     results = study.run()
     assert results["energy_method"] == "nvml-counter"
     hardware = json.loads((tmp_path / "s" / "hardware.json").read_text())
