@@ -37,7 +37,10 @@ with the best score; inside a tier, candidates that fewer tier-mates are clearly
 first (ties broken by score, then trial id); the next tier starts from the best remaining score.
 SH's count is kept (``ceil(n / eta)``), so energy only ever chooses among configurations whose scores
 are tied within the noise, and a clearly better configuration always outranks a cheaper one. The final
-rung keeps one: the best score, or among those tied with it, the cheapest to train.
+rung keeps one, by score: energy spent is sunk, so its tie width is narrower (``final_z = 0.5``; at
+one standard error the better-scoring configuration is truly better with probability ~0.84) and only
+near-ties go to the configuration cheaper to train. The trade-off is shown apart
+(:func:`finalist_front`).
 
 **Exploration** (:func:`exploration_filter`) drops, with a *clear* margin ``explore_z``:
 

@@ -70,6 +70,10 @@ class StudySpec:
         :class:`Study` directly).
       noise_z: two scores are tied unless they differ by more than ``noise_z`` standard errors of
         their difference (rungs and the final selection).
+      final_z: the tie width at the final rung, where energy is already spent: the selection is by
+        score, and only scores within ``final_z`` standard errors go to the one cheaper to train (at
+        one standard error the better-scoring configuration is truly better with probability ~0.84:
+        too likely to give up for energy that is sunk).
       energy_z: likewise for two energies, whose noise has heavier tails.
       explore_z: the clear margin, in standard errors, exploration needs to drop a configuration.
       energy_noise: relative uncertainty of a cohort's energy rate (default 20%: identical runs'
@@ -105,6 +109,7 @@ class StudySpec:
     keep_rule: str = "ceil"
     objective: str = "sm2"
     noise_z: float = 1.0
+    final_z: float = 0.5
     energy_z: float = 2.0
     explore_z: float = 2.0
     energy_noise: float = 0.2
@@ -137,8 +142,8 @@ class StudySpec:
                 raise ValueError(f"rungs must increase from min_budget to max_budget (got {self.rungs}, {self.min_budget}..{self.max_budget})")
         if self.keep_rule not in KEEP_RULES:
             raise ValueError(f"keep_rule: unknown {self.keep_rule!r}; known: {KEEP_RULES}")
-        if min(self.noise_z, self.energy_z, self.explore_z, self.energy_noise) < 0:
-            raise ValueError(f"noise_z, energy_z, explore_z and energy_noise must be >= 0 (got {self.noise_z}, {self.energy_z}, {self.explore_z}, {self.energy_noise})")
+        if min(self.noise_z, self.final_z, self.energy_z, self.explore_z, self.energy_noise) < 0:
+            raise ValueError(f"noise_z, final_z, energy_z, explore_z and energy_noise must be >= 0 (got {self.noise_z}, {self.final_z}, {self.energy_z}, {self.explore_z}, {self.energy_noise})")
         if not 0 <= self.explore_budget < self.min_budget:
             raise ValueError(f"explore_budget must be in [0, min_budget) (got {self.explore_budget}, min_budget {self.min_budget})")
         steps_for(1, self.budget_unit, 1, 1)  # validates the unit
@@ -290,6 +295,8 @@ class Study:
             spec = read_spec(self.directory)
         self.spec = spec
         self.objective = resolve_objective(objective or spec.objective, z=spec.noise_z, energy_z=spec.energy_z, alpha=spec.alpha, beta=spec.beta)
+        # The final selection: energy spent is sunk, so only near-ties go to the cheaper configuration.
+        self.final_objective = resolve_objective(objective or spec.objective, z=spec.final_z, energy_z=spec.energy_z, alpha=spec.alpha, beta=spec.beta)
         self.progress_bar = progress
         self._nvml = nvml
         self._gpus = gpus
@@ -536,7 +543,7 @@ class Study:
         if name == "explore":
             kept, records = exploration_filter(candidates, z=self.spec.explore_z)
         elif last:
-            kept, records = halve(candidates, self.objective, eta=len(candidates) + 1)  # keep only the best
+            kept, records = halve(candidates, self.final_objective, eta=len(candidates) + 1)  # keep only the best
         else:
             kept, records = halve(candidates, self.objective, self.spec.eta, self.spec.keep_rule)
         progress.decisions.extend({"phase": name, **rec, "energy_method": self.meter.method} for rec in records)
