@@ -304,3 +304,24 @@ def test_windows_shorter_than_the_counter_resolution_are_merged_never_none(tmp_p
     metering.flush()
     last = ledger.records()[-2]
     assert last["joules"] > 0 and "waited" in last["note"] and last["uncertainty"] <= 0.11
+
+
+def test_jax_gpus_are_identified_the_way_nvml_can_find_them(monkeypatch):
+    """NVML numbering ignores CUDA_VISIBLE_DEVICES: a device is named by its PCI bus id when JAX
+    reports one, else by the UUID or index CUDA_VISIBLE_DEVICES gives its ordinal."""
+    import types
+
+    def device(ordinal, bus=None, platform="gpu"):
+        return types.SimpleNamespace(platform=platform, id=ordinal, local_hardware_id=ordinal, pci_bus_id=bus, __str__=lambda self: f"cuda:{ordinal}")
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa,GPU-bbbb")
+    assert jax_gpus([device(0, bus="00000000:3B:00.0")])[0]["pci_bus_id"] == "00000000:3B:00.0"
+    assert jax_gpus([device(1)])[0]["uuid"] == "GPU-bbbb"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    assert jax_gpus([device(1)])[0]["index"] == 7  # the 2nd visible device is NVML's index 7
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert jax_gpus([device(0)])[0]["index"] == 0
+    assert jax_gpus([device(0, platform="cpu")]) == []
+    cards = [make_card(i) for i in range(8)]
+    meter = make_meter("auto", nvml=make_fake_nvml(cards), gpus=jax_gpus([device(0, bus=cards[5].pci_bus_id)]), backend="gpu")
+    assert [d["nvml"] for d in meter.devices] == [cards[5].pci_bus_id]

@@ -249,17 +249,18 @@ def find_rapl_zones(root: str = "/sys/class/powercap") -> tuple[dict[str, str], 
     return {}, "no readable package/dram RAPL zone"
 
 
-def jax_gpus() -> list[dict[str, Any]]:
-    """JAX's local GPU devices and what identifies each to NVML, whose numbering ignores
+def jax_gpus(devices: list[Any] | None = None) -> list[dict[str, Any]]:
+    """The GPUs among ``devices`` and what identifies each to NVML, whose numbering ignores
     ``CUDA_VISIBLE_DEVICES``: the device's PCI bus id where JAX exposes it, else the UUID or index
     that ``CUDA_VISIBLE_DEVICES`` names for it (an index assumes ``CUDA_DEVICE_ORDER=PCI_BUS_ID``,
-    NVML's order), else its ordinal. Empty when JAX runs on no GPU."""
+    NVML's order), else its ordinal. ``devices`` defaults to JAX's default device, the one a study
+    computes on (its trial axis is not sharded over devices); empty when that is not a GPU."""
     import jax
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     names = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
     out = []
-    for d in jax.local_devices():
+    for d in (jax.devices()[:1] if devices is None else devices):
         if d.platform != "gpu":
             continue
         entry: dict[str, Any] = {"jax": str(d)}
