@@ -14,13 +14,14 @@ Width policy (:class:`WidthPolicy`), all choices recorded in :attr:`CohortRunner
    ``t_W`` the measured seconds per step of a W-wide chunk). Probing compiles the narrower
    candidates (powers of four below W, and 1), each costing about the measured compile time
    :math:`c_W` of the W-wide program. It runs only if :math:`T > \\text{payoff} \\cdot c_W \\cdot n`
-   for ``n`` new programs (payoff 10 by default); otherwise the widest width stays.
+   for ``n`` new programs (payoff 5 by default: a probe that finds nothing costs at most a fifth of
+   the training it steers); otherwise the widest width stays.
 3. **Narrow for survivors only when it pays.** With ``K' < W`` survivors the padded chunk still
-   costs ``t_W`` per step. A narrower width ``w`` (the next power of two at or above K') is compiled
-   only if the predicted saving :math:`S' (\\lceil K'/W \\rceil t_W - \\lceil K'/w \\rceil t_w)`
-   exceeds its compile time (``t_w`` measured by the probe, else :math:`t_W w / W`, which
-   overstates the saving on accelerators that are not yet full and is the conservative side for
-   compile cost on CPUs).
+   costs ``t_W`` per step (padding rows compute, then discard). Candidates are ``w = K'`` (no
+   padding) and every narrower width the probe measured; the one with the largest net saving
+   :math:`S' (\\lceil K'/W \\rceil t_W - \\lceil K'/w \\rceil t_w) - c_w` is compiled if that is
+   positive (``t_w`` measured by the probe, else :math:`t_W w / W`, which overstates the saving on
+   accelerators that are not yet full and is the conservative side for compile cost on CPUs).
 4. **Out of memory at run time** halves the width and retries the window.
 """
 
@@ -164,15 +165,16 @@ class WidthPolicy:
       memory_limit: bytes a program may need (``None``: no check).
       probe: allow measuring narrower widths.
       payoff: the probe runs only when predicted training time exceeds ``payoff`` times its
-        predicted compile time. Measured on a 2-core CPU, the best width trained 0-30% faster than
-        the widest (MLP 256x256 on MNIST-1D: 10%), so a probe costing more than a tenth of the
-        training it steers rarely pays; on accelerators long studies clear the bar easily.
+        predicted compile time. Measured on a 2-core CPU, the best width trained 0-40% faster than
+        the widest (MLP 256x256 on MNIST-1D: 10%; MLP 1024x1024 at batch 16: width 1, ~30%), so a
+        probe costing at most a fifth of the training it steers pays where it matters; on
+        accelerators long studies clear the bar easily.
     """
 
     max_width: int | None = None
     memory_limit: int | None = None
     probe: bool = True
-    payoff: float = 10.0
+    payoff: float = 5.0
 
 
 @dataclasses.dataclass
@@ -408,16 +410,21 @@ class CohortRunner:
         k, w = self.k, self.width
         if k >= w:
             return
-        narrow = 1 << (k - 1).bit_length()
-        if narrow >= w:
-            return
         t_w = self.step_seconds.get(w)
         if t_w is None:
             return
-        t_n = self.step_seconds.get(narrow, t_w * narrow / w)
         steps_each = planned_trial_steps / k
-        saving = steps_each * (num_chunks(k, w) * t_w - num_chunks(k, narrow) * t_n)
-        cost = sum(0.0 if self.trainer.is_compiled(kind, narrow) else self.compile_seconds(kind) for kind in ("train", "eval"))
+
+        def outcome(c: int) -> tuple[float, float, float]:
+            t_c = self.step_seconds.get(c, t_w * c / w)
+            saving = steps_each * (num_chunks(k, w) * t_w - num_chunks(k, c) * t_c)
+            cost = sum(0.0 if self.trainer.is_compiled(kind, c) else self.compile_seconds(kind) for kind in ("train", "eval"))
+            return saving - cost, saving, cost
+
+        # Exactly k rows (no padding), or a width already measured faster (e.g. 1 on a CPU).
+        options = sorted({k, *(c for c in self.step_seconds if c < w)})
+        narrow = max(options, key=lambda c: (outcome(c)[0], c))
+        _, saving, cost = outcome(narrow)
         if saving > cost:
             self._set_width(narrow)
             self._choose(narrow, f"narrowed for {k} survivors: predicted saving {saving:.2f} s > compile {cost:.2f} s", predicted_saving_s=saving, predicted_compile_s=cost)
