@@ -46,7 +46,8 @@ near-ties go to the configuration cheaper to train. The trade-off is shown apart
 
 * diverged configurations and non-finite scores;
 * configurations that have not learned: score not clearly above the larger of their own score
-  before exploration and chance (the majority-class rate);
+  before exploration and chance (the majority-class rate; a study evaluates the untrained models
+  only where chance is undefined, e.g. regression, since an untrained classifier scores about chance);
 * configurations clearly worse than the best of their own cohort: same model, batch size and
   energy per step, so the score alone decides (Pareto dominance where the energies are equal).
 

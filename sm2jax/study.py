@@ -493,7 +493,10 @@ class Study:
             for r in runners:
                 alive = sum(x.k for x in runners)
                 bar.set_postfix_str(f"trials alive {alive}, {self._energy_so_far_text()}, best {self._best_text(progress)}")
-                base = r.evaluate("explore") if name == "explore" else None
+                # A configuration's score before exploration is the reference for "has it learned?"; for
+                # classification that reference is chance (an untrained classifier scores about chance), so
+                # the 54-odd evaluations of untrained models are skipped there.
+                base = r.evaluate("explore") if name == "explore" and self._chance_score() is None else None
                 samples_before.update({t: progress.trials[str(t)]["samples_spent"] for t in r.trial_ids})
                 r.train_to(
                     targets[r.spec.name], name, planned_trial_steps=self._planned_trial_steps(r, p),
