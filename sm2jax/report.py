@@ -89,7 +89,7 @@ def format_results(results: dict[str, Any]) -> str:
         for name, last in widths.items():
             lines.append(f"  {name}: width {last['width']} ({last['reason']})")
     if results.get("finalists"):
-        lines.append("finalists (score, energy to train; * = on the score/energy Pareto front; selection is by score, ties within noise by energy):")
+        lines.append("finalists (score, energy to train; * = on the score/energy Pareto front; selection is by score, near-ties by energy to train):")
         for f in results["finalists"]:
             mark = "*" if f["pareto"] else " "
             energy = "unavailable" if f["energy_to_train_j"] is None else f"{f['energy_to_train_j']:,.1f} J +- {f['energy_noise']:.0%} [{method}]"
