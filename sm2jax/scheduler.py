@@ -294,7 +294,8 @@ def sm2_objective(z: float = 1.0, energy_z: float = 2.0) -> Objective:
                     why += f"; clearly cheaper than {beats[i]}, clearly dearer than {beaten[i]} of its {len(members)} tier-mates" if energy_known else "; energy unavailable: tier ordered by score"
                 info[i] = {"tier": tier + 1, "tier_size": len(members), "tied_with": head.trial_id, "margin": margin, "cheaper_than": beats[i], "dearer_than": beaten[i], "why": why}
             order += members
-            remaining = [i for i in remaining if i not in set(members)]
+            taken = set(members)
+            remaining = [i for i in remaining if i not in taken]
             tier += 1
         position = {i: p for p, i in enumerate(order)}
         return [{"objective": -float(position[i]), "z": z, "energy_z": energy_z, **info[i]} for i in range(len(candidates))]

@@ -20,6 +20,7 @@ widths, which are stored -- reaches the same decisions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -496,7 +497,7 @@ class Study:
                 # A configuration's score before exploration is the reference for "has it learned?"; for
                 # classification that reference is chance (an untrained classifier scores about chance), so
                 # the 54-odd evaluations of untrained models are skipped there.
-                base = r.evaluate("explore") if name == "explore" and self._chance_score() is None else None
+                base = r.evaluate("explore") if name == "explore" and self._chance is None else None
                 samples_before.update({t: progress.trials[str(t)]["samples_spent"] for t in r.trial_ids})
                 r.train_to(
                     targets[r.spec.name], name, planned_trial_steps=self._planned_trial_steps(r, p),
@@ -519,7 +520,7 @@ class Study:
                         diverged=bool(diverged[row]), diverged_at=int(diverged_at[row]),
                         plateau_tolerance=self.spec.plateau_tolerance, score_se=float(end.score_se[row]),
                         start_score=None if base is None else float(base.scores[row]),
-                        start_se=0.0 if base is None else float(base.score_se[row]), chance_score=self._chance_score(),
+                        start_se=0.0 if base is None else float(base.score_se[row]), chance_score=self._chance,
                         energy_noise=self.spec.energy_noise,
                     ))
                     record.update(score=_finite_or_none(score), score_se=float(end.score_se[row]), metric=_finite_or_none(float(end.metrics[row])), samples_spent=samples)
@@ -581,7 +582,8 @@ class Study:
         _atomic_write_json(self._progress_path(p), progress.to_json())
         return survivors
 
-    def _chance_score(self) -> float | None:
+    @functools.cached_property
+    def _chance(self) -> float | None:
         """The score of always guessing the majority class (classification), else ``None``."""
         ds = self._load_data()
         if ds.task != "classification":
