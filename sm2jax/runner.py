@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 from sm2jax.cohort import CohortSpec
-from sm2jax.energy import EnergyLedger, EnergyMonitor
+from sm2jax.energy import EnergyLedger, EnergyMonitor, add_known
 from sm2jax.trainer import CohortState, CohortTrainer, chunk_rows, compiled_memory_bytes, gather_rows, num_chunks, row_view
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,7 @@ class Metering:
             )
             for rec in recs[1:]:
                 key = (e["phase"], e["kind"], rec["trial_id"])
-                old = self._totals.get(key, 0.0)
-                self._totals[key] = None if old is None or rec["joules"] is None else old + rec["joules"]
+                self._totals[key] = add_known(self._totals.get(key, 0.0), rec["joules"])
             if self.on_window is not None:
                 self.on_window(recs[0])
 

@@ -37,7 +37,7 @@ from sm2jax.checkpoint import CheckpointError, StudyCheckpoints
 from sm2jax.cohort import CohortSpec, group_into_cohorts
 from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import ArrayDataset, device_put_dataset, load_dataset
-from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, hardware_profile, make_meter, measure_idle, summarize
+from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, add_known, hardware_profile, make_meter, measure_idle, summarize
 from sm2jax.runner import CohortRunner, Metering, WidthPolicy
 from sm2jax.scheduler import KEEP_RULES, Candidate, exploration_filter, finalist_front, halve, resolve_objective, rung_budgets, steps_for
 from sm2jax.space import Config, SearchSpace
@@ -385,7 +385,7 @@ class Study:
     def _tally(self, window: dict[str, Any]) -> None:
         """Keeps the study's running energy total (for the progress bar) without rereading the ledger."""
         self._methods.add(window["method"])
-        self._total_joules = None if self._total_joules is None or window["joules"] is None else self._total_joules + window["joules"]
+        self._total_joules = add_known(self._total_joules, window["joules"])
 
     # ------------------------------------------------------------------------------ hardware filter
 
@@ -536,12 +536,11 @@ class Study:
         for c in candidates:
             record = progress.trials[str(c.trial_id)]
             c.energy_last = phase_joules[c.trial_id]
-            c.energy_spent = None if c.energy_last is None or record["energy_spent"] is None else record["energy_spent"] + c.energy_last
+            c.energy_spent = add_known(record["energy_spent"], c.energy_last)
             record["energy_spent"] = c.energy_spent
             record["history"].append({"phase": name, "score": record["score"], "score_se": c.score_se, "samples": c.samples_spent, "energy_spent": c.energy_spent})
             window = training.setdefault(c.cohort, {"phase": name, "joules": 0.0, "samples": 0})
-            j = train_joules[c.trial_id]
-            window["joules"] = None if j is None or window["joules"] is None else window["joules"] + j
+            window["joules"] = add_known(window["joules"], train_joules[c.trial_id])
             window["samples"] += c.samples_last
         self._smooth_energy(training, candidates, progress)
         if name == "explore":

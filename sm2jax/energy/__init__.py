@@ -1,6 +1,6 @@
 """Energy measurement, per-trial attribution and the energy ledger (see the submodules)."""
 
-from sm2jax.energy.ledger import EnergyLedger, attribute, read_ledger, summarize, trial_totals
+from sm2jax.energy.ledger import EnergyLedger, add_known, attribute, read_ledger, summarize, trial_totals
 from sm2jax.energy.meters import (
     METHODS,
     EstimateMeter,
@@ -16,7 +16,7 @@ from sm2jax.energy.meters import (
 from sm2jax.energy.monitor import EnergyMonitor, IdleBaseline, WindowReading, hardware_profile, measure_idle
 
 __all__ = [
-    "METHODS", "EnergyLedger", "EnergyMonitor", "EstimateMeter", "IdleBaseline", "Meter", "NvmlCounterMeter",
+    "METHODS", "EnergyLedger", "add_known", "EnergyMonitor", "EstimateMeter", "IdleBaseline", "Meter", "NvmlCounterMeter",
     "NvmlPowerMeter", "RaplMeter", "UnavailableMeter", "WindowReading", "attribute", "find_rapl_zones",
     "hardware_profile", "make_meter", "make_nvml_meter", "measure_idle", "read_ledger", "summarize", "trial_totals",
 ]

@@ -25,6 +25,11 @@ DEFAULT_INTENSITY_G_PER_KWH = 475.0
 DEFAULT_INTENSITY_LABEL = "world-average default (475 gCO2e/kWh)"
 
 
+def add_known(a: float | None, b: float | None) -> float | None:
+    """``a + b``, or ``None`` once either is unavailable: an incomplete sum is not a measurement."""
+    return None if a is None or b is None else a + b
+
+
 def attribute(total: float | None, work: Sequence[float]) -> tuple[list[float | None], float | None]:
     """Splits ``total`` in proportion to ``work``; returns ``(shares, unattributed)``.
 
@@ -157,13 +162,12 @@ def summarize(records: Sequence[dict[str, Any]], key: str = "phase") -> dict[str
         g = groups.setdefault(str(r[key]), {"joules": 0.0, "net_joules": 0.0, "seconds": 0.0, "methods": set(), "windows": 0})
         if "host_method" in r:  # the accelerator is unmetered: the host's figure, on its own line
             g["host_method"] = r["host_method"]
-            old = g.get("host_joules", 0.0)
-            g["host_joules"] = None if old is None or r["host_joules"] is None else old + r["host_joules"]
+            g["host_joules"] = add_known(g.get("host_joules", 0.0), r["host_joules"])
         g["windows"] += 1
         g["seconds"] += r["seconds"]
         g["methods"].add(r["method"])
         for field in ("joules", "net_joules"):
-            g[field] = None if g[field] is None or r[field] is None else g[field] + r[field]
+            g[field] = add_known(g[field], r[field])
     for g in groups.values():
         g["methods"] = sorted(g["methods"])
     return groups
@@ -175,6 +179,5 @@ def trial_totals(records: Sequence[dict[str, Any]], phases: Sequence[str] | None
     for r in records:
         if r["type"] != "trial" or (phases is not None and r["phase"] not in phases):
             continue
-        t = totals.get(r["trial_id"], 0.0)
-        totals[r["trial_id"]] = None if t is None or r["joules"] is None else t + r["joules"]
+        totals[r["trial_id"]] = add_known(totals.get(r["trial_id"], 0.0), r["joules"])
     return totals
