@@ -322,6 +322,8 @@ def test_jax_gpus_are_identified_the_way_nvml_can_find_them(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert jax_gpus([device(0)])[0]["index"] == 0
     assert jax_gpus([device(0, platform="cpu")]) == []
+    second_process = types.SimpleNamespace(platform="gpu", id=9, local_hardware_id=0, pci_bus_id=None)  # global id 9, local ordinal 0
+    assert jax_gpus([second_process])[0]["index"] == 0
     cards = [make_card(i) for i in range(8)]
     meter = make_meter("auto", nvml=make_fake_nvml(cards), gpus=jax_gpus([device(0, bus=cards[5].pci_bus_id)]), backend="gpu")
     assert [d["nvml"] for d in meter.devices] == [cards[5].pci_bus_id]

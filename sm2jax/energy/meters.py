@@ -265,7 +265,8 @@ def jax_gpus(devices: list[Any] | None = None) -> list[dict[str, Any]]:
             continue
         entry: dict[str, Any] = {"jax": str(d)}
         bus = getattr(d, "pci_bus_id", None)
-        ordinal = int(getattr(d, "local_hardware_id", None) or d.id)
+        local = getattr(d, "local_hardware_id", None)
+        ordinal = int(d.id if local is None else local)  # 0 is a valid ordinal, not a missing one
         if bus:
             entry["pci_bus_id"], entry["by"] = str(bus), "PCI bus id reported by JAX"
         elif names is not None and ordinal < len(names):
