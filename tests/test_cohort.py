@@ -62,3 +62,25 @@ def test_warmup_cosine_matches_optax_step_for_step(warmup_steps, total):
     for t in range(total + 2):
         ours = unit_schedule(jnp.int32(t), jnp.float32(warmup_steps / total), jnp.float32(1.0), jnp.float32(total))
         assert float(ours) == pytest.approx(float(reference(t)), abs=1e-6), t
+
+
+def test_clip_by_global_norm_matches_optax_and_is_per_trial():
+    import jax
+    import optax
+
+    from sm2jax.cohort import clip_by_global_norm
+
+    grads = {"w": jnp.asarray([[3.0, -4.0], [1.0, 2.0]]), "b": jnp.asarray([12.0, 0.5])}
+    for max_norm in (0.5, 5.0, 13.2, jnp.inf):
+        ours, _ = clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+        ref, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+        for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+    unclipped, _ = clip_by_global_norm(jnp.inf).update(grads, optax.EmptyState())
+    for a, b in zip(jax.tree.leaves(unclipped), jax.tree.leaves(grads)):
+        np.testing.assert_array_equal(a, b)  # a factor of exactly 1
+    # Inside vmap each trial is clipped by its own norm and its own threshold.
+    stacked = jax.tree.map(lambda g: jnp.stack([g, 10 * g]), grads)
+    out = jax.vmap(lambda g, c: clip_by_global_norm(c).update(g, optax.EmptyState())[0])(stacked, jnp.asarray([100.0, 1.0]))
+    np.testing.assert_array_equal(out["w"][0], grads["w"])
+    np.testing.assert_allclose(float(optax.tree.norm(jax.tree.map(lambda a: a[1], out))), 1.0, rtol=1e-6)
