@@ -16,6 +16,8 @@ Sources:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -23,7 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int, UInt32
 
-TASKS = ("classification", "regression", "language_model")
+from sm2jax.tasks import get_task
+
+BUILTIN_DATASETS = ("digits", "mnist1d", "mnist", "cifar10", "household_power", "wikitext2")
+_DATASETS: dict[str, Callable[..., ArrayDataset]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +40,8 @@ class ArrayDataset:
 
     Attributes:
       name: data set name.
-      task: one of :data:`TASKS`; selects the loss and the validation metric.
+      task: the name of a registered :class:`sm2jax.tasks.Task` (``classification``,
+        ``regression``, ``language_model`` or your own); selects the loss and the metric.
       x_train, y_train, x_val, y_val: examples along axis 0.
       num_outputs: classes, regression targets or vocabulary size.
       x_test, y_test: the held-out test split, or ``None``.
@@ -52,14 +58,26 @@ class ArrayDataset:
     y_test: np.ndarray | None = None
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; known: {TASKS}")
+        get_task(self.task)  # one-line error naming the known tasks
         if len(self.x_train) != len(self.y_train) or len(self.x_val) != len(self.y_val):
             raise ValueError(f"{self.name}: inputs and targets differ in length")
         if len(self.x_train) == 0 or len(self.x_val) == 0:
             raise ValueError(f"{self.name}: empty training or validation split")
         if (self.x_test is None) != (self.y_test is None) or (self.x_test is not None and (len(self.x_test) != len(self.y_test) or len(self.x_test) == 0)):
             raise ValueError(f"{self.name}: the test split needs inputs and targets of one non-zero length (or neither)")
+
+    def fingerprint(self) -> str:
+        """A SHA-1 of the splits' bytes, shapes and dtypes (plus task and outputs): what a study
+        records to refuse resuming on different data."""
+        h = hashlib.sha1(f"{self.task}|{self.num_outputs}".encode())
+        for a in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test):
+            if a is None:
+                h.update(b"none")
+                continue
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.shape}{a.dtype}".encode())
+            h.update(memoryview(a).cast("B"))
+        return h.hexdigest()[:16]
 
     @property
     def has_test(self) -> bool:
@@ -303,9 +321,30 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42, val_fraction: float = 
     return ArrayDataset("mnist1d", "classification", x[:cut], y[:cut], x[cut:], y[cut:], 10, as_x(d["x_test"]), np.asarray(d["y_test"], np.int32))
 
 
+def register_dataset(name: str, loader: Callable[..., ArrayDataset]) -> None:
+    """Makes ``loader(**options) -> ArrayDataset`` available as data set ``name``
+    (``StudySpec(dataset=name, dataset_options=options)``).
+
+    A study records the name and options, and the loader's module when it is importable, so
+    ``sm2jax resume`` can import it again; a loader defined in a notebook or script (``__main__``)
+    has to be registered again before resuming. Registering a name again replaces the loader;
+    built-in names cannot be replaced. For arrays already in memory, ``Study(..., dataset=ds)`` is
+    the alternative (the study records their fingerprint and refuses to resume on other data).
+    """
+    if name in BUILTIN_DATASETS:
+        raise ValueError(f"data set {name!r} is built in and cannot be replaced: register yours under another name")
+    if not callable(loader):
+        raise TypeError(f"register_dataset({name!r}, ...): the loader must be callable")
+    _DATASETS[name] = loader
+
+
+def registered_dataset(name: str) -> Callable[..., ArrayDataset] | None:
+    return _DATASETS.get(name)
+
+
 def load_dataset(name: str, **kwargs) -> ArrayDataset:
     """Loads a data set by name: ``digits``, ``mnist1d``, ``mnist``, ``cifar10``, ``household_power``,
-    ``wikitext2``."""
+    ``wikitext2``, or one registered with :func:`register_dataset`."""
     if name == "digits":
         return load_digits(**kwargs)
     if name == "mnist1d":
@@ -316,7 +355,13 @@ def load_dataset(name: str, **kwargs) -> ArrayDataset:
         return load_household_power(**kwargs)
     if name == "wikitext2":
         return load_wikitext2(**kwargs)
-    raise ValueError(f"unknown data set {name!r}; known: digits, mnist1d, mnist, cifar10, household_power, wikitext2")
+    if name in _DATASETS:
+        ds = _DATASETS[name](**kwargs)
+        if not isinstance(ds, ArrayDataset):
+            raise TypeError(f"the loader registered as data set {name!r} returned {type(ds).__name__}, not sm2jax.data.ArrayDataset")
+        return ds
+    known = ", ".join([*BUILTIN_DATASETS, *sorted(_DATASETS)])
+    raise ValueError(f"unknown data set {name!r}; known: {known} (register yours with sm2jax.register_dataset, or pass Study(..., dataset=ArrayDataset(...)))")
 
 
 def eval_blocks(x: np.ndarray, y: np.ndarray, batch: int, chunks: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:

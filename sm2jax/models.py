@@ -183,20 +183,52 @@ def _build_transformer(spec, shape, outputs, dropout, dtype, rngs):
     return TransformerLM(outputs, shape[0], int(spec.get("dim", 64)), int(spec.get("depth", 2)), int(spec.get("heads", 4)), dropout, dtype, rngs=rngs)
 
 
-MODEL_REGISTRY: dict[str, Callable[..., nnx.Module]] = {
+BUILTIN_MODELS: dict[str, Callable[..., nnx.Module]] = {
     "mlp": _build_mlp,
     "cnn": _build_cnn,
     "resnet18": _build_resnet18,
     "lstm": _build_lstm,
     "transformer": _build_transformer,
 }
+MODEL_REGISTRY: dict[str, Callable[..., nnx.Module]] = dict(BUILTIN_MODELS)
+_VERSIONS: dict[str, int] = {name: 0 for name in BUILTIN_MODELS}
+
+
+def register_model(name: str, builder: Callable[..., nnx.Module]) -> None:
+    """Makes ``builder`` available as model ``name`` (``{"model": {"name": name, ...}}`` in a space).
+
+    ``builder(spec, input_shape, num_outputs, dropout, dtype, rngs)`` returns an ``nnx.Module``:
+    ``spec`` is the model's dict from the configuration (its other keys are your options),
+    ``input_shape`` the shape of one example, ``num_outputs`` the data set's classes, targets or
+    vocabulary, ``dropout`` the configuration's static rate, ``dtype`` a ``jnp.dtype`` and ``rngs``
+    the ``nnx.Rngs`` to initialise parameters from. The module is called as
+    ``model(x, train=..., key=...)`` on a batch: ``key`` is the trial's dropout key for the step
+    (``None`` when the rate is 0), to be used instead of stateful ``nnx.Dropout`` RNG streams, so
+    each trial of a vmapped cohort draws its own masks. Non-parameter state (e.g. batch
+    statistics) is carried per trial.
+
+    Registering a name again replaces the earlier builder (a re-run notebook cell); programs
+    compiled for the earlier one are never reused. Built-in names cannot be replaced.
+    """
+    if name in BUILTIN_MODELS:
+        raise ValueError(f"model {name!r} is built in and cannot be replaced: register yours under another name")
+    if not callable(builder):
+        raise TypeError(f"register_model({name!r}, ...): the builder must be callable")
+    MODEL_REGISTRY[name] = builder
+    _VERSIONS[name] = _VERSIONS.get(name, 0) + 1
+
+
+def model_version(name: str) -> int:
+    """How many times ``name`` has been (re-)registered: part of every compiled program's key."""
+    return _VERSIONS.get(name, 0)
 
 
 def build_model(spec: Mapping[str, Any], input_shape: Sequence[int], num_outputs: int, *, dropout: float = 0.0, dtype: str = "float32", key: jax.Array) -> nnx.Module:
     """Builds the model named by ``spec['name']`` for per-example ``input_shape``.
 
     Args:
-      spec: ``{"name": ..., **options}``; see the ``_build_*`` functions for options.
+      spec: ``{"name": ..., **options}``; see the ``_build_*`` functions for options, and
+        :func:`register_model` for your own.
       input_shape: shape of one example (no batch axis).
       num_outputs: classes, regression targets, or vocabulary size.
       dropout: static dropout rate.
@@ -205,5 +237,5 @@ def build_model(spec: Mapping[str, Any], input_shape: Sequence[int], num_outputs
     """
     name = spec["name"]
     if name not in MODEL_REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known: {sorted(MODEL_REGISTRY)}")
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODEL_REGISTRY))} (register yours with sm2jax.register_model)")
     return MODEL_REGISTRY[name](spec, tuple(input_shape), num_outputs, dropout, jnp.dtype(dtype), nnx.Rngs(params=key))

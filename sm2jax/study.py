@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 import logging
 import math
@@ -36,12 +37,13 @@ import numpy as np
 from sm2jax.checkpoint import CheckpointError, StudyCheckpoints
 from sm2jax.cohort import CohortSpec, group_into_cohorts
 from sm2jax.compile_cache import count_compiles, enable_compile_cache
-from sm2jax.data import ArrayDataset, device_put_dataset, load_dataset
+from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, device_put_dataset, load_dataset, registered_dataset
 from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, add_known, hardware_profile, make_meter, measure_idle, summarize
 from sm2jax.runner import CohortRunner, Metering, WidthPolicy
 from sm2jax.scheduler import KEEP_RULES, Candidate, exploration_filter, finalist_front, halve, resolve_objective, rung_budgets, steps_for
 from sm2jax.space import Config, SearchSpace
-from sm2jax.trainer import TASK_METRIC, CohortTrainer, memory_limit_bytes
+from sm2jax.tasks import BUILTIN_TASKS, get_task
+from sm2jax.trainer import CohortTrainer, memory_limit_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,14 @@ class StudySpec:
     Attributes:
       space: a :meth:`SearchSpace.to_json` mapping.
       sampler: ``grid`` or ``random`` (``num_samples`` configurations seeded by ``seed``).
-      dataset: name for :func:`sm2jax.data.load_dataset`; ``dataset_options`` its keyword arguments.
+      dataset: name for :func:`sm2jax.data.load_dataset` (built in or registered with
+        :func:`sm2jax.register_dataset`); ``dataset_options`` its keyword arguments. With
+        ``Study(..., dataset=ds)`` it is set to ``ds.name``.
+      dataset_fingerprint: set by ``Study(..., dataset=ds)``: the in-memory data set's
+        :meth:`~sm2jax.data.ArrayDataset.fingerprint`; resuming needs the same arrays again.
+      imports: modules imported before the study runs or resumes. A study adds the importable
+        modules that registered the models, data set and task it uses, so ``sm2jax resume`` finds
+        them (``sm2jax run --import MODULE`` adds one by hand).
       max_train_examples, max_val_examples: optional truncation (quick runs, tests).
       mode: ``sm2`` (exploration + energy-aware halving), ``sh`` (plain successive halving, no
         exploration, objective ``performance``) or ``full`` (every configuration to the full budget).
@@ -126,6 +135,8 @@ class StudySpec:
     memory_limit_bytes: int | None = None
     window_seconds: float = 2.0
     steps_per_window: int | None = None
+    dataset_fingerprint: str | None = None
+    imports: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -202,9 +213,38 @@ def claim_directory(directory: str | os.PathLike, spec_blob: dict[str, Any]) -> 
         return
     if held is not None and has_run(directory):
         kind = "a Hyperband run" if "hyperband" in held else "a study"
-        raise ValueError(f"{directory} already holds {kind} with a different spec; resume it (`sm2jax resume {directory}`) or choose another directory")
+        differ = sorted(k for k in {*held, *wanted} if held.get(k) != wanted.get(k))
+        raise ValueError(f"{directory} already holds {kind} with a different spec (differs in: {', '.join(differ)}); resume it (`sm2jax resume {directory}`) or choose another directory")
     os.makedirs(os.path.join(os.fspath(directory), "progress"), exist_ok=True)
     _atomic_write_json(path, spec_blob)
+
+
+def import_modules(names: list[str]) -> None:
+    """Imports the modules a study needs (those that registered its models, data set or task)."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ValueError(f"this study needs module {name!r} (it registers a model, data set or task) but it cannot be imported ({err}): put it on PYTHONPATH, or register them again before resuming") from None
+
+
+def registering_modules(spec: StudySpec, dataset: ArrayDataset | None) -> set[str]:
+    """Importable modules that registered what ``spec`` uses (``__main__`` -- a notebook or a
+    script -- is not importable from another process and is left out)."""
+    from sm2jax.models import BUILTIN_MODELS, MODEL_REGISTRY
+
+    found = []
+    for c in spec.configs():
+        name = c["model"]["name"]
+        if name not in BUILTIN_MODELS and name in MODEL_REGISTRY:
+            found.append(MODEL_REGISTRY[name])
+    if dataset is None and registered_dataset(spec.dataset) is not None:
+        found.append(registered_dataset(spec.dataset))
+    task = dataset.task if dataset is not None else None
+    if task is not None and task not in BUILTIN_TASKS:
+        found.append(get_task(task).loss)
+    modules = {getattr(f, "__module__", None) for f in found}
+    return {m for m in modules if m and m not in ("__main__", "__mp_main__") and not m.startswith("sm2jax.")}
 
 
 def _atomic_write_json(path: str, blob: Any) -> None:
@@ -294,6 +334,17 @@ class Study:
         self.directory = os.path.abspath(os.fspath(directory))
         if spec is None:
             spec = read_spec(self.directory)
+        import_modules(spec.imports)
+        if dataset is not None:
+            fingerprint = dataset.fingerprint()
+            if spec.dataset_fingerprint not in (None, fingerprint) and spec.dataset == dataset.name:
+                raise ValueError(f"the data set passed differs from the one this study ran on ({dataset.name!r}, fingerprint {fingerprint} != {spec.dataset_fingerprint}): pass the same arrays, or start a new study in another directory")
+            spec = dataclasses.replace(spec, dataset=dataset.name, dataset_fingerprint=fingerprint)
+        elif spec.dataset_fingerprint is not None:
+            raise ValueError(f"this study ran on the in-memory data set {spec.dataset!r} (fingerprint {spec.dataset_fingerprint}): pass it again with Study({str(directory)!r}, dataset=...) to resume")
+        elif spec.dataset not in BUILTIN_DATASETS and registered_dataset(spec.dataset) is None:
+            raise ValueError(f"unknown data set {spec.dataset!r}: not built in ({', '.join(BUILTIN_DATASETS)}) and not registered in this process; call sm2jax.register_dataset({spec.dataset!r}, loader) first (or name its module with --import)")
+        spec = dataclasses.replace(spec, imports=sorted({*spec.imports, *registering_modules(spec, dataset)}))
         self.spec = spec
         self.objective = resolve_objective(objective or spec.objective, z=spec.noise_z, energy_z=spec.energy_z, alpha=spec.alpha, beta=spec.beta)
         # The final selection: energy spent is sunk, so only near-ties go to the cheaper configuration.
@@ -583,9 +634,9 @@ class Study:
 
     @functools.cached_property
     def _chance(self) -> float | None:
-        """The score of always guessing the majority class (classification), else ``None``."""
+        """The score of always guessing the majority class (tasks with class labels), else ``None``."""
         ds = self._load_data()
-        if ds.task != "classification":
+        if not get_task(ds.task).majority_chance:
             return None
         return float(np.bincount(np.asarray(ds.y_val).ravel()).max() / len(ds.y_val))
 
@@ -668,7 +719,7 @@ class Study:
             "energy_by_phase": by_phase, "interrupted_energy_by_phase": summarize(lost),
             "wall_seconds_this_attempt": wall_seconds, "attempts": max((r.get("attempt", 0) for r in everything), default=0),
             "decisions": progress.decisions, "finalists": progress.finalists, "infeasible": progress.infeasible, "hardware": progress.hardware,
-            "metric_name": TASK_METRIC[self._dataset.task], "num_configs": len(self.configs),
+            "metric_name": get_task(self._dataset.task).metric_name, "num_configs": len(self.configs),
         }
         totals = [g["joules"] for g in by_phase.values()]
         out["total_joules"] = None if any(t is None for t in totals) else float(sum(totals))

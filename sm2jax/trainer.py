@@ -54,7 +54,8 @@ from jaxtyping import Array, Bool, Float, Int, PyTree, UInt32
 
 from sm2jax.cohort import OPTIMIZER_HYPERPARAMETERS, CohortSpec, hyperparameter_arrays, make_optimizer
 from sm2jax.data import ArrayDataset, batch_indices, device_put_dataset, steps_per_epoch
-from sm2jax.models import build_model
+from sm2jax.models import build_model, model_version
+from sm2jax.tasks import get_task
 
 
 class CohortState(NamedTuple):
@@ -81,12 +82,11 @@ class EvalMetrics(NamedTuple):
     """Host (numpy) arrays over a chunk's rows; NaN for a diverged row."""
 
     loss: Float[np.ndarray, " W"]
-    metric: Float[np.ndarray, " W"]  # accuracy, mse or perplexity (see TASK_METRIC)
-    score: Float[np.ndarray, " W"]  # higher is better: accuracy, -mse, -log perplexity
+    metric: Float[np.ndarray, " W"]  # the task's reported metric (accuracy, mse, perplexity...)
+    score: Float[np.ndarray, " W"]  # higher is better: the mean metric, negated when lower is better
     score_se: Float[np.ndarray, " W"]  # standard error of the score from the split's sampling noise
 
 
-TASK_METRIC = {"classification": "accuracy", "regression": "mse", "language_model": "perplexity"}
 PADDING_ID = -1
 
 
@@ -99,18 +99,10 @@ def trial_keys(seed, trial_id) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def task_loss(task: str, outputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-example loss and per-example metric numerator for ``task`` (float32)."""
+    """Per-example loss and per-example metric of the registered ``task`` (float32)."""
+    t = get_task(task)
     outputs = outputs.astype(jnp.float32)
-    if task == "classification":
-        loss = optax.softmax_cross_entropy_with_integer_labels(outputs, targets)
-        return loss, (jnp.argmax(outputs, -1) == targets).astype(jnp.float32)
-    if task == "regression":
-        err = jnp.mean((outputs - targets) ** 2, axis=-1)
-        return err, err
-    if task == "language_model":
-        loss = optax.softmax_cross_entropy_with_integer_labels(outputs, targets).mean(-1)
-        return loss, loss
-    raise ValueError(f"unknown task {task!r}")
+    return t.loss(outputs, targets).astype(jnp.float32), t.metric(outputs, targets).astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------------------ host rows
@@ -238,12 +230,13 @@ class CohortTrainer:
         self.graphdef = nnx.split(nnx.eval_shape(lambda: build(jax.random.PRNGKey(0))), nnx.Param, ...)[0]
         data_shapes = _abstract({k: self.data[k] for k in ("x_train", "y_train")})
         eval_block = _abstract(self.data["val"][0])
-        model = (sig.model, sig.dtype, tuple(dataset.input_shape), dataset.num_outputs)
+        model = (sig.model, model_version(sig.model_spec["name"]), sig.dtype, tuple(dataset.input_shape), dataset.num_outputs)
+        task = (self.task, get_task(self.task).version)  # a re-registered model or task never reuses a program
         # What each program depends on, and nothing more (see the module docstring).
         self._keys = {
             "init": ("init", *model, sig.optimizer),
-            "train": ("train", *model, sig.optimizer, sig.batch_size, sig.dropout, self.task, data_shapes["x_train"], data_shapes["y_train"]),
-            "eval": ("eval", *model, self.task, eval_block),
+            "train": ("train", *model, sig.optimizer, sig.batch_size, sig.dropout, task, data_shapes["x_train"], data_shapes["y_train"]),
+            "eval": ("eval", *model, task, eval_block),
         }
 
     # ------------------------------------------------------------------------------------ init
@@ -396,10 +389,9 @@ class CohortTrainer:
         """Loss, metric, score and the score's standard error of every row of one chunk on ``split``
         (``val`` or ``test``), as host arrays.
 
-        The standard error is the sampling noise of the score over the split's ``n`` examples: for
-        accuracy the binomial ``sqrt(p~ (1 - p~) / n)`` with ``p~ = (correct + 1) / (n + 2)`` (never 0,
-        even at 100%); otherwise ``sqrt(Var[m] / n)`` of the per-example metric ``m`` (squared error,
-        or the sequence loss whose negative mean is the language-model score).
+        The standard error is the sampling noise of the score over the split's ``n`` examples (see
+        :mod:`sm2jax.tasks`): binomial, Laplace-smoothed, for a 0/1 metric such as accuracy (never 0,
+        even at 100%); otherwise ``sqrt(Var[m] / n)`` of the per-example metric ``m``.
         """
         blocks = self.data.get(split)
         if blocks is None:
@@ -408,15 +400,14 @@ class CohortTrainer:
         outs = [program(chunk.params, chunk.model_state, *block) for block in blocks]
         loss_sum, metric_sum, sq_sum = (sum(np.asarray(o[i], np.float64) for o in outs) for i in range(3))
         n = self.data["counts"][split]
+        task = get_task(self.task)
         loss, mean = loss_sum / n, metric_sum / n
-        if self.task == "classification":
+        if task.binary:
             p = (metric_sum + 1.0) / (n + 2.0)
             se = np.sqrt(p * (1.0 - p) / n)
-            return EvalMetrics(loss, mean, mean, se)
-        se = np.sqrt(np.maximum(sq_sum / n - mean**2, 0.0) / n)
-        if self.task == "regression":
-            return EvalMetrics(loss, mean, -mean, se)
-        return EvalMetrics(loss, np.exp(mean), -mean, se)
+        else:
+            se = np.sqrt(np.maximum(sq_sum / n - mean**2, 0.0) / n)
+        return EvalMetrics(loss, np.asarray(task.reported(mean), np.float64), mean if task.higher_is_better else -mean, se)
 
     # ------------------------------------------------------------------------------------ width
 
