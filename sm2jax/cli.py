@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 
 from sm2jax.energy.meters import METHODS
@@ -27,6 +28,8 @@ def _run(args) -> dict:
         overrides["steps_per_window"] = args.steps_per_window
     if args.no_probe:
         overrides["probe_width"] = False
+    if args.imports:
+        overrides["imports"] = sorted({*spec.imports, *args.imports})
     spec = dataclasses.replace(spec, **overrides)
     directory = args.dir or os.path.join("runs", f"{args.preset}-{args.mode}{'-quick' if args.quick else ''}")
     args.dir = directory  # named in the hint after Ctrl-C
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     resume = sub.add_parser("resume", help="continue a killed study")
     resume.add_argument("dir")
     for p in (run, resume):
+        p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help="import MODULE first (it registers your models, data sets or tasks); repeatable; recorded in the study")
         p.add_argument("--compile-cache", metavar="DIR|off", help="persistent XLA compilation cache (default: $SM2JAX_COMPILE_CACHE, else ~/.cache/sm2jax/xla)")
     resume.add_argument("--no-progress", action="store_true")
     resume.add_argument("--json", action="store_true")
@@ -84,8 +88,19 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[ENV] = args.compile_cache
 
     from sm2jax.report import format_results, load_results
+    from sm2jax.runner import request_interrupt
 
+    signal.signal(signal.SIGINT, request_interrupt)
+    default_hook = sys.unraisablehook
+    # A Ctrl-C that lands in a garbage-collection callback is "ignored" by Python with a traceback;
+    # the study stops at its next window instead (request_interrupt), so the traceback is noise.
+    sys.unraisablehook = lambda u: None if isinstance(u.exc_value, KeyboardInterrupt) else default_hook(u)
     try:
+        if getattr(args, "imports", None):
+            from sm2jax.study import import_modules
+
+            sys.path.insert(0, os.getcwd())  # as `python -m` does: modules next to the user are found
+            import_modules(args.imports)
         if args.command == "run":
             results = _run(args)
         elif args.command == "resume":

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -43,6 +44,18 @@ from sm2jax.energy import EnergyLedger, EnergyMonitor, add_known
 from sm2jax.trainer import CohortState, CohortTrainer, chunk_rows, compiled_memory_bytes, gather_rows, num_chunks, row_view
 
 log = logging.getLogger(__name__)
+
+
+_INTERRUPT = threading.Event()
+
+
+def request_interrupt(signum=None, frame=None) -> None:
+    """SIGINT handler of the command line: raises ``KeyboardInterrupt`` as Python's default does,
+    and also marks the request, so that the study stops at its next energy window even when the
+    exception was raised inside a garbage-collection callback (JAX registers one), where Python
+    prints "Exception ignored" and carries on."""
+    _INTERRUPT.set()
+    raise KeyboardInterrupt
 
 
 def probe_candidates(width: int) -> list[int]:
@@ -78,6 +91,9 @@ class Metering:
         self._seq = 0
 
     def begin(self, name: str, after: Any = None):
+        if _INTERRUPT.is_set():  # a Ctrl-C whose KeyboardInterrupt was swallowed (see request_interrupt)
+            _INTERRUPT.clear()
+            raise KeyboardInterrupt
         return self.monitor.begin(name, after=after)
 
     def end(self, window, outputs: Any = None):

@@ -97,3 +97,16 @@ def test_the_probe_measures_only_widths_within_the_memory_limit(digits, tmp_path
     probed = runner.choices[-1]["samples_per_second"]
     assert set(probed) == {"1", "2"} and all(need[int(w)] <= limit for w in probed)
     assert runner.width in (1, 2)
+
+
+def test_a_swallowed_ctrl_c_stops_at_the_next_window(tmp_path):
+    from sm2jax.runner import request_interrupt
+
+    metering = Metering(EnergyMonitor(make_meter("estimated")), EnergyLedger(tmp_path / "l.jsonl"), attempt=1)
+    try:  # what Python does with an exception raised inside a gc callback: prints it, carries on
+        request_interrupt()
+    except KeyboardInterrupt:
+        pass
+    with pytest.raises(KeyboardInterrupt):
+        metering.begin("rung-1")
+    metering.end(metering.begin("rung-1"))  # the request is spent: later windows run
