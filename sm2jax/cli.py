@@ -55,6 +55,23 @@ def _resume(args) -> dict:
     return Study(args.dir, progress=not args.no_progress).run()  # one-line errors for a missing or unknown spec
 
 
+def _write_report_files(results: dict, args) -> int:
+    from sm2jax.figures import write_plots, write_tables
+
+    out = args.out or os.path.join(args.dir, "report")
+    try:
+        written = write_tables(results, out)
+    except OSError as err:
+        print(f"sm2jax: error: cannot write the tables to {out}: {err.strerror or err} (choose another folder with --out)", file=sys.stderr)
+        return 2
+    try:
+        written += write_plots(results, out)
+    except ImportError as err:
+        print(f"sm2jax: {err}", file=sys.stderr)
+    print(f"wrote {', '.join(os.path.basename(p) for p in written)} to {out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sm2jax", description="Energy-aware hyperparameter optimisation (SM2) for JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="print a finished study's report")
     report.add_argument("dir")
     report.add_argument("--json", action="store_true")
+    report.add_argument("--out", help="where the CSV tables and PNG figures go (default: DIR/report)")
+    report.add_argument("--no-files", action="store_true", help="print only; write no tables or figures")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -119,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sm2jax: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 2
     print(json.dumps(results, indent=1) if args.json else format_results(results))
+    if args.command == "report" and not args.no_files:
+        return _write_report_files(results, args)
     return 0
 
 

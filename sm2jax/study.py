@@ -695,6 +695,46 @@ class Study:
         scores = [t["score"] for t in progress.trials.values() if t["score"] is not None]
         return f"{max(scores):.4g}" if scores else "-"
 
+    def _trial_table(self, progress: StudyState, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One row per configuration: its cohort and values, how far it got (the last phase it
+        trained in and why it stopped there), its last score, and the energy attributed to it by
+        the ledger (finished attempts only; ``None`` when any share was unavailable)."""
+        cohort_of = {c.trial_id: cohort.name for cohort in group_into_cohorts(list(self.configs.values())) for c in cohort.configs}
+        joules: dict[int, float | None] = {}
+        kwh: dict[int, float | None] = {}
+        gco2e: dict[int, float | None] = {}
+        for r in records:
+            if r["type"] == "trial":
+                t = r["trial_id"]
+                joules[t] = add_known(joules.get(t, 0.0), r["joules"])
+                kwh[t] = add_known(kwh.get(t, 0.0), r.get("kwh"))
+                gco2e[t] = add_known(gco2e.get(t, 0.0), r.get("gco2e"))
+        last: dict[int, dict[str, Any]] = {}
+        for d in progress.decisions:
+            last[d["trial_id"]] = d
+        finalists = {f["trial_id"] for f in progress.finalists}
+        rows = []
+        for t, config in sorted(self.configs.items()):
+            record = progress.trials.get(str(t), {})
+            d = last.get(t)
+            if str(t) in progress.infeasible:
+                status, phase, reason = "infeasible", None, progress.infeasible[str(t)]
+            elif t == progress.selected:
+                status, phase, reason = "selected", d["phase"] if d else None, d["reason"] if d else ""
+            elif d is None:
+                status, phase, reason = "running", None, ""
+            elif d["kept"]:
+                status, phase, reason = ("finalist" if t in finalists else "running"), d["phase"], d.get("reason", "")
+            else:
+                status, phase, reason = d.get("reason_code") or "dropped", d["phase"], d.get("reason", "")
+            rows.append({
+                "trial_id": t, "cohort": cohort_of[t], "config": config.to_json()["values"], "status": status,
+                "last_phase": phase, "reason": reason, "score": record.get("score"), "score_se": record.get("score_se"),
+                "metric": record.get("metric"), "samples": record.get("samples_spent", 0),
+                "energy_joules": joules.get(t), "kwh": kwh.get(t), "gco2e": gco2e.get(t),
+            })
+        return rows
+
     def _results(self, progress: StudyState, wall_seconds: float) -> dict[str, Any]:
         everything = self.ledger.records()
         done = progress.completed_by
@@ -715,7 +755,7 @@ class Study:
         out: dict[str, Any] = {
             "study": self.directory, "mode": self.spec.mode, "objective": self.spec.objective,
             "energy_method": self.meter.method, "energy_note": self.hardware.get("energy_note", ""),
-            "intensity_label": self.ledger.intensity_label, "idle": self.hardware["idle"],
+            "intensity_label": self.ledger.intensity_label, "carbon_intensity": self.spec.carbon_intensity, "idle": self.hardware["idle"],
             "energy_by_phase": by_phase, "interrupted_energy_by_phase": summarize(lost),
             "wall_seconds_this_attempt": wall_seconds, "attempts": max((r.get("attempt", 0) for r in everything), default=0),
             "decisions": progress.decisions, "finalists": progress.finalists, "infeasible": progress.infeasible, "hardware": progress.hardware,
@@ -725,6 +765,7 @@ class Study:
         out["total_joules"] = None if any(t is None for t in totals) else float(sum(totals))
         lost_totals = [g["joules"] for g in out["interrupted_energy_by_phase"].values()]
         out["interrupted_joules"] = None if any(t is None for t in lost_totals) else float(sum(lost_totals))
+        out["trials"] = self._trial_table(progress, records)
         if selected is None:
             out["selected"] = None
             out["note"] = "no configuration survived (all diverged or infeasible)"

@@ -1,0 +1,217 @@
+"""Tables (CSV) and figures (PNG) of a finished study: what ``sm2jax report DIR`` writes.
+
+Tables, loadable with ``pandas.read_csv`` or the standard ``csv`` module:
+
+* ``trials.csv``: one row per configuration -- its values, cohort, status (``selected``,
+  ``finalist``, the reason code it was dropped for, ``infeasible``), the last phase it trained in,
+  its last score and metric, samples trained, and the energy attributed to it (J, kWh, gCO2e);
+* ``decisions.csv``: every keep/drop decision with its scores, errors, energies and reason;
+* ``energy.csv``: energy by phase (compilation, probe, exploration, each rung) with kWh and gCO2e.
+
+Figures (matplotlib, the optional ``[plot]`` extra; without it the tables are still written):
+
+* ``score_vs_energy.png``: every configuration's last metric against the energy attributed to it,
+  the score/energy Pareto front, and the selection;
+* ``survival.png``: one row per configuration, spanning the phases it trained in, ending with why it
+  stopped; the selection highlighted;
+* ``energy_by_phase.png``: energy of each phase, compilation and probe included.
+
+Energy labelled ``estimated`` is an estimate, not a measurement; where energy is unavailable the
+figures say so and plot samples trained instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any
+
+PLOT_HINT = "plots need matplotlib: pip install 'sm2jax[plot]' (the CSV tables were written)"
+JOULES_PER_KWH = 3.6e6
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _write_csv(path: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(row.get(k)) for k in columns})
+
+
+def trial_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """``results['trials']`` flattened: one column per configuration value."""
+    rows = []
+    for t in results.get("trials", []):
+        row = {k: v for k, v in t.items() if k != "config"}
+        row.update({f"config.{k}": v for k, v in t["config"].items()})
+        rows.append(row)
+    return rows
+
+
+def energy_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    intensity = results.get("carbon_intensity")
+    rows = []
+    for phase, g in results.get("energy_by_phase", {}).items():
+        j = g["joules"]
+        kwh = None if j is None else j / JOULES_PER_KWH
+        rows.append({"phase": phase, "joules": j, "net_joules": g["net_joules"], "seconds": g["seconds"], "methods": ",".join(g["methods"]),
+                     "kwh": kwh, "gco2e": None if kwh is None or intensity is None else kwh * intensity, "windows": g["windows"]})
+    return rows
+
+
+def write_tables(results: dict[str, Any], directory: str | os.PathLike) -> list[str]:
+    """Writes ``trials.csv``, ``decisions.csv`` and ``energy.csv`` into ``directory``; returns the paths."""
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    trials = trial_rows(results)
+    config_cols = sorted({k for r in trials for k in r if k.startswith("config.")})
+    base = ["trial_id", "cohort", "status", "last_phase", "score", "score_se", "metric", "samples", "energy_joules", "kwh", "gco2e", "reason"]
+    paths.append(os.path.join(directory, "trials.csv"))
+    _write_csv(paths[-1], trials, base + config_cols)
+    decisions = results.get("decisions", [])
+    first = ["phase", "trial_id", "cohort", "kept", "reason_code", "score", "score_se", "samples_spent", "energy_spent_j", "decision_energy_j", "reason"]
+    rest = sorted({k for d in decisions for k in d} - set(first))
+    paths.append(os.path.join(directory, "decisions.csv"))
+    _write_csv(paths[-1], decisions, first + rest)
+    paths.append(os.path.join(directory, "energy.csv"))
+    _write_csv(paths[-1], energy_rows(results), ["phase", "joules", "net_joules", "seconds", "methods", "kwh", "gco2e", "windows"])
+    return paths
+
+
+# ----------------------------------------------------------------------------------------- plots
+
+
+def _phases(results: dict[str, Any]) -> list[str]:
+    seen: list[str] = []
+    for d in results.get("decisions", []):
+        if d["phase"] not in seen:
+            seen.append(d["phase"])
+    return seen
+
+
+def _energy_label(results: dict[str, Any]) -> str:
+    method = results.get("energy_method") or "unavailable"
+    return f"energy attributed to it (J, {method}{': not a measurement' if method == 'estimated' else ''})"
+
+
+def pareto_front(points: list[tuple[float, float, int]]) -> list[int]:
+    """Ids of the points ``(energy, score, id)`` that no other point beats on both (less or equal
+    energy and higher or equal score, one strictly), in increasing energy."""
+    front, best = [], -float("inf")
+    for energy, score, i in sorted(points, key=lambda p: (p[0], -p[1])):
+        if score > best:
+            front.append(i)
+            best = score
+    return front
+
+
+def plot_score_vs_energy(results: dict[str, Any]):
+    """Every configuration's last metric against its attributed energy (samples trained where energy
+    is unavailable), the Pareto front (score up, energy down) and the selection."""
+    from matplotlib.figure import Figure
+
+    trials = [t for t in results.get("trials", []) if t["score"] is not None]
+    have_energy = bool(trials) and all(t["energy_joules"] is not None for t in trials)
+    x_of = (lambda t: t["energy_joules"]) if have_energy else (lambda t: t["samples"])
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    by_status: dict[str, list[dict[str, Any]]] = {}
+    for t in trials:
+        by_status.setdefault("selected" if t["status"] == "selected" else "finalist" if t["status"] == "finalist" else f"stopped at {t['last_phase']}", []).append(t)
+    order = sorted(by_status, key=lambda s: (s == "selected", s == "finalist", s))
+    for status in order:
+        group = by_status[status]
+        style = {"marker": "*", "s": 220, "color": "crimson", "zorder": 4} if status == "selected" else {"s": 28, "alpha": 0.8}
+        ax.scatter([x_of(t) for t in group], [t["metric"] for t in group], label=status, **style)
+    front = pareto_front([(x_of(t), t["score"], t["trial_id"]) for t in trials])
+    by_id = {t["trial_id"]: t for t in trials}
+    ax.plot([x_of(by_id[i]) for i in front], [by_id[i]["metric"] for i in front], "k--", lw=1, label="Pareto front (score, energy)")
+    sel = results.get("selected")
+    if sel is not None and sel["trial_id"] in by_id:
+        t = by_id[sel["trial_id"]]
+        ax.annotate(f"selected: trial {t['trial_id']}", (x_of(t), t["metric"]), textcoords="offset points", xytext=(8, -14), color="crimson")
+    ax.set_xscale("log" if trials and min(x_of(t) for t in trials) > 0 else "linear")
+    ax.set_xlabel(_energy_label(results) if have_energy else "samples trained (energy unavailable)")
+    ax.set_ylabel(f"validation {results.get('metric_name', 'metric')} (last phase reached)")
+    ax.set_title(f"{len(trials)} configurations, mode {results.get('mode')}")
+    ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def survival_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The survival chart's rows, top to bottom: configurations that got furthest first (then by
+    score); each with its label, the index of the last phase it trained in and why it stopped."""
+    phases = _phases(results)
+    rows = []
+    for t in results.get("trials", []):
+        last = phases.index(t["last_phase"]) if t["last_phase"] in phases else -1
+        lr = t["config"].get("learning_rate")
+        label = f"trial {t['trial_id']} ({t['cohort'].rsplit('-', 1)[0]}" + (f", lr {lr:.3g})" if isinstance(lr, (int, float)) else ")")
+        rows.append({"trial_id": t["trial_id"], "label": label, "last": last, "status": t["status"], "score": t["score"]})
+    rows.sort(key=lambda r: (-r["last"], -(r["score"] if r["score"] is not None else -float("inf")), r["trial_id"]))
+    return rows
+
+
+def plot_survival(results: dict[str, Any]):
+    """One bar per configuration over the phases it trained in, ending with why it stopped."""
+    from matplotlib.figure import Figure
+
+    phases = _phases(results)
+    rows = survival_rows(results)
+    fig = Figure(figsize=(7.5, max(2.5, 0.22 * len(rows) + 1.2)), layout="constrained")
+    ax = fig.add_subplot()
+    for y, r in enumerate(rows):
+        color = "crimson" if r["status"] == "selected" else "tab:green" if r["status"] == "finalist" else "tab:gray"
+        if r["last"] >= 0:
+            ax.barh(y, r["last"] + 1, left=-0.5, height=0.6, color=color, alpha=0.85)
+        ax.text(max(r["last"], 0) + 0.6, y, r["status"], va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xticks(range(len(phases)), phases)
+    ax.set_xlim(-0.5, len(phases) + 1.5)
+    ax.set_xlabel("phase (bar: trained in it; text: status after its last phase)")
+    ax.set_title("which configuration was dropped where, and why")
+    return fig
+
+
+def plot_energy_by_phase(results: dict[str, Any]):
+    """Energy of each phase (compilation and probe included); unavailable phases say so."""
+    from matplotlib.figure import Figure
+
+    rows = energy_rows(results)
+    fig = Figure(figsize=(6.4, 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    names = [r["phase"] for r in rows]
+    values = [r["joules"] or 0.0 for r in rows]
+    bars = ax.bar(names, values, color=["tab:orange" if n in ("compile", "probe") else "tab:blue" for n in names])
+    for bar, r in zip(bars, rows):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), "unavailable" if r["joules"] is None else f"{r['joules']:.3g} J", ha="center", va="bottom", fontsize=7)
+    idle = results.get("idle") or {}
+    note = f"idle baseline {idle['watts']:.2f} W" if idle.get("watts") is not None else "idle baseline: not measured"
+    ax.set_ylabel(f"joules ({results.get('energy_method')})")
+    ax.set_title(f"energy by phase ({note})")
+    return fig
+
+
+def write_plots(results: dict[str, Any], directory: str | os.PathLike) -> list[str]:
+    """Writes the three PNGs into ``directory``; raises ``ImportError`` (with :data:`PLOT_HINT`)
+    when matplotlib is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError(PLOT_HINT) from None
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for name, make in (("score_vs_energy", plot_score_vs_energy), ("survival", plot_survival), ("energy_by_phase", plot_energy_by_phase)):
+        paths.append(os.path.join(directory, f"{name}.png"))
+        make(results).savefig(paths[-1], dpi=110)
+    return paths

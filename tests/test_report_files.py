@@ -1,0 +1,84 @@
+"""`sm2jax report DIR` writes CSV tables and PNG figures whose content matches the study."""
+
+import csv
+import json
+
+import pytest
+
+from sm2jax.cli import main
+from sm2jax.figures import pareto_front, plot_score_vs_energy, plot_survival, survival_rows
+from sm2jax.space import Categorical, LogUniform, SearchSpace
+from sm2jax.study import Study, StudySpec
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("study") / "s"
+    space = SearchSpace({"learning_rate": LogUniform(1e-3, 3e-1, num=3), "batch_size": Categorical([32, 64])}).to_json()
+    spec = StudySpec(space=space, dataset="digits", explore_budget=0.25, min_budget=1, max_budget=3, eta=3, idle_seconds=0.0, probe_width=False, energy_method="estimated")
+    results = Study(directory, spec, progress=False).run()
+    return directory, results
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_writes_tables_that_match_the_study(finished, capsys):
+    directory, results = finished
+    assert main(["report", str(directory)]) == 0
+    out = directory / "report"
+    trials = _read(out / "trials.csv")
+    assert sorted(int(r["trial_id"]) for r in trials) == list(range(results["num_configs"]))  # every configuration
+    selected = [r for r in trials if r["status"] == "selected"]
+    assert [int(r["trial_id"]) for r in selected] == [results["selected"]["trial_id"]]
+    last_decision = {}
+    for d in results["decisions"]:
+        last_decision[d["trial_id"]] = d
+    for r in trials:
+        d = last_decision[int(r["trial_id"])]
+        assert r["last_phase"] == d["phase"]
+        if r["status"] not in ("selected", "finalist"):
+            assert not d["kept"] and r["status"] == d["reason_code"]
+        assert json.loads(r["config.model"])["name"] == "mlp" and float(r["config.learning_rate"]) > 0
+    joules = {int(r["trial_id"]): float(r["energy_joules"]) for r in trials}
+    assert joules[results["selected"]["trial_id"]] == pytest.approx(results["selected"]["energy_to_train_joules"])
+    assert sum(joules.values()) == pytest.approx(results["total_joules"], rel=1e-6)  # every joule is some trial's
+    assert len(_read(out / "decisions.csv")) == len(results["decisions"])
+    energy = {r["phase"]: r for r in _read(out / "energy.csv")}
+    assert set(energy) == set(results["energy_by_phase"])
+    for phase, row in energy.items():
+        assert float(row["kwh"]) == pytest.approx(results["energy_by_phase"][phase]["joules"] / 3.6e6)
+        assert float(row["gco2e"]) == pytest.approx(float(row["kwh"]) * 475.0)
+    assert "wrote trials.csv" in capsys.readouterr().err
+
+
+def test_report_figures_are_valid_pngs_that_show_every_configuration(finished):
+    import matplotlib.image
+
+    directory, results = finished
+    assert main(["report", str(directory), "--out", str(directory / "figs")]) == 0
+    for name in ("score_vs_energy", "survival", "energy_by_phase"):
+        path = directory / "figs" / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        image = matplotlib.image.imread(path)
+        assert image.shape[0] > 200 and image.shape[1] > 400 and image.std() > 0.01  # not blank
+
+    rows = survival_rows(results)
+    assert sorted(r["trial_id"] for r in rows) == list(range(results["num_configs"]))
+    phases = list(dict.fromkeys(d["phase"] for d in results["decisions"]))
+    last = {d["trial_id"]: d["phase"] for d in results["decisions"]}
+    assert all(phases[r["last"]] == last[r["trial_id"]] for r in rows)
+    ax = plot_survival(results).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [r["label"] for r in rows]
+    assert [t.get_text() for t in ax.texts].count("selected") == 1
+    sel = results["selected"]["trial_id"]
+    assert ax.texts[[r["trial_id"] for r in rows].index(sel)].get_text() == "selected"
+    texts = [t.get_text() for t in plot_score_vs_energy(results).axes[0].texts]
+    assert f"selected: trial {sel}" in texts
+
+
+def test_pareto_front():
+    points = [(1.0, 0.5, 0), (2.0, 0.9, 1), (2.0, 0.7, 2), (3.0, 0.8, 3), (0.5, 0.1, 4), (4.0, 0.95, 5)]
+    assert pareto_front(points) == [4, 0, 1, 5]
