@@ -55,6 +55,23 @@ def _resume(args) -> dict:
     return Study(args.dir, progress=not args.no_progress).run()  # one-line errors for a missing or unknown spec
 
 
+def _compare(args) -> int:
+    from sm2jax.figures import compare_rows
+    from sm2jax.report import load_results
+
+    rows = compare_rows([load_results(d) for d in args.dirs])
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    cols = list(rows[0])
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    table = [cols] + [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    for line in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
+    return 0
+
+
 def _write_report_files(results: dict, args) -> int:
     from sm2jax.figures import write_plots, write_tables
 
@@ -98,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--json", action="store_true")
     report.add_argument("--out", help="where the CSV tables and PNG figures go (default: DIR/report)")
     report.add_argument("--no-files", action="store_true", help="print only; write no tables or figures")
+    compare = sub.add_parser("compare", help="finished studies side by side (e.g. SM2 vs SH vs full on identical work)")
+    compare.add_argument("dirs", nargs="+")
+    compare.add_argument("--json", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -124,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             results = _run(args)
         elif args.command == "resume":
             results = _resume(args)
+        elif args.command == "compare":
+            return _compare(args)
         else:
             results = load_results(args.dir)
     except KeyboardInterrupt:

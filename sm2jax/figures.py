@@ -87,6 +87,35 @@ def write_tables(results: dict[str, Any], directory: str | os.PathLike) -> list[
     return paths
 
 
+def compare_rows(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per finished study (e.g. SM2, SH and full search on identical work): the selected
+    configuration, its validation and test metric, samples trained, and energy split into training
+    (exploration and rungs) and compilation (+ probe); ratios against the first study's samples and
+    training energy. Samples trained do not depend on the hardware; an *estimated* energy of a tiny
+    study is dominated by per-window overheads."""
+    rows = []
+    base = base_samples = None
+    for r in studies:
+        phases = r.get("energy_by_phase", {})
+        def total(names):
+            values = [g["joules"] for p, g in phases.items() if p in names]
+            return None if any(v is None for v in values) else float(sum(values))
+        training = total([p for p in phases if p == "explore" or p.startswith("rung-")])
+        base = training if base is None else base
+        samples = sum(t["samples"] for t in r["trials"]) if "trials" in r else None
+        base_samples = samples if base_samples is None else base_samples
+        sel = r.get("selected") or {}
+        test = sel.get("test") or {}
+        rows.append({
+            "study": os.path.basename(str(r.get("study", "")).rstrip("/")), "mode": r.get("mode"), "selected_trial": sel.get("trial_id"),
+            f"val_{r.get('metric_name', 'metric')}": sel.get("metric"), f"test_{r.get('metric_name', 'metric')}": test.get("metric"),
+            "samples_trained": samples, "samples_vs_first": None if samples is None or not base_samples else samples / base_samples, "training_joules": training,
+            "compile_joules": total(["compile", "probe"]), "total_joules": r.get("total_joules"),
+            "training_vs_first": None if training is None or not base else training / base, "energy_method": r.get("energy_method"),
+        })
+    return rows
+
+
 # ----------------------------------------------------------------------------------------- plots
 
 

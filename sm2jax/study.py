@@ -219,6 +219,18 @@ def claim_directory(directory: str | os.PathLike, spec_blob: dict[str, Any]) -> 
     _atomic_write_json(path, spec_blob)
 
 
+def _progress_bar_class():
+    """Jupyter's widget bars where ``ipywidgets`` is installed, else text bars (which render in a
+    notebook too; ``tqdm.auto`` would warn "IProgress not found" there)."""
+    try:
+        import ipywidgets  # noqa: F401
+    except ImportError:
+        from tqdm.std import tqdm
+    else:
+        from tqdm.auto import tqdm
+    return tqdm
+
+
 def import_modules(names: list[str]) -> None:
     """Imports the modules a study needs (those that registered its models, data set or task)."""
     for name in names:
@@ -531,8 +543,7 @@ class Study:
         return results
 
     def _run_phase(self, p: int, runners: list[CohortRunner], progress: StudyState, checkpoints: StudyCheckpoints) -> list[CohortRunner]:
-        from tqdm.auto import tqdm
-
+        tqdm = _progress_bar_class()
         phases = self.spec.phases()
         name, budget = phases[p]
         last = p == len(phases) - 1

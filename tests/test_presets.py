@@ -43,6 +43,14 @@ def test_notebook_runs_every_cell(tmp_path):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
-    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
     assert "selected: trial" in text and "rung-1" in text
-    assert (tmp_path / "runs" / "notebook-digits" / "results.json").exists()
+    stderr = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stderr")
+    assert "Warning" not in stderr and "IProgress" not in stderr  # progress bars render without warnings
+    images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+    assert len(images) == 2  # score vs energy, survival
+    tables = [o["data"]["text/html"] for o in outputs if o.output_type == "execute_result" and "text/html" in o.get("data", {})]
+    assert len(tables) == 2 and "learning_rate" in tables[0]  # the trials DataFrame, then SM2 vs SH
+    assert ">sm2<" in tables[1] and ">sh<" in tables[1] and "training_vs_first" in tables[1]
+    for name in ("notebook-digits", "notebook-digits-sh"):
+        assert (tmp_path / "runs" / name / "results.json").exists()

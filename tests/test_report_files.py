@@ -82,3 +82,20 @@ def test_report_figures_are_valid_pngs_that_show_every_configuration(finished):
 def test_pareto_front():
     points = [(1.0, 0.5, 0), (2.0, 0.9, 1), (2.0, 0.7, 2), (3.0, 0.8, 3), (0.5, 0.1, 4), (4.0, 0.95, 5)]
     assert pareto_front(points) == [4, 0, 1, 5]
+
+
+def test_compare_puts_studies_side_by_side(finished, tmp_path, capsys):
+    import dataclasses
+
+    from sm2jax.study import read_spec
+
+    directory, results = finished
+    sh = Study(tmp_path / "sh", dataclasses.replace(read_spec(directory), mode="sh"), progress=False).run()
+    assert main(["compare", str(directory), str(tmp_path / "sh"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["mode"] for r in rows] == ["sm2", "sh"]
+    assert rows[0]["samples_vs_first"] == 1.0 and rows[0]["training_vs_first"] == 1.0
+    assert rows[1]["samples_trained"] == sum(t["samples"] for t in sh["trials"]) > rows[0]["samples_trained"]  # SM2 explored, then dropped
+    assert rows[1]["val_accuracy"] == pytest.approx(sh["selected"]["metric"])
+    assert main(["compare", str(directory), str(tmp_path / "sh")]) == 0
+    assert "training_vs_first" in capsys.readouterr().out
