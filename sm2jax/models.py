@@ -126,6 +126,43 @@ class LSTMRegressor(nnx.Module):
         return self.head(_dropout(self.dropout, hs[-1], train, key, 0))
 
 
+class CNN1D(nnx.Module):
+    """1D convolutions over a sequence ``[B, L, C]`` (MNIST-1D: L = 40, C = 1), as in Greydanus &
+    Kobak's MNIST-1D benchmark: ``Conv(k, stride 2) -> relu`` blocks, then a linear head on the
+    flattened features."""
+
+    def __init__(self, length: int, in_channels: int, out_features: int, channels: Sequence[int] = (32, 32, 32), kernel: int = 5, dropout: float = 0.0, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        sizes = [in_channels, *channels]
+        self.convs = nnx.List([nnx.Conv(a, b, (kernel,), strides=2, padding="SAME", dtype=dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        for _ in channels:
+            length = -(-length // 2)
+        self.head = nnx.Linear(length * sizes[-1], out_features, dtype=dtype, rngs=rngs)
+        self.dropout = dropout
+
+    def __call__(self, x, *, train: bool = False, key=None):
+        for conv in self.convs:
+            x = jax.nn.relu(conv(x))
+        return self.head(_dropout(self.dropout, x.reshape(x.shape[0], -1), train, key, 0))
+
+
+class GRUClassifier(nnx.Module):
+    """A GRU over ``[B, T, F]`` sequences; a linear head on the last hidden state gives class logits."""
+
+    def __init__(self, in_features: int, out_features: int, hidden: int = 64, dropout: float = 0.0, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        self.cell = nnx.GRUCell(in_features, hidden, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(hidden, out_features, dtype=dtype, rngs=rngs)
+        self.hidden = hidden
+        self.dropout = dropout
+
+    def __call__(self, x, *, train: bool = False, key=None):
+        def step(h, xt):
+            h, _ = self.cell(h, xt)
+            return h, None
+
+        h, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], self.hidden), x.dtype), jnp.swapaxes(x, 0, 1))
+        return self.head(_dropout(self.dropout, h, train, key, 0))
+
+
 class TransformerBlock(nnx.Module):
     def __init__(self, dim: int, heads: int, dropout: float, dtype, *, rngs: nnx.Rngs):
         self.ln1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
@@ -171,6 +208,15 @@ def _build_cnn(spec, shape, outputs, dropout, dtype, rngs):
     return SmallCNN(c, outputs, h, w, tuple(spec.get("channels", (16, 32))), dropout, dtype, rngs=rngs)
 
 
+def _build_cnn1d(spec, shape, outputs, dropout, dtype, rngs):
+    length, channels = shape
+    return CNN1D(length, channels, outputs, tuple(spec.get("channels", (32, 32, 32))), int(spec.get("kernel", 5)), dropout, dtype, rngs=rngs)
+
+
+def _build_gru(spec, shape, outputs, dropout, dtype, rngs):
+    return GRUClassifier(shape[-1], outputs, int(spec.get("hidden", 64)), dropout, dtype, rngs=rngs)
+
+
 def _build_resnet18(spec, shape, outputs, dropout, dtype, rngs):
     return ResNet18(shape[-1], outputs, int(spec.get("width", 64)), tuple(spec.get("blocks", (2, 2, 2, 2))), dropout, dtype, rngs=rngs)
 
@@ -186,6 +232,8 @@ def _build_transformer(spec, shape, outputs, dropout, dtype, rngs):
 BUILTIN_MODELS: dict[str, Callable[..., nnx.Module]] = {
     "mlp": _build_mlp,
     "cnn": _build_cnn,
+    "cnn1d": _build_cnn1d,
+    "gru": _build_gru,
     "resnet18": _build_resnet18,
     "lstm": _build_lstm,
     "transformer": _build_transformer,

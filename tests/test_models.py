@@ -19,6 +19,10 @@ def _dataset(task, rng):
         x = rng.standard_normal((64, 12, 7)).astype(np.float32)
         y = x[:, -1, :1] * 0.5
         return ArrayDataset("tiny-series", "regression", x[:48], y[:48], x[48:], y[48:], 1)
+    if task == "sequence":  # MNIST-1D-shaped: 40 steps of 1 channel, 10 classes
+        x = rng.standard_normal((64, 40, 1)).astype(np.float32)
+        y = rng.integers(0, 10, 64).astype(np.int32)
+        return ArrayDataset("tiny-sequences", "classification", x[:48], y[:48], x[48:], y[48:], 10)
     tokens = rng.integers(0, 32, (64, 17)).astype(np.int32)
     return ArrayDataset("tiny-text", "language_model", tokens[:48, :-1], tokens[:48, 1:], tokens[48:, :-1], tokens[48:, 1:], 32)
 
@@ -30,6 +34,8 @@ def _dataset(task, rng):
         ({"name": "cnn", "channels": [4, 8]}, "image"),
         ({"name": "resnet18", "width": 4}, "image"),
         ({"name": "lstm", "hidden": 8}, "series"),
+        ({"name": "cnn1d", "channels": [4, 8], "kernel": 5}, "sequence"),
+        ({"name": "gru", "hidden": 8}, "sequence"),
         ({"name": "transformer", "dim": 16, "depth": 1, "heads": 2}, "text"),
     ],
 )

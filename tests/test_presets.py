@@ -13,7 +13,7 @@ from sm2jax.study import StudySpec
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("folder", ["digits_sm2", "cifar10_resnet18", "household_lstm", "wikitext2_transformer"])
+@pytest.mark.parametrize("folder", ["digits_sm2", "mnist1d", "cifar10_resnet18", "household_lstm", "wikitext2_transformer"])
 def test_experiment_config(folder):
     spec_file = importlib.util.spec_from_file_location(f"cfg_{folder}", ROOT / "experiments" / folder / "config.py")
     module = importlib.util.module_from_spec(spec_file)
@@ -54,3 +54,15 @@ def test_notebook_runs_every_cell(tmp_path):
     assert ">sm2<" in tables[1] and ">sh<" in tables[1] and "training_vs_first" in tables[1]
     for name in ("notebook-digits", "notebook-digits-sh"):
         assert (tmp_path / "runs" / name / "results.json").exists()
+
+
+def test_mnist1d_quick_preset_runs_offline(tmp_path):
+    import dataclasses
+
+    from sm2jax.study import Study
+
+    spec = dataclasses.replace(PRESETS["mnist1d"](quick=True), idle_seconds=0.0, energy_method="estimated", probe_width=False)
+    results = Study(tmp_path / "s", spec, progress=False).run()
+    models = {t["config"]["model"]["name"] for t in results["trials"]}
+    assert models == {"mlp", "cnn1d"} and len(results["trials"]) == 4
+    assert results["selected"]["test"]["metric"] > 0.2  # ten classes: clearly above chance after 3 epochs
