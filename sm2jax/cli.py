@@ -30,6 +30,8 @@ def _run(args) -> dict:
         overrides["probe_width"] = False
     if args.imports:
         overrides["imports"] = sorted({*spec.imports, *args.imports})
+    if args.data_dir:
+        overrides["dataset_options"] = {**spec.dataset_options, "data_dir": os.path.abspath(args.data_dir)}
     spec = dataclasses.replace(spec, **overrides)
     directory = args.dir or os.path.join("runs", f"{args.preset}-{args.mode}{'-quick' if args.quick else ''}")
     args.dir = directory  # named in the hint after Ctrl-C
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--energy", default="auto", choices=("auto", *METHODS), help="how energy is obtained (default: auto)")
     run.add_argument("--idle-seconds", type=float, help="idle-baseline measurement length")
     run.add_argument("--steps-per-window", type=int, help="fixed steps per energy window")
+    run.add_argument("--data-dir", help="TFDS data folder of a prepared data set (see `sm2jax prepare`)")
     run.add_argument("--no-probe", action="store_true", help="skip the vmap-width probe (vmap all trials of a cohort)")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--json", action="store_true", help="print results.json instead of the report")
@@ -115,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument("--json", action="store_true")
     report.add_argument("--out", help="where the CSV tables and PNG figures go (default: DIR/report)")
     report.add_argument("--no-files", action="store_true", help="print only; write no tables or figures")
+    prep = sub.add_parser("prepare", help="prepare a paper data set once (download, or an archive you place)")
+    prep.add_argument("dataset", choices=("cifar10", "household_power", "wikitext2"))
+    prep.add_argument("--data-dir", help="TFDS data folder (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")
+    prep.add_argument("--manual-dir", help="folder holding the downloaded archive (default: DATA_DIR/downloads/manual)")
+    prep.add_argument("--no-download", action="store_true", help="never download: use the archive in the manual folder")
     compare = sub.add_parser("compare", help="finished studies side by side (e.g. SM2 vs SH vs full on identical work)")
     compare.add_argument("dirs", nargs="+")
     compare.add_argument("--json", action="store_true")
@@ -146,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
             results = _resume(args)
         elif args.command == "compare":
             return _compare(args)
+        elif args.command == "prepare":
+            from sm2jax.prepare import prepare
+
+            where = prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir, download=not args.no_download)
+            print(f"{args.dataset} is prepared in {where}")
+            return 0
         else:
             results = load_results(args.dir)
     except KeyboardInterrupt:

@@ -209,7 +209,8 @@ def _image_example(record):
 
 
 def load_tfds_images(name: str, *, data_dir: str | None = None, val_percent: int = 10, download: bool = True) -> ArrayDataset:
-    """MNIST or CIFAR-10 (any TFDS image classification set with ``image``/``label`` features).
+    """CIFAR-10 (our builder on the original binary archive, prepared without TensorFlow: see
+    :mod:`sm2jax.prepare`) or MNIST (the TFDS catalogue).
 
     The validation split is the last ``val_percent`` % of ``train``; the test split stays untouched
     so that a study's selection is never tuned on it.
@@ -217,18 +218,24 @@ def load_tfds_images(name: str, *, data_dir: str | None = None, val_percent: int
     import tensorflow_datasets as tfds
 
     splits = [f"train[:{100 - val_percent}%]", f"train[{100 - val_percent}%:]", "test"]
-    try:
-        train, val, test = tfds.data_source(name, split=splits, data_dir=data_dir, download=download)
-    except Exception as err:
-        # Reading needs no TensorFlow, but TFDS's archive extractor (used once, when a catalogue
-        # data set is prepared) does: say so instead of surfacing a bare ModuleNotFoundError.
-        if "tensorflow" in str(err).lower():
-            raise RuntimeError(
-                f"preparing {name!r} with TFDS needs TensorFlow once (its archive extractor imports it): "
-                f"`pip install tensorflow-cpu`, run again, then uninstall it if you like; or copy an already "
-                f"prepared array_record {name} folder into data_dir"
-            ) from err
-        raise
+    if name == "cifar10":
+        from sm2jax.prepare import default_data_dir, prepare
+
+        prepare("cifar10", data_dir=data_dir, download=download)
+        train, val, test = tfds.data_source("cifar10_binary", split=splits, data_dir=default_data_dir(data_dir), download=False)
+    else:
+        try:
+            train, val, test = tfds.data_source(name, split=splits, data_dir=data_dir, download=download)
+        except Exception as err:
+            # Reading needs no TensorFlow, but TFDS's archive extractor (used once, when a catalogue
+            # data set is prepared) does: say so instead of surfacing a bare ModuleNotFoundError.
+            if "tensorflow" in str(err).lower():
+                raise RuntimeError(
+                    f"preparing {name!r} with TFDS needs TensorFlow once (its archive extractor imports it): "
+                    f"`pip install tensorflow-cpu`, run again, then uninstall it if you like; or copy an already "
+                    f"prepared array_record {name} folder into data_dir"
+                ) from err
+            raise
     x_train, y_train = source_to_arrays(train, _image_example)
     x_val, y_val = source_to_arrays(val, _image_example)
     x_test, y_test = source_to_arrays(test, _image_example)
@@ -244,9 +251,10 @@ def load_household_power(*, data_dir: str | None = None, window: int = 24, val_f
     """
     import tensorflow_datasets as tfds
 
-    from sm2jax.datasets import household_power  # noqa: F401  (registers the builder)
+    from sm2jax.prepare import default_data_dir, prepare
 
-    source = tfds.data_source("household_power", split="train", data_dir=data_dir, download=download)
+    prepare("household_power", data_dir=data_dir, download=download)  # registers the builder; one-line error offline
+    source = tfds.data_source("household_power", split="train", data_dir=default_data_dir(data_dir), download=False)
     hours, values = source_to_arrays(source, lambda r: (np.int64(r["hour"]), np.asarray(r["values"], np.float32)))
     values = values[np.argsort(hours)]
     return windows_to_dataset(values, window, val_fraction)
@@ -273,9 +281,10 @@ def load_wikitext2(*, data_dir: str | None = None, context: int = 64, download: 
     """
     import tensorflow_datasets as tfds
 
-    from sm2jax.datasets import wikitext2  # noqa: F401  (registers the builder)
+    from sm2jax.prepare import default_data_dir, prepare
 
-    train, val = tfds.data_source("wikitext2", split=["train", "validation"], data_dir=data_dir, download=download)
+    prepare("wikitext2", data_dir=data_dir, download=download)  # registers the builder; one-line error offline
+    train, val = tfds.data_source("wikitext2", split=["train", "validation"], data_dir=default_data_dir(data_dir), download=False)
     return text_to_dataset(_join_lines(train), _join_lines(val), context)
 
 

@@ -8,14 +8,23 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 
-def fetch_archive(dl_manager: tfds.download.DownloadManager, url: str, archive_name: str) -> epath.Path:
-    """Returns the folder holding the extracted ``archive_name``.
+def archive_path(dl_manager: tfds.download.DownloadManager, url: str, archive_name: str) -> epath.Path:
+    """``archive_name`` from ``manual_dir`` if it is there, else downloaded from ``url``.
 
-    The archive is read from ``manual_dir`` if present, else downloaded from ``url``. We unzip with
-    the standard library: the TFDS extractor needs TensorFlow, which this project does not install.
-    """
-    manual = dl_manager.manual_dir / archive_name if dl_manager.manual_dir else None
-    archive = manual if manual is not None and manual.exists() else dl_manager.download(url)
+    (TFDS's ``manual_dir`` property raises when the folder is missing or empty; that only means
+    "download it".)"""
+    try:
+        manual = dl_manager.manual_dir / archive_name
+    except AssertionError:
+        manual = None
+    return manual if manual is not None and manual.exists() else dl_manager.download(url)
+
+
+def fetch_archive(dl_manager: tfds.download.DownloadManager, url: str, archive_name: str) -> epath.Path:
+    """Returns the folder holding the extracted ``archive_name`` (:func:`archive_path`). We unzip
+    with the standard library: the TFDS extractor needs TensorFlow, which this project does not
+    install."""
+    archive = archive_path(dl_manager, url, archive_name)
     target = epath.Path(dl_manager.download_dir) / "extracted" / archive_name
     if not (target / ".complete").exists():
         target.mkdir(parents=True, exist_ok=True)
