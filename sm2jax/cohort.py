@@ -47,12 +47,13 @@ class Signature:
     optimizer: str
     dropout: float
     dtype: str
+    augment: str = "none"  # training-batch augmentation (sm2jax.data.AUGMENTATIONS), traced per trial
 
     @classmethod
     def of(cls, config: Config) -> Signature:
         return cls(
             json.dumps(config["model"], sort_keys=True), config["batch_size"], config["optimizer"],
-            config["dropout"], config["dtype"],
+            config["dropout"], config["dtype"], config.values.get("augment", "none"),
         )
 
     @property
@@ -63,7 +64,8 @@ class Signature:
         spec = self.model_spec
         opts = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
         model = f"{spec['name']}({opts})" if opts else spec["name"]
-        return f"{model} bs={self.batch_size} {self.optimizer} dropout={self.dropout:g} {self.dtype}"
+        aug = "" if self.augment == "none" else f" augment={self.augment}"
+        return f"{model} bs={self.batch_size} {self.optimizer} dropout={self.dropout:g} {self.dtype}{aug}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +85,12 @@ class CohortSpec:
         only in model options (hidden sizes, depth...) never share a name: progress, checkpoints and
         restore are keyed by it."""
         s = self.signature
-        digest = hashlib.sha1(json.dumps(dataclasses.asdict(s), sort_keys=True).encode()).hexdigest()[:8]
-        return f"{s.model_spec['name']}-bs{s.batch_size}-{s.optimizer}-d{s.dropout:g}-{s.dtype}-{digest}"
+        fields = dataclasses.asdict(s)
+        if s.augment == "none":  # names of cohorts without augmentation stay what they were before it existed
+            del fields["augment"]
+        digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+        aug = "" if s.augment == "none" else f"-{s.augment}"
+        return f"{s.model_spec['name']}-bs{s.batch_size}-{s.optimizer}-d{s.dropout:g}-{s.dtype}{aug}-{digest}"
 
     def subset(self, indices: Sequence[int]) -> CohortSpec:
         return CohortSpec(self.signature, tuple(self.configs[i] for i in indices))

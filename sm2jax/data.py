@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Int, UInt32
+from jaxtyping import Array, Float, Int, UInt32
 
 from sm2jax.tasks import get_task
 
@@ -161,6 +161,39 @@ def batch_indices(data_key: UInt32[Array, "2"], step: Int[Array, ""], num_exampl
         return jax.lax.while_loop(lambda y: y >= limit, lambda y: _feistel(y, round_keys, half_bits), first)
 
     return jax.vmap(walk)(slots).astype(jnp.int32)
+
+
+AUGMENT_SALT = 0x61756731  # "aug1": the augmentation stream of a trial's data key
+
+
+def crop_flip(images: Float[Array, "batch h w c"], key: jax.Array, pad: int = 4) -> Float[Array, "batch h w c"]:
+    """Standard CIFAR augmentation (He et al. 2016): each image is zero-padded by ``pad`` pixels,
+    cropped back to its size at a uniformly random offset in ``[0, 2 pad]`` per axis, and flipped
+    left-right with probability 1/2. Traced inside the training step from the trial's own key, so
+    every trial of a vmapped cohort draws its own crops and flips, reproducibly."""
+    b, h, w, c = images.shape
+    k_offset, k_flip = jax.random.split(key)
+    offsets = jax.random.randint(k_offset, (b, 2), 0, 2 * pad + 1)
+    flips = jax.random.bernoulli(k_flip, 0.5, (b,))
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+    def one(image, offset, flip):
+        out = jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+        return jnp.where(flip, out[:, ::-1], out)
+
+    return jax.vmap(one)(padded, offsets, flips)
+
+
+def augment_batch(kind: str, images: jax.Array, data_key: jax.Array, step: jax.Array) -> jax.Array:
+    """The training batch at ``step`` after augmentation ``kind`` (``none`` or ``crop_flip``), keyed
+    by (trial data key, step): the same trial sees the same augmented batch on a resumed run."""
+    if kind == "none":
+        return images
+    if kind == "crop_flip":
+        if images.ndim != 4:
+            raise ValueError(f"augment 'crop_flip' needs image examples [H, W, C]; got examples of shape {tuple(images.shape[1:])}: use augment='none'")
+        return crop_flip(images, jax.random.fold_in(jax.random.fold_in(data_key, AUGMENT_SALT), step))
+    raise ValueError(f"unknown augmentation {kind!r}")
 
 
 # --------------------------------------------------------------------------------------- loaders

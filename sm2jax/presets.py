@@ -41,11 +41,11 @@ def mnist1d(quick: bool = False) -> StudySpec:
 
 
 def cifar10_resnet18(quick: bool = False) -> StudySpec:
-    """ResNet-18 (CIFAR stem) on CIFAR-10, SGD with momentum and cosine decay: 4 learning rates x
-    3 batch sizes. Exploration 0.1 epoch, rungs at 1, 3, 9, 27 epochs. Needs the TFDS download and a GPU
+    """ResNet-18 (CIFAR stem) on CIFAR-10, SGD with momentum and cosine decay, random crops (4-pixel
+    padding) and horizontal flips inside the jitted step: 4 learning rates x 3 batch sizes. Exploration 0.1 epoch, rungs at 1, 3, 9, 27 epochs. Needs the TFDS download and a GPU
     (hours on one H100-class device)."""
     space = SearchSpace({
-        "model": {"name": "resnet18"}, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine",
+        "model": {"name": "resnet18"}, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine", "augment": "crop_flip",
         "learning_rate": LogUniform(1e-2, 0.4, num=4), "batch_size": Categorical([128, 256, 512]),
     })
     return StudySpec(space=space.to_json(), dataset="cifar10", explore_budget=0.1, min_budget=1, max_budget=3 if quick else 27, eta=3)

@@ -29,8 +29,9 @@ import numpy as np
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("float32", "bfloat16")
+AUGMENTATIONS = ("none", "crop_flip")
 
-STATIC_HYPERPARAMETERS = ("model", "batch_size", "optimizer", "dropout", "dtype")
+STATIC_HYPERPARAMETERS = ("model", "batch_size", "optimizer", "dropout", "dtype", "augment")
 TRACED_HYPERPARAMETERS = (
     "learning_rate",
     "weight_decay",
@@ -49,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "optimizer": "adam",
     "dropout": 0.0,
     "dtype": "float32",
+    "augment": "none",
     "learning_rate": 1e-3,
     "weight_decay": 0.0,
     "momentum": 0.9,
@@ -87,6 +89,9 @@ def _check_value(name: str, value: Any) -> None:
     elif name == "dtype":
         if value not in DTYPES:
             fail(f"unknown dtype; known: {list(DTYPES)}")
+    elif name == "augment":
+        if value not in AUGMENTATIONS:
+            fail(f"unknown augmentation; known: {list(AUGMENTATIONS)}")
     elif name in ("batch_size", "seed"):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             fail("must be an integer")

@@ -53,7 +53,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int, PyTree, UInt32
 
 from sm2jax.cohort import OPTIMIZER_HYPERPARAMETERS, CohortSpec, hyperparameter_arrays, make_optimizer
-from sm2jax.data import ArrayDataset, batch_indices, device_put_dataset, steps_per_epoch
+from sm2jax.data import ArrayDataset, augment_batch, batch_indices, device_put_dataset, steps_per_epoch
 from sm2jax.models import build_model, model_version
 from sm2jax.tasks import get_task
 
@@ -220,6 +220,8 @@ class CohortTrainer:
         self.batch_size = sig.batch_size
         self.num_train = dataset.num_train
         self.steps_per_epoch = steps_per_epoch(self.num_train, sig.batch_size)  # raises if B > N
+        if sig.augment != "none" and len(dataset.input_shape) != 3:
+            raise ValueError(f"augment {sig.augment!r} needs image examples [H, W, C]; {dataset.name!r} has examples of shape {dataset.input_shape}: use augment='none'")
         self.schedule_steps = int(schedule_steps)
         self.data = device_data if device_data is not None else device_put_dataset(dataset, eval_batch_size)
 
@@ -235,7 +237,7 @@ class CohortTrainer:
         # What each program depends on, and nothing more (see the module docstring).
         self._keys = {
             "init": ("init", *model, sig.optimizer),
-            "train": ("train", *model, sig.optimizer, sig.batch_size, sig.dropout, task, data_shapes["x_train"], data_shapes["y_train"]),
+            "train": ("train", *model, sig.optimizer, sig.batch_size, sig.dropout, sig.augment, task, data_shapes["x_train"], data_shapes["y_train"]),
             "eval": ("eval", *model, task, eval_block),
         }
 
@@ -308,7 +310,8 @@ class CohortTrainer:
         idx = batch_indices(ts.data_key, ts.step, self.num_train, self.batch_size)
         # Dropout masks from the trial's own key and step; no key work in programs without dropout.
         key = jax.random.fold_in(ts.dropout_key, ts.step) if self.cohort.signature.dropout > 0 else None
-        (loss, model_state), grads = jax.value_and_grad(self._loss, has_aux=True)(ts.params, ts.model_state, x_all[idx], y_all[idx], key)
+        x = augment_batch(self.cohort.signature.augment, x_all[idx], ts.data_key, ts.step)
+        (loss, model_state), grads = jax.value_and_grad(self._loss, has_aux=True)(ts.params, ts.model_state, x, y_all[idx], key)
         # Decided before the update, from values the step has anyway: the loss, the gradients' global
         # norm (the one clipping computes; XLA merges the two) and the new batch statistics. Known
         # before the optimizer runs, the keep-or-freeze select fuses into the update itself: one pass

@@ -214,3 +214,46 @@ def test_one_eval_program_serves_a_test_split_of_any_length(digits):
     assert np.all(test.score_se < val.score_se) and np.all(test.score_se > val.score_se / 1.5)
     with pytest.raises(ValueError, match="no test split"):
         CohortTrainer(_single_cohort(SearchSpace({"learning_rate": 1e-3}).grid()), dataclasses.replace(digits, x_test=None, y_test=None), schedule_steps=5).evaluate(state, "test")
+
+
+def test_crop_flip_is_a_padded_window_per_image_keyed_by_trial_and_step():
+    from sm2jax.data import augment_batch, crop_flip
+
+    images = jnp.asarray(np.random.default_rng(0).random((64, 8, 8, 3), dtype=np.float32))
+    key = jax.random.PRNGKey(3)
+    out = np.asarray(crop_flip(images, key, pad=2))
+    padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
+    flipped = 0
+    for i in range(64):  # every output is one 8x8 window of the padded image, maybe mirrored
+        windows = [padded[i, a:a + 8, b:b + 8] for a in range(5) for b in range(5)]
+        plain = any(np.array_equal(out[i], w) for w in windows)
+        mirror = any(np.array_equal(out[i], w[:, ::-1]) for w in windows)
+        assert plain or mirror
+        flipped += mirror and not plain
+    assert 16 < flipped < 48  # about half are flipped
+    data_key = jax.random.split(jax.random.PRNGKey(0), 2)
+    a = augment_batch("crop_flip", images, data_key[0], jnp.int32(5))
+    np.testing.assert_array_equal(a, augment_batch("crop_flip", images, data_key[0], jnp.int32(5)))  # reproducible
+    assert not np.array_equal(a, augment_batch("crop_flip", images, data_key[1], jnp.int32(5)))  # per trial
+    assert not np.array_equal(a, augment_batch("crop_flip", images, data_key[0], jnp.int32(6)))  # per step
+    np.testing.assert_array_equal(augment_batch("none", images, data_key[0], jnp.int32(5)), images)
+
+
+def test_augmented_cohort_trains_per_trial_and_refuses_non_images(digits):
+    from sm2jax.data import ArrayDataset
+
+    model = {"name": "cnn", "channels": [4, 8]}
+    twins = [make_config(0, model=model, learning_rate=0.05, augment=a) for a in ("none", "crop_flip")]  # one trial, two pipelines
+    cohorts = group_into_cohorts(twins)
+    assert [c.signature.augment for c in cohorts] == ["none", "crop_flip"] and "crop_flip" in cohorts[1].name
+    plain, augmented = (CohortTrainer(c, digits, schedule_steps=20) for c in cohorts)
+    (s_plain,), (s_aug,) = plain.init(), augmented.init()
+    for a, b in zip(jax.tree.leaves(s_plain.params), jax.tree.leaves(s_aug.params)):
+        np.testing.assert_array_equal(a, b)  # same trial: same initial parameters and data order
+    s_plain, _ = plain.train(s_plain, 5)
+    s_aug, metrics = augmented.train(s_aug, 5)
+    assert np.isfinite(np.asarray(metrics.loss_mean)).all()
+    assert not np.allclose(np.asarray(jax.tree.leaves(s_plain.params)[0]), np.asarray(jax.tree.leaves(s_aug.params)[0]))  # the crops differ
+    flat = ArrayDataset("flat", "classification", np.zeros((64, 4), np.float32), np.zeros(64, np.int32), np.zeros((2, 4), np.float32), np.zeros(2, np.int32), 2)
+    with pytest.raises(ValueError, match="needs image examples"):
+        CohortTrainer(cohorts[1], flat, schedule_steps=5)
