@@ -18,7 +18,8 @@ def _run(args) -> dict:
     from sm2jax.hyperband import run_hyperband
     from sm2jax.study import Study
 
-    spec = PRESETS[args.preset](quick=args.quick)
+    spec = _load_config(args.config, args.quick) if args.config else PRESETS[args.preset](quick=args.quick)
+    spec = apply_overrides(spec, args.set)
     overrides = {"energy_method": args.energy}
     if args.mode != "hyperband":
         overrides["mode"] = args.mode
@@ -33,7 +34,8 @@ def _run(args) -> dict:
     if args.data_dir:
         overrides["dataset_options"] = {**spec.dataset_options, "data_dir": os.path.abspath(args.data_dir)}
     spec = dataclasses.replace(spec, **overrides)
-    directory = args.dir or os.path.join("runs", f"{args.preset}-{args.mode}{'-quick' if args.quick else ''}")
+    name = os.path.basename(os.path.dirname(os.path.abspath(args.config))) if args.config else args.preset
+    directory = args.dir or os.path.join("runs", f"{name}-{args.mode}{'-quick' if args.quick else ''}")
     args.dir = directory  # named in the hint after Ctrl-C
     if args.mode == "hyperband":
         return run_hyperband(directory, spec, progress=not args.no_progress)
@@ -41,6 +43,50 @@ def _run(args) -> dict:
     if os.listdir(os.path.join(directory, "progress")):
         print(f"resuming the study in {directory}", file=sys.stderr)
     return study.run()
+
+
+def _load_config(path: str, quick: bool):
+    """``get_config()`` of an experiment's ``config.py`` (``get_config(quick=True)`` with --quick)."""
+    import importlib.util
+    import inspect
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file {path}: name an experiments/NAME/config.py")
+    spec_file = importlib.util.spec_from_file_location(f"sm2jax_config_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(spec_file)
+    spec_file.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config(): it should return a StudySpec")
+    takes_quick = "quick" in inspect.signature(module.get_config).parameters
+    if quick and not takes_quick:
+        raise ValueError(f"{path}: get_config() has no quick variant (add a `quick: bool = False` parameter)")
+    return module.get_config(quick=True) if quick else module.get_config()
+
+
+def apply_overrides(spec, assignments: list[str]):
+    """``spec`` with ``FIELD=VALUE`` assignments applied (VALUE parsed as JSON, else taken as a
+    string; ``dataset_options.KEY=VALUE`` sets one option), validated like any StudySpec."""
+    fields = {f.name for f in dataclasses.fields(spec)}
+    changes: dict = {}
+    for item in assignments or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set max_budget=3")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        top, _, sub = key.partition(".")
+        if top not in fields:
+            raise ValueError(f"--set {item!r}: unknown field {top!r}; fields: {', '.join(sorted(fields))}")
+        if sub:
+            current = changes.get(top, getattr(spec, top))
+            if not isinstance(current, dict):
+                raise ValueError(f"--set {item!r}: {top!r} is not a mapping")
+            changes[top] = {**current, sub: value}
+        else:
+            changes[top] = value
+    return dataclasses.replace(spec, **changes) if changes else spec
 
 
 def _resume(args) -> dict:
@@ -96,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a study (the offline digits SM2 study by default)")
     run.add_argument("--preset", choices=sorted(PRESETS), default="digits")
+    run.add_argument("--config", help="an experiment's config.py (its get_config()); instead of --preset")
+    run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a StudySpec field (JSON value), e.g. --set max_budget=3 --set dataset_options.num_samples=2000; repeatable")
     run.add_argument("--mode", choices=("sm2", "sh", "full", "hyperband"), default="sm2", help="SM2, or a baseline on identical work")
     run.add_argument("--dir", help="study directory (default runs/PRESET-MODE); an existing one resumes")
     run.add_argument("--quick", action="store_true", help="a tiny version of the preset")

@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import socket
+import sys
 import urllib.parse
 
 BUILDERS = {
@@ -85,5 +86,6 @@ def prepare(name: str, *, data_dir: str | os.PathLike | None = None, manual_dir:
             raise ArchiveMissing(f"{name} is not prepared and {why}: download {module.URL} and place {module.ARCHIVE} in {manual}, then run `{hint}`")
     import tensorflow_datasets as tfds
 
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints "Dataset ... prepared"; stdout is for results (--json)
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
     return os.fspath(b.data_dir)

@@ -42,31 +42,44 @@ def mnist1d(quick: bool = False) -> StudySpec:
 
 def cifar10_resnet18(quick: bool = False) -> StudySpec:
     """ResNet-18 (CIFAR stem) on CIFAR-10, SGD with momentum and cosine decay, random crops (4-pixel
-    padding) and horizontal flips inside the jitted step: 4 learning rates x 3 batch sizes. Exploration 0.1 epoch, rungs at 1, 3, 9, 27 epochs. Needs the TFDS download and a GPU
-    (hours on one H100-class device)."""
-    space = SearchSpace({
-        "model": {"name": "resnet18"}, "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine", "augment": "crop_flip",
-        "learning_rate": LogUniform(1e-2, 0.4, num=4), "batch_size": Categorical([128, 256, 512]),
-    })
-    return StudySpec(space=space.to_json(), dataset="cifar10", explore_budget=0.1, min_budget=1, max_budget=3 if quick else 27, eta=3)
+    padding) and horizontal flips inside the jitted step: 4 learning rates x 3 batch sizes.
+    Exploration 0.1 epoch, rungs at 1, 3, 9, 27 epochs. Needs `sm2jax prepare cifar10` and a GPU
+    (hours on one H100-class device). ``quick``: a width-8 ResNet-18, 2 learning rates at batch 64,
+    the first 2,048 training and 512 validation images, rungs at 1 and 3 epochs (minutes on a CPU)."""
+    common = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "schedule": "cosine", "augment": "crop_flip"}
+    if quick:
+        space = SearchSpace({**common, "model": {"name": "resnet18", "width": 8}, "learning_rate": LogUniform(0.05, 0.2, num=2), "batch_size": 64})
+        return StudySpec(space=space.to_json(), dataset="cifar10", max_train_examples=2048, max_val_examples=512, explore_budget=0.25, min_budget=1, max_budget=3, eta=3)
+    space = SearchSpace({**common, "model": {"name": "resnet18"}, "learning_rate": LogUniform(1e-2, 0.4, num=4), "batch_size": Categorical([128, 256, 512])})
+    return StudySpec(space=space.to_json(), dataset="cifar10", explore_budget=0.1, min_budget=1, max_budget=27, eta=3)
 
 
 def household_lstm(quick: bool = False) -> StudySpec:
     """An LSTM forecasting next-hour household power from 24 hours of history (UCI data set, our TFDS
-    builder): Adam, 5 learning rates x 3 batch sizes, rungs at 1, 3, 9 epochs."""
+    builder; `sm2jax prepare household_power`): Adam, 5 learning rates x 3 batch sizes, rungs at 1, 3,
+    9 epochs. ``quick``: hidden 16, 2 learning rates at batch 64, the first 4,096 windows, rungs at 1
+    and 3 epochs."""
+    if quick:
+        space = SearchSpace({"model": {"name": "lstm", "hidden": 16}, "learning_rate": LogUniform(1e-3, 1e-2, num=2), "batch_size": 64})
+        return StudySpec(space=space.to_json(), dataset="household_power", max_train_examples=4096, max_val_examples=1024, explore_budget=0.25, min_budget=1, max_budget=3, eta=3)
     space = SearchSpace({"model": {"name": "lstm", "hidden": 64}, "learning_rate": LogUniform(1e-4, 1e-1, num=5), "batch_size": Categorical([32, 128, 512])})
-    return StudySpec(space=space.to_json(), dataset="household_power", explore_budget=0.1, min_budget=1, max_budget=3 if quick else 9, eta=3)
+    return StudySpec(space=space.to_json(), dataset="household_power", explore_budget=0.1, min_budget=1, max_budget=9, eta=3)
 
 
 def wikitext2_transformer(quick: bool = False) -> StudySpec:
-    """A small decoder-only Transformer on byte-level WikiText-2 (our TFDS builder): AdamW with warm-up
-    and cosine decay, 4 learning rates x 2 batch sizes, rungs at 1, 3, 9 epochs."""
+    """A small decoder-only Transformer on byte-level WikiText-2 (our TFDS builder; `sm2jax prepare
+    wikitext2`): AdamW with warm-up and cosine decay, 4 learning rates x 2 batch sizes, rungs at 1, 3,
+    9 epochs. ``quick``: dim 32, depth 1, 2 learning rates at batch 32, context 64, the first 2,048
+    training chunks, rungs at 1 and 3 epochs."""
+    common = {"optimizer": "adamw", "weight_decay": 0.01, "warmup_fraction": 0.05, "schedule": "cosine", "max_grad_norm": 1.0}
+    if quick:
+        space = SearchSpace({**common, "model": {"name": "transformer", "dim": 32, "depth": 1, "heads": 2}, "learning_rate": LogUniform(3e-4, 3e-3, num=2), "batch_size": 32})
+        return StudySpec(space=space.to_json(), dataset="wikitext2", dataset_options={"context": 64}, max_train_examples=2048, max_val_examples=512, explore_budget=0.25, min_budget=1, max_budget=3, eta=3)
     space = SearchSpace({
-        "model": {"name": "transformer", "dim": 128, "depth": 4, "heads": 4}, "optimizer": "adamw", "weight_decay": 0.01,
-        "warmup_fraction": 0.05, "schedule": "cosine", "max_grad_norm": 1.0,
+        **common, "model": {"name": "transformer", "dim": 128, "depth": 4, "heads": 4},
         "learning_rate": LogUniform(1e-4, 3e-3, num=4), "batch_size": Categorical([32, 128]),
     })
-    return StudySpec(space=space.to_json(), dataset="wikitext2", dataset_options={"context": 128}, explore_budget=0.05, min_budget=1, max_budget=3 if quick else 9, eta=3)
+    return StudySpec(space=space.to_json(), dataset="wikitext2", dataset_options={"context": 128}, explore_budget=0.05, min_budget=1, max_budget=9, eta=3)
 
 
 PRESETS = {"digits": digits, "mnist1d": mnist1d, "cifar10": cifar10_resnet18, "household_power": household_lstm, "wikitext2": wikitext2_transformer}

@@ -14,5 +14,5 @@ machines (``nvml-counter`` on a Volta+ GPU).
 from sm2jax.presets import digits
 
 
-def get_config():
-    return digits()
+def get_config(quick: bool = False):
+    return digits(quick=quick)

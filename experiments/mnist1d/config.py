@@ -3,7 +3,8 @@
 Run::
 
     pip install -e '.[test]'            # mnist1d comes with the test extra
-    sm2jax run --preset mnist1d         # SM2
+    sm2jax run --preset mnist1d         # SM2 (= sm2jax run --config experiments/mnist1d/config.py)
+    sm2jax run --config experiments/mnist1d/config.py --quick --set dataset_options.num_samples=1000
     sm2jax run --preset mnist1d --mode sh --dir runs/mnist1d-sh && sm2jax compare runs/mnist1d-sm2 runs/mnist1d-sh
 
 Expected: about 40 s on a 2-core CPU with a cold compilation cache (6 cohorts; compilation ~22 s);
@@ -15,5 +16,5 @@ Energy is labelled ``estimated`` on CPU-only machines.
 from sm2jax.presets import mnist1d
 
 
-def get_config():
-    return mnist1d()
+def get_config(quick: bool = False):
+    return mnist1d(quick=quick)
