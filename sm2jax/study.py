@@ -95,7 +95,9 @@ class StudySpec:
       watts_per_core: the ``estimated`` method's per-core power.
       idle_seconds: idle-baseline measurement before the study (0 skips it: net energy unavailable).
       carbon_intensity: gCO2e per kWh.
-      probe_width: measure the fastest vmap width per cohort; else ``width`` (or all trials).
+      probe_width: measure the fastest vmap width per cohort when it pays (see :mod:`sm2jax.runner`).
+      width_start: ``auto`` (width 1 on a CPU backend, the widest that fits on accelerators),
+        ``narrowest`` or ``widest``; ``width`` caps the width.
       memory_limit_bytes: device memory cap for the hardware filter (default: the device's).
       window_seconds: target length of an energy window (NVML counters need >= ~1 s).
       steps_per_window: fixed steps per energy window (overrides ``window_seconds``).
@@ -131,6 +133,7 @@ class StudySpec:
     idle_seconds: float = 2.0
     carbon_intensity: float = 475.0
     probe_width: bool = True
+    width_start: str = "auto"
     width: int | None = None
     memory_limit_bytes: int | None = None
     window_seconds: float = 2.0
@@ -370,7 +373,7 @@ class Study:
         if not self.configs:
             raise ValueError("the search space produced no configuration")
         claim_directory(self.directory, spec.to_json())
-        self.policy = WidthPolicy(max_width=spec.width, memory_limit=spec.memory_limit_bytes or memory_limit_bytes(), probe=spec.probe_width)
+        self.policy = WidthPolicy(max_width=spec.width, memory_limit=spec.memory_limit_bytes or memory_limit_bytes(), probe=spec.probe_width, start=spec.width_start)
 
     # ------------------------------------------------------------------------------- progress io
 

@@ -19,7 +19,7 @@ def _runner(digits, tmp_path, trials, model=MODEL, **policy):
     trainer = CohortTrainer(cohort, digits, schedule_steps=200)
     ledger = EnergyLedger(tmp_path / f"ledger-{trials}-{policy.get('max_width')}.jsonl")
     metering = Metering(EnergyMonitor(make_meter("estimated")), ledger, attempt=1)
-    runner, notes = CohortRunner.create(cohort, trainer, metering, WidthPolicy(**{"probe": False, **policy}))
+    runner, notes = CohortRunner.create(cohort, trainer, metering, WidthPolicy(**{"probe": False, "start": "widest", **policy}))
     assert runner is not None and notes == []
     return runner, ledger
 
@@ -91,12 +91,27 @@ def test_the_probe_measures_only_widths_within_the_memory_limit(digits, tmp_path
     need = {w: compiled_memory_bytes(trainer.compile_train(chunk_rows(jax.tree.map(lambda a: a[:w], rows), w)[0])) for w in (1, 2, 4)}
     limit = (need[2] + need[4]) // 2
     metering = Metering(EnergyMonitor(make_meter("estimated")), EnergyLedger(tmp_path / "l.jsonl"), attempt=1)
-    runner, notes = CohortRunner.create(cohort, trainer, metering, WidthPolicy(memory_limit=limit, probe=True))
+    runner, notes = CohortRunner.create(cohort, trainer, metering, WidthPolicy(memory_limit=limit, probe=True, start="widest"))
     assert runner.width == 2 and "width 4 needs" in notes[0]
     runner.train_to(1, "explore", planned_trial_steps=1e9)
     probed = runner.choices[-1]["samples_per_second"]
     assert set(probed) == {"1", "2"} and all(need[int(w)] <= limit for w in probed)
     assert runner.width in (1, 2)
+
+
+def test_a_narrow_start_compiles_one_program_for_every_survivor_count(digits, tmp_path):
+    assert WidthPolicy().starts_narrow() == (jax.default_backend() == "cpu")  # auto: narrow on CPU backends
+    runner, _ = _runner(digits, tmp_path, 6, start="narrowest")
+    assert runner.width == 1 and len(runner.chunks) == 6 and "narrowest width" in runner.choices[0]["reason"]
+    runner.train_to(10, "rung-1", planned_trial_steps=60)
+    runner.select([4, 1])  # survivors: fewer chunks of the same program, no padding
+    runner.narrow_for_survivors(planned_trial_steps=1e9)
+    assert runner.width == 1 and len(runner.chunks) == 2 and len(runner.choices) == 1
+    # A long study probes the wider widths instead.
+    runner, _ = _runner(digits, tmp_path, 6, start="narrowest", probe=True)
+    assert runner.probe_pending
+    runner.train_to(4, "explore", planned_trial_steps=1e9)
+    assert set(runner.choices[-1]["samples_per_second"]) == {"1", "4", "6"}
 
 
 def test_a_swallowed_ctrl_c_stops_at_the_next_window(tmp_path):

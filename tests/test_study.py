@@ -88,7 +88,7 @@ def test_a_study_whose_every_config_diverges_ends_without_a_selection(tmp_path):
 def test_memory_cap_narrows_the_width_or_marks_infeasible(tmp_path, digits):
     # Activation-dominated (small convolution weights, large batch), so memory grows with the width.
     space = {"model": {"name": "cnn", "channels": [32, 64]}, "learning_rate": LogUniform(1e-3, 1e-2, num=4), "batch_size": 512}
-    spec = _spec(space, max_budget=1, min_budget=1, explore_budget=0.0)
+    spec = _spec(space, max_budget=1, min_budget=1, explore_budget=0.0, width_start="widest")  # the accelerator policy
     (cohort,) = group_into_cohorts(spec.configs())
     trainer = CohortTrainer(cohort, digits, schedule_steps=10)
     rows = trainer.init_rows()
@@ -116,7 +116,7 @@ def test_out_of_memory_during_training_narrows_the_width_and_retries(tmp_path, m
     monkeypatch.setattr(CohortTrainer, "train", train_on_a_small_device)
     space = {"learning_rate": LogUniform(1e-3, 3e-2, num=8), "batch_size": 64}
     with pytest.warns(RuntimeWarning, match="out of memory; retrying at vmap width") as caught:
-        results = Study(tmp_path / "s", _spec(space), progress=False).run()
+        results = Study(tmp_path / "s", _spec(space, width_start="widest"), progress=False).run()
     assert [str(w.message)[-7:] for w in caught] == ["width 4", "width 2"]
     assert results["selected"] is not None and results["infeasible"] == {}
     retries = [r for r in read_ledger(tmp_path / "s" / "ledger.jsonl") if r["phase"] == "oom-retry" and r["type"] == "window"]
