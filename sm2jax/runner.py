@@ -21,8 +21,9 @@ Width policy (:class:`WidthPolicy`), all choices recorded in :attr:`CohortRunner
    measured seconds per step of a W-wide chunk). Probing compiles the other candidates (1, the
    powers of four and the widest width; those that do not fit in memory are skipped), each
    costing about the measured compile time :math:`c_W` of the current program. It runs only if
-   :math:`T > \\text{payoff} \\cdot c_W \\cdot n` for ``n`` new programs (payoff 5 by default: a probe
-   that finds nothing costs at most a fifth of the training it steers); otherwise the start stays.
+   :math:`T > \\text{payoff} \\cdot c_W \\cdot n` for ``n`` new programs (payoff 5 from a wide start: a
+   probe that finds nothing costs at most a fifth of the training it steers; 10 from width 1 on a
+   CPU, where the best width gains at most ~20%); otherwise the start stays.
 3. **Narrow for survivors only when it pays.** With ``K' < W`` survivors the padded chunk still
    costs ``t_W`` per step (padding rows compute, then discard). Candidates are ``w = K'`` (no
    padding) and every narrower width the probe measured; the one with the largest net saving
@@ -189,16 +190,19 @@ class WidthPolicy:
       start: ``narrowest`` (width 1, probing wider widths), ``widest`` (the widest that fits,
         probing narrower ones) or ``auto``: narrowest on CPU backends, widest on accelerators.
       payoff: the probe runs only when predicted training time exceeds ``payoff`` times its
-        predicted compile time. Measured on a 2-core CPU, the best width trained 0-40% faster than
-        the widest (MLP 256x256 on MNIST-1D: 10%; MLP 1024x1024 at batch 16: width 1, ~30%), so a
-        probe costing at most a fifth of the training it steers pays where it matters; on
-        accelerators long studies clear the bar easily.
+        predicted compile time (``None``: 5 from a wide start, 10 from a narrow one). From the
+        widest width, the best width trained 0-40% faster on a 2-core CPU (MLP 256x256 on MNIST-1D:
+        10%; MLP 1024x1024 at batch 16: width 1, ~30%), so a probe costing at most a fifth of the
+        training it steers pays where it matters; on accelerators long studies clear the bar
+        easily. From width 1 on a CPU the best width gained at most ~20% (MLP 256x256, batch 32), so
+        a probe must cost at most a tenth to leave a gain (at 5 it cost MNIST-1D 50,000 full search
+        as much as it saved).
     """
 
     max_width: int | None = None
     memory_limit: int | None = None
     probe: bool = True
-    payoff: float = 5.0
+    payoff: float | None = None
     start: str = "auto"
 
     def __post_init__(self):
@@ -208,6 +212,9 @@ class WidthPolicy:
     def starts_narrow(self) -> bool:
         """``auto``: narrowest on a CPU backend, widest on accelerators (see the module docstring)."""
         return self.start == "narrowest" or (self.start == "auto" and jax.default_backend() == "cpu")
+
+    def probe_payoff(self) -> float:
+        return self.payoff if self.payoff is not None else 10.0 if self.starts_narrow() else 5.0
 
 
 @dataclasses.dataclass
@@ -422,8 +429,9 @@ class CohortRunner:
         candidates = [c for c in probe_candidates(max(w, widest)) if c != w and c <= widest]
         c_w = self.compile_seconds("train")
         cost = c_w * len(candidates) + self.compile_seconds("eval")
-        if predicted <= self.policy.payoff * cost:
-            self._choose(w, f"probe skipped: predicted training {predicted:.2f} s <= {self.policy.payoff:g} x predicted compile {cost:.2f} s", predicted_train_s=predicted, predicted_compile_s=cost)
+        payoff = self.policy.probe_payoff()
+        if predicted <= payoff * cost:
+            self._choose(w, f"probe skipped: predicted training {predicted:.2f} s <= {payoff:g} x predicted compile {cost:.2f} s", predicted_train_s=predicted, predicted_compile_s=cost)
             return
         rows = self.rows()
         window = self.metering.begin(f"compile:{self.spec.name}", after=self.chunks)
@@ -446,9 +454,12 @@ class CohortRunner:
         self.metering.record(self.metering.end(window), phase="compile", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="compile")
         # The probe trains (and discards) a few steps per width: its energy is its own line.
         window = self.metering.begin(f"probe:{self.spec.name}")
-        # Each timed call lasts ~0.2 s at the current width: long enough that dispatch and timer noise
-        # do not decide, short next to the training it steers.
-        probe = self.trainer.probe_width(by_width, steps=max(3, int(0.2 / t_w)), repeats=3)
+        # Each timed call lasts ~0.2 s, predicted from the current width's measured step as if cost
+        # grew with the width: long enough that dispatch and timer noise do not decide, short next to
+        # the training it steers. (A fixed step count made a 6-wide call 6x longer than a 1-wide one:
+        # 7 s of probing on MNIST-1D 50,000.)
+        steps = {c: max(3, int(0.2 / (t_w * c / w))) for c in by_width}
+        probe = self.trainer.probe_width(by_width, steps=steps, repeats=3)
         self.metering.record(self.metering.end(window), phase="probe", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="probe")
         for c, rate in probe.samples_per_second.items():  # seconds per step of a c-wide chunk
             self.step_seconds.setdefault(c, c * self.spec.signature.batch_size / rate)

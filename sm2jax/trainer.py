@@ -414,25 +414,27 @@ class CohortTrainer:
 
     # ------------------------------------------------------------------------------------ width
 
-    def probe_width(self, chunks_by_width: dict[int, CohortState], *, steps: int = 5, repeats: int = 3) -> WidthProbe:
+    def probe_width(self, chunks_by_width: dict[int, CohortState], *, steps: int | dict[int, int] = 5, repeats: int = 3) -> WidthProbe:
         """Measures samples/s of candidate widths on this hardware and keeps the fastest.
 
         ``chunks_by_width`` maps each candidate width to a chunk of that width made of real trials
         (no padding), whose programs are compiled and warmed first (compile time is not counted
-        here). The candidates are then timed round-robin, ``repeats`` rounds of one ``steps``-step
-        call each, blocking on the outputs, and each keeps its best round (round-robin spreads the
-        drift of a shared, noisy machine over all candidates). Results are discarded.
+        here). The candidates are then timed round-robin, ``repeats`` rounds of one call each
+        (``steps`` steps, or ``steps[width]``), blocking on the outputs, and each keeps its best
+        round (round-robin spreads the drift of a shared, noisy machine over all candidates).
+        Results are discarded.
         """
-        for chunk in chunks_by_width.values():
-            jax.block_until_ready(self.train(chunk, steps))  # compile and warm
+        n = {w: steps[w] if isinstance(steps, dict) else steps for w in chunks_by_width}
+        for w, chunk in chunks_by_width.items():
+            jax.block_until_ready(self.train(chunk, n[w]))  # compile and warm
         best = {w: np.inf for w in chunks_by_width}
         for _ in range(repeats):
             for w, chunk in chunks_by_width.items():
                 t0 = time.perf_counter()
-                jax.block_until_ready(self.train(chunk, steps))
+                jax.block_until_ready(self.train(chunk, n[w]))
                 best[w] = min(best[w], time.perf_counter() - t0)
-        rates = {w: w * steps * self.batch_size / t for w, t in best.items()}
-        return WidthProbe(rates, max(rates, key=rates.get), steps)
+        rates = {w: w * n[w] * self.batch_size / t for w, t in best.items()}
+        return WidthProbe(rates, max(rates, key=rates.get), min(n.values()))
 
 
 def _map_trials(fn, *trees):
