@@ -9,13 +9,14 @@ for a save to commit before it records the phase as done.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+from sm2jax._absl import quiet_absl
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +25,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be restored (missing, torn or corrupt)."""
 
 
-@contextlib.contextmanager
 def _quiet_orbax():
     """Orbax logs an ERROR (through absl) for every unreadable metadata file it meets, several per
     corrupt step; the study reports the fallback once, as a warning, so these are silenced here."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return quiet_absl(logging.CRITICAL)
 
 
 class StudyCheckpoints:

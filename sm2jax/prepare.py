@@ -18,6 +18,8 @@ import socket
 import sys
 import urllib.parse
 
+from sm2jax._absl import quiet_absl
+
 BUILDERS = {
     "cifar10": "sm2jax.datasets.cifar10_binary",
     "household_power": "sm2jax.datasets.household_power",
@@ -53,17 +55,10 @@ def builder(name: str, data_dir: str | os.PathLike | None = None):
         return getattr(module, CLASSES[name])(data_dir=default_data_dir(data_dir), file_format="array_record"), module
 
 
-@contextlib.contextmanager
 def _quiet_tfds():
     """Silences TFDS's "Variant folder ... has no dataset_info.json" (it looking for a prepared
     copy that is not there yet) so that a missing archive stays a one-line message."""
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        absl.setLevel(level)
+    return quiet_absl(logging.ERROR)
 
 
 def prepare(name: str, *, data_dir: str | os.PathLike | None = None, manual_dir: str | os.PathLike | None = None, download: bool = True, timeout: float = 5.0) -> str:
