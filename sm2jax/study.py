@@ -212,6 +212,11 @@ def claim_directory(directory: str | os.PathLike, spec_blob: dict[str, Any]) -> 
     if os.path.exists(path):
         with open(path) as f:
             held = json.load(f)
+    if held is not None and "hyperband" not in held:
+        try:  # a spec written by an earlier version lacks fields added since: their defaults apply
+            held = json.loads(json.dumps(StudySpec(**held).to_json(), default=_json_default))
+        except (TypeError, ValueError):
+            pass  # unknown fields or values: compared as they are (and refused below if it has run)
     if held == wanted:
         return
     if held is not None and has_run(directory):

@@ -264,3 +264,20 @@ def test_a_study_metered_by_a_100ms_counter_decides_with_energy(tmp_path):
     assert decisions and all(d["energy_last_j"] is not None and d["energy_last_j"] > 0 for d in decisions)
     assert not any("unavailable" in (d.get("note") or "") + d["reason"] for d in decisions)
     assert all(d["joules_per_sample"] > 0 for d in decisions if d["phase"].startswith("rung"))
+
+
+def test_a_study_written_by_an_earlier_version_resumes(tmp_path):
+    """spec.json written before fields were added (here: width_start, imports, dataset_fingerprint)
+    is the same study: the new fields take their defaults, nothing is refused or rewritten."""
+    space = {"learning_rate": LogUniform(3e-3, 3e-2, num=2), "batch_size": 64}
+    first = Study(tmp_path / "s", _spec(space), progress=False).run()
+    path = tmp_path / "s" / "spec.json"
+    blob = json.loads(path.read_text())
+    for field in ("width_start", "imports", "dataset_fingerprint"):
+        del blob[field]
+    path.write_text(json.dumps(blob))
+    again = Study(tmp_path / "s", progress=False).run()
+    assert again["selected"]["trial_id"] == first["selected"]["trial_id"]
+    assert json.loads(path.read_text()) == blob  # the study's own file is left as it was
+    with pytest.raises(ValueError, match=r"differs in: max_budget"):  # a real difference is still refused
+        Study(tmp_path / "s", _spec(space, max_budget=9), progress=False)
