@@ -124,6 +124,8 @@ def _write_report_files(results: dict, args) -> int:
     from sm2jax.figures import write_plots, write_tables
 
     out = args.out or os.path.join(args.dir, "report")
+    if "trials" not in results:
+        print(f"sm2jax: {args.dir}/results.json predates per-configuration tables: `sm2jax resume {args.dir}` rewrites it (nothing retrains)", file=sys.stderr)
     try:
         written = write_tables(results, out)
     except OSError as err:
