@@ -52,6 +52,11 @@ def test_report_writes_tables_that_match_the_study(finished, capsys):
         assert float(row["kwh"]) == pytest.approx(results["energy_by_phase"][phase]["joules"] / 3.6e6)
         assert float(row["gco2e"]) == pytest.approx(float(row["kwh"]) * 475.0)
     assert "wrote trials.csv" in capsys.readouterr().err
+    import pandas as pd
+
+    frame = pd.read_csv(out / "trials.csv")
+    assert len(frame) == results["num_configs"] and (frame["status"] == "selected").sum() == 1
+    assert frame["energy_joules"].notna().all() and pd.read_csv(out / "energy.csv")["kwh"].gt(0).all()
 
 
 def test_report_figures_are_valid_pngs_that_show_every_configuration(finished):
