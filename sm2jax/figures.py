@@ -28,7 +28,6 @@ import os
 from typing import Any
 
 PLOT_HINT = "plots need matplotlib: pip install 'sm2jax[plot]' (the CSV tables were written)"
-JOULES_PER_KWH = 3.6e6
 
 
 def _cell(value: Any) -> Any:
@@ -58,14 +57,9 @@ def trial_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def energy_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    intensity = results.get("carbon_intensity")
-    rows = []
-    for phase, g in results.get("energy_by_phase", {}).items():
-        j = g["joules"]
-        kwh = None if j is None else j / JOULES_PER_KWH
-        rows.append({"phase": phase, "joules": j, "net_joules": g["net_joules"], "seconds": g["seconds"], "methods": ",".join(g["methods"]),
-                     "kwh": kwh, "gco2e": None if kwh is None or intensity is None else kwh * intensity, "windows": g["windows"]})
-    return rows
+    """``results['energy_by_phase']`` as rows (kWh and gCO2e as the ledger converted them)."""
+    return [{"phase": phase, **{k: v for k, v in g.items() if k != "methods"}, "methods": ",".join(g["methods"])}
+            for phase, g in results.get("energy_by_phase", {}).items()]
 
 
 def write_tables(results: dict[str, Any], directory: str | os.PathLike) -> list[str]:

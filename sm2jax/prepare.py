@@ -20,12 +20,11 @@ import urllib.parse
 
 from sm2jax._absl import quiet_absl
 
-BUILDERS = {
-    "cifar10": "sm2jax.datasets.cifar10_binary",
-    "household_power": "sm2jax.datasets.household_power",
-    "wikitext2": "sm2jax.datasets.wikitext2",
+BUILDERS = {  # data set -> (module, builder class)
+    "cifar10": ("sm2jax.datasets.cifar10_binary", "Cifar10Binary"),
+    "household_power": ("sm2jax.datasets.household_power", "HouseholdPower"),
+    "wikitext2": ("sm2jax.datasets.wikitext2", "Wikitext2"),
 }
-CLASSES = {"cifar10": "Cifar10Binary", "household_power": "HouseholdPower", "wikitext2": "Wikitext2"}
 
 
 class ArchiveMissing(FileNotFoundError):
@@ -50,9 +49,10 @@ def builder(name: str, data_dir: str | os.PathLike | None = None):
     """The TFDS builder behind data set ``name`` (one of :data:`BUILDERS`)."""
     if name not in BUILDERS:
         raise ValueError(f"unknown data set to prepare {name!r}; known: {', '.join(BUILDERS)} (digits and mnist1d need no preparation)")
-    module = importlib.import_module(BUILDERS[name])
+    module_name, class_name = BUILDERS[name]
+    module = importlib.import_module(module_name)
     with _quiet_tfds():
-        return getattr(module, CLASSES[name])(data_dir=default_data_dir(data_dir), file_format="array_record"), module
+        return getattr(module, class_name)(data_dir=default_data_dir(data_dir), file_format="array_record"), module
 
 
 def _quiet_tfds():

@@ -38,7 +38,7 @@ from sm2jax.checkpoint import CheckpointError, StudyCheckpoints
 from sm2jax.cohort import CohortSpec, group_into_cohorts
 from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, device_put_dataset, load_dataset, registered_dataset
-from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, add_known, hardware_profile, make_meter, measure_idle, summarize
+from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, add_known, hardware_profile, make_meter, measure_idle, summarize, trial_totals
 from sm2jax.runner import CohortRunner, Metering, WidthPolicy
 from sm2jax.scheduler import KEEP_RULES, Candidate, exploration_filter, finalist_front, halve, resolve_objective, rung_budgets, steps_for
 from sm2jax.space import Config, SearchSpace
@@ -719,15 +719,7 @@ class Study:
         trained in and why it stopped there), its last score, and the energy attributed to it by
         the ledger (finished attempts only; ``None`` when any share was unavailable)."""
         cohort_of = {c.trial_id: cohort.name for cohort in group_into_cohorts(list(self.configs.values())) for c in cohort.configs}
-        joules: dict[int, float | None] = {}
-        kwh: dict[int, float | None] = {}
-        gco2e: dict[int, float | None] = {}
-        for r in records:
-            if r["type"] == "trial":
-                t = r["trial_id"]
-                joules[t] = add_known(joules.get(t, 0.0), r["joules"])
-                kwh[t] = add_known(kwh.get(t, 0.0), r.get("kwh"))
-                gco2e[t] = add_known(gco2e.get(t, 0.0), r.get("gco2e"))
+        joules, kwh, gco2e = (trial_totals(records, field=f) for f in ("joules", "kwh", "gco2e"))
         last: dict[int, dict[str, Any]] = {}
         for d in progress.decisions:
             last[d["trial_id"]] = d
@@ -774,7 +766,7 @@ class Study:
         out: dict[str, Any] = {
             "study": self.directory, "mode": self.spec.mode, "objective": self.spec.objective,
             "energy_method": self.meter.method, "energy_note": self.hardware.get("energy_note", ""),
-            "intensity_label": self.ledger.intensity_label, "carbon_intensity": self.spec.carbon_intensity, "idle": self.hardware["idle"],
+            "intensity_label": self.ledger.intensity_label, "idle": self.hardware["idle"],
             "energy_by_phase": by_phase, "interrupted_energy_by_phase": summarize(lost),
             "wall_seconds_this_attempt": wall_seconds, "attempts": max((r.get("attempt", 0) for r in everything), default=0),
             "decisions": progress.decisions, "finalists": progress.finalists, "infeasible": progress.infeasible, "hardware": progress.hardware,

@@ -153,31 +153,33 @@ def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def summarize(records: Sequence[dict[str, Any]], key: str = "phase") -> dict[str, dict[str, Any]]:
-    """Totals of ``window`` records grouped by ``key``; a group with any unavailable window reports
-    ``None`` joules (an incomplete sum is not a measurement). Methods are listed, never merged."""
+    """Totals of ``window`` records grouped by ``key`` (joules, net joules, kWh, gCO2e, seconds); a
+    group with any unavailable window reports ``None`` for it (an incomplete sum is not a
+    measurement). Methods are listed, never merged."""
     groups: dict[str, dict[str, Any]] = {}
     for r in records:
         if r["type"] != "window":
             continue
-        g = groups.setdefault(str(r[key]), {"joules": 0.0, "net_joules": 0.0, "seconds": 0.0, "methods": set(), "windows": 0})
+        g = groups.setdefault(str(r[key]), {"joules": 0.0, "net_joules": 0.0, "kwh": 0.0, "gco2e": 0.0, "seconds": 0.0, "methods": set(), "windows": 0})
         if "host_method" in r:  # the accelerator is unmetered: the host's figure, on its own line
             g["host_method"] = r["host_method"]
             g["host_joules"] = add_known(g.get("host_joules", 0.0), r["host_joules"])
         g["windows"] += 1
         g["seconds"] += r["seconds"]
         g["methods"].add(r["method"])
-        for field in ("joules", "net_joules"):
-            g[field] = add_known(g[field], r[field])
+        for field in ("joules", "net_joules", "kwh", "gco2e"):
+            g[field] = add_known(g[field], r.get(field))
     for g in groups.values():
         g["methods"] = sorted(g["methods"])
     return groups
 
 
-def trial_totals(records: Sequence[dict[str, Any]], phases: Sequence[str] | None = None) -> dict[int, float | None]:
-    """Gross joules per trial over the given phases (all if ``None``); ``None`` if any was unavailable."""
+def trial_totals(records: Sequence[dict[str, Any]], phases: Sequence[str] | None = None, field: str = "joules") -> dict[int, float | None]:
+    """Per trial, the sum of ``field`` (gross ``joules``, ``kwh`` or ``gco2e``) over the given phases
+    (all if ``None``); ``None`` if any was unavailable."""
     totals: dict[int, float | None] = {}
     for r in records:
         if r["type"] != "trial" or (phases is not None and r["phase"] not in phases):
             continue
-        totals[r["trial_id"]] = add_known(totals.get(r["trial_id"], 0.0), r["joules"])
+        totals[r["trial_id"]] = add_known(totals.get(r["trial_id"], 0.0), r.get(field))
     return totals
