@@ -30,6 +30,34 @@ def add_known(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a + b
 
 
+def attribute_by_device(per_device: dict[str, float] | None, total: float | None, work: Sequence[float], trial_keys: Sequence[tuple[str, ...]]) -> tuple[list[float | None], float | None]:
+    """Splits a window's energy per device: each device's joules go to the trials whose rows ran on
+    it, in proportion to their work (:func:`attribute`), so a trial is charged by its own device.
+
+    ``trial_keys[k]`` names the ``per_device`` entries trial ``k`` draws on (``("*",)``: all of
+    them, a host-level meter). Trials drawing on the same keys form a group; a metered device that
+    no trial worked on is unattributed. When the groups overlap (some trial draws on part of another
+    group's devices) or no per-device figure exists, the total is split over all trials instead.
+    """
+    if total is None or per_device is None:
+        return attribute(total, work)
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, keys in enumerate(trial_keys):
+        keys = tuple(sorted(per_device)) if keys == ("*",) else tuple(sorted(keys))
+        groups.setdefault(keys, []).append(i)
+    used = [k for keys in groups for k in keys]
+    if len(used) != len(set(used)) or not set(used) <= set(per_device) or any(not keys for keys in groups):
+        return attribute(total, work)
+    shares: list[float | None] = [0.0] * len(work)
+    unattributed = sum(v for k, v in per_device.items() if k not in used)
+    for keys, members in groups.items():
+        part, left = attribute(sum(per_device[k] for k in keys), [work[i] for i in members])
+        for i, share in zip(members, part):
+            shares[i] = share
+        unattributed += left or 0.0
+    return shares, unattributed
+
+
 def attribute(total: float | None, work: Sequence[float]) -> tuple[list[float | None], float | None]:
     """Splits ``total`` in proportion to ``work``; returns ``(shares, unattributed)``.
 
@@ -60,17 +88,21 @@ class EnergyLedger:
       idle: the idle baseline; net energy is gross minus idle power x window seconds, split like
         the gross energy. ``None`` if the baseline is unknown.
       intensity_g_per_kwh: grid carbon intensity; its label is stored with every record.
+      write: append to the file (false on the processes of a multi-process study other than 0:
+        their records are computed, identically, but not written).
     """
 
-    def __init__(self, path: str | os.PathLike, idle: IdleBaseline | None = None, intensity_g_per_kwh: float = DEFAULT_INTENSITY_G_PER_KWH, intensity_label: str | None = None):
+    def __init__(self, path: str | os.PathLike, idle: IdleBaseline | None = None, intensity_g_per_kwh: float = DEFAULT_INTENSITY_G_PER_KWH, intensity_label: str | None = None, write: bool = True):
         self.path = os.fspath(path)
         self.idle = idle
         self.intensity = intensity_g_per_kwh
         if intensity_label is None:
             intensity_label = DEFAULT_INTENSITY_LABEL if intensity_g_per_kwh == DEFAULT_INTENSITY_G_PER_KWH else "user-supplied"
         self.intensity_label = intensity_label
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        self.repaired = repair_torn_tail(self.path)
+        self.write = write
+        if write:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self.repaired = repair_torn_tail(self.path) if write else 0
 
     def _carbon(self, joules: float | None) -> tuple[float | None, float | None]:
         if joules is None:
@@ -78,14 +110,20 @@ class EnergyLedger:
         kwh = joules / J_PER_KWH
         return kwh, kwh * self.intensity
 
-    def record(self, reading: WindowReading, *, phase: str, cohort: str, trial_ids: Sequence[int], work: Sequence[float], steps: Sequence[int], samples: Sequence[int], devices: Sequence[str] | None = None, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Attributes one window to its trials and appends the records."""
+    def record(self, reading: WindowReading, *, phase: str, cohort: str, trial_ids: Sequence[int], work: Sequence[float], steps: Sequence[int], samples: Sequence[int], devices: Sequence[str] | None = None, trial_keys: Sequence[tuple[str, ...]] | None = None, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Attributes one window to its trials and appends the records. With ``trial_keys`` (the
+        meter keys each trial's device draws on) each device's energy goes to its own trials
+        (:func:`attribute_by_device`); net energy (gross minus idle) is split like the gross."""
         if not len(trial_ids) == len(work) == len(steps) == len(samples):
             raise ValueError("trial_ids, work, steps and samples must have one entry per trial")
         idle_w = self.idle.watts if self.idle is not None else None
         net_total = None if reading.joules is None or idle_w is None else reading.joules - idle_w * reading.seconds
-        gross, unattributed = attribute(reading.joules, work)
-        net, _ = attribute(net_total, work)
+        if trial_keys is not None:
+            gross, unattributed = attribute_by_device(reading.per_device, reading.joules, work, trial_keys)
+        else:
+            gross, unattributed = attribute(reading.joules, work)
+        # Net follows gross: each trial's net share is its gross share minus its part of idle.
+        net = attribute(net_total, work)[0] if trial_keys is None or net_total is None or reading.joules in (None, 0) else [None if g is None else g * net_total / reading.joules for g in gross]
         devices = list(devices) if devices is not None else sorted(reading.per_device or [])
         base = {"phase": phase, "cohort": cohort, "method": reading.method, "valid": reading.valid, "devices": devices, "intensity_label": self.intensity_label, "time": time.time(), **(extra or {})}
         kwh, g = self._carbon(reading.joules)
@@ -95,12 +133,15 @@ class EnergyLedger:
             "unattributed_joules": unattributed, "kwh": kwh, "gco2e": g, "note": reading.note,
             "idle_watts": idle_w, **({"host_joules": reading.host_joules, "host_method": reading.host_method} if reading.host_method else {}),
         }]
-        for tid, j, nj, st, sa in zip(trial_ids, gross, net, steps, samples):
+        for i, (tid, j, nj, st, sa) in enumerate(zip(trial_ids, gross, net, steps, samples)):
             kwh, g = self._carbon(j)
             records.append({
                 "type": "trial", **base, "window": reading.name, "trial_id": int(tid), "seconds": reading.seconds,
                 "joules": j, "net_joules": nj, "steps": int(st), "samples": int(sa), "kwh": kwh, "gco2e": g,
+                **({"device_keys": list(trial_keys[i])} if trial_keys is not None else {}),
             })
+        if not self.write:  # another process writes this study's ledger
+            return records
         with open(self.path, "a") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")

@@ -63,6 +63,14 @@ class Meter:
     def describe(self) -> str:
         return self.method + (f" ({self.reason})" if self.reason else "")
 
+    def device_keys(self, device: Any) -> tuple[str, ...]:
+        """The keys of :attr:`Sample.joules` whose energy a JAX ``device`` draws on: its own GPU for
+        a per-device meter (found through :attr:`devices`), every key for a host meter (all the
+        host's devices share it); empty when the device is not metered."""
+        if self.devices:
+            return tuple(e["nvml"] for e in self.devices if e.get("jax") == str(device))
+        return ("*",)  # the whole sample
+
 
 class UnavailableMeter(Meter):
     """Nothing can be measured; every window reports ``None`` joules, labelled ``unavailable``.
