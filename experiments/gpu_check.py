@@ -62,11 +62,12 @@ def throughput(model: dict, ds: ArrayDataset, *, trials: int, batch_size: int, s
     trainer = CohortTrainer(cohort, ds, schedule_steps=10_000)
     wide = trainer.init(trials)
     ones = trainer.init(1)
-    jax.block_until_ready([trainer.train(c, 2)[0] for c in wide + ones])  # compile both, warm up
+    wide = jax.block_until_ready([trainer.train(c, 2)[0] for c in wide])  # compile both, warm up
+    ones = jax.block_until_ready([trainer.train(c, 2)[0] for c in ones])
 
-    def timed(chunks, steps):
+    def timed(chunks, steps):  # a training call donates its chunk: the list keeps the results
         t0 = time.perf_counter()
-        jax.block_until_ready([trainer.train(c, steps)[0] for c in chunks])
+        chunks[:] = jax.block_until_ready([trainer.train(c, steps)[0] for c in chunks])
         return time.perf_counter() - t0
 
     probe = timed(wide, 2) / 2

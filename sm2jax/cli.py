@@ -39,8 +39,8 @@ def _run(args) -> dict:
     args.dir = directory  # named in the hint after Ctrl-C
     if args.mode == "hyperband":
         return run_hyperband(directory, spec, progress=not args.no_progress)
-    study = Study(directory, spec, progress=not args.no_progress)  # validates before anything is said
-    if os.listdir(os.path.join(directory, "progress")):
+    study = Study(directory, spec, progress=not args.no_progress, devices=args.devices)  # validates before anything is said
+    if os.listdir(os.path.join(directory, "progress")) and study.progress_bar:
         print(f"resuming the study in {directory}", file=sys.stderr)
     return study.run()
 
@@ -100,7 +100,7 @@ def _resume(args) -> dict:
             blob = json.load(f)
     if blob is not None and "hyperband" in blob:
         return run_hyperband(args.dir, StudySpec(**blob["hyperband"]), progress=not args.no_progress)
-    return Study(args.dir, progress=not args.no_progress).run()  # one-line errors for a missing or unknown spec
+    return Study(args.dir, progress=not args.no_progress, devices=args.devices).run()  # one-line errors for a missing or unknown spec
 
 
 def _compare(args) -> int:
@@ -161,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     for p in (run, resume):
         p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help="import MODULE first (it registers your models, data sets or tasks); repeatable; recorded in the study")
         p.add_argument("--compile-cache", metavar="DIR|off", help="persistent XLA compilation cache (default: $SM2JAX_COMPILE_CACHE, else ~/.cache/sm2jax/xla)")
+        p.add_argument("--devices", type=int, metavar="N", help="train on the first N devices (default: all; a study checkpointed on N devices resumes on any number)")
+        p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process study: process 0's address (with --num-processes and --process-id, on every host)")
+        p.add_argument("--num-processes", type=int, metavar="N")
+        p.add_argument("--process-id", type=int, metavar="I")
+        p.add_argument("--distributed", action="store_true", help="multi-process study on a cluster that jax.distributed.initialize() detects (TPU, SLURM)")
     resume.add_argument("--no-progress", action="store_true")
     resume.add_argument("--json", action="store_true")
     report = sub.add_parser("report", help="print a finished study's report")
@@ -193,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     # the study stops at its next window instead (request_interrupt), so the traceback is noise.
     sys.unraisablehook = lambda u: None if isinstance(u.exc_value, KeyboardInterrupt) else default_hook(u)
     try:
+        if getattr(args, "distributed", False) or getattr(args, "coordinator", None) is not None or getattr(args, "num_processes", None) is not None or getattr(args, "process_id", None) is not None:
+            from sm2jax.distributed import initialize
+
+            initialize(args.coordinator, args.num_processes, args.process_id)
         if getattr(args, "imports", None):
             from sm2jax.study import import_modules
 

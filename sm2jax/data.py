@@ -428,8 +428,9 @@ def eval_blocks(x: np.ndarray, y: np.ndarray, batch: int, chunks: int) -> list[t
 EVAL_BATCH_SIZE = 512
 
 
-def device_put_dataset(ds: ArrayDataset, eval_batch_size: int = EVAL_BATCH_SIZE) -> dict[str, Any]:
-    """The arrays a cohort reads, on the default device (transfers, not compiled ops).
+def device_put_dataset(ds: ArrayDataset, eval_batch_size: int = EVAL_BATCH_SIZE, placement: Any = None) -> dict[str, Any]:
+    """The arrays a cohort reads, on the default device, or replicated on every device of a
+    :class:`~sm2jax.placement.Placement` (transfers, not compiled ops).
 
     ``x_train``/``y_train`` as they are; ``val`` and ``test`` (``None`` without a test split) as lists
     of :func:`eval_blocks` of the validation split's block shape, so one evaluation program serves
@@ -437,9 +438,10 @@ def device_put_dataset(ds: ArrayDataset, eval_batch_size: int = EVAL_BATCH_SIZE)
     """
     batch = min(eval_batch_size, len(ds.x_val))
     chunks = -(-len(ds.x_val) // batch)
-    put = lambda blocks: [tuple(jax.device_put(a) for a in b) for b in blocks]  # noqa: E731
+    one = jax.device_put if placement is None else placement.put_replicated
+    put = lambda blocks: [tuple(one(a) for a in b) for b in blocks]  # noqa: E731
     return {
-        "x_train": jax.device_put(np.asarray(ds.x_train)), "y_train": jax.device_put(np.asarray(ds.y_train)),
+        "x_train": one(np.asarray(ds.x_train)), "y_train": one(np.asarray(ds.y_train)),
         "val": put(eval_blocks(ds.x_val, ds.y_val, batch, chunks)),
         "test": put(eval_blocks(ds.x_test, ds.y_test, batch, chunks)) if ds.has_test else None,
         "counts": {"val": len(ds.x_val), "test": len(ds.x_test) if ds.has_test else 0},

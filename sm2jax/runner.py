@@ -109,14 +109,17 @@ class Metering:
     def end(self, window, outputs: Any = None):
         return self.monitor.end(window, outputs)
 
-    def record(self, reading, *, phase: str, cohort: str, trial_ids: list[int], work, steps=None, batch_size: int = 0, kind: str = "train") -> None:
+    def record(self, reading, *, phase: str, cohort: str, trial_ids: list[int], work, steps=None, batch_size: int = 0, kind: str = "train", devices: list[Any] | None = None) -> None:
         """Queues one window's reading for its trials (``work`` >= 0 each; ``kind``: ``train``,
-        ``eval``, ``test``, ``compile``, ``probe`` or ``oom-retry``) and writes the queue once it spans
-        the meter's resolution."""
+        ``eval``, ``test``, ``compile``, ``probe`` or ``oom-retry``; ``devices``: the JAX device each
+        trial's row ran on, so that each device's energy goes to its own trials) and writes the queue
+        once it spans the meter's resolution."""
         steps = np.zeros(len(trial_ids), np.int64) if steps is None else np.asarray(steps, np.int64)
+        keys = None if devices is None else [self.monitor.meter.device_keys(d) for d in devices]
         self._pending.append({
             "reading": reading, "phase": phase, "cohort": cohort, "trial_ids": [int(t) for t in trial_ids],
             "work": [float(w) for w in work], "steps": steps.tolist(), "samples": (steps * batch_size).tolist(), "kind": kind,
+            "trial_keys": keys,
         })
         if self._span() >= self.resolution_s:
             self._write()
@@ -161,7 +164,7 @@ class Metering:
             )
             self._seq += 1
             recs = self.ledger.record(
-                part, phase=e["phase"], cohort=e["cohort"], trial_ids=e["trial_ids"], work=e["work"], steps=e["steps"], samples=e["samples"],
+                part, phase=e["phase"], cohort=e["cohort"], trial_ids=e["trial_ids"], work=e["work"], steps=e["steps"], samples=e["samples"], trial_keys=e["trial_keys"],
                 extra={"attempt": self.attempt, "kind": e["kind"], "window_id": f"{self.attempt}-{self._seq}", "merged_windows": len(entries),
                        "resolution_s": self.resolution_s, "uncertainty": merged.uncertainty},
             )
@@ -189,6 +192,8 @@ class WidthPolicy:
       max_width: cap on the width (``None``: all trials).
       memory_limit: bytes a program may need (``None``: no check).
       probe: allow measuring narrower widths.
+      narrow: allow a narrower program for fewer survivors (off in a multi-process study, whose
+        processes must take the same decision and do not share a clock).
       start: ``narrowest`` (width 1, probing wider widths), ``widest`` (the widest that fits,
         probing narrower ones) or ``auto``: narrowest on CPU backends, widest on accelerators.
       payoff: the probe runs only when predicted training time exceeds ``payoff`` times its
@@ -204,6 +209,7 @@ class WidthPolicy:
     max_width: int | None = None
     memory_limit: int | None = None
     probe: bool = True
+    narrow: bool = True
     payoff: float | None = None
     start: str = "auto"
 
@@ -256,13 +262,15 @@ class CohortRunner:
         self.spec = spec
         self.trainer = trainer
         self.trial_ids = [int(t) for t in np.asarray(rows.trial_id)]
-        self.width = int(width)
-        self.chunks = chunk_rows(rows, self.width)
+        self.placement = trainer.placement
+        self.width = self.placement.round_width(int(width))
+        self.chunks = chunk_rows(rows, self.width, self.placement)
         self.metering = metering
         self.policy = policy
         self.step_seconds: dict[int, float] = dict(rate_seconds or {})
         self.probe_pending = probe_pending
         self.choices: list[dict[str, Any]] = list(choices or [])
+        self._proven: set[int] = set()  # widths that trained a window without running out of memory
 
     # ---------------------------------------------------------------------------------- creation
 
@@ -278,10 +286,12 @@ class CohortRunner:
         rows = trainer.init_rows()
         notes: list[str] = []
         width = None
-        widest = min(policy.max_width or k, k)
+        placement = trainer.placement
+        widest = placement.round_width(min(policy.max_width or k, k))
         narrow = policy.starts_narrow()
-        for w in [1] if narrow else sorted({widest // 2**i for i in range(k.bit_length())} - {0}, reverse=True):
-            probe_chunk = chunk_rows(jax.tree.map(lambda a: a[:w], rows), w)[0]
+        # One row per device at the narrowest; every width is a multiple of the device count.
+        for w in [placement.size] if narrow else sorted({placement.round_width(widest // 2**i) for i in range(widest.bit_length())}, reverse=True):
+            probe_chunk = chunk_rows(jax.tree.map(lambda a: a[:w], rows), w, placement)[0]
             try:
                 need = compiled_memory_bytes(trainer.compile_train(probe_chunk))
             except Exception as err:  # noqa: BLE001
@@ -295,7 +305,7 @@ class CohortRunner:
         if width is None:
             metering.record(metering.end(window), phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k), kind="compile")
             return None, notes
-        runner = cls(spec, trainer, rows, width, metering, policy, probe_pending=policy.probe and (widest > 1 if narrow else width > 1))
+        runner = cls(spec, trainer, rows, width, metering, policy, probe_pending=policy.probe and (widest > placement.size if narrow else width > placement.size))
         trainer.compile_eval(runner.chunks[0])
         reading = metering.end(window, runner.chunks)
         metering.record(reading, phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k), kind="compile")
@@ -314,26 +324,31 @@ class CohortRunner:
 
     def field(self, name: str) -> np.ndarray:
         """A per-trial field (``step``, ``active``, ``diverged_at``) of the live rows, on the host."""
-        return row_view(self.chunks, name, self.k)
+        return row_view(self.chunks, name, self.k, self.placement)
+
+    def trial_devices(self) -> list[Any]:
+        """The device each live trial's row is on (rows are chunked in trial order)."""
+        return self.placement.trial_devices(self.k, self.width)
 
     def rows(self) -> CohortState:
         """The live rows gathered on the host (for checkpoints)."""
-        return gather_rows(self.chunks, self.trial_ids)
+        return gather_rows(self.chunks, self.trial_ids, self.placement)
 
     def select(self, trial_ids: list[int]) -> None:
         """Keeps the rows of ``trial_ids`` (survivors), gathered on the host and re-chunked at the
         same width: the programs stay, the chunk count and padding change."""
         if not trial_ids:
             raise ValueError("select needs at least one trial")
-        rows = gather_rows(self.chunks, trial_ids)
+        rows = gather_rows(self.chunks, trial_ids, self.placement)
         self.trial_ids = [int(t) for t in trial_ids]
-        self.chunks = chunk_rows(rows, self.width)
+        self.chunks = chunk_rows(rows, self.width, self.placement)
 
-    def _set_width(self, width: int) -> None:
-        if width != self.width:
-            rows = self.rows()
+    def _set_width(self, width: int, rows: CohortState | None = None) -> None:
+        width = self.placement.round_width(width)
+        if width != self.width or rows is not None:
+            rows = self.rows() if rows is None else rows
             self.width = int(width)
-            self.chunks = chunk_rows(rows, self.width)
+            self.chunks = chunk_rows(rows, self.width, self.placement)
 
     def _choose(self, width: int, reason: str, **details: Any) -> None:
         self.choices.append({"width": int(width), "reason": reason, **details})
@@ -395,24 +410,29 @@ class CohortRunner:
             self.compile()
             chunk = min(remaining, self.steps_per_window(window_seconds, steps_per_window, self.probe_pending))
             before = self.field("step")
+            # Training donates the chunks. Until a width has trained once without running out of
+            # memory, its rows are kept on the host for the retry (a width that trained once needs
+            # no more memory later: its programs' sizes are fixed).
+            kept = None if self.width in self._proven or self.width <= self.placement.size else self.rows()
             window = self.metering.begin(phase, after=self.chunks)
             try:
                 outs = [self.trainer.train(c, chunk) for c in self.chunks]
                 reading = self.metering.end(window, outs)
             except Exception as err:  # noqa: BLE001
-                if not is_oom(err) or self.width <= 1:
+                if not is_oom(err) or kept is None:
                     raise
                 # The failed attempt still used energy: keep it, on its own line.
                 self.metering.record(self.metering.end(window), phase="oom-retry", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="oom-retry")
-                self._set_width(max(1, self.width // 2))
+                self._set_width(max(self.placement.size, self.width // 2), rows=kept)
                 self._choose(self.width, "out of memory at run time: halved")
                 warnings.warn(f"{self.spec.name}: out of memory; retrying at vmap width {self.width}", RuntimeWarning, stacklevel=2)
                 continue
             self.chunks = [state for state, _ in outs]
+            self._proven.add(self.width)
             self.step_seconds[self.width] = reading.seconds / (chunk * len(self.chunks))
             steps = self.field("step") - before  # 0 for frozen (diverged) trials
             work = steps * (self.trainer.flops_per_trial_step(self.chunks[0]) or 1.0)
-            self.metering.record(reading, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, work=work, steps=steps, batch_size=self.spec.signature.batch_size, kind="train")
+            self.metering.record(reading, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, work=work, steps=steps, batch_size=self.spec.signature.batch_size, kind="train", devices=self.trial_devices())
             for row, t in enumerate(self.trial_ids):
                 taken[t] += int(steps[row])
             if on_steps is not None:
@@ -427,8 +447,9 @@ class CohortRunner:
         w = self.width
         t_w = self.step_seconds[w]
         predicted = planned_trial_steps * t_w / w
-        widest = min(self.policy.max_width or self.k, self.k)
-        candidates = [c for c in probe_candidates(max(w, widest)) if c != w and c <= widest]
+        n = self.placement.size
+        widest = self.placement.round_width(min(self.policy.max_width or self.k, self.k))
+        candidates = [n * c for c in probe_candidates(max(w, widest) // n) if n * c != w and n * c <= widest]
         c_w = self.compile_seconds("train")
         cost = c_w * len(candidates) + self.compile_seconds("eval")
         payoff = self.policy.probe_payoff()
@@ -438,7 +459,7 @@ class CohortRunner:
         rows = self.rows()
         window = self.metering.begin(f"compile:{self.spec.name}", after=self.chunks)
         t0 = time.perf_counter()
-        by_width = {c: chunk_rows(jax.tree.map(lambda a: a[:c], rows), c)[0] for c in [*candidates, w]}
+        by_width = {c: chunk_rows(jax.tree.map(lambda a: a[:c], rows), c, self.placement)[0] for c in [*candidates, w]}
         for c in candidates:
             try:
                 need = compiled_memory_bytes(self.trainer.compile_train(by_width[c]))
@@ -464,7 +485,7 @@ class CohortRunner:
         probe = self.trainer.probe_width(by_width, steps=steps, repeats=3)
         self.metering.record(self.metering.end(window), phase="probe", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="probe")
         for c, rate in probe.samples_per_second.items():  # seconds per step of a c-wide chunk
-            self.step_seconds.setdefault(c, c * self.spec.signature.batch_size / rate)
+            self.step_seconds.setdefault(c, min(c, self.k) * self.spec.signature.batch_size / rate)
         self._set_width(probe.chosen)
         self._choose(probe.chosen, "fastest measured width", samples_per_second={str(c): r for c, r in probe.samples_per_second.items()}, compile_seconds=compile_s, predicted_train_s=predicted)
         self.compile()  # evaluation at the chosen width
@@ -472,7 +493,7 @@ class CohortRunner:
     def narrow_for_survivors(self, planned_trial_steps: float) -> None:
         """Step 3 of the policy: a narrower program for fewer survivors, only if it pays."""
         k, w = self.k, self.width
-        if k >= w:
+        if self.placement.round_width(k) >= w or not self.policy.narrow:
             return
         t_w = self.step_seconds.get(w)
         if t_w is None:
@@ -486,7 +507,7 @@ class CohortRunner:
             return saving - cost, saving, cost
 
         # Exactly k rows (no padding), or a width already measured faster (e.g. 1 on a CPU).
-        options = sorted({k, *(c for c in self.step_seconds if c < w)})
+        options = sorted({self.placement.round_width(k), *(c for c in self.step_seconds if c < w)})
         narrow = max(options, key=lambda c: (outcome(c)[0], c))
         _, saving, cost = outcome(narrow)
         if saving > cost:
@@ -506,12 +527,13 @@ class CohortRunner:
         window = self.metering.begin(f"{phase}:{'eval' if split == 'val' else split}", after=self.chunks)
         outs = [self.trainer.evaluate(c, split) for c in self.chunks]
         reading = self.metering.end(window, outs)
-        field = lambda name: np.concatenate([getattr(o, name) for o in outs])[: self.k]  # noqa: E731
-        self.metering.record(reading, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, work=self.field("active").astype(np.float64), kind="eval" if split == "val" else split)
+        slots = self.placement.slots(self.k, self.width)
+        field = lambda name: np.concatenate([getattr(o, name) for o in outs])[slots]  # noqa: E731
+        self.metering.record(reading, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, work=self.field("active").astype(np.float64), kind="eval" if split == "val" else split, devices=self.trial_devices())
         return EvalRecord(field("score"), field("metric"), field("score_se"))
 
     # ---------------------------------------------------------------------------------- persist
 
     def to_json(self) -> dict[str, Any]:
         """What a resumed study needs besides the rows: width, measured rates, pending decisions."""
-        return {"width": self.width, "step_seconds": {str(w): s for w, s in self.step_seconds.items()}, "probe_pending": self.probe_pending}
+        return {"width": self.width, "devices": self.placement.size, "step_seconds": {str(w): s for w, s in self.step_seconds.items()}, "probe_pending": self.probe_pending}

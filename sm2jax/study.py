@@ -28,7 +28,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -39,6 +39,8 @@ from sm2jax.cohort import CohortSpec, group_into_cohorts
 from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, device_put_dataset, load_dataset, registered_dataset
 from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, add_known, hardware_profile, make_meter, measure_idle, summarize, trial_totals
+from sm2jax.distributed import DistributedMeter, barrier, is_primary
+from sm2jax.placement import Placement
 from sm2jax.runner import CohortRunner, Metering, WidthPolicy
 from sm2jax.scheduler import KEEP_RULES, Candidate, exploration_filter, finalist_front, halve, resolve_objective, rung_budgets, steps_for
 from sm2jax.space import Config, SearchSpace
@@ -268,6 +270,10 @@ def registering_modules(spec: StudySpec, dataset: ArrayDataset | None) -> set[st
 
 
 def _atomic_write_json(path: str, blob: Any) -> None:
+    """Writes ``blob`` to ``path`` atomically (a rename commits it); only process 0 of a
+    multi-process study writes (see :mod:`sm2jax.distributed`)."""
+    if not is_primary():
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(blob, f, indent=1, default=_json_default)
@@ -348,9 +354,13 @@ class Study:
       gpus: the GPUs to meter (``"all"`` or ``[{"pci_bus_id" | "uuid" | "index": ...}]``); default:
         those JAX computes on, found by PCI bus id (:func:`sm2jax.energy.meters.jax_gpus`).
       progress: show a progress bar per phase.
+      dataset: an in-memory data set (instead of ``spec.dataset``'s loader).
+      devices: the devices of the ``trials`` mesh axis: a count (the first ``n`` of
+        ``jax.devices()``), a list, or ``None`` for all of them (every process's, in a multi-process
+        study). Not part of the spec: a study checkpointed on N devices resumes on M.
     """
 
-    def __init__(self, directory: str | os.PathLike, spec: StudySpec | None = None, *, objective: Callable | None = None, nvml: Any = None, gpus: Any = None, progress: bool = True, dataset: ArrayDataset | None = None):
+    def __init__(self, directory: str | os.PathLike, spec: StudySpec | None = None, *, objective: Callable | None = None, nvml: Any = None, gpus: Any = None, progress: bool = True, dataset: ArrayDataset | None = None, devices: int | Sequence[Any] | None = None):
         self.directory = os.path.abspath(os.fspath(directory))
         if spec is None:
             spec = read_spec(self.directory)
@@ -369,7 +379,7 @@ class Study:
         self.objective = resolve_objective(objective or spec.objective, z=spec.noise_z, energy_z=spec.energy_z, alpha=spec.alpha, beta=spec.beta)
         # The final selection: energy spent is sunk, so only near-ties go to the cheaper configuration.
         self.final_objective = resolve_objective(objective or spec.objective, z=spec.final_z, energy_z=spec.energy_z, alpha=spec.alpha, beta=spec.beta)
-        self.progress_bar = progress
+        self.progress_bar = progress and is_primary()
         self._nvml = nvml
         self._gpus = gpus
         self._dataset = dataset
@@ -378,7 +388,12 @@ class Study:
         if not self.configs:
             raise ValueError("the search space produced no configuration")
         claim_directory(self.directory, spec.to_json())
-        self.policy = WidthPolicy(max_width=spec.width, memory_limit=spec.memory_limit_bytes or memory_limit_bytes(), probe=spec.probe_width, start=spec.width_start)
+        barrier("sm2jax-claim")  # spec.json is written (by process 0) before any process reads on
+        self.placement = Placement.create(devices)
+        # Several processes must take identical decisions: a width chosen from a process's own
+        # clock (probe, narrowing) could differ between them, so there the width stays as started.
+        single = jax.process_count() == 1
+        self.policy = WidthPolicy(max_width=spec.width, memory_limit=spec.memory_limit_bytes or memory_limit_bytes(), probe=spec.probe_width and single, narrow=single, start=spec.width_start)
 
     # ------------------------------------------------------------------------------- progress io
 
@@ -404,9 +419,10 @@ class Study:
         return self._dataset
 
     def _device_data(self) -> dict[str, Any]:
-        """The data set on the device, once per study: every cohort reads the same arrays."""
+        """The data set on the devices (replicated on each), once per study: every cohort reads the
+        same arrays."""
         if self._on_device is None:
-            self._on_device = device_put_dataset(self._load_data())
+            self._on_device = device_put_dataset(self._load_data(), placement=self.placement if self.placement.size > 1 else None)
         return self._on_device
 
     def _steps(self, budget: float, batch_size: int) -> int:
@@ -414,7 +430,7 @@ class Study:
         return steps_for(budget, self.spec.budget_unit, batch_size, self._load_data().num_train // batch_size)
 
     def _trainer(self, cohort: CohortSpec) -> CohortTrainer:
-        return CohortTrainer(cohort, self._load_data(), schedule_steps=self._steps(self.spec.max_budget, cohort.signature.batch_size), device_data=self._device_data())
+        return CohortTrainer(cohort, self._load_data(), schedule_steps=self._steps(self.spec.max_budget, cohort.signature.batch_size), device_data=self._device_data(), placement=self.placement)
 
     def _planned_trial_steps(self, runner: CohortRunner, from_phase: int) -> float:
         """Trial-steps the study still plans for ``runner`` from ``from_phase`` on, if successive
@@ -434,9 +450,13 @@ class Study:
 
     def _setup_energy(self, fresh: bool) -> None:
         self.meter = make_meter(self.spec.energy_method, nvml=self._nvml, watts_per_core=self.spec.watts_per_core, gpus=self._gpus, backend="gpu" if self._gpus else None)
+        if jax.process_count() > 1:
+            self.meter = DistributedMeter(self.meter)  # every process's devices, in every window
         self.monitor = EnergyMonitor(self.meter)
         hw_path = os.path.join(self.directory, "hardware.json")
-        if fresh or not os.path.exists(hw_path):
+        measure = fresh or not os.path.exists(hw_path)
+        barrier("sm2jax-setup")  # every process has read the folder before process 0 writes to it
+        if measure:
             if self.spec.idle_seconds > 0:
                 idle = measure_idle(self.monitor, self.spec.idle_seconds)
             else:
@@ -447,11 +467,12 @@ class Study:
                 "host_method": getattr(getattr(self.meter, "host", None), "method", None),
             }
             _atomic_write_json(hw_path, hw)
+            barrier("sm2jax-hardware")
         with open(hw_path) as f:
             hw = json.load(f)
         self.hardware = hw
         self.idle = IdleBaseline(**hw["idle"])
-        self.ledger = EnergyLedger(os.path.join(self.directory, "ledger.jsonl"), idle=self.idle, intensity_g_per_kwh=self.spec.carbon_intensity)
+        self.ledger = EnergyLedger(os.path.join(self.directory, "ledger.jsonl"), idle=self.idle, intensity_g_per_kwh=self.spec.carbon_intensity, write=is_primary())
 
     def _tally(self, window: dict[str, Any]) -> None:
         """Keeps the study's running energy total (for the progress bar) without rereading the ledger."""
@@ -522,7 +543,7 @@ class Study:
         for step in checkpoints.discard_after(start_phase - 1):
             if step not in saved:  # committed, but the run was killed before it recorded the phase
                 warnings.warn(f"checkpoint of phase {step} has no progress record (killed between the two); discarded, the phase runs again", RuntimeWarning, stacklevel=3)
-        for stale in (p for p in saved if p >= start_phase):
+        for stale in (p for p in saved if p >= start_phase and is_primary()):
             os.remove(self._progress_path(stale))
         try:
             if progress is None:
@@ -683,7 +704,10 @@ class Study:
         trainers, abstract = {}, {}
         for name, ids in progress.alive.items():
             trainers[name] = self._trainer(by_name[name])
-            abstract[name] = trainers[name].abstract_rows(len(ids))
+            # Each process reads every row onto one of its own devices: rows are re-chunked over
+            # this run's devices below, however many the study was checkpointed on.
+            local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract[name] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), trainers[name].abstract_rows(len(ids)))
         checkpoints = StudyCheckpoints(os.path.join(self.directory, "checkpoints"))
         try:
             states = checkpoints.restore(phase, abstract)
@@ -695,9 +719,10 @@ class Study:
             if [int(t) for t in np.asarray(rows.trial_id)] != ids:
                 raise CheckpointError(f"checkpoint rows of {name} do not match the recorded survivors")
             saved = progress.runners[name]
+            same_devices = saved.get("devices", 1) == self.placement.size  # rates measured on other devices do not carry over
             runners.append(CohortRunner(
                 by_name[name], trainers[name], rows, saved["width"], self.metering, self.policy,
-                rate_seconds={int(w): s for w, s in saved["step_seconds"].items()}, probe_pending=saved["probe_pending"],
+                rate_seconds={int(w): s for w, s in saved["step_seconds"].items()} if same_devices else None, probe_pending=saved["probe_pending"],
                 choices=progress.hardware.get(name, {}).get("choices", []),
             ))
         return runners

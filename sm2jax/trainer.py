@@ -55,6 +55,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree, UInt32
 from sm2jax.cohort import OPTIMIZER_HYPERPARAMETERS, CohortSpec, hyperparameter_arrays, make_optimizer
 from sm2jax.data import ArrayDataset, augment_batch, batch_indices, device_put_dataset, steps_per_epoch
 from sm2jax.models import build_model, model_version
+from sm2jax.placement import Placement, default_placement
 from sm2jax.tasks import get_task
 
 
@@ -112,28 +113,39 @@ def num_chunks(k: int, width: int) -> int:
     return -(-k // width)
 
 
-def chunk_rows(rows: CohortState, width: int) -> list[CohortState]:
+def chunk_rows(rows: CohortState, width: int, placement: Placement | None = None) -> list[CohortState]:
     """Splits host rows (leaves ``[K, ...]``, numpy) into ``ceil(K / width)`` chunks of exactly
     ``width`` rows; the last is padded with copies of row 0 marked inactive with trial id -1 (a
-    finite, well-formed row that takes no step and is never reported)."""
+    finite, well-formed row that takes no step and is never reported). Each chunk is sharded over
+    the ``placement``'s devices (default: one device); ``width`` must be a multiple of their count.
+    Trials sit at :meth:`Placement.slots <sm2jax.placement.Placement.slots>` (in order on one
+    device; spread over the devices on several)."""
+    placement = placement or default_placement()
+    if width % placement.size:
+        raise ValueError(f"width {width} is not a multiple of the {placement.size} devices of the trials axis")
     k = int(np.shape(rows.step)[0])
     if k == 0:
         raise ValueError("a cohort needs at least one row")
-    pad = num_chunks(k, width) * width - k
-    idx = np.concatenate([np.arange(k), np.zeros(pad, np.int64)])
+    total = num_chunks(k, width) * width
+    slots = placement.slots(k, width)
+    idx = np.zeros(total, np.int64)  # padding rows copy row 0
+    idx[slots] = np.arange(k)
+    real = np.zeros(total, bool)
+    real[slots] = True
     padded = jax.tree.map(lambda a: np.asarray(a)[idx], rows)
-    if pad:
+    if total > k:
         padded = padded._replace(
-            trial_id=np.where(np.arange(k + pad) < k, padded.trial_id, PADDING_ID).astype(np.int32),
-            active=padded.active & (np.arange(k + pad) < k),
-            diverged_at=np.where(np.arange(k + pad) < k, padded.diverged_at, -1).astype(np.int32),
+            trial_id=np.where(real, padded.trial_id, PADDING_ID).astype(np.int32),
+            active=padded.active & real,
+            diverged_at=np.where(real, padded.diverged_at, -1).astype(np.int32),
         )
-    return [jax.device_put(jax.tree.map(lambda a: a[i * width:(i + 1) * width], padded)) for i in range(len(idx) // width)]
+    return [placement.put_rows(jax.tree.map(lambda a: a[i * width:(i + 1) * width], padded)) for i in range(total // width)]
 
 
-def gather_rows(chunks: Sequence[CohortState], trial_ids: Sequence[int]) -> CohortState:
-    """The rows of ``trial_ids`` (in that order) from device chunks, as host numpy arrays."""
-    host = jax.device_get(list(chunks))
+def gather_rows(chunks: Sequence[CohortState], trial_ids: Sequence[int], placement: Placement | None = None) -> CohortState:
+    """The rows of ``trial_ids`` (in that order) from device chunks, as host numpy arrays (on every
+    process of a multi-process study)."""
+    host = (placement or default_placement()).host(list(chunks))
     stacked = jax.tree.map(lambda *a: np.concatenate(a), *host)
     where = {int(t): i for i, t in enumerate(np.asarray(stacked.trial_id)) if t != PADDING_ID}
     missing = [t for t in trial_ids if t not in where]
@@ -143,9 +155,10 @@ def gather_rows(chunks: Sequence[CohortState], trial_ids: Sequence[int]) -> Coho
     return jax.tree.map(lambda a: a[idx], stacked)
 
 
-def row_view(chunks: Sequence[CohortState], field: str, k: int) -> np.ndarray:
+def row_view(chunks: Sequence[CohortState], field: str, k: int, placement: Placement | None = None) -> np.ndarray:
     """One per-trial field (e.g. ``step``, ``active``) of the first ``k`` rows, on the host."""
-    return np.concatenate([np.asarray(getattr(c, field)) for c in chunks])[:k]
+    placement = placement or default_placement()
+    return np.concatenate(placement.host([getattr(c, field) for c in chunks]))[placement.slots(k, int(np.shape(chunks[0].step)[0]))]
 
 
 # ------------------------------------------------------------------------------------ programs
@@ -187,7 +200,7 @@ class WidthProbe:
 
 def memory_limit_bytes(device: jax.Device | None = None) -> int | None:
     """Bytes the device can hold: the allocator's limit on accelerators, physical RAM on CPU."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"])
@@ -209,10 +222,12 @@ class CohortTrainer:
       schedule_steps: length T of the learning-rate schedule (the full budget, in steps).
       eval_batch_size: validation examples per evaluation chunk.
       device_data: the data set's arrays already on the device (``data.device_put_dataset``), so
-        that cohorts of one study share one copy.
+        that cohorts of one study share one copy (replicated over ``placement``).
+      placement: the ``trials`` mesh chunks are sharded over (default: one device); chunk widths
+        are multiples of its device count.
     """
 
-    def __init__(self, cohort: CohortSpec, dataset: ArrayDataset, *, schedule_steps: int, eval_batch_size: int = 512, device_data: dict[str, jax.Array] | None = None):
+    def __init__(self, cohort: CohortSpec, dataset: ArrayDataset, *, schedule_steps: int, eval_batch_size: int = 512, device_data: dict[str, jax.Array] | None = None, placement: Placement | None = None):
         sig = cohort.signature
         self.cohort = cohort
         self.dataset = dataset
@@ -223,7 +238,8 @@ class CohortTrainer:
         if sig.augment != "none" and len(dataset.input_shape) != 3:
             raise ValueError(f"augment {sig.augment!r} needs image examples [H, W, C]; {dataset.name!r} has examples of shape {dataset.input_shape}: use augment='none'")
         self.schedule_steps = int(schedule_steps)
-        self.data = device_data if device_data is not None else device_put_dataset(dataset, eval_batch_size)
+        self.placement = placement or default_placement()
+        self.data = device_data if device_data is not None else device_put_dataset(dataset, eval_batch_size, self.placement if self.placement.size > 1 else None)
 
         def build(key):
             return build_model(sig.model_spec, dataset.input_shape, dataset.num_outputs, dropout=sig.dropout, dtype=sig.dtype, key=key)
@@ -237,8 +253,8 @@ class CohortTrainer:
         # What each program depends on, and nothing more (see the module docstring).
         self._keys = {
             "init": ("init", *model, sig.optimizer),
-            "train": ("train", *model, sig.optimizer, sig.batch_size, sig.dropout, sig.augment, task, data_shapes["x_train"], data_shapes["y_train"]),
-            "eval": ("eval", *model, task, eval_block),
+            "train": ("train", *model, sig.optimizer, sig.batch_size, sig.dropout, sig.augment, task, data_shapes["x_train"], data_shapes["y_train"], self.placement.key),
+            "eval": ("eval", *model, task, eval_block, self.placement.key),
         }
 
     # ------------------------------------------------------------------------------------ init
@@ -287,7 +303,7 @@ class CohortTrainer:
     def init(self, width: int | None = None, configs: Sequence[Any] | None = None) -> list[CohortState]:
         """Device chunks of every trial of the cohort (or ``configs``) at ``width`` (default: all)."""
         rows = self.init_rows(configs)
-        return chunk_rows(rows, width or len(rows.step))
+        return chunk_rows(rows, width or self.placement.round_width(len(rows.step)), self.placement)
 
     def abstract_rows(self, k: int) -> CohortState:
         """Shapes and dtypes of ``k`` host rows (restore targets), without computing anything."""
@@ -336,26 +352,32 @@ class CohortTrainer:
         return new, jnp.where(ok, loss, 0.0), ok
 
     def _train_impl(self, state: CohortState, num_steps, x_all, y_all):
-        def run_trial(ts):
-            def body(_, carry):
-                ts, loss_sum, count, last = carry
-                ts, loss, ok = self._trial_step(ts, x_all, y_all)
-                return ts, loss_sum + loss, count + ok, jnp.where(ok, loss, last)
+        def rows(state, num_steps, x_all, y_all):  # one device's rows (all rows on one device)
+            def run_trial(ts):
+                def body(_, carry):
+                    ts, loss_sum, count, last = carry
+                    ts, loss, ok = self._trial_step(ts, x_all, y_all)
+                    return ts, loss_sum + loss, count + ok, jnp.where(ok, loss, last)
 
-            init = (ts, jnp.float32(0), jnp.int32(0), jnp.float32(jnp.nan))
-            ts, loss_sum, count, last = jax.lax.fori_loop(0, num_steps, body, init)
-            return ts, TrainMetrics(jnp.where(count > 0, loss_sum / jnp.maximum(count, 1), jnp.nan), last)
+                init = (ts, jnp.float32(0), jnp.int32(0), jnp.float32(jnp.nan))
+                ts, loss_sum, count, last = jax.lax.fori_loop(0, num_steps, body, init)
+                return ts, TrainMetrics(jnp.where(count > 0, loss_sum / jnp.maximum(count, 1), jnp.nan), last)
 
-        return _map_trials(run_trial, state)
+            return _map_trials(run_trial, state)
+
+        # Each device trains its own rows: no collective (the data set and num_steps are replicated).
+        return self.placement.map_rows(rows, state, num_steps, x_all, y_all, replicated=3)
 
     def compile_train(self, chunk: CohortState):
-        """The compiled training program for this chunk's width (compiled once per process)."""
+        """The compiled training program for this chunk's width (compiled once per process). The
+        chunk's buffers are donated: a device holds one copy of its rows."""
         width = int(chunk.step.shape[0])
-        return self._program("train", width, lambda: jax.jit(self._train_impl).lower(chunk, np.int32(1), self.data["x_train"], self.data["y_train"]))
+        return self._program("train", width, lambda: jax.jit(self._train_impl, donate_argnums=0).lower(chunk, np.int32(1), self.data["x_train"], self.data["y_train"]))
 
     def train(self, chunk: CohortState, num_steps: int) -> tuple[CohortState, TrainMetrics]:
         """Runs ``num_steps`` steps of every trial of one chunk in one dispatch (asynchronous: block
-        on the outputs before reading clocks or energy counters)."""
+        on the outputs before reading clocks or energy counters). ``chunk`` is donated: use the
+        returned state, never the argument, afterwards."""
         return self.compile_train(chunk)(chunk, np.int32(num_steps), self.data["x_train"], self.data["y_train"])
 
     def flops_per_trial_step(self, chunk: CohortState) -> float | None:
@@ -370,19 +392,22 @@ class CohortTrainer:
     def _eval_impl(self, params, model_state, xs, ys, mask):
         """Per row: sums of the per-example loss, metric and squared metric over one masked block."""
 
-        def run_trial(params, model_state):
-            model = nnx.merge(self.graphdef, params, model_state, copy=True)
+        def rows(params, model_state, xs, ys, mask):  # one device's rows
+            def run_trial(params, model_state):
+                model = nnx.merge(self.graphdef, params, model_state, copy=True)
 
-            def body(carry, chunk):
-                x, y, m = chunk
-                loss, metric = task_loss(self.task, model(x, train=False), y)
-                return (carry[0] + (loss * m).sum(), carry[1] + (metric * m).sum(), carry[2] + (metric * metric * m).sum()), None
+                def body(carry, chunk):
+                    x, y, m = chunk
+                    loss, metric = task_loss(self.task, model(x, train=False), y)
+                    return (carry[0] + (loss * m).sum(), carry[1] + (metric * m).sum(), carry[2] + (metric * metric * m).sum()), None
 
-            zero = jnp.float32(0)
-            sums, _ = jax.lax.scan(body, (zero, zero, zero), (xs, ys, mask))
-            return sums
+                zero = jnp.float32(0)
+                sums, _ = jax.lax.scan(body, (zero, zero, zero), (xs, ys, mask))
+                return sums
 
-        return _map_trials(run_trial, params, model_state)
+            return _map_trials(run_trial, params, model_state)
+
+        return self.placement.map_rows(rows, params, model_state, xs, ys, mask, replicated=3)
 
     def compile_eval(self, chunk: CohortState):
         width = int(chunk.step.shape[0])
@@ -400,7 +425,7 @@ class CohortTrainer:
         if blocks is None:
             raise ValueError(f"the data set {self.dataset.name!r} has no {split} split")
         program = self.compile_eval(chunk)
-        outs = [program(chunk.params, chunk.model_state, *block) for block in blocks]
+        outs = self.placement.host([program(chunk.params, chunk.model_state, *block) for block in blocks])
         loss_sum, metric_sum, sq_sum = (sum(np.asarray(o[i], np.float64) for o in outs) for i in range(3))
         n = self.data["counts"][split]
         task = get_task(self.task)
@@ -417,23 +442,26 @@ class CohortTrainer:
     def probe_width(self, chunks_by_width: dict[int, CohortState], *, steps: int | dict[int, int] = 5, repeats: int = 3) -> WidthProbe:
         """Measures samples/s of candidate widths on this hardware and keeps the fastest.
 
-        ``chunks_by_width`` maps each candidate width to a chunk of that width made of real trials
-        (no padding), whose programs are compiled and warmed first (compile time is not counted
+        ``chunks_by_width`` maps each candidate width to a chunk of that width (padding rows count
+        no samples), whose programs are compiled and warmed first (compile time is not counted
         here). The candidates are then timed round-robin, ``repeats`` rounds of one call each
         (``steps`` steps, or ``steps[width]``), blocking on the outputs, and each keeps its best
         round (round-robin spreads the drift of a shared, noisy machine over all candidates).
         Results are discarded.
         """
         n = {w: steps[w] if isinstance(steps, dict) else steps for w in chunks_by_width}
-        for w, chunk in chunks_by_width.items():
-            jax.block_until_ready(self.train(chunk, n[w]))  # compile and warm
-        best = {w: np.inf for w in chunks_by_width}
+        real = {w: int(np.sum(np.asarray(self.placement.host(c.trial_id)) != PADDING_ID)) for w, c in chunks_by_width.items()}
+        chunks = dict(chunks_by_width)  # each call donates its chunk: the next call trains the result
+        for w in chunks:
+            chunks[w] = jax.block_until_ready(self.train(chunks[w], n[w]))[0]  # compile and warm
+        best = {w: np.inf for w in chunks}
         for _ in range(repeats):
-            for w, chunk in chunks_by_width.items():
+            for w in chunks:
                 t0 = time.perf_counter()
-                jax.block_until_ready(self.train(chunk, n[w]))
+                chunks[w] = jax.block_until_ready(self.train(chunks[w], n[w]))[0]
                 best[w] = min(best[w], time.perf_counter() - t0)
-        rates = {w: w * n[w] * self.batch_size / t for w, t in best.items()}
+        # Samples of real rows only: a padded candidate (more devices than trials) gains nothing.
+        rates = {w: real[w] * n[w] * self.batch_size / t for w, t in best.items()}
         return WidthProbe(rates, max(rates, key=rates.get), min(n.values()))
 
 

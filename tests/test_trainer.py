@@ -87,7 +87,7 @@ def test_no_recompilation_on_second_call_or_after_select(digits):
         (state,) = chunk_rows(gather_rows([state], [3, 1, 0, 2]), 4)  # same width after select
         state, _ = jax.block_until_ready(trainer.train(state, 2))
         (fewer,) = chunk_rows(gather_rows([state], [1, 2]), 4)  # fewer survivors: padding, same program
-        jax.block_until_ready(trainer.train(fewer, 2))
+        fewer, _ = jax.block_until_ready(trainer.train(fewer, 2))
         jax.block_until_ready(trainer.evaluate(fewer))
         assert tally.requests == first
 

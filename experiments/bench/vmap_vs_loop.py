@@ -67,8 +67,8 @@ def bench(model_name: str, trials: int, batch_size: int, epochs: int, repeats: i
     plain_states = [plain.init(c["seed"], c.trial_id, c["learning_rate"]) for c in configs]
     jax.block_until_ready(plain.epoch(plain_states[0], np.random.default_rng(0)))  # compile
     singles = chunk_rows(rows, 1)
-    jax.block_until_ready(trainer.train(singles[0], 1))  # compile the single-trial program
-    jax.block_until_ready([trainer.train(c, 1) for c in chunks])  # the chosen width is compiled
+    singles[0] = jax.block_until_ready(trainer.train(singles[0], 1))[0]  # compile the single-trial program
+    chunks = jax.block_until_ready([trainer.train(c, 1)[0] for c in chunks])  # the chosen width is compiled
 
     def run_loop_epochs():
         out = []
@@ -80,14 +80,14 @@ def bench(model_name: str, trials: int, batch_size: int, epochs: int, repeats: i
         return out
 
     def run_loop_steps():
-        states = list(singles)
         for _ in range(steps):
             for i in range(trials):
-                states[i], _ = trainer.train(states[i], 1)
-        return states
+                singles[i], _ = trainer.train(singles[i], 1)
+        return singles
 
-    def run_cohort():
-        return [trainer.train(c, steps) for c in chunks]
+    def run_cohort():  # a training call donates its chunk: keep the results for the next round
+        chunks[:] = [trainer.train(c, steps)[0] for c in chunks]
+        return chunks
 
     best = {"loop-epochs": np.inf, "loop-steps": np.inf, "cohort": np.inf}
     runs = {"loop-epochs": run_loop_epochs, "loop-steps": run_loop_steps, "cohort": run_cohort}
