@@ -38,7 +38,7 @@ def _run(args) -> dict:
     directory = args.dir or os.path.join("runs", f"{name}-{args.mode}{'-quick' if args.quick else ''}")
     args.dir = directory  # named in the hint after Ctrl-C
     if args.mode == "hyperband":
-        return run_hyperband(directory, spec, progress=not args.no_progress)
+        return run_hyperband(directory, spec, progress=not args.no_progress, devices=args.devices)
     study = Study(directory, spec, progress=not args.no_progress, devices=args.devices)  # validates before anything is said
     if os.listdir(os.path.join(directory, "progress")) and study.progress_bar:
         print(f"resuming the study in {directory}", file=sys.stderr)
@@ -99,7 +99,7 @@ def _resume(args) -> dict:
         with open(path) as f:
             blob = json.load(f)
     if blob is not None and "hyperband" in blob:
-        return run_hyperband(args.dir, StudySpec(**blob["hyperband"]), progress=not args.no_progress)
+        return run_hyperband(args.dir, StudySpec(**blob["hyperband"]), progress=not args.no_progress, devices=args.devices)
     return Study(args.dir, progress=not args.no_progress, devices=args.devices).run()  # one-line errors for a missing or unknown spec
 
 
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help="import MODULE first (it registers your models, data sets or tasks); repeatable; recorded in the study")
         p.add_argument("--compile-cache", metavar="DIR|off", help="persistent XLA compilation cache (default: $SM2JAX_COMPILE_CACHE, else ~/.cache/sm2jax/xla)")
         p.add_argument("--devices", type=int, metavar="N", help="train on the first N devices (default: all; a study checkpointed on N devices resumes on any number)")
+        p.add_argument("--cpu-devices", type=int, metavar="N", help="on a CPU: XLA host devices of the trials axis (default: one per usable core, at most 8; ignored if XLA_FLAGS sets the count)")
         p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process study: process 0's address (with --num-processes and --process-id, on every host)")
         p.add_argument("--num-processes", type=int, metavar="N")
         p.add_argument("--process-id", type=int, metavar="I")
@@ -183,6 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--json", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
+    if args.command in ("run", "resume"):
+        from sm2jax.placement import request_cpu_devices
+
+        if args.cpu_devices is not None and args.cpu_devices < 1:
+            parser.error(f"--cpu-devices must be at least 1 (got {args.cpu_devices})")
+
+        request_cpu_devices(args.cpu_devices)  # before JAX starts: one host device per core on a CPU
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "compile_cache", None):
         from sm2jax.compile_cache import ENV

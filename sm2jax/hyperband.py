@@ -11,7 +11,7 @@ from sm2jax.scheduler import hyperband_brackets
 from sm2jax.study import Study, StudySpec, _atomic_write_json, claim_directory
 
 
-def run_hyperband(directory: str | os.PathLike, spec: StudySpec, *, progress: bool = True, nvml: Any = None, dataset: ArrayDataset | None = None) -> dict[str, Any]:
+def run_hyperband(directory: str | os.PathLike, spec: StudySpec, *, progress: bool = True, nvml: Any = None, dataset: ArrayDataset | None = None, devices: Any = None) -> dict[str, Any]:
     """Runs Hyperband with one :class:`Study` per bracket, in ``directory/bracket-S/``.
 
     ``spec.max_budget`` is R; bracket ``s`` samples ``n`` random configurations (seed ``spec.seed + s``)
@@ -20,6 +20,7 @@ def run_hyperband(directory: str | os.PathLike, spec: StudySpec, *, progress: bo
     is steps or samples). The winner is the best score over the brackets.
     Finished brackets are read back, so a killed Hyperband run resumes bracket by bracket. Brackets
     of one shape reuse each other's compiled programs (in-process and through the persistent cache).
+    ``devices``: the trials axis of every bracket (see :class:`Study`).
     """
     directory = os.path.abspath(os.fspath(directory))
     claim_directory(directory, {"hyperband": spec.to_json()})  # refuses a directory holding another study
@@ -31,7 +32,7 @@ def run_hyperband(directory: str | os.PathLike, spec: StudySpec, *, progress: bo
             spec, mode="sh", sampler="random", num_samples=int(b["n"]), seed=spec.seed + int(b["s"]),
             min_budget=rungs[0], rungs=rungs, keep_rule="floor", explore_budget=0.0, objective="performance",
         )
-        result = Study(os.path.join(directory, f"bracket-{b['s']}"), sub, progress=progress, nvml=nvml, dataset=dataset).run()
+        result = Study(os.path.join(directory, f"bracket-{b['s']}"), sub, progress=progress, nvml=nvml, dataset=dataset, devices=devices).run()
         outcomes.append({**{k: b[k] for k in ("s", "n", "r")}, "rungs": b["rungs"], "selected": result["selected"], "total_joules": result["total_joules"], "energy_method": result["energy_method"]})
     scored = [o for o in outcomes if o["selected"] is not None and o["selected"]["score"] is not None]
     best = max(scored, key=lambda o: o["selected"]["score"]) if scored else None

@@ -17,6 +17,7 @@ the runner for widths, the study for host copies.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -144,6 +145,38 @@ class Placement:
         k = len(args) - replicated
         specs = tuple(PartitionSpec(TRIALS) for _ in range(k)) + tuple(PartitionSpec() for _ in range(replicated))
         return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=PartitionSpec(TRIALS), check_vma=False)(*args)
+
+
+MAX_CPU_DEVICES = 8
+
+
+def request_cpu_devices(n: int | None = None) -> int | None:
+    """Asks XLA for ``n`` host-platform (CPU) devices (default: the usable cores, at most
+    :data:`MAX_CPU_DEVICES`), unless ``XLA_FLAGS`` already sets the count. Call before JAX starts
+    its backends (the command line does it first thing); it changes nothing on GPUs or TPUs.
+
+    Why: on a CPU one XLA device runs a small model's step on about one core. A trials axis of one
+    device per core trains each device's rows on its own core. Measured on 2 cores (MLP 256x256,
+    batch 32, 16 trials): 91,000 samples/s on 2 devices against 53,000 on one device from width 1
+    (the single-device default) and 59,000 at width 16; a full search on MNIST-1D 50,000 took
+    26-31 s instead of 40-45 s. A device holding only padding or diverged trials skips the step.
+
+    Returns:
+      The count requested, or ``None`` when ``XLA_FLAGS`` already chose one.
+    """
+    if n is not None and n < 1:
+        raise ValueError(f"--cpu-devices must be at least 1 (got {n})")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return None
+    if n is None:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            n = os.cpu_count() or 1
+        n = min(n, MAX_CPU_DEVICES)
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(n)}".strip()
+    return int(n)
 
 
 _DEFAULT: Placement | None = None

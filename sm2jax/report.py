@@ -84,6 +84,9 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append(f"compilation (this attempt): {comp['backend_compiles']} XLA compiles, {comp['cache_hits']} programs loaded from"
                      f" the persistent cache ({cache}), saving ~{comp['cache_saved_seconds']:.1f} s of compilation")
     widths = {name: hw["choices"][-1] for name, hw in (results.get("hardware") or {}).items() if hw.get("choices")}
+    where = results.get("placement")
+    if where and (len(where["devices"]) > 1 or where["processes"] > 1):
+        lines.append(f"trials axis: {len(where['devices'])} {where['platform']} devices" + (f" over {where['processes']} processes" if where["processes"] > 1 else "") + " (each trial's rows on one device)")
     if widths:
         lines.append("vmap widths:")
         for name, last in widths.items():

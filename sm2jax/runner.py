@@ -32,7 +32,11 @@ Width policy (:class:`WidthPolicy`), all choices recorded in :attr:`CohortRunner
    :math:`S' (\\lceil K'/W \\rceil t_W - \\lceil K'/w \\rceil t_w) - c_w` is compiled if that is
    positive (``t_w`` measured by the probe, else :math:`t_W w / W`, which overstates the saving on
    accelerators that are not yet full and is the conservative side for compile cost on CPUs).
-4. **Out of memory at run time** halves the width and retries the window.
+4. **Out of memory at run time** halves the width and retries the window (from rows kept on the
+   host until a width has trained once: training donates its chunks).
+
+With several devices (:mod:`sm2jax.placement`) every width is a multiple of the device count, and
+"width 1" above means one row per device.
 """
 
 from __future__ import annotations

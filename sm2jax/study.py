@@ -38,8 +38,9 @@ from sm2jax.checkpoint import CheckpointError, StudyCheckpoints
 from sm2jax.cohort import CohortSpec, group_into_cohorts
 from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, device_put_dataset, load_dataset, registered_dataset
-from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, add_known, hardware_profile, make_meter, measure_idle, summarize, trial_totals
 from sm2jax.distributed import DistributedMeter, barrier, is_primary
+from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, add_known, hardware_profile, make_meter, measure_idle, summarize, trial_totals
+from sm2jax.energy.meters import jax_gpus
 from sm2jax.placement import Placement
 from sm2jax.runner import CohortRunner, Metering, WidthPolicy
 from sm2jax.scheduler import KEEP_RULES, Candidate, exploration_filter, finalist_front, halve, resolve_objective, rung_budgets, steps_for
@@ -449,7 +450,9 @@ class Study:
         return total
 
     def _setup_energy(self, fresh: bool) -> None:
-        self.meter = make_meter(self.spec.energy_method, nvml=self._nvml, watts_per_core=self.spec.watts_per_core, gpus=self._gpus, backend="gpu" if self._gpus else None)
+        # Default: this process's GPUs on the trials axis (none on a CPU backend).
+        gpus = self._gpus if self._gpus is not None else jax_gpus([d for d in self.placement.devices if d.process_index == jax.process_index()])
+        self.meter = make_meter(self.spec.energy_method, nvml=self._nvml, watts_per_core=self.spec.watts_per_core, gpus=gpus or None, backend="gpu" if self._gpus else None)
         if jax.process_count() > 1:
             self.meter = DistributedMeter(self.meter)  # every process's devices, in every window
         self.monitor = EnergyMonitor(self.meter)
@@ -796,6 +799,7 @@ class Study:
             "wall_seconds_this_attempt": wall_seconds, "attempts": max((r.get("attempt", 0) for r in everything), default=0),
             "decisions": progress.decisions, "finalists": progress.finalists, "infeasible": progress.infeasible, "hardware": progress.hardware,
             "metric_name": get_task(self._dataset.task).metric_name, "num_configs": len(self.configs),
+            "placement": {"devices": [str(d) for d in self.placement.devices], "processes": jax.process_count(), "platform": self.placement.devices[0].platform},
         }
         totals = [g["joules"] for g in by_phase.values()]
         out["total_joules"] = None if any(t is None for t in totals) else float(sum(totals))

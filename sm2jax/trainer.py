@@ -12,7 +12,13 @@ inactive rows (``trial_id == -1``, ``active == False``). One call of :meth:`Coho
               trial's hyperparameters) -> NaN/inf guard
 
 Survivor selection gathers rows on the host and re-chunks them (:func:`chunk_rows`): the chunk count
-and the padding change, the programs do not. Three programs serve a cohort:
+and the padding change, the programs do not.
+
+Devices. A chunk is sharded over the ``trials`` axis of the trainer's
+:class:`~sm2jax.placement.Placement` (``jax.shard_map``): each device runs the vmapped loop above on
+its own ``W / n`` rows, with no collective; the data set is replicated. A device whose rows are all
+inactive skips the call (``lax.cond``), so padding costs no computation. Training donates the chunk's
+buffers: a device holds one copy of its rows. Three programs serve a cohort:
 
 * ``init``: one trial, no trial axis (keys derived inside from ``(seed, trial_id)``); shared by every
   cohort with the same model, optimizer and input shape (batch size and dropout do not change it).
@@ -363,7 +369,13 @@ class CohortTrainer:
                 ts, loss_sum, count, last = jax.lax.fori_loop(0, num_steps, body, init)
                 return ts, TrainMetrics(jnp.where(count > 0, loss_sum / jnp.maximum(count, 1), jnp.nan), last)
 
-            return _map_trials(run_trial, state)
+            if self.placement.size == 1:
+                return _map_trials(run_trial, state)
+            # A device whose rows are all inactive (padding, or diverged trials) skips the whole call:
+            # padding costs no computation, and no energy, on its device.
+            w = state.step.shape[0]
+            idle = lambda s: (s, TrainMetrics(jnp.full(w, jnp.nan, jnp.float32), jnp.full(w, jnp.nan, jnp.float32)))  # noqa: E731
+            return jax.lax.cond(jnp.any(state.active), lambda s: _map_trials(run_trial, s), idle, state)
 
         # Each device trains its own rows: no collective (the data set and num_steps are replicated).
         return self.placement.map_rows(rows, state, num_steps, x_all, y_all, replicated=3)

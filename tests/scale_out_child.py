@@ -46,7 +46,20 @@ def main(out_dir: str) -> dict:
     state_bytes = sum(a.nbytes for a in jax.tree.leaves(chunk))
     memory = train.memory_analysis()
     psum = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, "trials"), mesh=placement.mesh, in_specs=jax.P("trials"), out_specs=jax.P())).lower(np.ones(4, np.float32)).compile()
+    # One real trial on 4 devices: the 3 padding devices skip the call (a branch, not a select).
+    (lone,) = chunk_rows(jax.tree.map(lambda a: a[:1], trainer.init_rows()), 4, placement)
+    before = jax.device_get(lone)
+    lone, _ = trainer.train(lone, 5)
+    after = jax.device_get(lone)
+    (together,) = chunk_rows(trainer.init_rows(), 8, placement)
+    together = jax.device_get(trainer.train(together, 5)[0])
+    report["padding"] = {
+        "steps": after.step.tolist(), "trial_ids": after.trial_id.tolist(),
+        "padding_params_unchanged": all(bool(np.array_equal(a[1:], b[1:])) for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(before.params))),
+        "real_row_max_diff": max(float(np.abs(a[0] - b[0]).max()) for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(together.params))),
+    }
     report["programs"] = {
+        "train_has_branch": " conditional(" in train.as_text(),
         "train_collectives": collectives_in(train), "eval_collectives": collectives_in(evaluate), "psum_collectives": collectives_in(psum),
         "state_bytes": int(state_bytes), "alias_bytes": int(memory.alias_size_in_bytes),
         "state_sharding": str(chunk.step.sharding.spec), "shard_rows": [int(s.data.shape[0]) for s in chunk.step.addressable_shards],

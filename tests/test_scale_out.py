@@ -24,7 +24,17 @@ HERE = os.path.dirname(__file__)
 
 
 def _env(devices: int) -> dict:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.path.dirname(HERE)}
+    """A subprocess on ``devices`` CPU devices (CPU even on a machine with a GPU)."""
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.path.dirname(HERE)}
+
+
+def _reference(directory, spec: StudySpec) -> dict:
+    """The uninterrupted study on one CPU device (a subprocess, so that it runs on the CPU where the
+    others do, whatever this machine's default device)."""
+    Study(directory, spec, progress=False)  # writes spec.json
+    out = subprocess.run([sys.executable, "-m", "sm2jax.cli", "resume", str(directory), "--no-progress", "--json"], env=_env(1), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
 
 
 def _decisions(results) -> list:
@@ -59,6 +69,35 @@ def test_the_sharded_step_has_no_collective_and_donates_its_state(four_devices):
     assert p["state_sharding"] == "P('trials',)" and p["shard_rows"] == [2, 2, 2, 2]  # 8 rows, 2 per device
     # XLA reports per device: each device's rows are aliased input -> output (one copy of the state).
     assert p["alias_bytes"] * 4 >= 0.99 * p["state_bytes"]
+
+
+def test_a_device_with_only_padding_skips_the_step(four_devices):
+    p = four_devices["padding"]
+    assert four_devices["programs"]["train_has_branch"]
+    assert p["trial_ids"] == [0, -1, -1, -1] and p["steps"] == [5, 0, 0, 0]
+    assert p["padding_params_unchanged"]
+    assert p["real_row_max_diff"] <= 1e-6  # trial 0 trains as it does among 7 real neighbours
+
+
+def test_request_cpu_devices_respects_xla_flags(monkeypatch):
+    from sm2jax.placement import MAX_CPU_DEVICES, request_cpu_devices
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+    assert request_cpu_devices() is None and os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    assert request_cpu_devices(2) == 2
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_fast_math=false --xla_force_host_platform_device_count=2"
+    monkeypatch.delenv("XLA_FLAGS")
+    n = request_cpu_devices()
+    assert 1 <= n <= MAX_CPU_DEVICES and os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count={n}"
+    with pytest.raises(ValueError, match="at least 1"):
+        request_cpu_devices(0)
+
+
+def test_too_many_devices_is_a_one_line_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "sm2jax.cli", "run", "--quick", "--dir", str(tmp_path / "s"), "--devices", "3", "--no-progress"], env=_env(2), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["sm2jax: error: devices: 3 requested, 2 available (cpu); pass a count from 1 to 2, or none for all (--debug shows the traceback)"]
 
 
 def test_each_trial_is_charged_by_the_device_its_rows_ran_on(four_devices):
@@ -101,7 +140,7 @@ def _spec(**kw) -> StudySpec:
 
 def test_checkpointed_on_four_devices_resumes_on_two_with_the_same_decisions(tmp_path):
     spec = _spec()
-    reference = Study(tmp_path / "ref", spec, progress=False).run()  # one device, uninterrupted
+    reference = _reference(tmp_path / "ref", spec)
     killed = tmp_path / "killed"
     Study(killed, spec, progress=False)  # writes spec.json
     proc = subprocess.Popen([sys.executable, "-m", "sm2jax.cli", "resume", str(killed), "--no-progress", "--compile-cache", "off"], env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -136,7 +175,7 @@ def _free_port() -> int:
 
 def test_two_processes_run_one_study_with_one_ledger_and_one_result(tmp_path):
     spec = _spec(max_budget=3)
-    reference = Study(tmp_path / "ref", spec, progress=False).run()
+    reference = _reference(tmp_path / "ref", spec)
     shared = tmp_path / "shared"
     Study(shared, spec, progress=False)  # spec.json, as `sm2jax run` would write it
     port = _free_port()
@@ -151,6 +190,7 @@ def test_two_processes_run_one_study_with_one_ledger_and_one_result(tmp_path):
     assert _decisions(results[0]) == _decisions(results[1]) == _decisions(reference)
     written = json.loads((shared / "results.json").read_text())
     assert _decisions(written) == _decisions(reference)
+    assert written["placement"]["processes"] == 2 and len(written["placement"]["devices"]) == 4
     for t in reference["trials"]:
         mine = next(x for x in written["trials"] if x["trial_id"] == t["trial_id"])
         assert mine["score"] == pytest.approx(t["score"], abs=1e-6)

@@ -261,8 +261,8 @@ def jax_gpus(devices: list[Any] | None = None) -> list[dict[str, Any]]:
     """The GPUs among ``devices`` and what identifies each to NVML, whose numbering ignores
     ``CUDA_VISIBLE_DEVICES``: the device's PCI bus id where JAX exposes it, else the UUID or index
     that ``CUDA_VISIBLE_DEVICES`` names for it (an index assumes ``CUDA_DEVICE_ORDER=PCI_BUS_ID``,
-    NVML's order), else its ordinal. ``devices`` defaults to JAX's default device, the one a study
-    computes on (its trial axis is not sharded over devices); empty when that is not a GPU."""
+    NVML's order), else its ordinal. ``devices`` defaults to JAX's default device (a study passes
+    the devices of its trials axis); empty when none is a GPU."""
     import jax
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
