@@ -8,7 +8,9 @@ All sides train the same K configurations for the same number of epochs on the s
 * ``loop-steps``: for every step, for every trial, one dispatch of sm2jax's own single-trial program
   (the naive loop; shows what dispatch amortisation is worth);
 * ``cohort``: sm2jax's chunks at the width its probe chooses among :func:`sm2jax.runner.probe_candidates`
-  (ceil(K / width) dispatches of one width-wide program for all the steps).
+  (ceil(K / width) dispatches of one width-wide program for all the steps), on one device;
+* ``cohort-all-devices``: the same over every device's ``trials`` axis (on a CPU, one XLA host device
+  per core, what ``sm2jax run`` uses), widths multiples of the device count.
 
 Compilation is excluded from all sides. They are timed alternately (``--repeats`` rounds, best of
 each) because this machine is shared and noisy; the ratios are what to read. The acceptance bar is
@@ -34,6 +36,7 @@ from _results import write_rows, write_table
 
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.data import load_digits
+from sm2jax.placement import Placement, request_cpu_devices
 from sm2jax.runner import probe_candidates
 from sm2jax.space import LogUniform, SearchSpace
 from sm2jax.trainer import CohortTrainer, chunk_rows
@@ -89,8 +92,23 @@ def bench(model_name: str, trials: int, batch_size: int, epochs: int, repeats: i
         chunks[:] = [trainer.train(c, steps)[0] for c in chunks]
         return chunks
 
-    best = {"loop-epochs": np.inf, "loop-steps": np.inf, "cohort": np.inf}
+    # The same cohort on every device (on a CPU: one XLA host device per core, as `sm2jax run` uses).
+    placement = Placement.create()
+    n = placement.size
+    if n > 1:
+        spread = CohortTrainer(cohort, ds, schedule_steps=10 * epochs * ds.num_train // batch_size, placement=placement)
+        widths = [n * c for c in probe_candidates(max(trials // n, 1))]
+        probe_all = spread.probe_width({w: chunk_rows(jax.tree.map(lambda a: a[:w], rows), w, placement)[0] for w in widths}, steps=max(4, trainer.steps_per_epoch // 4))
+        spread_chunks = jax.block_until_ready([spread.train(c, 1)[0] for c in chunk_rows(rows, probe_all.chosen, placement)])
+
+        def run_spread():
+            spread_chunks[:] = [spread.train(c, steps)[0] for c in spread_chunks]
+            return spread_chunks
+
     runs = {"loop-epochs": run_loop_epochs, "loop-steps": run_loop_steps, "cohort": run_cohort}
+    if n > 1:
+        runs["cohort-all-devices"] = run_spread
+    best = {name: np.inf for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
             best[name] = min(best[name], _time(fn))
@@ -99,14 +117,16 @@ def bench(model_name: str, trials: int, batch_size: int, epochs: int, repeats: i
         "model": model_name, "trials": trials, "batch_size": batch_size, "epochs": epochs, "steps": steps,
         "width": probe.chosen, "probe": probe.to_json(), **{f"{k}_samples_per_s": samples / v for k, v in best.items()},
         "speedup_vs_loop_epochs": best["loop-epochs"] / best["cohort"], "speedup_vs_loop_steps": best["loop-steps"] / best["cohort"],
-        "backend": jax.default_backend(),
+        "backend": jax.default_backend(), "devices": n,
+        **({"width_all_devices": probe_all.chosen, "speedup_all_devices_vs_loop_epochs": best["loop-epochs"] / best["cohort-all-devices"]} if n > 1 else {}),
     }
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model (digits, 64 inputs) | trials | batch | chosen width | cohort vs loop of jitted epochs | cohort vs loop of jitted steps |", "|---|---|---|---|---|---|"]
+    lines = ["| model (digits, 64 inputs) | trials | batch | chosen width (1 device) | cohort vs loop of jitted epochs | cohort vs loop of jitted steps | devices | chosen width (all devices) | all devices vs loop of jitted epochs |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['trials']} | {r['batch_size']} | {r['width']} | {r['speedup_vs_loop_epochs']:.2f}x | {r['speedup_vs_loop_steps']:.2f}x |")
+        spread = f"{r['devices']} | {r['width_all_devices']} | {r['speedup_all_devices_vs_loop_epochs']:.2f}x" if r["devices"] > 1 else "1 | - | -"
+        lines.append(f"| {r['model']} | {r['trials']} | {r['batch_size']} | {r['width']} | {r['speedup_vs_loop_epochs']:.2f}x | {r['speedup_vs_loop_steps']:.2f}x | {spread} |")
     return "\n".join(lines)
 
 
@@ -117,9 +137,11 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cpu-devices", type=int, help="XLA host devices on a CPU (default: one per core, as `sm2jax run`)")
     parser.add_argument("--json", type=pathlib.Path, help="write the rows here")
     parser.add_argument("--markdown", type=pathlib.Path, help="write the table here")
     args = parser.parse_args(argv)
+    request_cpu_devices(args.cpu_devices)  # before JAX starts; the loops and the 1-device cohort use device 0
     rows = []
     for name in args.models:
         row = bench(name, args.trials, args.batch_size, args.epochs, args.repeats)
