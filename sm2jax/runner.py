@@ -18,11 +18,8 @@ Width policy (:class:`WidthPolicy`), all choices recorded in :attr:`CohortRunner
    instead of 7.2 s. It holds for full search too (every row kept): MNIST-1D 50,000, 12
    configurations x 9 epochs, 36.6 s from width 1 against 46.3 s from width 6 (training 32.0 s
    against 33.6 s). Nothing fits: the cohort is infeasible.
-2. **Spread, then probe, only when it pays.** On a CPU with several host devices (one per core), a
-   cohort starts on the first device; after its first window it moves to all of them, one row per
-   device, if its predicted remaining training :math:`T` (below) exceeds ``spread_payoff`` times its
-   programs' compile time (no width probe follows). Otherwise the width probe: after the first
-   training window, the cohort's remaining training time is predicted as :math:`T = S \\cdot t_W / W` (``S`` planned trial-steps, ``t_W`` the
+2. **Probe only when it pays.** After the first training window, the cohort's remaining training
+   time is predicted as :math:`T = S \\cdot t_W / W` (``S`` planned trial-steps, ``t_W`` the
    measured seconds per step of a W-wide chunk). Probing compiles the other candidates (1, the
    powers of four and the widest width; those that do not fit in memory are skipped), each
    costing about the measured compile time :math:`c_W` of the current program. It runs only if
@@ -201,12 +198,6 @@ class WidthPolicy:
       probe: allow measuring narrower widths.
       narrow: allow a narrower program for fewer survivors (off in a multi-process study, whose
         processes must take the same decision and do not share a clock).
-      spread_payoff: a cohort that started on one of several CPU devices moves to all of them only
-        when its predicted training exceeds this many times the compile time of its programs (the
-        sharded programs cost about as much again). Measured on 2 cores: one row per device trained
-        1.5-1.7x as fast as width 1 on one device (MLP 256x256, batch 32), so at 4 the move gains
-        about a third of the training it steers, more than its compilation costs; compile-bound
-        studies (digits: 0.1 s of training) stay on one device, whose programs compile faster.
       start: ``narrowest`` (width 1, probing wider widths), ``widest`` (the widest that fits,
         probing narrower ones) or ``auto``: narrowest on CPU backends, widest on accelerators.
       payoff: the probe runs only when predicted training time exceeds ``payoff`` times its
@@ -224,7 +215,6 @@ class WidthPolicy:
     probe: bool = True
     narrow: bool = True
     payoff: float | None = None
-    spread_payoff: float = 4.0
     start: str = "auto"
 
     def __post_init__(self):
@@ -270,11 +260,9 @@ class CohortRunner:
       policy: the width policy.
       rate_seconds: measured seconds per step of a chunk, per width (restored on resume).
       probe_pending: whether the probe decision is still to be taken.
-      spread: while the cohort trains on one of several devices, builds its trainer over all of
-        them (step 2 of the policy decides whether to).
     """
 
-    def __init__(self, spec: CohortSpec, trainer: CohortTrainer, rows: CohortState, width: int, metering: Metering, policy: WidthPolicy, *, rate_seconds: dict[int, float] | None = None, probe_pending: bool = False, choices: list[dict] | None = None, spread: Callable[[], CohortTrainer] | None = None):
+    def __init__(self, spec: CohortSpec, trainer: CohortTrainer, rows: CohortState, width: int, metering: Metering, policy: WidthPolicy, *, rate_seconds: dict[int, float] | None = None, probe_pending: bool = False, choices: list[dict] | None = None):
         self.spec = spec
         self.trainer = trainer
         self.trial_ids = [int(t) for t in np.asarray(rows.trial_id)]
@@ -287,12 +275,11 @@ class CohortRunner:
         self.probe_pending = probe_pending
         self.choices: list[dict[str, Any]] = list(choices or [])
         self._proven: set[int] = set()  # widths that trained a window without running out of memory
-        self.spread = spread  # builds the trainer over every device, while the cohort is on one
 
     # ---------------------------------------------------------------------------------- creation
 
     @classmethod
-    def create(cls, spec: CohortSpec, trainer: CohortTrainer, metering: Metering, policy: WidthPolicy, spread: Callable[[], CohortTrainer] | None = None) -> tuple[CohortRunner | None, list[str]]:
+    def create(cls, spec: CohortSpec, trainer: CohortTrainer, metering: Metering, policy: WidthPolicy) -> tuple[CohortRunner | None, list[str]]:
         """Initialises every trial and finds the widest width that fits (step 1 of the policy),
         inside one compile window. Returns ``(runner, notes)``; ``runner`` is ``None`` when even
         width 1 does not fit (``notes`` say why)."""
@@ -322,8 +309,7 @@ class CohortRunner:
         if width is None:
             metering.record(metering.end(window), phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k), kind="compile")
             return None, notes
-        pending = policy.probe and (spread is not None or (widest > placement.size if narrow else width > placement.size))
-        runner = cls(spec, trainer, rows, width, metering, policy, probe_pending=pending, spread=spread)
+        runner = cls(spec, trainer, rows, width, metering, policy, probe_pending=policy.probe and (widest > placement.size if narrow else width > placement.size))
         trainer.compile_eval(runner.chunks[0])
         reading = metering.end(window, runner.chunks)
         metering.record(reading, phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k), kind="compile")
@@ -465,13 +451,6 @@ class CohortRunner:
         w = self.width
         t_w = self.step_seconds[w]
         predicted = planned_trial_steps * t_w / w
-        if self.spread is not None:
-            make, self.spread = self.spread, None
-            cost = self.compile_seconds("train") + self.compile_seconds("eval")
-            if predicted > self.policy.spread_payoff * cost:
-                self._spread_over_devices(make, predicted, cost)
-                return
-            self._choose(w, f"kept on one device: predicted training {predicted:.2f} s <= {self.policy.spread_payoff:g} x predicted compile {cost:.2f} s", predicted_train_s=predicted, predicted_compile_s=cost)
         n = self.placement.size
         widest = self.placement.round_width(min(self.policy.max_width or self.k, self.k))
         candidates = [n * c for c in probe_candidates(max(w, widest) // n) if n * c != w and n * c <= widest]
@@ -514,19 +493,6 @@ class CohortRunner:
         self._set_width(probe.chosen)
         self._choose(probe.chosen, "fastest measured width", samples_per_second={str(c): r for c, r in probe.samples_per_second.items()}, compile_seconds=compile_s, predicted_train_s=predicted)
         self.compile()  # evaluation at the chosen width
-
-    def _spread_over_devices(self, make: Callable[[], CohortTrainer], predicted: float, cost: float) -> None:
-        """Moves the cohort from one device to every device, one row per device (CPU policy),
-        compiling the sharded programs in a compile window."""
-        rows = self.rows()
-        self.trainer = make()
-        self.placement = self.trainer.placement
-        self.width = self.placement.size
-        self.chunks = chunk_rows(rows, self.width, self.placement)
-        self.step_seconds, self._proven = {}, set()  # one device's rates do not carry over
-        self._choose(self.width, f"spread over {self.placement.size} devices, one row each: predicted training {predicted:.2f} s > {self.policy.spread_payoff:g} x predicted compile {cost:.2f} s",
-                     predicted_train_s=predicted, predicted_compile_s=cost, devices=self.placement.size)
-        self.compile()
 
     def narrow_for_survivors(self, planned_trial_steps: float) -> None:
         """Step 3 of the policy: a narrower program for fewer survivors, only if it pays."""

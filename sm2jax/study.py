@@ -384,14 +384,13 @@ class Study:
         self._nvml = nvml
         self._gpus = gpus
         self._dataset = dataset
-        self._on_device: dict[tuple, dict[str, Any]] = {}
+        self._on_device = None
         self.configs = {c.trial_id: c for c in spec.configs()}  # a bad space fails here, before anything is written
         if not self.configs:
             raise ValueError("the search space produced no configuration")
         claim_directory(self.directory, spec.to_json())
         barrier("sm2jax-claim")  # spec.json is written (by process 0) before any process reads on
         self.placement = Placement.create(devices)
-        self.first_device = Placement.create(self.placement.devices[:1])
         # Several processes must take identical decisions: a width chosen from a process's own
         # clock (probe, narrowing) could differ between them, so there the width stays as started.
         single = jax.process_count() == 1
@@ -420,26 +419,19 @@ class Study:
             self._dataset = ds
         return self._dataset
 
-    def _device_data(self, placement: Placement) -> dict[str, Any]:
-        """The data set on ``placement``'s devices (replicated on each), once per study and placement:
-        every cohort reads the same arrays."""
-        if placement.key not in self._on_device:
-            self._on_device[placement.key] = device_put_dataset(self._load_data(), placement=placement if placement.size > 1 else None)
-        return self._on_device[placement.key]
+    def _device_data(self) -> dict[str, Any]:
+        """The data set on the devices (replicated on each), once per study: every cohort reads the
+        same arrays."""
+        if self._on_device is None:
+            self._on_device = device_put_dataset(self._load_data(), placement=self.placement if self.placement.size > 1 else None)
+        return self._on_device
 
     def _steps(self, budget: float, batch_size: int) -> int:
         """Training steps that a cumulative ``budget`` means at ``batch_size``."""
         return steps_for(budget, self.spec.budget_unit, batch_size, self._load_data().num_train // batch_size)
 
-    def _trainer(self, cohort: CohortSpec, placement: Placement | None = None) -> CohortTrainer:
-        placement = placement or self.placement
-        return CohortTrainer(cohort, self._load_data(), schedule_steps=self._steps(self.spec.max_budget, cohort.signature.batch_size), device_data=self._device_data(placement), placement=placement)
-
-    def _starts_on_one_device(self) -> bool:
-        """On a CPU backend (narrow start) with several host devices, a cohort starts on one device
-        and spreads over all of them only when its predicted training pays for the sharded programs'
-        compilation (see :mod:`sm2jax.runner`). Not in a multi-process study: all processes train."""
-        return self.placement.size > 1 and self.policy.probe and self.policy.starts_narrow() and jax.process_count() == 1
+    def _trainer(self, cohort: CohortSpec) -> CohortTrainer:
+        return CohortTrainer(cohort, self._load_data(), schedule_steps=self._steps(self.spec.max_budget, cohort.signature.batch_size), device_data=self._device_data(), placement=self.placement)
 
     def _planned_trial_steps(self, runner: CohortRunner, from_phase: int) -> float:
         """Trial-steps the study still plans for ``runner`` from ``from_phase`` on, if successive
@@ -497,14 +489,12 @@ class Study:
         (a batch larger than the data, no width fits in memory) instead of raising."""
         ids = [c.trial_id for c in cohort_spec.configs]
         try:
-            one = self._starts_on_one_device()
-            trainer = self._trainer(cohort_spec, self.first_device if one else None)
+            trainer = self._trainer(cohort_spec)
         except ValueError as err:  # e.g. a batch larger than the data set
             for i in ids:
                 progress.infeasible[str(i)] = str(err)
             return None
-        spread = functools.partial(self._trainer, cohort_spec, self.placement) if one else None
-        runner, notes = CohortRunner.create(cohort_spec, trainer, self.metering, self.policy, spread=spread)
+        runner, notes = CohortRunner.create(cohort_spec, trainer, self.metering, self.policy)
         if runner is None:
             for i in ids:
                 progress.infeasible[str(i)] = f"does not fit in device memory even alone: {notes[-1]}"
@@ -715,10 +705,8 @@ class Study:
             return []
         by_name = {c.name: c for c in group_into_cohorts(list(self.configs.values()))}
         trainers, abstract = {}, {}
-        one = {}  # cohorts that were still on one device (and may spread later)
         for name, ids in progress.alive.items():
-            one[name] = progress.runners[name].get("devices", 1) == 1 and self._starts_on_one_device()
-            trainers[name] = self._trainer(by_name[name], self.first_device if one[name] else None)
+            trainers[name] = self._trainer(by_name[name])
             # Each process reads every row onto one of its own devices: rows are re-chunked over
             # this run's devices below, however many the study was checkpointed on.
             local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -734,12 +722,11 @@ class Study:
             if [int(t) for t in np.asarray(rows.trial_id)] != ids:
                 raise CheckpointError(f"checkpoint rows of {name} do not match the recorded survivors")
             saved = progress.runners[name]
-            same_devices = saved.get("devices", 1) == trainers[name].placement.size  # rates measured on other devices do not carry over
+            same_devices = saved.get("devices", 1) == self.placement.size  # rates measured on other devices do not carry over
             runners.append(CohortRunner(
                 by_name[name], trainers[name], rows, saved["width"], self.metering, self.policy,
                 rate_seconds={int(w): s for w, s in saved["step_seconds"].items()} if same_devices else None, probe_pending=saved["probe_pending"],
                 choices=progress.hardware.get(name, {}).get("choices", []),
-                spread=functools.partial(self._trainer, by_name[name], self.placement) if one[name] and saved["probe_pending"] else None,
             ))
         return runners
 

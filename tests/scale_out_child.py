@@ -3,7 +3,6 @@ fixed when JAX starts, so it cannot be changed inside the test process). Prints 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -36,17 +35,6 @@ def main(out_dir: str) -> dict:
             "decisions": [(d["phase"], d["trial_id"], d["kept"]) for d in r["decisions"]],
             "widths": {name: h["width"] for name, h in r["hardware"].items()},
             "ledger_trials": sorted({rec["trial_id"] for rec in read_ledger(os.path.join(out_dir, f"d{n}", "ledger.jsonl")) if rec["type"] == "trial"}),
-        }
-
-    # CPU policy: a cohort starts on one of the devices and spreads over all of them when that pays
-    # (here forced both ways through the policy's threshold).
-    for name, payoff in (("spread", 0.0), ("kept", float("inf"))):
-        study = Study(os.path.join(out_dir, name), dataclasses.replace(spec, width_start="narrowest", probe_width=True), devices=4, progress=False)
-        study.policy = dataclasses.replace(study.policy, spread_payoff=payoff)
-        r = study.run()
-        report[name] = {
-            "scores": {t["trial_id"]: t["score"] for t in r["trials"]}, "selected": r["selected"]["trial_id"],
-            "choices": [(c["width"], c["reason"].split(":")[0], c.get("devices")) for h in r["hardware"].values() for c in h["choices"]],
         }
 
     # The compiled programs of a 4-device cohort: per-device, with donated state.

@@ -71,19 +71,6 @@ def test_the_sharded_step_has_no_collective_and_donates_its_state(four_devices):
     assert p["alias_bytes"] * 4 >= 0.99 * p["state_bytes"]
 
 
-def test_a_cpu_cohort_spreads_over_the_devices_only_when_it_pays(four_devices):
-    one, spread, kept = four_devices["d1"], four_devices["spread"], four_devices["kept"]
-    for run in (spread, kept):
-        assert run["selected"] == one["selected"]
-        for t, score in one["scores"].items():
-            assert run["scores"][t] == pytest.approx(score, abs=1e-6)
-    # Each cohort started at width 1 on one device, then moved to 4 devices, one row each ...
-    assert [tuple(c) for c in spread["choices"] if c[2] == 4] == [(4, "spread over 4 devices, one row each", 4)] * 2
-    assert all(c[0] == 1 for c in spread["choices"] if c[2] is None and c[1].startswith("narrowest"))
-    # ... or stayed there, saying why.
-    assert sum(c[1] == "kept on one device" for c in kept["choices"]) == 2 and all(c[0] == 1 for c in kept["choices"])
-
-
 def test_a_device_with_only_padding_skips_the_step(four_devices):
     p = four_devices["padding"]
     assert four_devices["programs"]["train_has_branch"]
