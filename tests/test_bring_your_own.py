@@ -1,11 +1,9 @@
 """Own models, data sets and losses, registered from Python, through a whole study, a kill and a resume."""
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +11,8 @@ import numpy as np
 import pytest
 
 import sm2jax
-from sm2jax.energy import read_ledger
+from kill import kill_mid_phase
+
 from sm2jax.space import LogUniform, SearchSpace
 from sm2jax.study import Study, StudySpec, read_spec, registering_modules
 from sm2jax.trainer import CohortTrainer, chunk_rows
@@ -99,15 +98,7 @@ def test_own_model_data_and_loss_run_are_killed_and_resume(tmp_path, extension):
     killed = tmp_path / "killed"
     Study(killed, spec, progress=False)  # writes spec.json
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sm2jax.cli", "resume", str(killed), "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if any(r["phase"] == "rung-2" for r in read_ledger(killed / "ledger.jsonl")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    kill_mid_phase(killed, env=env)
     assert (killed / "progress" / "phase-1.json").exists() and not (killed / "progress" / "phase-2.json").exists()
 
     resumed = Study(killed, progress=False).run()

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
+
+from kill import kill_mid_phase
 
 from sm2jax.energy import read_ledger
 from sm2jax.energy.ledger import attribute_by_device
@@ -143,15 +143,7 @@ def test_checkpointed_on_four_devices_resumes_on_two_with_the_same_decisions(tmp
     reference = _reference(tmp_path / "ref", spec)
     killed = tmp_path / "killed"
     Study(killed, spec, progress=False)  # writes spec.json
-    proc = subprocess.Popen([sys.executable, "-m", "sm2jax.cli", "resume", str(killed), "--no-progress", "--compile-cache", "off"], env=_env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if any(r["phase"] == "rung-2" for r in read_ledger(killed / "ledger.jsonl")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    kill_mid_phase(killed, env=_env(4), args=("--compile-cache", "off"))
     progress = json.loads((killed / "progress" / "phase-0.json").read_text())
     assert {r["devices"] for r in progress["runners"].values()} == {4}  # it ran on 4 devices
     assert all(r["width"] % 4 == 0 for r in progress["runners"].values())
