@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -165,15 +167,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_processes(directory) -> list[subprocess.Popen]:
+    """``sm2jax resume directory`` as processes 0 and 1 of one study (2 CPU devices each)."""
+    port = _free_port()
+    return [subprocess.Popen([sys.executable, "-m", "sm2jax.cli", "resume", str(directory), "--no-progress", "--json", "--compile-cache", "off",
+                              "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                             env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+
+
 def test_two_processes_run_one_study_with_one_ledger_and_one_result(tmp_path):
     spec = _spec(max_budget=3)
     reference = _reference(tmp_path / "ref", spec)
     shared = tmp_path / "shared"
     Study(shared, spec, progress=False)  # spec.json, as `sm2jax run` would write it
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "sm2jax.cli", "resume", str(shared), "--no-progress", "--json", "--compile-cache", "off",
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = _two_processes(shared)
     outs = [p.communicate(timeout=400) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -202,3 +209,33 @@ def test_two_processes_run_one_study_with_one_ledger_and_one_result(tmp_path):
             if any(r["steps"] for r in on):
                 assert sum(r["joules"] for r in on) == pytest.approx(w["per_device"][key], rel=1e-9)
     assert np.isfinite(written["total_joules"]) and written["total_joules"] > 0
+
+
+def test_two_processes_killed_mid_rung_resume_together(tmp_path):
+    spec = _spec()
+    reference = _reference(tmp_path / "ref", spec)
+    shared = tmp_path / "shared"
+    Study(shared, spec, progress=False)
+    procs = _two_processes(shared)
+    deadline = time.time() + 240
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if any(r["phase"] == "rung-2" for r in read_ledger(shared / "ledger.jsonl")):
+            for p in procs:
+                p.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    for p in procs:
+        p.communicate(timeout=60)
+    assert [p.returncode for p in procs] == [-signal.SIGKILL] * 2
+    assert not (shared / "progress" / "phase-2.json").exists()  # mid rung-2
+
+    procs = _two_processes(shared)
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    for out, _ in outs:
+        resumed = json.loads(out[out.index("{"):])
+        assert resumed["attempts"] == 2
+        assert _decisions(resumed) == _decisions(reference)
+        assert resumed["selected"]["trial_id"] == reference["selected"]["trial_id"]
+    assert {r.get("attempt") for r in read_ledger(shared / "ledger.jsonl")} == {1, 2}  # the killed attempt's energy is kept
