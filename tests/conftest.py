@@ -7,7 +7,11 @@ under ``jax.numpy_dtype_promotion("strict")`` in ``test_strict_dtypes.py``.
 
 import os
 
+# In-process tests run on one device (their widths and program counts are for one device), on a
+# CPU-only machine or one with several GPUs alike; multi-device behaviour is tested in subprocesses
+# with CPU devices (test_scale_out.py).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "0")
 
 import jax
 import pytest
