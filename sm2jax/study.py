@@ -423,7 +423,7 @@ class Study:
         """The data set on the devices (replicated on each), once per study: every cohort reads the
         same arrays."""
         if self._on_device is None:
-            self._on_device = device_put_dataset(self._load_data(), placement=self.placement if self.placement.size > 1 else None)
+            self._on_device = device_put_dataset(self._load_data(), placement=self.placement)
         return self._on_device
 
     def _steps(self, budget: float, batch_size: int) -> int:

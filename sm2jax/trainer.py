@@ -245,7 +245,7 @@ class CohortTrainer:
             raise ValueError(f"augment {sig.augment!r} needs image examples [H, W, C]; {dataset.name!r} has examples of shape {dataset.input_shape}: use augment='none'")
         self.schedule_steps = int(schedule_steps)
         self.placement = placement or default_placement()
-        self.data = device_data if device_data is not None else device_put_dataset(dataset, eval_batch_size, self.placement if self.placement.size > 1 else None)
+        self.data = device_data if device_data is not None else device_put_dataset(dataset, eval_batch_size, self.placement)
 
         def build(key):
             return build_model(sig.model_spec, dataset.input_shape, dataset.num_outputs, dropout=sig.dropout, dtype=sig.dtype, key=key)
