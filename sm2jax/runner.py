@@ -81,6 +81,17 @@ def is_oom(err: Exception) -> bool:
     return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
 
 
+def train_program_bytes(trainer: CohortTrainer, chunk: CohortState) -> float | None:
+    """Bytes the training program of ``chunk``'s width needs (compiling it): XLA's memory
+    analysis, ``inf`` when compiling runs out of memory, ``None`` when the backend reports nothing."""
+    try:
+        return compiled_memory_bytes(trainer.compile_train(chunk))
+    except Exception as err:  # noqa: BLE001
+        if not is_oom(err):
+            raise
+        return math.inf
+
+
 class Metering:
     """Energy windows of a study written to its ledger, at the meter's resolution.
 
@@ -225,6 +236,10 @@ class WidthPolicy:
         """``auto``: narrowest on a CPU backend, widest on accelerators (see the module docstring)."""
         return self.start == "narrowest" or (self.start == "auto" and jax.default_backend() == "cpu")
 
+    def fits(self, need: float | None) -> bool:
+        """Whether a program needing ``need`` bytes (``None``: unknown) fits the memory limit."""
+        return self.memory_limit is None or need is None or need <= self.memory_limit
+
     def probe_payoff(self) -> float:
         return self.payoff if self.payoff is not None else 10.0 if self.starts_narrow() else 5.0
 
@@ -295,14 +310,8 @@ class CohortRunner:
         narrow = policy.starts_narrow()
         # One row per device at the narrowest; every width is a multiple of the device count.
         for w in [placement.size] if narrow else sorted({placement.round_width(widest // 2**i) for i in range(widest.bit_length())}, reverse=True):
-            probe_chunk = chunk_rows(jax.tree.map(lambda a: a[:w], rows), w, placement)[0]
-            try:
-                need = compiled_memory_bytes(trainer.compile_train(probe_chunk))
-            except Exception as err:  # noqa: BLE001
-                if not is_oom(err):
-                    raise
-                need = math.inf
-            if policy.memory_limit is None or need is None or need <= policy.memory_limit:
+            need = train_program_bytes(trainer, chunk_rows(jax.tree.map(lambda a: a[:w], rows), w, placement)[0])
+            if policy.fits(need):
                 width = w
                 break
             notes.append(f"width {w} needs {need / 2**20:.1f} MiB > {policy.memory_limit / 2**20:.1f} MiB")
@@ -465,13 +474,7 @@ class CohortRunner:
         t0 = time.perf_counter()
         by_width = {c: chunk_rows(jax.tree.map(lambda a: a[:c], rows), c, self.placement)[0] for c in [*candidates, w]}
         for c in candidates:
-            try:
-                need = compiled_memory_bytes(self.trainer.compile_train(by_width[c]))
-            except Exception as err:  # noqa: BLE001
-                if not is_oom(err):
-                    raise
-                need = math.inf
-            if self.policy.memory_limit is not None and need is not None and need > self.policy.memory_limit:
+            if not self.policy.fits(train_program_bytes(self.trainer, by_width[c])):
                 del by_width[c]  # a wider candidate that does not fit is not measured
         if len(by_width) == 1:
             self.metering.record(self.metering.end(window), phase="compile", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="compile")
