@@ -184,13 +184,6 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--json", action="store_true")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     args = parser.parse_args(argv)
-    if args.command in ("run", "resume"):
-        from sm2jax.placement import request_cpu_devices
-
-        if args.cpu_devices is not None and args.cpu_devices < 1:
-            parser.error(f"--cpu-devices must be at least 1 (got {args.cpu_devices})")
-
-        request_cpu_devices(args.cpu_devices)  # before JAX starts: one host device per core on a CPU
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "compile_cache", None):
         from sm2jax.compile_cache import ENV
@@ -206,10 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     # the study stops at its next window instead (request_interrupt), so the traceback is noise.
     sys.unraisablehook = lambda u: None if isinstance(u.exc_value, KeyboardInterrupt) else default_hook(u)
     try:
-        if getattr(args, "distributed", False) or getattr(args, "coordinator", None) is not None or getattr(args, "num_processes", None) is not None or getattr(args, "process_id", None) is not None:
-            from sm2jax.distributed import initialize
+        if args.command in ("run", "resume"):  # before JAX starts
+            from sm2jax.placement import request_cpu_devices
 
-            initialize(args.coordinator, args.num_processes, args.process_id)
+            request_cpu_devices(args.cpu_devices)  # one host device per core on a CPU
+            if args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
+                from sm2jax.distributed import initialize
+
+                initialize(args.coordinator, args.num_processes, args.process_id)
         if getattr(args, "imports", None):
             from sm2jax.study import import_modules
 
