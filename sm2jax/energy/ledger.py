@@ -122,8 +122,10 @@ class EnergyLedger:
             gross, unattributed = attribute_by_device(reading.per_device, reading.joules, work, trial_keys)
         else:
             gross, unattributed = attribute(reading.joules, work)
-        # Net follows gross: each trial's net share is its gross share minus its part of idle.
-        net = attribute(net_total, work)[0] if trial_keys is None or net_total is None or reading.joules in (None, 0) else [None if g is None else g * net_total / reading.joules for g in gross]
+        if trial_keys is None or net_total is None or not reading.joules:
+            net = attribute(net_total, work)[0]
+        else:  # net follows the per-device gross shares: each trial keeps its gross share's fraction
+            net = [None if g is None else g * net_total / reading.joules for g in gross]
         devices = list(devices) if devices is not None else sorted(reading.per_device or [])
         base = {"phase": phase, "cohort": cohort, "method": reading.method, "valid": reading.valid, "devices": devices, "intensity_label": self.intensity_label, "time": time.time(), **(extra or {})}
         kwh, g = self._carbon(reading.joules)
