@@ -35,6 +35,24 @@ Width policy (:class:`WidthPolicy`), all choices recorded in :attr:`CohortRunner
 4. **Out of memory at run time** halves the width and retries the window (from rows kept on the
    host until a width has trained once: training donates its chunks).
 
+Quick programs (CPU backends, :data:`sm2jax.trainer.QUICK_COMPILE`). The quick build of a small
+model's training program compiles in about half the time (0.3-0.6 s less) and steps up to 2x
+slower, so it pays only for a cohort whose whole training is short. Before any training program is
+compiled, the cohort's training time is predicted from FLOPs, without a clock (the same choice on
+every run):
+
+.. math::  \\hat T = S \\cdot 3 F_{\\text{fwd}} B \\,/\\, (n \\cdot \\text{CPU\\_FLOPS\\_PER\\_DEVICE})
+
+(``S`` planned trial-steps, :math:`F_{\\text{fwd}}` one example's forward FLOPs from XLA's cost
+analysis of the evaluation program, compiled first, backward ~2 forwards, ``n`` devices), and the
+cohort starts quick only if :math:`\\hat T (s - 1) <` :data:`QUICK_COMPILE_SAVING` (``s`` =
+:data:`QUICK_SLOWDOWN`). Should a quick cohort train longer than predicted, after each window the
+optimised program is compiled once the measured remaining training makes the predicted saving
+:math:`T (1 - 1/s)` exceed its predicted compile time :math:`r \\cdot c_q` (``T`` as in step 2,
+``r`` = :data:`OPTIMISED_COMPILE_RATIO`, ``c_q`` the quick program's measured compile time).
+Big convolutional models compile *slower* quick (ResNet-18 at width 4: 6.1 s instead of 4.8 s); at
+~0.2 GFLOP per trial-step their training is predicted short only below ~15 trial-steps.
+
 With several devices (:mod:`sm2jax.placement`) every width is a multiple of the device count, and
 "width 1" above means one row per device.
 """
@@ -81,11 +99,30 @@ def is_oom(err: Exception) -> bool:
     return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
 
 
-def train_program_bytes(trainer: CohortTrainer, chunk: CohortState) -> float | None:
+QUICK_SLOWDOWN = 2.0
+"""How much slower a quick training program steps than the optimised one: the worst measured
+(1.3-2.0x on 2 CPU cores, MLPs from 64 to 1024x1024 units at batch 16 to 256; small CNNs stepped
+faster quick), so that both decisions lean to the optimised program."""
+
+OPTIMISED_COMPILE_RATIO = 2.0
+"""How much longer the optimised training program takes to compile than the quick one (measured
+1.2-1.9x, same models): the upper end, so that a switch is never taken for a gain it cannot pay."""
+
+QUICK_COMPILE_SAVING = 0.3
+"""Seconds a quick training program saves in compilation: the least measured on small models (MLPs,
+small CNNs, GRU: 0.3-0.6 s on 2 CPU cores)."""
+
+CPU_FLOPS_PER_DEVICE = 1e10
+"""Training FLOP/s of one CPU host device for the quick-start prediction: the low end of what was
+measured (15-40 GFLOP/s per device on 2 cores, MLPs at batch 16-128), so that training predicted
+short is short."""
+
+
+def train_program_bytes(trainer: CohortTrainer, chunk: CohortState, quick: bool = False) -> float | None:
     """Bytes the training program of ``chunk``'s width needs (compiling it): XLA's memory
     analysis, ``inf`` when compiling runs out of memory, ``None`` when the backend reports nothing."""
     try:
-        return compiled_memory_bytes(trainer.compile_train(chunk))
+        return compiled_memory_bytes(trainer.compile_train(chunk, quick))
     except Exception as err:  # noqa: BLE001
         if not is_oom(err):
             raise
@@ -211,6 +248,8 @@ class WidthPolicy:
         processes must take the same decision and do not share a clock).
       start: ``narrowest`` (width 1, probing wider widths), ``widest`` (the widest that fits,
         probing narrower ones) or ``auto``: narrowest on CPU backends, widest on accelerators.
+      quick: start with quick training programs on a CPU backend, switching to the optimised one
+        when it pays (off in a multi-process study, for the same reason as ``narrow``).
       payoff: the probe runs only when predicted training time exceeds ``payoff`` times its
         predicted compile time (``None``: 5 from a wide start, 10 from a narrow one). From the
         widest width, the best width trained 0-40% faster on a 2-core CPU (MLP 256x256 on MNIST-1D:
@@ -227,6 +266,7 @@ class WidthPolicy:
     narrow: bool = True
     payoff: float | None = None
     start: str = "auto"
+    quick: bool = True
 
     def __post_init__(self):
         if self.start not in ("auto", "narrowest", "widest"):
@@ -235,6 +275,10 @@ class WidthPolicy:
     def starts_narrow(self) -> bool:
         """``auto``: narrowest on a CPU backend, widest on accelerators (see the module docstring)."""
         return self.start == "narrowest" or (self.start == "auto" and jax.default_backend() == "cpu")
+
+    def starts_quick(self) -> bool:
+        """Whether cohorts start with quick programs: only on a CPU backend (XLA's options there)."""
+        return self.quick and jax.default_backend() == "cpu"
 
     def fits(self, need: float | None) -> bool:
         """Whether a program needing ``need`` bytes (``None``: unknown) fits the memory limit."""
@@ -273,11 +317,13 @@ class CohortRunner:
       width: the vmap width of its chunks.
       metering: where energy windows go.
       policy: the width policy.
-      rate_seconds: measured seconds per step of a chunk, per width (restored on resume).
+      rate_seconds: measured seconds per step of a chunk, per width, of the current (quick or
+        optimised) program (restored on resume).
       probe_pending: whether the probe decision is still to be taken.
+      quick: whether the cohort trains with quick programs (see the module docstring).
     """
 
-    def __init__(self, spec: CohortSpec, trainer: CohortTrainer, rows: CohortState, width: int, metering: Metering, policy: WidthPolicy, *, rate_seconds: dict[int, float] | None = None, probe_pending: bool = False, choices: list[dict] | None = None):
+    def __init__(self, spec: CohortSpec, trainer: CohortTrainer, rows: CohortState, width: int, metering: Metering, policy: WidthPolicy, *, rate_seconds: dict[int, float] | None = None, probe_pending: bool = False, choices: list[dict] | None = None, quick: bool = False):
         self.spec = spec
         self.trainer = trainer
         self.trial_ids = [int(t) for t in np.asarray(rows.trial_id)]
@@ -289,15 +335,19 @@ class CohortRunner:
         self.step_seconds: dict[int, float] = dict(rate_seconds or {})
         self.probe_pending = probe_pending
         self.choices: list[dict[str, Any]] = list(choices or [])
+        self.quick = bool(quick)
+        self._quick_noted = False  # the decision to keep the quick program is recorded once per run
         self._proven: set[int] = set()  # widths that trained a window without running out of memory
 
     # ---------------------------------------------------------------------------------- creation
 
     @classmethod
-    def create(cls, spec: CohortSpec, trainer: CohortTrainer, metering: Metering, policy: WidthPolicy) -> tuple[CohortRunner | None, list[str]]:
+    def create(cls, spec: CohortSpec, trainer: CohortTrainer, metering: Metering, policy: WidthPolicy, *, planned_trial_steps: float | None = None) -> tuple[CohortRunner | None, list[str]]:
         """Initialises every trial and finds the widest width that fits (step 1 of the policy),
-        inside one compile window. Returns ``(runner, notes)``; ``runner`` is ``None`` when even
-        width 1 does not fit (``notes`` say why)."""
+        inside one compile window; with ``planned_trial_steps`` (the study's plan for the cohort) a
+        CPU cohort predicted to train briefly starts with the quick program (see the module
+        docstring). Returns ``(runner, notes)``; ``runner`` is ``None`` when even width 1 does not
+        fit (``notes`` say why)."""
         ids = [c.trial_id for c in spec.configs]
         k = len(ids)
         window = metering.begin(f"compile:{spec.name}")
@@ -309,8 +359,15 @@ class CohortRunner:
         widest = placement.round_width(min(policy.max_width or k, k))
         narrow = policy.starts_narrow()
         # One row per device at the narrowest; every width is a multiple of the device count.
-        for w in [placement.size] if narrow else sorted({placement.round_width(widest // 2**i) for i in range(widest.bit_length())}, reverse=True):
-            need = train_program_bytes(trainer, chunk_rows(jax.tree.map(lambda a: a[:w], rows), w, placement)[0])
+        candidates = [placement.size] if narrow else sorted({placement.round_width(widest // 2**i) for i in range(widest.bit_length())}, reverse=True)
+        quick, predicted = False, None
+        if policy.starts_quick() and planned_trial_steps is not None:
+            fwd = trainer.forward_flops_per_example(chunk_rows(jax.tree.map(lambda a: a[: candidates[0]], rows), candidates[0], placement)[0])
+            if fwd is not None:
+                predicted = planned_trial_steps * 3.0 * fwd * trainer.batch_size / (CPU_FLOPS_PER_DEVICE * placement.size)
+                quick = predicted * (QUICK_SLOWDOWN - 1.0) < QUICK_COMPILE_SAVING
+        for w in candidates:
+            need = train_program_bytes(trainer, chunk_rows(jax.tree.map(lambda a: a[:w], rows), w, placement)[0], quick)
             if policy.fits(need):
                 width = w
                 break
@@ -318,7 +375,7 @@ class CohortRunner:
         if width is None:
             metering.record(metering.end(window), phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k), kind="compile")
             return None, notes
-        runner = cls(spec, trainer, rows, width, metering, policy, probe_pending=policy.probe and (widest > placement.size if narrow else width > placement.size))
+        runner = cls(spec, trainer, rows, width, metering, policy, probe_pending=policy.probe and (widest > placement.size if narrow else width > placement.size), quick=quick)
         trainer.compile_eval(runner.chunks[0])
         reading = metering.end(window, runner.chunks)
         metering.record(reading, phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k), kind="compile")
@@ -326,7 +383,9 @@ class CohortRunner:
             reason = "narrowest width (CPU backend: a W-wide step costs about W single steps, and no survivor count needs another program)"
         else:
             reason = "widest width that fits in memory" if notes else "widest width (all trials)"
-        runner._choose(width, reason, compile_seconds=time.perf_counter() - t0, notes=notes)
+        if predicted is not None:
+            reason += f"; {'quick' if quick else 'optimised'} program: predicted training {predicted:.2f} s from FLOPs"
+        runner._choose(width, reason, compile_seconds=time.perf_counter() - t0, notes=notes, quick=quick, **({} if predicted is None else {"predicted_train_s": predicted}))
         return runner, notes
 
     # ---------------------------------------------------------------------------------- rows
@@ -369,8 +428,11 @@ class CohortRunner:
 
     # ---------------------------------------------------------------------------------- compile
 
+    def _is_compiled(self, kind: str, width: int) -> bool:
+        return self.trainer.is_compiled(kind, width, quick=self.quick and kind == "train")
+
     def is_compiled(self) -> bool:
-        return self.trainer.is_compiled("train", self.width) and self.trainer.is_compiled("eval", self.width)
+        return self._is_compiled("train", self.width) and self._is_compiled("eval", self.width)
 
     def compile(self) -> CompileRecord:
         """Compiles the train and eval programs at the current width inside a ``compile`` window
@@ -379,18 +441,18 @@ class CohortRunner:
             return CompileRecord(self.width, 0.0)  # no window: nothing measured
         window = self.metering.begin(f"compile:{self.spec.name}", after=self.chunks)
         t0 = time.perf_counter()
-        self.trainer.compile_train(self.chunks[0])
+        self.trainer.compile_train(self.chunks[0], self.quick)
         self.trainer.compile_eval(self.chunks[0])
         reading = self.metering.end(window)
         seconds = time.perf_counter() - t0
         self.metering.record(reading, phase="compile", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="compile")
-        log.info("compiled %s (width %d) in %.1f s", self.spec.name, self.width, seconds)
+        log.info("compiled %s (width %d%s) in %.1f s", self.spec.name, self.width, ", quick" if self.quick else "", seconds)
         return CompileRecord(self.width, seconds)
 
     def compile_seconds(self, kind: str) -> float:
-        """Measured seconds the ``kind`` program at the current width took to compile: the
-        estimate of what another width of this cohort costs."""
-        return self.trainer.compile_seconds(kind, self.width) or 0.0
+        """Measured seconds the ``kind`` program at the current width (and build) took to compile:
+        the estimate of what another width of this cohort costs."""
+        return self.trainer.compile_seconds(kind, self.width, quick=self.quick and kind == "train") or 0.0
 
     # ---------------------------------------------------------------------------------- train
 
@@ -421,7 +483,7 @@ class CohortRunner:
             if remaining <= 0:
                 break
             self.compile()
-            chunk = min(remaining, self.steps_per_window(window_seconds, steps_per_window, self.probe_pending))
+            chunk = min(remaining, self.steps_per_window(window_seconds, steps_per_window, self.probe_pending or self.quick))
             before = self.field("step")
             # Training donates the chunks. Until a width has trained once without running out of
             # memory, its rows are kept on the host for the retry (a width that trained once needs
@@ -429,7 +491,7 @@ class CohortRunner:
             kept = None if self.width in self._proven or self.width <= self.placement.size else self.rows()
             window = self.metering.begin(phase, after=self.chunks)
             try:
-                outs = [self.trainer.train(c, chunk) for c in self.chunks]
+                outs = [self.trainer.train(c, chunk, self.quick) for c in self.chunks]
                 reading = self.metering.end(window, outs)
             except Exception as err:  # noqa: BLE001
                 if not is_oom(err) or kept is None:
@@ -444,15 +506,35 @@ class CohortRunner:
             self._proven.add(self.width)
             self.step_seconds[self.width] = reading.seconds / (chunk * len(self.chunks))
             steps = self.field("step") - before  # 0 for frozen (diverged) trials
-            work = steps * (self.trainer.flops_per_trial_step(self.chunks[0]) or 1.0)
+            work = steps * (self.trainer.flops_per_trial_step(self.chunks[0], self.quick) or 1.0)
             self.metering.record(reading, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, work=work, steps=steps, batch_size=self.spec.signature.batch_size, kind="train", devices=self.trial_devices())
             for row, t in enumerate(self.trial_ids):
                 taken[t] += int(steps[row])
             if on_steps is not None:
                 on_steps(chunk)
+            if self.quick:
+                self._maybe_optimise(max(planned_trial_steps - sum(taken.values()), 0.0))
             if self.probe_pending:
                 self._maybe_probe(max(planned_trial_steps - sum(taken.values()), 0.0))
         return TrainRecord(taken, time.perf_counter() - t_start)
+
+    def _maybe_optimise(self, planned_trial_steps: float) -> None:
+        """Trades the quick training program for the optimised one once the predicted saving on the
+        cohort's remaining training exceeds the optimised program's predicted compile time."""
+        w = self.width
+        predicted = planned_trial_steps * self.step_seconds[w] / w
+        saving = predicted * (1.0 - 1.0 / QUICK_SLOWDOWN)
+        cost = OPTIMISED_COMPILE_RATIO * self.compile_seconds("train")
+        if saving <= cost:
+            if not self._quick_noted:
+                self._quick_noted = True
+                self._choose(w, f"quick program kept: predicted saving {saving:.2f} s <= optimised compile {cost:.2f} s", quick=True, predicted_train_s=predicted, predicted_saving_s=saving, predicted_compile_s=cost)
+            return
+        self.quick = False
+        record = self.compile()
+        # Rates of the quick program, scaled until the next window measures the optimised one.
+        self.step_seconds = {c: t / QUICK_SLOWDOWN for c, t in self.step_seconds.items()}
+        self._choose(w, f"optimised program: predicted saving {saving:.2f} s > compile {cost:.2f} s", quick=False, predicted_train_s=predicted, predicted_saving_s=saving, predicted_compile_s=cost, compile_seconds=record.seconds)
 
     def _maybe_probe(self, planned_trial_steps: float) -> None:
         """Step 2 of the policy, once: probe narrower widths if predicted training time pays for it."""
@@ -474,7 +556,7 @@ class CohortRunner:
         t0 = time.perf_counter()
         by_width = {c: chunk_rows(jax.tree.map(lambda a: a[:c], rows), c, self.placement)[0] for c in [*candidates, w]}
         for c in candidates:
-            if not self.policy.fits(train_program_bytes(self.trainer, by_width[c])):
+            if not self.policy.fits(train_program_bytes(self.trainer, by_width[c], self.quick)):
                 del by_width[c]  # a wider candidate that does not fit is not measured
         if len(by_width) == 1:
             self.metering.record(self.metering.end(window), phase="compile", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="compile")
@@ -489,7 +571,7 @@ class CohortRunner:
         # the training it steers. (A fixed step count made a 6-wide call 6x longer than a 1-wide one:
         # 7 s of probing on MNIST-1D 50,000.)
         steps = {c: max(3, int(0.2 / (t_w * c / w))) for c in by_width}
-        probe = self.trainer.probe_width(by_width, steps=steps, repeats=3)
+        probe = self.trainer.probe_width(by_width, steps=steps, repeats=3, quick=self.quick)
         self.metering.record(self.metering.end(window), phase="probe", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="probe")
         for c, rate in probe.samples_per_second.items():  # seconds per step of a c-wide chunk
             self.step_seconds.setdefault(c, min(c, self.k) * self.spec.signature.batch_size / rate)
@@ -510,7 +592,7 @@ class CohortRunner:
         def outcome(c: int) -> tuple[float, float, float]:
             t_c = self.step_seconds.get(c, t_w * c / w)
             saving = steps_each * (num_chunks(k, w) * t_w - num_chunks(k, c) * t_c)
-            cost = sum(0.0 if self.trainer.is_compiled(kind, c) else self.compile_seconds(kind) for kind in ("train", "eval"))
+            cost = sum(0.0 if self._is_compiled(kind, c) else self.compile_seconds(kind) for kind in ("train", "eval"))
             return saving - cost, saving, cost
 
         # Exactly k rows (no padding), or a width already measured faster (e.g. 1 on a CPU).
@@ -543,4 +625,4 @@ class CohortRunner:
 
     def to_json(self) -> dict[str, Any]:
         """What a resumed study needs besides the rows: width, measured rates, pending decisions."""
-        return {"width": self.width, "devices": self.placement.size, "step_seconds": {str(w): s for w, s in self.step_seconds.items()}, "probe_pending": self.probe_pending}
+        return {"width": self.width, "devices": self.placement.size, "step_seconds": {str(w): s for w, s in self.step_seconds.items()}, "probe_pending": self.probe_pending, "quick": self.quick}

@@ -99,6 +99,9 @@ class StudySpec:
       idle_seconds: idle-baseline measurement before the study (0 skips it: net energy unavailable).
       carbon_intensity: gCO2e per kWh.
       probe_width: measure the fastest vmap width per cohort when it pays (see :mod:`sm2jax.runner`).
+      quick_compile: on a CPU backend, start each cohort with a quick-compiling training program and
+        compile the optimised one only when the cohort's remaining training pays for it (see
+        :mod:`sm2jax.runner`); ``False`` always uses the optimised program.
       width_start: ``auto`` (width 1 on a CPU backend, the widest that fits on accelerators),
         ``narrowest`` or ``widest``; ``width`` caps the width.
       memory_limit_bytes: device memory cap for the hardware filter (default: the device's).
@@ -136,6 +139,7 @@ class StudySpec:
     idle_seconds: float = 2.0
     carbon_intensity: float = 475.0
     probe_width: bool = True
+    quick_compile: bool = True
     width_start: str = "auto"
     width: int | None = None
     memory_limit_bytes: int | None = None
@@ -394,7 +398,7 @@ class Study:
         # Several processes must take identical decisions: a width chosen from a process's own
         # clock (probe, narrowing) could differ between them, so there the width stays as started.
         single = jax.process_count() == 1
-        self.policy = WidthPolicy(max_width=spec.width, memory_limit=spec.memory_limit_bytes or memory_limit_bytes(), probe=spec.probe_width and single, narrow=single, start=spec.width_start)
+        self.policy = WidthPolicy(max_width=spec.width, memory_limit=spec.memory_limit_bytes or memory_limit_bytes(), probe=spec.probe_width and single, narrow=single, start=spec.width_start, quick=spec.quick_compile and single)
 
     # ------------------------------------------------------------------------------- progress io
 
@@ -436,9 +440,11 @@ class Study:
     def _planned_trial_steps(self, runner: CohortRunner, from_phase: int) -> float:
         """Trial-steps the study still plans for ``runner`` from ``from_phase`` on, if successive
         halving keeps ``1/eta`` of it per rung (an estimate for the width policy, not a promise)."""
-        bs = runner.spec.signature.batch_size
-        done = int(runner.field("step").max())
-        alive, total = float(runner.k), 0.0
+        return self._plan(runner.k, runner.spec.signature.batch_size, int(runner.field("step").max()), from_phase)
+
+    def _plan(self, k: int, bs: int, done: int, from_phase: int) -> float:
+        """Trial-steps of ``k`` trials at batch size ``bs``, each ``done`` steps in, from ``from_phase`` on."""
+        alive, total = float(k), 0.0
         phases = self.spec.phases()
         for i in range(from_phase, len(phases)):
             name, budget = phases[i]
@@ -494,7 +500,7 @@ class Study:
             for i in ids:
                 progress.infeasible[str(i)] = str(err)
             return None
-        runner, notes = CohortRunner.create(cohort_spec, trainer, self.metering, self.policy)
+        runner, notes = CohortRunner.create(cohort_spec, trainer, self.metering, self.policy, planned_trial_steps=self._plan(len(ids), cohort_spec.signature.batch_size, 0, 0))
         if runner is None:
             for i in ids:
                 progress.infeasible[str(i)] = f"does not fit in device memory even alone: {notes[-1]}"
@@ -726,6 +732,7 @@ class Study:
             runners.append(CohortRunner(
                 by_name[name], trainers[name], rows, saved["width"], self.metering, self.policy,
                 rate_seconds={int(w): s for w, s in saved["step_seconds"].items()} if same_devices else None, probe_pending=saved["probe_pending"],
+                quick=saved.get("quick", False) and self.policy.starts_quick(),
                 choices=progress.hardware.get(name, {}).get("choices", []),
             ))
         return runners

@@ -30,6 +30,13 @@ Compiled programs live in a process-wide table (:func:`compiled_program`), so a 
 of the same shapes compiles nothing; JAX's persistent compilation cache (:mod:`sm2jax.compile_cache`)
 carries them across processes.
 
+Quick programs. On a CPU backend the training program can also be compiled *quick*
+(:data:`QUICK_COMPILE`: XLA's CPU compiler without its fusion emitters): it compiles in about half
+the time and steps 1.3-2x slower (2 CPU cores, MLPs from 64 to 1024x1024 units), and its results
+differ from the optimised program's by float rounding (~2e-6 after 200 steps), as another width's do.
+:class:`sm2jax.runner.CohortRunner` starts a cohort quick and compiles the optimised program once its
+remaining training pays for it.
+
 Which width is fastest depends on model size and hardware (vmapping large matmuls can be slower than
 a loop on a 2-core CPU); :meth:`CohortTrainer.probe_width` measures it, and
 :class:`sm2jax.runner.CohortRunner` decides when measuring pays for its compilation.
@@ -171,11 +178,19 @@ def row_view(chunks: Sequence[CohortState], field: str, k: int, placement: Place
 
 _PROGRAMS: dict[tuple, tuple[Any, float]] = {}
 
+QUICK_COMPILE = {"xla_cpu_use_fusion_emitters": False}
+"""XLA options of a quick-compiling program on a CPU backend. Measured on 2 CPU cores (training
+program, 2 host devices): compile 0.56-0.81 s instead of 1.05-1.31 s, and a step 1.3-2x slower
+(MLP [64] on digits at batch 16: 60 us instead of 31 us; MLP 256x256 on MNIST-1D at batch 128:
+1.48 ms instead of 1.16 ms). No other CPU option measured (verification level, XNNPACK, schedulers,
+copy insertion) changed compile time; ``-O0`` compiled slower than this and stepped 4x slower."""
 
-def compiled_program(key: tuple, lower) -> tuple[Any, float]:
+
+def compiled_program(key: tuple, lower, options: dict[str, Any] | None = None) -> tuple[Any, float]:
     """The compiled program for ``key`` from the process-wide table, lowering and compiling it with
-    ``lower()`` on a miss. Returns ``(compiled, seconds its compilation took)``: what it cost when it
-    was compiled (or loaded from the persistent cache), the figure a width decision weighs.
+    ``lower()`` (and XLA ``options``, which ``key`` must distinguish) on a miss. Returns
+    ``(compiled, seconds its compilation took)``: what it cost when it was compiled (or loaded from
+    the persistent cache), the figure a width decision weighs.
 
     Programs compile with XLA's default optimisation: compiling init at ``-O0`` would save ~1.2 s
     on an MLP 256x256 but changes initial parameters by float rounding (6e-8), and initialisation
@@ -183,7 +198,7 @@ def compiled_program(key: tuple, lower) -> tuple[Any, float]:
     """
     if key not in _PROGRAMS:
         t0 = time.perf_counter()
-        compiled = lower().compile()
+        compiled = lower().compile(compiler_options=options) if options else lower().compile()
         _PROGRAMS[key] = (compiled, time.perf_counter() - t0)
     return _PROGRAMS[key]
 
@@ -271,20 +286,23 @@ class CohortTrainer:
         opt_state = make_optimizer(self.cohort.signature.optimizer, hyperparameters).init(params)
         return params, model_state, opt_state, dropout_key, data_key
 
-    def _key(self, kind: str, width: int) -> tuple:
-        return (*self._keys[kind], width)
+    def _key(self, kind: str, width: int, quick: bool = False) -> tuple:
+        return (*self._keys[kind], width, *(("quick",) if quick else ()))
 
-    def _program(self, kind: str, width: int, lower) -> Any:
-        return compiled_program(self._key(kind, width), lower)[0]
+    def _program(self, kind: str, width: int, lower, quick: bool = False) -> Any:
+        if quick and jax.default_backend() != "cpu":
+            raise ValueError(f"quick programs are compiled on a CPU backend only (this one is {jax.default_backend()!r})")
+        return compiled_program(self._key(kind, width, quick), lower, QUICK_COMPILE if quick else None)[0]
 
-    def compile_seconds(self, kind: str, width: int) -> float | None:
+    def compile_seconds(self, kind: str, width: int, quick: bool = False) -> float | None:
         """Seconds the ``kind`` program at ``width`` took to compile (``None``: not compiled)."""
-        entry = _PROGRAMS.get(self._key(kind, width))
+        entry = _PROGRAMS.get(self._key(kind, width, quick))
         return None if entry is None else entry[1]
 
-    def is_compiled(self, kind: str, width: int) -> bool:
-        """Whether the ``kind`` program at ``width`` is in the process-wide table."""
-        return self._key(kind, width) in _PROGRAMS
+    def is_compiled(self, kind: str, width: int, quick: bool = False) -> bool:
+        """Whether the ``kind`` program at ``width`` (``quick``: its quick build) is in the
+        process-wide table."""
+        return self._key(kind, width, quick) in _PROGRAMS
 
     def compile_init(self):
         """The single-trial init program (no trial axis: it never depends on the cohort's size)."""
@@ -380,23 +398,25 @@ class CohortTrainer:
         # Each device trains its own rows: no collective (the data set and num_steps are replicated).
         return self.placement.map_rows(rows, state, num_steps, x_all, y_all, replicated=3)
 
-    def compile_train(self, chunk: CohortState):
-        """The compiled training program for this chunk's width (compiled once per process). The
-        chunk's buffers are donated: a device holds one copy of its rows."""
+    def compile_train(self, chunk: CohortState, quick: bool = False):
+        """The compiled training program for this chunk's width (compiled once per process;
+        ``quick``: the quick build, CPU backends only, see :data:`QUICK_COMPILE`). The chunk's buffers
+        are donated: a device holds one copy of its rows."""
         width = int(chunk.step.shape[0])
-        return self._program("train", width, lambda: jax.jit(self._train_impl, donate_argnums=0).lower(chunk, np.int32(1), self.data["x_train"], self.data["y_train"]))
+        return self._program("train", width, lambda: jax.jit(self._train_impl, donate_argnums=0).lower(chunk, np.int32(1), self.data["x_train"], self.data["y_train"]), quick)
 
-    def train(self, chunk: CohortState, num_steps: int) -> tuple[CohortState, TrainMetrics]:
+    def train(self, chunk: CohortState, num_steps: int, quick: bool = False) -> tuple[CohortState, TrainMetrics]:
         """Runs ``num_steps`` steps of every trial of one chunk in one dispatch (asynchronous: block
-        on the outputs before reading clocks or energy counters). ``chunk`` is donated: use the
-        returned state, never the argument, afterwards."""
-        return self.compile_train(chunk)(chunk, np.int32(num_steps), self.data["x_train"], self.data["y_train"])
+        on the outputs before reading clocks or energy counters), with the optimised or the
+        ``quick`` program. ``chunk`` is donated: use the returned state, never the argument,
+        afterwards."""
+        return self.compile_train(chunk, quick)(chunk, np.int32(num_steps), self.data["x_train"], self.data["y_train"])
 
-    def flops_per_trial_step(self, chunk: CohortState) -> float | None:
+    def flops_per_trial_step(self, chunk: CohortState, quick: bool = False) -> float | None:
         """FLOPs of one training step of one trial, from XLA's cost analysis (``None`` where the
         backend reports none). XLA counts a loop body once, whatever its trip count: the program's
         figure covers one step of the whole W-wide chunk."""
-        flops = compiled_flops(self.compile_train(chunk))
+        flops = compiled_flops(self.compile_train(chunk, quick))
         return None if flops is None else flops / int(chunk.step.shape[0])
 
     # ------------------------------------------------------------------------------------ eval
@@ -449,9 +469,17 @@ class CohortTrainer:
             se = np.sqrt(np.maximum(sq_sum / n - mean**2, 0.0) / n)
         return EvalMetrics(loss, np.asarray(task.reported(mean), np.float64), mean if task.higher_is_better else -mean, se)
 
+    def forward_flops_per_example(self, chunk: CohortState) -> float | None:
+        """FLOPs of one example's forward pass, from XLA's cost analysis of the evaluation program
+        at this chunk's width (``None`` where the backend reports none); compiles nothing else. The
+        program's figure covers one block of ``B`` validation examples per row of one device."""
+        flops = compiled_flops(self.compile_eval(chunk))
+        rows = max(1, int(chunk.step.shape[0]) // self.placement.size)
+        return None if flops is None else flops / (rows * int(self.data["val"][0][0].shape[1]))
+
     # ------------------------------------------------------------------------------------ width
 
-    def probe_width(self, chunks_by_width: dict[int, CohortState], *, steps: int | dict[int, int] = 5, repeats: int = 3) -> WidthProbe:
+    def probe_width(self, chunks_by_width: dict[int, CohortState], *, steps: int | dict[int, int] = 5, repeats: int = 3, quick: bool = False) -> WidthProbe:
         """Measures samples/s of candidate widths on this hardware and keeps the fastest.
 
         ``chunks_by_width`` maps each candidate width to a chunk of that width (padding rows count
@@ -465,12 +493,12 @@ class CohortTrainer:
         real = {w: int(np.sum(np.asarray(self.placement.host(c.trial_id)) != PADDING_ID)) for w, c in chunks_by_width.items()}
         chunks = dict(chunks_by_width)  # each call donates its chunk: the next call trains the result
         for w in chunks:
-            chunks[w] = jax.block_until_ready(self.train(chunks[w], n[w]))[0]  # compile and warm
+            chunks[w] = jax.block_until_ready(self.train(chunks[w], n[w], quick))[0]  # compile and warm
         best = {w: np.inf for w in chunks}
         for _ in range(repeats):
             for w in chunks:
                 t0 = time.perf_counter()
-                chunks[w] = jax.block_until_ready(self.train(chunks[w], n[w]))[0]
+                chunks[w] = jax.block_until_ready(self.train(chunks[w], n[w], quick))[0]
                 best[w] = min(best[w], time.perf_counter() - t0)
         # Samples of real rows only: a padded candidate (more devices than trials) gains nothing.
         rates = {w: real[w] * n[w] * self.batch_size / t for w, t in best.items()}

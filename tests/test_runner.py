@@ -13,13 +13,13 @@ from sm2jax.trainer import CohortTrainer
 MODEL = {"name": "mlp", "hidden": [16]}
 
 
-def _runner(digits, tmp_path, trials, model=MODEL, **policy):
+def _runner(digits, tmp_path, trials, model=MODEL, planned=None, **policy):
     configs = SearchSpace({"model": model, "learning_rate": LogUniform(1e-3, 1e-1, num=trials), "batch_size": 32}).grid()
     (cohort,) = group_into_cohorts(configs)
     trainer = CohortTrainer(cohort, digits, schedule_steps=200)
     ledger = EnergyLedger(tmp_path / f"ledger-{trials}-{policy.get('max_width')}.jsonl")
     metering = Metering(EnergyMonitor(make_meter("estimated")), ledger, attempt=1)
-    runner, notes = CohortRunner.create(cohort, trainer, metering, WidthPolicy(**{"probe": False, "start": "widest", **policy}))
+    runner, notes = CohortRunner.create(cohort, trainer, metering, WidthPolicy(**{"probe": False, "start": "widest", **policy}), planned_trial_steps=planned)
     assert runner is not None and notes == []
     return runner, ledger
 
@@ -106,12 +106,49 @@ def test_a_narrow_start_compiles_one_program_for_every_survivor_count(digits, tm
     runner.train_to(10, "rung-1", planned_trial_steps=60)
     runner.select([4, 1])  # survivors: fewer chunks of the same program, no padding
     runner.narrow_for_survivors(planned_trial_steps=1e9)
-    assert runner.width == 1 and len(runner.chunks) == 2 and len(runner.choices) == 1
+    assert runner.width == 1 and len(runner.chunks) == 2
+    assert {c["width"] for c in runner.choices} == {1} and not any("survivors" in c["reason"] for c in runner.choices)
     # A long study probes the wider widths instead.
     runner, _ = _runner(digits, tmp_path, 6, start="narrowest", probe=True)
     assert runner.probe_pending
     runner.train_to(4, "explore", planned_trial_steps=1e9)
     assert set(runner.choices[-1]["samples_per_second"]) == {"1", "4", "6"}
+
+
+def test_a_cpu_cohort_trains_quick_only_while_its_training_is_short(digits, tmp_path):
+    """Quick programs (CPU backends): a cohort whose planned training is predicted short from FLOPs
+    starts quick and never compiles the optimised training program; one predicted long starts
+    optimised; one that trains longer than planned compiles the optimised program after its first
+    window, in a compile window, and trains on to the same results as a cohort optimised from the
+    start (float rounding apart)."""
+    model = {"name": "mlp", "hidden": [20]}  # a model no other test compiles at width 1
+    cpu = jax.default_backend() == "cpu"
+    short, _ = _runner(digits, tmp_path, 4, model=model, planned=4 * 12, start="narrowest")
+    assert short.quick == cpu and short.choices[0]["quick"] == cpu
+    short.train_to(12, "rung-1", planned_trial_steps=4 * 12)  # milliseconds of training
+    assert short.quick == cpu
+    if cpu:
+        assert short.choices[0]["predicted_train_s"] < 0.01 and "quick program" in short.choices[0]["reason"]
+        assert not short.trainer.is_compiled("train", 1) and short.trainer.is_compiled("train", 1, quick=True)
+        assert short.choices[-1]["reason"].startswith("quick program kept") and short.choices[-1]["predicted_compile_s"] > 0
+
+    (tmp_path / "long").mkdir()
+    long, ledger = _runner(digits, tmp_path / "long", 4, model=model, planned=4 * 12, start="narrowest")
+    long.train_to(12, "rung-1", planned_trial_steps=1e9)  # trains far longer than it was created for
+    assert not long.quick and long.trainer.is_compiled("train", 1)
+    if cpu:
+        switch = next(c for c in long.choices if c["reason"].startswith("optimised program: predicted saving"))
+        assert switch["predicted_saving_s"] > switch["predicted_compile_s"] > 0
+        kinds = [r["kind"] for r in read_ledger(ledger.path) if r["type"] == "window"]
+        assert kinds[:3] == ["compile", "train", "compile"]  # created, a first short window, then the switch
+    np.testing.assert_array_equal(long.field("step"), [12] * 4)
+
+    planned_long, _ = _runner(digits, tmp_path, 4, model=model, planned=1e9, start="narrowest")
+    assert not planned_long.quick
+    if cpu:
+        assert "optimised program: predicted training" in planned_long.choices[0]["reason"]
+    planned_long.train_to(12, "rung-1", planned_trial_steps=1e9)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), long.rows().params, planned_long.rows().params)
 
 
 def test_a_swallowed_ctrl_c_stops_at_the_next_window(tmp_path):

@@ -105,10 +105,10 @@ def test_out_of_memory_during_training_narrows_the_width_and_retries(tmp_path, m
     program raises XLA's RESOURCE_EXHAUSTED above width 2) halves the width and retries the window."""
     real_train = CohortTrainer.train
 
-    def train_on_a_small_device(self, state, num_steps):
+    def train_on_a_small_device(self, state, num_steps, quick=False):
         if state.step.shape[0] > 2:
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB")
-        return real_train(self, state, num_steps)
+        return real_train(self, state, num_steps, quick)
 
     monkeypatch.setattr(CohortTrainer, "train", train_on_a_small_device)
     space = {"learning_rate": LogUniform(1e-3, 3e-2, num=8), "batch_size": 64}
