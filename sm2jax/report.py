@@ -83,14 +83,16 @@ def format_results(results: dict[str, Any]) -> str:
         cache = comp.get("cache_dir") or "off"
         lines.append(f"compilation (this attempt): {comp['backend_compiles']} XLA compiles, {comp['cache_hits']} programs loaded from"
                      f" the persistent cache ({cache}), saving ~{comp['cache_saved_seconds']:.1f} s of compilation")
-    widths = {name: hw["choices"][-1] for name, hw in (results.get("hardware") or {}).items() if hw.get("choices")}
+    widths = {name: hw["choices"] for name, hw in (results.get("hardware") or {}).items() if hw.get("choices")}
     where = results.get("placement")
     if where and (len(where["devices"]) > 1 or where["processes"] > 1):
         lines.append(f"trials axis: {len(where['devices'])} {where['platform']} devices" + (f" over {where['processes']} processes" if where["processes"] > 1 else "") + " (each trial's rows on one device)")
     if widths:
         lines.append("vmap widths:")
-        for name, last in widths.items():
-            lines.append(f"  {name}: width {last['width']} ({last['reason']})")
+        for name, choices in widths.items():
+            last, build = choices[-1], [c["quick"] for c in choices if "quick" in c]
+            program = "" if not build else "; quick training program" if build[-1] else "; optimised training program"
+            lines.append(f"  {name}: width {last['width']} ({last['reason']}){program}")
     if results.get("finalists"):
         lines.append("finalists (score, energy to train; * = on the score/energy Pareto front; selection is by score, near-ties by energy to train):")
         for f in results["finalists"]:

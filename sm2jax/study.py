@@ -169,6 +169,9 @@ class StudySpec:
         if not 0 <= self.explore_budget < self.min_budget:
             raise ValueError(f"explore_budget must be in [0, min_budget) (got {self.explore_budget}, min_budget {self.min_budget})")
         steps_for(1, self.budget_unit, 1, 1)  # validates the unit
+        for name in ("probe_width", "quick_compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false (got {getattr(self, name)!r}), e.g. --set {name}=false")
 
     def phases(self) -> list[tuple[str, float]]:
         out = [("explore", self.explore_budget)] if self.explore_budget > 0 else []

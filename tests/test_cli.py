@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
 from sm2jax.cli import main
@@ -21,6 +22,8 @@ def test_run_report_and_resume(tmp_path, capsys, monkeypatch):
     assert "selected: trial" in out and "accuracy:" in out
     assert "energy by phase:" in out and "compile" in out and "explore" in out and "rung-1" in out
     assert "compilation (this attempt):" in out and "vmap widths:" in out
+    # a quick study on a CPU backend trains with quick programs, and the report says which build ran
+    assert ("; quick training program" in out) == (jax.default_backend() == "cpu")
     results = json.loads((study / "results.json").read_text())
     label = results["energy_method"]
     assert label == make_meter("auto").method  # what JAX computes on: the host on CPUs, NVML on GPUs
@@ -57,6 +60,11 @@ def test_bad_input_is_one_line_with_no_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # checked before any folder is written
         main(["run", "--quick", "--energy", "bogus", "--dir", str(tmp_path / "never")])
     assert exit_info.value.code == 2 and not (tmp_path / "never").exists()
+    capsys.readouterr()  # argparse's usage text
+
+    assert main(["run", "--quick", "--set", "quick_compile=maybe", "--dir", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "quick_compile must be true or false (got 'maybe')" in err and not (tmp_path / "never").exists()
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):

@@ -1,0 +1,196 @@
+"""Benchmark: how long each program of a study takes to compile, against the plain single-trial program.
+
+For each model and batch size, each program is traced, lowered and compiled in a fresh process (cold:
+no persistent cache, nothing compiled before it but the data transfer), repeats interleaved because
+this machine is shared and noisy:
+
+* ``plain``: the single-trial epoch program a user would write (``_plain.PlainTrainer``: one
+  ``lax.scan`` epoch of Adam steps, learning rate traced);
+* ``train``: sm2jax's training program at one row per device, optimised (XLA's defaults);
+* ``train-quick``: the same program built quick (:data:`sm2jax.trainer.QUICK_COMPILE`), what a
+  cohort whose planned training is short compiles on a CPU backend;
+* ``init`` and ``eval``: sm2jax's initialisation (one trial) and evaluation programs.
+
+Reported per program: trace + lower seconds, backend compile seconds and their sum (median), and the
+sum's ratio to ``plain``. Also measured: a training step of each sm2jax build (one row per device,
+best of 3 epochs), the price the quick build pays.
+
+Run (about 5 minutes on a 2-core CPU with 3 repeats)::
+
+    python experiments/bench/compile_time.py --repeats 3 --json results/compile_time.json --markdown results/compile_time.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+PROGRAMS = ("plain", "train", "train-quick", "init", "eval")
+CASES = {
+    "digits-mlp64-bs16": ("digits", {}, {"name": "mlp", "hidden": [64]}, 16),
+    "digits-mlp64-bs256": ("digits", {}, {"name": "mlp", "hidden": [64]}, 256),
+    "mnist1d-mlp256x256-bs32": ("mnist1d", {"num_samples": 5000}, {"name": "mlp", "hidden": [256, 256]}, 32),
+    "mnist1d-mlp256x256-bs128": ("mnist1d", {"num_samples": 5000}, {"name": "mlp", "hidden": [256, 256]}, 128),
+}
+
+
+def child(program: str, case: str) -> dict:
+    """Traces, lowers and compiles one program in this (fresh) process; returns its timings."""
+    from sm2jax.placement import request_cpu_devices
+
+    if program != "plain":
+        request_cpu_devices()  # as `sm2jax run` does: one host device per core
+    import jax
+    import numpy as np
+
+    from sm2jax.data import load_dataset
+
+    data, options, model, batch_size = CASES[case]
+    ds = load_dataset(data, **options)
+    out: dict = {}
+    if program == "plain":
+        from _plain import PlainTrainer
+
+        tr = PlainTrainer(model, ds, batch_size)
+        state = tr.init(0, 0, 1e-3)
+        perm = np.zeros((tr.steps_per_epoch, batch_size), np.int32)
+        t0 = time.perf_counter()
+        lowered = tr._epoch.lower(*state, tr.x, tr.y, perm)
+        t1 = time.perf_counter()
+        lowered.compile()
+        t2 = time.perf_counter()
+        run = None
+    else:
+        from sm2jax.cohort import OPTIMIZER_HYPERPARAMETERS, group_into_cohorts
+        from sm2jax.placement import Placement
+        from sm2jax.space import Categorical, SearchSpace
+        from sm2jax.trainer import QUICK_COMPILE, CohortTrainer, chunk_rows
+
+        space = SearchSpace({"model": model, "learning_rate": Categorical([1e-3]), "batch_size": batch_size})
+        (cohort,) = group_into_cohorts(space.grid())
+        placement = Placement.create()
+        trainer = CohortTrainer(cohort, ds, schedule_steps=1000, placement=placement)
+        hps = {k: np.float32(0) for k in OPTIMIZER_HYPERPARAMETERS}
+        if program == "init":
+            t0 = time.perf_counter()
+            lowered = jax.jit(trainer._init_one).lower(np.int32(0), np.int32(0), hps)
+            t1 = time.perf_counter()
+            lowered.compile()
+            t2 = time.perf_counter()
+            run = None
+        else:
+            width = placement.size  # one row per device, as a CPU cohort starts
+            rows = trainer.init_rows()
+            chunk = chunk_rows(jax.tree.map(lambda a: np.repeat(a, width, 0), rows), width, placement)[0]
+            if program == "eval":
+                t0 = time.perf_counter()
+                lowered = jax.jit(trainer._eval_impl).lower(chunk.params, chunk.model_state, *trainer.data["val"][0])
+                t1 = time.perf_counter()
+                lowered.compile()
+                t2 = time.perf_counter()
+                run = None
+            else:
+                t0 = time.perf_counter()
+                lowered = jax.jit(trainer._train_impl).lower(chunk, np.int32(1), trainer.data["x_train"], trainer.data["y_train"])
+                t1 = time.perf_counter()
+                compiled = lowered.compile(compiler_options=QUICK_COMPILE) if program == "train-quick" else lowered.compile()
+                t2 = time.perf_counter()
+                steps = trainer.steps_per_epoch
+                run = lambda: compiled(chunk, np.int32(steps), trainer.data["x_train"], trainer.data["y_train"])  # noqa: E731
+    out.update(lower_s=t1 - t0, compile_s=t2 - t1)
+    if run is not None:
+        jax.block_until_ready(run())
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            jax.block_until_ready(run())
+            best = min(best, time.perf_counter() - t)
+        out["step_s"] = best / steps
+    return out
+
+
+def _one(program: str, case: str) -> dict:
+    env = {**os.environ, "SM2JAX_COMPILE_CACHE": "off", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    proc = subprocess.run([sys.executable, __file__, "--child", program, "--case", case], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{program} on {case} failed:\n{proc.stderr[-3000:]}")
+    return {"program": program, "case": case, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    rows = []
+    for case in dict.fromkeys(r["case"] for r in runs):
+        for program in PROGRAMS:
+            mine = [r for r in runs if r["case"] == case and r["program"] == program]
+            if not mine:
+                continue
+            row = {"case": case, "program": program, "runs": len(mine)}
+            for key in ("lower_s", "compile_s"):
+                row[key] = statistics.median(r[key] for r in mine)
+            row["total_s"] = statistics.median(r["lower_s"] + r["compile_s"] for r in mine)
+            if all("step_s" in r for r in mine):
+                row["step_s"] = min(r["step_s"] for r in mine)
+            rows.append(row)
+    for row in rows:
+        plain = next((r for r in rows if r["case"] == row["case"] and r["program"] == "plain"), None)
+        if plain is not None:
+            row["vs_plain"] = row["total_s"] / plain["total_s"]
+        optimised = next((r for r in rows if r["case"] == row["case"] and r["program"] == "train"), None)
+        if "step_s" in row and optimised is not None:
+            row["step_vs_optimised"] = row["step_s"] / optimised["step_s"]
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| case | program | trace + lower s | compile s | total s | total vs plain | step (us) | step vs optimised |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        step = f"{r['step_s'] * 1e6:.0f}" if "step_s" in r else ""
+        step_ratio = f"{r['step_vs_optimised']:.2f}x" if "step_vs_optimised" in r else ""
+        lines.append(f"| {r['case']} | {r['program']} | {r['lower_s']:.2f} | {r['compile_s']:.2f} | {r['total_s']:.2f} | {r.get('vs_plain', float('nan')):.2f}x | {step} | {step_ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=pathlib.Path)
+    parser.add_argument("--markdown", type=pathlib.Path)
+    parser.add_argument("--child", choices=PROGRAMS, help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.case)))
+        return None
+    sys.path.insert(0, str(HERE))
+    from _results import write_rows, write_table
+
+    runs = []
+    for rep in range(args.repeats):
+        for case in args.cases:
+            order = list(args.programs)
+            order = order[rep % len(order):] + order[: rep % len(order)]  # rotate: no program always first
+            for program in order:
+                run = _one(program, case)
+                runs.append(run)
+                print(f"{case:<26} {program:<12} lower {run['lower_s']:5.2f} s  compile {run['compile_s']:5.2f} s", flush=True)
+    rows = summarize(runs)
+    write_table(args.markdown, markdown(rows))
+    write_rows(args.json, [{"summary": rows, "runs": runs}])
+    return rows
+
+
+if __name__ == "__main__":
+    main()
