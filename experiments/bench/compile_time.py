@@ -9,10 +9,13 @@ this machine is shared and noisy:
 * ``train``: sm2jax's training program at one row per device, optimised (XLA's defaults);
 * ``train-quick``: the same program built quick (:data:`sm2jax.trainer.QUICK_COMPILE`), what a
   cohort whose planned training is short compiles on a CPU backend;
-* ``init`` and ``eval``: sm2jax's initialisation (one trial) and evaluation programs.
+* ``plain-init``: the plain loop's initialisation (``build_model`` from a key, then
+  ``inject_hyperparams(adam).init``);
+* ``init`` and ``eval``: sm2jax's initialisation (one trial, keys derived inside from seed and trial
+  id) and evaluation programs.
 
 Reported per program: trace + lower seconds, backend compile seconds and their sum (median), and the
-sum's ratio to ``plain``. Also measured: a training step of each sm2jax build (one row per device,
+sum's ratio to ``plain`` (``init``'s to ``plain-init``). Also measured: a training step of each sm2jax build (one row per device,
 best of 3 epochs), the price the quick build pays.
 
 Run (about 5 minutes on a 2-core CPU with 3 repeats)::
@@ -32,7 +35,7 @@ import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
-PROGRAMS = ("plain", "train", "train-quick", "init", "eval")
+PROGRAMS = ("plain", "train", "train-quick", "plain-init", "init", "eval")
 CASES = {
     "digits-mlp64-bs16": ("digits", {}, {"name": "mlp", "hidden": [64]}, 16),
     "digits-mlp64-bs256": ("digits", {}, {"name": "mlp", "hidden": [64]}, 256),
@@ -45,7 +48,7 @@ def child(program: str, case: str) -> dict:
     """Traces, lowers and compiles one program in this (fresh) process; returns its timings."""
     from sm2jax.placement import request_cpu_devices
 
-    if program != "plain":
+    if not program.startswith("plain"):
         request_cpu_devices()  # as `sm2jax run` does: one host device per core
     import jax
     import numpy as np
@@ -55,7 +58,17 @@ def child(program: str, case: str) -> dict:
     data, options, model, batch_size = CASES[case]
     ds = load_dataset(data, **options)
     out: dict = {}
-    if program == "plain":
+    if program == "plain-init":
+        from _plain import _init_program
+
+        init = _init_program(json.dumps(model, sort_keys=True), ds.input_shape, ds.num_outputs)
+        t0 = time.perf_counter()
+        lowered = init.lower(jax.random.PRNGKey(0), np.float32(1e-3))
+        t1 = time.perf_counter()
+        lowered.compile()
+        t2 = time.perf_counter()
+        run = None
+    elif program == "plain":
         from _plain import PlainTrainer
 
         tr = PlainTrainer(model, ds, batch_size)
@@ -140,7 +153,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                 row["step_s"] = min(r["step_s"] for r in mine)
             rows.append(row)
     for row in rows:
-        plain = next((r for r in rows if r["case"] == row["case"] and r["program"] == "plain"), None)
+        plain = next((r for r in rows if r["case"] == row["case"] and r["program"] == ("plain-init" if row["program"] in ("init", "plain-init") else "plain")), None)
         if plain is not None:
             row["vs_plain"] = row["total_s"] / plain["total_s"]
         optimised = next((r for r in rows if r["case"] == row["case"] and r["program"] == "train"), None)
