@@ -36,7 +36,7 @@ Width policy (:class:`WidthPolicy`), all choices recorded in :attr:`CohortRunner
    host until a width has trained once: training donates its chunks).
 
 Quick programs (CPU backends, :data:`sm2jax.trainer.QUICK_COMPILE`). The quick build of a small
-model's training program compiles in about half the time (0.3-0.6 s less) and steps up to 2x
+model's training program compiles in about half the time (0.3-0.7 s less) and steps up to 2x
 slower, so it pays only for a cohort whose whole training is short. Before any training program is
 compiled, the cohort's training time is predicted from FLOPs, without a clock (the same choice on
 every run):
@@ -101,7 +101,7 @@ def is_oom(err: Exception) -> bool:
 
 QUICK_SLOWDOWN = 2.0
 """How much slower a quick training program steps than the optimised one: the worst measured
-(1.3-2.0x on 2 CPU cores, MLPs from 64 to 1024x1024 units at batch 16 to 256; small CNNs stepped
+(1.04-2.0x on 2 CPU cores, MLPs from 64 to 1024x1024 units at batch 16 to 256; small CNNs stepped
 faster quick), so that both decisions lean to the optimised program."""
 
 OPTIMISED_COMPILE_RATIO = 2.0
@@ -110,7 +110,7 @@ OPTIMISED_COMPILE_RATIO = 2.0
 
 QUICK_COMPILE_SAVING = 0.3
 """Seconds a quick training program saves in compilation: the least measured on small models (MLPs,
-small CNNs, GRU: 0.3-0.6 s on 2 CPU cores)."""
+small CNNs, GRU: 0.3-0.7 s on 2 CPU cores)."""
 
 CPU_FLOPS_PER_DEVICE = 1e10
 """Training FLOP/s of one CPU host device for the quick-start prediction: the low end of what was
@@ -428,8 +428,12 @@ class CohortRunner:
 
     # ---------------------------------------------------------------------------------- compile
 
+    def _quick(self, kind: str) -> bool:
+        """Whether this cohort's ``kind`` program is the quick build (only training has one)."""
+        return self.quick and kind == "train"
+
     def _is_compiled(self, kind: str, width: int) -> bool:
-        return self.trainer.is_compiled(kind, width, quick=self.quick and kind == "train")
+        return self.trainer.is_compiled(kind, width, quick=self._quick(kind))
 
     def is_compiled(self) -> bool:
         return self._is_compiled("train", self.width) and self._is_compiled("eval", self.width)
@@ -452,7 +456,7 @@ class CohortRunner:
     def compile_seconds(self, kind: str) -> float:
         """Measured seconds the ``kind`` program at the current width (and build) took to compile:
         the estimate of what another width of this cohort costs."""
-        return self.trainer.compile_seconds(kind, self.width, quick=self.quick and kind == "train") or 0.0
+        return self.trainer.compile_seconds(kind, self.width, quick=self._quick(kind)) or 0.0
 
     # ---------------------------------------------------------------------------------- train
 
@@ -518,11 +522,15 @@ class CohortRunner:
                 self._maybe_probe(max(planned_trial_steps - sum(taken.values()), 0.0))
         return TrainRecord(taken, time.perf_counter() - t_start)
 
+    def _predicted_train_s(self, planned_trial_steps: float) -> float:
+        """Seconds of training left, :math:`S \\cdot t_W / W`, from the current width's measured step."""
+        return planned_trial_steps * self.step_seconds[self.width] / self.width
+
     def _maybe_optimise(self, planned_trial_steps: float) -> None:
         """Trades the quick training program for the optimised one once the predicted saving on the
         cohort's remaining training exceeds the optimised program's predicted compile time."""
         w = self.width
-        predicted = planned_trial_steps * self.step_seconds[w] / w
+        predicted = self._predicted_train_s(planned_trial_steps)
         saving = predicted * (1.0 - 1.0 / QUICK_SLOWDOWN)
         cost = OPTIMISED_COMPILE_RATIO * self.compile_seconds("train")
         if saving <= cost:
@@ -541,7 +549,7 @@ class CohortRunner:
         self.probe_pending = False
         w = self.width
         t_w = self.step_seconds[w]
-        predicted = planned_trial_steps * t_w / w
+        predicted = self._predicted_train_s(planned_trial_steps)
         n = self.placement.size
         widest = self.placement.round_width(min(self.policy.max_width or self.k, self.k))
         candidates = [n * c for c in probe_candidates(max(w, widest) // n) if n * c != w and n * c <= widest]
