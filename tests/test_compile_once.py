@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -25,7 +27,8 @@ SCRIPT = textwrap.dedent("""
             results = Study(directory, spec if directory.endswith("new") else None, progress=False).run()
     print(json.dumps({**tally.to_json(), "backend_compiles": tally.backend_compiles,
                       "decisions": [(d["phase"], d["trial_id"], d["kept"]) for d in results["decisions"]],
-                      "selected": results["selected"]["trial_id"], "study_compilation": results["compilation"]}))
+                      "selected": results["selected"]["trial_id"], "study_compilation": results["compilation"],
+                      "quick": sorted({c["quick"] for hw in results["hardware"].values() for c in hw["choices"] if "quick" in c})}))
 """)
 
 
@@ -47,6 +50,9 @@ def test_a_study_compiles_each_program_once_and_a_warm_cache_compiles_nothing(tm
     assert cold["backend_compiles"] <= 3 * 3
     assert cold["programs"] == {"jit(_init_one)": 1, "jit(_train_impl)": 3, "jit(_eval_impl)": 1}
     assert cold["study_compilation"]["backend_compiles"] == cold["backend_compiles"]
+    # A study this short trains with quick programs on a CPU backend (decided from FLOPs, so a resumed
+    # run makes the same choice and finds the same programs in the cache below).
+    assert cold["quick"] == [jax.default_backend() == "cpu"]
 
     # Warm cache: resume the finished study from its second-to-last phase, and re-run it afresh.
     os.remove(tmp_path / "a-new" / "progress" / "phase-2.json")
