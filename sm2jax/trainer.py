@@ -415,9 +415,13 @@ class CohortTrainer:
     def flops_per_trial_step(self, chunk: CohortState, quick: bool = False) -> float | None:
         """FLOPs of one training step of one trial, from XLA's cost analysis (``None`` where the
         backend reports none). XLA counts a loop body once, whatever its trip count: the program's
-        figure covers one step of the whole W-wide chunk."""
+        figure covers one step of one device's rows of the chunk."""
         flops = compiled_flops(self.compile_train(chunk, quick))
-        return None if flops is None else flops / int(chunk.step.shape[0])
+        return None if flops is None else flops / self._rows_per_device(chunk)
+
+    def _rows_per_device(self, chunk: CohortState) -> int:
+        """Rows of ``chunk`` on each device: what a compiled (per-device) program's cost covers."""
+        return max(1, int(chunk.step.shape[0]) // self.placement.size)
 
     # ------------------------------------------------------------------------------------ eval
 
@@ -474,8 +478,7 @@ class CohortTrainer:
         at this chunk's width (``None`` where the backend reports none); compiles nothing else. The
         program's figure covers one block of ``B`` validation examples per row of one device."""
         flops = compiled_flops(self.compile_eval(chunk))
-        rows = max(1, int(chunk.step.shape[0]) // self.placement.size)
-        return None if flops is None else flops / (rows * int(self.data["val"][0][0].shape[1]))
+        return None if flops is None else flops / (self._rows_per_device(chunk) * int(self.data["val"][0][0].shape[1]))
 
     # ------------------------------------------------------------------------------------ width
 

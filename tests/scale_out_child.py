@@ -44,6 +44,10 @@ def main(out_dir: str) -> dict:
     (chunk,) = chunk_rows(trainer.init_rows(), 8, placement)
     train, evaluate = trainer.compile_train(chunk), trainer.compile_eval(chunk)
     state_bytes = sum(a.nbytes for a in jax.tree.leaves(chunk))
+    # Costs per trial from XLA's (per-device) cost analysis, on 4 devices and on 1.
+    single = CohortTrainer(cohort, load_digits(), schedule_steps=100, placement=Placement.create(1))
+    (one_chunk,) = chunk_rows(single.init_rows(), 8, single.placement)
+    flops = {n: (t.flops_per_trial_step(c), t.forward_flops_per_example(c)) for n, t, c in ((4, trainer, chunk), (1, single, one_chunk))}
     memory = train.memory_analysis()
     psum = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, "trials"), mesh=placement.mesh, in_specs=jax.P("trials"), out_specs=jax.P())).lower(np.ones(4, np.float32)).compile()
     # One real trial on 4 devices: the 3 padding devices skip the call (a branch, not a select).
@@ -62,6 +66,7 @@ def main(out_dir: str) -> dict:
         "train_has_branch": " conditional(" in train.as_text(),
         "train_collectives": collectives_in(train), "eval_collectives": collectives_in(evaluate), "psum_collectives": collectives_in(psum),
         "state_bytes": int(state_bytes), "alias_bytes": int(memory.alias_size_in_bytes),
+        "flops": {str(n): f for n, f in flops.items()},
         "state_sharding": str(chunk.step.sharding.spec), "shard_rows": [int(s.data.shape[0]) for s in chunk.step.addressable_shards],
     }
 

@@ -71,6 +71,10 @@ def test_the_sharded_step_has_no_collective_and_donates_its_state(four_devices):
     assert p["state_sharding"] == "P('trials',)" and p["shard_rows"] == [2, 2, 2, 2]  # 8 rows, 2 per device
     # XLA reports per device: each device's rows are aliased input -> output (one copy of the state).
     assert p["alias_bytes"] * 4 >= 0.99 * p["state_bytes"]
+    # ... and so does its cost analysis: FLOPs per trial-step and per example do not depend on the
+    # device count (they weigh energy among trials and predict a cohort's training time).
+    (step4, fwd4), (step1, fwd1) = p["flops"]["4"], p["flops"]["1"]
+    assert step4 == pytest.approx(step1, rel=0.01) and fwd4 == pytest.approx(fwd1, rel=0.01) and step1 > 0 and fwd1 > 0
 
 
 def test_a_device_with_only_padding_skips_the_step(four_devices):
