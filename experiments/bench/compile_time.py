@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -130,12 +128,9 @@ def child(program: str, case: str) -> dict:
 
 
 def _one(program: str, case: str) -> dict:
-    env = {**os.environ, "SM2JAX_COMPILE_CACHE": "off", "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    proc = subprocess.run([sys.executable, __file__, "--child", program, "--case", case], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{program} on {case} failed:\n{proc.stderr[-3000:]}")
-    return {"program": program, "case": case, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    from _results import run_child
+
+    return {"program": program, "case": case, **run_child(__file__, [program, "--case", case], cache="off")[0]}
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -188,14 +183,12 @@ def main(argv=None):
         print(json.dumps(child(args.child, args.case)))
         return None
     sys.path.insert(0, str(HERE))
-    from _results import write_rows, write_table
+    from _results import rotated, write_rows, write_table
 
     runs = []
     for rep in range(args.repeats):
         for case in args.cases:
-            order = list(args.programs)
-            order = order[rep % len(order):] + order[: rep % len(order)]  # rotate: no program always first
-            for program in order:
+            for program in rotated(args.programs, rep):
                 run = _one(program, case)
                 runs.append(run)
                 print(f"{case:<26} {program:<12} lower {run['lower_s']:5.2f} s  compile {run['compile_s']:5.2f} s", flush=True)

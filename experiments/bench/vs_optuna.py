@@ -33,10 +33,8 @@ import os
 import pathlib
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 CONTENDERS = ("sm2jax-sh", "sm2jax-sm2", "sm2jax-full", "optuna", "loop")
@@ -168,14 +166,10 @@ def _prepare(name: str, tmp: str) -> str:
 
 
 def _one(contender: str, workload: str, data: str, tmp: str, run_id: int) -> dict:
-    env = {**os.environ, "SM2JAX_COMPILE_CACHE": os.path.join(tmp, f"cache-{run_id}"), "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", contender, "--workload", workload, "--data", data], env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{contender} on {workload} failed:\n{proc.stderr[-3000:]}")
-    return {"contender": contender, "workload": workload, "wall_s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    from _results import run_child
+
+    out, wall = run_child(__file__, [contender, "--workload", workload, "--data", data], cache=os.path.join(tmp, f"cache-{run_id}"))
+    return {"contender": contender, "workload": workload, "wall_s": wall, **out}
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -229,16 +223,14 @@ def main(argv=None):
         print(json.dumps(child(args.child, args.workload, args.data)))
         return None
     sys.path.insert(0, str(HERE))
-    from _results import write_rows, write_table
+    from _results import rotated, write_rows, write_table
 
     runs, run_id = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         for workload in args.workloads:
             data = _prepare(workload, tmp)
             for rep in range(args.repeats):
-                order = list(args.contenders)
-                order = order[rep % len(order):] + order[: rep % len(order)]  # rotate: no contender always first
-                for contender in order:
+                for contender in rotated(args.contenders, rep):
                     run = _one(contender, workload, data, tmp, run_id)
                     run_id += 1
                     runs.append(run)
