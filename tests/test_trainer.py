@@ -73,6 +73,29 @@ def test_cohort_of_8_learning_rates_matches_training_each_alone(digits):
     assert np.all(np.asarray(state.step) == STEPS)
 
 
+@pytest.mark.parametrize("model, shape", [
+    ({"name": "mlp", "hidden": [32]}, (64,)),
+    ({"name": "cnn", "channels": [4, 8]}, (8, 8, 1)),
+    ({"name": "gru", "hidden": 8}, (6, 3)),
+    ({"name": "resnet18", "width": 4, "blocks": [1, 1, 1, 1]}, (8, 8, 3)),  # batch statistics: model state
+], ids=["mlp", "cnn", "gru", "resnet18"])
+def test_init_rows_are_a_plain_build_model_bit_for_bit(model, shape):
+    # The init program is built with its own XLA options on a CPU backend (INIT_COMPILE): they may
+    # change how fast it compiles, never a bit of what it returns.
+    from sm2jax.data import ArrayDataset
+
+    x = np.zeros((4, *shape), np.float32)
+    ds = ArrayDataset("zeros", "classification", x, np.zeros(4, np.int32), x, np.zeros(4, np.int32), 3)
+    configs = SearchSpace({"model": model, "learning_rate": Categorical([1e-3, 1e-2]), "batch_size": 2, "seed": 7}).grid()
+    rows = CohortTrainer(_single_cohort(configs), ds, schedule_steps=10).init_rows()
+    for i, config in enumerate(configs):
+        init_key = trial_keys(config["seed"], config.trial_id)[0]
+        _, params, model_state = nnx.split(build_model(model, shape, 3, key=init_key), nnx.Param, ...)  # eager
+        mine = _row(rows, i)
+        for a, b in zip(jax.tree.leaves((mine.params, mine.model_state)), jax.tree.leaves((params, model_state)), strict=True):
+            assert a.dtype == b.dtype and np.array_equal(a, np.asarray(b)), config
+
+
 def test_no_recompilation_on_second_call_or_after_select(digits):
     # A model no other test uses, so that its programs are not in the process-wide table yet.
     configs = SearchSpace({"model": {"name": "mlp", "hidden": [24]}, "learning_rate": LogUniform(1e-3, 1e-1, num=4)}).grid()

@@ -12,7 +12,8 @@ this machine is shared and noisy:
 * ``plain-init``: the plain loop's initialisation (``build_model`` from a key, then
   ``inject_hyperparams(adam).init``);
 * ``init`` and ``eval``: sm2jax's initialisation (one trial, keys derived inside from seed and trial
-  id) and evaluation programs.
+  id, built with :data:`sm2jax.trainer.INIT_COMPILE` on a CPU backend, as a study builds it) and
+  evaluation programs.
 
 Reported per program: trace + lower seconds, backend compile seconds and their sum (median), and the
 sum's ratio to ``plain`` (``init``'s to ``plain-init``). Also measured: a training step of each sm2jax build (one row per device,
@@ -82,7 +83,7 @@ def child(program: str, case: str) -> dict:
         from sm2jax.cohort import OPTIMIZER_HYPERPARAMETERS, group_into_cohorts
         from sm2jax.placement import Placement
         from sm2jax.space import Categorical, SearchSpace
-        from sm2jax.trainer import QUICK_COMPILE, CohortTrainer, chunk_rows
+        from sm2jax.trainer import QUICK_COMPILE, CohortTrainer, chunk_rows, program_options
 
         space = SearchSpace({"model": model, "learning_rate": Categorical([1e-3]), "batch_size": batch_size})
         (cohort,) = group_into_cohorts(space.grid())
@@ -93,7 +94,7 @@ def child(program: str, case: str) -> dict:
             t0 = time.perf_counter()
             lowered = jax.jit(trainer._init_one).lower(np.int32(0), np.int32(0), hps)
             t1 = time.perf_counter()
-            lowered.compile()
+            lowered.compile(compiler_options=program_options("init"))
             t2 = time.perf_counter()
             run = None
         else:
