@@ -33,7 +33,7 @@ carries them across processes.
 
 Quick programs. On a CPU backend the training program can also be compiled *quick*
 (:data:`QUICK_COMPILE`: XLA's CPU compiler without its fusion emitters): it compiles in about half
-the time and steps 1.04-2x slower (2 CPU cores, MLPs from 64 to 1024x1024 units), and its results
+the time and steps 1.04-2.1x slower (2 CPU cores, MLPs from 64 to 1024x1024 units), and its results
 differ from the optimised program's by float rounding (~2e-6 after 200 steps), as another width's do.
 :class:`sm2jax.runner.CohortRunner` starts a cohort quick and compiles the optimised program once its
 remaining training pays for it.
@@ -181,7 +181,7 @@ _PROGRAMS: dict[tuple, tuple[Any, float]] = {}
 
 QUICK_COMPILE = {"xla_cpu_use_fusion_emitters": False}
 """XLA options of a quick-compiling program on a CPU backend. Measured on 2 CPU cores (training
-program, 2 host devices): compile 0.56-0.81 s instead of 1.05-1.31 s, and a step 1.04-2x slower
+program, 2 host devices): compile 0.56-0.81 s instead of 1.05-1.31 s, and a step 1.04-2.1x slower
 (MLP [64] on digits at batch 16: 60 us instead of 31 us; MLP 256x256 on MNIST-1D at batch 128:
 1.48 ms instead of 1.16 ms). No other CPU option measured (verification level, XNNPACK, schedulers,
 copy insertion) changed compile time; ``-O0`` compiled slower than this and stepped 4x slower."""
