@@ -8,7 +8,7 @@ from sm2jax.cohort import group_into_cohorts
 from sm2jax.energy import EnergyLedger, EnergyMonitor, make_meter, read_ledger
 from sm2jax.runner import CohortRunner, Metering, WidthPolicy, probe_candidates
 from sm2jax.space import LogUniform, SearchSpace
-from sm2jax.trainer import CohortTrainer
+from sm2jax.trainer import CohortTrainer, chunk_rows, gather_rows
 
 MODEL = {"name": "mlp", "hidden": [16]}
 
@@ -69,6 +69,22 @@ def test_fewer_survivors_get_a_narrower_program_only_when_it_pays(digits, tmp_pa
     runner.narrow_for_survivors(planned_trial_steps=2 * 10**7)
     assert runner.width == 2 and runner.choices[-1]["reason"].startswith("narrowed for 2 survivors")
     assert [int(t) for t in np.asarray(runner.rows().trial_id)] == [5, 2]
+
+
+def test_a_programs_first_call_is_timed_apart_from_the_windows_rate_and_changes_no_bit(digits, tmp_path):
+    runner, _ = _runner(digits, tmp_path, 4, model={"name": "mlp", "hidden": [14]}, max_width=2)  # two chunks
+    start = runner.rows()
+    runner.train_to(12, "rung-1", planned_trial_steps=48, steps_per_window=12)  # chunk 0: 1 step, then 11
+    first = runner.step_seconds[runner.width]
+    runner.train_to(24, "rung-1", planned_trial_steps=48, steps_per_window=12)
+    steady = runner.step_seconds[runner.width]
+    # A fresh executable's first call pays one-time costs (~30 ms on 2 CPU cores, against ~0.1 ms for
+    # a step here); read as training, they made the first window's rate 10-20x the steady one.
+    assert first < 4 * steady, (first, steady)
+    # The same 24 steps, one call per chunk: the same bits.
+    direct = [runner.trainer.train(c, 24, runner.quick)[0] for c in chunk_rows(start, 2, runner.placement)]
+    for a, b in zip(jax.tree.leaves(gather_rows(direct, [0, 1, 2, 3], runner.placement).params), jax.tree.leaves(runner.rows().params), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_probe_candidates():
