@@ -194,8 +194,8 @@ the random number generation every parameter's initializer traces (a threefry ha
 ``erf_inv`` polynomial per truncated normal), which LLVM optimises for seconds at ``-O2``. Measured
 on 2 CPU cores, compile seconds with XLA's defaults -> with these options: MLP [64] 1.20 -> 0.22,
 small CNN 2.16 -> 0.37, CNN1D 1.77 -> 0.55, GRU 0.84 -> 0.44, LSTM 0.86 -> 0.49, Transformer
-2.34 -> 1.82, ResNet-18 (width 8) 10.5 -> 2.6; running one init took the same time (ResNet-18 at
-width 64: 146 -> 180 ms). The parameters are the same bits as a plain ``build_model`` (eager or
+2.34 -> 1.82, ResNet-18 (width 8) 10.5 -> 2.6; running one init took about as long (MLPs and CNNs
+within noise, ResNet-18 at width 64 146 -> 180 ms). The parameters are the same bits as a plain ``build_model`` (eager or
 jitted with defaults), in float32 and bfloat16: ``-O1`` keeps the floating-point contractions that
 ``-O0`` drops (at ``-O0`` ``erf_inv`` differs by one ulp), and the fusion emitters only change how
 loops are generated. ``tests/test_trainer.py`` asserts the equality for the built-in models."""
@@ -217,7 +217,8 @@ def compiled_program(key: tuple, lower, options: dict[str, Any] | None = None) -
 def program_options(kind: str, quick: bool = False) -> dict[str, Any] | None:
     """XLA options of a ``kind`` program (``init``, ``train``, ``eval``) on this process's backend:
     :data:`QUICK_COMPILE` for a quick training build, :data:`INIT_COMPILE` for init on a CPU backend,
-    else ``None`` (XLA's defaults). One backend per process, so a program's key need not name them."""
+    else ``None`` (XLA's defaults). They follow from the kind, the build and the process's one
+    backend, which a program's key fixes, as :func:`compiled_program` requires."""
     if quick:
         return QUICK_COMPILE
     if kind == "init" and jax.default_backend() == "cpu":
