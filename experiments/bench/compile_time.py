@@ -43,6 +43,15 @@ CASES = {
 }
 
 
+def _lower_and_compile(lower, options=None):
+    """``(compiled, trace + lower seconds, backend compile seconds)`` of ``lower()``'s program."""
+    t0 = time.perf_counter()
+    lowered = lower()
+    t1 = time.perf_counter()
+    compiled = lowered.compile(compiler_options=options)
+    return compiled, t1 - t0, time.perf_counter() - t1
+
+
 def child(program: str, case: str) -> dict:
     """Traces, lowers and compiles one program in this (fresh) process; returns its timings."""
     from sm2jax.placement import request_cpu_devices
@@ -61,11 +70,7 @@ def child(program: str, case: str) -> dict:
         from _plain import _init_program
 
         init = _init_program(json.dumps(model, sort_keys=True), ds.input_shape, ds.num_outputs)
-        t0 = time.perf_counter()
-        lowered = init.lower(jax.random.PRNGKey(0), np.float32(1e-3))
-        t1 = time.perf_counter()
-        lowered.compile()
-        t2 = time.perf_counter()
+        _, lower_s, compile_s = _lower_and_compile(lambda: init.lower(jax.random.PRNGKey(0), np.float32(1e-3)))
         run = None
     elif program == "plain":
         from _plain import PlainTrainer
@@ -73,17 +78,13 @@ def child(program: str, case: str) -> dict:
         tr = PlainTrainer(model, ds, batch_size)
         state = tr.init(0, 0, 1e-3)
         perm = np.zeros((tr.steps_per_epoch, batch_size), np.int32)
-        t0 = time.perf_counter()
-        lowered = tr._epoch.lower(*state, tr.x, tr.y, perm)
-        t1 = time.perf_counter()
-        lowered.compile()
-        t2 = time.perf_counter()
+        _, lower_s, compile_s = _lower_and_compile(lambda: tr._epoch.lower(*state, tr.x, tr.y, perm))
         run = None
     else:
         from sm2jax.cohort import OPTIMIZER_HYPERPARAMETERS, group_into_cohorts
         from sm2jax.placement import Placement
         from sm2jax.space import Categorical, SearchSpace
-        from sm2jax.trainer import QUICK_COMPILE, CohortTrainer, chunk_rows, program_options
+        from sm2jax.trainer import CohortTrainer, chunk_rows, program_options
 
         space = SearchSpace({"model": model, "learning_rate": Categorical([1e-3]), "batch_size": batch_size})
         (cohort,) = group_into_cohorts(space.grid())
@@ -91,32 +92,21 @@ def child(program: str, case: str) -> dict:
         trainer = CohortTrainer(cohort, ds, schedule_steps=1000, placement=placement)
         hps = {k: np.float32(0) for k in OPTIMIZER_HYPERPARAMETERS}
         if program == "init":
-            t0 = time.perf_counter()
-            lowered = jax.jit(trainer._init_one).lower(np.int32(0), np.int32(0), hps)
-            t1 = time.perf_counter()
-            lowered.compile(compiler_options=program_options("init"))
-            t2 = time.perf_counter()
+            _, lower_s, compile_s = _lower_and_compile(lambda: jax.jit(trainer._init_one).lower(np.int32(0), np.int32(0), hps), program_options("init"))
             run = None
         else:
             width = placement.size  # one row per device, as a CPU cohort starts
             rows = trainer.init_rows()
             chunk = chunk_rows(jax.tree.map(lambda a: np.repeat(a, width, 0), rows), width, placement)[0]
             if program == "eval":
-                t0 = time.perf_counter()
-                lowered = jax.jit(trainer._eval_impl).lower(chunk.params, chunk.model_state, *trainer.data["val"][0])
-                t1 = time.perf_counter()
-                lowered.compile()
-                t2 = time.perf_counter()
+                _, lower_s, compile_s = _lower_and_compile(lambda: jax.jit(trainer._eval_impl).lower(chunk.params, chunk.model_state, *trainer.data["val"][0]), program_options("eval"))
                 run = None
             else:
-                t0 = time.perf_counter()
-                lowered = jax.jit(trainer._train_impl).lower(chunk, np.int32(1), trainer.data["x_train"], trainer.data["y_train"])
-                t1 = time.perf_counter()
-                compiled = lowered.compile(compiler_options=QUICK_COMPILE) if program == "train-quick" else lowered.compile()
-                t2 = time.perf_counter()
+                lower = lambda: jax.jit(trainer._train_impl).lower(chunk, np.int32(1), trainer.data["x_train"], trainer.data["y_train"])  # noqa: E731
+                compiled, lower_s, compile_s = _lower_and_compile(lower, program_options("train", quick=program == "train-quick"))
                 steps = trainer.steps_per_epoch
                 run = lambda: compiled(chunk, np.int32(steps), trainer.data["x_train"], trainer.data["y_train"])  # noqa: E731
-    out.update(lower_s=t1 - t0, compile_s=t2 - t1)
+    out.update(lower_s=lower_s, compile_s=compile_s)
     if run is not None:
         jax.block_until_ready(run())
         best = float("inf")
