@@ -76,28 +76,50 @@ def throughput(model: dict, ds: ArrayDataset, *, trials: int, batch_size: int, s
     flops = trainer.flops_per_trial_step(wide[0])
     samples = trials * steps * batch_size
     return {
-        "model": model, "trials": trials, "batch_size": batch_size, "steps": steps,
-        "vmap_seconds": t_wide, "loop_seconds": t_loop, "vmap_over_loop_speedup": t_loop / t_wide,
-        "vmap_samples_per_s": samples / t_wide, "loop_samples_per_s": samples / t_loop,
-        "flops_per_trial_step": flops, "vmap_flops_per_s": None if flops is None else flops * trials * steps / t_wide,
+        "model": model,
+        "trials": trials,
+        "batch_size": batch_size,
+        "steps": steps,
+        "vmap_seconds": t_wide,
+        "loop_seconds": t_loop,
+        "vmap_over_loop_speedup": t_loop / t_wide,
+        "vmap_samples_per_s": samples / t_wide,
+        "loop_samples_per_s": samples / t_loop,
+        "flops_per_trial_step": flops,
+        "vmap_flops_per_s": None if flops is None else flops * trials * steps / t_wide,
         "loop_flops_per_s": None if flops is None else flops * trials * steps / t_loop,
     }
 
 
-def run(windows: int = 4, window_seconds: float = 3.0, idle_seconds: float = 3.0, trials: int = 16, width: int = 8, model: dict | None = None, nvml: Any = None, gpus: Any = None, workloads: bool = True, digits_model: dict | None = None) -> dict[str, Any]:
+def run(
+    windows: int = 4,
+    window_seconds: float = 3.0,
+    idle_seconds: float = 3.0,
+    trials: int = 16,
+    width: int = 8,
+    model: dict | None = None,
+    nvml: Any = None,
+    gpus: Any = None,
+    workloads: bool = True,
+    digits_model: dict | None = None,
+) -> dict[str, Any]:
     gpus = gpus if gpus is not None else jax_gpus()
     counter = make_meter("nvml-counter", nvml=nvml, gpus=gpus)
     power = make_meter("nvml-power", nvml=nvml, interval_s=0.05, gpus=gpus)
     meters = {"nvml-counter": EnergyMonitor(counter), "nvml-power": EnergyMonitor(power)}
     out: dict[str, Any] = {
         "profile": hardware_profile(nvml),
-        "methods": {k: {"method": m.meter.method, "note": m.meter.reason, "devices": m.meter.devices} for k, m in meters.items()},
+        "methods": {
+            k: {"method": m.meter.method, "note": m.meter.reason, "devices": m.meter.devices} for k, m in meters.items()
+        },
         "jax_devices": [str(d) for d in jax.devices()],
         "jax_gpus": gpus,
     }
     print("devices:", out["jax_devices"])
     for gpu in out["profile"]["gpus"]:
-        print(f"gpu{gpu['index']}: {gpu['name']}, power limit {gpu.get('power_limit_w')} W, range {gpu.get('power_limit_range_w')}")
+        print(
+            f"gpu{gpu['index']}: {gpu['name']}, power limit {gpu.get('power_limit_w')} W, range {gpu.get('power_limit_range_w')}"
+        )
     for name, m in meters.items():
         print(f"{name:<13} -> {m.meter.describe()}")
     try:
@@ -111,7 +133,14 @@ def run(windows: int = 4, window_seconds: float = 3.0, idle_seconds: float = 3.0
             print(f"idle baseline [{k}]: {'unavailable' if watts is None else f'{watts:.1f} W'}")
 
         ds = synthetic_images()
-        space = SearchSpace({"model": model or RESNET, "optimizer": "sgd", "learning_rate": LogUniform(1e-3, 0.3, num=trials), "batch_size": Categorical([128])})
+        space = SearchSpace(
+            {
+                "model": model or RESNET,
+                "optimizer": "sgd",
+                "learning_rate": LogUniform(1e-3, 0.3, num=trials),
+                "batch_size": Categorical([128]),
+            }
+        )
         (cohort,) = group_into_cohorts(space.grid())
         trainer = CohortTrainer(cohort, ds, schedule_steps=1000)
         state = trainer.init(width)  # ceil(trials / width) chunks of one width-wide program
@@ -121,7 +150,9 @@ def run(windows: int = 4, window_seconds: float = 3.0, idle_seconds: float = 3.0
         compile_s = time.perf_counter() - t0
         out["compile"] = {k: m.end(begins[k]).joules for k, m in meters.items()}
         out["compile"]["seconds"] = compile_s
-        print(f"compile: {compile_s:.1f} s, counter {_fmt(out['compile']['nvml-counter'])}, power {_fmt(out['compile']['nvml-power'])}")
+        print(
+            f"compile: {compile_s:.1f} s, counter {_fmt(out['compile']['nvml-counter'])}, power {_fmt(out['compile']['nvml-power'])}"
+        )
 
         # Size windows from one timed call so each lasts about window_seconds.
         t0 = time.perf_counter()
@@ -143,20 +174,41 @@ def run(windows: int = 4, window_seconds: float = 3.0, idle_seconds: float = 3.0
             secs = readings["nvml-counter"].seconds
             rate = trials * steps * cohort.signature.batch_size / secs
             agreement = None if ratio is None else 100 * (ratio - 1)
-            out["windows"].append({"seconds": secs, "steps": steps, "counter_j": c, "power_j": p, "ratio_power_over_counter": ratio, "agreement_percent": agreement, "samples_per_s": rate, "shares_j": shares, "notes": {k: r.note for k, r in readings.items()}})
-            print(f"{i:>6} {secs:8.2f} {_fmt(c):>12} {_fmt(p):>13} {'n/a' if ratio is None else f'{ratio:6.3f}'}  {rate:,.0f}")
+            out["windows"].append(
+                {
+                    "seconds": secs,
+                    "steps": steps,
+                    "counter_j": c,
+                    "power_j": p,
+                    "ratio_power_over_counter": ratio,
+                    "agreement_percent": agreement,
+                    "samples_per_s": rate,
+                    "shares_j": shares,
+                    "notes": {k: r.note for k, r in readings.items()},
+                }
+            )
+            print(
+                f"{i:>6} {secs:8.2f} {_fmt(c):>12} {_fmt(p):>13} {'n/a' if ratio is None else f'{ratio:6.3f}'}  {rate:,.0f}"
+            )
         last = out["windows"][-1]["shares_j"]
-        print("per-trial shares of the last window (counter):", "unavailable" if last[0] is None else [round(s, 2) for s in last])
+        print(
+            "per-trial shares of the last window (counter):",
+            "unavailable" if last[0] is None else [round(s, 2) for s in last],
+        )
         out["flops_per_trial_step"] = flops
         if workloads:
             digits = load_digits()
             out["workloads"] = {
-                "digits-mlp": throughput(digits_model or {"name": "mlp", "hidden": [64]}, digits, trials=trials, batch_size=64),
+                "digits-mlp": throughput(
+                    digits_model or {"name": "mlp", "hidden": [64]}, digits, trials=trials, batch_size=64
+                ),
                 "resnet18-cifar": throughput(model or RESNET, ds, trials=min(trials, width), batch_size=128),
             }
             for name, w in out["workloads"].items():
                 fl = "n/a" if w["vmap_flops_per_s"] is None else f"{w['vmap_flops_per_s'] / 1e12:.2f} TFLOP/s"
-                print(f"{name}: vmap {w['vmap_samples_per_s']:,.0f} samples/s vs loop {w['loop_samples_per_s']:,.0f} ({w['vmap_over_loop_speedup']:.2f}x), {fl}")
+                print(
+                    f"{name}: vmap {w['vmap_samples_per_s']:,.0f} samples/s vs loop {w['loop_samples_per_s']:,.0f} ({w['vmap_over_loop_speedup']:.2f}x), {fl}"
+                )
     finally:
         for m in meters.values():
             m.meter.close()
@@ -172,10 +224,23 @@ def main(argv=None, nvml: Any = None, gpus: Any = None) -> dict[str, Any]:
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--json", type=pathlib.Path)
     parser.add_argument("--model", type=json.loads, default=RESNET, help="model spec as JSON")
-    parser.add_argument("--digits-model", type=json.loads, default={"name": "mlp", "hidden": [64]}, help="model spec as JSON")
+    parser.add_argument(
+        "--digits-model", type=json.loads, default={"name": "mlp", "hidden": [64]}, help="model spec as JSON"
+    )
     parser.add_argument("--no-workloads", action="store_true", help="skip the vmap-vs-loop throughput part")
     args = parser.parse_args(argv)
-    out = run(args.windows, args.window_seconds, args.idle_seconds, args.trials, args.width, args.model, nvml=nvml, gpus=gpus, workloads=not args.no_workloads, digits_model=args.digits_model)
+    out = run(
+        args.windows,
+        args.window_seconds,
+        args.idle_seconds,
+        args.trials,
+        args.width,
+        args.model,
+        nvml=nvml,
+        gpus=gpus,
+        workloads=not args.no_workloads,
+        digits_model=args.digits_model,
+    )
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return out

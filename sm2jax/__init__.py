@@ -2,18 +2,37 @@
 
 from sm2jax.cohort import CohortSpec, group_into_cohorts
 from sm2jax.data import ArrayDataset, register_dataset
+from sm2jax.hyperband import run_hyperband
 from sm2jax.models import register_model
 from sm2jax.placement import Placement, request_cpu_devices
-from sm2jax.tasks import Task, register_task
 from sm2jax.space import Categorical, Config, Fixed, IntUniform, LogUniform, SearchSpace, Uniform, make_config
-from sm2jax.hyperband import run_hyperband
 from sm2jax.study import Study, StudySpec
+from sm2jax.tasks import Task, register_task
 from sm2jax.trainer import CohortState, CohortTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArrayDataset", "Placement", "Task", "register_dataset", "register_model", "register_task", "request_cpu_devices",
-    "Categorical", "CohortSpec", "CohortState", "CohortTrainer", "Config", "Fixed", "IntUniform", "LogUniform",
-    "SearchSpace", "Study", "StudySpec", "Uniform", "group_into_cohorts", "make_config", "run_hyperband",
+    "ArrayDataset",
+    "Categorical",
+    "CohortSpec",
+    "CohortState",
+    "CohortTrainer",
+    "Config",
+    "Fixed",
+    "IntUniform",
+    "LogUniform",
+    "Placement",
+    "SearchSpace",
+    "Study",
+    "StudySpec",
+    "Task",
+    "Uniform",
+    "group_into_cohorts",
+    "make_config",
+    "register_dataset",
+    "register_model",
+    "register_task",
+    "request_cpu_devices",
+    "run_hyperband",
 ]

@@ -63,7 +63,7 @@ class StudyCheckpoints:
         try:
             with _quiet_orbax():
                 return self.manager.restore(phase, args=ocp.args.StandardRestore(abstract))
-        except Exception as err:  # noqa: BLE001 -- Orbax raises many types for torn/corrupt files
+        except Exception as err:
             raise CheckpointError(f"checkpoint of phase {phase} is unreadable: {type(err).__name__}: {err}") from err
 
     def discard_after(self, phase: int) -> list[int]:
@@ -74,7 +74,7 @@ class StudyCheckpoints:
             for step in gone:
                 try:
                     self.manager.delete(step)
-                except Exception:  # noqa: BLE001 -- a corrupt step may not even parse; remove its folder
+                except Exception:
                     shutil.rmtree(os.path.join(self.directory, str(step)), ignore_errors=True)
             self.manager.reload()
         return gone

@@ -39,7 +39,9 @@ def _run(args) -> dict:
     args.dir = directory  # named in the hint after Ctrl-C
     if args.mode == "hyperband":
         return run_hyperband(directory, spec, progress=not args.no_progress, devices=args.devices)
-    study = Study(directory, spec, progress=not args.no_progress, devices=args.devices)  # validates before anything is said
+    study = Study(
+        directory, spec, progress=not args.no_progress, devices=args.devices
+    )  # validates before anything is said
     if os.listdir(os.path.join(directory, "progress")) and study.progress_bar:
         print(f"resuming the study in {directory}", file=sys.stderr)
     return study.run()
@@ -99,8 +101,12 @@ def _resume(args) -> dict:
         with open(path) as f:
             blob = json.load(f)
     if blob is not None and "hyperband" in blob:
-        return run_hyperband(args.dir, StudySpec(**blob["hyperband"]), progress=not args.no_progress, devices=args.devices)
-    return Study(args.dir, progress=not args.no_progress, devices=args.devices).run()  # one-line errors for a missing or unknown spec
+        return run_hyperband(
+            args.dir, StudySpec(**blob["hyperband"]), progress=not args.no_progress, devices=args.devices
+        )
+    return Study(
+        args.dir, progress=not args.no_progress, devices=args.devices
+    ).run()  # one-line errors for a missing or unknown spec
 
 
 def _compare(args) -> int:
@@ -112,7 +118,7 @@ def _compare(args) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     cols = list(rows[0])
-    fmt = lambda v: "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    fmt = lambda v: "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
     table = [cols] + [[fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     for line in table:
@@ -125,11 +131,17 @@ def _write_report_files(results: dict, args) -> int:
 
     out = args.out or os.path.join(args.dir, "report")
     if "trials" not in results:
-        print(f"sm2jax: {args.dir}/results.json predates per-configuration tables: `sm2jax resume {args.dir}` rewrites it (nothing retrains)", file=sys.stderr)
+        print(
+            f"sm2jax: {args.dir}/results.json predates per-configuration tables: `sm2jax resume {args.dir}` rewrites it (nothing retrains)",
+            file=sys.stderr,
+        )
     try:
         written = write_tables(results, out)
     except OSError as err:
-        print(f"sm2jax: error: cannot write the tables to {out}: {err.strerror or err} (choose another folder with --out)", file=sys.stderr)
+        print(
+            f"sm2jax: error: cannot write the tables to {out}: {err.strerror or err} (choose another folder with --out)",
+            file=sys.stderr,
+        )
         return 2
     try:
         written += write_plots(results, out)
@@ -140,16 +152,28 @@ def _write_report_files(results: dict, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sm2jax", description="Energy-aware hyperparameter optimisation (SM2) for JAX.")
+    parser = argparse.ArgumentParser(
+        prog="sm2jax", description="Energy-aware hyperparameter optimisation (SM2) for JAX."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a study (the offline digits SM2 study by default)")
     run.add_argument("--preset", choices=sorted(PRESETS), default="digits")
     run.add_argument("--config", help="an experiment's config.py (its get_config()); instead of --preset")
-    run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a StudySpec field (JSON value), e.g. --set max_budget=3 --set dataset_options.num_samples=2000; repeatable")
-    run.add_argument("--mode", choices=("sm2", "sh", "full", "hyperband"), default="sm2", help="SM2, or a baseline on identical work")
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a StudySpec field (JSON value), e.g. --set max_budget=3 --set dataset_options.num_samples=2000; repeatable",
+    )
+    run.add_argument(
+        "--mode", choices=("sm2", "sh", "full", "hyperband"), default="sm2", help="SM2, or a baseline on identical work"
+    )
     run.add_argument("--dir", help="study directory (default runs/PRESET-MODE); an existing one resumes")
     run.add_argument("--quick", action="store_true", help="a tiny version of the preset")
-    run.add_argument("--energy", default="auto", choices=("auto", *METHODS), help="how energy is obtained (default: auto)")
+    run.add_argument(
+        "--energy", default="auto", choices=("auto", *METHODS), help="how energy is obtained (default: auto)"
+    )
     run.add_argument("--idle-seconds", type=float, help="idle-baseline measurement length")
     run.add_argument("--steps-per-window", type=int, help="fixed steps per energy window")
     run.add_argument("--data-dir", help="TFDS data folder of a prepared data set (see `sm2jax prepare`)")
@@ -159,14 +183,43 @@ def main(argv: list[str] | None = None) -> int:
     resume = sub.add_parser("resume", help="continue a killed study")
     resume.add_argument("dir")
     for p in (run, resume):
-        p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE", help="import MODULE first (it registers your models, data sets or tasks); repeatable; recorded in the study")
-        p.add_argument("--compile-cache", metavar="DIR|off", help="persistent XLA compilation cache (default: $SM2JAX_COMPILE_CACHE, else ~/.cache/sm2jax/xla)")
-        p.add_argument("--devices", type=int, metavar="N", help="train on the first N devices (default: all; a study checkpointed on N devices resumes on any number)")
-        p.add_argument("--cpu-devices", type=int, metavar="N", help="on a CPU: XLA host devices of the trials axis (default: one per usable core, at most 8; ignored if XLA_FLAGS sets the count)")
-        p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process study: process 0's address (with --num-processes and --process-id, on every host)")
+        p.add_argument(
+            "--import",
+            dest="imports",
+            action="append",
+            default=[],
+            metavar="MODULE",
+            help="import MODULE first (it registers your models, data sets or tasks); repeatable; recorded in the study",
+        )
+        p.add_argument(
+            "--compile-cache",
+            metavar="DIR|off",
+            help="persistent XLA compilation cache (default: $SM2JAX_COMPILE_CACHE, else ~/.cache/sm2jax/xla)",
+        )
+        p.add_argument(
+            "--devices",
+            type=int,
+            metavar="N",
+            help="train on the first N devices (default: all; a study checkpointed on N devices resumes on any number)",
+        )
+        p.add_argument(
+            "--cpu-devices",
+            type=int,
+            metavar="N",
+            help="on a CPU: XLA host devices of the trials axis (default: one per usable core, at most 8; ignored if XLA_FLAGS sets the count)",
+        )
+        p.add_argument(
+            "--coordinator",
+            metavar="HOST:PORT",
+            help="multi-process study: process 0's address (with --num-processes and --process-id, on every host)",
+        )
         p.add_argument("--num-processes", type=int, metavar="N")
         p.add_argument("--process-id", type=int, metavar="I")
-        p.add_argument("--distributed", action="store_true", help="multi-process study on a cluster that jax.distributed.initialize() detects (TPU, SLURM)")
+        p.add_argument(
+            "--distributed",
+            action="store_true",
+            help="multi-process study on a cluster that jax.distributed.initialize() detects (TPU, SLURM)",
+        )
     resume.add_argument("--no-progress", action="store_true")
     resume.add_argument("--json", action="store_true")
     report = sub.add_parser("report", help="print a finished study's report")
@@ -221,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "prepare":
             from sm2jax.prepare import prepare
 
-            where = prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir, download=not args.no_download)
+            where = prepare(
+                args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir, download=not args.no_download
+            )
             print(f"{args.dataset} is prepared in {where}")
             return 0
         else:

@@ -33,8 +33,15 @@ from sm2jax.space import SCHEDULES, Config
 
 # Order of the traced, per-trial optimizer hyperparameters in the optimizer state.
 OPTIMIZER_HYPERPARAMETERS = (
-    "learning_rate", "weight_decay", "momentum", "b1", "b2",
-    "warmup_fraction", "schedule_id", "max_grad_norm", "schedule_steps",
+    "learning_rate",
+    "weight_decay",
+    "momentum",
+    "b1",
+    "b2",
+    "warmup_fraction",
+    "schedule_id",
+    "max_grad_norm",
+    "schedule_steps",
 )
 
 
@@ -52,8 +59,12 @@ class Signature:
     @classmethod
     def of(cls, config: Config) -> Signature:
         return cls(
-            json.dumps(config["model"], sort_keys=True), config["batch_size"], config["optimizer"],
-            config["dropout"], config["dtype"], config.values.get("augment", "none"),
+            json.dumps(config["model"], sort_keys=True),
+            config["batch_size"],
+            config["optimizer"],
+            config["dropout"],
+            config["dtype"],
+            config.values.get("augment", "none"),
         )
 
     @property
@@ -175,7 +186,9 @@ def optimizer_factory(family: str):
     if family not in ("sgd", "adam", "adamw"):
         raise ValueError(f"unknown optimizer family {family!r}")
 
-    def make(learning_rate, weight_decay, momentum, b1, b2, warmup_fraction, schedule_id, max_grad_norm, schedule_steps):
+    def make(
+        learning_rate, weight_decay, momentum, b1, b2, warmup_fraction, schedule_id, max_grad_norm, schedule_steps
+    ):
         if family == "sgd":
             core = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
         elif family == "adam":

@@ -63,8 +63,12 @@ class ArrayDataset:
             raise ValueError(f"{self.name}: inputs and targets differ in length")
         if len(self.x_train) == 0 or len(self.x_val) == 0:
             raise ValueError(f"{self.name}: empty training or validation split")
-        if (self.x_test is None) != (self.y_test is None) or (self.x_test is not None and (len(self.x_test) != len(self.y_test) or len(self.x_test) == 0)):
-            raise ValueError(f"{self.name}: the test split needs inputs and targets of one non-zero length (or neither)")
+        if (self.x_test is None) != (self.y_test is None) or (
+            self.x_test is not None and (len(self.x_test) != len(self.y_test) or len(self.x_test) == 0)
+        ):
+            raise ValueError(
+                f"{self.name}: the test split needs inputs and targets of one non-zero length (or neither)"
+            )
 
     def fingerprint(self) -> str:
         """A SHA-1 of the splits' bytes, shapes and dtypes (plus task and outputs): what a study
@@ -95,8 +99,10 @@ class ArrayDataset:
         """The first ``num_train``/``num_val`` examples (for quick runs and tests)."""
         return dataclasses.replace(
             self,
-            x_train=self.x_train[:num_train], y_train=self.y_train[:num_train],
-            x_val=self.x_val[:num_val], y_val=self.y_val[:num_val],
+            x_train=self.x_train[:num_train],
+            y_train=self.y_train[:num_train],
+            x_val=self.x_val[:num_val],
+            y_val=self.y_val[:num_val],
         )
 
 
@@ -128,7 +134,7 @@ def _feistel(x: jax.Array, round_keys: jax.Array, half_bits: int) -> jax.Array:
     return (left << half_bits) | right
 
 
-def _round_keys(data_key: UInt32[Array, "2"], epoch: Int[Array, ""]) -> UInt32[Array, " rounds"]:
+def _round_keys(data_key: UInt32[Array, 2], epoch: Int[Array, ""]) -> UInt32[Array, " rounds"]:
     """The Feistel round keys of one epoch: the murmur3 finaliser over (key words, epoch, round).
 
     A hash, not ``jax.random``: threefry would add two 20-round hash networks to every training
@@ -140,7 +146,9 @@ def _round_keys(data_key: UInt32[Array, "2"], epoch: Int[Array, ""]) -> UInt32[A
     return _mix32(seed ^ (jnp.arange(_FEISTEL_ROUNDS, dtype=jnp.uint32) * jnp.uint32(0x632BE5AB)))
 
 
-def batch_indices(data_key: UInt32[Array, "2"], step: Int[Array, ""], num_examples: int, batch_size: int) -> Int[Array, " batch"]:
+def batch_indices(
+    data_key: UInt32[Array, 2], step: Int[Array, ""], num_examples: int, batch_size: int
+) -> Int[Array, " batch"]:
     """Indices of the examples that a trial sees at ``step``.
 
     Epoch ``e`` visits every example once, in the order of a pseudo-random permutation keyed by
@@ -191,7 +199,9 @@ def augment_batch(kind: str, images: jax.Array, data_key: jax.Array, step: jax.A
         return images
     if kind == "crop_flip":
         if images.ndim != 4:
-            raise ValueError(f"augment 'crop_flip' needs image examples [H, W, C]; got examples of shape {tuple(images.shape[1:])}: use augment='none'")
+            raise ValueError(
+                f"augment 'crop_flip' needs image examples [H, W, C]; got examples of shape {tuple(images.shape[1:])}: use augment='none'"
+            )
         return crop_flip(images, jax.random.fold_in(jax.random.fold_in(data_key, AUGMENT_SALT), step))
     raise ValueError(f"unknown augmentation {kind!r}")
 
@@ -208,12 +218,14 @@ def load_digits(val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int
     from sklearn.datasets import load_digits as sk_digits
 
     if not (0 < val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-        raise ValueError(f"digits: need 0 < val_fraction, 0 <= test_fraction, sum < 1 (got {val_fraction}, {test_fraction})")
+        raise ValueError(
+            f"digits: need 0 < val_fraction, 0 <= test_fraction, sum < 1 (got {val_fraction}, {test_fraction})"
+        )
     bunch = sk_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[..., None]
     y = bunch.target.astype(np.int32)
     order = np.random.default_rng(seed).permutation(len(x))
-    n_val, n_test = int(round(len(x) * val_fraction)), int(round(len(x) * test_fraction))
+    n_val, n_test = round(len(x) * val_fraction), round(len(x) * test_fraction)
     val, test, train = order[:n_val], order[n_val : n_val + n_test], order[n_val + n_test :]
     held = (x[test], y[test]) if n_test else (None, None)
     return ArrayDataset("digits", "classification", x[train], y[train], x[val], y[val], 10, *held)
@@ -241,7 +253,9 @@ def _image_example(record):
     return image, np.int32(record["label"])
 
 
-def load_tfds_images(name: str, *, data_dir: str | None = None, val_percent: int = 10, download: bool = True) -> ArrayDataset:
+def load_tfds_images(
+    name: str, *, data_dir: str | None = None, val_percent: int = 10, download: bool = True
+) -> ArrayDataset:
     """CIFAR-10 (our builder on the original binary archive, prepared without TensorFlow: see
     :mod:`sm2jax.prepare`) or MNIST (the TFDS catalogue).
 
@@ -255,7 +269,9 @@ def load_tfds_images(name: str, *, data_dir: str | None = None, val_percent: int
         from sm2jax.prepare import default_data_dir, prepare
 
         prepare("cifar10", data_dir=data_dir, download=download)
-        train, val, test = tfds.data_source("cifar10_binary", split=splits, data_dir=default_data_dir(data_dir), download=False)
+        train, val, test = tfds.data_source(
+            "cifar10_binary", split=splits, data_dir=default_data_dir(data_dir), download=False
+        )
     else:
         try:
             train, val, test = tfds.data_source(name, split=splits, data_dir=data_dir, download=download)
@@ -276,7 +292,9 @@ def load_tfds_images(name: str, *, data_dir: str | None = None, val_percent: int
     return ArrayDataset(name, "classification", x_train, y_train, x_val, y_val, classes, x_test, y_test)
 
 
-def load_household_power(*, data_dir: str | None = None, window: int = 24, val_fraction: float = 0.1, download: bool = True) -> ArrayDataset:
+def load_household_power(
+    *, data_dir: str | None = None, window: int = 24, val_fraction: float = 0.1, download: bool = True
+) -> ArrayDataset:
     """Next-hour global active power from the previous ``window`` hours of all 7 measurements.
 
     Reads the hourly means prepared by :class:`sm2jax.datasets.household_power.HouseholdPower`;
@@ -317,7 +335,9 @@ def load_wikitext2(*, data_dir: str | None = None, context: int = 64, download: 
     from sm2jax.prepare import default_data_dir, prepare
 
     prepare("wikitext2", data_dir=data_dir, download=download)  # registers the builder; one-line error offline
-    train, val = tfds.data_source("wikitext2", split=["train", "validation"], data_dir=default_data_dir(data_dir), download=False)
+    train, val = tfds.data_source(
+        "wikitext2", split=["train", "validation"], data_dir=default_data_dir(data_dir), download=False
+    )
     return text_to_dataset(_join_lines(train), _join_lines(val), context)
 
 
@@ -357,10 +377,20 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42, val_fraction: float = 
     args = get_dataset_args()
     args.num_samples, args.seed = int(num_samples), int(seed)
     d = make_dataset(args)
-    as_x = lambda a: np.asarray(a, np.float32)[..., None]  # noqa: E731
+    as_x = lambda a: np.asarray(a, np.float32)[..., None]
     x, y = as_x(d["x"]), np.asarray(d["y"], np.int32)
-    cut = len(x) - int(round(len(x) * val_fraction))
-    return ArrayDataset("mnist1d", "classification", x[:cut], y[:cut], x[cut:], y[cut:], 10, as_x(d["x_test"]), np.asarray(d["y_test"], np.int32))
+    cut = len(x) - round(len(x) * val_fraction)
+    return ArrayDataset(
+        "mnist1d",
+        "classification",
+        x[:cut],
+        y[:cut],
+        x[cut:],
+        y[cut:],
+        10,
+        as_x(d["x_test"]),
+        np.asarray(d["y_test"], np.int32),
+    )
 
 
 def register_dataset(name: str, loader: Callable[..., ArrayDataset]) -> None:
@@ -400,13 +430,19 @@ def load_dataset(name: str, **kwargs) -> ArrayDataset:
     if name in _DATASETS:
         ds = _DATASETS[name](**kwargs)
         if not isinstance(ds, ArrayDataset):
-            raise TypeError(f"the loader registered as data set {name!r} returned {type(ds).__name__}, not sm2jax.data.ArrayDataset")
+            raise TypeError(
+                f"the loader registered as data set {name!r} returned {type(ds).__name__}, not sm2jax.data.ArrayDataset"
+            )
         return ds
     known = ", ".join([*BUILTIN_DATASETS, *sorted(_DATASETS)])
-    raise ValueError(f"unknown data set {name!r}; known: {known} (register yours with sm2jax.register_dataset, or pass Study(..., dataset=ArrayDataset(...)))")
+    raise ValueError(
+        f"unknown data set {name!r}; known: {known} (register yours with sm2jax.register_dataset, or pass Study(..., dataset=ArrayDataset(...)))"
+    )
 
 
-def eval_blocks(x: np.ndarray, y: np.ndarray, batch: int, chunks: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def eval_blocks(
+    x: np.ndarray, y: np.ndarray, batch: int, chunks: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``(x, y, mask)`` blocks of shape ``[chunks, batch, ...]`` covering every example once.
 
     The evaluation program is compiled for one block shape; a split of any length is evaluated as
@@ -421,14 +457,22 @@ def eval_blocks(x: np.ndarray, y: np.ndarray, batch: int, chunks: int) -> list[t
         mask = np.concatenate([np.ones(len(xb), np.float32), np.zeros(pad, np.float32)])
         xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
         yb = np.concatenate([yb, np.zeros((pad, *yb.shape[1:]), yb.dtype)])
-        out.append((xb.reshape(chunks, batch, *xb.shape[1:]), yb.reshape(chunks, batch, *yb.shape[1:]), mask.reshape(chunks, batch)))
+        out.append(
+            (
+                xb.reshape(chunks, batch, *xb.shape[1:]),
+                yb.reshape(chunks, batch, *yb.shape[1:]),
+                mask.reshape(chunks, batch),
+            )
+        )
     return out
 
 
 EVAL_BATCH_SIZE = 512
 
 
-def device_put_dataset(ds: ArrayDataset, eval_batch_size: int = EVAL_BATCH_SIZE, placement: Any = None) -> dict[str, Any]:
+def device_put_dataset(
+    ds: ArrayDataset, eval_batch_size: int = EVAL_BATCH_SIZE, placement: Any = None
+) -> dict[str, Any]:
     """The arrays a cohort reads, on the default device, or replicated on every device of a
     :class:`~sm2jax.placement.Placement` (transfers, not compiled ops).
 
@@ -439,9 +483,10 @@ def device_put_dataset(ds: ArrayDataset, eval_batch_size: int = EVAL_BATCH_SIZE,
     batch = min(eval_batch_size, len(ds.x_val))
     chunks = -(-len(ds.x_val) // batch)
     one = jax.device_put if placement is None else placement.put_replicated
-    put = lambda blocks: [tuple(one(a) for a in b) for b in blocks]  # noqa: E731
+    put = lambda blocks: [tuple(one(a) for a in b) for b in blocks]
     return {
-        "x_train": one(np.asarray(ds.x_train)), "y_train": one(np.asarray(ds.y_train)),
+        "x_train": one(np.asarray(ds.x_train)),
+        "y_train": one(np.asarray(ds.y_train)),
         "val": put(eval_blocks(ds.x_val, ds.y_val, batch, chunks)),
         "test": put(eval_blocks(ds.x_test, ds.y_test, batch, chunks)) if ds.has_test else None,
         "counts": {"val": len(ds.x_val), "test": len(ds.x_test) if ds.has_test else 0},

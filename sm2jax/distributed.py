@@ -36,9 +36,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """
     given = [coordinator is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
-        raise ValueError("multi-process: give --coordinator HOST:PORT, --num-processes N and --process-id I together (or --distributed to detect them on TPU/SLURM)")
+        raise ValueError(
+            "multi-process: give --coordinator HOST:PORT, --num-processes N and --process-id I together (or --distributed to detect them on TPU/SLURM)"
+        )
     if num_processes is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"--process-id {process_id} is outside 0..{num_processes - 1} (--num-processes {num_processes})")
+        raise ValueError(
+            f"--process-id {process_id} is outside 0..{num_processes - 1} (--num-processes {num_processes})"
+        )
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs and TPUs use their own
     if coordinator is None:
         jax.distributed.initialize()
@@ -98,9 +102,14 @@ class DistributedMeter(Meter):
         self._layout = allgather_json({"keys": self._keys, "devices": local_map, "method": inner.method})
         methods = {p["method"] for p in self._layout}
         if len(methods) > 1:
-            self.method, self.reason = "unavailable", f"processes meter differently ({', '.join(sorted(methods))}): no common figure"
+            self.method, self.reason = (
+                "unavailable",
+                f"processes meter differently ({', '.join(sorted(methods))}): no common figure",
+            )
         self._width = max(len(p["keys"]) for p in self._layout)
-        self.devices = [{**e, "nvml": f"p{i}/{e['nvml']}"} for i, e in enumerate(inner.devices or [])] if inner.devices else None
+        self.devices = (
+            [{**e, "nvml": f"p{i}/{e['nvml']}"} for i, e in enumerate(inner.devices or [])] if inner.devices else None
+        )
 
     def device_keys(self, device: Any) -> tuple[str, ...]:
         p = int(device.process_index)
@@ -117,11 +126,11 @@ class DistributedMeter(Meter):
         if s.host is not None:
             vec[1] = s.host
         if s.joules is not None:
-            vec[2:2 + len(self._keys)] = [s.joules[k] for k in self._keys]
+            vec[2 : 2 + len(self._keys)] = [s.joules[k] for k in self._keys]
         rows = allgather(vec)
         joules: dict[str, float] | None = {}
         for p, layout in enumerate(self._layout):
-            values = rows[p, 2:2 + len(layout["keys"])]
+            values = rows[p, 2 : 2 + len(layout["keys"])]
             if np.isnan(values).any():
                 joules = None
                 break

@@ -58,8 +58,10 @@ def trial_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def energy_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """``results['energy_by_phase']`` as rows (kWh and gCO2e as the ledger converted them)."""
-    return [{"phase": phase, **{k: v for k, v in g.items() if k != "methods"}, "methods": ",".join(g["methods"])}
-            for phase, g in results.get("energy_by_phase", {}).items()]
+    return [
+        {"phase": phase, **{k: v for k, v in g.items() if k != "methods"}, "methods": ",".join(g["methods"])}
+        for phase, g in results.get("energy_by_phase", {}).items()
+    ]
 
 
 def write_tables(results: dict[str, Any], directory: str | os.PathLike) -> list[str]:
@@ -68,16 +70,45 @@ def write_tables(results: dict[str, Any], directory: str | os.PathLike) -> list[
     paths = []
     trials = trial_rows(results)
     config_cols = sorted({k for r in trials for k in r if k.startswith("config.")})
-    base = ["trial_id", "cohort", "status", "last_phase", "score", "score_se", "metric", "samples", "energy_joules", "kwh", "gco2e", "reason"]
+    base = [
+        "trial_id",
+        "cohort",
+        "status",
+        "last_phase",
+        "score",
+        "score_se",
+        "metric",
+        "samples",
+        "energy_joules",
+        "kwh",
+        "gco2e",
+        "reason",
+    ]
     paths.append(os.path.join(directory, "trials.csv"))
     _write_csv(paths[-1], trials, base + config_cols)
     decisions = results.get("decisions", [])
-    first = ["phase", "trial_id", "cohort", "kept", "reason_code", "score", "score_se", "samples_spent", "energy_spent_j", "decision_energy_j", "reason"]
+    first = [
+        "phase",
+        "trial_id",
+        "cohort",
+        "kept",
+        "reason_code",
+        "score",
+        "score_se",
+        "samples_spent",
+        "energy_spent_j",
+        "decision_energy_j",
+        "reason",
+    ]
     rest = sorted({k for d in decisions for k in d} - set(first))
     paths.append(os.path.join(directory, "decisions.csv"))
     _write_csv(paths[-1], decisions, first + rest)
     paths.append(os.path.join(directory, "energy.csv"))
-    _write_csv(paths[-1], energy_rows(results), ["phase", "joules", "net_joules", "seconds", "methods", "kwh", "gco2e", "windows"])
+    _write_csv(
+        paths[-1],
+        energy_rows(results),
+        ["phase", "joules", "net_joules", "seconds", "methods", "kwh", "gco2e", "windows"],
+    )
     return paths
 
 
@@ -91,22 +122,33 @@ def compare_rows(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     base = base_samples = None
     for r in studies:
         phases = r.get("energy_by_phase", {})
+
         def total(names):
             values = [g["joules"] for p, g in phases.items() if p in names]
             return None if any(v is None for v in values) else float(sum(values))
+
         training = total([p for p in phases if p == "explore" or p.startswith("rung-")])
         base = training if base is None else base
         samples = sum(t["samples"] for t in r["trials"]) if "trials" in r else None
         base_samples = samples if base_samples is None else base_samples
         sel = r.get("selected") or {}
         test = sel.get("test") or {}
-        rows.append({
-            "study": os.path.basename(str(r.get("study", "")).rstrip("/")), "mode": r.get("mode"), "selected_trial": sel.get("trial_id"),
-            f"val_{r.get('metric_name', 'metric')}": sel.get("metric"), f"test_{r.get('metric_name', 'metric')}": test.get("metric"),
-            "samples_trained": samples, "samples_vs_first": None if samples is None or not base_samples else samples / base_samples, "training_joules": training,
-            "compile_joules": total(["compile", "probe"]), "total_joules": r.get("total_joules"),
-            "training_vs_first": None if training is None or not base else training / base, "energy_method": r.get("energy_method"),
-        })
+        rows.append(
+            {
+                "study": os.path.basename(str(r.get("study", "")).rstrip("/")),
+                "mode": r.get("mode"),
+                "selected_trial": sel.get("trial_id"),
+                f"val_{r.get('metric_name', 'metric')}": sel.get("metric"),
+                f"test_{r.get('metric_name', 'metric')}": test.get("metric"),
+                "samples_trained": samples,
+                "samples_vs_first": None if samples is None or not base_samples else samples / base_samples,
+                "training_joules": training,
+                "compile_joules": total(["compile", "probe"]),
+                "total_joules": r.get("total_joules"),
+                "training_vs_first": None if training is None or not base else training / base,
+                "energy_method": r.get("energy_method"),
+            }
+        )
     return rows
 
 
@@ -130,7 +172,7 @@ def pareto_front(points: list[tuple[float, float, int]]) -> list[int]:
     """Ids of the points ``(energy, score, id)`` that no other point beats on both (less or equal
     energy and higher or equal score, one strictly), in increasing energy."""
     front, best = [], -float("inf")
-    for energy, score, i in sorted(points, key=lambda p: (p[0], -p[1])):
+    for _energy, score, i in sorted(points, key=lambda p: (p[0], -p[1])):
         if score > best:
             front.append(i)
             best = score
@@ -149,19 +191,42 @@ def plot_score_vs_energy(results: dict[str, Any]):
     ax = fig.add_subplot()
     by_status: dict[str, list[dict[str, Any]]] = {}
     for t in trials:
-        by_status.setdefault("selected" if t["status"] == "selected" else "finalist" if t["status"] == "finalist" else f"stopped at {t['last_phase']}", []).append(t)
+        by_status.setdefault(
+            "selected"
+            if t["status"] == "selected"
+            else "finalist"
+            if t["status"] == "finalist"
+            else f"stopped at {t['last_phase']}",
+            [],
+        ).append(t)
     order = sorted(by_status, key=lambda s: (s == "selected", s == "finalist", s))
     for status in order:
         group = by_status[status]
-        style = {"marker": "*", "s": 220, "color": "crimson", "zorder": 4} if status == "selected" else {"s": 28, "alpha": 0.8}
+        style = (
+            {"marker": "*", "s": 220, "color": "crimson", "zorder": 4}
+            if status == "selected"
+            else {"s": 28, "alpha": 0.8}
+        )
         ax.scatter([x_of(t) for t in group], [t["metric"] for t in group], label=status, **style)
     front = pareto_front([(x_of(t), t["score"], t["trial_id"]) for t in trials])
     by_id = {t["trial_id"]: t for t in trials}
-    ax.plot([x_of(by_id[i]) for i in front], [by_id[i]["metric"] for i in front], "k--", lw=1, label="Pareto front (score, energy)")
+    ax.plot(
+        [x_of(by_id[i]) for i in front],
+        [by_id[i]["metric"] for i in front],
+        "k--",
+        lw=1,
+        label="Pareto front (score, energy)",
+    )
     sel = results.get("selected")
     if sel is not None and sel["trial_id"] in by_id:
         t = by_id[sel["trial_id"]]
-        ax.annotate(f"selected: trial {t['trial_id']}", (x_of(t), t["metric"]), textcoords="offset points", xytext=(8, -14), color="crimson")
+        ax.annotate(
+            f"selected: trial {t['trial_id']}",
+            (x_of(t), t["metric"]),
+            textcoords="offset points",
+            xytext=(8, -14),
+            color="crimson",
+        )
     ax.set_xscale("log" if trials and min(x_of(t) for t in trials) > 0 else "linear")
     ax.set_xlabel(_energy_label(results) if have_energy else "samples trained (energy unavailable)")
     ax.set_ylabel(f"validation {results.get('metric_name', 'metric')} (last phase reached)")
@@ -178,8 +243,12 @@ def survival_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     for t in results.get("trials", []):
         last = phases.index(t["last_phase"]) if t["last_phase"] in phases else -1
         lr = t["config"].get("learning_rate")
-        label = f"trial {t['trial_id']} ({t['cohort'].rsplit('-', 1)[0]}" + (f", lr {lr:.3g})" if isinstance(lr, (int, float)) else ")")
-        rows.append({"trial_id": t["trial_id"], "label": label, "last": last, "status": t["status"], "score": t["score"]})
+        label = f"trial {t['trial_id']} ({t['cohort'].rsplit('-', 1)[0]}" + (
+            f", lr {lr:.3g})" if isinstance(lr, (int, float)) else ")"
+        )
+        rows.append(
+            {"trial_id": t["trial_id"], "label": label, "last": last, "status": t["status"], "score": t["score"]}
+        )
     rows.sort(key=lambda r: (-r["last"], -(r["score"] if r["score"] is not None else -float("inf")), r["trial_id"]))
     return rows
 
@@ -217,7 +286,14 @@ def plot_energy_by_phase(results: dict[str, Any]):
     values = [r["joules"] or 0.0 for r in rows]
     bars = ax.bar(names, values, color=["tab:orange" if n in ("compile", "probe") else "tab:blue" for n in names])
     for bar, r in zip(bars, rows):
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), "unavailable" if r["joules"] is None else f"{r['joules']:.3g} J", ha="center", va="bottom", fontsize=7)
+        ax.text(
+            bar.get_x() + bar.get_width() / 2,
+            bar.get_height(),
+            "unavailable" if r["joules"] is None else f"{r['joules']:.3g} J",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     idle = results.get("idle") or {}
     note = f"idle baseline {idle['watts']:.2f} W" if idle.get("watts") is not None else "idle baseline: not measured"
     ax.set_ylabel(f"joules ({results.get('energy_method')})")
@@ -234,7 +310,11 @@ def write_plots(results: dict[str, Any], directory: str | os.PathLike) -> list[s
         raise ImportError(PLOT_HINT) from None
     os.makedirs(directory, exist_ok=True)
     paths = []
-    for name, make in (("score_vs_energy", plot_score_vs_energy), ("survival", plot_survival), ("energy_by_phase", plot_energy_by_phase)):
+    for name, make in (
+        ("score_vs_energy", plot_score_vs_energy),
+        ("survival", plot_survival),
+        ("energy_by_phase", plot_energy_by_phase),
+    ):
         paths.append(os.path.join(directory, f"{name}.png"))
         make(results).savefig(paths[-1], dpi=110)
     return paths

@@ -11,7 +11,15 @@ from sm2jax.scheduler import hyperband_brackets
 from sm2jax.study import Study, StudySpec, _atomic_write_json, claim_directory
 
 
-def run_hyperband(directory: str | os.PathLike, spec: StudySpec, *, progress: bool = True, nvml: Any = None, dataset: ArrayDataset | None = None, devices: Any = None) -> dict[str, Any]:
+def run_hyperband(
+    directory: str | os.PathLike,
+    spec: StudySpec,
+    *,
+    progress: bool = True,
+    nvml: Any = None,
+    dataset: ArrayDataset | None = None,
+    devices: Any = None,
+) -> dict[str, Any]:
     """Runs Hyperband with one :class:`Study` per bracket, in ``directory/bracket-S/``.
 
     ``spec.max_budget`` is R; bracket ``s`` samples ``n`` random configurations (seed ``spec.seed + s``)
@@ -29,16 +37,41 @@ def run_hyperband(directory: str | os.PathLike, spec: StudySpec, *, progress: bo
     for b in brackets:
         rungs = [r["r"] for r in b["rungs"]]
         sub = dataclasses.replace(
-            spec, mode="sh", sampler="random", num_samples=int(b["n"]), seed=spec.seed + int(b["s"]),
-            min_budget=rungs[0], rungs=rungs, keep_rule="floor", explore_budget=0.0, objective="performance",
+            spec,
+            mode="sh",
+            sampler="random",
+            num_samples=int(b["n"]),
+            seed=spec.seed + int(b["s"]),
+            min_budget=rungs[0],
+            rungs=rungs,
+            keep_rule="floor",
+            explore_budget=0.0,
+            objective="performance",
         )
-        result = Study(os.path.join(directory, f"bracket-{b['s']}"), sub, progress=progress, nvml=nvml, dataset=dataset, devices=devices).run()
-        outcomes.append({**{k: b[k] for k in ("s", "n", "r")}, "rungs": b["rungs"], "selected": result["selected"], "total_joules": result["total_joules"], "energy_method": result["energy_method"]})
+        result = Study(
+            os.path.join(directory, f"bracket-{b['s']}"),
+            sub,
+            progress=progress,
+            nvml=nvml,
+            dataset=dataset,
+            devices=devices,
+        ).run()
+        outcomes.append(
+            {
+                **{k: b[k] for k in ("s", "n", "r")},
+                "rungs": b["rungs"],
+                "selected": result["selected"],
+                "total_joules": result["total_joules"],
+                "energy_method": result["energy_method"],
+            }
+        )
     scored = [o for o in outcomes if o["selected"] is not None and o["selected"]["score"] is not None]
     best = max(scored, key=lambda o: o["selected"]["score"]) if scored else None
     totals = [o["total_joules"] for o in outcomes]
     results = {
-        "study": directory, "mode": "hyperband", "brackets": outcomes,
+        "study": directory,
+        "mode": "hyperband",
+        "brackets": outcomes,
         "selected": None if best is None else {**best["selected"], "bracket": best["s"]},
         "total_joules": None if any(t is None for t in totals) else float(sum(totals)),
         "energy_method": outcomes[0]["energy_method"] if outcomes else None,

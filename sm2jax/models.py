@@ -9,6 +9,7 @@ both of which stack cleanly on a trial axis.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,9 +28,18 @@ def _dropout(rate: float, x: jax.Array, train: bool, key: jax.Array | None, salt
 class MLP(nnx.Module):
     """Flattens the input and applies ``Linear -> relu`` blocks, then a linear head."""
 
-    def __init__(self, in_features: int, out_features: int, hidden: Sequence[int] = (64,), dropout: float = 0.0, dtype=jnp.float32, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: Sequence[int] = (64,),
+        dropout: float = 0.0,
+        dtype=jnp.float32,
+        *,
+        rngs: nnx.Rngs,
+    ):
         sizes = [in_features, *hidden]
-        self.layers = nnx.List([nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.layers = nnx.List([nnx.Linear(a, b, dtype=dtype, rngs=rngs) for a, b in itertools.pairwise(sizes)])
         self.head = nnx.Linear(sizes[-1], out_features, dtype=dtype, rngs=rngs)
         self.dropout = dropout
 
@@ -43,7 +53,18 @@ class MLP(nnx.Module):
 class SmallCNN(nnx.Module):
     """Two 3x3 convolutions with average pooling and a linear head (MNIST/digits-sized inputs)."""
 
-    def __init__(self, in_channels: int, out_features: int, height: int, width: int, channels: Sequence[int] = (16, 32), dropout: float = 0.0, dtype=jnp.float32, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_features: int,
+        height: int,
+        width: int,
+        channels: Sequence[int] = (16, 32),
+        dropout: float = 0.0,
+        dtype=jnp.float32,
+        *,
+        rngs: nnx.Rngs,
+    ):
         c1, c2 = channels
         self.conv1 = nnx.Conv(in_channels, c1, (3, 3), dtype=dtype, rngs=rngs)
         self.conv2 = nnx.Conv(c1, c2, (3, 3), dtype=dtype, rngs=rngs)
@@ -83,7 +104,17 @@ class ResNet18(nnx.Module):
     ``width`` scales the stage widths (64, 128, 256, 512); tests use a narrow net.
     """
 
-    def __init__(self, in_channels: int, out_features: int, width: int = 64, blocks: Sequence[int] = (2, 2, 2, 2), dropout: float = 0.0, dtype=jnp.float32, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_channels: int,
+        out_features: int,
+        width: int = 64,
+        blocks: Sequence[int] = (2, 2, 2, 2),
+        dropout: float = 0.0,
+        dtype=jnp.float32,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.stem = nnx.Conv(in_channels, width, (3, 3), use_bias=False, dtype=dtype, rngs=rngs)
         self.stem_bn = nnx.BatchNorm(width, dtype=dtype, rngs=rngs)
         layers, cin = [], width
@@ -107,7 +138,16 @@ class ResNet18(nnx.Module):
 class LSTMRegressor(nnx.Module):
     """An LSTM over ``[B, T, F]`` windows; a linear head on the last hidden state predicts ``[B, out]``."""
 
-    def __init__(self, in_features: int, out_features: int, hidden: int = 64, dropout: float = 0.0, dtype=jnp.float32, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: int = 64,
+        dropout: float = 0.0,
+        dtype=jnp.float32,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.cell = nnx.OptimizedLSTMCell(in_features, hidden, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(hidden, out_features, dtype=dtype, rngs=rngs)
         self.hidden = hidden
@@ -131,9 +171,25 @@ class CNN1D(nnx.Module):
     Kobak's MNIST-1D benchmark: ``Conv(k, stride 2) -> relu`` blocks, then a linear head on the
     flattened features."""
 
-    def __init__(self, length: int, in_channels: int, out_features: int, channels: Sequence[int] = (32, 32, 32), kernel: int = 5, dropout: float = 0.0, dtype=jnp.float32, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        length: int,
+        in_channels: int,
+        out_features: int,
+        channels: Sequence[int] = (32, 32, 32),
+        kernel: int = 5,
+        dropout: float = 0.0,
+        dtype=jnp.float32,
+        *,
+        rngs: nnx.Rngs,
+    ):
         sizes = [in_channels, *channels]
-        self.convs = nnx.List([nnx.Conv(a, b, (kernel,), strides=2, padding="SAME", dtype=dtype, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.convs = nnx.List(
+            [
+                nnx.Conv(a, b, (kernel,), strides=2, padding="SAME", dtype=dtype, rngs=rngs)
+                for a, b in itertools.pairwise(sizes)
+            ]
+        )
         for _ in channels:
             length = -(-length // 2)
         self.head = nnx.Linear(length * sizes[-1], out_features, dtype=dtype, rngs=rngs)
@@ -148,7 +204,16 @@ class CNN1D(nnx.Module):
 class GRUClassifier(nnx.Module):
     """A GRU over ``[B, T, F]`` sequences; a linear head on the last hidden state gives class logits."""
 
-    def __init__(self, in_features: int, out_features: int, hidden: int = 64, dropout: float = 0.0, dtype=jnp.float32, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: int = 64,
+        dropout: float = 0.0,
+        dtype=jnp.float32,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.cell = nnx.GRUCell(in_features, hidden, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(hidden, out_features, dtype=dtype, rngs=rngs)
         self.hidden = hidden
@@ -180,7 +245,18 @@ class TransformerBlock(nnx.Module):
 class TransformerLM(nnx.Module):
     """A small decoder-only (pre-LN, causal) Transformer language model over token ids ``[B, T]``."""
 
-    def __init__(self, vocab_size: int, context: int, dim: int = 64, depth: int = 2, heads: int = 4, dropout: float = 0.0, dtype=jnp.float32, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        vocab_size: int,
+        context: int,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        dropout: float = 0.0,
+        dtype=jnp.float32,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.embed = nnx.Embed(vocab_size, dim, dtype=dtype, rngs=rngs)
         self.pos = nnx.Embed(context, dim, dtype=dtype, rngs=rngs)
         self.blocks = nnx.List([TransformerBlock(dim, heads, dropout, dtype, rngs=rngs) for _ in range(depth)])
@@ -210,7 +286,16 @@ def _build_cnn(spec, shape, outputs, dropout, dtype, rngs):
 
 def _build_cnn1d(spec, shape, outputs, dropout, dtype, rngs):
     length, channels = shape
-    return CNN1D(length, channels, outputs, tuple(spec.get("channels", (32, 32, 32))), int(spec.get("kernel", 5)), dropout, dtype, rngs=rngs)
+    return CNN1D(
+        length,
+        channels,
+        outputs,
+        tuple(spec.get("channels", (32, 32, 32))),
+        int(spec.get("kernel", 5)),
+        dropout,
+        dtype,
+        rngs=rngs,
+    )
 
 
 def _build_gru(spec, shape, outputs, dropout, dtype, rngs):
@@ -218,7 +303,15 @@ def _build_gru(spec, shape, outputs, dropout, dtype, rngs):
 
 
 def _build_resnet18(spec, shape, outputs, dropout, dtype, rngs):
-    return ResNet18(shape[-1], outputs, int(spec.get("width", 64)), tuple(spec.get("blocks", (2, 2, 2, 2))), dropout, dtype, rngs=rngs)
+    return ResNet18(
+        shape[-1],
+        outputs,
+        int(spec.get("width", 64)),
+        tuple(spec.get("blocks", (2, 2, 2, 2))),
+        dropout,
+        dtype,
+        rngs=rngs,
+    )
 
 
 def _build_lstm(spec, shape, outputs, dropout, dtype, rngs):
@@ -226,7 +319,16 @@ def _build_lstm(spec, shape, outputs, dropout, dtype, rngs):
 
 
 def _build_transformer(spec, shape, outputs, dropout, dtype, rngs):
-    return TransformerLM(outputs, shape[0], int(spec.get("dim", 64)), int(spec.get("depth", 2)), int(spec.get("heads", 4)), dropout, dtype, rngs=rngs)
+    return TransformerLM(
+        outputs,
+        shape[0],
+        int(spec.get("dim", 64)),
+        int(spec.get("depth", 2)),
+        int(spec.get("heads", 4)),
+        dropout,
+        dtype,
+        rngs=rngs,
+    )
 
 
 BUILTIN_MODELS: dict[str, Callable[..., nnx.Module]] = {
@@ -271,7 +373,15 @@ def model_version(name: str) -> int:
     return _VERSIONS.get(name, 0)
 
 
-def build_model(spec: Mapping[str, Any], input_shape: Sequence[int], num_outputs: int, *, dropout: float = 0.0, dtype: str = "float32", key: jax.Array) -> nnx.Module:
+def build_model(
+    spec: Mapping[str, Any],
+    input_shape: Sequence[int],
+    num_outputs: int,
+    *,
+    dropout: float = 0.0,
+    dtype: str = "float32",
+    key: jax.Array,
+) -> nnx.Module:
     """Builds the model named by ``spec['name']`` for per-example ``input_shape``.
 
     Args:
@@ -285,5 +395,7 @@ def build_model(spec: Mapping[str, Any], input_shape: Sequence[int], num_outputs
     """
     name = spec["name"]
     if name not in MODEL_REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODEL_REGISTRY))} (register yours with sm2jax.register_model)")
+        raise ValueError(
+            f"unknown model {name!r}; known: {', '.join(sorted(MODEL_REGISTRY))} (register yours with sm2jax.register_model)"
+        )
     return MODEL_REGISTRY[name](spec, tuple(input_shape), num_outputs, dropout, jnp.dtype(dtype), nnx.Rngs(params=key))

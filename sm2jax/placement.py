@@ -49,12 +49,19 @@ class Placement:
         available = jax.devices()
         if devices is None:
             # Processes take turns along the axis, so that trials spread over hosts first.
-            devices = sorted(available, key=lambda d: ([e for e in available if e.process_index == d.process_index].index(d), d.process_index))
+            devices = sorted(
+                available,
+                key=lambda d: ([e for e in available if e.process_index == d.process_index].index(d), d.process_index),
+            )
         elif isinstance(devices, int):
             if not 1 <= devices <= len(available):
-                raise ValueError(f"devices: {devices} requested, {len(available)} available ({available[0].platform}); pass a count from 1 to {len(available)}, or none for all")
+                raise ValueError(
+                    f"devices: {devices} requested, {len(available)} available ({available[0].platform}); pass a count from 1 to {len(available)}, or none for all"
+                )
             if jax.process_count() > 1 and devices != len(available):
-                raise ValueError(f"devices: a multi-process study uses every device of every process ({len(available)}); do not pass a count")
+                raise ValueError(
+                    f"devices: a multi-process study uses every device of every process ({len(available)}); do not pass a count"
+                )
             devices = available[:devices]
         return cls(Mesh(np.asarray(list(devices)), (TRIALS,)))
 
@@ -113,7 +120,9 @@ class Placement:
         """Host arrays (the same on every process) as global arrays with ``sharding``."""
         if jax.process_count() == 1:
             return jax.device_put(tree, sharding)
-        return jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda idx, a=a: np.asarray(a)[idx]), tree)
+        return jax.tree.map(
+            lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda idx, a=a: np.asarray(a)[idx]), tree
+        )
 
     def put_rows(self, tree: Any) -> Any:
         """Host rows (leading axis a multiple of :attr:`size`) sharded over the devices."""
@@ -144,7 +153,9 @@ class Placement:
             return fn(*args)
         k = len(args) - replicated
         specs = tuple(PartitionSpec(TRIALS) for _ in range(k)) + tuple(PartitionSpec() for _ in range(replicated))
-        return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=PartitionSpec(TRIALS), check_vma=False)(*args)
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=specs, out_specs=PartitionSpec(TRIALS), check_vma=False)(
+            *args
+        )
 
 
 MAX_CPU_DEVICES = 8

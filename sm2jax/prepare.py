@@ -33,13 +33,17 @@ class ArchiveMissing(FileNotFoundError):
 
 def default_data_dir(data_dir: str | os.PathLike | None = None) -> str:
     """``data_dir``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets`` (TFDS's own default)."""
-    return os.fspath(data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets"))
+    return os.fspath(
+        data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    )
 
 
 def _reachable(url: str, timeout: float) -> bool:
     parts = urllib.parse.urlparse(url)
     try:
-        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout=timeout):
+        with socket.create_connection(
+            (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout=timeout
+        ):
             return True
     except OSError:
         return False
@@ -48,7 +52,9 @@ def _reachable(url: str, timeout: float) -> bool:
 def builder(name: str, data_dir: str | os.PathLike | None = None):
     """The TFDS builder behind data set ``name`` (one of :data:`BUILDERS`)."""
     if name not in BUILDERS:
-        raise ValueError(f"unknown data set to prepare {name!r}; known: {', '.join(BUILDERS)} (digits and mnist1d need no preparation)")
+        raise ValueError(
+            f"unknown data set to prepare {name!r}; known: {', '.join(BUILDERS)} (digits and mnist1d need no preparation)"
+        )
     module_name, class_name = BUILDERS[name]
     module = importlib.import_module(module_name)
     with _quiet_tfds():
@@ -61,7 +67,14 @@ def _quiet_tfds():
     return quiet_absl(logging.ERROR)
 
 
-def prepare(name: str, *, data_dir: str | os.PathLike | None = None, manual_dir: str | os.PathLike | None = None, download: bool = True, timeout: float = 5.0) -> str:
+def prepare(
+    name: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    manual_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    timeout: float = 5.0,
+) -> str:
     """Prepares data set ``name`` under ``data_dir``; returns the prepared folder.
 
     Raises:
@@ -75,10 +88,22 @@ def prepare(name: str, *, data_dir: str | os.PathLike | None = None, manual_dir:
     manual = os.fspath(manual_dir or os.path.join(default_data_dir(data_dir), "downloads", "manual"))
     archive = os.path.join(manual, module.ARCHIVE)
     if not os.path.exists(archive):
-        why = "downloading is off" if not download else f"{urllib.parse.urlparse(module.URL).hostname} cannot be reached from here" if not _reachable(module.URL, timeout) else None
+        why = (
+            "downloading is off"
+            if not download
+            else f"{urllib.parse.urlparse(module.URL).hostname} cannot be reached from here"
+            if not _reachable(module.URL, timeout)
+            else None
+        )
         if why is not None:
-            hint = f"sm2jax prepare {name}" + (f" --data-dir {data_dir}" if data_dir else "") + (f" --manual-dir {manual_dir}" if manual_dir else "")
-            raise ArchiveMissing(f"{name} is not prepared and {why}: download {module.URL} and place {module.ARCHIVE} in {manual}, then run `{hint}`")
+            hint = (
+                f"sm2jax prepare {name}"
+                + (f" --data-dir {data_dir}" if data_dir else "")
+                + (f" --manual-dir {manual_dir}" if manual_dir else "")
+            )
+            raise ArchiveMissing(
+                f"{name} is not prepared and {why}: download {module.URL} and place {module.ARCHIVE} in {manual}, then run `{hint}`"
+            )
     import tensorflow_datasets as tfds
 
     with contextlib.redirect_stdout(sys.stderr):  # TFDS prints "Dataset ... prepared"; stdout is for results (--json)

@@ -27,36 +27,64 @@ def format_results(results: dict[str, Any]) -> str:
         for b in results["brackets"]:
             s = b["selected"]
             best = "none" if s is None else f"trial {s['trial_id']} score {s['score']:.4f}"
-            lines.append(f"  s={b['s']} n={b['n']} r={b['r']:.4g}: {best}, {_joules(b['total_joules'], b['energy_method'])}")
+            lines.append(
+                f"  s={b['s']} n={b['n']} r={b['r']:.4g}: {best}, {_joules(b['total_joules'], b['energy_method'])}"
+            )
     if sel is None:
         lines.append("selected: none -- " + results.get("note", "no configuration survived"))
     else:
         cfg = sel["config"]
-        keys = ("model", "optimizer", "batch_size", "learning_rate", "weight_decay", "schedule", "warmup_fraction", "dropout", "seed")
+        keys = (
+            "model",
+            "optimizer",
+            "batch_size",
+            "learning_rate",
+            "weight_decay",
+            "schedule",
+            "warmup_fraction",
+            "dropout",
+            "seed",
+        )
         desc = " ".join(f"{k}={json.dumps(cfg[k]) if isinstance(cfg[k], dict) else cfg[k]}" for k in keys if k in cfg)
         lines.append(f"selected: trial {sel['trial_id']}: {desc}")
         metric_name = results.get("metric_name", "metric")
         se = f" (score +- {sel['score_se']:.4f})" if sel.get("score_se") is not None else ""
-        lines.append(f"  validation {metric_name}: {sel['metric']:.4f}{se}" if sel.get("metric") is not None else f"  validation {metric_name}: n/a")
+        lines.append(
+            f"  validation {metric_name}: {sel['metric']:.4f}{se}"
+            if sel.get("metric") is not None
+            else f"  validation {metric_name}: n/a"
+        )
         test = sel.get("test")
         if test and test.get("metric") is not None:
-            lines.append(f"  test {metric_name}: {test['metric']:.4f} (score +- {test['score_se']:.4f}; held out, never used to select)")
+            lines.append(
+                f"  test {metric_name}: {test['metric']:.4f} (score +- {test['score_se']:.4f}; held out, never used to select)"
+            )
         elif "test" in sel:
             lines.append(f"  test {metric_name}: n/a (the data set has no test split)")
         if "energy_to_train_joules" in sel:
-            lines.append(f"  energy attributed to it: {_joules(sel['energy_to_train_joules'], method)} (its share of compile, exploration, rungs and evaluation)")
+            lines.append(
+                f"  energy attributed to it: {_joules(sel['energy_to_train_joules'], method)} (its share of compile, exploration, rungs and evaluation)"
+            )
             if sel.get("interrupted_joules"):
-                lines.append(f"  plus its share of interrupted attempts: {_joules(sel['interrupted_joules'], method)} (work repeated after a kill)")
+                lines.append(
+                    f"  plus its share of interrupted attempts: {_joules(sel['interrupted_joules'], method)} (work repeated after a kill)"
+                )
     if "energy_by_phase" in results:
         idle = results["idle"]
         net_known = idle["watts"] is not None
-        lines.append(f"energy by phase:  {'gross':>30}  " + (f"{'above idle':>12}  " if net_known else "") + f"{'seconds':>8}")
+        lines.append(
+            f"energy by phase:  {'gross':>30}  " + (f"{'above idle':>12}  " if net_known else "") + f"{'seconds':>8}"
+        )
         order = sorted(results["energy_by_phase"], key=lambda p: (p != "compile", p != "probe", p != "explore", p))
         idle_joules = 0.0
         for phase in order:
             g = results["energy_by_phase"][phase]
             net = "unavailable" if g["net_joules"] is None else f"{g['net_joules']:,.1f} J"
-            lines.append(f"  {phase:<14} {_joules(g['joules'], g['methods']):>30}  " + (f"{net:>12}  " if net_known else "") + f"{g['seconds']:8.2f}")
+            lines.append(
+                f"  {phase:<14} {_joules(g['joules'], g['methods']):>30}  "
+                + (f"{net:>12}  " if net_known else "")
+                + f"{g['seconds']:8.2f}"
+            )
             if g["joules"] is not None and g["net_joules"] is not None and idle_joules is not None:
                 idle_joules += g["joules"] - g["net_joules"]
             else:
@@ -65,28 +93,40 @@ def format_results(results: dict[str, Any]) -> str:
             lines.append(f"  idle baseline: unavailable ({idle.get('note') or idle['method']}): gross figures only")
         else:
             share = "unavailable" if idle_joules is None else f"{idle_joules:,.1f} J"
-            lines.append(f"  idle baseline: {idle['watts']:.2f} W [{idle['method']}], measured over {idle['seconds']:.1f} s before the study;"
-                         f" idle share of the windows: {share}")
+            lines.append(
+                f"  idle baseline: {idle['watts']:.2f} W [{idle['method']}], measured over {idle['seconds']:.1f} s before the study;"
+                f" idle share of the windows: {share}"
+            )
         host = [(p, g) for p, g in results["energy_by_phase"].items() if "host_method" in g]
         if host:
             hj = [g["host_joules"] for _, g in host]
             total = "unavailable" if None in hj else f"{sum(hj):,.1f} J"
-            lines.append(f"  host only (the accelerator is unmetered; not the study's energy): {total} [{host[0][1]['host_method']}]")
+            lines.append(
+                f"  host only (the accelerator is unmetered; not the study's energy): {total} [{host[0][1]['host_method']}]"
+            )
         lost = results.get("interrupted_energy_by_phase") or {}
         if lost:
             parts = ", ".join(f"{p} {_joules(g['joules'], g['methods'])}" for p, g in sorted(lost.items()))
-            lines.append(f"  interrupted attempts (killed runs; their work was repeated): {_joules(results.get('interrupted_joules'), method)} -- {parts}")
+            lines.append(
+                f"  interrupted attempts (killed runs; their work was repeated): {_joules(results.get('interrupted_joules'), method)} -- {parts}"
+            )
     if results.get("total_joules") is not None or "energy_by_phase" in results:
         lines.append(f"total: {_joules(results.get('total_joules'), method)}")
     comp = results.get("compilation")
     if comp:
         cache = comp.get("cache_dir") or "off"
-        lines.append(f"compilation (this attempt): {comp['backend_compiles']} XLA compiles, {comp['cache_hits']} programs loaded from"
-                     f" the persistent cache ({cache}), saving ~{comp['cache_saved_seconds']:.1f} s of compilation")
+        lines.append(
+            f"compilation (this attempt): {comp['backend_compiles']} XLA compiles, {comp['cache_hits']} programs loaded from"
+            f" the persistent cache ({cache}), saving ~{comp['cache_saved_seconds']:.1f} s of compilation"
+        )
     widths = {name: hw["choices"] for name, hw in (results.get("hardware") or {}).items() if hw.get("choices")}
     where = results.get("placement")
     if where and (len(where["devices"]) > 1 or where["processes"] > 1):
-        lines.append(f"trials axis: {len(where['devices'])} {where['platform']} devices" + (f" over {where['processes']} processes" if where["processes"] > 1 else "") + " (each trial's rows on one device)")
+        lines.append(
+            f"trials axis: {len(where['devices'])} {where['platform']} devices"
+            + (f" over {where['processes']} processes" if where["processes"] > 1 else "")
+            + " (each trial's rows on one device)"
+        )
     if widths:
         lines.append("vmap widths:")
         for name, choices in widths.items():
@@ -94,12 +134,20 @@ def format_results(results: dict[str, Any]) -> str:
             program = "" if not build else "; quick training program" if build[-1] else "; optimised training program"
             lines.append(f"  {name}: width {last['width']} ({last['reason']}){program}")
     if results.get("finalists"):
-        lines.append("finalists (score, energy to train; * = on the score/energy Pareto front; selection is by score, near-ties by energy to train):")
+        lines.append(
+            "finalists (score, energy to train; * = on the score/energy Pareto front; selection is by score, near-ties by energy to train):"
+        )
         for f in results["finalists"]:
             mark = "*" if f["pareto"] else " "
-            energy = "unavailable" if f["energy_to_train_j"] is None else f"{f['energy_to_train_j']:,.1f} J +- {f['energy_noise']:.0%} [{method}]"
+            energy = (
+                "unavailable"
+                if f["energy_to_train_j"] is None
+                else f"{f['energy_to_train_j']:,.1f} J +- {f['energy_noise']:.0%} [{method}]"
+            )
             chosen = "  <- selected" if sel and f["trial_id"] == sel["trial_id"] else ""
-            lines.append(f"  {mark} trial {f['trial_id']:>4} {f['cohort']:<40} score {f['score']:.4f} +- {f['score_se']:.4f}  {energy}{chosen}")
+            lines.append(
+                f"  {mark} trial {f['trial_id']:>4} {f['cohort']:<40} score {f['score']:.4f} +- {f['score_se']:.4f}  {energy}{chosen}"
+            )
     if results.get("decisions"):
         lines.append("decisions:")
         by_phase: dict[str, Counter] = {}

@@ -75,7 +75,15 @@ import numpy as np
 
 from sm2jax.cohort import CohortSpec
 from sm2jax.energy import EnergyLedger, EnergyMonitor, add_known
-from sm2jax.trainer import CohortState, CohortTrainer, chunk_rows, compiled_memory_bytes, gather_rows, num_chunks, row_view
+from sm2jax.trainer import (
+    CohortState,
+    CohortTrainer,
+    chunk_rows,
+    compiled_memory_bytes,
+    gather_rows,
+    num_chunks,
+    row_view,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +134,7 @@ def train_program_bytes(trainer: CohortTrainer, chunk: CohortState, quick: bool 
     analysis, ``inf`` when compiling runs out of memory, ``None`` when the backend reports nothing."""
     try:
         return compiled_memory_bytes(trainer.compile_train(chunk, quick))
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         if not is_oom(err):
             raise
         return math.inf
@@ -145,7 +153,13 @@ class Metering:
     :meth:`trial_joules` gives the attributed joules per trial of a phase.
     """
 
-    def __init__(self, monitor: EnergyMonitor, ledger: EnergyLedger, attempt: int, on_window: Callable[[dict], None] | None = None):
+    def __init__(
+        self,
+        monitor: EnergyMonitor,
+        ledger: EnergyLedger,
+        attempt: int,
+        on_window: Callable[[dict], None] | None = None,
+    ):
         self.monitor = monitor
         self.ledger = ledger
         self.attempt = attempt
@@ -164,18 +178,38 @@ class Metering:
     def end(self, window, outputs: Any = None):
         return self.monitor.end(window, outputs)
 
-    def record(self, reading, *, phase: str, cohort: str, trial_ids: list[int], work, steps=None, batch_size: int = 0, kind: str = "train", devices: list[Any] | None = None) -> None:
+    def record(
+        self,
+        reading,
+        *,
+        phase: str,
+        cohort: str,
+        trial_ids: list[int],
+        work,
+        steps=None,
+        batch_size: int = 0,
+        kind: str = "train",
+        devices: list[Any] | None = None,
+    ) -> None:
         """Queues one window's reading for its trials (``work`` >= 0 each; ``kind``: ``train``,
         ``eval``, ``test``, ``compile``, ``probe`` or ``oom-retry``; ``devices``: the JAX device each
         trial's row ran on, so that each device's energy goes to its own trials) and writes the queue
         once it spans the meter's resolution."""
         steps = np.zeros(len(trial_ids), np.int64) if steps is None else np.asarray(steps, np.int64)
         keys = None if devices is None else [self.monitor.meter.device_keys(d) for d in devices]
-        self._pending.append({
-            "reading": reading, "phase": phase, "cohort": cohort, "trial_ids": [int(t) for t in trial_ids],
-            "work": [float(w) for w in work], "steps": steps.tolist(), "samples": (steps * batch_size).tolist(), "kind": kind,
-            "trial_keys": keys,
-        })
+        self._pending.append(
+            {
+                "reading": reading,
+                "phase": phase,
+                "cohort": cohort,
+                "trial_ids": [int(t) for t in trial_ids],
+                "work": [float(w) for w in work],
+                "steps": steps.tolist(),
+                "samples": (steps * batch_size).tolist(),
+                "kind": kind,
+                "trial_keys": keys,
+            }
+        )
         if self._span() >= self.resolution_s:
             self._write()
 
@@ -201,27 +235,54 @@ class Metering:
         if len(entries) == 1 and stop is None:
             merged = last
         elif first.start is None or (last.stop is None and stop is None):
-            merged = dataclasses.replace(last, joules=None, per_device=None, valid=False, note="cannot merge readings without samples")
+            merged = dataclasses.replace(
+                last, joules=None, per_device=None, valid=False, note="cannot merge readings without samples"
+            )
         else:
             merged = self.monitor.between(last.name, first.start, stop or last.stop)
         busy = [e["reading"].seconds for e in entries]
         weights = [b / sum(busy) for b in busy] if sum(busy) > 0 else [1 / len(entries)] * len(entries)
         note = merged.note
         if len(entries) > 1 or waited > 0:
-            note = (f"merged: {len(entries)} window(s) over {merged.seconds:.2f} s" + (f" (waited {waited:.2f} s to reach the meter's {self.resolution_s:g} s resolution)" if waited > 0 else "")
-                    + "; split by busy seconds" + (f"; {merged.note}" if merged.note else ""))
+            note = (
+                f"merged: {len(entries)} window(s) over {merged.seconds:.2f} s"
+                + (
+                    f" (waited {waited:.2f} s to reach the meter's {self.resolution_s:g} s resolution)"
+                    if waited > 0
+                    else ""
+                )
+                + "; split by busy seconds"
+                + (f"; {merged.note}" if merged.note else "")
+            )
         for e, share in zip(entries, weights):
             r = e["reading"]
             part = dataclasses.replace(
-                r, joules=None if merged.joules is None else merged.joules * share,
+                r,
+                joules=None if merged.joules is None else merged.joules * share,
                 per_device=None if merged.per_device is None else {d: v * share for d, v in merged.per_device.items()},
-                valid=merged.valid, note=note, method=merged.method, uncertainty=merged.uncertainty,
+                valid=merged.valid,
+                note=note,
+                method=merged.method,
+                uncertainty=merged.uncertainty,
             )
             self._seq += 1
             recs = self.ledger.record(
-                part, phase=e["phase"], cohort=e["cohort"], trial_ids=e["trial_ids"], work=e["work"], steps=e["steps"], samples=e["samples"], trial_keys=e["trial_keys"],
-                extra={"attempt": self.attempt, "kind": e["kind"], "window_id": f"{self.attempt}-{self._seq}", "merged_windows": len(entries),
-                       "resolution_s": self.resolution_s, "uncertainty": merged.uncertainty},
+                part,
+                phase=e["phase"],
+                cohort=e["cohort"],
+                trial_ids=e["trial_ids"],
+                work=e["work"],
+                steps=e["steps"],
+                samples=e["samples"],
+                trial_keys=e["trial_keys"],
+                extra={
+                    "attempt": self.attempt,
+                    "kind": e["kind"],
+                    "window_id": f"{self.attempt}-{self._seq}",
+                    "merged_windows": len(entries),
+                    "resolution_s": self.resolution_s,
+                    "uncertainty": merged.uncertainty,
+                },
             )
             for rec in recs[1:]:
                 key = (e["phase"], e["kind"], rec["trial_id"])
@@ -229,7 +290,9 @@ class Metering:
             if self.on_window is not None:
                 self.on_window(recs[0])
 
-    def trial_joules(self, phase: str, trial_ids: list[int], kinds: tuple[str, ...] = ("train", "eval")) -> dict[int, float | None]:
+    def trial_joules(
+        self, phase: str, trial_ids: list[int], kinds: tuple[str, ...] = ("train", "eval")
+    ) -> dict[int, float | None]:
         """Joules written so far for each trial in ``phase`` over window ``kinds`` (``None`` if any
         of its windows was unavailable). Call :meth:`flush` first."""
         out = {}
@@ -326,7 +389,20 @@ class CohortRunner:
       quick: whether the cohort trains with quick programs (see the module docstring).
     """
 
-    def __init__(self, spec: CohortSpec, trainer: CohortTrainer, rows: CohortState, width: int, metering: Metering, policy: WidthPolicy, *, rate_seconds: dict[int, float] | None = None, probe_pending: bool = False, choices: list[dict] | None = None, quick: bool = False):
+    def __init__(
+        self,
+        spec: CohortSpec,
+        trainer: CohortTrainer,
+        rows: CohortState,
+        width: int,
+        metering: Metering,
+        policy: WidthPolicy,
+        *,
+        rate_seconds: dict[int, float] | None = None,
+        probe_pending: bool = False,
+        choices: list[dict] | None = None,
+        quick: bool = False,
+    ):
         self.spec = spec
         self.trainer = trainer
         self.trial_ids = [int(t) for t in np.asarray(rows.trial_id)]
@@ -346,7 +422,15 @@ class CohortRunner:
     # ---------------------------------------------------------------------------------- creation
 
     @classmethod
-    def create(cls, spec: CohortSpec, trainer: CohortTrainer, metering: Metering, policy: WidthPolicy, *, planned_trial_steps: float | None = None) -> tuple[CohortRunner | None, list[str]]:
+    def create(
+        cls,
+        spec: CohortSpec,
+        trainer: CohortTrainer,
+        metering: Metering,
+        policy: WidthPolicy,
+        *,
+        planned_trial_steps: float | None = None,
+    ) -> tuple[CohortRunner | None, list[str]]:
         """Initialises every trial and finds the widest width that fits (step 1 of the policy),
         inside one compile window; with ``planned_trial_steps`` (the study's plan for the cohort) a
         CPU cohort predicted to train briefly starts with the quick program (see the module
@@ -363,12 +447,20 @@ class CohortRunner:
         widest = placement.round_width(min(policy.max_width or k, k))
         narrow = policy.starts_narrow()
         # One row per device at the narrowest; every width is a multiple of the device count.
-        candidates = [placement.size] if narrow else sorted({placement.round_width(widest // 2**i) for i in range(widest.bit_length())}, reverse=True)
+        candidates = (
+            [placement.size]
+            if narrow
+            else sorted({placement.round_width(widest // 2**i) for i in range(widest.bit_length())}, reverse=True)
+        )
         quick, predicted = False, None
         if policy.starts_quick() and planned_trial_steps is not None:
-            fwd = trainer.forward_flops_per_example(chunk_rows(jax.tree.map(lambda a: a[: candidates[0]], rows), candidates[0], placement)[0])
+            fwd = trainer.forward_flops_per_example(
+                chunk_rows(jax.tree.map(lambda a: a[: candidates[0]], rows), candidates[0], placement)[0]
+            )
             if fwd is not None:
-                predicted = planned_trial_steps * 3.0 * fwd * trainer.batch_size / (CPU_FLOPS_PER_DEVICE * placement.size)
+                predicted = (
+                    planned_trial_steps * 3.0 * fwd * trainer.batch_size / (CPU_FLOPS_PER_DEVICE * placement.size)
+                )
                 quick = predicted * (QUICK_SLOWDOWN - 1.0) < QUICK_COMPILE_SAVING
         for w in candidates:
             need = train_program_bytes(trainer, chunk_rows(jax.tree.map(lambda a: a[:w], rows), w, placement)[0], quick)
@@ -377,9 +469,20 @@ class CohortRunner:
                 break
             notes.append(f"width {w} needs {need / 2**20:.1f} MiB > {policy.memory_limit / 2**20:.1f} MiB")
         if width is None:
-            metering.record(metering.end(window), phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k), kind="compile")
+            metering.record(
+                metering.end(window), phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k), kind="compile"
+            )
             return None, notes
-        runner = cls(spec, trainer, rows, width, metering, policy, probe_pending=policy.probe and (widest > placement.size if narrow else width > placement.size), quick=quick)
+        runner = cls(
+            spec,
+            trainer,
+            rows,
+            width,
+            metering,
+            policy,
+            probe_pending=policy.probe and (widest > placement.size if narrow else width > placement.size),
+            quick=quick,
+        )
         trainer.compile_eval(runner.chunks[0])
         reading = metering.end(window, runner.chunks)
         metering.record(reading, phase="compile", cohort=spec.name, trial_ids=ids, work=np.ones(k), kind="compile")
@@ -389,7 +492,14 @@ class CohortRunner:
             reason = "widest width that fits in memory" if notes else "widest width (all trials)"
         if predicted is not None:
             reason += f"; {'quick' if quick else 'optimised'} program: predicted training {predicted:.2f} s from FLOPs"
-        runner._choose(width, reason, compile_seconds=time.perf_counter() - t0, notes=notes, quick=quick, **({} if predicted is None else {"predicted_train_s": predicted}))
+        runner._choose(
+            width,
+            reason,
+            compile_seconds=time.perf_counter() - t0,
+            notes=notes,
+            quick=quick,
+            **({} if predicted is None else {"predicted_train_s": predicted}),
+        )
         return runner, notes
 
     # ---------------------------------------------------------------------------------- rows
@@ -453,8 +563,17 @@ class CohortRunner:
         self.trainer.compile_eval(self.chunks[0])
         reading = self.metering.end(window)
         seconds = time.perf_counter() - t0
-        self.metering.record(reading, phase="compile", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="compile")
-        log.info("compiled %s (width %d%s) in %.1f s", self.spec.name, self.width, ", quick" if self.quick else "", seconds)
+        self.metering.record(
+            reading,
+            phase="compile",
+            cohort=self.spec.name,
+            trial_ids=self.trial_ids,
+            work=np.ones(self.k),
+            kind="compile",
+        )
+        log.info(
+            "compiled %s (width %d%s) in %.1f s", self.spec.name, self.width, ", quick" if self.quick else "", seconds
+        )
         return CompileRecord(self.width, seconds)
 
     def compile_seconds(self, kind: str) -> float:
@@ -472,7 +591,16 @@ class CohortRunner:
             return max(1, self.trainer.steps_per_epoch // 8) if pending_first else 10**9
         return max(1, int(window_seconds / (t * num_chunks(self.k, self.width))))
 
-    def train_to(self, target_steps: int, phase: str, *, planned_trial_steps: float, window_seconds: float = 2.0, steps_per_window: int | None = None, on_steps: Callable[[int], None] | None = None) -> TrainRecord:
+    def train_to(
+        self,
+        target_steps: int,
+        phase: str,
+        *,
+        planned_trial_steps: float,
+        window_seconds: float = 2.0,
+        steps_per_window: int | None = None,
+        on_steps: Callable[[int], None] | None = None,
+    ) -> TrainRecord:
         """Trains every live trial to ``target_steps`` in energy windows (:class:`Metering`
         attributes their energy); returns the steps each trial took.
 
@@ -491,7 +619,9 @@ class CohortRunner:
             if remaining <= 0:
                 break
             self.compile()
-            chunk = min(remaining, self.steps_per_window(window_seconds, steps_per_window, self.probe_pending or self.quick))
+            chunk = min(
+                remaining, self.steps_per_window(window_seconds, steps_per_window, self.probe_pending or self.quick)
+            )
             before = self.field("step")
             # Training donates the chunks. Until a width has trained once without running out of
             # memory, its rows are kept on the host for the retry (a width that trained once needs
@@ -509,18 +639,31 @@ class CohortRunner:
                     t0 = time.perf_counter()
                     first = jax.block_until_ready(self.trainer.train(self.chunks[0], 1, self.quick))
                     head = time.perf_counter() - t0
-                    outs = [self.trainer.train(first[0], chunk - 1, self.quick)] + [self.trainer.train(c, chunk, self.quick) for c in self.chunks[1:]]
+                    outs = [self.trainer.train(first[0], chunk - 1, self.quick)] + [
+                        self.trainer.train(c, chunk, self.quick) for c in self.chunks[1:]
+                    ]
                 else:
                     outs = [self.trainer.train(c, chunk, self.quick) for c in self.chunks]
                 reading = self.metering.end(window, outs)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 if not is_oom(err) or kept is None:
                     raise
                 # The failed attempt still used energy: keep it, on its own line.
-                self.metering.record(self.metering.end(window), phase="oom-retry", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="oom-retry")
+                self.metering.record(
+                    self.metering.end(window),
+                    phase="oom-retry",
+                    cohort=self.spec.name,
+                    trial_ids=self.trial_ids,
+                    work=np.ones(self.k),
+                    kind="oom-retry",
+                )
                 self._set_width(max(self.placement.size, self.width // 2), rows=kept)
                 self._choose(self.width, "out of memory at run time: halved")
-                warnings.warn(f"{self.spec.name}: out of memory; retrying at vmap width {self.width}", RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"{self.spec.name}: out of memory; retrying at vmap width {self.width}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
                 continue
             self.chunks = [state for state, _ in outs]
             self._proven.add(self.width)
@@ -532,7 +675,17 @@ class CohortRunner:
                 self.step_seconds[self.width] = (reading.seconds - head) / (chunk_steps - 1)
             steps = self.field("step") - before  # 0 for frozen (diverged) trials
             work = steps * (self.trainer.flops_per_trial_step(self.chunks[0], self.quick) or 1.0)
-            self.metering.record(reading, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, work=work, steps=steps, batch_size=self.spec.signature.batch_size, kind="train", devices=self.trial_devices())
+            self.metering.record(
+                reading,
+                phase=phase,
+                cohort=self.spec.name,
+                trial_ids=self.trial_ids,
+                work=work,
+                steps=steps,
+                batch_size=self.spec.signature.batch_size,
+                kind="train",
+                devices=self.trial_devices(),
+            )
             for row, t in enumerate(self.trial_ids):
                 taken[t] += int(steps[row])
             if on_steps is not None:
@@ -557,13 +710,28 @@ class CohortRunner:
         if saving <= cost:
             if not self._quick_noted:
                 self._quick_noted = True
-                self._choose(w, f"quick program kept: predicted saving {saving:.2f} s <= optimised compile {cost:.2f} s", quick=True, predicted_train_s=predicted, predicted_saving_s=saving, predicted_compile_s=cost)
+                self._choose(
+                    w,
+                    f"quick program kept: predicted saving {saving:.2f} s <= optimised compile {cost:.2f} s",
+                    quick=True,
+                    predicted_train_s=predicted,
+                    predicted_saving_s=saving,
+                    predicted_compile_s=cost,
+                )
             return
         self.quick = False
         record = self.compile()
         # Rates of the quick program, scaled until the next window measures the optimised one.
         self.step_seconds = {c: t / QUICK_SLOWDOWN for c, t in self.step_seconds.items()}
-        self._choose(w, f"optimised program: predicted saving {saving:.2f} s > compile {cost:.2f} s", quick=False, predicted_train_s=predicted, predicted_saving_s=saving, predicted_compile_s=cost, compile_seconds=record.seconds)
+        self._choose(
+            w,
+            f"optimised program: predicted saving {saving:.2f} s > compile {cost:.2f} s",
+            quick=False,
+            predicted_train_s=predicted,
+            predicted_saving_s=saving,
+            predicted_compile_s=cost,
+            compile_seconds=record.seconds,
+        )
 
     def _maybe_probe(self, planned_trial_steps: float) -> None:
         """Step 2 of the policy, once: probe narrower widths if predicted training time pays for it."""
@@ -578,7 +746,12 @@ class CohortRunner:
         cost = c_w * len(candidates) + self.compile_seconds("eval")
         payoff = self.policy.probe_payoff()
         if predicted <= payoff * cost:
-            self._choose(w, f"probe skipped: predicted training {predicted:.2f} s <= {payoff:g} x predicted compile {cost:.2f} s", predicted_train_s=predicted, predicted_compile_s=cost)
+            self._choose(
+                w,
+                f"probe skipped: predicted training {predicted:.2f} s <= {payoff:g} x predicted compile {cost:.2f} s",
+                predicted_train_s=predicted,
+                predicted_compile_s=cost,
+            )
             return
         rows = self.rows()
         window = self.metering.begin(f"compile:{self.spec.name}", after=self.chunks)
@@ -588,11 +761,25 @@ class CohortRunner:
             if not self.policy.fits(train_program_bytes(self.trainer, by_width[c], self.quick)):
                 del by_width[c]  # a wider candidate that does not fit is not measured
         if len(by_width) == 1:
-            self.metering.record(self.metering.end(window), phase="compile", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="compile")
+            self.metering.record(
+                self.metering.end(window),
+                phase="compile",
+                cohort=self.spec.name,
+                trial_ids=self.trial_ids,
+                work=np.ones(self.k),
+                kind="compile",
+            )
             self._choose(w, "probe skipped: no other candidate width fits in memory", predicted_train_s=predicted)
             return
         compile_s = time.perf_counter() - t0
-        self.metering.record(self.metering.end(window), phase="compile", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="compile")
+        self.metering.record(
+            self.metering.end(window),
+            phase="compile",
+            cohort=self.spec.name,
+            trial_ids=self.trial_ids,
+            work=np.ones(self.k),
+            kind="compile",
+        )
         # The probe trains (and discards) a few steps per width: its energy is its own line.
         window = self.metering.begin(f"probe:{self.spec.name}")
         # Each timed call lasts ~0.2 s, predicted from the current width's measured step as if cost
@@ -601,11 +788,24 @@ class CohortRunner:
         # 7 s of probing on MNIST-1D 50,000.)
         steps = {c: max(3, int(0.2 / (t_w * c / w))) for c in by_width}
         probe = self.trainer.probe_width(by_width, steps=steps, repeats=3, quick=self.quick)
-        self.metering.record(self.metering.end(window), phase="probe", cohort=self.spec.name, trial_ids=self.trial_ids, work=np.ones(self.k), kind="probe")
+        self.metering.record(
+            self.metering.end(window),
+            phase="probe",
+            cohort=self.spec.name,
+            trial_ids=self.trial_ids,
+            work=np.ones(self.k),
+            kind="probe",
+        )
         for c, rate in probe.samples_per_second.items():  # seconds per step of a c-wide chunk
             self.step_seconds.setdefault(c, min(c, self.k) * self.spec.signature.batch_size / rate)
         self._set_width(probe.chosen)
-        self._choose(probe.chosen, "fastest measured width", samples_per_second={str(c): r for c, r in probe.samples_per_second.items()}, compile_seconds=compile_s, predicted_train_s=predicted)
+        self._choose(
+            probe.chosen,
+            "fastest measured width",
+            samples_per_second={str(c): r for c, r in probe.samples_per_second.items()},
+            compile_seconds=compile_s,
+            predicted_train_s=predicted,
+        )
         self.compile()  # evaluation at the chosen width
 
     def narrow_for_survivors(self, planned_trial_steps: float) -> None:
@@ -630,10 +830,22 @@ class CohortRunner:
         _, saving, cost = outcome(narrow)
         if saving > cost:
             self._set_width(narrow)
-            self._choose(narrow, f"narrowed for {k} survivors: predicted saving {saving:.2f} s > compile {cost:.2f} s", predicted_saving_s=saving, predicted_compile_s=cost)
+            self._choose(
+                narrow,
+                f"narrowed for {k} survivors: predicted saving {saving:.2f} s > compile {cost:.2f} s",
+                predicted_saving_s=saving,
+                predicted_compile_s=cost,
+            )
             self.compile()
         else:
-            self.choices.append({"width": w, "reason": f"kept for {k} survivors: predicted saving {saving:.2f} s <= compile {cost:.2f} s", "predicted_saving_s": saving, "predicted_compile_s": cost})
+            self.choices.append(
+                {
+                    "width": w,
+                    "reason": f"kept for {k} survivors: predicted saving {saving:.2f} s <= compile {cost:.2f} s",
+                    "predicted_saving_s": saving,
+                    "predicted_compile_s": cost,
+                }
+            )
 
     # ---------------------------------------------------------------------------------- eval
 
@@ -646,12 +858,26 @@ class CohortRunner:
         outs = [self.trainer.evaluate(c, split) for c in self.chunks]
         reading = self.metering.end(window, outs)
         slots = self.placement.slots(self.k, self.width)
-        field = lambda name: np.concatenate([getattr(o, name) for o in outs])[slots]  # noqa: E731
-        self.metering.record(reading, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, work=self.field("active").astype(np.float64), kind="eval" if split == "val" else split, devices=self.trial_devices())
+        field = lambda name: np.concatenate([getattr(o, name) for o in outs])[slots]
+        self.metering.record(
+            reading,
+            phase=phase,
+            cohort=self.spec.name,
+            trial_ids=self.trial_ids,
+            work=self.field("active").astype(np.float64),
+            kind="eval" if split == "val" else split,
+            devices=self.trial_devices(),
+        )
         return EvalRecord(field("score"), field("metric"), field("score_se"))
 
     # ---------------------------------------------------------------------------------- persist
 
     def to_json(self) -> dict[str, Any]:
         """What a resumed study needs besides the rows: width, measured rates, pending decisions."""
-        return {"width": self.width, "devices": self.placement.size, "step_seconds": {str(w): s for w, s in self.step_seconds.items()}, "probe_pending": self.probe_pending, "quick": self.quick}
+        return {
+            "width": self.width,
+            "devices": self.placement.size,
+            "step_seconds": {str(w): s for w, s in self.step_seconds.items()},
+            "probe_pending": self.probe_pending,
+            "quick": self.quick,
+        }

@@ -175,13 +175,26 @@ class Candidate:
 
     def terms(self) -> dict[str, Any]:
         return {
-            "trial_id": self.trial_id, "cohort": self.cohort, "score": self.score, "score_se": self.score_se, "gain": self.gain,
-            "energy_spent_j": self.energy_spent, "energy_last_j": self.energy_last,
-            "projected_energy_j": self.projected_energy, "decision_energy_j": self.decision_energy,
-            "joules_per_sample": self.joules_per_sample, "energy_noise": self.energy_noise,
-            "progress_per_joule": self.progress_per_joule, "samples_spent": self.samples_spent, "samples_total": self.samples_total,
-            "start_score": self.start_score, "start_se": self.start_se, "chance_score": self.chance_score,
-            "diverged": self.diverged, "diverged_at": self.diverged_at, "plateaued": self.plateaued,
+            "trial_id": self.trial_id,
+            "cohort": self.cohort,
+            "score": self.score,
+            "score_se": self.score_se,
+            "gain": self.gain,
+            "energy_spent_j": self.energy_spent,
+            "energy_last_j": self.energy_last,
+            "projected_energy_j": self.projected_energy,
+            "decision_energy_j": self.decision_energy,
+            "joules_per_sample": self.joules_per_sample,
+            "energy_noise": self.energy_noise,
+            "progress_per_joule": self.progress_per_joule,
+            "samples_spent": self.samples_spent,
+            "samples_total": self.samples_total,
+            "start_score": self.start_score,
+            "start_se": self.start_se,
+            "chance_score": self.chance_score,
+            "diverged": self.diverged,
+            "diverged_at": self.diverged_at,
+            "plateaued": self.plateaued,
         }
 
     @classmethod
@@ -189,11 +202,23 @@ class Candidate:
         """Rebuilds a candidate from a decision record's terms (to replay recorded decisions)."""
         spent, last, rate = record["energy_spent_j"], record["energy_last_j"], record["joules_per_sample"]
         return cls(
-            trial_id=record["trial_id"], cohort=record["cohort"], score=math.nan if record["score"] is None else record["score"],
-            gain=record["gain"], energy_spent=spent, energy_last=last, samples_spent=record["samples_spent"],
-            samples_last=record["samples_spent"], samples_total=record["samples_total"], diverged=record["diverged"],
-            diverged_at=record["diverged_at"], score_se=record["score_se"], start_score=record["start_score"],
-            start_se=record["start_se"], chance_score=record["chance_score"], cohort_rate=rate, energy_noise=record["energy_noise"],
+            trial_id=record["trial_id"],
+            cohort=record["cohort"],
+            score=math.nan if record["score"] is None else record["score"],
+            gain=record["gain"],
+            energy_spent=spent,
+            energy_last=last,
+            samples_spent=record["samples_spent"],
+            samples_last=record["samples_spent"],
+            samples_total=record["samples_total"],
+            diverged=record["diverged"],
+            diverged_at=record["diverged_at"],
+            score_se=record["score_se"],
+            start_score=record["start_score"],
+            start_se=record["start_se"],
+            chance_score=record["chance_score"],
+            cohort_rate=rate,
+            energy_noise=record["energy_noise"],
         )
 
 
@@ -255,7 +280,14 @@ def blend_objective(alpha: float = 0.5, beta: float = 0.3) -> Objective:
         g_hat = normalise([c.progress_per_joule for c in candidates])
         gamma = 1.0 - alpha - beta
         return [
-            {"objective": alpha * p + beta * (1 - e) + gamma * g, "P_hat": p, "E_hat": e, "G_hat": g, "alpha": alpha, "beta": beta}
+            {
+                "objective": alpha * p + beta * (1 - e) + gamma * g,
+                "P_hat": p,
+                "E_hat": e,
+                "G_hat": g,
+                "alpha": alpha,
+                "beta": beta,
+            }
             for p, e, g in zip(p_hat, e_hat, g_hat)
         ]
 
@@ -291,14 +323,28 @@ def sm2_objective(z: float = 1.0, energy_z: float = 2.0) -> Objective:
                 else:
                     why = f"tier {tier + 1}: {c.score:.4g} tied with {head.score:.4g} (difference {head.score - c.score:.3g} <= {margin:.3g})"
                 if len(members) > 1:
-                    why += f"; clearly cheaper than {beats[i]}, clearly dearer than {beaten[i]} of its {len(members)} tier-mates" if energy_known else "; energy unavailable: tier ordered by score"
-                info[i] = {"tier": tier + 1, "tier_size": len(members), "tied_with": head.trial_id, "margin": margin, "cheaper_than": beats[i], "dearer_than": beaten[i], "why": why}
+                    why += (
+                        f"; clearly cheaper than {beats[i]}, clearly dearer than {beaten[i]} of its {len(members)} tier-mates"
+                        if energy_known
+                        else "; energy unavailable: tier ordered by score"
+                    )
+                info[i] = {
+                    "tier": tier + 1,
+                    "tier_size": len(members),
+                    "tied_with": head.trial_id,
+                    "margin": margin,
+                    "cheaper_than": beats[i],
+                    "dearer_than": beaten[i],
+                    "why": why,
+                }
             order += members
             taken = set(members)
             remaining = [i for i in remaining if i not in taken]
             tier += 1
         position = {i: p for p, i in enumerate(order)}
-        return [{"objective": -float(position[i]), "z": z, "energy_z": energy_z, **info[i]} for i in range(len(candidates))]
+        return [
+            {"objective": -float(position[i]), "z": z, "energy_z": energy_z, **info[i]} for i in range(len(candidates))
+        ]
 
     return objective
 
@@ -315,9 +361,15 @@ def pareto_objective(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
     front, less crowded points (the extremes have infinite crowding) win.
     """
     if any(c.projected_energy is None for c in candidates):  # never a stand-in 0 J: rank on the score alone
-        order = sorted(range(len(candidates)), key=lambda i: -candidates[i].score if math.isfinite(candidates[i].score) else math.inf)
+        order = sorted(
+            range(len(candidates)),
+            key=lambda i: -candidates[i].score if math.isfinite(candidates[i].score) else math.inf,
+        )
         rank_of = {i: r for r, i in enumerate(order)}
-        return [{"objective": -rank_of[i], "front": None, "crowding": None, "note": "energy unavailable: performance only"} for i in range(len(candidates))]
+        return [
+            {"objective": -rank_of[i], "front": None, "crowding": None, "note": "energy unavailable: performance only"}
+            for i in range(len(candidates))
+        ]
     points = [(c.score, c.projected_energy) for c in candidates]
     n = len(points)
     front = [0] * n
@@ -381,7 +433,9 @@ def rank(candidates: Sequence[Candidate], objective: Objective) -> list[tuple[Ca
 KEEP_RULES = ("ceil", "floor")
 
 
-def halve(candidates: Sequence[Candidate], objective: Objective, eta: int, keep: str = "ceil") -> tuple[list[int], list[dict[str, Any]]]:
+def halve(
+    candidates: Sequence[Candidate], objective: Objective, eta: int, keep: str = "ceil"
+) -> tuple[list[int], list[dict[str, Any]]]:
     """Successive-halving step: keep the best ``ceil(n / eta)`` healthy candidates (``keep="ceil"``),
     or ``floor(n / eta)`` as Hyperband's inner loop does (Li et al. 2018, Algorithm 1; ``"floor"``);
     at least one either way.
@@ -401,10 +455,23 @@ def halve(candidates: Sequence[Candidate], objective: Objective, eta: int, keep:
             kept.append(c.trial_id)
             code, reason = "top_k", f"rank {position + 1} of {len(ranked)}: in the top {keep_n}{why}"
         elif not healthy:
-            code, reason = ("diverged", f"diverged at step {c.diverged_at}") if c.diverged else ("score_not_finite", "score is not finite")
+            code, reason = (
+                ("diverged", f"diverged at step {c.diverged_at}")
+                if c.diverged
+                else ("score_not_finite", "score is not finite")
+            )
         else:
             code, reason = "outside_top_k", f"rank {position + 1} of {len(ranked)}: outside the top {keep_n}{why}"
-        records.append({**c.terms(), **terms, "objective": terms["objective"] if healthy else None, "kept": keep, "reason_code": code, "reason": reason})
+        records.append(
+            {
+                **c.terms(),
+                **terms,
+                "objective": terms["objective"] if healthy else None,
+                "kept": keep,
+                "reason_code": code,
+                "reason": reason,
+            }
+        )
     return kept, records
 
 
@@ -430,7 +497,10 @@ def exploration_filter(candidates: Sequence[Candidate], *, z: float = 2.0) -> tu
             return True, ""
         ref, se, what = max(refs, key=lambda r: r[0])
         margin = z * math.hypot(c.score_se, se)
-        return c.score - ref > margin, f"score {c.score:.4g} is not clearly above {what} {ref:.4g} (difference {c.score - ref:.3g} <= {margin:.3g})"
+        return (
+            c.score - ref > margin,
+            f"score {c.score:.4g} is not clearly above {what} {ref:.4g} (difference {c.score - ref:.3g} <= {margin:.3g})",
+        )
 
     verdicts = {c.trial_id: learned(c) for c in healthy}
     nothing_learned = bool(healthy) and not any(ok for ok, _ in verdicts.values())
@@ -448,17 +518,32 @@ def exploration_filter(candidates: Sequence[Candidate], *, z: float = 2.0) -> tu
             mates = [o for o in learners if o is not c and o.cohort == c.cohort and clearly_better(o, c, z)]
             if mates:
                 by = max(mates, key=lambda o: (o.score, -o.trial_id))
-                code, reason = "dominated_in_cohort", (
-                    f"clearly worse than trial {by.trial_id} of its cohort: {c.score:.4g} vs {by.score:.4g} "
-                    f"(difference {by.score - c.score:.3g} > {score_margin(by, c, z):.3g}; energy per step is equal in a cohort)"
+                code, reason = (
+                    "dominated_in_cohort",
+                    (
+                        f"clearly worse than trial {by.trial_id} of its cohort: {c.score:.4g} vs {by.score:.4g} "
+                        f"(difference {by.score - c.score:.3g} > {score_margin(by, c, z):.3g}; energy per step is equal in a cohort)"
+                    ),
                 )
         keep = not code
         if keep:
             kept.append(c.trial_id)
             code, reason = "not_dominated", "learned and not clearly worse than the best of its cohort"
             if nothing_learned:
-                code, reason = "nothing_learned", "no configuration learned clearly during exploration: none dropped for not learning"
-        records.append({**c.terms(), "kept": keep, "reason_code": code, "reason": reason, "dominated_by": None if by is None else by.trial_id, "z": z})
+                code, reason = (
+                    "nothing_learned",
+                    "no configuration learned clearly during exploration: none dropped for not learning",
+                )
+        records.append(
+            {
+                **c.terms(),
+                "kept": keep,
+                "reason_code": code,
+                "reason": reason,
+                "dominated_by": None if by is None else by.trial_id,
+                "z": z,
+            }
+        )
     return kept, records
 
 
@@ -471,9 +556,15 @@ def finalist_front(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
     known = all(e is not None for _, e in points.values())
     return [
         {
-            "trial_id": c.trial_id, "cohort": c.cohort, "score": c.score, "score_se": c.score_se,
-            "energy_to_train_j": c.decision_energy, "energy_noise": c.energy_noise,
-            "pareto": None if not known else not any(dominates(points[o.trial_id], points[c.trial_id]) for o in healthy if o is not c),
+            "trial_id": c.trial_id,
+            "cohort": c.cohort,
+            "score": c.score,
+            "score_se": c.score_se,
+            "energy_to_train_j": c.decision_energy,
+            "energy_noise": c.energy_noise,
+            "pareto": None
+            if not known
+            else not any(dominates(points[o.trial_id], points[c.trial_id]) for o in healthy if o is not c),
         }
         for c in healthy
     ]
@@ -511,7 +602,7 @@ def hyperband_brackets(max_budget: float, eta: int = 3, *, integral: bool = Fals
         raise ValueError(f"eta must be >= 2 (got {eta})")
     if integral and max_budget != int(max_budget):
         raise ValueError(f"integral budgets need a whole-number max_budget (got {max_budget})")
-    s_max = int(math.floor(math.log(max_budget) / math.log(eta) + 1e-9))
+    s_max = math.floor(math.log(max_budget) / math.log(eta) + 1e-9)
     out = []
     for s in range(s_max, -1, -1):
         n = math.ceil((s_max + 1) / (s + 1) * eta**s - 1e-9)
@@ -534,4 +625,4 @@ def steps_for(budget: float, unit: str, batch_size: int, steps_per_epoch: int) -
         steps = budget * steps_per_epoch
     else:
         raise ValueError(f"unknown budget unit {unit!r}; known: steps, samples, epochs")
-    return max(1, int(math.ceil(steps - 1e-9)))
+    return max(1, math.ceil(steps - 1e-9))

@@ -218,11 +218,11 @@ class IntUniform:
         if self.num is None:
             return list(range(self.low, self.high + 1))
         space = np.geomspace if self.log else np.linspace
-        return sorted({int(round(v)) for v in space(self.low, self.high, self.num)})
+        return sorted({round(v) for v in space(self.low, self.high, self.num)})
 
     def sample(self, rng: np.random.Generator) -> int:
         if self.log:
-            return int(round(np.exp(rng.uniform(np.log(self.low), np.log(self.high)))))
+            return round(np.exp(rng.uniform(np.log(self.low), np.log(self.high))))
         return int(rng.integers(self.low, self.high + 1))
 
     def check(self, name: str) -> None:
@@ -289,7 +289,16 @@ def make_config(trial_id: int, **values: Any) -> Config:
     full = dict(DEFAULTS)
     full.update(values)
     full["model"] = canonical_model(full["model"])
-    for name in ("learning_rate", "weight_decay", "momentum", "b1", "b2", "warmup_fraction", "dropout", "max_grad_norm"):
+    for name in (
+        "learning_rate",
+        "weight_decay",
+        "momentum",
+        "b1",
+        "b2",
+        "warmup_fraction",
+        "dropout",
+        "max_grad_norm",
+    ):
         full[name] = float(full[name])
     full["batch_size"] = int(full["batch_size"])
     full["seed"] = int(full["seed"])
@@ -327,9 +336,7 @@ class SearchSpace:
         if num < 1:
             raise ValueError(f"sample needs num >= 1 (got {num})")
         rng = np.random.default_rng(seed)
-        return [
-            make_config(i, **{n: d.sample(rng) for n, d in self.domains.items()}) for i in range(num)
-        ]
+        return [make_config(i, **{n: d.sample(rng) for n, d in self.domains.items()}) for i in range(num)]
 
     def to_json(self) -> dict[str, Any]:
         blob = {n: {"type": type(d).__name__, **dataclasses.asdict(d)} for n, d in self.domains.items()}

@@ -39,11 +39,30 @@ from sm2jax.cohort import CohortSpec, group_into_cohorts
 from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, device_put_dataset, load_dataset, registered_dataset
 from sm2jax.distributed import DistributedMeter, barrier, is_primary
-from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, add_known, hardware_profile, make_meter, measure_idle, summarize, trial_totals
+from sm2jax.energy import (
+    EnergyLedger,
+    EnergyMonitor,
+    IdleBaseline,
+    add_known,
+    hardware_profile,
+    make_meter,
+    measure_idle,
+    summarize,
+    trial_totals,
+)
 from sm2jax.energy.meters import jax_gpus
 from sm2jax.placement import Placement
 from sm2jax.runner import CohortRunner, Metering, WidthPolicy
-from sm2jax.scheduler import KEEP_RULES, Candidate, exploration_filter, finalist_front, halve, resolve_objective, rung_budgets, steps_for
+from sm2jax.scheduler import (
+    KEEP_RULES,
+    Candidate,
+    exploration_filter,
+    finalist_front,
+    halve,
+    resolve_objective,
+    rung_budgets,
+    steps_for,
+)
 from sm2jax.space import Config, SearchSpace
 from sm2jax.tasks import BUILTIN_TASKS, get_task
 from sm2jax.trainer import CohortTrainer, memory_limit_bytes
@@ -161,13 +180,19 @@ class StudySpec:
         if self.rungs is not None:
             r = [float(x) for x in self.rungs]
             if not r or r[0] != self.min_budget or r[-1] != self.max_budget or any(b <= a for a, b in zip(r, r[1:])):
-                raise ValueError(f"rungs must increase from min_budget to max_budget (got {self.rungs}, {self.min_budget}..{self.max_budget})")
+                raise ValueError(
+                    f"rungs must increase from min_budget to max_budget (got {self.rungs}, {self.min_budget}..{self.max_budget})"
+                )
         if self.keep_rule not in KEEP_RULES:
             raise ValueError(f"keep_rule: unknown {self.keep_rule!r}; known: {KEEP_RULES}")
         if min(self.noise_z, self.final_z, self.energy_z, self.explore_z, self.energy_noise) < 0:
-            raise ValueError(f"noise_z, final_z, energy_z, explore_z and energy_noise must be >= 0 (got {self.noise_z}, {self.final_z}, {self.energy_z}, {self.explore_z}, {self.energy_noise})")
+            raise ValueError(
+                f"noise_z, final_z, energy_z, explore_z and energy_noise must be >= 0 (got {self.noise_z}, {self.final_z}, {self.energy_z}, {self.explore_z}, {self.energy_noise})"
+            )
         if not 0 <= self.explore_budget < self.min_budget:
-            raise ValueError(f"explore_budget must be in [0, min_budget) (got {self.explore_budget}, min_budget {self.min_budget})")
+            raise ValueError(
+                f"explore_budget must be in [0, min_budget) (got {self.explore_budget}, min_budget {self.min_budget})"
+            )
         steps_for(1, self.budget_unit, 1, 1)  # validates the unit
         for name in ("probe_width", "quick_compile"):
             if not isinstance(getattr(self, name), bool):
@@ -191,11 +216,15 @@ def read_spec(directory: str | os.PathLike) -> StudySpec:
     study, a Hyperband run, or a spec this version does not know."""
     path = os.path.join(os.fspath(directory), "spec.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no study in {directory} (spec.json missing): start one with `sm2jax run --dir {directory}`")
+        raise FileNotFoundError(
+            f"no study in {directory} (spec.json missing): start one with `sm2jax run --dir {directory}`"
+        )
     with open(path) as f:
         blob = json.load(f)
     if "hyperband" in blob:
-        raise ValueError(f"{directory} holds a Hyperband run, not a single study: use run_hyperband (or `sm2jax resume {directory}`)")
+        raise ValueError(
+            f"{directory} holds a Hyperband run, not a single study: use run_hyperband (or `sm2jax resume {directory}`)"
+        )
     unknown = sorted(set(blob) - {f.name for f in dataclasses.fields(StudySpec)})
     if unknown:
         raise ValueError(f"{path}: unknown field(s) {', '.join(unknown)}; remove them or upgrade sm2jax")
@@ -209,7 +238,9 @@ def has_run(directory: str | os.PathLike) -> bool:
         return False
     names = os.listdir(d)
     phases = os.listdir(os.path.join(d, "progress")) if "progress" in names else []
-    return bool(phases) or any(n in ("ledger.jsonl", "results.json", "checkpoints") or n.startswith("bracket-") for n in names)
+    return bool(phases) or any(
+        n in ("ledger.jsonl", "results.json", "checkpoints") or n.startswith("bracket-") for n in names
+    )
 
 
 def claim_directory(directory: str | os.PathLike, spec_blob: dict[str, Any]) -> None:
@@ -232,7 +263,9 @@ def claim_directory(directory: str | os.PathLike, spec_blob: dict[str, Any]) -> 
     if held is not None and has_run(directory):
         kind = "a Hyperband run" if "hyperband" in held else "a study"
         differ = sorted(k for k in {*held, *wanted} if held.get(k) != wanted.get(k))
-        raise ValueError(f"{directory} already holds {kind} with a different spec (differs in: {', '.join(differ)}); resume it (`sm2jax resume {directory}`) or choose another directory")
+        raise ValueError(
+            f"{directory} already holds {kind} with a different spec (differs in: {', '.join(differ)}); resume it (`sm2jax resume {directory}`) or choose another directory"
+        )
     os.makedirs(os.path.join(os.fspath(directory), "progress"), exist_ok=True)
     _atomic_write_json(path, spec_blob)
 
@@ -255,7 +288,9 @@ def import_modules(names: list[str]) -> None:
         try:
             importlib.import_module(name)
         except ImportError as err:
-            raise ValueError(f"this study needs module {name!r} (it registers a model, data set or task) but it cannot be imported ({err}): put it on PYTHONPATH, or register them again before resuming") from None
+            raise ValueError(
+                f"this study needs module {name!r} (it registers a model, data set or task) but it cannot be imported ({err}): put it on PYTHONPATH, or register them again before resuming"
+            ) from None
 
 
 def registering_modules(spec: StudySpec, dataset: ArrayDataset | None) -> set[str]:
@@ -368,7 +403,18 @@ class Study:
         study). Not part of the spec: a study checkpointed on N devices resumes on M.
     """
 
-    def __init__(self, directory: str | os.PathLike, spec: StudySpec | None = None, *, objective: Callable | None = None, nvml: Any = None, gpus: Any = None, progress: bool = True, dataset: ArrayDataset | None = None, devices: int | Sequence[Any] | None = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        spec: StudySpec | None = None,
+        *,
+        objective: Callable | None = None,
+        nvml: Any = None,
+        gpus: Any = None,
+        progress: bool = True,
+        dataset: ArrayDataset | None = None,
+        devices: int | Sequence[Any] | None = None,
+    ):
         self.directory = os.path.abspath(os.fspath(directory))
         if spec is None:
             spec = read_spec(self.directory)
@@ -376,17 +422,27 @@ class Study:
         if dataset is not None:
             fingerprint = dataset.fingerprint()
             if spec.dataset_fingerprint not in (None, fingerprint) and spec.dataset == dataset.name:
-                raise ValueError(f"the data set passed differs from the one this study ran on ({dataset.name!r}, fingerprint {fingerprint} != {spec.dataset_fingerprint}): pass the same arrays, or start a new study in another directory")
+                raise ValueError(
+                    f"the data set passed differs from the one this study ran on ({dataset.name!r}, fingerprint {fingerprint} != {spec.dataset_fingerprint}): pass the same arrays, or start a new study in another directory"
+                )
             spec = dataclasses.replace(spec, dataset=dataset.name, dataset_fingerprint=fingerprint)
         elif spec.dataset_fingerprint is not None:
-            raise ValueError(f"this study ran on the in-memory data set {spec.dataset!r} (fingerprint {spec.dataset_fingerprint}): pass it again with Study({str(directory)!r}, dataset=...) to resume")
+            raise ValueError(
+                f"this study ran on the in-memory data set {spec.dataset!r} (fingerprint {spec.dataset_fingerprint}): pass it again with Study({str(directory)!r}, dataset=...) to resume"
+            )
         elif spec.dataset not in BUILTIN_DATASETS and registered_dataset(spec.dataset) is None:
-            raise ValueError(f"unknown data set {spec.dataset!r}: not built in ({', '.join(BUILTIN_DATASETS)}) and not registered in this process; call sm2jax.register_dataset({spec.dataset!r}, loader) first (or name its module with --import)")
+            raise ValueError(
+                f"unknown data set {spec.dataset!r}: not built in ({', '.join(BUILTIN_DATASETS)}) and not registered in this process; call sm2jax.register_dataset({spec.dataset!r}, loader) first (or name its module with --import)"
+            )
         spec = dataclasses.replace(spec, imports=sorted({*spec.imports, *registering_modules(spec, dataset)}))
         self.spec = spec
-        self.objective = resolve_objective(objective or spec.objective, z=spec.noise_z, energy_z=spec.energy_z, alpha=spec.alpha, beta=spec.beta)
+        self.objective = resolve_objective(
+            objective or spec.objective, z=spec.noise_z, energy_z=spec.energy_z, alpha=spec.alpha, beta=spec.beta
+        )
         # The final selection: energy spent is sunk, so only near-ties go to the cheaper configuration.
-        self.final_objective = resolve_objective(objective or spec.objective, z=spec.final_z, energy_z=spec.energy_z, alpha=spec.alpha, beta=spec.beta)
+        self.final_objective = resolve_objective(
+            objective or spec.objective, z=spec.final_z, energy_z=spec.energy_z, alpha=spec.alpha, beta=spec.beta
+        )
         self.progress_bar = progress and is_primary()
         self._nvml = nvml
         self._gpus = gpus
@@ -401,7 +457,14 @@ class Study:
         # Several processes must take identical decisions: a width chosen from a process's own
         # clock (probe, narrowing) could differ between them, so there the width stays as started.
         single = jax.process_count() == 1
-        self.policy = WidthPolicy(max_width=spec.width, memory_limit=spec.memory_limit_bytes or memory_limit_bytes(), probe=spec.probe_width and single, narrow=single, start=spec.width_start, quick=spec.quick_compile and single)
+        self.policy = WidthPolicy(
+            max_width=spec.width,
+            memory_limit=spec.memory_limit_bytes or memory_limit_bytes(),
+            probe=spec.probe_width and single,
+            narrow=single,
+            start=spec.width_start,
+            quick=spec.quick_compile and single,
+        )
 
     # ------------------------------------------------------------------------------- progress io
 
@@ -438,7 +501,13 @@ class Study:
         return steps_for(budget, self.spec.budget_unit, batch_size, self._load_data().num_train // batch_size)
 
     def _trainer(self, cohort: CohortSpec) -> CohortTrainer:
-        return CohortTrainer(cohort, self._load_data(), schedule_steps=self._steps(self.spec.max_budget, cohort.signature.batch_size), device_data=self._device_data(), placement=self.placement)
+        return CohortTrainer(
+            cohort,
+            self._load_data(),
+            schedule_steps=self._steps(self.spec.max_budget, cohort.signature.batch_size),
+            device_data=self._device_data(),
+            placement=self.placement,
+        )
 
     def _planned_trial_steps(self, runner: CohortRunner, from_phase: int) -> float:
         """Trial-steps the study still plans for ``runner`` from ``from_phase`` on, if successive
@@ -460,8 +529,18 @@ class Study:
 
     def _setup_energy(self, fresh: bool) -> None:
         # Default: this process's GPUs on the trials axis (none on a CPU backend).
-        gpus = self._gpus if self._gpus is not None else jax_gpus([d for d in self.placement.devices if d.process_index == jax.process_index()])
-        self.meter = make_meter(self.spec.energy_method, nvml=self._nvml, watts_per_core=self.spec.watts_per_core, gpus=gpus or None, backend="gpu" if self._gpus else None)
+        gpus = (
+            self._gpus
+            if self._gpus is not None
+            else jax_gpus([d for d in self.placement.devices if d.process_index == jax.process_index()])
+        )
+        self.meter = make_meter(
+            self.spec.energy_method,
+            nvml=self._nvml,
+            watts_per_core=self.spec.watts_per_core,
+            gpus=gpus or None,
+            backend="gpu" if self._gpus else None,
+        )
         if jax.process_count() > 1:
             self.meter = DistributedMeter(self.meter)  # every process's devices, in every window
         self.monitor = EnergyMonitor(self.meter)
@@ -474,8 +553,12 @@ class Study:
             else:
                 idle = IdleBaseline(None, 0.0, self.meter.method, "idle baseline not measured (idle_seconds = 0)")
             hw = {
-                "profile": hardware_profile(self._nvml), "energy_method": self.meter.method, "energy_note": self.meter.reason,
-                "metered_devices": self.meter.devices, "resolution_s": self.meter.resolution_s, "idle": dataclasses.asdict(idle),
+                "profile": hardware_profile(self._nvml),
+                "energy_method": self.meter.method,
+                "energy_note": self.meter.reason,
+                "metered_devices": self.meter.devices,
+                "resolution_s": self.meter.resolution_s,
+                "idle": dataclasses.asdict(idle),
                 "host_method": getattr(getattr(self.meter, "host", None), "method", None),
             }
             _atomic_write_json(hw_path, hw)
@@ -484,7 +567,12 @@ class Study:
             hw = json.load(f)
         self.hardware = hw
         self.idle = IdleBaseline(**hw["idle"])
-        self.ledger = EnergyLedger(os.path.join(self.directory, "ledger.jsonl"), idle=self.idle, intensity_g_per_kwh=self.spec.carbon_intensity, write=is_primary())
+        self.ledger = EnergyLedger(
+            os.path.join(self.directory, "ledger.jsonl"),
+            idle=self.idle,
+            intensity_g_per_kwh=self.spec.carbon_intensity,
+            write=is_primary(),
+        )
 
     def _tally(self, window: dict[str, Any]) -> None:
         """Keeps the study's running energy total (for the progress bar) without rereading the ledger."""
@@ -503,7 +591,13 @@ class Study:
             for i in ids:
                 progress.infeasible[str(i)] = str(err)
             return None
-        runner, notes = CohortRunner.create(cohort_spec, trainer, self.metering, self.policy, planned_trial_steps=self._plan(len(ids), cohort_spec.signature.batch_size, 0, 0))
+        runner, notes = CohortRunner.create(
+            cohort_spec,
+            trainer,
+            self.metering,
+            self.policy,
+            planned_trial_steps=self._plan(len(ids), cohort_spec.signature.batch_size, 0, 0),
+        )
         if runner is None:
             for i in ids:
                 progress.infeasible[str(i)] = f"does not fit in device memory even alone: {notes[-1]}"
@@ -548,13 +642,21 @@ class Study:
                 start_phase = phase + 1
                 break
             except (CheckpointError, OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-                warnings.warn(f"phase {phase} cannot be restored ({err}); falling back to the previous phase", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"phase {phase} cannot be restored ({err}); falling back to the previous phase",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 progress, runners = None, []
 
         checkpoints = StudyCheckpoints(os.path.join(self.directory, "checkpoints"))
         for step in checkpoints.discard_after(start_phase - 1):
             if step not in saved:  # committed, but the run was killed before it recorded the phase
-                warnings.warn(f"checkpoint of phase {step} has no progress record (killed between the two); discarded, the phase runs again", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"checkpoint of phase {step} has no progress record (killed between the two); discarded, the phase runs again",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         for stale in (p for p in saved if p >= start_phase and is_primary()):
             os.remove(self._progress_path(stale))
         try:
@@ -565,10 +667,23 @@ class Study:
                     if runner is not None:
                         runners.append(runner)
                 for i, reason in progress.infeasible.items():
-                    progress.decisions.append({"phase": "hardware", "trial_id": int(i), "kept": False, "reason_code": "infeasible", "reason": f"infeasible: {reason}"})
+                    progress.decisions.append(
+                        {
+                            "phase": "hardware",
+                            "trial_id": int(i),
+                            "kept": False,
+                            "reason_code": "infeasible",
+                            "reason": f"infeasible: {reason}",
+                        }
+                    )
                 for r in runners:
                     for t in r.trial_ids:
-                        progress.trials[str(t)] = {"score": None, "energy_spent": 0.0, "samples_spent": 0, "history": []}
+                        progress.trials[str(t)] = {
+                            "score": None,
+                            "energy_spent": 0.0,
+                            "samples_spent": 0,
+                            "history": [],
+                        }
             for p in range(start_phase, len(phases)):
                 if not runners:
                     break
@@ -583,7 +698,9 @@ class Study:
                 self.meter.close()
         return results
 
-    def _run_phase(self, p: int, runners: list[CohortRunner], progress: StudyState, checkpoints: StudyCheckpoints) -> list[CohortRunner]:
+    def _run_phase(
+        self, p: int, runners: list[CohortRunner], progress: StudyState, checkpoints: StudyCheckpoints
+    ) -> list[CohortRunner]:
         tqdm = _progress_bar_class()
         phases = self.spec.phases()
         name, budget = phases[p]
@@ -596,15 +713,21 @@ class Study:
         try:
             for r in runners:
                 alive = sum(x.k for x in runners)
-                bar.set_postfix_str(f"trials alive {alive}, {self._energy_so_far_text()}, best {self._best_text(progress)}")
+                bar.set_postfix_str(
+                    f"trials alive {alive}, {self._energy_so_far_text()}, best {self._best_text(progress)}"
+                )
                 # A configuration's score before exploration is the reference for "has it learned?"; for
                 # classification that reference is chance (an untrained classifier scores about chance), so
                 # the 54-odd evaluations of untrained models are skipped there.
                 base = r.evaluate("explore") if name == "explore" and self._chance is None else None
                 samples_before.update({t: progress.trials[str(t)]["samples_spent"] for t in r.trial_ids})
                 r.train_to(
-                    targets[r.spec.name], name, planned_trial_steps=self._planned_trial_steps(r, p),
-                    window_seconds=self.spec.window_seconds, steps_per_window=self.spec.steps_per_window, on_steps=bar.update,
+                    targets[r.spec.name],
+                    name,
+                    planned_trial_steps=self._planned_trial_steps(r, p),
+                    window_seconds=self.spec.window_seconds,
+                    steps_per_window=self.spec.steps_per_window,
+                    on_steps=bar.update,
                 )
                 end = r.evaluate(name)
                 step, diverged, diverged_at = r.field("step"), ~r.field("active"), r.field("diverged_at")
@@ -615,18 +738,33 @@ class Study:
                     previous = record["score"] if base is None else float(base.scores[row])
                     samples = int(step[row]) * bs
                     score = float(end.scores[row])
-                    candidates.append(Candidate(
-                        trial_id=t, cohort=r.spec.name, score=score,
-                        gain=score - previous if previous is not None and math.isfinite(score) else None,
-                        energy_spent=None, energy_last=None, samples_spent=samples,
-                        samples_last=samples - samples_before[t], samples_total=total_samples,
-                        diverged=bool(diverged[row]), diverged_at=int(diverged_at[row]),
-                        plateau_tolerance=self.spec.plateau_tolerance, score_se=float(end.score_se[row]),
-                        start_score=None if base is None else float(base.scores[row]),
-                        start_se=0.0 if base is None else float(base.score_se[row]), chance_score=self._chance,
-                        energy_noise=self.spec.energy_noise,
-                    ))
-                    record.update(score=_finite_or_none(score), score_se=float(end.score_se[row]), metric=_finite_or_none(float(end.metrics[row])), samples_spent=samples)
+                    candidates.append(
+                        Candidate(
+                            trial_id=t,
+                            cohort=r.spec.name,
+                            score=score,
+                            gain=score - previous if previous is not None and math.isfinite(score) else None,
+                            energy_spent=None,
+                            energy_last=None,
+                            samples_spent=samples,
+                            samples_last=samples - samples_before[t],
+                            samples_total=total_samples,
+                            diverged=bool(diverged[row]),
+                            diverged_at=int(diverged_at[row]),
+                            plateau_tolerance=self.spec.plateau_tolerance,
+                            score_se=float(end.score_se[row]),
+                            start_score=None if base is None else float(base.scores[row]),
+                            start_se=0.0 if base is None else float(base.score_se[row]),
+                            chance_score=self._chance,
+                            energy_noise=self.spec.energy_noise,
+                        )
+                    )
+                    record.update(
+                        score=_finite_or_none(score),
+                        score_se=float(end.score_se[row]),
+                        metric=_finite_or_none(float(end.metrics[row])),
+                        samples_spent=samples,
+                    )
         finally:
             bar.close()
 
@@ -641,7 +779,15 @@ class Study:
             c.energy_last = phase_joules[c.trial_id]
             c.energy_spent = add_known(record["energy_spent"], c.energy_last)
             record["energy_spent"] = c.energy_spent
-            record["history"].append({"phase": name, "score": record["score"], "score_se": c.score_se, "samples": c.samples_spent, "energy_spent": c.energy_spent})
+            record["history"].append(
+                {
+                    "phase": name,
+                    "score": record["score"],
+                    "score_se": c.score_se,
+                    "samples": c.samples_spent,
+                    "energy_spent": c.energy_spent,
+                }
+            )
             window = training.setdefault(c.cohort, {"phase": name, "joules": 0.0, "samples": 0})
             window["joules"] = add_known(window["joules"], train_joules[c.trial_id])
             window["samples"] += c.samples_last
@@ -669,7 +815,12 @@ class Study:
                     r.narrow_for_survivors(self._planned_trial_steps(r, p + 1))
             if last and self._load_data().has_test:  # once, for the selected configuration only
                 test = r.evaluate(name, split="test")
-                progress.test = {"trial_id": ids[0], "metric": _finite_or_none(float(test.metrics[0])), "score": _finite_or_none(float(test.scores[0])), "score_se": float(test.score_se[0])}
+                progress.test = {
+                    "trial_id": ids[0],
+                    "metric": _finite_or_none(float(test.metrics[0])),
+                    "score": _finite_or_none(float(test.scores[0])),
+                    "score_se": float(test.score_se[0]),
+                }
             survivors.append(r)
         for r in runners:
             if r.spec.name in progress.hardware:
@@ -692,7 +843,9 @@ class Study:
             return None
         return float(np.bincount(np.asarray(ds.y_val).ravel()).max() / len(ds.y_val))
 
-    def _smooth_energy(self, training: dict[str, dict[str, Any]], candidates: list[Candidate], progress: StudyState) -> None:
+    def _smooth_energy(
+        self, training: dict[str, dict[str, Any]], candidates: list[Candidate], progress: StudyState
+    ) -> None:
         """Adds this phase's training joules and samples per cohort to its history and gives each
         candidate its cohort's rate smoothed over all phases (total training joules / total samples;
         evaluation is a fixed cost per phase, not per sample) with the relative noise
@@ -719,7 +872,9 @@ class Study:
             # Each process reads every row onto one of its own devices: rows are re-chunked over
             # this run's devices below, however many the study was checkpointed on.
             local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            abstract[name] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), trainers[name].abstract_rows(len(ids)))
+            abstract[name] = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), trainers[name].abstract_rows(len(ids))
+            )
         checkpoints = StudyCheckpoints(os.path.join(self.directory, "checkpoints"))
         try:
             states = checkpoints.restore(phase, abstract)
@@ -731,13 +886,23 @@ class Study:
             if [int(t) for t in np.asarray(rows.trial_id)] != ids:
                 raise CheckpointError(f"checkpoint rows of {name} do not match the recorded survivors")
             saved = progress.runners[name]
-            same_devices = saved.get("devices", 1) == self.placement.size  # rates measured on other devices do not carry over
-            runners.append(CohortRunner(
-                by_name[name], trainers[name], rows, saved["width"], self.metering, self.policy,
-                rate_seconds={int(w): s for w, s in saved["step_seconds"].items()} if same_devices else None, probe_pending=saved["probe_pending"],
-                quick=saved.get("quick", False) and self.policy.starts_quick(),
-                choices=progress.hardware.get(name, {}).get("choices", []),
-            ))
+            same_devices = (
+                saved.get("devices", 1) == self.placement.size
+            )  # rates measured on other devices do not carry over
+            runners.append(
+                CohortRunner(
+                    by_name[name],
+                    trainers[name],
+                    rows,
+                    saved["width"],
+                    self.metering,
+                    self.policy,
+                    rate_seconds={int(w): s for w, s in saved["step_seconds"].items()} if same_devices else None,
+                    probe_pending=saved["probe_pending"],
+                    quick=saved.get("quick", False) and self.policy.starts_quick(),
+                    choices=progress.hardware.get(name, {}).get("choices", []),
+                )
+            )
         return runners
 
     # ------------------------------------------------------------------------------------ results
@@ -756,7 +921,11 @@ class Study:
         """One row per configuration: its cohort and values, how far it got (the last phase it
         trained in and why it stopped there), its last score, and the energy attributed to it by
         the ledger (finished attempts only; ``None`` when any share was unavailable)."""
-        cohort_of = {c.trial_id: cohort.name for cohort in group_into_cohorts(list(self.configs.values())) for c in cohort.configs}
+        cohort_of = {
+            c.trial_id: cohort.name
+            for cohort in group_into_cohorts(list(self.configs.values()))
+            for c in cohort.configs
+        }
         joules, kwh, gco2e = (trial_totals(records, field=f) for f in ("joules", "kwh", "gco2e"))
         last: dict[int, dict[str, Any]] = {}
         for d in progress.decisions:
@@ -776,12 +945,23 @@ class Study:
                 status, phase, reason = ("finalist" if t in finalists else "running"), d["phase"], d.get("reason", "")
             else:
                 status, phase, reason = d.get("reason_code") or "dropped", d["phase"], d.get("reason", "")
-            rows.append({
-                "trial_id": t, "cohort": cohort_of[t], "config": config.to_json()["values"], "status": status,
-                "last_phase": phase, "reason": reason, "score": record.get("score"), "score_se": record.get("score_se"),
-                "metric": record.get("metric"), "samples": record.get("samples_spent", 0),
-                "energy_joules": joules.get(t), "kwh": kwh.get(t), "gco2e": gco2e.get(t),
-            })
+            rows.append(
+                {
+                    "trial_id": t,
+                    "cohort": cohort_of[t],
+                    "config": config.to_json()["values"],
+                    "status": status,
+                    "last_phase": phase,
+                    "reason": reason,
+                    "score": record.get("score"),
+                    "score_se": record.get("score_se"),
+                    "metric": record.get("metric"),
+                    "samples": record.get("samples_spent", 0),
+                    "energy_joules": joules.get(t),
+                    "kwh": kwh.get(t),
+                    "gco2e": gco2e.get(t),
+                }
+            )
         return rows
 
     def _results(self, progress: StudyState, wall_seconds: float) -> dict[str, Any]:
@@ -802,14 +982,28 @@ class Study:
         by_phase = summarize(records)
         selected = progress.selected
         out: dict[str, Any] = {
-            "study": self.directory, "mode": self.spec.mode, "objective": self.spec.objective,
-            "energy_method": self.meter.method, "energy_note": self.hardware.get("energy_note", ""),
-            "intensity_label": self.ledger.intensity_label, "idle": self.hardware["idle"],
-            "energy_by_phase": by_phase, "interrupted_energy_by_phase": summarize(lost),
-            "wall_seconds_this_attempt": wall_seconds, "attempts": max((r.get("attempt", 0) for r in everything), default=0),
-            "decisions": progress.decisions, "finalists": progress.finalists, "infeasible": progress.infeasible, "hardware": progress.hardware,
-            "metric_name": get_task(self._dataset.task).metric_name, "num_configs": len(self.configs),
-            "placement": {"devices": [str(d) for d in self.placement.devices], "processes": jax.process_count(), "platform": self.placement.devices[0].platform},
+            "study": self.directory,
+            "mode": self.spec.mode,
+            "objective": self.spec.objective,
+            "energy_method": self.meter.method,
+            "energy_note": self.hardware.get("energy_note", ""),
+            "intensity_label": self.ledger.intensity_label,
+            "idle": self.hardware["idle"],
+            "energy_by_phase": by_phase,
+            "interrupted_energy_by_phase": summarize(lost),
+            "wall_seconds_this_attempt": wall_seconds,
+            "attempts": max((r.get("attempt", 0) for r in everything), default=0),
+            "decisions": progress.decisions,
+            "finalists": progress.finalists,
+            "infeasible": progress.infeasible,
+            "hardware": progress.hardware,
+            "metric_name": get_task(self._dataset.task).metric_name,
+            "num_configs": len(self.configs),
+            "placement": {
+                "devices": [str(d) for d in self.placement.devices],
+                "processes": jax.process_count(),
+                "platform": self.placement.devices[0].platform,
+            },
         }
         totals = [g["joules"] for g in by_phase.values()]
         out["total_joules"] = None if any(t is None for t in totals) else float(sum(totals))
@@ -824,8 +1018,12 @@ class Study:
         joules = [r["joules"] for r in records if r["type"] == "trial" and r["trial_id"] == selected]
         lost_joules = [r["joules"] for r in lost if r["type"] == "trial" and r["trial_id"] == selected]
         out["selected"] = {
-            "trial_id": selected, "config": self.configs[selected].to_json()["values"],
-            "score": trial["score"], "score_se": trial.get("score_se"), "metric": trial["metric"], "samples": trial["samples_spent"],
+            "trial_id": selected,
+            "config": self.configs[selected].to_json()["values"],
+            "score": trial["score"],
+            "score_se": trial.get("score_se"),
+            "metric": trial["metric"],
+            "samples": trial["samples_spent"],
             "test": progress.test,
             "energy_to_train_joules": None if any(j is None for j in joules) else float(sum(joules)),
             "interrupted_joules": None if any(j is None for j in lost_joules) else float(sum(lost_joules)),

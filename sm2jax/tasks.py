@@ -81,9 +81,13 @@ def _token_cross_entropy(outputs, targets):
 
 
 BUILTIN_TASKS = {
-    "classification": Task("classification", _cross_entropy, _accuracy, "accuracy", True, binary=True, majority_chance=True),
+    "classification": Task(
+        "classification", _cross_entropy, _accuracy, "accuracy", True, binary=True, majority_chance=True
+    ),
     "regression": Task("regression", _squared_error, _squared_error, "mse", False),
-    "language_model": Task("language_model", _token_cross_entropy, _token_cross_entropy, "perplexity", False, report=np.exp),
+    "language_model": Task(
+        "language_model", _token_cross_entropy, _token_cross_entropy, "perplexity", False, report=np.exp
+    ),
 }
 _REGISTRY: dict[str, Task] = dict(BUILTIN_TASKS)
 
@@ -115,7 +119,9 @@ def register_task(task: Task) -> Task:
 def get_task(name: str) -> Task:
     """The task registered as ``name`` (one-line error naming the known ones otherwise)."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(_REGISTRY))} (register yours with sm2jax.register_task)")
+        raise ValueError(
+            f"unknown task {name!r}; known: {', '.join(sorted(_REGISTRY))} (register yours with sm2jax.register_task)"
+        )
     return _REGISTRY[name]
 
 

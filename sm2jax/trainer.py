@@ -153,10 +153,15 @@ def chunk_rows(rows: CohortState, width: int, placement: Placement | None = None
             active=padded.active & real,
             diverged_at=np.where(real, padded.diverged_at, -1).astype(np.int32),
         )
-    return [placement.put_rows(jax.tree.map(lambda a: a[i * width:(i + 1) * width], padded)) for i in range(total // width)]
+    return [
+        placement.put_rows(jax.tree.map(lambda a: a[i * width : (i + 1) * width], padded))
+        for i in range(total // width)
+    ]
 
 
-def gather_rows(chunks: Sequence[CohortState], trial_ids: Sequence[int], placement: Placement | None = None) -> CohortState:
+def gather_rows(
+    chunks: Sequence[CohortState], trial_ids: Sequence[int], placement: Placement | None = None
+) -> CohortState:
     """The rows of ``trial_ids`` (in that order) from device chunks, as host numpy arrays (on every
     process of a multi-process study)."""
     host = (placement or default_placement()).host(list(chunks))
@@ -172,7 +177,9 @@ def gather_rows(chunks: Sequence[CohortState], trial_ids: Sequence[int], placeme
 def row_view(chunks: Sequence[CohortState], field: str, k: int, placement: Placement | None = None) -> np.ndarray:
     """One per-trial field (e.g. ``step``, ``active``) of the first ``k`` rows, on the host."""
     placement = placement or default_placement()
-    return np.concatenate(placement.host([getattr(c, field) for c in chunks]))[placement.slots(k, int(np.shape(chunks[0].step)[0]))]
+    return np.concatenate(placement.host([getattr(c, field) for c in chunks]))[
+        placement.slots(k, int(np.shape(chunks[0].step)[0]))
+    ]
 
 
 # ------------------------------------------------------------------------------------ programs
@@ -239,7 +246,11 @@ class WidthProbe:
     steps: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"samples_per_second": {str(k): v for k, v in self.samples_per_second.items()}, "chosen": self.chosen, "steps": self.steps}
+        return {
+            "samples_per_second": {str(k): v for k, v in self.samples_per_second.items()},
+            "chosen": self.chosen,
+            "steps": self.steps,
+        }
 
 
 def memory_limit_bytes(device: jax.Device | None = None) -> int | None:
@@ -271,7 +282,16 @@ class CohortTrainer:
         are multiples of its device count.
     """
 
-    def __init__(self, cohort: CohortSpec, dataset: ArrayDataset, *, schedule_steps: int, eval_batch_size: int = 512, device_data: dict[str, jax.Array] | None = None, placement: Placement | None = None):
+    def __init__(
+        self,
+        cohort: CohortSpec,
+        dataset: ArrayDataset,
+        *,
+        schedule_steps: int,
+        eval_batch_size: int = 512,
+        device_data: dict[str, jax.Array] | None = None,
+        placement: Placement | None = None,
+    ):
         sig = cohort.signature
         self.cohort = cohort
         self.dataset = dataset
@@ -280,24 +300,47 @@ class CohortTrainer:
         self.num_train = dataset.num_train
         self.steps_per_epoch = steps_per_epoch(self.num_train, sig.batch_size)  # raises if B > N
         if sig.augment != "none" and len(dataset.input_shape) != 3:
-            raise ValueError(f"augment {sig.augment!r} needs image examples [H, W, C]; {dataset.name!r} has examples of shape {dataset.input_shape}: use augment='none'")
+            raise ValueError(
+                f"augment {sig.augment!r} needs image examples [H, W, C]; {dataset.name!r} has examples of shape {dataset.input_shape}: use augment='none'"
+            )
         self.schedule_steps = int(schedule_steps)
         self.placement = placement or default_placement()
-        self.data = device_data if device_data is not None else device_put_dataset(dataset, eval_batch_size, self.placement)
+        self.data = (
+            device_data if device_data is not None else device_put_dataset(dataset, eval_batch_size, self.placement)
+        )
 
         def build(key):
-            return build_model(sig.model_spec, dataset.input_shape, dataset.num_outputs, dropout=sig.dropout, dtype=sig.dtype, key=key)
+            return build_model(
+                sig.model_spec, dataset.input_shape, dataset.num_outputs, dropout=sig.dropout, dtype=sig.dtype, key=key
+            )
 
         self._build = build
         self.graphdef = nnx.split(nnx.eval_shape(lambda: build(jax.random.PRNGKey(0))), nnx.Param, ...)[0]
         data_shapes = _abstract({k: self.data[k] for k in ("x_train", "y_train")})
         eval_block = _abstract(self.data["val"][0])
-        model = (sig.model, model_version(sig.model_spec["name"]), sig.dtype, tuple(dataset.input_shape), dataset.num_outputs)
+        model = (
+            sig.model,
+            model_version(sig.model_spec["name"]),
+            sig.dtype,
+            tuple(dataset.input_shape),
+            dataset.num_outputs,
+        )
         task = (self.task, get_task(self.task).version)  # a re-registered model or task never reuses a program
         # What each program depends on, and nothing more (see the module docstring).
         self._keys = {
             "init": ("init", *model, sig.optimizer),
-            "train": ("train", *model, sig.optimizer, sig.batch_size, sig.dropout, sig.augment, task, data_shapes["x_train"], data_shapes["y_train"], self.placement.key),
+            "train": (
+                "train",
+                *model,
+                sig.optimizer,
+                sig.batch_size,
+                sig.dropout,
+                sig.augment,
+                task,
+                data_shapes["x_train"],
+                data_shapes["y_train"],
+                self.placement.key,
+            ),
             "eval": ("eval", *model, task, eval_block, self.placement.key),
         }
 
@@ -314,7 +357,9 @@ class CohortTrainer:
 
     def _program(self, kind: str, width: int, lower, quick: bool = False) -> Any:
         if quick and jax.default_backend() != "cpu":
-            raise ValueError(f"quick programs are compiled on a CPU backend only (this one is {jax.default_backend()!r})")
+            raise ValueError(
+                f"quick programs are compiled on a CPU backend only (this one is {jax.default_backend()!r})"
+            )
         return compiled_program(self._key(kind, width, quick), lower, program_options(kind, quick))[0]
 
     def compile_seconds(self, kind: str, width: int, quick: bool = False) -> float | None:
@@ -338,13 +383,24 @@ class CohortTrainer:
         configs = list(configs if configs is not None else self.cohort.configs)
         program = self.compile_init()
         hps = hyperparameter_arrays(configs, self.schedule_steps)
-        outs = [program(np.int32(c["seed"]), np.int32(c.trial_id), {k: v[i] for k, v in hps.items()}) for i, c in enumerate(configs)]
-        params, model_state, opt_state, dropout_key, data_key = jax.tree.map(lambda *a: np.stack(a), *jax.device_get(outs))
+        outs = [
+            program(np.int32(c["seed"]), np.int32(c.trial_id), {k: v[i] for k, v in hps.items()})
+            for i, c in enumerate(configs)
+        ]
+        params, model_state, opt_state, dropout_key, data_key = jax.tree.map(
+            lambda *a: np.stack(a), *jax.device_get(outs)
+        )
         k = len(configs)
         return CohortState(
-            params, model_state, opt_state, dropout_key, data_key,
-            step=np.zeros(k, np.int32), trial_id=np.asarray([c.trial_id for c in configs], np.int32),
-            active=np.ones(k, bool), diverged_at=np.full(k, -1, np.int32),
+            params,
+            model_state,
+            opt_state,
+            dropout_key,
+            data_key,
+            step=np.zeros(k, np.int32),
+            trial_id=np.asarray([c.trial_id for c in configs], np.int32),
+            active=np.ones(k, bool),
+            diverged_at=np.full(k, -1, np.int32),
         )
 
     def init(self, width: int | None = None, configs: Sequence[Any] | None = None) -> list[CohortState]:
@@ -355,10 +411,16 @@ class CohortTrainer:
     def abstract_rows(self, k: int) -> CohortState:
         """Shapes and dtypes of ``k`` host rows (restore targets), without computing anything."""
         hps = {n: jax.ShapeDtypeStruct((), jnp.float32) for n in OPTIMIZER_HYPERPARAMETERS}
-        one = jax.eval_shape(self._init_one, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32), hps)
-        params, model_state, opt_state, dropout_key, data_key = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype), one)
+        one = jax.eval_shape(
+            self._init_one, jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32), hps
+        )
+        params, model_state, opt_state, dropout_key, data_key = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype), one
+        )
         i32 = jax.ShapeDtypeStruct((k,), jnp.int32)
-        return CohortState(params, model_state, opt_state, dropout_key, data_key, i32, i32, jax.ShapeDtypeStruct((k,), jnp.bool_), i32)
+        return CohortState(
+            params, model_state, opt_state, dropout_key, data_key, i32, i32, jax.ShapeDtypeStruct((k,), jnp.bool_), i32
+        )
 
     # ------------------------------------------------------------------------------------ train
 
@@ -374,7 +436,9 @@ class CohortTrainer:
         # Dropout masks from the trial's own key and step; no key work in programs without dropout.
         key = jax.random.fold_in(ts.dropout_key, ts.step) if self.cohort.signature.dropout > 0 else None
         x = augment_batch(self.cohort.signature.augment, x_all[idx], ts.data_key, ts.step)
-        (loss, model_state), grads = jax.value_and_grad(self._loss, has_aux=True)(ts.params, ts.model_state, x, y_all[idx], key)
+        (loss, model_state), grads = jax.value_and_grad(self._loss, has_aux=True)(
+            ts.params, ts.model_state, x, y_all[idx], key
+        )
         # Decided before the update, from values the step has anyway: the loss, the gradients' global
         # norm (the one clipping computes; XLA merges the two) and the new batch statistics. Known
         # before the optimizer runs, the keep-or-freeze select fuses into the update itself: one pass
@@ -392,9 +456,12 @@ class CohortTrainer:
         opt_state = opt_state._replace(hyperparams=ts.opt_state.hyperparams)  # a trial's hyperparameters never change
 
         new = ts._replace(
-            params=params, model_state=jax.tree.map(lambda a, b: jnp.where(ok, a, b), model_state, ts.model_state),
-            opt_state=opt_state, step=ts.step + ok.astype(jnp.int32),
-            active=ok, diverged_at=jnp.where(ts.active & ~finite, ts.step, ts.diverged_at),
+            params=params,
+            model_state=jax.tree.map(lambda a, b: jnp.where(ok, a, b), model_state, ts.model_state),
+            opt_state=opt_state,
+            step=ts.step + ok.astype(jnp.int32),
+            active=ok,
+            diverged_at=jnp.where(ts.active & ~finite, ts.step, ts.diverged_at),
         )
         return new, jnp.where(ok, loss, 0.0), ok
 
@@ -415,7 +482,7 @@ class CohortTrainer:
             # A device whose rows are all inactive (padding, or diverged trials) skips the whole call:
             # padding costs no computation, and no energy, on its device.
             w = state.step.shape[0]
-            idle = lambda s: (s, TrainMetrics(jnp.full(w, jnp.nan, jnp.float32), jnp.full(w, jnp.nan, jnp.float32)))  # noqa: E731
+            idle = lambda s: (s, TrainMetrics(jnp.full(w, jnp.nan, jnp.float32), jnp.full(w, jnp.nan, jnp.float32)))
             return jax.lax.cond(jnp.any(state.active), lambda s: _map_trials(run_trial, s), idle, state)
 
         # Each device trains its own rows: no collective (the data set and num_steps are replicated).
@@ -426,7 +493,14 @@ class CohortTrainer:
         ``quick``: the quick build, CPU backends only, see :data:`QUICK_COMPILE`). The chunk's buffers
         are donated: a device holds one copy of its rows."""
         width = int(chunk.step.shape[0])
-        return self._program("train", width, lambda: jax.jit(self._train_impl, donate_argnums=0).lower(chunk, np.int32(1), self.data["x_train"], self.data["y_train"]), quick)
+        return self._program(
+            "train",
+            width,
+            lambda: jax.jit(self._train_impl, donate_argnums=0).lower(
+                chunk, np.int32(1), self.data["x_train"], self.data["y_train"]
+            ),
+            quick,
+        )
 
     def train(self, chunk: CohortState, num_steps: int, quick: bool = False) -> tuple[CohortState, TrainMetrics]:
         """Runs ``num_steps`` steps of every trial of one chunk in one dispatch (asynchronous: block
@@ -458,7 +532,11 @@ class CohortTrainer:
                 def body(carry, chunk):
                     x, y, m = chunk
                     loss, metric = task_loss(self.task, model(x, train=False), y)
-                    return (carry[0] + (loss * m).sum(), carry[1] + (metric * m).sum(), carry[2] + (metric * metric * m).sum()), None
+                    return (
+                        carry[0] + (loss * m).sum(),
+                        carry[1] + (metric * m).sum(),
+                        carry[2] + (metric * metric * m).sum(),
+                    ), None
 
                 zero = jnp.float32(0)
                 sums, _ = jax.lax.scan(body, (zero, zero, zero), (xs, ys, mask))
@@ -470,7 +548,9 @@ class CohortTrainer:
 
     def compile_eval(self, chunk: CohortState):
         width = int(chunk.step.shape[0])
-        return self._program("eval", width, lambda: jax.jit(self._eval_impl).lower(chunk.params, chunk.model_state, *self.data["val"][0]))
+        return self._program(
+            "eval", width, lambda: jax.jit(self._eval_impl).lower(chunk.params, chunk.model_state, *self.data["val"][0])
+        )
 
     def evaluate(self, chunk: CohortState, split: str = "val") -> EvalMetrics:
         """Loss, metric, score and the score's standard error of every row of one chunk on ``split``
@@ -494,7 +574,9 @@ class CohortTrainer:
             se = np.sqrt(p * (1.0 - p) / n)
         else:
             se = np.sqrt(np.maximum(sq_sum / n - mean**2, 0.0) / n)
-        return EvalMetrics(loss, np.asarray(task.reported(mean), np.float64), mean if task.higher_is_better else -mean, se)
+        return EvalMetrics(
+            loss, np.asarray(task.reported(mean), np.float64), mean if task.higher_is_better else -mean, se
+        )
 
     def forward_flops_per_example(self, chunk: CohortState) -> float | None:
         """FLOPs of one example's forward pass, from XLA's cost analysis of the evaluation program
@@ -505,7 +587,14 @@ class CohortTrainer:
 
     # ------------------------------------------------------------------------------------ width
 
-    def probe_width(self, chunks_by_width: dict[int, CohortState], *, steps: int | dict[int, int] = 5, repeats: int = 3, quick: bool = False) -> WidthProbe:
+    def probe_width(
+        self,
+        chunks_by_width: dict[int, CohortState],
+        *,
+        steps: int | dict[int, int] = 5,
+        repeats: int = 3,
+        quick: bool = False,
+    ) -> WidthProbe:
         """Measures samples/s of candidate widths on this hardware and keeps the fastest.
 
         ``chunks_by_width`` maps each candidate width to a chunk of that width (padding rows count
@@ -516,7 +605,10 @@ class CohortTrainer:
         Results are discarded.
         """
         n = {w: steps[w] if isinstance(steps, dict) else steps for w in chunks_by_width}
-        real = {w: int(np.sum(np.asarray(self.placement.host(c.trial_id)) != PADDING_ID)) for w, c in chunks_by_width.items()}
+        real = {
+            w: int(np.sum(np.asarray(self.placement.host(c.trial_id)) != PADDING_ID))
+            for w, c in chunks_by_width.items()
+        }
         chunks = dict(chunks_by_width)  # each call donates its chunk: the next call trains the result
         for w in chunks:
             chunks[w] = jax.block_until_ready(self.train(chunks[w], n[w], quick))[0]  # compile and warm
@@ -545,7 +637,7 @@ def compiled_memory_bytes(compiled) -> int | None:
     """Bytes a compiled program needs (arguments + outputs + temporaries), if XLA reports them."""
     try:
         m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 -- not every backend implements it
+    except Exception:
         return None
     if m is None:
         return None
@@ -556,7 +648,7 @@ def compiled_flops(compiled) -> float | None:
     """FLOPs of a compiled program from XLA's cost analysis, if reported."""
     try:
         cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
     if isinstance(cost, list):
         cost = cost[0] if cost else None

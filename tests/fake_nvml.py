@@ -18,7 +18,7 @@ class NVMLError(Exception):
         self.value = value
 
 
-class NVMLError_NotSupported(NVMLError):  # noqa: N801 -- pynvml's own spelling
+class NVMLError_NotSupported(NVMLError):
     def __init__(self):
         super().__init__(NVML_ERROR_NOT_SUPPORTED)
 
@@ -27,14 +27,24 @@ class FakeDevice:
     """A device whose counter is set by the test, or (``clock_driven``) advances at ``power_mw``
     with wall time, like a real card's counter."""
 
-    def __init__(self, name="NVIDIA H200", energy_mj=0, power_mw=100_000, counter_supported=True, name_as_bytes=False, clock_driven=False, tick_s=0.0, pci_bus_id=None, uuid=None):
+    def __init__(
+        self,
+        name="NVIDIA H200",
+        energy_mj=0,
+        power_mw=100_000,
+        counter_supported=True,
+        name_as_bytes=False,
+        clock_driven=False,
+        tick_s=0.0,
+        pci_bus_id=None,
+        uuid=None,
+    ):
         self.name, self._energy_mj, self.power_mw = name, energy_mj, power_mw
         self.clock_driven, self._t0, self.tick_s = clock_driven, time.perf_counter(), tick_s
         self.pci_bus_id, self.uuid = pci_bus_id, uuid
         self.counter_supported, self.name_as_bytes = counter_supported, name_as_bytes
         self.memory_total, self.memory_free = 141 * 2**30, 140 * 2**30
         self.power_limit_mw, self.power_limit_range_mw = 700_000, (200_000, 700_000)
-
 
     @property
     def energy_mj(self):
@@ -52,7 +62,13 @@ class FakeDevice:
 
 def make_card(index: int, **kw) -> FakeDevice:
     """A clock-driven device whose counter steps every 100 ms, with a PCI bus id and UUID."""
-    return FakeDevice(clock_driven=True, tick_s=0.1, pci_bus_id=f"00000000:{0x17 + index:02X}:00.0", uuid=f"GPU-fake-{index:04d}", **kw)
+    return FakeDevice(
+        clock_driven=True,
+        tick_s=0.1,
+        pci_bus_id=f"00000000:{0x17 + index:02X}:00.0",
+        uuid=f"GPU-fake-{index:04d}",
+        **kw,
+    )
 
 
 def make_fake_nvml(devices: list[FakeDevice], init_error: Exception | None = None) -> types.ModuleType:

@@ -14,7 +14,12 @@ from sm2jax.energy import read_ledger
 def kill_mid_phase(directory, *, env: dict | None = None, phase: str = "rung-2", args: tuple[str, ...] = ()) -> None:
     """Runs ``sm2jax resume directory`` and SIGKILLs it as soon as its ledger has a window of ``phase``."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "sm2jax.cli", "resume", str(directory), "--no-progress", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sm2jax.cli", "resume", str(directory), "--no-progress", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if any(r["phase"] == phase for r in read_ledger(os.path.join(directory, "ledger.jsonl"))):

@@ -24,22 +24,48 @@ from sm2jax.trainer import CohortTrainer, chunk_rows  # noqa: E402
 
 
 def main(out_dir: str) -> dict:
-    space = SearchSpace({"model": {"name": "mlp", "hidden": [32]}, "learning_rate": LogUniform(1e-3, 1e-1, num=6), "batch_size": Categorical([32, 64])})
-    spec = StudySpec(space=space.to_json(), mode="sh", min_budget=1, max_budget=3, eta=3, idle_seconds=0, probe_width=False, width_start="widest",
-                     max_train_examples=600, max_val_examples=200, energy_method="estimated")
+    space = SearchSpace(
+        {
+            "model": {"name": "mlp", "hidden": [32]},
+            "learning_rate": LogUniform(1e-3, 1e-1, num=6),
+            "batch_size": Categorical([32, 64]),
+        }
+    )
+    spec = StudySpec(
+        space=space.to_json(),
+        mode="sh",
+        min_budget=1,
+        max_budget=3,
+        eta=3,
+        idle_seconds=0,
+        probe_width=False,
+        width_start="widest",
+        max_train_examples=600,
+        max_val_examples=200,
+        energy_method="estimated",
+    )
     report: dict = {"devices": len(jax.devices())}
     studies = {n: Study(os.path.join(out_dir, f"d{n}"), spec, devices=n, progress=False).run() for n in (1, 4)}
     for n, r in studies.items():
         report[f"d{n}"] = {
-            "selected": r["selected"]["trial_id"], "scores": {t["trial_id"]: t["score"] for t in r["trials"]},
+            "selected": r["selected"]["trial_id"],
+            "scores": {t["trial_id"]: t["score"] for t in r["trials"]},
             "decisions": [(d["phase"], d["trial_id"], d["kept"]) for d in r["decisions"]],
             "widths": {name: h["width"] for name, h in r["hardware"].items()},
-            "ledger_trials": sorted({rec["trial_id"] for rec in read_ledger(os.path.join(out_dir, f"d{n}", "ledger.jsonl")) if rec["type"] == "trial"}),
+            "ledger_trials": sorted(
+                {
+                    rec["trial_id"]
+                    for rec in read_ledger(os.path.join(out_dir, f"d{n}", "ledger.jsonl"))
+                    if rec["type"] == "trial"
+                }
+            ),
         }
 
     # The compiled programs of a 4-device cohort: per-device, with donated state.
     placement = Placement.create(4)
-    (cohort,) = group_into_cohorts(SearchSpace({"model": {"name": "mlp", "hidden": [32]}, "learning_rate": LogUniform(1e-3, 1e-1, num=8)}).grid())
+    (cohort,) = group_into_cohorts(
+        SearchSpace({"model": {"name": "mlp", "hidden": [32]}, "learning_rate": LogUniform(1e-3, 1e-1, num=8)}).grid()
+    )
     trainer = CohortTrainer(cohort, load_digits(), schedule_steps=100, placement=placement)
     (chunk,) = chunk_rows(trainer.init_rows(), 8, placement)
     train, evaluate = trainer.compile_train(chunk), trainer.compile_eval(chunk)
@@ -47,9 +73,20 @@ def main(out_dir: str) -> dict:
     # Costs per trial from XLA's (per-device) cost analysis, on 4 devices and on 1.
     single = CohortTrainer(cohort, load_digits(), schedule_steps=100, placement=Placement.create(1))
     (one_chunk,) = chunk_rows(single.init_rows(), 8, single.placement)
-    flops = {n: (t.flops_per_trial_step(c), t.forward_flops_per_example(c)) for n, t, c in ((4, trainer, chunk), (1, single, one_chunk))}
+    flops = {
+        n: (t.flops_per_trial_step(c), t.forward_flops_per_example(c))
+        for n, t, c in ((4, trainer, chunk), (1, single, one_chunk))
+    }
     memory = train.memory_analysis()
-    psum = jax.jit(jax.shard_map(lambda x: jax.lax.psum(x, "trials"), mesh=placement.mesh, in_specs=jax.P("trials"), out_specs=jax.P())).lower(np.ones(4, np.float32)).compile()
+    psum = (
+        jax.jit(
+            jax.shard_map(
+                lambda x: jax.lax.psum(x, "trials"), mesh=placement.mesh, in_specs=jax.P("trials"), out_specs=jax.P()
+            )
+        )
+        .lower(np.ones(4, np.float32))
+        .compile()
+    )
     # One real trial on 4 devices: the 3 padding devices skip the call (a branch, not a select).
     (lone,) = chunk_rows(jax.tree.map(lambda a: a[:1], trainer.init_rows()), 4, placement)
     before = jax.device_get(lone)
@@ -58,28 +95,52 @@ def main(out_dir: str) -> dict:
     (together,) = chunk_rows(trainer.init_rows(), 8, placement)
     together = jax.device_get(trainer.train(together, 5)[0])
     report["padding"] = {
-        "steps": after.step.tolist(), "trial_ids": after.trial_id.tolist(),
-        "padding_params_unchanged": all(bool(np.array_equal(a[1:], b[1:])) for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(before.params))),
-        "real_row_max_diff": max(float(np.abs(a[0] - b[0]).max()) for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(together.params))),
+        "steps": after.step.tolist(),
+        "trial_ids": after.trial_id.tolist(),
+        "padding_params_unchanged": all(
+            bool(np.array_equal(a[1:], b[1:]))
+            for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(before.params))
+        ),
+        "real_row_max_diff": max(
+            float(np.abs(a[0] - b[0]).max())
+            for a, b in zip(jax.tree.leaves(after.params), jax.tree.leaves(together.params))
+        ),
     }
     report["programs"] = {
         "train_has_branch": " conditional(" in train.as_text(),
-        "train_collectives": collectives_in(train), "eval_collectives": collectives_in(evaluate), "psum_collectives": collectives_in(psum),
-        "state_bytes": int(state_bytes), "alias_bytes": int(memory.alias_size_in_bytes),
+        "train_collectives": collectives_in(train),
+        "eval_collectives": collectives_in(evaluate),
+        "psum_collectives": collectives_in(psum),
+        "state_bytes": int(state_bytes),
+        "alias_bytes": int(memory.alias_size_in_bytes),
         "flops": {str(n): f for n, f in flops.items()},
-        "state_sharding": str(chunk.step.sharding.spec), "shard_rows": [int(s.data.shape[0]) for s in chunk.step.addressable_shards],
+        "state_sharding": str(chunk.step.sharding.spec),
+        "shard_rows": [int(s.data.shape[0]) for s in chunk.step.addressable_shards],
     }
 
     # Each trial is charged by its own device: 4 metered cards (NVML test double) of different power.
     cards = [make_card(i, power_mw=100_000 * (i + 1)) for i in range(4)]
     gpus = [{"index": i, "jax": str(d)} for i, d in enumerate(jax.devices())]
-    nv = Study(os.path.join(out_dir, "nvml"), StudySpec(**{**spec.to_json(), "energy_method": "auto", "steps_per_window": 3}), nvml=make_fake_nvml(cards), gpus=gpus, devices=4, progress=False)
+    nv = Study(
+        os.path.join(out_dir, "nvml"),
+        StudySpec(**{**spec.to_json(), "energy_method": "auto", "steps_per_window": 3}),
+        nvml=make_fake_nvml(cards),
+        gpus=gpus,
+        devices=4,
+        progress=False,
+    )
     nv.run()
     windows = []
     records = read_ledger(os.path.join(out_dir, "nvml", "ledger.jsonl"))
     for w in (r for r in records if r["type"] == "window" and r["kind"] == "train"):
         trials = [r for r in records if r["type"] == "trial" and r["window_id"] == w["window_id"]]
-        windows.append({"per_device": w["per_device"], "unattributed": w["unattributed_joules"], "trials": [(t["trial_id"], t["device_keys"], t["joules"], t["steps"]) for t in trials]})
+        windows.append(
+            {
+                "per_device": w["per_device"],
+                "unattributed": w["unattributed_joules"],
+                "trials": [(t["trial_id"], t["device_keys"], t["joules"], t["steps"]) for t in trials],
+            }
+        )
     report["nvml_windows"] = windows
     report["nvml_keys"] = [e["nvml"] for e in nv.meter.devices]
     return report

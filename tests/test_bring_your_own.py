@@ -9,17 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import sm2jax
 from kill import kill_mid_phase
 
+import sm2jax
 from sm2jax.space import LogUniform, SearchSpace
 from sm2jax.study import Study, StudySpec, read_spec, registering_modules
 from sm2jax.trainer import CohortTrainer, chunk_rows
 
 # A user's module: a model of their own (a residual MLP with a learned gate), a data set (Gaussian
 # blobs, made offline) and a loss (multi-class hinge, scored by accuracy).
-EXTENSION = textwrap.dedent('''
+EXTENSION = textwrap.dedent("""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -64,7 +63,7 @@ EXTENSION = textwrap.dedent('''
         metric=lambda out, y: (jnp.argmax(out, -1) == y).astype(jnp.float32),
         metric_name="accuracy", higher_is_better=True, binary=True, majority_chance=True))
     sm2jax.register_dataset("blobs", blobs)
-''')
+""")
 
 
 @pytest.fixture
@@ -79,9 +78,22 @@ def extension(tmp_path, monkeypatch):
 
 
 def _spec(**overrides):
-    space = SearchSpace({"model": {"name": "gated", "hidden": 16}, "learning_rate": LogUniform(1e-3, 3e-1, num=4), "batch_size": 16}).to_json()
-    base = dict(space=space, dataset="blobs", dataset_options={"n": 600}, explore_budget=0.25, min_budget=1, max_budget=3, eta=3,
-                idle_seconds=0.0, probe_width=False, energy_method="estimated", steps_per_window=2)
+    space = SearchSpace(
+        {"model": {"name": "gated", "hidden": 16}, "learning_rate": LogUniform(1e-3, 3e-1, num=4), "batch_size": 16}
+    ).to_json()
+    base = dict(
+        space=space,
+        dataset="blobs",
+        dataset_options={"n": 600},
+        explore_budget=0.25,
+        min_budget=1,
+        max_budget=3,
+        eta=3,
+        idle_seconds=0.0,
+        probe_width=False,
+        energy_method="estimated",
+        steps_per_window=2,
+    )
     return StudySpec(**{**base, **overrides})
 
 
@@ -97,7 +109,11 @@ def test_own_model_data_and_loss_run_are_killed_and_resume(tmp_path, extension):
 
     killed = tmp_path / "killed"
     Study(killed, spec, progress=False)  # writes spec.json
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]), "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONUNBUFFERED": "1",
+    }
     kill_mid_phase(killed, env=env)
     assert (killed / "progress" / "phase-1.json").exists() and not (killed / "progress" / "phase-2.json").exists()
 
@@ -110,7 +126,9 @@ def test_own_model_data_and_loss_run_are_killed_and_resume(tmp_path, extension):
 
 def test_the_registered_loss_is_what_trains_and_evaluates(extension):
     ds = extension.blobs()
-    configs = SearchSpace({"model": {"name": "gated", "hidden": 16}, "learning_rate": LogUniform(1e-2, 1e-1, num=2), "batch_size": 16}).grid()
+    configs = SearchSpace(
+        {"model": {"name": "gated", "hidden": 16}, "learning_rate": LogUniform(1e-2, 1e-1, num=2), "batch_size": 16}
+    ).grid()
     (cohort,) = sm2jax.group_into_cohorts(configs)
     trainer = CohortTrainer(cohort, ds, schedule_steps=50)
     (chunk,) = chunk_rows(trainer.init_rows(), 2)
@@ -143,7 +161,13 @@ def test_in_memory_data_is_recorded_and_required_to_resume(tmp_path, extension):
         Study(tmp_path / "s", dataset=other, progress=False)
     Study(tmp_path / "s", dataset=ds, progress=False)  # the same arrays: accepted
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-m", "sm2jax.cli", "resume", str(tmp_path / "s")], capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "sm2jax.cli", "resume", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "pass it again" in out.stderr
 
 
@@ -151,7 +175,14 @@ def test_missing_registrations_are_one_line_errors(tmp_path, extension, monkeypa
     Study(tmp_path / "s", _spec(), progress=False)
     # Another process without the module on its path: the error names the module and the fix.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-m", "sm2jax.cli", "resume", str(tmp_path / "s")], capture_output=True, text=True, timeout=120, env=env, cwd=str(tmp_path.parent))
+    out = subprocess.run(
+        [sys.executable, "-m", "sm2jax.cli", "resume", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=str(tmp_path.parent),
+    )
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "byo_ext" in out.stderr and "PYTHONPATH" in out.stderr
     # Registered from a notebook (__main__): not importable elsewhere, so not recorded.
@@ -163,5 +194,5 @@ def test_missing_registrations_are_one_line_errors(tmp_path, extension, monkeypa
         sm2jax.register_model("mlp", extension.build_gated)
     with pytest.raises(ValueError, match="built in"):
         sm2jax.register_dataset("digits", extension.blobs)
-    with pytest.raises(ValueError, match="unknown task 'nope'.*register_task"):
+    with pytest.raises(ValueError, match=r"unknown task 'nope'.*register_task"):
         sm2jax.ArrayDataset("x", "nope", np.zeros((2, 1)), np.zeros(2), np.zeros((2, 1)), np.zeros(2), 2)

@@ -64,14 +64,35 @@ def test_bad_input_is_one_line_with_no_traceback(tmp_path, capsys):
 
     assert main(["run", "--quick", "--set", "quick_compile=maybe", "--dir", str(tmp_path / "never")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "quick_compile must be true or false (got 'maybe')" in err and not (tmp_path / "never").exists()
+    assert (
+        err.count("\n") == 1
+        and "quick_compile must be true or false (got 'maybe')" in err
+        and not (tmp_path / "never").exists()
+    )
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path):
     study = tmp_path / "study"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sm2jax.cli", "run", "--quick", "--dir", str(study), "--no-progress", "--idle-seconds", "0", "--no-probe"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sm2jax.cli",
+            "run",
+            "--quick",
+            "--dir",
+            str(study),
+            "--no-progress",
+            "--idle-seconds",
+            "0",
+            "--no-probe",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (study / "ledger.jsonl").exists():
         time.sleep(0.02)
@@ -86,9 +107,28 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
 def test_a_cpu_study_on_a_machine_with_gpus_never_charges_them(tmp_path):
     """With the NVML double installed as the machine's pynvml (two 150 W cards) and JAX on the CPU
     backend, the study meters the host and names the GPUs only in its hardware profile."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).parent / "nvml_machine"), os.environ.get("PYTHONPATH", "")]), "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(pathlib.Path(__file__).parent / "nvml_machine"), os.environ.get("PYTHONPATH", "")]
+        ),
+        "JAX_PLATFORMS": "cpu",
+    }
     study = tmp_path / "s"
-    cmd = [sys.executable, "-m", "sm2jax.cli", "run", "--quick", "--dir", str(study), "--no-progress", "--idle-seconds", "0.1", "--no-probe", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sm2jax.cli",
+        "run",
+        "--quick",
+        "--dir",
+        str(study),
+        "--no-progress",
+        "--idle-seconds",
+        "0.1",
+        "--no-probe",
+        "--json",
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads(out.stdout)

@@ -7,7 +7,13 @@ from sm2jax.space import Categorical, LogUniform, SearchSpace
 
 
 def test_grouping_by_static_signature_keeps_order():
-    space = SearchSpace({"learning_rate": LogUniform(1e-3, 1e-2, num=2), "batch_size": Categorical([16, 32]), "optimizer": Categorical(["sgd", "adam"])})
+    space = SearchSpace(
+        {
+            "learning_rate": LogUniform(1e-3, 1e-2, num=2),
+            "batch_size": Categorical([16, 32]),
+            "optimizer": Categorical(["sgd", "adam"]),
+        }
+    )
     cohorts = group_into_cohorts(space.grid())
     assert len(cohorts) == 4
     assert all(c.width == 2 for c in cohorts)
@@ -19,8 +25,14 @@ def test_grouping_by_static_signature_keeps_order():
 
 
 def test_cohort_names_are_unique_when_only_model_options_differ():
-    models = [{"name": "mlp", "hidden": [32]}, {"name": "mlp", "hidden": [256, 256]}, {"name": "mlp", "hidden": [1024, 1024]}]
-    space = SearchSpace({"model": Categorical(models), "batch_size": 16, "learning_rate": LogUniform(1e-3, 1e-2, num=2)})
+    models = [
+        {"name": "mlp", "hidden": [32]},
+        {"name": "mlp", "hidden": [256, 256]},
+        {"name": "mlp", "hidden": [1024, 1024]},
+    ]
+    space = SearchSpace(
+        {"model": Categorical(models), "batch_size": 16, "learning_rate": LogUniform(1e-3, 1e-2, num=2)}
+    )
     cohorts = group_into_cohorts(space.grid())
     names = [c.name for c in cohorts]
     assert len(cohorts) == 3 and len(set(names)) == 3
@@ -81,6 +93,8 @@ def test_clip_by_global_norm_matches_optax_and_is_per_trial():
         np.testing.assert_array_equal(a, b)  # a factor of exactly 1
     # Inside vmap each trial is clipped by its own norm and its own threshold.
     stacked = jax.tree.map(lambda g: jnp.stack([g, 10 * g]), grads)
-    out = jax.vmap(lambda g, c: clip_by_global_norm(c).update(g, optax.EmptyState())[0])(stacked, jnp.asarray([100.0, 1.0]))
+    out = jax.vmap(lambda g, c: clip_by_global_norm(c).update(g, optax.EmptyState())[0])(
+        stacked, jnp.asarray([100.0, 1.0])
+    )
     np.testing.assert_array_equal(out["w"][0], grads["w"])
     np.testing.assert_allclose(float(optax.tree.norm(jax.tree.map(lambda a: a[1], out))), 1.0, rtol=1e-6)

@@ -13,7 +13,6 @@ import textwrap
 
 import jax
 
-
 SCRIPT = textwrap.dedent("""
     import json, sys
     from sm2jax.compile_cache import count_compiles
@@ -34,7 +33,9 @@ SCRIPT = textwrap.dedent("""
 
 def _run(cache, *dirs):
     env = {**os.environ, "SM2JAX_COMPILE_CACHE": str(cache)}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, *map(str, dirs)], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, *map(str, dirs)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

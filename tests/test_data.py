@@ -8,14 +8,25 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sm2jax.data import batch_indices, load_dataset, load_digits, load_tfds_images, source_to_arrays, text_to_dataset, windows_to_dataset
+from sm2jax.data import (
+    batch_indices,
+    load_dataset,
+    load_digits,
+    load_tfds_images,
+    source_to_arrays,
+    text_to_dataset,
+    windows_to_dataset,
+)
 
 
 @pytest.mark.parametrize("n, b", [(64, 16), (1437, 32), (10, 3), (2, 2)])
 def test_batch_indices_visit_every_example_once_per_epoch(n, b):
     key = jax.random.PRNGKey(3)
     per_epoch = n // b
-    epochs = [np.concatenate([batch_indices(key, jnp.int32(s), n, b) for s in range(e * per_epoch, (e + 1) * per_epoch)]) for e in range(2)]
+    epochs = [
+        np.concatenate([batch_indices(key, jnp.int32(s), n, b) for s in range(e * per_epoch, (e + 1) * per_epoch)])
+        for e in range(2)
+    ]
     for seen in epochs:
         assert len(set(seen.tolist())) == per_epoch * b and seen.min() >= 0 and seen.max() < n
     if n > 2:
@@ -26,8 +37,13 @@ def test_batch_indices_visit_every_example_once_per_epoch(n, b):
 
 def test_digits_default(digits):
     assert digits.input_shape == (8, 8, 1) and digits.num_outputs == 10
-    assert len(digits.x_train) + len(digits.x_val) + len(digits.x_test) == 1797 and len(digits.x_test) == len(digits.x_val) == 359
-    np.testing.assert_array_equal(load_digits(test_fraction=0.0).y_val, digits.y_val)  # the test split is carved after the validation split
+    assert (
+        len(digits.x_train) + len(digits.x_val) + len(digits.x_test) == 1797
+        and len(digits.x_test) == len(digits.x_val) == 359
+    )
+    np.testing.assert_array_equal(
+        load_digits(test_fraction=0.0).y_val, digits.y_val
+    )  # the test split is carved after the validation split
     assert 0.0 <= digits.x_train.min() and digits.x_train.max() <= 1.0
     again = load_digits()
     np.testing.assert_array_equal(again.y_val, digits.y_val)  # seeded split
@@ -110,7 +126,12 @@ def test_wikitext2_builder_offline(tmp_path):
 def test_mnist1d_is_generated_offline_with_its_own_split():
     ds = load_dataset("mnist1d", num_samples=300)  # make_dataset only: no download
     assert ds.name == "mnist1d" and ds.task == "classification" and ds.num_outputs == 10
-    assert ds.x_train.shape == (192, 40, 1) and ds.x_val.shape == (48, 40, 1) and ds.x_test.shape == (60, 40, 1) and ds.x_train.dtype == np.float32
+    assert (
+        ds.x_train.shape == (192, 40, 1)
+        and ds.x_val.shape == (48, 40, 1)
+        and ds.x_test.shape == (60, 40, 1)
+        and ds.x_train.dtype == np.float32
+    )
     assert set(np.unique(ds.y_train).tolist()) <= set(range(10)) and ds.y_train.dtype == np.int32
     again = load_dataset("mnist1d", num_samples=300)
     np.testing.assert_array_equal(ds.x_train, again.x_train)  # seeded: the same data every time

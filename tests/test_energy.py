@@ -8,8 +8,8 @@ import time
 import jax
 import jax.numpy as jnp
 import pytest
-
 from fake_nvml import FakeDevice, make_card, make_fake_nvml
+
 from sm2jax.energy import (
     EnergyLedger,
     EnergyMonitor,
@@ -52,7 +52,10 @@ def test_counter_going_backwards_invalidates_the_window():
 
 
 def test_an_unchanged_counter_in_a_short_window_is_not_a_zero():
-    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml([FakeDevice(energy_mj=7)]), gpus="all"), counter_resolution_s=10.0)
+    monitor = EnergyMonitor(
+        make_meter("nvml-counter", nvml=make_fake_nvml([FakeDevice(energy_mj=7)]), gpus="all"),
+        counter_resolution_s=10.0,
+    )
     reading = monitor.end(monitor.begin("tiny"))
     assert reading.joules is None and not reading.valid and "update period" in reading.note
 
@@ -170,7 +173,9 @@ def test_estimate_meter_is_labelled_estimated():
 
 def test_idle_baseline_and_nested_windows():
     device = FakeDevice(energy_mj=0)
-    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml([device]), gpus="all"), counter_resolution_s=0.0)
+    monitor = EnergyMonitor(
+        make_meter("nvml-counter", nvml=make_fake_nvml([device]), gpus="all"), counter_resolution_s=0.0
+    )
     outer = monitor.begin("outer")
     inner = monitor.begin("inner")
     device.energy_mj += 1_000
@@ -205,11 +210,21 @@ def test_ledger_records_gross_net_carbon_and_survives_a_torn_line(tmp_path):
     path = tmp_path / "ledger.jsonl"
     idle = IdleBaseline(watts=50.0, seconds=3.0, method="nvml-counter")
     ledger = EnergyLedger(path, idle=idle)
-    monitor = EnergyMonitor(make_meter("nvml-counter", nvml=make_fake_nvml([d := FakeDevice()]), gpus="all"), counter_resolution_s=0.0)
+    monitor = EnergyMonitor(
+        make_meter("nvml-counter", nvml=make_fake_nvml([d := FakeDevice()]), gpus="all"), counter_resolution_s=0.0
+    )
     window = monitor.begin("explore")
     d.energy_mj += 360_000  # 360 J
     reading = monitor.end(window)
-    records = ledger.record(reading, phase="explore", cohort="c0", trial_ids=[4, 7, 9], work=[2.0, 1.0, 0.0], steps=[10, 5, 0], samples=[320, 160, 0])
+    records = ledger.record(
+        reading,
+        phase="explore",
+        cohort="c0",
+        trial_ids=[4, 7, 9],
+        work=[2.0, 1.0, 0.0],
+        steps=[10, 5, 0],
+        samples=[320, 160, 0],
+    )
     window_rec, *trials = records
     assert window_rec["joules"] == pytest.approx(360.0) and window_rec["kwh"] == pytest.approx(1e-4)
     assert window_rec["gco2e"] == pytest.approx(0.0475) and "world-average default" in window_rec["intensity_label"]
@@ -238,7 +253,9 @@ def test_unavailable_windows_stay_none_in_the_ledger(tmp_path):
     ledger = EnergyLedger(tmp_path / "l.jsonl", idle=IdleBaseline(None, 1.0, "unavailable"))
     meter = make_meter("rapl", rapl_root=str(tmp_path / "none"))
     monitor = EnergyMonitor(meter)
-    records = ledger.record(monitor.end(monitor.begin("w")), phase="explore", cohort="c", trial_ids=[1], work=[1.0], steps=[1], samples=[8])
+    records = ledger.record(
+        monitor.end(monitor.begin("w")), phase="explore", cohort="c", trial_ids=[1], work=[1.0], steps=[1], samples=[8]
+    )
     assert records[0]["joules"] is None and records[0]["method"] == "unavailable"
     assert records[1]["joules"] is None and records[1]["kwh"] is None
     assert summarize(records)["explore"]["joules"] is None
@@ -271,7 +288,9 @@ def test_an_accelerator_that_cannot_be_metered_is_unavailable_with_the_host_on_i
         sum(i * i for i in range(200_000))  # host work
         reading = monitor.end(window)
         assert reading.joules is None and reading.host_method == "estimated" and reading.host_joules > 0
-        records = EnergyLedger(tmp_path / f"{backend}.jsonl").record(reading, phase="explore", cohort="c", trial_ids=[0], work=[1.0], steps=[1], samples=[1])
+        records = EnergyLedger(tmp_path / f"{backend}.jsonl").record(
+            reading, phase="explore", cohort="c", trial_ids=[0], work=[1.0], steps=[1], samples=[1]
+        )
         group = summarize(records)["explore"]
         assert group["joules"] is None and group["host_joules"] > 0 and group["host_method"] == "estimated"
 
@@ -288,7 +307,15 @@ def test_windows_shorter_than_the_counter_resolution_are_merged_never_none(tmp_p
     for i in range(60):
         window = metering.begin("rung-1")
         time.sleep(0.02)
-        metering.record(metering.end(window), phase="rung-1", cohort=f"c{i % 2}", trial_ids=[i % 2], work=[1.0], steps=[1], batch_size=8)
+        metering.record(
+            metering.end(window),
+            phase="rung-1",
+            cohort=f"c{i % 2}",
+            trial_ids=[i % 2],
+            work=[1.0],
+            steps=[1],
+            batch_size=8,
+        )
     metering.flush()
     elapsed = time.perf_counter() - t0
     windows = [r for r in ledger.records() if r["type"] == "window"]
@@ -312,7 +339,13 @@ def test_jax_gpus_are_identified_the_way_nvml_can_find_them(monkeypatch):
     import types
 
     def device(ordinal, bus=None, platform="gpu"):
-        return types.SimpleNamespace(platform=platform, id=ordinal, local_hardware_id=ordinal, pci_bus_id=bus, __str__=lambda self: f"cuda:{ordinal}")
+        return types.SimpleNamespace(
+            platform=platform,
+            id=ordinal,
+            local_hardware_id=ordinal,
+            pci_bus_id=bus,
+            __str__=lambda self: f"cuda:{ordinal}",
+        )
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-aaaa,GPU-bbbb")
     assert jax_gpus([device(0, bus="00000000:3B:00.0")])[0]["pci_bus_id"] == "00000000:3B:00.0"
@@ -322,8 +355,12 @@ def test_jax_gpus_are_identified_the_way_nvml_can_find_them(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert jax_gpus([device(0)])[0]["index"] == 0
     assert jax_gpus([device(0, platform="cpu")]) == []
-    second_process = types.SimpleNamespace(platform="gpu", id=9, local_hardware_id=0, pci_bus_id=None)  # global id 9, local ordinal 0
+    second_process = types.SimpleNamespace(
+        platform="gpu", id=9, local_hardware_id=0, pci_bus_id=None
+    )  # global id 9, local ordinal 0
     assert jax_gpus([second_process])[0]["index"] == 0
     cards = [make_card(i) for i in range(8)]
-    meter = make_meter("auto", nvml=make_fake_nvml(cards), gpus=jax_gpus([device(0, bus=cards[5].pci_bus_id)]), backend="gpu")
+    meter = make_meter(
+        "auto", nvml=make_fake_nvml(cards), gpus=jax_gpus([device(0, bus=cards[5].pci_bus_id)]), backend="gpu"
+    )
     assert [d["nvml"] for d in meter.devices] == [cards[5].pci_bus_id]

@@ -4,7 +4,6 @@ import importlib.util
 import pathlib
 
 import pytest
-
 from fake_nvml import FakeDevice, make_fake_nvml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -20,10 +19,28 @@ def _load():
 def test_gpu_check_counter_and_power_agree_on_a_steady_device(tmp_path):
     gpu_check = _load()
     fake = make_fake_nvml([FakeDevice(power_mw=250_000, clock_driven=True)])
-    out = gpu_check.main([
-        "--windows", "2", "--window-seconds", "0.3", "--idle-seconds", "0.2", "--trials", "2", "--width", "2",
-        "--model", '{"name": "mlp", "hidden": [16]}', "--digits-model", '{"name": "mlp", "hidden": [8]}', "--json", str(tmp_path / "g.json"),
-    ], nvml=fake, gpus="all")
+    out = gpu_check.main(
+        [
+            "--windows",
+            "2",
+            "--window-seconds",
+            "0.3",
+            "--idle-seconds",
+            "0.2",
+            "--trials",
+            "2",
+            "--width",
+            "2",
+            "--model",
+            '{"name": "mlp", "hidden": [16]}',
+            "--digits-model",
+            '{"name": "mlp", "hidden": [8]}',
+            "--json",
+            str(tmp_path / "g.json"),
+        ],
+        nvml=fake,
+        gpus="all",
+    )
     assert out["methods"]["nvml-counter"]["method"] == "nvml-counter"
     assert out["methods"]["nvml-power"]["method"] == "nvml-power"
     assert out["idle"]["nvml-counter"] == pytest.approx(250.0, rel=0.05)
@@ -40,6 +57,16 @@ def test_gpu_check_counter_and_power_agree_on_a_steady_device(tmp_path):
 def test_gpu_check_without_nvml_reports_unavailable():
     gpu_check = _load()
     fake = make_fake_nvml([FakeDevice()], init_error=RuntimeError("NVML Shared Library Not Found"))
-    out = gpu_check.run(windows=1, window_seconds=0.05, idle_seconds=0.05, trials=2, width=2, model={"name": "mlp", "hidden": [8]}, nvml=fake, gpus="all", workloads=False)
+    out = gpu_check.run(
+        windows=1,
+        window_seconds=0.05,
+        idle_seconds=0.05,
+        trials=2,
+        width=2,
+        model={"name": "mlp", "hidden": [8]},
+        nvml=fake,
+        gpus="all",
+        workloads=False,
+    )
     assert out["idle"] == {"nvml-counter": None, "nvml-power": None}
     assert out["windows"][0]["counter_j"] is None and out["windows"][0]["shares_j"] == [None, None]

@@ -24,7 +24,9 @@ def _dataset(task, rng):
         y = rng.integers(0, 10, 64).astype(np.int32)
         return ArrayDataset("tiny-sequences", "classification", x[:48], y[:48], x[48:], y[48:], 10)
     tokens = rng.integers(0, 32, (64, 17)).astype(np.int32)
-    return ArrayDataset("tiny-text", "language_model", tokens[:48, :-1], tokens[:48, 1:], tokens[48:, :-1], tokens[48:, 1:], 32)
+    return ArrayDataset(
+        "tiny-text", "language_model", tokens[:48, :-1], tokens[:48, 1:], tokens[48:, :-1], tokens[48:, 1:], 32
+    )
 
 
 @pytest.mark.parametrize(
@@ -43,7 +45,9 @@ def test_model_trains_in_a_cohort(model, task):
     from sm2jax.trainer import CohortTrainer
 
     ds = _dataset(task, np.random.default_rng(0))
-    configs = SearchSpace({"model": model, "learning_rate": Categorical([1e-3, 1e-2]), "batch_size": 8, "dropout": 0.1}).grid()
+    configs = SearchSpace(
+        {"model": model, "learning_rate": Categorical([1e-3, 1e-2]), "batch_size": 8, "dropout": 0.1}
+    ).grid()
     (cohort,) = group_into_cohorts(configs)
     trainer = CohortTrainer(cohort, ds, schedule_steps=10)
     (state,) = trainer.init()
@@ -70,10 +74,16 @@ def test_resnet18_has_the_cifar_layout():
 def test_bfloat16_cohort_computes_in_bf16_and_keeps_float32_parameters(digits):
     from sm2jax.trainer import CohortTrainer
 
-    (cohort,) = group_into_cohorts(SearchSpace({"learning_rate": Categorical([1e-2]), "dtype": "bfloat16", "model": {"name": "cnn", "channels": [8, 16]}}).grid())
+    (cohort,) = group_into_cohorts(
+        SearchSpace(
+            {"learning_rate": Categorical([1e-2]), "dtype": "bfloat16", "model": {"name": "cnn", "channels": [8, 16]}}
+        ).grid()
+    )
     trainer = CohortTrainer(cohort, digits, schedule_steps=100)
-    state, metrics = trainer.train(trainer.init()[0], 100)
+    state, _metrics = trainer.train(trainer.init()[0], 100)
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(state.params))
-    model = build_model(cohort.signature.model_spec, digits.input_shape, 10, dtype="bfloat16", key=jax.random.PRNGKey(0))
+    model = build_model(
+        cohort.signature.model_spec, digits.input_shape, 10, dtype="bfloat16", key=jax.random.PRNGKey(0)
+    )
     assert model(digits.x_train[:2]).dtype == np.dtype("bfloat16")
     assert float(trainer.evaluate(state).metric[0]) > 0.6

@@ -13,7 +13,9 @@ from sm2jax.study import StudySpec
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("folder", ["digits_sm2", "mnist1d", "cifar10_resnet18", "household_lstm", "wikitext2_transformer"])
+@pytest.mark.parametrize(
+    "folder", ["digits_sm2", "mnist1d", "cifar10_resnet18", "household_lstm", "wikitext2_transformer"]
+)
 def test_experiment_config(folder):
     spec_file = importlib.util.spec_from_file_location(f"cfg_{folder}", ROOT / "experiments" / folder / "config.py")
     module = importlib.util.module_from_spec(spec_file)
@@ -28,7 +30,7 @@ def test_experiment_config(folder):
 def test_every_preset_has_a_quick_variant_that_does_less():
     for name, build in PRESETS.items():
         quick, full = build(quick=True), build()
-        work = lambda spec: len(spec.configs()) * spec.max_budget  # noqa: E731 -- configurations x full budget
+        work = lambda spec: len(spec.configs()) * spec.max_budget
         assert work(quick) < work(full), name
 
 
@@ -49,7 +51,11 @@ def test_notebook_runs_every_cell(tmp_path):
     assert "Warning" not in stderr and "IProgress" not in stderr  # progress bars render without warnings
     images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
     assert len(images) == 2  # score vs energy, survival
-    tables = [o["data"]["text/html"] for o in outputs if o.output_type == "execute_result" and "text/html" in o.get("data", {})]
+    tables = [
+        o["data"]["text/html"]
+        for o in outputs
+        if o.output_type == "execute_result" and "text/html" in o.get("data", {})
+    ]
     assert len(tables) == 2 and "learning_rate" in tables[0]  # the trials DataFrame, then SM2 vs SH
     assert ">sm2<" in tables[1] and ">sh<" in tables[1] and "training_vs_first" in tables[1]
     for name in ("notebook-digits", "notebook-digits-sh"):
@@ -61,7 +67,9 @@ def test_mnist1d_quick_preset_runs_offline(tmp_path):
 
     from sm2jax.study import Study
 
-    spec = dataclasses.replace(PRESETS["mnist1d"](quick=True), idle_seconds=0.0, energy_method="estimated", probe_width=False)
+    spec = dataclasses.replace(
+        PRESETS["mnist1d"](quick=True), idle_seconds=0.0, energy_method="estimated", probe_width=False
+    )
     results = Study(tmp_path / "s", spec, progress=False).run()
     models = {t["config"]["model"]["name"] for t in results["trials"]}
     assert models == {"mlp", "cnn1d"} and len(results["trials"]) == 4

@@ -15,7 +15,17 @@ from sm2jax.study import Study, StudySpec
 def finished(tmp_path_factory):
     directory = tmp_path_factory.mktemp("study") / "s"
     space = SearchSpace({"learning_rate": LogUniform(1e-3, 3e-1, num=3), "batch_size": Categorical([32, 64])}).to_json()
-    spec = StudySpec(space=space, dataset="digits", explore_budget=0.25, min_budget=1, max_budget=3, eta=3, idle_seconds=0.0, probe_width=False, energy_method="estimated")
+    spec = StudySpec(
+        space=space,
+        dataset="digits",
+        explore_budget=0.25,
+        min_budget=1,
+        max_budget=3,
+        eta=3,
+        idle_seconds=0.0,
+        probe_width=False,
+        energy_method="estimated",
+    )
     results = Study(directory, spec, progress=False).run()
     return directory, results
 
@@ -94,13 +104,15 @@ def test_compare_puts_studies_side_by_side(finished, tmp_path, capsys):
 
     from sm2jax.study import read_spec
 
-    directory, results = finished
+    directory, _results = finished
     sh = Study(tmp_path / "sh", dataclasses.replace(read_spec(directory), mode="sh"), progress=False).run()
     assert main(["compare", str(directory), str(tmp_path / "sh"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["mode"] for r in rows] == ["sm2", "sh"]
     assert rows[0]["samples_vs_first"] == 1.0 and rows[0]["training_vs_first"] == 1.0
-    assert rows[1]["samples_trained"] == sum(t["samples"] for t in sh["trials"]) > rows[0]["samples_trained"]  # SM2 explored, then dropped
+    assert (
+        rows[1]["samples_trained"] == sum(t["samples"] for t in sh["trials"]) > rows[0]["samples_trained"]
+    )  # SM2 explored, then dropped
     assert rows[1]["val_accuracy"] == pytest.approx(sh["selected"]["metric"])
     assert main(["compare", str(directory), str(tmp_path / "sh")]) == 0
     assert "training_vs_first" in capsys.readouterr().out

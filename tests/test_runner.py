@@ -14,12 +14,20 @@ MODEL = {"name": "mlp", "hidden": [16]}
 
 
 def _runner(digits, tmp_path, trials, model=MODEL, planned=None, **policy):
-    configs = SearchSpace({"model": model, "learning_rate": LogUniform(1e-3, 1e-1, num=trials), "batch_size": 32}).grid()
+    configs = SearchSpace(
+        {"model": model, "learning_rate": LogUniform(1e-3, 1e-1, num=trials), "batch_size": 32}
+    ).grid()
     (cohort,) = group_into_cohorts(configs)
     trainer = CohortTrainer(cohort, digits, schedule_steps=200)
     ledger = EnergyLedger(tmp_path / f"ledger-{trials}-{policy.get('max_width')}.jsonl")
     metering = Metering(EnergyMonitor(make_meter("estimated")), ledger, attempt=1)
-    runner, notes = CohortRunner.create(cohort, trainer, metering, WidthPolicy(**{"probe": False, "start": "widest", **policy}), planned_trial_steps=planned)
+    runner, notes = CohortRunner.create(
+        cohort,
+        trainer,
+        metering,
+        WidthPolicy(**{"probe": False, "start": "widest", **policy}),
+        planned_trial_steps=planned,
+    )
     assert runner is not None and notes == []
     return runner, ledger
 
@@ -76,7 +84,9 @@ def test_a_programs_first_call_runs_one_step_apart_and_changes_no_bit(digits, tm
     start = runner.rows()
     calls = []
     train = runner.trainer.train
-    monkeypatch.setattr(runner.trainer, "train", lambda chunk, n, quick=False: calls.append(n) or train(chunk, n, quick))  # a spy
+    monkeypatch.setattr(
+        runner.trainer, "train", lambda chunk, n, quick=False: calls.append(n) or train(chunk, n, quick)
+    )  # a spy
     runner.train_to(12, "rung-1", planned_trial_steps=48, steps_per_window=12)
     runner.train_to(24, "rung-1", planned_trial_steps=48, steps_per_window=12)
     # A fresh executable's first call pays one-time costs (~30 ms on 2 CPU cores, against ~0.1 ms
@@ -86,7 +96,11 @@ def test_a_programs_first_call_runs_one_step_apart_and_changes_no_bit(digits, tm
     monkeypatch.undo()
     # The same 24 steps, one call per chunk: the same bits.
     direct = [runner.trainer.train(c, 24, runner.quick)[0] for c in chunk_rows(start, 2, runner.placement)]
-    for a, b in zip(jax.tree.leaves(gather_rows(direct, [0, 1, 2, 3], runner.placement).params), jax.tree.leaves(runner.rows().params), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(gather_rows(direct, [0, 1, 2, 3], runner.placement).params),
+        jax.tree.leaves(runner.rows().params),
+        strict=True,
+    ):
         np.testing.assert_array_equal(a, b)
 
 
@@ -107,10 +121,15 @@ def test_the_probe_measures_only_widths_within_the_memory_limit(digits, tmp_path
     (cohort,) = group_into_cohorts(configs)
     trainer = CohortTrainer(cohort, digits, schedule_steps=10)
     rows = trainer.init_rows()
-    need = {w: compiled_memory_bytes(trainer.compile_train(chunk_rows(jax.tree.map(lambda a: a[:w], rows), w)[0])) for w in (1, 2, 4)}
+    need = {
+        w: compiled_memory_bytes(trainer.compile_train(chunk_rows(jax.tree.map(lambda a: a[:w], rows), w)[0]))
+        for w in (1, 2, 4)
+    }
     limit = (need[2] + need[4]) // 2
     metering = Metering(EnergyMonitor(make_meter("estimated")), EnergyLedger(tmp_path / "l.jsonl"), attempt=1)
-    runner, notes = CohortRunner.create(cohort, trainer, metering, WidthPolicy(memory_limit=limit, probe=True, start="widest"))
+    runner, notes = CohortRunner.create(
+        cohort, trainer, metering, WidthPolicy(memory_limit=limit, probe=True, start="widest")
+    )
     assert runner.width == 2 and "width 4 needs" in notes[0]
     runner.train_to(1, "explore", planned_trial_steps=1e9)
     probed = runner.choices[-1]["samples_per_second"]
@@ -149,7 +168,10 @@ def test_a_cpu_cohort_trains_quick_only_while_its_training_is_short(digits, tmp_
     if cpu:
         assert short.choices[0]["predicted_train_s"] < 0.01 and "quick program" in short.choices[0]["reason"]
         assert not short.trainer.is_compiled("train", 1) and short.trainer.is_compiled("train", 1, quick=True)
-        assert short.choices[-1]["reason"].startswith("quick program kept") and short.choices[-1]["predicted_compile_s"] > 0
+        assert (
+            short.choices[-1]["reason"].startswith("quick program kept")
+            and short.choices[-1]["predicted_compile_s"] > 0
+        )
 
     (tmp_path / "long").mkdir()
     long, ledger = _runner(digits, tmp_path / "long", 4, model=model, planned=4 * 12, start="narrowest")
@@ -167,7 +189,9 @@ def test_a_cpu_cohort_trains_quick_only_while_its_training_is_short(digits, tmp_
     if cpu:
         assert "optimised program: predicted training" in planned_long.choices[0]["reason"]
     planned_long.train_to(12, "rung-1", planned_trial_steps=1e9)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), long.rows().params, planned_long.rows().params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), long.rows().params, planned_long.rows().params
+    )
 
 
 def test_a_swallowed_ctrl_c_stops_at_the_next_window(tmp_path):

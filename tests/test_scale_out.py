@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-
 from kill import kill_mid_phase
 
 from sm2jax.energy import read_ledger
@@ -27,14 +26,26 @@ HERE = os.path.dirname(__file__)
 
 def _env(devices: int) -> dict:
     """A subprocess on ``devices`` CPU devices (CPU even on a machine with a GPU)."""
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.path.dirname(HERE)}
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.path.dirname(HERE),
+    }
 
 
 def _reference(directory, spec: StudySpec) -> dict:
     """The uninterrupted study on one CPU device (a subprocess, so that it runs on the CPU where the
     others do, whatever this machine's default device)."""
     Study(directory, spec, progress=False)  # writes spec.json
-    out = subprocess.run([sys.executable, "-m", "sm2jax.cli", "resume", str(directory), "--no-progress", "--json"], env=_env(1), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "sm2jax.cli", "resume", str(directory), "--no-progress", "--json"],
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
 
@@ -46,10 +57,16 @@ def _decisions(results) -> list:
 @pytest.fixture(scope="module")
 def four_devices(tmp_path_factory):
     out = tmp_path_factory.mktemp("four")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "scale_out_child.py"), str(out)], env=_env(4), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "scale_out_child.py"), str(out)],
+        env=_env(4),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("REPORT "))
-    return json.loads(line[len("REPORT "):])
+    return json.loads(line[len("REPORT ") :])
 
 
 def test_a_study_on_four_devices_matches_one_device(four_devices):
@@ -101,9 +118,28 @@ def test_request_cpu_devices_respects_xla_flags(monkeypatch):
 
 
 def test_too_many_devices_is_a_one_line_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "sm2jax.cli", "run", "--quick", "--dir", str(tmp_path / "s"), "--devices", "3", "--no-progress"], env=_env(2), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sm2jax.cli",
+            "run",
+            "--quick",
+            "--dir",
+            str(tmp_path / "s"),
+            "--devices",
+            "3",
+            "--no-progress",
+        ],
+        env=_env(2),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["sm2jax: error: devices: 3 requested, 2 available (cpu); pass a count from 1 to 2, or none for all (--debug shows the traceback)"]
+    assert out.stderr.strip().splitlines() == [
+        "sm2jax: error: devices: 3 requested, 2 available (cpu); pass a count from 1 to 2, or none for all (--debug shows the traceback)"
+    ]
 
 
 def test_each_trial_is_charged_by_the_device_its_rows_ran_on(four_devices):
@@ -138,9 +174,26 @@ def test_attribute_by_device_groups_and_fallbacks():
 
 
 def _spec(**kw) -> StudySpec:
-    space = SearchSpace({"model": Categorical([{"name": "mlp", "hidden": [64]}, {"name": "mlp", "hidden": [16]}]), "learning_rate": LogUniform(1e-3, 1e-1, num=3), "batch_size": 32})
-    base = dict(space=space.to_json(), mode="sh", min_budget=1, max_budget=9, eta=3, idle_seconds=0, probe_width=False, max_train_examples=640,
-                max_val_examples=200, energy_method="estimated", steps_per_window=4)
+    space = SearchSpace(
+        {
+            "model": Categorical([{"name": "mlp", "hidden": [64]}, {"name": "mlp", "hidden": [16]}]),
+            "learning_rate": LogUniform(1e-3, 1e-1, num=3),
+            "batch_size": 32,
+        }
+    )
+    base = dict(
+        space=space.to_json(),
+        mode="sh",
+        min_budget=1,
+        max_budget=9,
+        eta=3,
+        idle_seconds=0,
+        probe_width=False,
+        max_train_examples=640,
+        max_val_examples=200,
+        energy_method="estimated",
+        steps_per_window=4,
+    )
     return StudySpec(**{**base, **kw})
 
 
@@ -154,7 +207,13 @@ def test_checkpointed_on_four_devices_resumes_on_two_with_the_same_decisions(tmp
     assert {r["devices"] for r in progress["runners"].values()} == {4}  # it ran on 4 devices
     assert all(r["width"] % 4 == 0 for r in progress["runners"].values())
 
-    out = subprocess.run([sys.executable, "-m", "sm2jax.cli", "resume", str(killed), "--no-progress", "--json", "--devices", "2"], env=_env(4), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "sm2jax.cli", "resume", str(killed), "--no-progress", "--json", "--devices", "2"],
+        env=_env(4),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     resumed = json.loads(out.stdout)
     assert resumed["attempts"] == 2
@@ -174,9 +233,32 @@ def _free_port() -> int:
 def _two_processes(directory) -> list[subprocess.Popen]:
     """``sm2jax resume directory`` as processes 0 and 1 of one study (2 CPU devices each)."""
     port = _free_port()
-    return [subprocess.Popen([sys.executable, "-m", "sm2jax.cli", "resume", str(directory), "--no-progress", "--json", "--compile-cache", "off",
-                              "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                             env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sm2jax.cli",
+                "resume",
+                str(directory),
+                "--no-progress",
+                "--json",
+                "--compile-cache",
+                "off",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
 
 
 def test_two_processes_run_one_study_with_one_ledger_and_one_result(tmp_path):
@@ -188,7 +270,7 @@ def test_two_processes_run_one_study_with_one_ledger_and_one_result(tmp_path):
     outs = [p.communicate(timeout=400) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    results = [json.loads(o[0][o[0].index("{"):]) for o in outs]
+    results = [json.loads(o[0][o[0].index("{") :]) for o in outs]
     assert results[0]["selected"]["trial_id"] == results[1]["selected"]["trial_id"] == reference["selected"]["trial_id"]
     assert _decisions(results[0]) == _decisions(results[1]) == _decisions(reference)
     written = json.loads((shared / "results.json").read_text())
@@ -238,8 +320,11 @@ def test_two_processes_killed_mid_rung_resume_together(tmp_path):
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     for out, _ in outs:
-        resumed = json.loads(out[out.index("{"):])
+        resumed = json.loads(out[out.index("{") :])
         assert resumed["attempts"] == 2
         assert _decisions(resumed) == _decisions(reference)
         assert resumed["selected"]["trial_id"] == reference["selected"]["trial_id"]
-    assert {r.get("attempt") for r in read_ledger(shared / "ledger.jsonl")} == {1, 2}  # the killed attempt's energy is kept
+    assert {r.get("attempt") for r in read_ledger(shared / "ledger.jsonl")} == {
+        1,
+        2,
+    }  # the killed attempt's energy is kept

@@ -25,16 +25,56 @@ from sm2jax.scheduler import (
 )
 
 
-def cand(tid, score, energy=10.0, *, gain=0.1, last=None, samples=100, total=1000, diverged=False, cohort="c", se=0.0, start=None, chance=None, rate=None, noise=0.2):
+def cand(
+    tid,
+    score,
+    energy=10.0,
+    *,
+    gain=0.1,
+    last=None,
+    samples=100,
+    total=1000,
+    diverged=False,
+    cohort="c",
+    se=0.0,
+    start=None,
+    chance=None,
+    rate=None,
+    noise=0.2,
+):
     return Candidate(
-        tid, cohort, score, gain, energy, energy if last is None else last, samples, samples, total, diverged, 5 if diverged else -1,
-        score_se=se, start_score=start, chance_score=chance, cohort_rate=rate, energy_noise=noise,
+        tid,
+        cohort,
+        score,
+        gain,
+        energy,
+        energy if last is None else last,
+        samples,
+        samples,
+        total,
+        diverged,
+        5 if diverged else -1,
+        score_se=se,
+        start_score=start,
+        chance_score=chance,
+        cohort_rate=rate,
+        energy_noise=noise,
     )
 
 
 def sm2_cand(tid, score, rate, *, cohort=None, se=0.01, spent=100, total=900, **kw):
     """A candidate as a study builds it: a score with its standard error and its cohort's energy rate."""
-    return cand(tid, score, energy=rate * spent, samples=spent, total=total, cohort=cohort or f"rate{rate:g}", se=se, rate=rate, **kw)
+    return cand(
+        tid,
+        score,
+        energy=rate * spent,
+        samples=spent,
+        total=total,
+        cohort=cohort or f"rate{rate:g}",
+        se=se,
+        rate=rate,
+        **kw,
+    )
 
 
 def test_hyperband_brackets_match_li_et_al_2018():
@@ -127,21 +167,39 @@ def test_exploration_drops_what_has_not_learned_and_what_is_clearly_dominated():
         sm2_cand(3, 0.12, 1.0, cohort="small", start=0.10, chance=0.11),  # has not learned (chance)
         sm2_cand(4, 0.85, 10.0, cohort="big", start=0.10, chance=0.11),  # better but dearer: Pareto, kept
         sm2_cand(5, 0.60, 10.0, cohort="big", start=0.10, chance=0.11),  # clearly worse than 4 in its cohort
-        sm2_cand(6, 0.70, 5.0, cohort="mid", start=0.10, chance=0.11),  # worse and dearer than 0, but best of its cohort: kept
+        sm2_cand(
+            6, 0.70, 5.0, cohort="mid", start=0.10, chance=0.11
+        ),  # worse and dearer than 0, but best of its cohort: kept
         sm2_cand(7, 0.99, 0.5, cohort="mid", diverged=True),
     ]
     kept, records = exploration_filter(candidates, z=2.0)
     assert kept == [0, 1, 4, 6]
     code = {r["trial_id"]: r["reason_code"] for r in records}
-    assert code == {0: "not_dominated", 1: "not_dominated", 2: "dominated_in_cohort", 3: "not_learned", 4: "not_dominated", 5: "dominated_in_cohort", 6: "not_dominated", 7: "diverged"}
+    assert code == {
+        0: "not_dominated",
+        1: "not_dominated",
+        2: "dominated_in_cohort",
+        3: "not_learned",
+        4: "not_dominated",
+        5: "dominated_in_cohort",
+        6: "not_dominated",
+        7: "diverged",
+    }
     by_id = {r["trial_id"]: r for r in records}
-    assert by_id[2]["dominated_by"] == 0 and by_id[5]["dominated_by"] == 4 and "not clearly above chance" in by_id[3]["reason"]
+    assert (
+        by_id[2]["dominated_by"] == 0
+        and by_id[5]["dominated_by"] == 4
+        and "not clearly above chance" in by_id[3]["reason"]
+    )
 
 
 def test_exploration_keeps_a_slow_starter_whose_gap_is_inside_the_noise():
     """The issue's MNIST-1D case: 0.279 vs 0.299 after a quarter epoch on 800 examples is noise."""
-    se = lambda p: math.sqrt(p * (1 - p) / 800)  # noqa: E731
-    slow, fast = sm2_cand(0, 0.279, 1.0, se=se(0.279), start=0.1, chance=0.1), sm2_cand(1, 0.299, 1.0, se=se(0.299), start=0.1, chance=0.1)
+    se = lambda p: math.sqrt(p * (1 - p) / 800)
+    slow, fast = (
+        sm2_cand(0, 0.279, 1.0, se=se(0.279), start=0.1, chance=0.1),
+        sm2_cand(1, 0.299, 1.0, se=se(0.299), start=0.1, chance=0.1),
+    )
     assert exploration_filter([slow, fast], z=2.0)[0] == [0, 1]
 
 
@@ -169,7 +227,9 @@ def test_a_much_better_configuration_is_never_dropped_for_a_small_energy_saving(
     kept, _ = halve([better, sm2_cand(9, 0.80, 0.01, cohort="tiny")], sm2_objective(1.0), eta=3)
     assert kept == [0]
     # Exploration never drops on energy: the best of each cohort goes on, whatever it costs.
-    assert exploration_filter([better, sm2_cand(9, 0.80, 0.01, cohort="tiny"), sm2_cand(10, 0.97, 100.0, cohort="huge")], z=2.0)[0] == [0, 9, 10]
+    assert exploration_filter(
+        [better, sm2_cand(9, 0.80, 0.01, cohort="tiny"), sm2_cand(10, 0.97, 100.0, cohort="huge")], z=2.0
+    )[0] == [0, 9, 10]
 
 
 def test_ties_within_the_score_noise_go_to_the_clearly_cheaper_configuration():
@@ -193,7 +253,10 @@ def test_without_energy_the_sm2_rule_is_successive_halving():
     ranked = rank(candidates, sm2_objective(1.0))
     assert [c.trial_id for c, _ in ranked] == [1, 3, 2, 0]
     assert "energy unavailable" in ranked[0][1]["why"]
-    assert exploration_filter([cand(0, 0.9, energy=None, cohort="a"), cand(1, 0.1, energy=None, cohort="b")])[0] == [0, 1]
+    assert exploration_filter([cand(0, 0.9, energy=None, cohort="a"), cand(1, 0.1, energy=None, cohort="b")])[0] == [
+        0,
+        1,
+    ]
 
 
 RECORDED = json.loads((pathlib.Path(__file__).parent / "data" / "digits_sm2_decisions.json").read_text())
@@ -215,7 +278,10 @@ def test_recorded_decisions_replay_and_survive_energy_perturbations_inside_the_n
     rng = random.Random(0)
     for _ in range(50):
         factor = {r["cohort"]: 1 + rng.uniform(-0.5, 0.5) * r["energy_noise"] for r in records}
-        perturbed = [Candidate.from_terms({**r, "joules_per_sample": r["joules_per_sample"] * factor[r["cohort"]]}) for r in records]
+        perturbed = [
+            Candidate.from_terms({**r, "joules_per_sample": r["joules_per_sample"] * factor[r["cohort"]]})
+            for r in records
+        ]
         assert sorted(_decide(phase, perturbed)) == recorded_kept
 
 
@@ -231,7 +297,14 @@ def test_energies_inside_the_noise_never_reorder_scores():
 
 
 def test_finalists_show_the_score_energy_trade_off():
-    front = finalist_front([sm2_cand(0, 0.96, 10.0, total=100, spent=100), sm2_cand(1, 0.95, 1.0, total=100, spent=100), sm2_cand(2, 0.90, 5.0, total=100, spent=100), sm2_cand(3, 0.99, 1.0, diverged=True)])
+    front = finalist_front(
+        [
+            sm2_cand(0, 0.96, 10.0, total=100, spent=100),
+            sm2_cand(1, 0.95, 1.0, total=100, spent=100),
+            sm2_cand(2, 0.90, 5.0, total=100, spent=100),
+            sm2_cand(3, 0.99, 1.0, diverged=True),
+        ]
+    )
     assert [(f["trial_id"], f["pareto"]) for f in front] == [(0, True), (1, True), (2, False)]
     assert front[0]["energy_to_train_j"] == pytest.approx(1000.0)  # nothing remains: rate x full budget
 
@@ -267,7 +340,12 @@ def test_energy_unavailable_falls_back_to_performance():
 
 
 def test_pareto_objective_orders_fronts():
-    candidates = [cand(0, 0.9, energy=100.0), cand(1, 0.5, energy=10.0), cand(2, 0.4, energy=200.0), cand(3, 0.7, energy=50.0)]
+    candidates = [
+        cand(0, 0.9, energy=100.0),
+        cand(1, 0.5, energy=10.0),
+        cand(2, 0.4, energy=200.0),
+        cand(3, 0.7, energy=50.0),
+    ]
     terms = pareto_objective(candidates)
     assert [t["front"] for t in terms] == [0, 0, 1, 0]
     ranked = [c.trial_id for c, _ in rank(candidates, pareto_objective)]
@@ -279,7 +357,7 @@ def test_user_callable_objective():
         return [{"objective": -c.energy_spent} for c in candidates]
 
     objective = resolve_objective(cheapest)
-    kept, records = halve([cand(0, 0.9, energy=5.0), cand(1, 0.1, energy=1.0)], objective, eta=2)
+    kept, _records = halve([cand(0, 0.9, energy=5.0), cand(1, 0.1, energy=1.0)], objective, eta=2)
     assert kept == [1]
     with pytest.raises(ValueError, match="unknown objective"):
         resolve_objective("fastest")
@@ -305,5 +383,13 @@ def test_every_decision_has_a_reason_code():
     _, halved = halve(candidates, performance_objective, 3)
     _, explored = exploration_filter(candidates)
     assert [r["reason_code"] for r in halved] == ["top_k", "outside_top_k", "diverged"]
-    assert {r["reason_code"] for r in explored} <= {"not_dominated", "dominated", "dominated_in_cohort", "not_learned", "nothing_learned", "diverged", "score_not_finite"}
+    assert {r["reason_code"] for r in explored} <= {
+        "not_dominated",
+        "dominated",
+        "dominated_in_cohort",
+        "not_learned",
+        "nothing_learned",
+        "diverged",
+        "score_not_finite",
+    }
     assert explored[2]["reason_code"] == "diverged"

@@ -27,7 +27,9 @@ def test_random_sampling_is_seeded_and_in_bounds():
 
 
 def test_json_round_trip():
-    space = SearchSpace({"learning_rate": LogUniform(1e-3, 1e-1, num=2), "schedule": Categorical(["cosine", "linear"]), "batch_size": 8})
+    space = SearchSpace(
+        {"learning_rate": LogUniform(1e-3, 1e-1, num=2), "schedule": Categorical(["cosine", "linear"]), "batch_size": 8}
+    )
     again = SearchSpace.from_json(space.to_json())
     assert [c.values for c in again.grid()] == [c.values for c in space.grid()]
     config = space.grid()[0]

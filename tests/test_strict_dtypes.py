@@ -20,4 +20,3 @@ def test_helpers_under_strict_promotion():
         assert float(mse.mean()) == pytest.approx(1.0)
         lm, _ = task_loss("language_model", jnp.zeros((2, 5, 7)), jnp.zeros((2, 5), jnp.int32))
         assert lm.shape == (2,)
-

@@ -9,9 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
-from sm2jax.compile_cache import count_compiles
-
 from sm2jax.cohort import group_into_cohorts
+from sm2jax.compile_cache import count_compiles
 from sm2jax.data import batch_indices
 from sm2jax.models import build_model
 from sm2jax.space import Categorical, LogUniform, SearchSpace, make_config
@@ -73,12 +72,16 @@ def test_cohort_of_8_learning_rates_matches_training_each_alone(digits):
     assert np.all(np.asarray(state.step) == STEPS)
 
 
-@pytest.mark.parametrize("model, shape", [
-    ({"name": "mlp", "hidden": [32]}, (64,)),
-    ({"name": "cnn", "channels": [4, 8]}, (8, 8, 1)),
-    ({"name": "gru", "hidden": 8}, (6, 3)),
-    ({"name": "resnet18", "width": 4, "blocks": [1, 1, 1, 1]}, (8, 8, 3)),  # batch statistics: model state
-], ids=["mlp", "cnn", "gru", "resnet18"])
+@pytest.mark.parametrize(
+    "model, shape",
+    [
+        ({"name": "mlp", "hidden": [32]}, (64,)),
+        ({"name": "cnn", "channels": [4, 8]}, (8, 8, 1)),
+        ({"name": "gru", "hidden": 8}, (6, 3)),
+        ({"name": "resnet18", "width": 4, "blocks": [1, 1, 1, 1]}, (8, 8, 3)),  # batch statistics: model state
+    ],
+    ids=["mlp", "cnn", "gru", "resnet18"],
+)
 def test_init_rows_are_a_plain_build_model_bit_for_bit(model, shape):
     # The init program is built with its own XLA options on a CPU backend (INIT_COMPILE): they may
     # change how fast it compiles, never a bit of what it returns.
@@ -86,19 +89,25 @@ def test_init_rows_are_a_plain_build_model_bit_for_bit(model, shape):
 
     x = np.zeros((4, *shape), np.float32)
     ds = ArrayDataset("zeros", "classification", x, np.zeros(4, np.int32), x, np.zeros(4, np.int32), 3)
-    configs = SearchSpace({"model": model, "learning_rate": Categorical([1e-3, 1e-2]), "batch_size": 2, "seed": 7}).grid()
+    configs = SearchSpace(
+        {"model": model, "learning_rate": Categorical([1e-3, 1e-2]), "batch_size": 2, "seed": 7}
+    ).grid()
     rows = CohortTrainer(_single_cohort(configs), ds, schedule_steps=10).init_rows()
     for i, config in enumerate(configs):
         init_key = trial_keys(config["seed"], config.trial_id)[0]
         _, params, model_state = nnx.split(build_model(model, shape, 3, key=init_key), nnx.Param, ...)  # eager
         mine = _row(rows, i)
-        for a, b in zip(jax.tree.leaves((mine.params, mine.model_state)), jax.tree.leaves((params, model_state)), strict=True):
+        for a, b in zip(
+            jax.tree.leaves((mine.params, mine.model_state)), jax.tree.leaves((params, model_state)), strict=True
+        ):
             assert a.dtype == b.dtype and np.array_equal(a, np.asarray(b)), config
 
 
 def test_no_recompilation_on_second_call_or_after_select(digits):
     # A model no other test uses, so that its programs are not in the process-wide table yet.
-    configs = SearchSpace({"model": {"name": "mlp", "hidden": [24]}, "learning_rate": LogUniform(1e-3, 1e-1, num=4)}).grid()
+    configs = SearchSpace(
+        {"model": {"name": "mlp", "hidden": [24]}, "learning_rate": LogUniform(1e-3, 1e-1, num=4)}
+    ).grid()
     trainer = CohortTrainer(_single_cohort(configs), digits, schedule_steps=100)
     (state,) = trainer.init()
     with count_compiles() as tally:
@@ -225,8 +234,15 @@ def test_evaluate_reports_accuracy(digits):
 def test_one_eval_program_serves_a_test_split_of_any_length(digits):
     """The test split is cut into blocks of the validation block's shape: no second program, and a
     split made of the validation set twice gives the same accuracy with a sqrt(2) smaller error."""
-    doubled = dataclasses.replace(digits, x_test=np.concatenate([digits.x_val] * 2), y_test=np.concatenate([digits.y_val] * 2))
-    trainer = CohortTrainer(_single_cohort(SearchSpace({"learning_rate": LogUniform(1e-3, 1e-2, num=2)}).grid()), doubled, schedule_steps=20, eval_batch_size=128)
+    doubled = dataclasses.replace(
+        digits, x_test=np.concatenate([digits.x_val] * 2), y_test=np.concatenate([digits.y_val] * 2)
+    )
+    trainer = CohortTrainer(
+        _single_cohort(SearchSpace({"learning_rate": LogUniform(1e-3, 1e-2, num=2)}).grid()),
+        doubled,
+        schedule_steps=20,
+        eval_batch_size=128,
+    )
     state, _ = trainer.train(trainer.init()[0], 20)
     val = trainer.evaluate(state)
     with count_compiles() as tally:
@@ -236,7 +252,11 @@ def test_one_eval_program_serves_a_test_split_of_any_length(digits):
     np.testing.assert_allclose(test.loss, val.loss, rtol=1e-5)
     assert np.all(test.score_se < val.score_se) and np.all(test.score_se > val.score_se / 1.5)
     with pytest.raises(ValueError, match="no test split"):
-        CohortTrainer(_single_cohort(SearchSpace({"learning_rate": 1e-3}).grid()), dataclasses.replace(digits, x_test=None, y_test=None), schedule_steps=5).evaluate(state, "test")
+        CohortTrainer(
+            _single_cohort(SearchSpace({"learning_rate": 1e-3}).grid()),
+            dataclasses.replace(digits, x_test=None, y_test=None),
+            schedule_steps=5,
+        ).evaluate(state, "test")
 
 
 def test_crop_flip_is_a_padded_window_per_image_keyed_by_trial_and_step():
@@ -248,7 +268,7 @@ def test_crop_flip_is_a_padded_window_per_image_keyed_by_trial_and_step():
     padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
     flipped = 0
     for i in range(64):  # every output is one 8x8 window of the padded image, maybe mirrored
-        windows = [padded[i, a:a + 8, b:b + 8] for a in range(5) for b in range(5)]
+        windows = [padded[i, a : a + 8, b : b + 8] for a in range(5) for b in range(5)]
         plain = any(np.array_equal(out[i], w) for w in windows)
         mirror = any(np.array_equal(out[i], w[:, ::-1]) for w in windows)
         assert plain or mirror
@@ -266,7 +286,9 @@ def test_augmented_cohort_trains_per_trial_and_refuses_non_images(digits):
     from sm2jax.data import ArrayDataset
 
     model = {"name": "cnn", "channels": [4, 8]}
-    twins = [make_config(0, model=model, learning_rate=0.05, augment=a) for a in ("none", "crop_flip")]  # one trial, two pipelines
+    twins = [
+        make_config(0, model=model, learning_rate=0.05, augment=a) for a in ("none", "crop_flip")
+    ]  # one trial, two pipelines
     cohorts = group_into_cohorts(twins)
     assert [c.signature.augment for c in cohorts] == ["none", "crop_flip"] and "crop_flip" in cohorts[1].name
     plain, augmented = (CohortTrainer(c, digits, schedule_steps=20) for c in cohorts)
@@ -276,7 +298,17 @@ def test_augmented_cohort_trains_per_trial_and_refuses_non_images(digits):
     s_plain, _ = plain.train(s_plain, 5)
     s_aug, metrics = augmented.train(s_aug, 5)
     assert np.isfinite(np.asarray(metrics.loss_mean)).all()
-    assert not np.allclose(np.asarray(jax.tree.leaves(s_plain.params)[0]), np.asarray(jax.tree.leaves(s_aug.params)[0]))  # the crops differ
-    flat = ArrayDataset("flat", "classification", np.zeros((64, 4), np.float32), np.zeros(64, np.int32), np.zeros((2, 4), np.float32), np.zeros(2, np.int32), 2)
+    assert not np.allclose(
+        np.asarray(jax.tree.leaves(s_plain.params)[0]), np.asarray(jax.tree.leaves(s_aug.params)[0])
+    )  # the crops differ
+    flat = ArrayDataset(
+        "flat",
+        "classification",
+        np.zeros((64, 4), np.float32),
+        np.zeros(64, np.int32),
+        np.zeros((2, 4), np.float32),
+        np.zeros(2, np.int32),
+        2,
+    )
     with pytest.raises(ValueError, match="needs image examples"):
         CohortTrainer(cohorts[1], flat, schedule_steps=5)

@@ -33,14 +33,18 @@ class PlainTrainer:
         self.steps_per_epoch = ds.num_train // batch_size
         self.x, self.y = jax.device_put(ds.x_train), jax.device_put(ds.y_train)
         self.x_val, self.y_val = jax.device_put(ds.x_val), jax.device_put(ds.y_val)
-        self._init, self._epoch, self._accuracy = _programs(json.dumps(model_spec, sort_keys=True), ds.input_shape, ds.num_outputs, batch_size)
+        self._init, self._epoch, self._accuracy = _programs(
+            json.dumps(model_spec, sort_keys=True), ds.input_shape, ds.num_outputs, batch_size
+        )
 
     def init(self, seed: int, trial_id: int, learning_rate: float):
         key = trial_keys(seed, trial_id)[0]
         return self._init(key, np.float32(learning_rate))
 
     def epoch(self, state, rng: np.random.Generator):
-        perm = rng.permutation(self.ds.num_train)[: self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)
+        perm = rng.permutation(self.ds.num_train)[: self.steps_per_epoch * self.batch_size].reshape(
+            self.steps_per_epoch, self.batch_size
+        )
         params, opt_state, loss = self._epoch(*state, self.x, self.y, perm.astype(np.int32))
         return (params, opt_state), loss
 
@@ -48,16 +52,18 @@ class PlainTrainer:
         return float(self._accuracy(state[0], self.x_val, self.y_val))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _graph(model_json: str, input_shape: tuple, num_outputs: int):
-    model = nnx.eval_shape(lambda: build_model(json.loads(model_json), input_shape, num_outputs, key=jax.random.PRNGKey(0)))
+    model = nnx.eval_shape(
+        lambda: build_model(json.loads(model_json), input_shape, num_outputs, key=jax.random.PRNGKey(0))
+    )
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):
         raise ValueError("the plain baseline covers models without batch statistics")
     return graphdef, rest
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _init_program(model_json: str, input_shape: tuple, num_outputs: int):
     @jax.jit
     def init(key, learning_rate):
@@ -67,7 +73,7 @@ def _init_program(model_json: str, input_shape: tuple, num_outputs: int):
     return init
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _programs(model_json: str, input_shape: tuple, num_outputs: int, batch_size: int):
     graphdef, rest = _graph(model_json, input_shape, num_outputs)
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=1.0)  # the real rate lives in opt_state

@@ -28,7 +28,7 @@ def write_table(path: pathlib.Path | None, table: str) -> None:
 def rotated(items, rep: int) -> list:
     """``items`` rotated by ``rep``: interleaved repeats where no contender always runs first."""
     items = list(items)
-    return items[rep % len(items):] + items[: rep % len(items)]
+    return items[rep % len(items) :] + items[: rep % len(items)]
 
 
 def run_child(script: str, args: list[str], *, cache: str) -> tuple[dict, float]:
@@ -37,7 +37,11 @@ def run_child(script: str, args: list[str], *, cache: str) -> tuple[dict, float]
     folder is on its path. Returns the JSON of its last line of output and its wall seconds (process
     start to exit, imports included); raises with the tail of its errors if it fails."""
     here = str(pathlib.Path(script).resolve().parent)
-    env = {**os.environ, "SM2JAX_COMPILE_CACHE": cache, "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "SM2JAX_COMPILE_CACHE": cache,
+        "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, script, "--child", *args], env=env, capture_output=True, text=True)

@@ -92,20 +92,29 @@ def child(program: str, case: str) -> dict:
         trainer = CohortTrainer(cohort, ds, schedule_steps=1000, placement=placement)
         hps = {k: np.float32(0) for k in OPTIMIZER_HYPERPARAMETERS}
         if program == "init":
-            _, lower_s, compile_s = _lower_and_compile(lambda: jax.jit(trainer._init_one).lower(np.int32(0), np.int32(0), hps), program_options("init"))
+            _, lower_s, compile_s = _lower_and_compile(
+                lambda: jax.jit(trainer._init_one).lower(np.int32(0), np.int32(0), hps), program_options("init")
+            )
             run = None
         else:
             width = placement.size  # one row per device, as a CPU cohort starts
             rows = trainer.init_rows()
             chunk = chunk_rows(jax.tree.map(lambda a: np.repeat(a, width, 0), rows), width, placement)[0]
             if program == "eval":
-                _, lower_s, compile_s = _lower_and_compile(lambda: jax.jit(trainer._eval_impl).lower(chunk.params, chunk.model_state, *trainer.data["val"][0]), program_options("eval"))
+                _, lower_s, compile_s = _lower_and_compile(
+                    lambda: jax.jit(trainer._eval_impl).lower(chunk.params, chunk.model_state, *trainer.data["val"][0]),
+                    program_options("eval"),
+                )
                 run = None
             else:
-                lower = lambda: jax.jit(trainer._train_impl).lower(chunk, np.int32(1), trainer.data["x_train"], trainer.data["y_train"])  # noqa: E731
-                compiled, lower_s, compile_s = _lower_and_compile(lower, program_options("train", quick=program == "train-quick"))
+                lower = lambda: jax.jit(trainer._train_impl).lower(
+                    chunk, np.int32(1), trainer.data["x_train"], trainer.data["y_train"]
+                )
+                compiled, lower_s, compile_s = _lower_and_compile(
+                    lower, program_options("train", quick=program == "train-quick")
+                )
                 steps = trainer.steps_per_epoch
-                run = lambda: compiled(chunk, np.int32(steps), trainer.data["x_train"], trainer.data["y_train"])  # noqa: E731
+                run = lambda: compiled(chunk, np.int32(steps), trainer.data["x_train"], trainer.data["y_train"])
     out.update(lower_s=lower_s, compile_s=compile_s)
     if run is not None:
         jax.block_until_ready(run())
@@ -139,7 +148,15 @@ def summarize(runs: list[dict]) -> list[dict]:
                 row["step_s"] = min(r["step_s"] for r in mine)
             rows.append(row)
     for row in rows:
-        plain = next((r for r in rows if r["case"] == row["case"] and r["program"] == ("plain-init" if row["program"] in ("init", "plain-init") else "plain")), None)
+        plain = next(
+            (
+                r
+                for r in rows
+                if r["case"] == row["case"]
+                and r["program"] == ("plain-init" if row["program"] in ("init", "plain-init") else "plain")
+            ),
+            None,
+        )
         if plain is not None:
             row["vs_plain"] = row["total_s"] / plain["total_s"]
         optimised = next((r for r in rows if r["case"] == row["case"] and r["program"] == "train"), None)
@@ -156,7 +173,9 @@ def markdown(rows: list[dict]) -> str:
     for r in rows:
         step = f"{r['step_s'] * 1e6:.0f}" if "step_s" in r else ""
         step_ratio = f"{r['step_vs_optimised']:.2f}x" if "step_vs_optimised" in r else ""
-        lines.append(f"| {r['case']} | {r['program']} | {r['lower_s']:.2f} | {r['compile_s']:.2f} | {r['total_s']:.2f} | {r.get('vs_plain', float('nan')):.2f}x | {step} | {step_ratio} |")
+        lines.append(
+            f"| {r['case']} | {r['program']} | {r['lower_s']:.2f} | {r['compile_s']:.2f} | {r['total_s']:.2f} | {r.get('vs_plain', float('nan')):.2f}x | {step} | {step_ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -182,7 +201,10 @@ def main(argv=None):
             for program in rotated(args.programs, rep):
                 run = _one(program, case)
                 runs.append(run)
-                print(f"{case:<26} {program:<12} lower {run['lower_s']:5.2f} s  compile {run['compile_s']:5.2f} s", flush=True)
+                print(
+                    f"{case:<26} {program:<12} lower {run['lower_s']:5.2f} s  compile {run['compile_s']:5.2f} s",
+                    flush=True,
+                )
     rows = summarize(runs)
     write_table(args.markdown, markdown(rows))
     write_rows(args.json, [{"summary": rows, "runs": runs}])

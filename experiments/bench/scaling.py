@@ -40,7 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", type=pathlib.Path)
     args = parser.parse_args(argv)
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.cpu_devices}"
+        ).strip()
 
     import jax
 
@@ -55,8 +57,22 @@ def main(argv=None) -> int:
     counts = [n for n in args.devices if n <= available]
     if not counts:
         parser.error(f"none of --devices {args.devices} is available ({available} {jax.default_backend()} devices)")
-    space = SearchSpace({"model": {"name": "mlp", "hidden": list(args.hidden)}, "learning_rate": LogUniform(1e-4, 1e-1, num=args.trials), "batch_size": args.batch_size})
-    spec = StudySpec(space=space.to_json(), mode="full", max_budget=args.epochs, min_budget=args.epochs, idle_seconds=0, probe_width=False, width_start="widest")
+    space = SearchSpace(
+        {
+            "model": {"name": "mlp", "hidden": list(args.hidden)},
+            "learning_rate": LogUniform(1e-4, 1e-1, num=args.trials),
+            "batch_size": args.batch_size,
+        }
+    )
+    spec = StudySpec(
+        space=space.to_json(),
+        mode="full",
+        max_budget=args.epochs,
+        min_budget=args.epochs,
+        idle_seconds=0,
+        probe_width=False,
+        width_start="widest",
+    )
     # Contenders: n devices at the widest width, and one device at width 1 (the CPU default).
     contenders = [(n, "widest") for n in counts] + [(1, "narrowest")]
     best: dict[tuple, dict] = {}
@@ -71,13 +87,25 @@ def main(argv=None) -> int:
                 samples = sum(t["samples"] for t in records if t["type"] == "trial" and t["kind"] == "train")
                 seconds = sum(w["seconds"] for w in train)
                 joules = None if any(w["joules"] is None for w in train) else sum(w["joules"] for w in train)
-                compile_s.setdefault((n, start), results["energy_by_phase"].get("compile", {}).get("seconds") or 0.0)  # first round: programs new to the process
+                compile_s.setdefault(
+                    (n, start), results["energy_by_phase"].get("compile", {}).get("seconds") or 0.0
+                )  # first round: programs new to the process
                 row = {
-                    "devices": n, "width_start": start, "platform": jax.default_backend(), "trials": args.trials, "model": f"mlp-{'x'.join(map(str, args.hidden))}",
-                    "batch_size": args.batch_size, "width": next(iter(results["hardware"].values()))["width"], "samples": samples,
-                    "train_seconds": seconds, "samples_per_s": samples / seconds, "joules_per_sample": None if joules is None else joules / samples,
-                    "energy_method": results["energy_method"], "compile_seconds": compile_s[(n, start)],
-                    "wall_seconds": results["wall_seconds_this_attempt"], "test_accuracy": results["selected"]["test"]["metric"] if results["selected"].get("test") else None,
+                    "devices": n,
+                    "width_start": start,
+                    "platform": jax.default_backend(),
+                    "trials": args.trials,
+                    "model": f"mlp-{'x'.join(map(str, args.hidden))}",
+                    "batch_size": args.batch_size,
+                    "width": next(iter(results["hardware"].values()))["width"],
+                    "samples": samples,
+                    "train_seconds": seconds,
+                    "samples_per_s": samples / seconds,
+                    "joules_per_sample": None if joules is None else joules / samples,
+                    "energy_method": results["energy_method"],
+                    "compile_seconds": compile_s[(n, start)],
+                    "wall_seconds": results["wall_seconds_this_attempt"],
+                    "test_accuracy": results["selected"]["test"]["metric"] if results["selected"].get("test") else None,
                 }
                 if (n, start) not in best or row["train_seconds"] < best[(n, start)]["train_seconds"]:
                     best[(n, start)] = row
@@ -85,13 +113,26 @@ def main(argv=None) -> int:
     base = rows[0]
     for row in rows:
         row["speedup_vs_first"] = row["samples_per_s"] / base["samples_per_s"]
-        row["energy_per_sample_vs_first"] = None if row["joules_per_sample"] is None or base["joules_per_sample"] is None else row["joules_per_sample"] / base["joules_per_sample"]
+        row["energy_per_sample_vs_first"] = (
+            None
+            if row["joules_per_sample"] is None or base["joules_per_sample"] is None
+            else row["joules_per_sample"] / base["joules_per_sample"]
+        )
     write_rows(args.json, rows)
-    lines = ["| devices | platform | width | train samples/s | J/sample | speed-up | energy/sample ratio | compile s (first round) | wall s (best round) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| devices | platform | width | train samples/s | J/sample | speed-up | energy/sample ratio | compile s (first round) | wall s (best round) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        jps = "unavailable" if row["joules_per_sample"] is None else f"{row['joules_per_sample']:.2e} [{row['energy_method']}]"
+        jps = (
+            "unavailable"
+            if row["joules_per_sample"] is None
+            else f"{row['joules_per_sample']:.2e} [{row['energy_method']}]"
+        )
         ratio = "n/a" if row["energy_per_sample_vs_first"] is None else f"{row['energy_per_sample_vs_first']:.2f}x"
-        lines.append(f"| {row['devices']}{' (width-1 start)' if row['width_start'] == 'narrowest' else ''} | {row['platform']} | {row['width']} | {row['samples_per_s']:,.0f} | {jps} | {row['speedup_vs_first']:.2f}x | {ratio} | {row['compile_seconds'] or 0:.1f} | {row['wall_seconds']:.1f} |")
+        lines.append(
+            f"| {row['devices']}{' (width-1 start)' if row['width_start'] == 'narrowest' else ''} | {row['platform']} | {row['width']} | {row['samples_per_s']:,.0f} | {jps} | {row['speedup_vs_first']:.2f}x | {ratio} | {row['compile_seconds'] or 0:.1f} | {row['wall_seconds']:.1f} |"
+        )
     write_table(args.markdown, "\n".join(lines))
     return 0
 

@@ -38,19 +38,38 @@ from sm2jax.hyperband import run_hyperband
 from sm2jax.space import Categorical, LogUniform, SearchSpace
 from sm2jax.study import Study, StudySpec
 
-MODELS = [{"name": "mlp", "hidden": [32]}, {"name": "mlp", "hidden": [256, 256]}, {"name": "mlp", "hidden": [1024, 1024]}]
+MODELS = [
+    {"name": "mlp", "hidden": [32]},
+    {"name": "mlp", "hidden": [256, 256]},
+    {"name": "mlp", "hidden": [1024, 1024]},
+]
 DATA = {"digits": ("digits", {}), "mnist1d": ("mnist1d", {"num_samples": 5000})}
 
 
 def spec_for(data: str, seed: int, mode: str, **overrides) -> StudySpec:
-    space = SearchSpace({
-        "model": Categorical(MODELS), "batch_size": Categorical([16, 64, 256]), "optimizer": "adam",
-        "learning_rate": LogUniform(1e-4, 3e-2, num=6), "seed": seed,  # initialisation and data order
-    })
+    space = SearchSpace(
+        {
+            "model": Categorical(MODELS),
+            "batch_size": Categorical([16, 64, 256]),
+            "optimizer": "adam",
+            "learning_rate": LogUniform(1e-4, 3e-2, num=6),
+            "seed": seed,  # initialisation and data order
+        }
+    )
     name, options = DATA[data]
     return StudySpec(
-        space=space.to_json(), dataset=name, dataset_options=options, seed=seed, mode="sh" if mode == "hyperband" else mode,
-        explore_budget=0.25, min_budget=1, max_budget=9, eta=3, idle_seconds=0.0, energy_method="estimated", **overrides,
+        space=space.to_json(),
+        dataset=name,
+        dataset_options=options,
+        seed=seed,
+        mode="sh" if mode == "hyperband" else mode,
+        explore_budget=0.25,
+        min_budget=1,
+        max_budget=9,
+        eta=3,
+        idle_seconds=0.0,
+        energy_method="estimated",
+        **overrides,
     )
 
 
@@ -73,9 +92,16 @@ def run_one(directory: pathlib.Path, data: str, seed: int, mode: str, dataset) -
     sel = r["selected"] or {}
     test = sel.get("test") or {}
     return {
-        "data": data, "seed": seed, "mode": mode, "trial_id": sel.get("trial_id"), "config": sel.get("config"),
-        "val_accuracy": sel.get("metric"), "test_accuracy": test.get("metric"),
-        "total_joules": r["total_joules"], "training_joules": training_j, "energy_method": r["energy_method"],
+        "data": data,
+        "seed": seed,
+        "mode": mode,
+        "trial_id": sel.get("trial_id"),
+        "config": sel.get("config"),
+        "val_accuracy": sel.get("metric"),
+        "test_accuracy": test.get("metric"),
+        "total_joules": r["total_joules"],
+        "training_joules": training_j,
+        "energy_method": r["energy_method"],
         "wall_seconds": time.perf_counter() - t0,
     }
 
@@ -101,8 +127,12 @@ def table(rows: list[dict]) -> str:
         by = {(r["mode"], r["seed"]): r for r in mine}
         for mode in dict.fromkeys(r["mode"] for r in mine):
             rs = [r for r in mine if r["mode"] == mode]
-            sh_ratio = _mean([ratio(r["training_joules"], by.get(("sh", r["seed"]), {}).get("training_joules")) for r in rs])
-            full_ratio = _mean([ratio(r["training_joules"], by.get(("full", r["seed"]), {}).get("training_joules")) for r in rs])
+            sh_ratio = _mean(
+                [ratio(r["training_joules"], by.get(("sh", r["seed"]), {}).get("training_joules")) for r in rs]
+            )
+            full_ratio = _mean(
+                [ratio(r["training_joules"], by.get(("full", r["seed"]), {}).get("training_joules")) for r in rs]
+            )
             sh_test = _mean([by[("sh", r["seed"])]["test_accuracy"] for r in rs if ("sh", r["seed"]) in by])
             test = _mean([r["test_accuracy"] for r in rs])
             delta = None if test is None or sh_test is None else 100 * (test - sh_test)
@@ -114,7 +144,9 @@ def table(rows: list[dict]) -> str:
             )
     methods = sorted({r["energy_method"] for r in rows if r["energy_method"]})
     lines.append("")
-    lines.append(f"Energy: {', '.join(methods)} (means over seeds; ratios are per seed, then averaged; 'w/o compile' = exploration, rungs and evaluation).")
+    lines.append(
+        f"Energy: {', '.join(methods)} (means over seeds; ratios are per seed, then averaged; 'w/o compile' = exploration, rungs and evaluation)."
+    )
     return "\n".join(lines)
 
 
@@ -137,7 +169,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", nargs="+", default=list(DATA), choices=list(DATA))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--modes", nargs="+", default=["sm2", "sh", "hyperband", "full"], choices=["sm2", "sh", "hyperband", "full"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["sm2", "sh", "hyperband", "full"], choices=["sm2", "sh", "hyperband", "full"]
+    )
     parser.add_argument("--json", type=pathlib.Path)
     parser.add_argument("--table", type=pathlib.Path)
     args = parser.parse_args(argv)

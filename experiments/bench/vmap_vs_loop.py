@@ -30,7 +30,6 @@ import time
 
 import jax
 import numpy as np
-
 from _plain import PlainTrainer
 from _results import write_rows, write_table
 
@@ -56,7 +55,9 @@ def _time(fn) -> float:
 
 def bench(model_name: str, trials: int, batch_size: int, epochs: int, repeats: int) -> dict:
     ds = load_digits()
-    space = SearchSpace({"model": MODELS[model_name], "learning_rate": LogUniform(1e-4, 1e-1, num=trials), "batch_size": batch_size})
+    space = SearchSpace(
+        {"model": MODELS[model_name], "learning_rate": LogUniform(1e-4, 1e-1, num=trials), "batch_size": batch_size}
+    )
     configs = space.grid()
     (cohort,) = group_into_cohorts(configs)
     trainer = CohortTrainer(cohort, ds, schedule_steps=10 * epochs * ds.num_train // batch_size)
@@ -98,8 +99,13 @@ def bench(model_name: str, trials: int, batch_size: int, epochs: int, repeats: i
     if n > 1:
         spread = CohortTrainer(cohort, ds, schedule_steps=10 * epochs * ds.num_train // batch_size, placement=placement)
         widths = [n * c for c in probe_candidates(max(trials // n, 1))]
-        probe_all = spread.probe_width({w: chunk_rows(jax.tree.map(lambda a: a[:w], rows), w, placement)[0] for w in widths}, steps=max(4, trainer.steps_per_epoch // 4))
-        spread_chunks = jax.block_until_ready([spread.train(c, 1)[0] for c in chunk_rows(rows, probe_all.chosen, placement)])
+        probe_all = spread.probe_width(
+            {w: chunk_rows(jax.tree.map(lambda a: a[:w], rows), w, placement)[0] for w in widths},
+            steps=max(4, trainer.steps_per_epoch // 4),
+        )
+        spread_chunks = jax.block_until_ready(
+            [spread.train(c, 1)[0] for c in chunk_rows(rows, probe_all.chosen, placement)]
+        )
 
         def run_spread():
             spread_chunks[:] = [spread.train(c, steps)[0] for c in spread_chunks]
@@ -114,19 +120,43 @@ def bench(model_name: str, trials: int, batch_size: int, epochs: int, repeats: i
             best[name] = min(best[name], _time(fn))
     samples = trials * steps * batch_size
     return {
-        "model": model_name, "trials": trials, "batch_size": batch_size, "epochs": epochs, "steps": steps,
-        "width": probe.chosen, "probe": probe.to_json(), **{f"{k}_samples_per_s": samples / v for k, v in best.items()},
-        "speedup_vs_loop_epochs": best["loop-epochs"] / best["cohort"], "speedup_vs_loop_steps": best["loop-steps"] / best["cohort"],
-        "backend": jax.default_backend(), "devices": n,
-        **({"width_all_devices": probe_all.chosen, "speedup_all_devices_vs_loop_epochs": best["loop-epochs"] / best["cohort-all-devices"]} if n > 1 else {}),
+        "model": model_name,
+        "trials": trials,
+        "batch_size": batch_size,
+        "epochs": epochs,
+        "steps": steps,
+        "width": probe.chosen,
+        "probe": probe.to_json(),
+        **{f"{k}_samples_per_s": samples / v for k, v in best.items()},
+        "speedup_vs_loop_epochs": best["loop-epochs"] / best["cohort"],
+        "speedup_vs_loop_steps": best["loop-steps"] / best["cohort"],
+        "backend": jax.default_backend(),
+        "devices": n,
+        **(
+            {
+                "width_all_devices": probe_all.chosen,
+                "speedup_all_devices_vs_loop_epochs": best["loop-epochs"] / best["cohort-all-devices"],
+            }
+            if n > 1
+            else {}
+        ),
     }
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model (digits, 64 inputs) | trials | batch | chosen width (1 device) | cohort vs loop of jitted epochs | cohort vs loop of jitted steps | devices | chosen width (all devices) | all devices vs loop of jitted epochs |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model (digits, 64 inputs) | trials | batch | chosen width (1 device) | cohort vs loop of jitted epochs | cohort vs loop of jitted steps | devices | chosen width (all devices) | all devices vs loop of jitted epochs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        spread = f"{r['devices']} | {r['width_all_devices']} | {r['speedup_all_devices_vs_loop_epochs']:.2f}x" if r["devices"] > 1 else "1 | - | -"
-        lines.append(f"| {r['model']} | {r['trials']} | {r['batch_size']} | {r['width']} | {r['speedup_vs_loop_epochs']:.2f}x | {r['speedup_vs_loop_steps']:.2f}x | {spread} |")
+        spread = (
+            f"{r['devices']} | {r['width_all_devices']} | {r['speedup_all_devices_vs_loop_epochs']:.2f}x"
+            if r["devices"] > 1
+            else "1 | - | -"
+        )
+        lines.append(
+            f"| {r['model']} | {r['trials']} | {r['batch_size']} | {r['width']} | {r['speedup_vs_loop_epochs']:.2f}x | {r['speedup_vs_loop_steps']:.2f}x | {spread} |"
+        )
     return "\n".join(lines)
 
 
@@ -137,7 +167,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cpu-devices", type=int, help="XLA host devices on a CPU (default: one per core, as `sm2jax run`)")
+    parser.add_argument(
+        "--cpu-devices", type=int, help="XLA host devices on a CPU (default: one per core, as `sm2jax run`)"
+    )
     parser.add_argument("--json", type=pathlib.Path, help="write the rows here")
     parser.add_argument("--markdown", type=pathlib.Path, help="write the table here")
     args = parser.parse_args(argv)
@@ -146,7 +178,10 @@ def main(argv=None):
     for name in args.models:
         row = bench(name, args.trials, args.batch_size, args.epochs, args.repeats)
         rows.append(row)
-        print(f"{row['model']:<12} width {row['width']:>3}  vs loop-epochs {row['speedup_vs_loop_epochs']:.2f}x  vs loop-steps {row['speedup_vs_loop_steps']:.2f}x", flush=True)
+        print(
+            f"{row['model']:<12} width {row['width']:>3}  vs loop-epochs {row['speedup_vs_loop_epochs']:.2f}x  vs loop-steps {row['speedup_vs_loop_steps']:.2f}x",
+            flush=True,
+        )
     write_table(args.markdown, markdown(rows))
     write_rows(args.json, rows)
     return rows

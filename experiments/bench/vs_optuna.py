@@ -39,9 +39,24 @@ import tempfile
 HERE = pathlib.Path(__file__).resolve().parent
 CONTENDERS = ("sm2jax-sh", "sm2jax-sm2", "sm2jax-full", "optuna", "loop")
 WORKLOADS = {
-    "digits": {"data": ("digits", {}), "model": {"name": "mlp", "hidden": [64]}, "lr": (1e-4, 1.0), "batch_sizes": [16, 64, 256]},
-    "mnist1d-5k": {"data": ("mnist1d", {"num_samples": 5000}), "model": {"name": "mlp", "hidden": [256, 256]}, "lr": (1e-4, 1e-1), "batch_sizes": [32, 128]},
-    "mnist1d-50k": {"data": ("mnist1d", {"num_samples": 50000}), "model": {"name": "mlp", "hidden": [256, 256]}, "lr": (1e-4, 1e-1), "batch_sizes": [32, 128]},
+    "digits": {
+        "data": ("digits", {}),
+        "model": {"name": "mlp", "hidden": [64]},
+        "lr": (1e-4, 1.0),
+        "batch_sizes": [16, 64, 256],
+    },
+    "mnist1d-5k": {
+        "data": ("mnist1d", {"num_samples": 5000}),
+        "model": {"name": "mlp", "hidden": [256, 256]},
+        "lr": (1e-4, 1e-1),
+        "batch_sizes": [32, 128],
+    },
+    "mnist1d-50k": {
+        "data": ("mnist1d", {"num_samples": 50000}),
+        "model": {"name": "mlp", "hidden": [256, 256]},
+        "lr": (1e-4, 1e-1),
+        "batch_sizes": [32, 128],
+    },
 }
 MIN_EPOCHS, MAX_EPOCHS, ETA, EXPLORE = 1, 9, 3, 0.25
 
@@ -59,7 +74,9 @@ def _load(path: str):
     from sm2jax.data import ArrayDataset
 
     with np.load(path) as z:
-        return ArrayDataset(str(z["name"]), "classification", z["x_train"], z["y_train"], z["x_val"], z["y_val"], int(z["num_outputs"]))
+        return ArrayDataset(
+            str(z["name"]), "classification", z["x_train"], z["y_train"], z["x_val"], z["y_val"], int(z["num_outputs"])
+        )
 
 
 # ------------------------------------------------------------------------------------ contenders
@@ -70,10 +87,30 @@ def _run_sm2jax(mode: str, workload: dict, ds, tmp: str) -> dict:
     from sm2jax.space import Categorical, SearchSpace
     from sm2jax.study import Study, StudySpec
 
-    space = SearchSpace({"model": workload["model"], "learning_rate": Categorical(_grid(workload)), "batch_size": Categorical(workload["batch_sizes"])})
-    spec = StudySpec(space=space.to_json(), dataset=ds.name, mode=mode, explore_budget=EXPLORE, min_budget=MIN_EPOCHS, max_budget=MAX_EPOCHS, eta=ETA, idle_seconds=0.0, energy_method="estimated")
+    space = SearchSpace(
+        {
+            "model": workload["model"],
+            "learning_rate": Categorical(_grid(workload)),
+            "batch_size": Categorical(workload["batch_sizes"]),
+        }
+    )
+    spec = StudySpec(
+        space=space.to_json(),
+        dataset=ds.name,
+        mode=mode,
+        explore_budget=EXPLORE,
+        min_budget=MIN_EPOCHS,
+        max_budget=MAX_EPOCHS,
+        eta=ETA,
+        idle_seconds=0.0,
+        energy_method="estimated",
+    )
     results = Study(os.path.join(tmp, "study"), spec, dataset=ds, progress=False).run()
-    samples = sum(r["samples"] for r in read_ledger(os.path.join(tmp, "study", "ledger.jsonl")) if r["type"] == "trial" and r["phase"] != "probe")
+    samples = sum(
+        r["samples"]
+        for r in read_ledger(os.path.join(tmp, "study", "ledger.jsonl"))
+        if r["type"] == "trial" and r["phase"] != "probe"
+    )
     widths = {name: hw["choices"][-1]["width"] for name, hw in results["hardware"].items() if hw.get("choices")}
     return {"accuracy": results["selected"]["metric"], "epoch_trials": samples / ds.num_train, "widths": widths}
 
@@ -81,7 +118,6 @@ def _run_sm2jax(mode: str, workload: dict, ds, tmp: str) -> dict:
 def _run_optuna(workload: dict, ds) -> dict:
     import numpy as np
     import optuna
-
     from _plain import PlainTrainer
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -105,7 +141,9 @@ def _run_optuna(workload: dict, ds) -> dict:
         return acc
 
     sampler = optuna.samplers.GridSampler({"learning_rate": lrs, "batch_size": bss}, seed=0)
-    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=MIN_EPOCHS, reduction_factor=ETA, min_early_stopping_rate=0)
+    pruner = optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=MIN_EPOCHS, reduction_factor=ETA, min_early_stopping_rate=0
+    )
     study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
     study.optimize(objective, n_trials=len(lrs) * len(bss))
     return {"accuracy": study.best_value, "epoch_trials": epochs[0]}
@@ -113,7 +151,6 @@ def _run_optuna(workload: dict, ds) -> dict:
 
 def _run_loop(workload: dict, ds) -> dict:
     import numpy as np
-
     from _plain import PlainTrainer
 
     best, epochs, number = -1.0, 0, 0
@@ -147,7 +184,12 @@ def child(contender: str, workload_name: str, data: str) -> dict:
         else:
             out = _run_loop(workload, ds)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {**out, "cpu_s": usage.ru_utime + usage.ru_stime, "backend_compiles": tally.backend_compiles, "cache_hits": tally.cache_hits}
+    return {
+        **out,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "backend_compiles": tally.backend_compiles,
+        "cache_hits": tally.cache_hits,
+    }
 
 
 # ------------------------------------------------------------------------------------ parent
@@ -161,14 +203,24 @@ def _prepare(name: str, tmp: str) -> str:
     kind, options = WORKLOADS[name]["data"]
     ds = load_dataset(kind, **options)
     path = os.path.join(tmp, f"{name}.npz")
-    np.savez(path, name=ds.name, x_train=ds.x_train, y_train=ds.y_train, x_val=ds.x_val, y_val=ds.y_val, num_outputs=ds.num_outputs)
+    np.savez(
+        path,
+        name=ds.name,
+        x_train=ds.x_train,
+        y_train=ds.y_train,
+        x_val=ds.x_val,
+        y_val=ds.y_val,
+        num_outputs=ds.num_outputs,
+    )
     return path
 
 
 def _one(contender: str, workload: str, data: str, tmp: str, run_id: int) -> dict:
     from _results import run_child
 
-    out, wall = run_child(__file__, [contender, "--workload", workload, "--data", data], cache=os.path.join(tmp, f"cache-{run_id}"))
+    out, wall = run_child(
+        __file__, [contender, "--workload", workload, "--data", data], cache=os.path.join(tmp, f"cache-{run_id}")
+    )
     return {"contender": contender, "workload": workload, "wall_s": wall, **out}
 
 
@@ -234,8 +286,11 @@ def main(argv=None):
                     run = _one(contender, workload, data, tmp, run_id)
                     run_id += 1
                     runs.append(run)
-                    print(f"{workload:<12} {contender:<12} wall {run['wall_s']:6.1f} s  cpu {run['cpu_s']:6.1f} s  compiles {run['backend_compiles']:3d}"
-                          f"  epoch-trials {run['epoch_trials']:5.0f}  accuracy {run['accuracy']:.3f}", flush=True)
+                    print(
+                        f"{workload:<12} {contender:<12} wall {run['wall_s']:6.1f} s  cpu {run['cpu_s']:6.1f} s  compiles {run['backend_compiles']:3d}"
+                        f"  epoch-trials {run['epoch_trials']:5.0f}  accuracy {run['accuracy']:.3f}",
+                        flush=True,
+                    )
     rows = summarize(runs)
     write_table(args.markdown, markdown(rows))
     write_rows(args.json, [{"summary": rows, "runs": runs}])

@@ -10,6 +10,7 @@ Splits: ``train`` (``data_batch_1.bin`` .. ``data_batch_5.bin``, 50,000 images) 
 from __future__ import annotations
 
 import tarfile
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -32,14 +33,19 @@ class Cifar10Binary(tfds.core.GeneratorBasedBuilder):
     """CIFAR-10 images and labels from the binary archive."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "The original binary archive, read with the standard library."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "The original binary archive, read with the standard library."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Optionally place {ARCHIVE} (from {URL}) in manual_dir."
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             description=__doc__,
             # Raw uint8 tensors: TFDS's Image feature PNG-encodes with TensorFlow.
-            features=tfds.features.FeaturesDict({"image": tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8), "label": tfds.features.ClassLabel(num_classes=10)}),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=(32, 32, 3), dtype=np.uint8),
+                    "label": tfds.features.ClassLabel(num_classes=10),
+                }
+            ),
             supervised_keys=("image", "label"),
             homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
         )

@@ -8,6 +8,7 @@ records); hours with no measurement are dropped.
 from __future__ import annotations
 
 import datetime
+from typing import ClassVar
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -18,8 +19,13 @@ URL = "https://archive.ics.uci.edu/static/public/235/individual+household+electr
 ARCHIVE = "individual+household+electric+power+consumption.zip"
 FILE = "household_power_consumption.txt"
 COLUMNS = (
-    "Global_active_power", "Global_reactive_power", "Voltage", "Global_intensity",
-    "Sub_metering_1", "Sub_metering_2", "Sub_metering_3",
+    "Global_active_power",
+    "Global_reactive_power",
+    "Voltage",
+    "Global_intensity",
+    "Sub_metering_1",
+    "Sub_metering_2",
+    "Sub_metering_3",
 )
 
 
@@ -27,16 +33,18 @@ class HouseholdPower(tfds.core.GeneratorBasedBuilder):
     """Hourly means of the 7 household power measurements."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Hourly means of the UCI minute data."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Hourly means of the UCI minute data."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Optionally place {ARCHIVE} (from {URL}) in manual_dir."
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "hour": np.int64,  # hours since 1970-01-01
-                "values": tfds.features.Tensor(shape=(len(COLUMNS),), dtype=np.float32),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "hour": np.int64,  # hours since 1970-01-01
+                    "values": tfds.features.Tensor(shape=(len(COLUMNS),), dtype=np.float32),
+                }
+            ),
             homepage="https://archive.ics.uci.edu/dataset/235",
         )
 

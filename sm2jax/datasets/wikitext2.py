@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import tensorflow_datasets as tfds
 
 from sm2jax.datasets._common import fetch_archive
@@ -15,7 +17,7 @@ class Wikitext2(tfds.core.GeneratorBasedBuilder):
     """WikiText-2 raw text lines (empty lines dropped)."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Raw WikiText-2 lines."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Raw WikiText-2 lines."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"Optionally place {ARCHIVE} (from {URL}) in manual_dir."
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -16,7 +16,25 @@ from sm2jax.energy.meters import (
 from sm2jax.energy.monitor import EnergyMonitor, IdleBaseline, WindowReading, hardware_profile, measure_idle
 
 __all__ = [
-    "METHODS", "EnergyLedger", "add_known", "EnergyMonitor", "EstimateMeter", "IdleBaseline", "Meter", "NvmlCounterMeter",
-    "NvmlPowerMeter", "RaplMeter", "UnavailableMeter", "WindowReading", "attribute", "find_rapl_zones",
-    "hardware_profile", "make_meter", "make_nvml_meter", "measure_idle", "read_ledger", "summarize", "trial_totals",
+    "METHODS",
+    "EnergyLedger",
+    "EnergyMonitor",
+    "EstimateMeter",
+    "IdleBaseline",
+    "Meter",
+    "NvmlCounterMeter",
+    "NvmlPowerMeter",
+    "RaplMeter",
+    "UnavailableMeter",
+    "WindowReading",
+    "add_known",
+    "attribute",
+    "find_rapl_zones",
+    "hardware_profile",
+    "make_meter",
+    "make_nvml_meter",
+    "measure_idle",
+    "read_ledger",
+    "summarize",
+    "trial_totals",
 ]

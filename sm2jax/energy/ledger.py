@@ -30,7 +30,12 @@ def add_known(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a + b
 
 
-def attribute_by_device(per_device: dict[str, float] | None, total: float | None, work: Sequence[float], trial_keys: Sequence[tuple[str, ...]]) -> tuple[list[float | None], float | None]:
+def attribute_by_device(
+    per_device: dict[str, float] | None,
+    total: float | None,
+    work: Sequence[float],
+    trial_keys: Sequence[tuple[str, ...]],
+) -> tuple[list[float | None], float | None]:
     """Splits a window's energy per device: each device's joules go to the trials whose rows ran on
     it, in proportion to their work (:func:`attribute`), so a trial is charged by its own device.
 
@@ -92,12 +97,21 @@ class EnergyLedger:
         their records are computed, identically, but not written).
     """
 
-    def __init__(self, path: str | os.PathLike, idle: IdleBaseline | None = None, intensity_g_per_kwh: float = DEFAULT_INTENSITY_G_PER_KWH, intensity_label: str | None = None, write: bool = True):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        idle: IdleBaseline | None = None,
+        intensity_g_per_kwh: float = DEFAULT_INTENSITY_G_PER_KWH,
+        intensity_label: str | None = None,
+        write: bool = True,
+    ):
         self.path = os.fspath(path)
         self.idle = idle
         self.intensity = intensity_g_per_kwh
         if intensity_label is None:
-            intensity_label = DEFAULT_INTENSITY_LABEL if intensity_g_per_kwh == DEFAULT_INTENSITY_G_PER_KWH else "user-supplied"
+            intensity_label = (
+                DEFAULT_INTENSITY_LABEL if intensity_g_per_kwh == DEFAULT_INTENSITY_G_PER_KWH else "user-supplied"
+            )
         self.intensity_label = intensity_label
         self.write = write
         if write:
@@ -110,7 +124,20 @@ class EnergyLedger:
         kwh = joules / J_PER_KWH
         return kwh, kwh * self.intensity
 
-    def record(self, reading: WindowReading, *, phase: str, cohort: str, trial_ids: Sequence[int], work: Sequence[float], steps: Sequence[int], samples: Sequence[int], devices: Sequence[str] | None = None, trial_keys: Sequence[tuple[str, ...]] | None = None, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    def record(
+        self,
+        reading: WindowReading,
+        *,
+        phase: str,
+        cohort: str,
+        trial_ids: Sequence[int],
+        work: Sequence[float],
+        steps: Sequence[int],
+        samples: Sequence[int],
+        devices: Sequence[str] | None = None,
+        trial_keys: Sequence[tuple[str, ...]] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
         """Attributes one window to its trials and appends the records. With ``trial_keys`` (the
         meter keys each trial's device draws on) each device's energy goes to its own trials
         (:func:`attribute_by_device`); net energy (gross minus idle) is split like the gross."""
@@ -127,21 +154,56 @@ class EnergyLedger:
         else:  # net follows the per-device gross shares: each trial keeps its gross share's fraction
             net = [None if g is None else g * net_total / reading.joules for g in gross]
         devices = list(devices) if devices is not None else sorted(reading.per_device or [])
-        base = {"phase": phase, "cohort": cohort, "method": reading.method, "valid": reading.valid, "devices": devices, "intensity_label": self.intensity_label, "time": time.time(), **(extra or {})}
+        base = {
+            "phase": phase,
+            "cohort": cohort,
+            "method": reading.method,
+            "valid": reading.valid,
+            "devices": devices,
+            "intensity_label": self.intensity_label,
+            "time": time.time(),
+            **(extra or {}),
+        }
         kwh, g = self._carbon(reading.joules)
-        records = [{
-            "type": "window", **base, "window": reading.name, "seconds": reading.seconds,
-            "joules": reading.joules, "net_joules": net_total, "per_device": reading.per_device,
-            "unattributed_joules": unattributed, "kwh": kwh, "gco2e": g, "note": reading.note,
-            "idle_watts": idle_w, **({"host_joules": reading.host_joules, "host_method": reading.host_method} if reading.host_method else {}),
-        }]
+        records = [
+            {
+                "type": "window",
+                **base,
+                "window": reading.name,
+                "seconds": reading.seconds,
+                "joules": reading.joules,
+                "net_joules": net_total,
+                "per_device": reading.per_device,
+                "unattributed_joules": unattributed,
+                "kwh": kwh,
+                "gco2e": g,
+                "note": reading.note,
+                "idle_watts": idle_w,
+                **(
+                    {"host_joules": reading.host_joules, "host_method": reading.host_method}
+                    if reading.host_method
+                    else {}
+                ),
+            }
+        ]
         for i, (tid, j, nj, st, sa) in enumerate(zip(trial_ids, gross, net, steps, samples)):
             kwh, g = self._carbon(j)
-            records.append({
-                "type": "trial", **base, "window": reading.name, "trial_id": int(tid), "seconds": reading.seconds,
-                "joules": j, "net_joules": nj, "steps": int(st), "samples": int(sa), "kwh": kwh, "gco2e": g,
-                **({"device_keys": list(trial_keys[i])} if trial_keys is not None else {}),
-            })
+            records.append(
+                {
+                    "type": "trial",
+                    **base,
+                    "window": reading.name,
+                    "trial_id": int(tid),
+                    "seconds": reading.seconds,
+                    "joules": j,
+                    "net_joules": nj,
+                    "steps": int(st),
+                    "samples": int(sa),
+                    "kwh": kwh,
+                    "gco2e": g,
+                    **({"device_keys": list(trial_keys[i])} if trial_keys is not None else {}),
+                }
+            )
         if not self.write:  # another process writes this study's ledger
             return records
         with open(self.path, "a") as f:
@@ -203,7 +265,18 @@ def summarize(records: Sequence[dict[str, Any]], key: str = "phase") -> dict[str
     for r in records:
         if r["type"] != "window":
             continue
-        g = groups.setdefault(str(r[key]), {"joules": 0.0, "net_joules": 0.0, "kwh": 0.0, "gco2e": 0.0, "seconds": 0.0, "methods": set(), "windows": 0})
+        g = groups.setdefault(
+            str(r[key]),
+            {
+                "joules": 0.0,
+                "net_joules": 0.0,
+                "kwh": 0.0,
+                "gco2e": 0.0,
+                "seconds": 0.0,
+                "methods": set(),
+                "windows": 0,
+            },
+        )
         if "host_method" in r:  # the accelerator is unmetered: the host's figure, on its own line
             g["host_method"] = r["host_method"]
             g["host_joules"] = add_known(g.get("host_joules", 0.0), r["host_joules"])
@@ -217,7 +290,9 @@ def summarize(records: Sequence[dict[str, Any]], key: str = "phase") -> dict[str
     return groups
 
 
-def trial_totals(records: Sequence[dict[str, Any]], phases: Sequence[str] | None = None, field: str = "joules") -> dict[int, float | None]:
+def trial_totals(
+    records: Sequence[dict[str, Any]], phases: Sequence[str] | None = None, field: str = "joules"
+) -> dict[int, float | None]:
     """Per trial, the sum of ``field`` (gross ``joules``, ``kwh`` or ``gco2e``) over the given phases
     (all if ``None``); ``None`` if any was unavailable."""
     totals: dict[int, float | None] = {}

@@ -268,7 +268,7 @@ def jax_gpus(devices: list[Any] | None = None) -> list[dict[str, Any]]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     names = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
     out = []
-    for d in (jax.devices()[:1] if devices is None else devices):
+    for d in jax.devices()[:1] if devices is None else devices:
         if d.platform != "gpu":
             continue
         entry: dict[str, Any] = {"jax": str(d)}
@@ -292,11 +292,12 @@ def jax_gpus(devices: list[Any] | None = None) -> list[dict[str, Any]]:
 def nvml_handles(nvml: Any, gpus: list[dict[str, Any]] | str = "all") -> dict[str, Any]:
     """NVML handles keyed by PCI bus id (else ``gpuN``): every device (``"all"``) or the listed ones,
     each found by ``pci_bus_id``, ``uuid`` or ``index``."""
+
     def key(handle, fallback):
         try:
             bus = nvml.nvmlDeviceGetPciInfo(handle).busId
             return bus.decode() if isinstance(bus, bytes) else str(bus)
-        except Exception:  # noqa: BLE001 -- a name is all this is for
+        except Exception:
             return fallback
 
     if gpus == "all":
@@ -323,12 +324,18 @@ def open_nvml(nvml: Any | None = None) -> tuple[Any | None, str]:
         nvml.nvmlInit()
         if nvml.nvmlDeviceGetCount() < 1:
             return None, "NVML found no GPU"
-    except Exception as err:  # noqa: BLE001 -- any NVML failure means "no NVML here"
+    except Exception as err:
         return None, f"NVML unavailable: {err}"
     return nvml, ""
 
 
-def make_nvml_meter(nvml: Any | None = None, *, prefer: str = "nvml-counter", interval_s: float = 0.1, gpus: list[dict[str, Any]] | str | None = None) -> Meter:
+def make_nvml_meter(
+    nvml: Any | None = None,
+    *,
+    prefer: str = "nvml-counter",
+    interval_s: float = 0.1,
+    gpus: list[dict[str, Any]] | str | None = None,
+) -> Meter:
     """The best NVML meter for ``gpus`` (default: the GPUs JAX uses, :func:`jax_gpus`; ``"all"``:
     every GPU NVML sees): the counter if every device supports it, else power polling.
 
@@ -357,9 +364,9 @@ def make_nvml_meter(nvml: Any | None = None, *, prefer: str = "nvml-counter", in
         meter = NvmlPowerMeter(nvml, handles, interval_s)
         meter.devices = mapping
         if prefer == "nvml-counter":
-            meter.reason = "energy counter not supported; power polled every %g s" % interval_s
+            meter.reason = f"energy counter not supported; power polled every {interval_s:g} s"
         return meter
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         return UnavailableMeter(f"NVML error: {err}")
 
 
@@ -369,7 +376,16 @@ def make_host_meter(rapl_root: str = "/sys/class/powercap", watts_per_core: floa
     return RaplMeter(zones) if zones else EstimateMeter(watts_per_core)
 
 
-def make_meter(method: str = "auto", *, nvml: Any | None = None, rapl_root: str = "/sys/class/powercap", watts_per_core: float = 10.0, interval_s: float = 0.1, gpus: list[dict[str, Any]] | str | None = None, backend: str | None = None) -> Meter:
+def make_meter(
+    method: str = "auto",
+    *,
+    nvml: Any | None = None,
+    rapl_root: str = "/sys/class/powercap",
+    watts_per_core: float = 10.0,
+    interval_s: float = 0.1,
+    gpus: list[dict[str, Any]] | str | None = None,
+    backend: str | None = None,
+) -> Meter:
     """Chooses the meter of the devices JAX computes on.
 
     ``auto``: on GPUs, NVML (counter, else power) for the GPUs JAX uses (``gpus``, default
@@ -393,9 +409,15 @@ def make_meter(method: str = "auto", *, nvml: Any | None = None, rapl_root: str 
             meter = make_nvml_meter(nvml, interval_s=interval_s, gpus=gpus)
             if meter.method != "unavailable":
                 return meter
-            return UnavailableMeter(f"the GPU(s) JAX uses cannot be metered ({meter.reason})", host=make_host_meter(rapl_root, watts_per_core))
+            return UnavailableMeter(
+                f"the GPU(s) JAX uses cannot be metered ({meter.reason})",
+                host=make_host_meter(rapl_root, watts_per_core),
+            )
         if backend != "cpu":
-            return UnavailableMeter(f"JAX computes on {backend}, whose energy cannot be metered here", host=make_host_meter(rapl_root, watts_per_core))
+            return UnavailableMeter(
+                f"JAX computes on {backend}, whose energy cannot be metered here",
+                host=make_host_meter(rapl_root, watts_per_core),
+            )
         return make_host_meter(rapl_root, watts_per_core)
     if method == "rapl":
         zones, reason = find_rapl_zones(rapl_root)

@@ -110,20 +110,56 @@ class EnergyMonitor:
         if start.joules is None or stop.joules is None:
             host = getattr(self.meter, "host", None)
             host_joules = None if host is None or start.host is None or stop.host is None else stop.host - start.host
-            return WindowReading(name, start.time, seconds, None, None, self.method, False, self.meter.reason or "unavailable", start, stop,
-                                 host_joules=host_joules, host_method=None if host is None else host.method)
+            return WindowReading(
+                name,
+                start.time,
+                seconds,
+                None,
+                None,
+                self.method,
+                False,
+                self.meter.reason or "unavailable",
+                start,
+                stop,
+                host_joules=host_joules,
+                host_method=None if host is None else host.method,
+            )
         per_device = {d: stop.joules[d] - start.joules[d] for d in stop.joules}
         if any(v < 0 for v in per_device.values()):
-            return WindowReading(name, start.time, seconds, None, None, self.method, False, "energy counter went backwards (driver reload?)", start, stop)
+            return WindowReading(
+                name,
+                start.time,
+                seconds,
+                None,
+                None,
+                self.method,
+                False,
+                "energy counter went backwards (driver reload?)",
+                start,
+                stop,
+            )
         total = sum(per_device.values())
         if self.method == "nvml-counter" and total == 0 and seconds < self.counter_resolution_s:
-            return WindowReading(name, start.time, seconds, None, None, self.method, False, f"window of {seconds * 1e3:.0f} ms is below the counter's update period", start, stop)
+            return WindowReading(
+                name,
+                start.time,
+                seconds,
+                None,
+                None,
+                self.method,
+                False,
+                f"window of {seconds * 1e3:.0f} ms is below the counter's update period",
+                start,
+                stop,
+            )
         note = ""
         if self.method in ("nvml-counter", "nvml-power") and seconds < self.min_window_s:
             note = f"short window ({seconds:.2f} s < {self.min_window_s:g} s): NVML updates every ~0.1 s, expect error"
         update = getattr(self.meter, "update_s", None)
         uncertainty = None if update is None or seconds <= 0 else update / seconds
-        return WindowReading(name, start.time, seconds, total, per_device, self.method, True, note, start, stop, uncertainty)
+        return WindowReading(
+            name, start.time, seconds, total, per_device, self.method, True, note, start, stop, uncertainty
+        )
 
     @contextlib.contextmanager
     def measure(self, name: str, after: Any = None):
@@ -149,8 +185,15 @@ class IdleBaseline:
 def measure_idle(monitor: EnergyMonitor, seconds: float = 3.0) -> IdleBaseline:
     """Average power over ``seconds`` of doing nothing (after all pending JAX work finished); at
     least the meter's resolution (a 0.1 s window of a 100 ms counter would read 0 W)."""
-    if monitor.method == "estimated":  # process CPU time is ~0 while idle: a "0 W" would be a guess shown as a measurement
-        return IdleBaseline(None, 0.0, "estimated", "not applicable: the estimate counts this process's CPU time, which is ~0 while idle")
+    if (
+        monitor.method == "estimated"
+    ):  # process CPU time is ~0 while idle: a "0 W" would be a guess shown as a measurement
+        return IdleBaseline(
+            None,
+            0.0,
+            "estimated",
+            "not applicable: the estimate counts this process's CPU time, which is ~0 while idle",
+        )
     for array in jax.live_arrays():
         array.block_until_ready()
     window = monitor.begin("idle")
@@ -188,7 +231,7 @@ def hardware_profile(nvml: Any | None = None) -> dict[str, Any]:
         ):
             try:
                 value = call()
-            except Exception:  # noqa: BLE001 -- unsupported queries are "unavailable", not fatal
+            except Exception:
                 value = "unavailable"
             if key == "memory" and value != "unavailable":
                 gpu["memory_total_bytes"], gpu["memory_free_bytes"] = int(value.total), int(value.free)

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from fake_nvml import make_card, make_fake_nvml  # noqa: E402
+from fake_nvml import make_card, make_fake_nvml
 
 _module = make_fake_nvml([make_card(0, power_mw=150_000), make_card(1, power_mw=150_000)])
 globals().update({k: v for k, v in vars(_module).items() if not k.startswith("__")})
