@@ -5,10 +5,12 @@ from sm2jax.data import ArrayDataset, register_dataset
 from sm2jax.hyperband import run_hyperband
 from sm2jax.models import register_model
 from sm2jax.placement import Placement, request_cpu_devices
+from sm2jax.rows import CohortState
 from sm2jax.space import Categorical, Config, Fixed, IntUniform, LogUniform, SearchSpace, Uniform, make_config
-from sm2jax.study import Study, StudySpec
+from sm2jax.spec import StudySpec
+from sm2jax.study import Study
 from sm2jax.tasks import Task, register_task
-from sm2jax.trainer import CohortState, CohortTrainer
+from sm2jax.trainer import CohortTrainer
 
 __version__ = "0.1.0"
 

@@ -42,7 +42,7 @@ def _run(args) -> dict:
     study = Study(
         directory, spec, progress=not args.no_progress, devices=args.devices
     )  # validates before anything is said
-    if os.listdir(os.path.join(directory, "progress")) and study.progress_bar:
+    if study.folder.saved_phases() and study.progress_bar:
         print(f"resuming the study in {directory}", file=sys.stderr)
     return study.run()
 
@@ -93,13 +93,11 @@ def apply_overrides(spec, assignments: list[str]):
 
 def _resume(args) -> dict:
     from sm2jax.hyperband import run_hyperband
-    from sm2jax.study import Study, StudySpec
+    from sm2jax.spec import StudySpec
+    from sm2jax.study import Study
+    from sm2jax.study_dir import StudyDir
 
-    path = os.path.join(args.dir, "spec.json")
-    blob = None
-    if os.path.exists(path):
-        with open(path) as f:
-            blob = json.load(f)
+    blob = StudyDir(args.dir).spec_blob()
     if blob is not None and "hyperband" in blob:
         return run_hyperband(
             args.dir, StudySpec(**blob["hyperband"]), progress=not args.no_progress, devices=args.devices
@@ -128,8 +126,9 @@ def _compare(args) -> int:
 
 def _write_report_files(results: dict, args) -> int:
     from sm2jax.figures import write_plots, write_tables
+    from sm2jax.study_dir import StudyDir
 
-    out = args.out or os.path.join(args.dir, "report")
+    out = args.out or StudyDir(args.dir).report_path
     if "trials" not in results:
         print(
             f"sm2jax: {args.dir}/results.json predates per-configuration tables: `sm2jax resume {args.dir}` rewrites it (nothing retrains)",
@@ -243,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ[ENV] = args.compile_cache
 
+    from sm2jax.energy.metering import request_interrupt
     from sm2jax.report import format_results, load_results
-    from sm2jax.runner import request_interrupt
 
     signal.signal(signal.SIGINT, request_interrupt)
     default_hook = sys.unraisablehook
@@ -261,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 initialize(args.coordinator, args.num_processes, args.process_id)
         if getattr(args, "imports", None):
-            from sm2jax.study import import_modules
+            from sm2jax.spec import import_modules
 
             sys.path.insert(0, os.getcwd())  # as `python -m` does: modules next to the user are found
             import_modules(args.imports)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sm2jax.space import SCHEDULES, Config
+from sm2jax.space import OPTIMIZERS, SCHEDULES, Config
 
 # Order of the traced, per-trial optimizer hyperparameters in the optimizer state.
 OPTIMIZER_HYPERPARAMETERS = (
@@ -183,7 +183,7 @@ def optimizer_factory(family: str):
     ``sgd`` uses coupled L2 weight decay and heavy-ball momentum (0 gives plain SGD); ``adam``
     ignores ``weight_decay``; ``adamw`` uses decoupled weight decay (Loshchilov & Hutter 2019).
     """
-    if family not in ("sgd", "adam", "adamw"):
+    if family not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer family {family!r}")
 
     def make(

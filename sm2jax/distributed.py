@@ -6,7 +6,7 @@ need on any cluster). The ``trials`` mesh spans every process's devices
 evaluation of every row back (:meth:`~sm2jax.placement.Placement.host`), so that every process takes
 the same decisions. Process 0 alone writes: ``spec.json``, progress, the ledger, ``results.json``
 (Orbax coordinates the checkpoints itself). Every process meters its own devices; a
-:class:`DistributedMeter` gathers the readings at each window boundary, so the ledger charges each
+:class:`~sm2jax.energy.meters.DistributedMeter` gathers the readings at each window boundary, so the ledger charges each
 trial from the devices its rows ran on, whichever process they belong to.
 
 Starting: ``sm2jax run --coordinator HOST:PORT --num-processes N --process-id I`` on each host (or
@@ -21,8 +21,6 @@ from typing import Any
 
 import jax
 import numpy as np
-
-from sm2jax.energy.meters import Meter, Sample
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
@@ -79,66 +77,3 @@ def allgather_json(blob: Any) -> list[Any]:
     padded = np.zeros(length, np.uint8)
     padded[: raw.size] = raw
     return [json.loads(bytes(row).rstrip(b"\x00").decode()) for row in allgather(padded)]
-
-
-class DistributedMeter(Meter):
-    """Every process's meter read at once: a sample's keys are ``pP/KEY`` for process ``P``'s
-    meter key ``KEY``, and its time is process 0's clock, so every process holds identical samples
-    (and so takes identical merge decisions). Each :meth:`sample` is a collective: every process must
-    sample at the same points, as the study's windows do.
-
-    Args:
-      inner: this process's meter (the same method on every process).
-    """
-
-    def __init__(self, inner: Meter):
-        self.inner = inner
-        self.method, self.reason = inner.method, inner.reason
-        self.resolution_s, self.update_s = inner.resolution_s, inner.update_s
-        self.host = getattr(inner, "host", None)
-        first = inner.sample()
-        self._keys = sorted(first.joules) if first.joules is not None else []
-        local_map = {str(d): list(inner.device_keys(d)) for d in jax.local_devices()}
-        self._layout = allgather_json({"keys": self._keys, "devices": local_map, "method": inner.method})
-        methods = {p["method"] for p in self._layout}
-        if len(methods) > 1:
-            self.method, self.reason = (
-                "unavailable",
-                f"processes meter differently ({', '.join(sorted(methods))}): no common figure",
-            )
-        self._width = max(len(p["keys"]) for p in self._layout)
-        self.devices = (
-            [{**e, "nvml": f"p{i}/{e['nvml']}"} for i, e in enumerate(inner.devices or [])] if inner.devices else None
-        )
-
-    def device_keys(self, device: Any) -> tuple[str, ...]:
-        p = int(device.process_index)
-        layout = self._layout[p]
-        keys = layout["devices"].get(str(device), [])
-        if keys == ["*"]:
-            keys = layout["keys"]
-        return tuple(f"p{p}/{k}" for k in keys)
-
-    def sample(self) -> Sample:
-        s = self.inner.sample()
-        vec = np.full(2 + self._width, np.nan)
-        vec[0] = s.time
-        if s.host is not None:
-            vec[1] = s.host
-        if s.joules is not None:
-            vec[2 : 2 + len(self._keys)] = [s.joules[k] for k in self._keys]
-        rows = allgather(vec)
-        joules: dict[str, float] | None = {}
-        for p, layout in enumerate(self._layout):
-            values = rows[p, 2 : 2 + len(layout["keys"])]
-            if np.isnan(values).any():
-                joules = None
-                break
-            joules.update({f"p{p}/{k}": float(v) for k, v in zip(layout["keys"], values)})
-        host = None if np.isnan(rows[:, 1]).any() else float(rows[:, 1].sum())
-        if self.method == "unavailable":
-            joules = None
-        return Sample(float(rows[0, 0]), joules, host)
-
-    def close(self) -> None:
-        self.inner.close()

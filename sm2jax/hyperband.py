@@ -6,9 +6,11 @@ import dataclasses
 import os
 from typing import Any
 
+from sm2jax.budgets import hyperband_brackets
 from sm2jax.data import ArrayDataset
-from sm2jax.scheduler import hyperband_brackets
-from sm2jax.study import Study, StudySpec, _atomic_write_json, claim_directory
+from sm2jax.spec import StudySpec
+from sm2jax.study import Study
+from sm2jax.study_dir import StudyDir
 
 
 def run_hyperband(
@@ -24,14 +26,14 @@ def run_hyperband(
 
     ``spec.max_budget`` is R; bracket ``s`` samples ``n`` random configurations (seed ``spec.seed + s``)
     and runs Li et al.'s inner loop on them: rungs ``r_i = R * eta**(i - s)`` keeping ``floor(n_i / eta)``
-    (:func:`sm2jax.scheduler.hyperband_brackets`; integral budgets ``R * eta**i // eta**s`` when the unit
+    (:func:`sm2jax.budgets.hyperband_brackets`; integral budgets ``R * eta**i // eta**s`` when the unit
     is steps or samples). The winner is the best score over the brackets.
     Finished brackets are read back, so a killed Hyperband run resumes bracket by bracket. Brackets
     of one shape reuse each other's compiled programs (in-process and through the persistent cache).
     ``devices``: the trials axis of every bracket (see :class:`Study`).
     """
-    directory = os.path.abspath(os.fspath(directory))
-    claim_directory(directory, {"hyperband": spec.to_json()})  # refuses a directory holding another study
+    folder = StudyDir(directory)
+    folder.claim({"hyperband": spec.to_json()})  # refuses a directory holding another study
     integral = spec.budget_unit in ("steps", "samples") and spec.max_budget == int(spec.max_budget)
     brackets, outcomes = hyperband_brackets(spec.max_budget, spec.eta, integral=integral), []
     for b in brackets:
@@ -49,7 +51,7 @@ def run_hyperband(
             objective="performance",
         )
         result = Study(
-            os.path.join(directory, f"bracket-{b['s']}"),
+            folder.bracket(b["s"]),
             sub,
             progress=progress,
             nvml=nvml,
@@ -69,12 +71,12 @@ def run_hyperband(
     best = max(scored, key=lambda o: o["selected"]["score"]) if scored else None
     totals = [o["total_joules"] for o in outcomes]
     results = {
-        "study": directory,
+        "study": folder.path,
         "mode": "hyperband",
         "brackets": outcomes,
         "selected": None if best is None else {**best["selected"], "bracket": best["s"]},
         "total_joules": None if any(t is None for t in totals) else float(sum(totals)),
         "energy_method": outcomes[0]["energy_method"] if outcomes else None,
     }
-    _atomic_write_json(os.path.join(directory, "results.json"), results)
+    folder.write_results(results)
     return results

@@ -341,7 +341,6 @@ BUILTIN_MODELS: dict[str, Callable[..., nnx.Module]] = {
     "transformer": _build_transformer,
 }
 MODEL_REGISTRY: dict[str, Callable[..., nnx.Module]] = dict(BUILTIN_MODELS)
-_VERSIONS: dict[str, int] = {name: 0 for name in BUILTIN_MODELS}
 
 
 def register_model(name: str, builder: Callable[..., nnx.Module]) -> None:
@@ -365,12 +364,6 @@ def register_model(name: str, builder: Callable[..., nnx.Module]) -> None:
     if not callable(builder):
         raise TypeError(f"register_model({name!r}, ...): the builder must be callable")
     MODEL_REGISTRY[name] = builder
-    _VERSIONS[name] = _VERSIONS.get(name, 0) + 1
-
-
-def model_version(name: str) -> int:
-    """How many times ``name`` has been (re-)registered: part of every compiled program's key."""
-    return _VERSIONS.get(name, 0)
 
 
 def build_model(
@@ -393,9 +386,14 @@ def build_model(
       dtype: computation dtype name.
       key: PRNG key for parameter initialisation.
     """
-    name = spec["name"]
+    builder = model_builder(spec["name"])
+    return builder(spec, tuple(input_shape), num_outputs, dropout, jnp.dtype(dtype), nnx.Rngs(params=key))
+
+
+def model_builder(name: str) -> Callable[..., nnx.Module]:
+    """The builder registered as model ``name`` (a re-registered name is another builder)."""
     if name not in MODEL_REGISTRY:
         raise ValueError(
             f"unknown model {name!r}; known: {', '.join(sorted(MODEL_REGISTRY))} (register yours with sm2jax.register_model)"
         )
-    return MODEL_REGISTRY[name](spec, tuple(input_shape), num_outputs, dropout, jnp.dtype(dtype), nnx.Rngs(params=key))
+    return MODEL_REGISTRY[name]

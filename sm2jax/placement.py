@@ -79,6 +79,20 @@ class Placement:
         """Identifies the devices (for the table of compiled programs)."""
         return tuple(int(d.id) for d in self.devices)
 
+    def __eq__(self, other: object) -> bool:  # equal devices: the same placement (program keys)
+        return isinstance(other, Placement) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def describe(self) -> dict[str, Any]:
+        """The devices, process count and platform (what results record)."""
+        return {
+            "devices": [str(d) for d in self.devices],
+            "processes": jax.process_count(),
+            "platform": self.devices[0].platform,
+        }
+
     @property
     def rows(self) -> NamedSharding:
         """Leading (trial) axis split over the devices."""

@@ -1,4 +1,6 @@
-"""Plain-text reports of a study's results (what ``sm2jax report`` prints)."""
+"""A study's results: assembled from its state and ledger (:func:`assemble_results`, one row per
+configuration in :func:`trial_table`), read back (:func:`load_results`) and printed as plain text
+(:func:`format_results`, what ``sm2jax report`` prints)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,12 @@ import json
 import os
 from collections import Counter
 from typing import Any
+
+from sm2jax.cohort import group_into_cohorts
+from sm2jax.energy.ledger import summarize, trial_totals
+from sm2jax.phases import StudyState
+from sm2jax.space import Config
+from sm2jax.study_dir import StudyDir
 
 
 def _joules(value: float | None, method: str | list[str]) -> str:
@@ -162,8 +170,129 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 def load_results(directory: str | os.PathLike) -> dict[str, Any]:
-    path = os.path.join(os.fspath(directory), "results.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: the study has not finished (run `sm2jax resume {directory}`)")
-    with open(path) as f:
-        return json.load(f)
+    """The ``results.json`` of the study in ``directory`` (one-line errors for a missing study or result)."""
+    return StudyDir(directory).results()
+
+
+def trial_table(
+    progress: StudyState, records: list[dict[str, Any]], configs: dict[int, Config]
+) -> list[dict[str, Any]]:
+    """One row per configuration: its cohort and values, how far it got (the last phase it
+    trained in and why it stopped there), its last score, and the energy attributed to it by
+    the ledger (finished attempts only; ``None`` when any share was unavailable)."""
+    cohort_of = {
+        c.trial_id: cohort.name for cohort in group_into_cohorts(list(configs.values())) for c in cohort.configs
+    }
+    joules, kwh, gco2e = (trial_totals(records, field=f) for f in ("joules", "kwh", "gco2e"))
+    last: dict[int, dict[str, Any]] = {}
+    for d in progress.decisions:
+        last[d["trial_id"]] = d
+    finalists = {f["trial_id"] for f in progress.finalists}
+    rows = []
+    for t, config in sorted(configs.items()):
+        record = progress.trials.get(str(t), {})
+        d = last.get(t)
+        if str(t) in progress.infeasible:
+            status, phase, reason = "infeasible", None, progress.infeasible[str(t)]
+        elif t == progress.selected:
+            status, phase, reason = "selected", d["phase"] if d else None, d["reason"] if d else ""
+        elif d is None:
+            status, phase, reason = "running", None, ""
+        elif d["kept"]:
+            status, phase, reason = ("finalist" if t in finalists else "running"), d["phase"], d.get("reason", "")
+        else:
+            status, phase, reason = d.get("reason_code") or "dropped", d["phase"], d.get("reason", "")
+        rows.append(
+            {
+                "trial_id": t,
+                "cohort": cohort_of[t],
+                "config": config.to_json()["values"],
+                "status": status,
+                "last_phase": phase,
+                "reason": reason,
+                "score": record.get("score"),
+                "score_se": record.get("score_se"),
+                "metric": record.get("metric"),
+                "samples": record.get("samples_spent", 0),
+                "energy_joules": joules.get(t),
+                "kwh": kwh.get(t),
+                "gco2e": gco2e.get(t),
+            }
+        )
+    return rows
+
+
+def assemble_results(
+    progress: StudyState,
+    everything: list[dict[str, Any]],
+    *,
+    study: str,
+    spec: Any,
+    configs: dict[int, Config],
+    hardware: dict[str, Any],
+    energy_method: str,
+    intensity_label: str,
+    metric_name: str,
+    placement: dict[str, Any],
+    wall_seconds: float,
+) -> dict[str, Any]:
+    done = progress.completed_by
+    finishers = set(done.values())
+
+    def interrupted(r: dict[str, Any]) -> bool:
+        """Work of an attempt that was killed before it recorded the phase (repeated later)."""
+        if r["phase"] in done:
+            return r.get("attempt") != done[r["phase"]]
+        if r["phase"] in ("compile", "probe", "oom-retry"):
+            return r.get("attempt") not in finishers
+        return True
+
+    records = [r for r in everything if not interrupted(r)]
+    lost = [r for r in everything if interrupted(r)]
+    by_phase = summarize(records)
+    selected = progress.selected
+    out: dict[str, Any] = {
+        "study": study,
+        "mode": spec.mode,
+        "objective": spec.objective,
+        "energy_method": energy_method,
+        "energy_note": hardware.get("energy_note", ""),
+        "intensity_label": intensity_label,
+        "idle": hardware["idle"],
+        "energy_by_phase": by_phase,
+        "interrupted_energy_by_phase": summarize(lost),
+        "wall_seconds_this_attempt": wall_seconds,
+        "attempts": max((r.get("attempt", 0) for r in everything), default=0),
+        "decisions": progress.decisions,
+        "finalists": progress.finalists,
+        "infeasible": progress.infeasible,
+        "hardware": progress.hardware,
+        "metric_name": metric_name,
+        "num_configs": len(configs),
+        "placement": placement,
+    }
+    totals = [g["joules"] for g in by_phase.values()]
+    out["total_joules"] = None if any(t is None for t in totals) else float(sum(totals))
+    lost_totals = [g["joules"] for g in out["interrupted_energy_by_phase"].values()]
+    out["interrupted_joules"] = None if any(t is None for t in lost_totals) else float(sum(lost_totals))
+    out["trials"] = trial_table(progress, records, configs)
+    if selected is None:
+        out["selected"] = None
+        out["note"] = "no configuration survived (all diverged or infeasible)"
+        return out
+    trial = progress.trials[str(selected)]
+    joules = [r["joules"] for r in records if r["type"] == "trial" and r["trial_id"] == selected]
+    lost_joules = [r["joules"] for r in lost if r["type"] == "trial" and r["trial_id"] == selected]
+    out["selected"] = {
+        "trial_id": selected,
+        "config": configs[selected].to_json()["values"],
+        "score": trial["score"],
+        "score_se": trial.get("score_se"),
+        "metric": trial["metric"],
+        "samples": trial["samples_spent"],
+        "test": progress.test,
+        "energy_to_train_joules": None if any(j is None for j in joules) else float(sum(joules)),
+        "interrupted_joules": None if any(j is None for j in lost_joules) else float(sum(lost_joules)),
+        "energy_method": energy_method,
+    }
+    return out

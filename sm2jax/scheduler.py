@@ -1,4 +1,4 @@
-r"""SM2 decisions: rung budgets, the exploration filter, objectives, and Hyperband brackets.
+r"""SM2 decisions: candidates, the exploration filter and successive halving (objectives: :mod:`sm2jax.objectives`).
 
 Everything here is pure logic over :class:`Candidate` records, so it is tested without training.
 
@@ -76,8 +76,16 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-NORMALISE_RTOL = 1e-6
-DEFAULT_ENERGY_NOISE = 0.2  # relative uncertainty of a cohort's energy rate, at least (measured run-to-run spread ~21%)
+DEFAULT_ENERGY_NOISE = 0.2
+"""Relative uncertainty of a cohort's energy rate, at least (the run-to-run spread of identical runs' windows)."""
+DEFAULT_NOISE_Z = 1.0
+"""Scores within this many standard errors of their difference are tied (rungs)."""
+DEFAULT_FINAL_Z = 0.5
+"""The tie width at the final rung, where energy is sunk: only near-ties go to the cheaper configuration."""
+DEFAULT_ENERGY_Z = 2.0
+"""Energies are told apart at this many standard errors (their noise has heavier tails than scores')."""
+DEFAULT_EXPLORE_Z = 2.0
+"""The clear margin, in standard errors, exploration needs to drop a configuration."""
 
 
 @dataclasses.dataclass
@@ -240,179 +248,13 @@ def clearly_cheaper(a: Candidate, b: Candidate, z: float) -> bool:
     return eb - ea > z * math.hypot(a.energy_noise * ea, b.energy_noise * eb)
 
 
-def normalise(values: Sequence[float | None]) -> list[float]:
-    """Min-max normalisation to [0, 1]; constant (within ``NORMALISE_RTOL``) or missing -> 0.5."""
-    present = [v for v in values if v is not None and math.isfinite(v)]
-    if not present:
-        return [0.5] * len(values)
-    lo, hi = min(present), max(present)
-    if hi - lo <= NORMALISE_RTOL * max(abs(lo), abs(hi), 1e-30):
-        return [0.5] * len(values)
-    return [0.0 if v is None or not math.isfinite(v) else (v - lo) / (hi - lo) for v in values]
-
-
-# ------------------------------------------------------------------------------------ objectives
-
-
-Objective = Callable[[Sequence[Candidate]], list[dict[str, Any]]]
-
-
-def performance_objective(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
-    """Plain successive halving: the validation score alone."""
-    return [{"objective": c.score, "P": c.score} for c in candidates]
-
-
-def blend_objective(alpha: float = 0.5, beta: float = 0.3) -> Objective:
-    """The blend ``alpha * P^ + beta * (1 - E^) + (1 - alpha - beta) * G^`` (module docstring).
-
-    Min-max normalisation discards magnitudes and noise: kept as an option, not the default.
-    Where energy is unavailable for any candidate, the energy terms cannot be compared honestly and
-    the objective falls back to ``P^`` alone; each record says so.
-    """
-    if not (0 <= alpha <= 1 and 0 <= beta <= 1 and alpha + beta <= 1):
-        raise ValueError(f"need 0 <= alpha, beta and alpha + beta <= 1 (got alpha={alpha}, beta={beta})")
-
-    def objective(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
-        p_hat = normalise([c.score for c in candidates])
-        if any(c.energy_spent is None for c in candidates):
-            return [{"objective": p, "P_hat": p, "note": "energy unavailable: performance only"} for p in p_hat]
-        e_hat = normalise([c.projected_energy for c in candidates])
-        g_hat = normalise([c.progress_per_joule for c in candidates])
-        gamma = 1.0 - alpha - beta
-        return [
-            {
-                "objective": alpha * p + beta * (1 - e) + gamma * g,
-                "P_hat": p,
-                "E_hat": e,
-                "G_hat": g,
-                "alpha": alpha,
-                "beta": beta,
-            }
-            for p, e, g in zip(p_hat, e_hat, g_hat)
-        ]
-
-    return objective
-
-
-def sm2_objective(z: float = 1.0, energy_z: float = 2.0) -> Objective:
-    """SM2's epsilon-constraint ordering (module docstring): score tiers of width ``z`` standard
-    errors, cheapest first inside a tier (energies compared at ``energy_z``).
-
-    The objective value is minus the position in that order; each record says its tier, the best
-    score it is tied with, the margin, and how many tier-mates it is clearly cheaper than.
-    """
-    if z < 0 or energy_z < 0:
-        raise ValueError(f"noise multipliers must be >= 0 (got z={z}, energy_z={energy_z})")
-
-    def objective(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
-        remaining = sorted(range(len(candidates)), key=lambda i: (-candidates[i].score, candidates[i].trial_id))
-        energy_known = all(c.decision_energy is not None for c in candidates)
-        order, info = [], {}
-        tier = 0
-        while remaining:
-            head = candidates[remaining[0]]
-            members = [i for i in remaining if not clearly_better(head, candidates[i], z)]
-            beats = {i: sum(clearly_cheaper(candidates[i], candidates[j], energy_z) for j in members) for i in members}
-            beaten = {i: sum(clearly_cheaper(candidates[j], candidates[i], energy_z) for j in members) for i in members}
-            members.sort(key=lambda i: (beaten[i], -candidates[i].score, candidates[i].trial_id))
-            for i in members:
-                c = candidates[i]
-                margin = score_margin(head, c, z)
-                if i == remaining[0]:
-                    why = f"best score of tier {tier + 1} ({c.score:.4g} +- {c.score_se:.2g})"
-                else:
-                    why = f"tier {tier + 1}: {c.score:.4g} tied with {head.score:.4g} (difference {head.score - c.score:.3g} <= {margin:.3g})"
-                if len(members) > 1:
-                    why += (
-                        f"; clearly cheaper than {beats[i]}, clearly dearer than {beaten[i]} of its {len(members)} tier-mates"
-                        if energy_known
-                        else "; energy unavailable: tier ordered by score"
-                    )
-                info[i] = {
-                    "tier": tier + 1,
-                    "tier_size": len(members),
-                    "tied_with": head.trial_id,
-                    "margin": margin,
-                    "cheaper_than": beats[i],
-                    "dearer_than": beaten[i],
-                    "why": why,
-                }
-            order += members
-            taken = set(members)
-            remaining = [i for i in remaining if i not in taken]
-            tier += 1
-        position = {i: p for p, i in enumerate(order)}
-        return [
-            {"objective": -float(position[i]), "z": z, "energy_z": energy_z, **info[i]} for i in range(len(candidates))
-        ]
-
-    return objective
-
-
 def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
     """Pareto dominance for (performance up, energy down)."""
     return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
 
 
-def pareto_objective(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
-    """Non-dominated sorting on (score, projected energy) with crowding distance (NSGA-II).
-
-    The objective is ``-front + crowding / (1 + crowding)``: earlier fronts always win, and within a
-    front, less crowded points (the extremes have infinite crowding) win.
-    """
-    if any(c.projected_energy is None for c in candidates):  # never a stand-in 0 J: rank on the score alone
-        order = sorted(
-            range(len(candidates)),
-            key=lambda i: -candidates[i].score if math.isfinite(candidates[i].score) else math.inf,
-        )
-        rank_of = {i: r for r, i in enumerate(order)}
-        return [
-            {"objective": -rank_of[i], "front": None, "crowding": None, "note": "energy unavailable: performance only"}
-            for i in range(len(candidates))
-        ]
-    points = [(c.score, c.projected_energy) for c in candidates]
-    n = len(points)
-    front = [0] * n
-    remaining = set(range(n))
-    level = 0
-    while remaining:
-        current = {i for i in remaining if not any(dominates(points[j], points[i]) for j in remaining if j != i)}
-        for i in current:
-            front[i] = level
-        remaining -= current
-        level += 1
-    crowding = [0.0] * n
-    for f in set(front):
-        members = [i for i in range(n) if front[i] == f]
-        for axis in (0, 1):
-            ordered = sorted(members, key=lambda i: points[i][axis])
-            span = points[ordered[-1]][axis] - points[ordered[0]][axis]
-            crowding[ordered[0]] = crowding[ordered[-1]] = math.inf
-            for k in range(1, len(ordered) - 1):
-                if span > 0:
-                    crowding[ordered[k]] += (points[ordered[k + 1]][axis] - points[ordered[k - 1]][axis]) / span
-    out = []
-    for i in range(n):
-        c = crowding[i]
-        bonus = 1.0 if math.isinf(c) else c / (1.0 + c)
-        out.append({"objective": -front[i] + 0.999 * bonus, "front": front[i], "crowding": c})
-    return out
-
-
-OBJECTIVES: dict[str, Callable[..., Objective]] = {
-    "performance": lambda **_: performance_objective,
-    "sm2": lambda z=1.0, energy_z=2.0, **_: sm2_objective(z, energy_z),
-    "blend": lambda alpha=0.5, beta=0.3, **_: blend_objective(alpha, beta),
-    "pareto": lambda **_: pareto_objective,
-}
-
-
-def resolve_objective(objective: str | Objective, **kwargs) -> Objective:
-    if callable(objective):
-        return objective
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; known: {sorted(OBJECTIVES)} or a callable")
-    return OBJECTIVES[objective](**kwargs)
+Objective = Callable[[Sequence[Candidate]], list[dict[str, Any]]]
+"""Scores candidates: one record per candidate with at least an ``objective`` term (higher is better)."""
 
 
 # -------------------------------------------------------------------------------------- decisions
@@ -475,7 +317,9 @@ def halve(
     return kept, records
 
 
-def exploration_filter(candidates: Sequence[Candidate], *, z: float = 2.0) -> tuple[list[int], list[dict[str, Any]]]:
+def exploration_filter(
+    candidates: Sequence[Candidate], *, z: float = DEFAULT_EXPLORE_Z
+) -> tuple[list[int], list[dict[str, Any]]]:
     """SM2's "save more" step after exploratory pretraining (module docstring).
 
     Drops, in this order of reasons: divergence, a non-finite score, not having learned, and being
@@ -568,61 +412,3 @@ def finalist_front(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
         }
         for c in healthy
     ]
-
-
-# ---------------------------------------------------------------------------------------- budgets
-
-
-def rung_budgets(min_budget: float, max_budget: float, eta: int) -> list[float]:
-    """Cumulative budgets ``r_i = min_budget * eta**i`` up to and including ``max_budget``."""
-    if eta < 2:
-        raise ValueError(f"eta must be >= 2 (got {eta})")
-    if not 0 < min_budget <= max_budget:
-        raise ValueError(f"need 0 < min_budget <= max_budget (got {min_budget}, {max_budget})")
-    budgets, r = [], float(min_budget)
-    while r < max_budget * (1 - 1e-9):
-        budgets.append(r)
-        r *= eta
-    budgets.append(float(max_budget))
-    return budgets
-
-
-def hyperband_brackets(max_budget: float, eta: int = 3, *, integral: bool = False) -> list[dict[str, Any]]:
-    """Hyperband's brackets (Li et al. 2018, Algorithm 1), most exploratory first.
-
-    ``s_max = floor(log_eta R)``; bracket ``s`` starts ``n = ceil((s_max + 1) / (s + 1) * eta**s)``
-    configurations at budget ``r = R * eta**-s``; its rung ``i`` (0..s) trains
-    ``n_i = floor(n * eta**-i)`` configurations to ``r_i = r * eta**i`` and keeps the best
-    ``floor(n_i / eta)`` (= ``n_{i+1}``). With ``integral`` (a whole-number R in an integral unit such
-    as steps) budgets are ``R * eta**i // eta**s``, as in the paper's integer resources.
-
-    Returns one ``{"s", "n", "r", "rungs": [{"n", "r"}, ...]}`` per bracket.
-    """
-    if eta < 2:
-        raise ValueError(f"eta must be >= 2 (got {eta})")
-    if integral and max_budget != int(max_budget):
-        raise ValueError(f"integral budgets need a whole-number max_budget (got {max_budget})")
-    s_max = math.floor(math.log(max_budget) / math.log(eta) + 1e-9)
-    out = []
-    for s in range(s_max, -1, -1):
-        n = math.ceil((s_max + 1) / (s + 1) * eta**s - 1e-9)
-
-        def budget(i, s=s):
-            return float(int(max_budget) * eta**i // eta**s) if integral else max_budget * float(eta) ** (i - s)
-
-        rungs = [{"n": n // eta**i, "r": budget(i)} for i in range(s + 1)]
-        out.append({"s": s, "n": n, "r": budget(0), "rungs": rungs})
-    return out
-
-
-def steps_for(budget: float, unit: str, batch_size: int, steps_per_epoch: int) -> int:
-    """Training steps that a cumulative ``budget`` in ``unit`` means for a cohort (at least 1)."""
-    if unit == "steps":
-        steps = budget
-    elif unit == "samples":
-        steps = budget / batch_size
-    elif unit == "epochs":
-        steps = budget * steps_per_epoch
-    else:
-        raise ValueError(f"unknown budget unit {unit!r}; known: steps, samples, epochs")
-    return max(1, math.ceil(steps - 1e-9))

@@ -12,11 +12,14 @@ import pytest
 from kill import kill_mid_phase
 
 import sm2jax
-from sm2jax.space import LogUniform, SearchSpace
-from sm2jax.study import Study, StudySpec, read_spec, registering_modules
-from sm2jax.trainer import CohortTrainer, chunk_rows
 
 # A user's module: a model of their own (a residual MLP with a learned gate), a data set (Gaussian
+from sm2jax.rows import chunk_rows
+from sm2jax.space import LogUniform, SearchSpace
+from sm2jax.spec import StudySpec, read_spec, registering_modules
+from sm2jax.study import Study
+from sm2jax.trainer import CohortTrainer
+
 # blobs, made offline) and a loss (multi-class hinge, scored by accuracy).
 EXTENSION = textwrap.dedent("""
     import jax

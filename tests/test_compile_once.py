@@ -18,7 +18,8 @@ SCRIPT = textwrap.dedent("""
     from sm2jax.compile_cache import count_compiles
     with count_compiles() as tally:  # the whole process: imports, set-up, every phase
         from sm2jax.space import Categorical, LogUniform, SearchSpace
-        from sm2jax.study import Study, StudySpec
+        from sm2jax.study import Study
+        from sm2jax.spec import StudySpec
         space = SearchSpace({"learning_rate": LogUniform(1e-3, 1e-1, num=3), "batch_size": Categorical([16, 32, 64])})
         spec = StudySpec(space=space.to_json(), dataset="digits", explore_budget=0.25, min_budget=1, max_budget=3, eta=3,
                          idle_seconds=0.0, probe_width=False, energy_method="estimated")
@@ -49,7 +50,7 @@ def test_a_study_compiles_each_program_once_and_a_warm_cache_compiles_nothing(tm
     kept = {phase: sum(k for p, _, k in cold["decisions"] if p == phase) for phase in ("explore", "rung-1", "rung-2")}
     assert kept["explore"] > kept["rung-1"] > kept["rung-2"] == 1  # the trial count changed every phase
     assert cold["backend_compiles"] <= 3 * 3
-    assert cold["programs"] == {"jit(_init_one)": 1, "jit(_train_impl)": 3, "jit(_eval_impl)": 1}
+    assert cold["programs"] == {"jit(init_trial)": 1, "jit(train_chunk)": 3, "jit(eval_chunk)": 1}
     assert cold["study_compilation"]["backend_compiles"] == cold["backend_compiles"]
     # A study this short trains with quick programs on a CPU backend (decided from FLOPs, so a resumed
     # run makes the same choice and finds the same programs in the cache below).

@@ -23,8 +23,8 @@ from sm2jax.energy import (
     summarize,
     trial_totals,
 )
+from sm2jax.energy.metering import Metering
 from sm2jax.energy.meters import RaplMeter, jax_gpus
-from sm2jax.runner import Metering
 
 
 def test_counter_path_sums_devices_in_joules():
@@ -305,17 +305,9 @@ def test_windows_shorter_than_the_counter_resolution_are_merged_never_none(tmp_p
     assert metering.resolution_s == 1.0
     t0 = time.perf_counter()
     for i in range(60):
-        window = metering.begin("rung-1")
-        time.sleep(0.02)
-        metering.record(
-            metering.end(window),
-            phase="rung-1",
-            cohort=f"c{i % 2}",
-            trial_ids=[i % 2],
-            work=[1.0],
-            steps=[1],
-            batch_size=8,
-        )
+        with metering.window("rung-1", phase="rung-1", cohort=f"c{i % 2}", trial_ids=[i % 2]) as w:
+            time.sleep(0.02)
+            w.steps, w.batch_size = [1], 8
     metering.flush()
     elapsed = time.perf_counter() - t0
     windows = [r for r in ledger.records() if r["type"] == "window"]
@@ -326,8 +318,8 @@ def test_windows_shorter_than_the_counter_resolution_are_merged_never_none(tmp_p
     joules = metering.trial_joules("rung-1", [0, 1])
     assert joules[0] + joules[1] == pytest.approx(total) and joules[0] == pytest.approx(joules[1], rel=0.3)
     # A lone short window at a decision point: the flush waits the rest of the resolution.
-    window = metering.begin("rung-2")
-    metering.record(metering.end(window), phase="rung-2", cohort="c0", trial_ids=[0], work=[1.0], kind="eval")
+    with metering.window("rung-2", phase="rung-2", cohort="c0", trial_ids=[0], kind="eval"):
+        pass
     metering.flush()
     last = ledger.records()[-2]
     assert last["joules"] > 0 and "waited" in last["note"] and last["uncertainty"] <= 0.11

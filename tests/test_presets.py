@@ -8,7 +8,7 @@ import pytest
 
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.presets import PRESETS
-from sm2jax.study import StudySpec
+from sm2jax.spec import StudySpec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

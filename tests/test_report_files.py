@@ -8,7 +8,8 @@ import pytest
 from sm2jax.cli import main
 from sm2jax.figures import pareto_front, plot_score_vs_energy, plot_survival, survival_rows
 from sm2jax.space import Categorical, LogUniform, SearchSpace
-from sm2jax.study import Study, StudySpec
+from sm2jax.spec import StudySpec
+from sm2jax.study import Study
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +103,7 @@ def test_pareto_front():
 def test_compare_puts_studies_side_by_side(finished, tmp_path, capsys):
     import dataclasses
 
-    from sm2jax.study import read_spec
+    from sm2jax.spec import read_spec
 
     directory, _results = finished
     sh = Study(tmp_path / "sh", dataclasses.replace(read_spec(directory), mode="sh"), progress=False).run()

@@ -6,9 +6,12 @@ import pytest
 
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.energy import EnergyLedger, EnergyMonitor, make_meter, read_ledger
-from sm2jax.runner import CohortRunner, Metering, WidthPolicy, probe_candidates
+from sm2jax.energy.metering import Metering
+from sm2jax.rows import chunk_rows, gather_rows
+from sm2jax.runner import CohortRunner
 from sm2jax.space import LogUniform, SearchSpace
-from sm2jax.trainer import CohortTrainer, chunk_rows, gather_rows
+from sm2jax.trainer import CohortTrainer
+from sm2jax.width_policy import WidthPolicy, probe_candidates
 
 MODEL = {"name": "mlp", "hidden": [16]}
 
@@ -114,7 +117,8 @@ def test_probe_candidates():
 def test_the_probe_measures_only_widths_within_the_memory_limit(digits, tmp_path):
     """The spec's memory limit binds the probe too: no candidate above it is compiled and run, and
     nothing raises out of the study (issue 11, item 8)."""
-    from sm2jax.trainer import chunk_rows, compiled_memory_bytes
+    from sm2jax.programs import compiled_memory_bytes
+    from sm2jax.rows import chunk_rows
 
     model = {"name": "cnn", "channels": [32, 64]}  # activation-dominated: memory grows with the width
     configs = SearchSpace({"model": model, "learning_rate": LogUniform(1e-3, 1e-2, num=4), "batch_size": 512}).grid()
@@ -195,13 +199,16 @@ def test_a_cpu_cohort_trains_quick_only_while_its_training_is_short(digits, tmp_
 
 
 def test_a_swallowed_ctrl_c_stops_at_the_next_window(tmp_path):
-    from sm2jax.runner import request_interrupt
+    from sm2jax.energy.metering import request_interrupt
 
     metering = Metering(EnergyMonitor(make_meter("estimated")), EnergyLedger(tmp_path / "l.jsonl"), attempt=1)
     try:  # what Python does with an exception raised inside a gc callback: prints it, carries on
         request_interrupt()
     except KeyboardInterrupt:
         pass
-    with pytest.raises(KeyboardInterrupt):
-        metering.begin("rung-1")
-    metering.end(metering.begin("rung-1"))  # the request is spent: later windows run
+    window = lambda: metering.window("rung-1", phase="rung-1", cohort="c", trial_ids=[0])
+    with pytest.raises(KeyboardInterrupt), window():
+        pass
+    with window() as w:  # the request is spent: later windows run
+        pass
+    assert w.reading is not None

@@ -19,7 +19,8 @@ from kill import kill_mid_phase
 from sm2jax.energy import read_ledger
 from sm2jax.energy.ledger import attribute_by_device
 from sm2jax.space import Categorical, LogUniform, SearchSpace
-from sm2jax.study import Study, StudySpec
+from sm2jax.spec import StudySpec
+from sm2jax.study import Study
 
 HERE = os.path.dirname(__file__)
 

@@ -7,22 +7,16 @@ import random
 
 import pytest
 
-from sm2jax.scheduler import (
-    Candidate,
+from sm2jax.budgets import hyperband_brackets, rung_budgets, steps_for
+from sm2jax.objectives import (
     blend_objective,
-    exploration_filter,
-    finalist_front,
-    halve,
-    hyperband_brackets,
     normalise,
     pareto_objective,
     performance_objective,
-    rank,
     resolve_objective,
-    rung_budgets,
     sm2_objective,
-    steps_for,
 )
+from sm2jax.scheduler import Candidate, exploration_filter, finalist_front, halve, rank
 
 
 def cand(

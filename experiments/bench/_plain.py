@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from sm2jax.models import build_model
-from sm2jax.trainer import trial_keys
+from sm2jax.rows import trial_keys
 
 
 class PlainTrainer:

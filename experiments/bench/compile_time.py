@@ -83,8 +83,9 @@ def child(program: str, case: str) -> dict:
     else:
         from sm2jax.cohort import OPTIMIZER_HYPERPARAMETERS, group_into_cohorts
         from sm2jax.placement import Placement
+        from sm2jax.rows import chunk_rows
         from sm2jax.space import Categorical, SearchSpace
-        from sm2jax.trainer import CohortTrainer, chunk_rows, program_options
+        from sm2jax.trainer import CohortTrainer
 
         space = SearchSpace({"model": model, "learning_rate": Categorical([1e-3]), "batch_size": batch_size})
         (cohort,) = group_into_cohorts(space.grid())
@@ -92,8 +93,9 @@ def child(program: str, case: str) -> dict:
         trainer = CohortTrainer(cohort, ds, schedule_steps=1000, placement=placement)
         hps = {k: np.float32(0) for k in OPTIMIZER_HYPERPARAMETERS}
         if program == "init":
+            prog = trainer.program("init", 0)
             _, lower_s, compile_s = _lower_and_compile(
-                lambda: jax.jit(trainer._init_one).lower(np.int32(0), np.int32(0), hps), program_options("init")
+                lambda: prog.lower(np.int32(0), np.int32(0), hps), dict(prog.options) or None
             )
             run = None
         else:
@@ -101,18 +103,16 @@ def child(program: str, case: str) -> dict:
             rows = trainer.init_rows()
             chunk = chunk_rows(jax.tree.map(lambda a: np.repeat(a, width, 0), rows), width, placement)[0]
             if program == "eval":
+                prog = trainer.program("eval", width)
                 _, lower_s, compile_s = _lower_and_compile(
-                    lambda: jax.jit(trainer._eval_impl).lower(chunk.params, chunk.model_state, *trainer.data["val"][0]),
-                    program_options("eval"),
+                    lambda: prog.lower(chunk.params, chunk.model_state, *trainer.data["val"][0]),
+                    dict(prog.options) or None,
                 )
                 run = None
             else:
-                lower = lambda: jax.jit(trainer._train_impl).lower(
-                    chunk, np.int32(1), trainer.data["x_train"], trainer.data["y_train"]
-                )
-                compiled, lower_s, compile_s = _lower_and_compile(
-                    lower, program_options("train", quick=program == "train-quick")
-                )
+                prog = trainer.program("train", width, quick=program == "train-quick")
+                lower = lambda: prog.lower(chunk, np.int32(1), trainer.data["x_train"], trainer.data["y_train"])
+                compiled, lower_s, compile_s = _lower_and_compile(lower, dict(prog.options) or None)
                 steps = trainer.steps_per_epoch
                 run = lambda: compiled(chunk, np.int32(steps), trainer.data["x_train"], trainer.data["y_train"])
     out.update(lower_s=lower_s, compile_s=compile_s)

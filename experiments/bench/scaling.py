@@ -51,7 +51,8 @@ def main(argv=None) -> int:
 
     from sm2jax.energy import read_ledger
     from sm2jax.space import LogUniform, SearchSpace
-    from sm2jax.study import Study, StudySpec
+    from sm2jax.spec import StudySpec
+    from sm2jax.study import Study
 
     available = len(jax.devices())
     counts = [n for n in args.devices if n <= available]

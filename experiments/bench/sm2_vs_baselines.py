@@ -36,7 +36,8 @@ from _results import write_rows, write_table
 from sm2jax.data import load_dataset
 from sm2jax.hyperband import run_hyperband
 from sm2jax.space import Categorical, LogUniform, SearchSpace
-from sm2jax.study import Study, StudySpec
+from sm2jax.spec import StudySpec
+from sm2jax.study import Study
 
 MODELS = [
     {"name": "mlp", "hidden": [32]},

@@ -36,9 +36,10 @@ from _results import write_rows, write_table
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.data import load_digits
 from sm2jax.placement import Placement, request_cpu_devices
-from sm2jax.runner import probe_candidates
+from sm2jax.rows import chunk_rows
 from sm2jax.space import LogUniform, SearchSpace
-from sm2jax.trainer import CohortTrainer, chunk_rows
+from sm2jax.trainer import CohortTrainer
+from sm2jax.width_policy import probe_candidates
 
 MODELS = {
     "mlp-64": {"name": "mlp", "hidden": [64]},

@@ -85,7 +85,8 @@ def _load(path: str):
 def _run_sm2jax(mode: str, workload: dict, ds, tmp: str) -> dict:
     from sm2jax.energy import read_ledger
     from sm2jax.space import Categorical, SearchSpace
-    from sm2jax.study import Study, StudySpec
+    from sm2jax.spec import StudySpec
+    from sm2jax.study import Study
 
     space = SearchSpace(
         {

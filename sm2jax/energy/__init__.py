@@ -1,8 +1,10 @@
 """Energy measurement, per-trial attribution and the energy ledger (see the submodules)."""
 
 from sm2jax.energy.ledger import EnergyLedger, add_known, attribute, read_ledger, summarize, trial_totals
+from sm2jax.energy.metering import Metering, request_interrupt
 from sm2jax.energy.meters import (
     METHODS,
+    DistributedMeter,
     EstimateMeter,
     Meter,
     NvmlCounterMeter,
@@ -17,11 +19,13 @@ from sm2jax.energy.monitor import EnergyMonitor, IdleBaseline, WindowReading, ha
 
 __all__ = [
     "METHODS",
+    "DistributedMeter",
     "EnergyLedger",
     "EnergyMonitor",
     "EstimateMeter",
     "IdleBaseline",
     "Meter",
+    "Metering",
     "NvmlCounterMeter",
     "NvmlPowerMeter",
     "RaplMeter",
@@ -35,6 +39,7 @@ __all__ = [
     "make_nvml_meter",
     "measure_idle",
     "read_ledger",
+    "request_interrupt",
     "summarize",
     "trial_totals",
 ]

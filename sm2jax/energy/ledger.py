@@ -22,7 +22,7 @@ from sm2jax.energy.monitor import IdleBaseline, WindowReading
 
 J_PER_KWH = 3.6e6
 DEFAULT_INTENSITY_G_PER_KWH = 475.0
-DEFAULT_INTENSITY_LABEL = "world-average default (475 gCO2e/kWh)"
+DEFAULT_INTENSITY_LABEL = f"world-average default ({DEFAULT_INTENSITY_G_PER_KWH:g} gCO2e/kWh)"
 
 
 def add_known(a: float | None, b: float | None) -> float | None:

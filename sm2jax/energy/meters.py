@@ -23,6 +23,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import numpy as np
+
+from sm2jax.distributed import allgather, allgather_json
+
+DEFAULT_WATTS_PER_CORE = 10.0
+"""The ``estimated`` method's power per busy CPU core (process CPU seconds x this)."""
+
 METHODS = ("nvml-counter", "nvml-power", "rapl", "estimated", "unavailable")
 
 
@@ -107,7 +115,9 @@ class EstimateMeter(Meter):
 
     method = "estimated"
 
-    def __init__(self, watts_per_core: float = 10.0, cpu_time: Callable[[], float] = time.process_time):
+    def __init__(
+        self, watts_per_core: float = DEFAULT_WATTS_PER_CORE, cpu_time: Callable[[], float] = time.process_time
+    ):
         if not watts_per_core > 0:
             raise ValueError(f"watts_per_core must be positive (got {watts_per_core})")
         self.watts_per_core = watts_per_core
@@ -370,7 +380,7 @@ def make_nvml_meter(
         return UnavailableMeter(f"NVML error: {err}")
 
 
-def make_host_meter(rapl_root: str = "/sys/class/powercap", watts_per_core: float = 10.0) -> Meter:
+def make_host_meter(rapl_root: str = "/sys/class/powercap", watts_per_core: float = DEFAULT_WATTS_PER_CORE) -> Meter:
     """RAPL if readable, else the CPU-time estimate."""
     zones, _ = find_rapl_zones(rapl_root)
     return RaplMeter(zones) if zones else EstimateMeter(watts_per_core)
@@ -381,7 +391,7 @@ def make_meter(
     *,
     nvml: Any | None = None,
     rapl_root: str = "/sys/class/powercap",
-    watts_per_core: float = 10.0,
+    watts_per_core: float = DEFAULT_WATTS_PER_CORE,
     interval_s: float = 0.1,
     gpus: list[dict[str, Any]] | str | None = None,
     backend: str | None = None,
@@ -425,3 +435,66 @@ def make_meter(
     if method == "estimated":
         return EstimateMeter(watts_per_core)
     return UnavailableMeter("energy measurement disabled")
+
+
+class DistributedMeter(Meter):
+    """Every process's meter read at once: a sample's keys are ``pP/KEY`` for process ``P``'s
+    meter key ``KEY``, and its time is process 0's clock, so every process holds identical samples
+    (and so takes identical merge decisions). Each :meth:`sample` is a collective: every process must
+    sample at the same points, as the study's windows do.
+
+    Args:
+      inner: this process's meter (the same method on every process).
+    """
+
+    def __init__(self, inner: Meter):
+        self.inner = inner
+        self.method, self.reason = inner.method, inner.reason
+        self.resolution_s, self.update_s = inner.resolution_s, inner.update_s
+        self.host = getattr(inner, "host", None)
+        first = inner.sample()
+        self._keys = sorted(first.joules) if first.joules is not None else []
+        local_map = {str(d): list(inner.device_keys(d)) for d in jax.local_devices()}
+        self._layout = allgather_json({"keys": self._keys, "devices": local_map, "method": inner.method})
+        methods = {p["method"] for p in self._layout}
+        if len(methods) > 1:
+            self.method, self.reason = (
+                "unavailable",
+                f"processes meter differently ({', '.join(sorted(methods))}): no common figure",
+            )
+        self._width = max(len(p["keys"]) for p in self._layout)
+        self.devices = (
+            [{**e, "nvml": f"p{i}/{e['nvml']}"} for i, e in enumerate(inner.devices or [])] if inner.devices else None
+        )
+
+    def device_keys(self, device: Any) -> tuple[str, ...]:
+        p = int(device.process_index)
+        layout = self._layout[p]
+        keys = layout["devices"].get(str(device), [])
+        if keys == ["*"]:
+            keys = layout["keys"]
+        return tuple(f"p{p}/{k}" for k in keys)
+
+    def sample(self) -> Sample:
+        s = self.inner.sample()
+        vec = np.full(2 + self._width, np.nan)
+        vec[0] = s.time
+        if s.host is not None:
+            vec[1] = s.host
+        if s.joules is not None:
+            vec[2 : 2 + len(self._keys)] = [s.joules[k] for k in self._keys]
+        rows = allgather(vec)
+        joules: dict[str, float] | None = {}
+        for p, layout in enumerate(self._layout):
+            values = rows[p, 2 : 2 + len(layout["keys"])]
+            if np.isnan(values).any():
+                joules = None
+                break
+            joules.update({f"p{p}/{k}": float(v) for k, v in zip(layout["keys"], values)})
+        host = None if np.isnan(rows[:, 1]).any() else float(rows[:, 1].sum())
+        if self.method == "unavailable":
+            joules = None
+        return Sample(float(rows[0, 0]), joules, host)
+
+    def close(self) -> None:
+        self.inner.close()

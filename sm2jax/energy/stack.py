@@ -1,0 +1,97 @@
+"""A study's energy stack, built in one place: meter -> monitor -> ledger -> metering."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+
+from sm2jax.distributed import is_primary
+from sm2jax.energy.ledger import EnergyLedger
+from sm2jax.energy.metering import Metering
+from sm2jax.energy.meters import DistributedMeter, jax_gpus, make_meter
+from sm2jax.energy.monitor import EnergyMonitor, IdleBaseline, hardware_profile, measure_idle
+
+
+class EnergyStack:
+    """The meter of the devices a study computes on, its windows, its ledger and its metering.
+
+    Args:
+      method: ``auto`` or a method of :data:`sm2jax.energy.METHODS`.
+      devices: the JAX devices of the study's trials axis; this process's GPUs among them are
+        metered (none on a CPU backend, where the host is).
+      ledger_path: the study's ``ledger.jsonl``.
+      nvml: optional NVML module (a test double in tests).
+      gpus: the GPUs to meter instead (``"all"`` or ``[{"pci_bus_id" | "uuid" | "index": ...}]``).
+      watts_per_core: the ``estimated`` method's power per core.
+      carbon_intensity: gCO2e per kWh.
+      write: whether this process writes the ledger (process 0 of a multi-process study).
+    """
+
+    def __init__(
+        self,
+        method: str,
+        *,
+        devices: list[Any],
+        ledger_path: str | os.PathLike,
+        nvml: Any = None,
+        gpus: Any = None,
+        watts_per_core: float,
+        carbon_intensity: float,
+        write: bool = True,
+    ):
+        self._nvml = nvml
+        mine = [d for d in devices if d.process_index == jax.process_index()]
+        found = gpus if gpus is not None else jax_gpus(mine)
+        meter = make_meter(
+            method, nvml=nvml, watts_per_core=watts_per_core, gpus=found or None, backend="gpu" if gpus else None
+        )
+        # Several processes: every process's devices, in every window.
+        self.meter = DistributedMeter(meter) if jax.process_count() > 1 else meter
+        self.monitor = EnergyMonitor(self.meter)
+        self.ledger = EnergyLedger(ledger_path, intensity_g_per_kwh=carbon_intensity, write=write)
+        self.metering = Metering(self.monitor, self.ledger)
+
+    @classmethod
+    def of(cls, spec: Any, devices: list[Any], ledger_path: str | os.PathLike, **kwargs: Any) -> EnergyStack:
+        """The stack a :class:`~sm2jax.spec.StudySpec` asks for (``kwargs``: ``nvml``, ``gpus``);
+        only process 0 writes the ledger."""
+        return cls(
+            spec.energy_method,
+            devices=devices,
+            ledger_path=ledger_path,
+            watts_per_core=spec.watts_per_core,
+            carbon_intensity=spec.carbon_intensity,
+            write=is_primary(),
+            **kwargs,
+        )
+
+    @property
+    def method(self) -> str:
+        return self.meter.method
+
+    def measure_hardware(self, idle_seconds: float) -> dict[str, Any]:
+        """What ``hardware.json`` holds: the hardware profile, the metered devices, the meter's
+        method and resolution, and the idle baseline (measured over ``idle_seconds``; 0 skips it)."""
+        if idle_seconds > 0:
+            idle = measure_idle(self.monitor, idle_seconds)
+        else:
+            idle = IdleBaseline(None, 0.0, self.meter.method, "idle baseline not measured (idle_seconds = 0)")
+        return {
+            "profile": hardware_profile(self._nvml),
+            "energy_method": self.meter.method,
+            "energy_note": self.meter.reason,
+            "metered_devices": self.meter.devices,
+            "resolution_s": self.meter.resolution_s,
+            "idle": dataclasses.asdict(idle),
+            "host_method": getattr(getattr(self.meter, "host", None), "method", None),
+        }
+
+    def use_hardware(self, hardware: dict[str, Any]) -> None:
+        """Takes the idle baseline of a study's ``hardware.json`` for net energy."""
+        self.ledger.idle = IdleBaseline(**hardware["idle"])
+
+    def close(self) -> None:
+        self.meter.close()

@@ -1,0 +1,279 @@
+"""A study's phases as pure logic: its state, candidates in, decision and survivors out.
+
+:class:`StudyState` is what a study knows after a phase (``progress/phase-P.json``).
+:func:`decide_phase` takes the phase's :class:`~sm2jax.scheduler.Candidate` records and returns the
+survivors and decision records (:class:`PhaseDecision`); :func:`record_phase` writes a phase's
+candidates, energies and decision into the state. :func:`smooth_cohort_rates` and
+:func:`planned_trial_steps` are the numbers decisions and the width policy read. Nothing here trains
+or measures, so it is tested on constructed candidates like :mod:`sm2jax.scheduler`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from sm2jax.energy.ledger import add_known
+from sm2jax.objectives import resolve_objective
+from sm2jax.scheduler import Candidate, Objective, exploration_filter, finalist_front, halve
+
+
+def finite_or_none(x: float | None) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+@dataclasses.dataclass
+class StudyState:
+    """What a study knows after a phase; ``progress/phase-P.json`` holds it, resume reads it back.
+
+    Attributes:
+      phase: the last finished phase (-1 before the first).
+      infeasible: trial id -> why it cannot run here (batch larger than the data, does not fit).
+      hardware: cohort name -> ``{"width", "notes", "choices"}``, every width decision with its reason.
+      runners: cohort name -> what its runner needs to continue (:meth:`CohortRunner.to_json`).
+      alive: cohort name -> trial ids of its surviving rows, in row order.
+      trials: trial id -> ``{"score", "score_se", "metric", "energy_spent", "samples_spent", "history"}``
+        (``energy_spent``: the joules :class:`~sm2jax.energy.metering.Metering` attributed to it in
+        finished phases, the decisions' input).
+      cohort_energy: cohort name -> one ``{"phase", "joules", "samples"}`` per phase (its trials'
+        training energy and samples), from which decisions take a smoothed rate.
+      decisions: every decision record, in order.
+      selected: the selected trial id once the last phase is done.
+      finalists: the last rung's candidates with their score, energy to train and whether they are
+        on the score/energy Pareto front (shown apart from the selection).
+      completed_by: phase name -> the attempt that completed it (an earlier attempt's windows of
+        that phase are interrupted work, reported on their own line).
+      test: the selected configuration's held-out test ``{"metric", "score", "score_se"}`` (``None``
+        without a test split).
+    """
+
+    phase: int = -1
+    infeasible: dict[str, str] = dataclasses.field(default_factory=dict)
+    hardware: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    runners: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    alive: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    trials: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    cohort_energy: dict[str, list[dict[str, Any]]] = dataclasses.field(default_factory=dict)
+    decisions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    selected: int | None = None
+    test: dict[str, Any] | None = None
+    finalists: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    completed_by: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, blob: dict[str, Any]) -> StudyState:
+        return cls(**blob)
+
+    def start(self, trial_ids: Sequence[int]) -> None:
+        """Records the trials that start training (infeasible ones are decided on the spot)."""
+        for i, reason in self.infeasible.items():
+            self.decisions.append(
+                {
+                    "phase": "hardware",
+                    "trial_id": int(i),
+                    "kept": False,
+                    "reason_code": "infeasible",
+                    "reason": f"infeasible: {reason}",
+                }
+            )
+        for t in trial_ids:
+            self.trials[str(t)] = {"score": None, "energy_spent": 0.0, "samples_spent": 0, "history": []}
+
+    def best_score_text(self) -> str:
+        scores = [t["score"] for t in self.trials.values() if t["score"] is not None]
+        return f"{max(scores):.4g}" if scores else "-"
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionRules:
+    """How a phase's candidates are decided (from the spec).
+
+    Attributes:
+      objective: ranks candidates at a rung.
+      final_objective: ranks them at the final rung (energy spent is sunk: a narrower tie width).
+      eta: successive halving keeps ``1/eta`` per rung.
+      keep_rule: ``ceil`` or ``floor`` (:func:`sm2jax.scheduler.halve`).
+      explore_z: exploration's clear margin in standard errors.
+      energy_noise: relative uncertainty of a cohort's energy rate.
+      plateau_tolerance: a score gain at or below this flags a candidate as plateaued.
+    """
+
+    objective: Objective
+    final_objective: Objective
+    eta: int
+    keep_rule: str
+    explore_z: float
+    energy_noise: float
+    plateau_tolerance: float
+
+    @classmethod
+    def of(cls, spec: Any, objective: str | Objective | None = None) -> DecisionRules:
+        """The rules of a :class:`~sm2jax.spec.StudySpec` (``objective``: a callable overriding its
+        objective). The final rung ties scores only within ``final_z``: energy spent is sunk."""
+        shared = {"energy_z": spec.energy_z, "alpha": spec.alpha, "beta": spec.beta}
+        return cls(
+            objective=resolve_objective(objective or spec.objective, z=spec.noise_z, **shared),
+            final_objective=resolve_objective(objective or spec.objective, z=spec.final_z, **shared),
+            eta=spec.eta,
+            keep_rule=spec.keep_rule,
+            explore_z=spec.explore_z,
+            energy_noise=spec.energy_noise,
+            plateau_tolerance=spec.plateau_tolerance,
+        )
+
+
+@dataclasses.dataclass
+class PhaseDecision:
+    kept: list[int]  # surviving trial ids, best first
+    records: list[dict[str, Any]]  # one decision record per candidate
+    selected: int | None = None  # at the final rung: the selection
+    finalists: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def decide_phase(phase: str, candidates: Sequence[Candidate], rules: DecisionRules, *, last: bool) -> PhaseDecision:
+    """The survivors of a phase: exploration's filter, a halving step, or at the final rung the
+    selection (one configuration, by ``final_objective``) and the finalists' Pareto front."""
+    if phase == "explore":
+        kept, records = exploration_filter(candidates, z=rules.explore_z)
+    elif last:
+        kept, records = halve(candidates, rules.final_objective, eta=len(candidates) + 1)  # keep only the best
+    else:
+        kept, records = halve(candidates, rules.objective, rules.eta, rules.keep_rule)
+    if not last:
+        return PhaseDecision(kept, records)
+    return PhaseDecision(kept, records, kept[0] if kept else None, finalist_front(candidates))
+
+
+def cohort_candidates(
+    state: StudyState,
+    cohort: str,
+    trial_ids: Sequence[int],
+    end: Any,
+    base: Any,
+    rows: dict[str, np.ndarray],
+    batch_size: int,
+    total_samples: int,
+    samples_before: dict[int, int],
+    chance: float | None,
+    rules: DecisionRules,
+) -> list[Candidate]:
+    """One cohort's candidates at the end of a phase, from its evaluation ``end`` (per-row
+    ``scores``, ``metrics``, ``score_se``), the untrained models' evaluation ``base`` (``None``:
+    judged against ``chance`` and the last score), and its ``rows``' ``step``, ``active`` and
+    ``diverged_at``; each trial's record in ``state`` takes the new score, metric and samples."""
+    step, active, diverged_at = rows["step"], rows["active"], rows["diverged_at"]
+    out = []
+    for row, t in enumerate(trial_ids):
+        record = state.trials[str(t)]
+        previous = record["score"] if base is None else float(base.scores[row])
+        samples = int(step[row]) * batch_size
+        score = float(end.scores[row])
+        out.append(
+            Candidate(
+                trial_id=t,
+                cohort=cohort,
+                score=score,
+                gain=score - previous if previous is not None and math.isfinite(score) else None,
+                energy_spent=None,
+                energy_last=None,
+                samples_spent=samples,
+                samples_last=samples - samples_before[t],
+                samples_total=total_samples,
+                diverged=not bool(active[row]),
+                diverged_at=int(diverged_at[row]),
+                plateau_tolerance=rules.plateau_tolerance,
+                score_se=float(end.score_se[row]),
+                start_score=None if base is None else float(base.scores[row]),
+                start_se=0.0 if base is None else float(base.score_se[row]),
+                chance_score=chance,
+                energy_noise=rules.energy_noise,
+            )
+        )
+        record.update(
+            score=finite_or_none(score),
+            score_se=float(end.score_se[row]),
+            metric=finite_or_none(float(end.metrics[row])),
+            samples_spent=samples,
+        )
+    return out
+
+
+def smooth_cohort_rates(
+    cohort_energy: dict[str, list[dict[str, Any]]], candidates: Sequence[Candidate], energy_noise: float
+) -> None:
+    """Gives each candidate its cohort's training joules per sample smoothed over every phase so
+    far (total training joules / total samples; evaluation is a fixed cost per phase, not per
+    sample) with the relative noise ``energy_noise``. A cohort with an unavailable phase gets no
+    rate. (The spread of per-phase rates is not used as noise: it mixes real changes -- a narrower
+    width for survivors, warm-up -- with noise, and is itself too noisy to decide on.)"""
+    for c in candidates:
+        history = [h for h in cohort_energy.get(c.cohort, []) if h["samples"] > 0]
+        if not history or any(h["joules"] is None for h in history):
+            continue
+        c.cohort_rate = sum(h["joules"] for h in history) / sum(h["samples"] for h in history)
+        c.energy_noise = energy_noise
+
+
+def record_phase(
+    state: StudyState,
+    phase: str,
+    candidates: Sequence[Candidate],
+    phase_joules: dict[int, float | None],
+    train_joules: dict[int, float | None],
+    rules: DecisionRules,
+    *,
+    last: bool,
+    energy_method: str,
+) -> PhaseDecision:
+    """Charges each candidate this phase's joules (``phase_joules``: training and evaluation;
+    ``train_joules``: training only, for its cohort's rate), decides, and records it all in
+    ``state``."""
+    training: dict[str, dict[str, Any]] = {}
+    for c in candidates:
+        record = state.trials[str(c.trial_id)]
+        c.energy_last = phase_joules[c.trial_id]
+        c.energy_spent = add_known(record["energy_spent"], c.energy_last)
+        record["energy_spent"] = c.energy_spent
+        record["history"].append(
+            {
+                "phase": phase,
+                "score": record["score"],
+                "score_se": c.score_se,
+                "samples": c.samples_spent,
+                "energy_spent": c.energy_spent,
+            }
+        )
+        window = training.setdefault(c.cohort, {"phase": phase, "joules": 0.0, "samples": 0})
+        window["joules"] = add_known(window["joules"], train_joules[c.trial_id])
+        window["samples"] += c.samples_last
+    for cohort, window in training.items():
+        state.cohort_energy.setdefault(cohort, []).append(window)
+    smooth_cohort_rates(state.cohort_energy, candidates, rules.energy_noise)
+    decision = decide_phase(phase, candidates, rules, last=last)
+    state.decisions.extend({"phase": phase, **rec, "energy_method": energy_method} for rec in decision.records)
+    if last:
+        state.selected, state.finalists = decision.selected, decision.finalists
+    return decision
+
+
+def planned_trial_steps(
+    phases: Sequence[tuple[str, float]], steps: Callable[[float], int], k: int, done: int, from_phase: int, eta: int
+) -> float:
+    """Trial-steps of ``k`` trials, each ``done`` steps in, from ``from_phase`` on, if successive
+    halving keeps ``1/eta`` of them per rung (an estimate for the width policy, not a promise).
+    ``steps(budget)`` converts a phase's cumulative budget to the cohort's steps."""
+    alive, total = float(k), 0.0
+    for name, budget in phases[from_phase:]:
+        target = steps(budget)
+        total += alive * max(target - done, 0)
+        done = max(done, target)
+        if name != "explore":
+            alive = max(1.0, alive / eta)
+    return total

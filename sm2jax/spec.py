@@ -1,0 +1,254 @@
+"""What defines a study (:class:`StudySpec`), reading it back from a folder, and the modules it needs.
+
+The spec is the study's one persisted definition (``spec.json``, see :mod:`sm2jax.study_dir`):
+the search space, data set, budgets and decision rules. Everything else a study records is derived
+from it and the hardware it runs on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import os
+from typing import Any
+
+from sm2jax.budgets import rung_budgets, steps_for
+from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, registered_dataset
+from sm2jax.energy.ledger import DEFAULT_INTENSITY_G_PER_KWH
+from sm2jax.energy.meters import DEFAULT_WATTS_PER_CORE
+from sm2jax.scheduler import (
+    DEFAULT_ENERGY_NOISE,
+    DEFAULT_ENERGY_Z,
+    DEFAULT_EXPLORE_Z,
+    DEFAULT_FINAL_Z,
+    DEFAULT_NOISE_Z,
+    KEEP_RULES,
+)
+from sm2jax.space import Config, SearchSpace
+from sm2jax.study_dir import StudyDir
+from sm2jax.tasks import BUILTIN_TASKS, get_task
+
+MODES = ("sm2", "sh", "full")
+
+
+@dataclasses.dataclass
+class StudySpec:
+    """Everything that defines a study (JSON-serialisable).
+
+    Attributes:
+      space: a :meth:`SearchSpace.to_json` mapping.
+      sampler: ``grid`` or ``random`` (``num_samples`` configurations seeded by ``seed``).
+      dataset: name for :func:`sm2jax.data.load_dataset` (built in or registered with
+        :func:`sm2jax.register_dataset`); ``dataset_options`` its keyword arguments. With
+        ``Study(..., dataset=ds)`` it is set to ``ds.name``.
+      dataset_fingerprint: set by ``Study(..., dataset=ds)``: the in-memory data set's
+        :meth:`~sm2jax.data.ArrayDataset.fingerprint`; resuming needs the same arrays again.
+      imports: modules imported before the study runs or resumes. A study adds the importable
+        modules that registered the models, data set and task it uses, so ``sm2jax resume`` finds
+        them (``sm2jax run --import MODULE`` adds one by hand).
+      max_train_examples, max_val_examples: optional truncation (quick runs, tests).
+      mode: ``sm2`` (exploration + energy-aware halving), ``sh`` (plain successive halving, no
+        exploration, objective ``performance``) or ``full`` (every configuration to the full budget).
+      budget_unit: ``steps``, ``samples`` or ``epochs``; budgets are cumulative per configuration.
+      explore_budget: SM2's exploratory pretraining budget (0 disables); must be below ``min_budget``.
+      min_budget, max_budget, eta: successive-halving rungs ``min_budget * eta**i`` up to ``max_budget``.
+      rungs: explicit cumulative rung budgets instead (first ``min_budget``, last ``max_budget``), e.g.
+        Hyperband's integral budgets.
+      keep_rule: ``ceil`` keeps ``ceil(n / eta)`` per rung (successive halving), ``floor`` keeps
+        ``floor(n / eta)`` (Hyperband's inner loop, Li et al. 2018); at least one either way.
+      objective: ``sm2`` (epsilon-constraint: energy decides only among scores tied within the noise,
+        see :mod:`sm2jax.scheduler`), ``performance``, ``blend`` or ``pareto`` (a callable via
+        :class:`Study` directly).
+      noise_z: two scores are tied unless they differ by more than ``noise_z`` standard errors of
+        their difference (rungs and the final selection).
+      final_z: the tie width at the final rung, where energy is already spent: the selection is by
+        score, and only scores within ``final_z`` standard errors go to the one cheaper to train (at
+        one standard error the better-scoring configuration is truly better with probability ~0.84:
+        too likely to give up for energy that is sunk).
+      energy_z: likewise for two energies, whose noise has heavier tails.
+      explore_z: the clear margin, in standard errors, exploration needs to drop a configuration.
+      energy_noise: relative uncertainty of a cohort's energy rate (default 20%: identical runs'
+        windows spread 21% median).
+      alpha, beta: weights of the ``blend`` objective.
+      plateau_tolerance: a score gain at or below this over a budget flags the candidate's learning
+        rate as plateaued (recorded with its decision; the ``blend`` objective's G term penalises it).
+      energy_method: ``auto`` or a method of :data:`sm2jax.energy.METHODS`.
+      watts_per_core: the ``estimated`` method's per-core power.
+      idle_seconds: idle-baseline measurement before the study (0 skips it: net energy unavailable).
+      carbon_intensity: gCO2e per kWh.
+      probe_width: measure the fastest vmap width per cohort when it pays (see :mod:`sm2jax.runner`).
+      quick_compile: on a CPU backend, start each cohort with a quick-compiling training program and
+        compile the optimised one only when the cohort's remaining training pays for it (see
+        :mod:`sm2jax.runner`); ``False`` always uses the optimised program.
+      width_start: ``auto`` (width 1 on a CPU backend, the widest that fits on accelerators),
+        ``narrowest`` or ``widest``; ``width`` caps the width.
+      memory_limit_bytes: device memory cap for the hardware filter (default: the device's).
+      window_seconds: target length of an energy window (NVML counters need >= ~1 s).
+      steps_per_window: fixed steps per energy window (overrides ``window_seconds``).
+    """
+
+    space: dict[str, Any]
+    sampler: str = "grid"
+    num_samples: int = 16
+    seed: int = 0
+    dataset: str = "digits"
+    dataset_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_train_examples: int | None = None
+    max_val_examples: int | None = None
+    mode: str = "sm2"
+    budget_unit: str = "epochs"
+    explore_budget: float = 0.25
+    min_budget: float = 1.0
+    max_budget: float = 9.0
+    eta: int = 3
+    rungs: list[float] | None = None
+    keep_rule: str = "ceil"
+    objective: str = "sm2"
+    noise_z: float = DEFAULT_NOISE_Z
+    final_z: float = DEFAULT_FINAL_Z
+    energy_z: float = DEFAULT_ENERGY_Z
+    explore_z: float = DEFAULT_EXPLORE_Z
+    energy_noise: float = DEFAULT_ENERGY_NOISE
+    alpha: float = 0.5
+    beta: float = 0.3
+    plateau_tolerance: float = 0.005
+    energy_method: str = "auto"
+    watts_per_core: float = DEFAULT_WATTS_PER_CORE
+    idle_seconds: float = 2.0
+    carbon_intensity: float = DEFAULT_INTENSITY_G_PER_KWH
+    probe_width: bool = True
+    quick_compile: bool = True
+    width_start: str = "auto"
+    width: int | None = None
+    memory_limit_bytes: int | None = None
+    window_seconds: float = 2.0
+    steps_per_window: int | None = None
+    dataset_fingerprint: str | None = None
+    imports: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode: unknown {self.mode!r}; known: {MODES}")
+        if self.sampler not in ("grid", "random"):
+            raise ValueError(f"sampler: unknown {self.sampler!r}; known: grid, random")
+        if self.mode == "sh":
+            self.explore_budget, self.objective = 0.0, "performance"
+        if self.mode == "full":
+            self.explore_budget, self.objective, self.min_budget = 0.0, "performance", self.max_budget
+        rung_budgets(self.min_budget, self.max_budget, self.eta)  # validates
+        if self.rungs is not None:
+            r = [float(x) for x in self.rungs]
+            if (
+                not r
+                or r[0] != self.min_budget
+                or r[-1] != self.max_budget
+                or any(b <= a for a, b in itertools.pairwise(r))
+            ):
+                raise ValueError(
+                    f"rungs must increase from min_budget to max_budget (got {self.rungs}, {self.min_budget}..{self.max_budget})"
+                )
+        if self.keep_rule not in KEEP_RULES:
+            raise ValueError(f"keep_rule: unknown {self.keep_rule!r}; known: {KEEP_RULES}")
+        if min(self.noise_z, self.final_z, self.energy_z, self.explore_z, self.energy_noise) < 0:
+            raise ValueError(
+                f"noise_z, final_z, energy_z, explore_z and energy_noise must be >= 0 (got {self.noise_z}, {self.final_z}, {self.energy_z}, {self.explore_z}, {self.energy_noise})"
+            )
+        if not 0 <= self.explore_budget < self.min_budget:
+            raise ValueError(
+                f"explore_budget must be in [0, min_budget) (got {self.explore_budget}, min_budget {self.min_budget})"
+            )
+        steps_for(1, self.budget_unit, 1, 1)  # validates the unit
+        for name in ("probe_width", "quick_compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false (got {getattr(self, name)!r}), e.g. --set {name}=false")
+
+    def phases(self) -> list[tuple[str, float]]:
+        out = [("explore", self.explore_budget)] if self.explore_budget > 0 else []
+        rungs = self.rungs if self.rungs is not None else rung_budgets(self.min_budget, self.max_budget, self.eta)
+        return out + [(f"rung-{i + 1}", float(r)) for i, r in enumerate(rungs)]
+
+    def configs(self) -> list[Config]:
+        space = SearchSpace.from_json(self.space)
+        return space.grid() if self.sampler == "grid" else space.sample(self.num_samples, self.seed)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def read_spec(directory: str | os.PathLike) -> StudySpec:
+    """The :class:`StudySpec` stored in ``directory/spec.json``, with one-line errors for a missing
+    study, a Hyperband run, or a spec this version does not know."""
+    folder = StudyDir(directory)
+    blob = folder.spec_blob()
+    if blob is None:
+        raise FileNotFoundError(
+            f"no study in {directory} (spec.json missing): start one with `sm2jax run --dir {directory}`"
+        )
+    if "hyperband" in blob:
+        raise ValueError(
+            f"{directory} holds a Hyperband run, not a single study: use run_hyperband (or `sm2jax resume {directory}`)"
+        )
+    unknown = sorted(set(blob) - {f.name for f in dataclasses.fields(StudySpec)})
+    if unknown:
+        raise ValueError(f"{folder.spec_path}: unknown field(s) {', '.join(unknown)}; remove them or upgrade sm2jax")
+    return StudySpec(**blob)
+
+
+def current_form(blob: dict[str, Any]) -> dict[str, Any]:
+    """A stored spec in this version's form (fields added since take their defaults)."""
+    return StudySpec(**blob).to_json()
+
+
+def bind(spec: StudySpec, dataset: ArrayDataset | None, directory: str | os.PathLike) -> StudySpec:
+    """``spec`` ready to run in ``directory``: the modules it needs imported, an in-memory
+    ``dataset`` recorded by name and fingerprint (or refused when it differs from the one the study
+    ran on), and the modules that registered what it uses added to ``imports``."""
+    import_modules(spec.imports)
+    if dataset is not None:
+        fingerprint = dataset.fingerprint()
+        if spec.dataset_fingerprint not in (None, fingerprint) and spec.dataset == dataset.name:
+            raise ValueError(
+                f"the data set passed differs from the one this study ran on ({dataset.name!r}, fingerprint {fingerprint} != {spec.dataset_fingerprint}): pass the same arrays, or start a new study in another directory"
+            )
+        spec = dataclasses.replace(spec, dataset=dataset.name, dataset_fingerprint=fingerprint)
+    elif spec.dataset_fingerprint is not None:
+        raise ValueError(
+            f"this study ran on the in-memory data set {spec.dataset!r} (fingerprint {spec.dataset_fingerprint}): pass it again with Study({str(directory)!r}, dataset=...) to resume"
+        )
+    elif spec.dataset not in BUILTIN_DATASETS and registered_dataset(spec.dataset) is None:
+        raise ValueError(
+            f"unknown data set {spec.dataset!r}: not built in ({', '.join(BUILTIN_DATASETS)}) and not registered in this process; call sm2jax.register_dataset({spec.dataset!r}, loader) first (or name its module with --import)"
+        )
+    spec = dataclasses.replace(spec, imports=sorted({*spec.imports, *registering_modules(spec, dataset)}))
+    return spec
+
+
+def import_modules(names: list[str]) -> None:
+    """Imports the modules a study needs (those that registered its models, data set or task)."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ValueError(
+                f"this study needs module {name!r} (it registers a model, data set or task) but it cannot be imported ({err}): put it on PYTHONPATH, or register them again before resuming"
+            ) from None
+
+
+def registering_modules(spec: StudySpec, dataset: ArrayDataset | None) -> set[str]:
+    """Importable modules that registered what ``spec`` uses (``__main__`` -- a notebook or a
+    script -- is not importable from another process and is left out)."""
+    from sm2jax.models import BUILTIN_MODELS, MODEL_REGISTRY
+
+    found = []
+    for c in spec.configs():
+        name = c["model"]["name"]
+        if name not in BUILTIN_MODELS and name in MODEL_REGISTRY:
+            found.append(MODEL_REGISTRY[name])
+    if dataset is None and registered_dataset(spec.dataset) is not None:
+        found.append(registered_dataset(spec.dataset))
+    task = dataset.task if dataset is not None else None
+    if task is not None and task not in BUILTIN_TASKS:
+        found.append(get_task(task).loss)
+    modules = {getattr(f, "__module__", None) for f in found}
+    return {m for m in modules if m and m not in ("__main__", "__mp_main__") and not m.startswith("sm2jax.")}

@@ -1,0 +1,222 @@
+"""The study folder: its layout, claiming it, atomic writes, and committing a phase.
+
+:class:`StudyDir` is the one place that knows where a study keeps what::
+
+    spec.json              what to run (written once; ``{"hyperband": spec}`` for a Hyperband run)
+    hardware.json          devices, power limits, idle baseline, energy method
+    ledger.jsonl           energy per window and per trial (append-only, fsync-ed)
+    progress/phase-P.json  the study's state after phase P (atomic rename)
+    checkpoints/P/         Orbax: every surviving cohort after phase P, survivors already gathered
+    results.json           the outcome
+    report/                ``sm2jax report``'s tables and figures
+    bracket-S/             a Hyperband run's study of bracket S (a study folder of its own)
+
+A phase is committed in one order (:meth:`StudyDir.commit_phase`): the survivors' checkpoint is
+saved and waited for, then ``progress/phase-P.json`` is renamed into place. A kill at any moment
+leaves either both or a checkpoint without its progress record, which :meth:`StudyDir.resume_point`
+discards, so a resumed study repeats at most the phase in flight.
+
+In a multi-process study only process 0 writes (:func:`sm2jax.distributed.is_primary`); Orbax
+coordinates the checkpoints itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from sm2jax.checkpoint import StudyCheckpoints
+from sm2jax.distributed import is_primary
+
+
+def json_default(value: Any) -> Any:
+    """JSON for numpy scalars and arrays (what study records hold besides plain Python values)."""
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def write_json(path: str | os.PathLike, blob: Any) -> None:
+    """Writes ``blob`` to ``path`` atomically (a rename commits it); only process 0 of a
+    multi-process study writes."""
+    if not is_primary():
+        return
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(blob, f, indent=1, default=json_default)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``; a file that is not valid JSON raises a ``ValueError`` naming it."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{os.fspath(path)} is not valid JSON ({err})") from None
+
+
+class StudyDir:
+    """A study's folder (see the module docstring for its layout).
+
+    Args:
+      path: the folder (need not exist yet; :meth:`claim` creates it).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.path.abspath(os.fspath(path))
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __str__(self) -> str:
+        return self.path
+
+    # ---------------------------------------------------------------------------------- layout
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def exists(self, name: str) -> bool:
+        return os.path.exists(self.file(name))
+
+    @property
+    def spec_path(self) -> str:
+        return self.file("spec.json")
+
+    @property
+    def hardware_path(self) -> str:
+        return self.file("hardware.json")
+
+    @property
+    def ledger_path(self) -> str:
+        return self.file("ledger.jsonl")
+
+    @property
+    def results_path(self) -> str:
+        return self.file("results.json")
+
+    @property
+    def report_path(self) -> str:
+        return self.file("report")
+
+    def progress_path(self, phase: int) -> str:
+        return os.path.join(self.path, "progress", f"phase-{phase}.json")
+
+    def bracket(self, s: int) -> StudyDir:
+        """The folder of Hyperband bracket ``s``."""
+        return StudyDir(self.file(f"bracket-{s}"))
+
+    def checkpoints(self) -> StudyCheckpoints:
+        """The Orbax checkpoints of the surviving cohorts (close it when done)."""
+        return StudyCheckpoints(self.file("checkpoints"))
+
+    # ---------------------------------------------------------------------------------- reading
+
+    def spec_blob(self) -> dict[str, Any] | None:
+        """The stored spec as JSON (``None`` when there is none)."""
+        return read_json(self.spec_path) if os.path.exists(self.spec_path) else None
+
+    def has_run(self) -> bool:
+        """Whether the study (or Hyperband run) here has measured or trained anything."""
+        if not os.path.isdir(self.path):
+            return False
+        names = os.listdir(self.path)
+        phases = os.listdir(self.file("progress")) if "progress" in names else []
+        return bool(phases) or any(
+            n in ("ledger.jsonl", "results.json", "checkpoints") or n.startswith("bracket-") for n in names
+        )
+
+    def saved_phases(self) -> list[int]:
+        """Phases with a progress record, in order."""
+        folder = self.file("progress")
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        return sorted(int(n[6:-5]) for n in names if n.startswith("phase-") and n.endswith(".json"))
+
+    def load_progress(self, phase: int) -> dict[str, Any]:
+        return read_json(self.progress_path(phase))
+
+    def results(self) -> dict[str, Any]:
+        """The study's ``results.json``, with one-line errors for a missing study or result."""
+        if not os.path.exists(self.results_path):
+            if self.spec_blob() is None:
+                raise FileNotFoundError(f"no study in {self.path} (spec.json missing)")
+            raise FileNotFoundError(
+                f"{self.results_path} does not exist: the study has not finished (run `sm2jax resume {self.path}`)"
+            )
+        return read_json(self.results_path)
+
+    def read_hardware(self) -> dict[str, Any]:
+        return read_json(self.hardware_path)
+
+    # ---------------------------------------------------------------------------------- writing
+
+    def claim(
+        self, spec_blob: dict[str, Any], normalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    ) -> None:
+        """Writes ``spec_blob`` as ``spec.json`` unless the folder holds a different study that has
+        already run (then raises; no study data is ever overwritten). A spec whose study never ran
+        -- a first start that failed on bad input -- is replaced by the corrected one.
+
+        ``normalise`` maps a stored spec to its current form (a spec written by an earlier version
+        lacks fields added since: their defaults apply); it may raise ``TypeError`` or
+        ``ValueError``, and the stored spec is then compared as it is.
+        """
+        wanted = json.loads(json.dumps(spec_blob, default=json_default))
+        held = self.spec_blob()
+        if held is not None and "hyperband" not in held and normalise is not None:
+            try:
+                held = json.loads(json.dumps(normalise(held), default=json_default))
+            except (TypeError, ValueError):
+                pass  # unknown fields or values: compared as they are (and refused below if it has run)
+        if held == wanted:
+            return
+        if held is not None and self.has_run():
+            kind = "a Hyperband run" if "hyperband" in held else "a study"
+            differ = sorted(k for k in {*held, *wanted} if held.get(k) != wanted.get(k))
+            raise ValueError(
+                f"{self.path} already holds {kind} with a different spec (differs in: {', '.join(differ)}); resume it (`sm2jax resume {self.path}`) or choose another directory"
+            )
+        os.makedirs(self.file("progress"), exist_ok=True)
+        write_json(self.spec_path, spec_blob)
+
+    def write_hardware(self, blob: dict[str, Any]) -> None:
+        write_json(self.hardware_path, blob)
+
+    def write_results(self, blob: dict[str, Any]) -> None:
+        write_json(self.results_path, blob)
+
+    def commit_phase(
+        self, phase: int, progress: dict[str, Any], checkpoints: StudyCheckpoints, rows: dict[str, Any]
+    ) -> None:
+        """Records phase ``phase`` as done: the survivors' ``rows`` (cohort name -> host rows) are
+        checkpointed and committed first, then the progress record is renamed into place."""
+        if rows:  # Orbax refuses an empty tree; a phase with no survivor needs no checkpoint
+            checkpoints.save(phase, rows)
+            checkpoints.wait()  # committed before the phase is recorded as done
+        write_json(self.progress_path(phase), progress)
+
+    def discard_after(self, phase: int, checkpoints: StudyCheckpoints) -> None:
+        """Removes what a resumed study cannot trust after ``phase`` (the last one it restored):
+        checkpoints of later phases (a kill between a checkpoint and its progress record, or a
+        corrupt one), with a warning when one had no progress record, and later progress records."""
+        saved = self.saved_phases()
+        for step in checkpoints.discard_after(phase):
+            if step not in saved:
+                warnings.warn(
+                    f"checkpoint of phase {step} has no progress record (killed between the two); discarded, the phase runs again",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        for stale in (p for p in saved if p > phase and is_primary()):
+            os.remove(self.progress_path(stale))
