@@ -87,7 +87,8 @@ class CohortSpec:
     configs: tuple[Config, ...]
 
     @property
-    def width(self) -> int:
+    def size(self) -> int:
+        """The number of configurations (not a vmap width: that is the runner's choice)."""
         return len(self.configs)
 
     @property
@@ -102,9 +103,6 @@ class CohortSpec:
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         aug = "" if s.augment == "none" else f"-{s.augment}"
         return f"{s.model_spec['name']}-bs{s.batch_size}-{s.optimizer}-d{s.dropout:g}-{s.dtype}{aug}-{digest}"
-
-    def subset(self, indices: Sequence[int]) -> CohortSpec:
-        return CohortSpec(self.signature, tuple(self.configs[i] for i in indices))
 
 
 def group_into_cohorts(configs: Sequence[Config]) -> list[CohortSpec]:
@@ -156,8 +154,7 @@ def clip_by_global_norm(max_norm) -> optax.GradientTransformation:
     The same maths as ``optax.clip_by_global_norm`` (Pascanu et al., 2013), written as one scalar
     factor times the updates rather than a per-element divide: XLA then fuses the factor into each
     consumer of the gradient (the moment updates of Adam) instead of materialising the clipped
-    gradient, one pass fewer over every parameter per step (MLP 1024x1024, batch 32, CPU: ~10% per
-    step). Unclipped updates are bit-identical (a factor of exactly 1); clipped ones differ from
+    gradient, one pass fewer over every parameter per step. Unclipped updates are bit-identical (a factor of exactly 1); clipped ones differ from
     optax's by float rounding. ``max_norm = inf`` never clips. Traced inside the vmapped update, so
     the norm is per trial.
     """

@@ -155,7 +155,7 @@ def batch_indices(
     ``(data_key, e)``; the step's batch is its ``step mod steps_per_epoch`` slice. The
     permutation is a Feistel network over the next power of four with cycle-walking back into
     ``[0, num_examples)``, so a step costs O(batch) instead of the O(N log N) of materialising
-    ``jax.random.permutation`` (which made up ~85% of a digits-MLP step).
+    ``jax.random.permutation`` per step (most of a small model's step; see the README).
     """
     per_epoch = steps_per_epoch(num_examples, batch_size)
     epoch, position = step // per_epoch, step % per_epoch

@@ -356,8 +356,10 @@ def register_model(name: str, builder: Callable[..., nnx.Module]) -> None:
     each trial of a vmapped cohort draws its own masks. Non-parameter state (e.g. batch
     statistics) is carried per trial.
 
-    Registering a name again replaces the earlier builder (a re-run notebook cell); programs
-    compiled for the earlier one are never reused. Built-in names cannot be replaced.
+    Registering a name again replaces the earlier builder (a re-run notebook cell): the builder is
+    part of the init program's key, and the model's graph (its classes and static attributes) of
+    the training and evaluation programs' keys, so programs compiled for the earlier one are reused
+    only where they are the same program. Built-in names cannot be replaced.
     """
     if name in BUILTIN_MODELS:
         raise ValueError(f"model {name!r} is built in and cannot be replaced: register yours under another name")

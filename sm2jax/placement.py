@@ -181,14 +181,11 @@ def request_cpu_devices(n: int | None = None) -> int | None:
     its backends (the command line does it first thing); it changes nothing on GPUs or TPUs.
 
     Why: on a CPU one XLA device runs a small model's step on about one core. A trials axis of one
-    device per core trains each device's rows on its own core. Measured on 2 cores (MLP 256x256,
-    batch 32, 16 trials): 91,000 samples/s on 2 devices against 53,000 on one device from width 1
-    (the single-device default) and 59,000 at width 16; a full search on MNIST-1D 50,000 took
-    26-31 s instead of 40-45 s. A device holding only padding or diverged trials skips the step.
-    Cohorts use every device from the start: starting on one device and spreading only when the
-    predicted training paid for the sharded programs' compilation was tried, and lost (MNIST-1D
-    50,000, SH: 18.7 s against 15.0 s, median of 3 interleaved; digits, compile-bound: 7.2 s
-    against 7.8 s, within the noise).
+    device per core trains each device's rows on its own core (the README's scaling table and
+    ``experiments/bench/scaling.py`` have the figures). A device holding only padding or diverged
+    trials skips the step. Cohorts use every device from the start: starting on one device and
+    spreading only when the predicted training paid for the sharded programs' compilation was
+    tried, and lost (README, *More devices*).
 
     Returns:
       The count requested, or ``None`` when ``XLA_FLAGS`` already chose one.

@@ -286,18 +286,18 @@ class CohortRunner:
             return max(1, self.trainer.steps_per_epoch // 8) if pending_first else 10**9
         return max(1, int(window_seconds / (t * num_chunks(self.k, self.width))))
 
-    def _train_calls(self, chunk: int) -> tuple[list, float | None]:
-        """Dispatches ``chunk`` steps of every chunk; returns the outputs and, for a build's first
+    def _train_calls(self, window_steps: int) -> tuple[list, float | None]:
+        """Dispatches ``window_steps`` steps of every chunk; returns the outputs and, for a build's first
         call, the seconds of its first step, run alone: a build's first call pays one-time costs
         that are not training, so the window's rate comes from the steady steps (the same steps in
         two calls give the same bits)."""
-        if (self.width, self.quick) in self._timed or chunk <= 1:
-            return [self.trainer.train(c, chunk, self.quick) for c in self.chunks], None
+        if (self.width, self.quick) in self._timed or window_steps <= 1:
+            return [self.trainer.train(c, window_steps, self.quick) for c in self.chunks], None
         t0 = time.perf_counter()
         first = jax.block_until_ready(self.trainer.train(self.chunks[0], 1, self.quick))
         head = time.perf_counter() - t0
-        outs = [self.trainer.train(first[0], chunk - 1, self.quick)]
-        return outs + [self.trainer.train(c, chunk, self.quick) for c in self.chunks[1:]], head
+        outs = [self.trainer.train(first[0], window_steps - 1, self.quick)]
+        return outs + [self.trainer.train(c, window_steps, self.quick) for c in self.chunks[1:]], head
 
     def train_to(
         self,
@@ -327,7 +327,7 @@ class CohortRunner:
             if remaining <= 0:
                 break
             self.compile()
-            chunk = min(
+            window_steps = min(
                 remaining, self.steps_per_window(window_seconds, steps_per_window, self.probe_pending or self.quick)
             )
             before = self.field("step")
@@ -340,7 +340,7 @@ class CohortRunner:
                 phase, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, after=self.chunks
             ) as w:
                 try:
-                    outs, head = self._train_calls(chunk)
+                    outs, head = self._train_calls(window_steps)
                     w.cover(outs)
                 except Exception as err:
                     if not is_oom(err) or kept is None:
@@ -365,7 +365,7 @@ class CohortRunner:
                 continue
             self._proven.add(self.width)
             self._timed.add((self.width, self.quick))
-            seconds, chunk_steps = w.reading.seconds, chunk * len(self.chunks)
+            seconds, chunk_steps = w.reading.seconds, window_steps * len(self.chunks)
             if head is None or seconds <= head:
                 self.step_seconds[self.width] = seconds / chunk_steps
             else:  # the steps after the timed first one
@@ -374,7 +374,7 @@ class CohortRunner:
             for row, t in enumerate(self.trial_ids):
                 taken[t] += int(steps[row])
             if on_steps is not None:
-                on_steps(chunk)
+                on_steps(window_steps)
             left = max(planned_trial_steps - sum(taken.values()), 0.0)
             if self.quick:
                 self._maybe_optimise(left)

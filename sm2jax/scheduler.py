@@ -30,7 +30,7 @@ relative uncertainty :math:`\rho_c` (``energy_noise``, 20% by default);
 .. math::  F_j - F_i > z_E \sqrt{(\rho_i F_i)^2 + (\rho_j F_j)^2},
 
 with :math:`z_E = 2` by default: energy figures have heavier tails than a binomial score (identical
-runs' windows spread 21% median, up to 113%), so an energy gap must be wide to count.
+runs' windows spread widely), so an energy gap must be wide to count.
 
 **Rungs** (objective ``sm2``). Candidates are ordered in score tiers: the first tier is everyone tied
 with the best score; inside a tier, candidates that fewer tier-mates are clearly cheaper than come

@@ -68,8 +68,8 @@ class StudySpec:
         too likely to give up for energy that is sunk).
       energy_z: likewise for two energies, whose noise has heavier tails.
       explore_z: the clear margin, in standard errors, exploration needs to drop a configuration.
-      energy_noise: relative uncertainty of a cohort's energy rate (default 20%: identical runs'
-        windows spread 21% median).
+      energy_noise: relative uncertainty of a cohort's energy rate (default 20%, about the spread of
+        identical runs' windows).
       alpha, beta: weights of the ``blend`` objective.
       plateau_tolerance: a score gain at or below this over a budget flags the candidate's learning
         rate as plateaued (recorded with its decision; the ``blend`` objective's G term penalises it).

@@ -205,8 +205,8 @@ def eval_chunk(s: EvalSettings, params, model_state, xs, ys, mask):
         def run_trial(params, model_state):
             model = nnx.merge(s.graphdef, params, model_state, copy=True)
 
-            def body(carry, chunk):
-                x, y, m = chunk
+            def body(carry, block):
+                x, y, m = block
                 loss, metric = task_loss(s.task, model(x, train=False), y)
                 return (
                     carry[0] + (loss * m).sum(),

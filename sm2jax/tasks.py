@@ -22,15 +22,12 @@ own with :func:`register_task`; a data set names its task (``ArrayDataset.task``
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-_VERSIONS = itertools.count(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +55,6 @@ class Task:
     binary: bool = False
     majority_chance: bool = False
     report: Callable[[float], float] | None = None
-    version: int = dataclasses.field(default_factory=lambda: next(_VERSIONS), compare=False)
 
     def reported(self, mean):
         return mean if self.report is None else self.report(mean)
@@ -95,8 +91,9 @@ _REGISTRY: dict[str, Task] = dict(BUILTIN_TASKS)
 def register_task(task: Task) -> Task:
     """Makes ``task`` available by its name to data sets and studies in this process.
 
-    Registering a name again replaces the earlier task (a re-run notebook cell); programs compiled
-    for the earlier one are never reused. Built-in names cannot be replaced.
+    Registering a name again replaces the earlier task (a re-run notebook cell); the task is part
+    of every training and evaluation program's key, so programs compiled for the earlier one are
+    reused only when its loss and metric are the same functions. Built-in names cannot be replaced.
 
     Example::
 
@@ -112,8 +109,8 @@ def register_task(task: Task) -> Task:
         raise TypeError(f"register_task takes a sm2jax.Task, not {type(task).__name__}")
     if task.name in BUILTIN_TASKS:
         raise ValueError(f"task {task.name!r} is built in and cannot be replaced: register yours under another name")
-    _REGISTRY[task.name] = dataclasses.replace(task, version=next(_VERSIONS))
-    return _REGISTRY[task.name]
+    _REGISTRY[task.name] = task
+    return task
 
 
 def get_task(name: str) -> Task:

@@ -20,6 +20,7 @@ measures it, and :mod:`sm2jax.width_policy` decides when measuring pays for its 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -63,6 +64,14 @@ class WidthProbe:
             "chosen": self.chosen,
             "steps": self.steps,
         }
+
+
+_INIT_ARGUMENTS = (
+    jax.ShapeDtypeStruct((), jnp.int32),  # seed (also the shape of a train call's step count)
+    jax.ShapeDtypeStruct((), jnp.int32),  # trial id
+    {n: jax.ShapeDtypeStruct((), jnp.float32) for n in OPTIMIZER_HYPERPARAMETERS},
+)
+"""Abstract arguments of the single-trial init program."""
 
 
 class CohortTrainer:
@@ -151,13 +160,11 @@ class CohortTrainer:
 
     def _arguments(self, kind: str, width: int) -> tuple:
         """Abstract arguments of the ``kind`` program at ``width`` (shapes and dtypes only)."""
-        hps = {n: jax.ShapeDtypeStruct((), jnp.float32) for n in OPTIMIZER_HYPERPARAMETERS}
-        i32 = jax.ShapeDtypeStruct((), jnp.int32)
         if kind == "init":
-            return (i32, i32, hps)
+            return _INIT_ARGUMENTS
         rows = self.abstract_rows(width)
         if kind == "train":
-            return (rows, i32, self.data["x_train"], self.data["y_train"])
+            return (rows, _INIT_ARGUMENTS[0], self.data["x_train"], self.data["y_train"])
         return (rows.params, rows.model_state, *self.data["val"][0])
 
     def compile_seconds(self, kind: str, width: int, quick: bool = False) -> float | None:
@@ -204,13 +211,15 @@ class CohortTrainer:
         rows = self.init_rows(configs)
         return chunk_rows(rows, width or self.placement.round_width(len(rows.step)), self.placement)
 
+    @functools.cached_property
+    def _trial_shapes(self) -> Any:
+        """Shapes and dtypes of one trial's init outputs (traced once, nothing computed)."""
+        return jax.eval_shape(functools.partial(init_trial, self.init_settings), *_INIT_ARGUMENTS)
+
     def abstract_rows(self, k: int) -> CohortState:
         """Shapes and dtypes of ``k`` host rows (restore targets), without computing anything."""
-        hps = {n: jax.ShapeDtypeStruct((), jnp.float32) for n in OPTIMIZER_HYPERPARAMETERS}
-        i32 = jax.ShapeDtypeStruct((), jnp.int32)
-        one = jax.eval_shape(lambda *a: init_trial(self.init_settings, *a), i32, i32, hps)
         params, model_state, opt_state, dropout_key, data_key = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype), one
+            lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype), self._trial_shapes
         )
         i32k = jax.ShapeDtypeStruct((k,), jnp.int32)
         return CohortState(

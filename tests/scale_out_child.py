@@ -144,7 +144,7 @@ def main(out_dir: str) -> dict:
             }
         )
     report["nvml_windows"] = windows
-    report["nvml_keys"] = [e["nvml"] for e in nv.meter.devices]
+    report["nvml_keys"] = [e["nvml"] for e in nv.energy.meter.devices]
     return report
 
 

@@ -104,6 +104,7 @@ def _decisions(results):
     return [(d["phase"], d["trial_id"], d["kept"]) for d in results["decisions"]]
 
 
+@pytest.mark.slow
 def test_own_model_data_and_loss_run_are_killed_and_resume(tmp_path, extension):
     spec = _spec()
     reference = Study(tmp_path / "ref", spec, progress=False).run()
@@ -127,6 +128,7 @@ def test_own_model_data_and_loss_run_are_killed_and_resume(tmp_path, extension):
     assert resumed["selected"]["metric"] == pytest.approx(reference["selected"]["metric"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_the_registered_loss_is_what_trains_and_evaluates(extension):
     ds = extension.blobs()
     configs = SearchSpace(
@@ -151,6 +153,7 @@ def test_the_registered_loss_is_what_trains_and_evaluates(extension):
         assert got.metric[row] == pytest.approx(accuracy) and got.score[row] == pytest.approx(accuracy)
 
 
+@pytest.mark.slow
 def test_in_memory_data_is_recorded_and_required_to_resume(tmp_path, extension):
     ds = extension.blobs()
     spec = _spec(dataset="digits", dataset_options={})  # the name passed is replaced by the data set's
@@ -174,6 +177,7 @@ def test_in_memory_data_is_recorded_and_required_to_resume(tmp_path, extension):
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "pass it again" in out.stderr
 
 
+@pytest.mark.slow
 def test_missing_registrations_are_one_line_errors(tmp_path, extension, monkeypatch):
     Study(tmp_path / "s", _spec(), progress=False)
     # Another process without the module on its path: the error names the module and the fix.

@@ -15,6 +15,7 @@ from sm2jax.cli import main
 from sm2jax.energy import make_meter
 
 
+@pytest.mark.slow
 def test_run_report_and_resume(tmp_path, capsys, monkeypatch):
     study = tmp_path / "study"
     assert main(["run", "--quick", "--dir", str(study), "--no-progress", "--idle-seconds", "0.1", "--no-probe"]) == 0
@@ -71,6 +72,7 @@ def test_bad_input_is_one_line_with_no_traceback(tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_how_to_resume(tmp_path):
     study = tmp_path / "study"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -104,6 +106,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path):
     assert f"sm2jax resume {study}" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_cpu_study_on_a_machine_with_gpus_never_charges_them(tmp_path):
     """With the NVML double installed as the machine's pynvml (two 150 W cards) and JAX on the CPU
     backend, the study meters the host and names the GPUs only in its hardware profile."""

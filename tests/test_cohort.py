@@ -16,7 +16,7 @@ def test_grouping_by_static_signature_keeps_order():
     )
     cohorts = group_into_cohorts(space.grid())
     assert len(cohorts) == 4
-    assert all(c.width == 2 for c in cohorts)
+    assert all(c.size == 2 for c in cohorts)
     for c in cohorts:
         assert len({Signature.of(x) for x in c.configs}) == 1
         assert [x.trial_id for x in c.configs] == sorted(x.trial_id for x in c.configs)

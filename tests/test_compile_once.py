@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import jax
+import pytest
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -41,6 +42,7 @@ def _run(cache, *dirs):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_study_compiles_each_program_once_and_a_warm_cache_compiles_nothing(tmp_path):
     cache = tmp_path / "cache"
     cold = _run(cache, tmp_path / "a-new")

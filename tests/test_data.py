@@ -19,6 +19,7 @@ from sm2jax.data import (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n, b", [(64, 16), (1437, 32), (10, 3), (2, 2)])
 def test_batch_indices_visit_every_example_once_per_epoch(n, b):
     key = jax.random.PRNGKey(3)

@@ -171,6 +171,7 @@ def test_estimate_meter_is_labelled_estimated():
     assert reading.method == "estimated" and reading.joules == pytest.approx(20.0)
 
 
+@pytest.mark.slow
 def test_idle_baseline_and_nested_windows():
     device = FakeDevice(energy_mj=0)
     monitor = EnergyMonitor(
@@ -261,6 +262,7 @@ def test_unavailable_windows_stay_none_in_the_ledger(tmp_path):
     assert summarize(records)["explore"]["joules"] is None
 
 
+@pytest.mark.slow
 def test_only_the_gpus_jax_uses_are_metered_found_by_pci_bus_id_or_uuid():
     cards = [make_card(i, power_mw=100_000 * (i + 1)) for i in range(4)]  # 100, 200, 300, 400 W
     nvml = make_fake_nvml(cards)
@@ -295,6 +297,7 @@ def test_an_accelerator_that_cannot_be_metered_is_unavailable_with_the_host_on_i
         assert group["joules"] is None and group["host_joules"] > 0 and group["host_method"] == "estimated"
 
 
+@pytest.mark.slow
 def test_windows_shorter_than_the_counter_resolution_are_merged_never_none(tmp_path):
     """A 100 ms-tick counter read over 20 ms windows: merged until they span the meter's 1 s
     resolution, split by busy time, every window with a figure; flush waits out a short tail."""

@@ -16,6 +16,7 @@ def _load():
     return module
 
 
+@pytest.mark.slow
 def test_gpu_check_counter_and_power_agree_on_a_steady_device(tmp_path):
     gpu_check = _load()
     fake = make_fake_nvml([FakeDevice(power_mw=250_000, clock_driven=True)])

@@ -41,6 +41,7 @@ def _dataset(task, rng):
         ({"name": "transformer", "dim": 16, "depth": 1, "heads": 2}, "text"),
     ],
 )
+@pytest.mark.slow
 def test_model_trains_in_a_cohort(model, task):
     from sm2jax.trainer import CohortTrainer
 
@@ -63,6 +64,7 @@ def test_model_trains_in_a_cohort(model, task):
         assert not np.allclose(stats[0][0], stats[0][1])
 
 
+@pytest.mark.slow
 def test_resnet18_has_the_cifar_layout():
     model = build_model({"name": "resnet18", "width": 4}, (32, 32, 3), 10, key=jax.random.PRNGKey(0))
     assert len(model.blocks) == 8  # 4 stages x 2 basic blocks
@@ -71,6 +73,7 @@ def test_resnet18_has_the_cifar_layout():
     assert out.shape == (2, 10)
 
 
+@pytest.mark.slow
 def test_bfloat16_cohort_computes_in_bf16_and_keeps_float32_parameters(digits):
     from sm2jax.trainer import CohortTrainer
 

@@ -109,6 +109,7 @@ def test_prepare_takes_the_archive_from_a_folder_the_user_names(tmp_path, capsys
         ("wikitext2_transformer", "wikitext2", lambda p: _wikitext(p, lines=400)),  # > 32 chunks of 64 bytes
     ],
 )
+@pytest.mark.slow
 def test_paper_configs_run_quick_from_the_command_line_on_generated_data(tmp_path, capsys, folder, name, make):
     import json
     import pathlib

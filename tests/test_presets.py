@@ -34,6 +34,7 @@ def test_every_preset_has_a_quick_variant_that_does_less():
         assert work(quick) < work(full), name
 
 
+@pytest.mark.slow
 def test_notebook_runs_every_cell(tmp_path):
     import nbformat
     from nbclient import NotebookClient
@@ -62,6 +63,7 @@ def test_notebook_runs_every_cell(tmp_path):
         assert (tmp_path / "runs" / name / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_mnist1d_quick_preset_runs_offline(tmp_path):
     import dataclasses
 

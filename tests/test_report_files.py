@@ -36,6 +36,7 @@ def _read(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_report_writes_tables_that_match_the_study(finished, capsys):
     directory, results = finished
     assert main(["report", str(directory)]) == 0
@@ -70,6 +71,7 @@ def test_report_writes_tables_that_match_the_study(finished, capsys):
     assert frame["energy_joules"].notna().all() and pd.read_csv(out / "energy.csv")["kwh"].gt(0).all()
 
 
+@pytest.mark.slow
 def test_report_figures_are_valid_pngs_that_show_every_configuration(finished):
     import matplotlib.image
 
@@ -100,6 +102,7 @@ def test_pareto_front():
     assert pareto_front(points) == [4, 0, 1, 5]
 
 
+@pytest.mark.slow
 def test_compare_puts_studies_side_by_side(finished, tmp_path, capsys):
     import dataclasses
 

@@ -35,6 +35,7 @@ def _runner(digits, tmp_path, trials, model=MODEL, planned=None, **policy):
     return runner, ledger
 
 
+@pytest.mark.slow
 def test_padding_rows_get_no_energy_and_do_not_change_results(digits, tmp_path):
     padded, ledger = _runner(digits, tmp_path, 3, max_width=2)  # chunks of 2: the second holds one padding row
     assert padded.width == 2 and len(padded.chunks) == 2
@@ -54,6 +55,7 @@ def test_padding_rows_get_no_energy_and_do_not_change_results(digits, tmp_path):
         assert len(shares) == 3 and sum(s["joules"] for s in shares) == pytest.approx(w["joules"])
 
 
+@pytest.mark.slow
 def test_the_probe_runs_only_when_predicted_training_pays_for_its_compilation(digits, tmp_path):
     runner, _ = _runner(digits, tmp_path, 6, probe=True)
     assert runner.probe_pending
@@ -70,6 +72,7 @@ def test_the_probe_runs_only_when_predicted_training_pays_for_its_compilation(di
     assert runner.is_compiled()  # training and evaluation at the chosen width, outside any training window
 
 
+@pytest.mark.slow
 def test_fewer_survivors_get_a_narrower_program_only_when_it_pays(digits, tmp_path):
     runner, _ = _runner(digits, tmp_path, 8, model={"name": "mlp", "hidden": [12]})  # no narrower program compiled yet
     runner.train_to(2, "rung-1", planned_trial_steps=16)
@@ -114,6 +117,7 @@ def test_probe_candidates():
     assert probe_candidates(54) == [1, 4, 16, 54]
 
 
+@pytest.mark.slow
 def test_the_probe_measures_only_widths_within_the_memory_limit(digits, tmp_path):
     """The spec's memory limit binds the probe too: no candidate above it is compiled and run, and
     nothing raises out of the study (issue 11, item 8)."""
@@ -141,6 +145,7 @@ def test_the_probe_measures_only_widths_within_the_memory_limit(digits, tmp_path
     assert runner.width in (1, 2)
 
 
+@pytest.mark.slow
 def test_a_narrow_start_compiles_one_program_for_every_survivor_count(digits, tmp_path):
     assert WidthPolicy().starts_narrow() == (jax.default_backend() == "cpu")  # auto: narrow on CPU backends
     runner, _ = _runner(digits, tmp_path, 6, start="narrowest")
@@ -157,6 +162,7 @@ def test_a_narrow_start_compiles_one_program_for_every_survivor_count(digits, tm
     assert set(runner.choices[-1]["samples_per_second"]) == {"1", "4", "6"}
 
 
+@pytest.mark.slow
 def test_a_cpu_cohort_trains_quick_only_while_its_training_is_short(digits, tmp_path):
     """Quick programs (CPU backends): a cohort whose planned training is predicted short from FLOPs
     starts quick and never compiles the optimised training program; one predicted long starts

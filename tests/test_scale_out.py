@@ -70,6 +70,7 @@ def four_devices(tmp_path_factory):
     return json.loads(line[len("REPORT ") :])
 
 
+@pytest.mark.slow
 def test_a_study_on_four_devices_matches_one_device(four_devices):
     one, four = four_devices["d1"], four_devices["d4"]
     assert four_devices["devices"] == 4
@@ -82,6 +83,7 @@ def test_a_study_on_four_devices_matches_one_device(four_devices):
     assert four["ledger_trials"] == list(range(12))
 
 
+@pytest.mark.slow
 def test_the_sharded_step_has_no_collective_and_donates_its_state(four_devices):
     p = four_devices["programs"]
     assert p["psum_collectives"] == ["all-reduce"]  # the check sees a collective where there is one
@@ -95,6 +97,7 @@ def test_the_sharded_step_has_no_collective_and_donates_its_state(four_devices):
     assert step4 == pytest.approx(step1, rel=0.01) and fwd4 == pytest.approx(fwd1, rel=0.01) and step1 > 0 and fwd1 > 0
 
 
+@pytest.mark.slow
 def test_a_device_with_only_padding_skips_the_step(four_devices):
     p = four_devices["padding"]
     assert four_devices["programs"]["train_has_branch"]
@@ -118,6 +121,7 @@ def test_request_cpu_devices_respects_xla_flags(monkeypatch):
         request_cpu_devices(0)
 
 
+@pytest.mark.slow
 def test_too_many_devices_is_a_one_line_error(tmp_path):
     out = subprocess.run(
         [
@@ -143,6 +147,7 @@ def test_too_many_devices_is_a_one_line_error(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_each_trial_is_charged_by_the_device_its_rows_ran_on(four_devices):
     """4 metered cards (NVML test double, 100..400 W): every training window's energy per device goes
     to the trials on that device, split by their steps; a trial on the 400 W card pays 4x."""
@@ -198,6 +203,7 @@ def _spec(**kw) -> StudySpec:
     return StudySpec(**{**base, **kw})
 
 
+@pytest.mark.slow
 def test_checkpointed_on_four_devices_resumes_on_two_with_the_same_decisions(tmp_path):
     spec = _spec()
     reference = _reference(tmp_path / "ref", spec)
@@ -262,6 +268,7 @@ def _two_processes(directory) -> list[subprocess.Popen]:
     ]
 
 
+@pytest.mark.slow
 def test_two_processes_run_one_study_with_one_ledger_and_one_result(tmp_path):
     spec = _spec(max_budget=3)
     reference = _reference(tmp_path / "ref", spec)
@@ -298,6 +305,7 @@ def test_two_processes_run_one_study_with_one_ledger_and_one_result(tmp_path):
     assert np.isfinite(written["total_joules"]) and written["total_joules"] > 0
 
 
+@pytest.mark.slow
 def test_two_processes_killed_mid_rung_resume_together(tmp_path):
     spec = _spec()
     reference = _reference(tmp_path / "ref", spec)

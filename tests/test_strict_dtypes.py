@@ -10,6 +10,7 @@ from sm2jax.steps import task_loss
 from sm2jax.tasks import get_task
 
 
+@pytest.mark.slow
 def test_helpers_under_strict_promotion():
     with jax.numpy_dtype_promotion("strict"):
         assert unit_schedule(jnp.int32(3), jnp.float32(0.1), jnp.float32(1.0), jnp.float32(50)).dtype == jnp.float32

@@ -44,6 +44,7 @@ def _decisions(results):
     return [(d["phase"], d["trial_id"], d["kept"]) for d in results["decisions"]]
 
 
+@pytest.mark.slow
 def test_sm2_study_selects_a_config_and_labels_cpu_energy_honestly(tmp_path):
     space = {
         "learning_rate": LogUniform(3e-3, 3e-2, num=2),
@@ -107,6 +108,7 @@ def test_a_study_whose_every_config_diverges_ends_without_a_selection(tmp_path):
     assert all(d["reason"].startswith("diverged at step") for d in results["decisions"])
 
 
+@pytest.mark.slow
 def test_memory_cap_narrows_the_width_or_marks_infeasible(tmp_path, digits):
     # Activation-dominated (small convolution weights, large batch), so memory grows with the width.
     space = {
@@ -134,6 +136,7 @@ def test_memory_cap_narrows_the_width_or_marks_infeasible(tmp_path, digits):
     assert "does not fit in device memory even alone" in none_fit["infeasible"]["0"]
 
 
+@pytest.mark.slow
 def test_out_of_memory_during_training_narrows_the_width_and_retries(tmp_path, monkeypatch):
     """The device running out of memory mid-study (simulated at the hardware boundary: the compiled
     program raises XLA's RESOURCE_EXHAUSTED above width 2) halves the width and retries the window."""
@@ -156,6 +159,7 @@ def test_out_of_memory_during_training_narrows_the_width_and_retries(tmp_path, m
     assert len(retries) == 2  # the failed attempts' energy is kept on its own line
 
 
+@pytest.mark.slow
 def test_kill_mid_rung_and_resume_reaches_the_same_decisions(tmp_path, caplog):
     # Two models at one batch size: two cohorts that differ only in model options (their names and
     # so their progress, checkpoints and restore must not collide).
@@ -200,6 +204,7 @@ def test_kill_mid_rung_and_resume_reaches_the_same_decisions(tmp_path, caplog):
     assert again["selected"]["trial_id"] == reference["selected"]["trial_id"]
 
 
+@pytest.mark.slow
 def test_baselines_on_identical_work(tmp_path):
     space = {"learning_rate": LogUniform(3e-3, 3e-2, num=3), "batch_size": 64}
     sh = Study(tmp_path / "sh", _spec(space, mode="sh"), progress=False).run()
@@ -223,6 +228,7 @@ def test_baselines_on_identical_work(tmp_path):
     assert hb["selected"]["score"] == max(b["selected"]["score"] for b in hb["brackets"])
 
 
+@pytest.mark.slow
 def test_hyperband_runs_li_et_al_rungs_and_keeps_floor(tmp_path):
     """R = 27 steps, eta = 3: every bracket trains n_i configurations to r_i steps and keeps
     floor(n_i / eta), ending with exactly one configuration at the full budget."""
@@ -285,6 +291,7 @@ def test_a_checkpoint_without_its_progress_record_is_discarded_with_a_warning(tm
     assert again["selected"]["trial_id"] == reference["selected"]["trial_id"]
 
 
+@pytest.mark.slow
 def test_a_study_metered_by_a_100ms_counter_decides_with_energy(tmp_path):
     """On a GPU the counter steps every ~100 ms while a digits window lasts milliseconds: windows are
     merged to the meter's 1 s resolution, so every window has a figure and no decision falls back

@@ -54,6 +54,7 @@ def _row(tree, i):
     return jax.tree.map(lambda a: np.asarray(a)[i], tree)
 
 
+@pytest.mark.slow
 def test_cohort_of_8_learning_rates_matches_training_each_alone(digits):
     configs = SearchSpace({"learning_rate": LogUniform(1e-4, 3e-1, num=8), "batch_size": 32}).grid()
     trainer = CohortTrainer(_single_cohort(configs), digits, schedule_steps=100)
@@ -79,7 +80,9 @@ def test_cohort_of_8_learning_rates_matches_training_each_alone(digits):
         ({"name": "mlp", "hidden": [32]}, (64,)),
         ({"name": "cnn", "channels": [4, 8]}, (8, 8, 1)),
         ({"name": "gru", "hidden": 8}, (6, 3)),
-        ({"name": "resnet18", "width": 4, "blocks": [1, 1, 1, 1]}, (8, 8, 3)),  # batch statistics: model state
+        pytest.param(
+            {"name": "resnet18", "width": 4, "blocks": [1, 1, 1, 1]}, (8, 8, 3), marks=pytest.mark.slow
+        ),  # batch statistics: model state
     ],
     ids=["mlp", "cnn", "gru", "resnet18"],
 )
@@ -147,6 +150,7 @@ def test_padding_rows_never_change_real_rows_and_take_no_step(digits):
         gather_rows([padded], [PADDING_ID])
 
 
+@pytest.mark.slow
 def test_diverging_trial_is_frozen_and_others_are_bit_for_bit_unaffected(digits):
     healthy = [make_config(i, optimizer="sgd", learning_rate=lr) for i, lr in zip((0, 1, 3), (0.1, 0.03, 0.01))]
     bad = make_config(2, optimizer="sgd", learning_rate=1e20)
@@ -170,6 +174,7 @@ def test_diverging_trial_is_frozen_and_others_are_bit_for_bit_unaffected(digits)
     assert np.isfinite(np.asarray(metrics_a.loss_mean)[[0, 1, 3]]).all()
 
 
+@pytest.mark.slow
 def test_survivors_continue_with_their_exact_state(digits):
     configs = SearchSpace({"learning_rate": LogUniform(1e-3, 1e-1, num=4), "schedule": "cosine", "dropout": 0.2}).grid()
     trainer = CohortTrainer(_single_cohort(configs), digits, schedule_steps=40)
@@ -283,6 +288,7 @@ def test_crop_flip_is_a_padded_window_per_image_keyed_by_trial_and_step():
     np.testing.assert_array_equal(augment_batch("none", images, data_key[0], jnp.int32(5)), images)
 
 
+@pytest.mark.slow
 def test_augmented_cohort_trains_per_trial_and_refuses_non_images(digits):
     from sm2jax.data import ArrayDataset
 
@@ -313,3 +319,48 @@ def test_augmented_cohort_trains_per_trial_and_refuses_non_images(digits):
     )
     with pytest.raises(ValueError, match="needs image examples"):
         CohortTrainer(cohorts[1], flat, schedule_steps=5)
+
+
+def test_a_programs_key_is_its_step_function_settings_and_argument_shapes(digits):
+    """A program depends on what its step function reads and nothing else: batch size and dropout
+    change the training program only, and cohorts with equal keys share one compiled program."""
+    model = {"name": "mlp", "hidden": [8]}
+    space = SearchSpace({"model": model, "batch_size": Categorical([16, 32]), "dropout": Categorical([0.0, 0.2])})
+    trainers = [CohortTrainer(c, digits, schedule_steps=10) for c in group_into_cohorts(space.grid())]
+    assert len(trainers) == 4
+    for kind in ("init", "eval"):
+        assert len({t.program(kind, 1) for t in trainers}) == 1, kind
+    train = [t.program("train", 1) for t in trainers]
+    assert len(set(train)) == 4
+    assert {(p.settings.batch_size, p.settings.dropout) for p in train} == {(16, 0.0), (32, 0.0), (16, 0.2), (32, 0.2)}
+    assert trainers[0].program("train", 2) != train[0]  # the width is in the arguments' shapes
+    chunk = trainers[0].init(1)[0]
+    trainers[0].compile_eval(chunk)
+    assert all(t.is_compiled("eval", 1) for t in trainers) and not trainers[1].is_compiled("train", 1)
+    with count_compiles() as tally:
+        for t in trainers[1:]:
+            t.compile_eval(chunk)  # equal keys: the table answers, nothing is lowered or loaded
+    assert tally.to_json()["backend_compiles"] == tally.to_json()["cache_hits"] == 0
+
+
+def test_a_re_registered_model_gets_new_programs_only_where_it_changed(digits):
+    from sm2jax.models import MLP, register_model
+
+    class OtherMLP(MLP):  # another class: its graph, and so every program but init's data, differs
+        pass
+
+    def trainer(builder):
+        register_model("re-registered-mlp", builder)
+        space = SearchSpace({"model": {"name": "re-registered-mlp"}, "learning_rate": Categorical([1e-3])})
+        return CohortTrainer(_single_cohort(space.grid()), digits, schedule_steps=10)
+
+    def mlp(cls):
+        return lambda spec, shape, outputs, dropout, dtype, rngs: cls(64, outputs, (8,), dropout, dtype, rngs=rngs)
+
+    first, again, other = trainer(mlp(MLP)), trainer(mlp(MLP)), trainer(mlp(OtherMLP))
+    assert first.program("init", 0) != again.program("init", 0)  # a new builder: a new init program
+    assert first.program("eval", 1) == again.program("eval", 1)  # the same graph: the same program
+    assert first.program("train", 1) == again.program("train", 1)
+    assert first.program("eval", 1) != other.program("eval", 1) and first.program("train", 1) != other.program(
+        "train", 1
+    )

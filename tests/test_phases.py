@@ -1,0 +1,117 @@
+"""A study's phase logic on constructed candidates (no training): candidates in, decision out."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from sm2jax.phases import (
+    DecisionRules,
+    StudyState,
+    cohort_candidates,
+    decide_phase,
+    planned_trial_steps,
+    record_phase,
+    smooth_cohort_rates,
+)
+from sm2jax.spec import StudySpec
+
+
+def _rules(**kw):
+    spec = StudySpec(space={"learning_rate": 1e-3}, **kw)
+    return DecisionRules.of(spec)
+
+
+def _state(ids):
+    state = StudyState()
+    state.start(ids)
+    return state
+
+
+def _eval(scores, se=0.01):
+    scores = np.asarray(scores, np.float64)
+    return types.SimpleNamespace(scores=scores, metrics=scores, score_se=np.full(len(scores), se))
+
+
+def _candidates(state, scores, *, cohort="c", steps=10, bs=8, rules=None, chance=0.1, before=0):
+    ids = sorted(int(t) for t in state.trials)
+    rows = {
+        "step": np.full(len(ids), steps),
+        "active": np.array([np.isfinite(s) for s in scores]),
+        "diverged_at": np.array([-1 if np.isfinite(s) else 3 for s in scores]),
+    }
+    before = {t: before for t in ids}
+    return cohort_candidates(state, cohort, ids, _eval(scores), None, rows, bs, 800, before, chance, rules or _rules())
+
+
+def test_candidates_carry_scores_samples_and_divergence_into_the_state():
+    state = _state([0, 1, 2])
+    cands = _candidates(state, [0.5, float("nan"), 0.9], steps=10, bs=8, before=16)
+    assert [c.samples_spent for c in cands] == [80, 80, 80] and [c.samples_last for c in cands] == [64, 64, 64]
+    assert [c.diverged for c in cands] == [False, True, False] and cands[1].diverged_at == 3
+    assert cands[0].gain is None  # no earlier score: undefined, never a stand-in 0
+    assert state.trials["1"]["score"] is None and state.trials["2"]["score"] == 0.9  # NaN is stored as null
+    again = _candidates(state, [0.6, float("nan"), 0.95])
+    assert again[0].gain == pytest.approx(0.1) and again[2].gain == pytest.approx(0.05)
+
+
+def test_exploration_drops_only_clear_cases_and_keeps_the_rest():
+    state = _state([0, 1, 2, 3])
+    cands = _candidates(state, [0.9, 0.89, 0.1, float("nan")], chance=0.1)
+    decision = decide_phase("explore", cands, _rules(), last=False)
+    assert set(decision.kept) == {0, 1} and decision.selected is None
+    reasons = {r["trial_id"]: r.get("reason_code") for r in decision.records if not r["kept"]}
+    assert reasons[3] == "diverged" and reasons[2] == "not_learned"
+
+
+def test_a_rung_keeps_ceil_n_over_eta_and_the_last_rung_selects_one_with_its_finalists():
+    state = _state(list(range(7)))
+    cands = _candidates(state, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], chance=None)
+    rung = decide_phase("rung-1", cands, _rules(eta=3), last=False)
+    assert sorted(rung.kept) == [4, 5, 6]  # ceil(7 / 3) = 3, scores clearly apart
+    floor = decide_phase("rung-1", cands, _rules(eta=3, keep_rule="floor"), last=False)
+    assert sorted(floor.kept) == [5, 6]
+    final = decide_phase("rung-2", cands, _rules(), last=True)
+    assert final.kept == [6] and final.selected == 6
+    assert {f["trial_id"] for f in final.finalists} == set(range(7))
+
+
+def test_record_phase_charges_energy_smooths_cohort_rates_and_records_the_decision():
+    rules = _rules()
+    state = _state([0, 1])
+    cands = _candidates(state, [0.2, 0.8], chance=None, before=0)  # 80 samples each in this phase
+    decision = record_phase(
+        state, "rung-1", cands, {0: 3.0, 1: 5.0}, {0: 2.0, 1: 4.0}, rules, last=False, energy_method="estimated"
+    )
+    assert [state.trials[t]["energy_spent"] for t in ("0", "1")] == [3.0, 5.0]
+    assert state.cohort_energy["c"] == [{"phase": "rung-1", "joules": 6.0, "samples": 160}]
+    assert cands[0].cohort_rate == pytest.approx(6.0 / 160)  # training joules per sample, evaluation left out
+    assert [d["trial_id"] for d in state.decisions] == [r["trial_id"] for r in decision.records]
+    assert all(d["energy_method"] == "estimated" and d["phase"] == "rung-1" for d in state.decisions)
+    # A second phase adds to what each trial has spent; an unavailable figure makes it unavailable.
+    cands = _candidates(state, [0.3, 0.9], chance=None, steps=20, before=80)
+    record_phase(
+        state, "rung-2", cands, {0: 1.0, 1: None}, {0: 1.0, 1: None}, rules, last=True, energy_method="estimated"
+    )
+    assert state.trials["0"]["energy_spent"] == 4.0 and state.trials["1"]["energy_spent"] is None
+    assert state.selected == 1 and cands[0].cohort_rate is None  # one phase unavailable: no rate
+    assert json.loads(json.dumps(state.to_json())) == StudyState.from_json(state.to_json()).to_json()
+
+
+def test_smoothed_rates_skip_phases_without_samples():
+    state = _state([0])
+    (cand,) = _candidates(state, [0.5])
+    history = {"c": [{"joules": 4.0, "samples": 0}, {"joules": 10.0, "samples": 100}, {"joules": 30.0, "samples": 100}]}
+    smooth_cohort_rates(history, [cand], energy_noise=0.3)
+    assert cand.cohort_rate == pytest.approx(0.2) and cand.energy_noise == 0.3
+
+
+def test_planned_trial_steps_follow_successive_halving():
+    phases = [("explore", 0.25), ("rung-1", 1.0), ("rung-2", 3.0), ("rung-3", 9.0)]
+    steps = lambda budget: int(budget * 100)  # 100 steps per epoch
+    # 9 trials: 25 steps each, then 75 more, then 3 trials x 200, then 1 trial x 600.
+    assert planned_trial_steps(phases, steps, 9, 0, 0, 3) == 9 * 25 + 9 * 75 + 3 * 200 + 1 * 600
+    # From rung-2 with 3 trials already 100 steps in.
+    assert planned_trial_steps(phases, steps, 3, 100, 2, 3) == 3 * 200 + 1 * 600
+    assert planned_trial_steps(phases, steps, 1, 900, 3, 3) == 0
