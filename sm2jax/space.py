@@ -31,19 +31,6 @@ SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("float32", "bfloat16")
 AUGMENTATIONS = ("none", "crop_flip")
 
-STATIC_HYPERPARAMETERS = ("model", "batch_size", "optimizer", "dropout", "dtype", "augment")
-TRACED_HYPERPARAMETERS = (
-    "learning_rate",
-    "weight_decay",
-    "momentum",
-    "b1",
-    "b2",
-    "warmup_fraction",
-    "schedule",
-    "max_grad_norm",
-    "seed",
-)
-
 DEFAULTS: dict[str, Any] = {
     "model": {"name": "mlp", "hidden": [64]},
     "batch_size": 32,

@@ -120,7 +120,3 @@ def get_task(name: str) -> Task:
             f"unknown task {name!r}; known: {', '.join(sorted(_REGISTRY))} (register yours with sm2jax.register_task)"
         )
     return _REGISTRY[name]
-
-
-def known_tasks() -> list[str]:
-    return sorted(_REGISTRY)

@@ -182,12 +182,13 @@ def test_idle_baseline_and_nested_windows():
     device.energy_mj += 1_000
     inner_reading = monitor.end(inner)
     device.energy_mj += 3_000
-    with monitor.measure("ctx") as w:
-        w.cover(jnp.zeros(2))
-        device.energy_mj += 500
+    window = monitor.begin("ctx")
+    window.cover(jnp.zeros(2))
+    device.energy_mj += 500
+    reading = monitor.end(window)
     outer_reading = monitor.end(outer)
     assert inner_reading.joules == pytest.approx(1.0)
-    assert w.reading.joules == pytest.approx(0.5)
+    assert reading.joules == pytest.approx(0.5)
     assert outer_reading.joules == pytest.approx(4.5)
     idle = measure_idle(monitor, seconds=0.05)
     assert idle.watts == 0.0 and idle.method == "nvml-counter"  # counter did not move while idle

@@ -134,11 +134,6 @@ def _import_nvml():
     return pynvml
 
 
-def _device_name(nvml, handle) -> str:
-    name = nvml.nvmlDeviceGetName(handle)
-    return name.decode() if isinstance(name, bytes) else str(name)
-
-
 class NvmlCounterMeter(Meter):
     """Sums ``nvmlDeviceGetTotalEnergyConsumption`` (mJ) over the given devices."""
 

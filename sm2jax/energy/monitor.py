@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -51,7 +50,6 @@ class Window:
     name: str
     start: Any  # meters.Sample
     covered: list = dataclasses.field(default_factory=list)
-    reading: WindowReading | None = None  # set by EnergyMonitor.measure on exit
 
     def cover(self, outputs: Any) -> Any:
         """Registers JAX outputs produced in this window; the window blocks on them before it ends."""
@@ -160,16 +158,6 @@ class EnergyMonitor:
         return WindowReading(
             name, start.time, seconds, total, per_device, self.method, True, note, start, stop, uncertainty
         )
-
-    @contextlib.contextmanager
-    def measure(self, name: str, after: Any = None):
-        """Context manager: ``with monitor.measure("x") as w: w.cover(f())``; the reading is
-        available as ``w.reading`` after the block."""
-        window = self.begin(name, after)
-        try:
-            yield window
-        finally:
-            window.reading = self.end(window)
 
 
 @dataclasses.dataclass(frozen=True)
