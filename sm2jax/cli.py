@@ -67,7 +67,11 @@ def _load_config(path: str, quick: bool):
 
 def apply_overrides(spec, assignments: list[str]):
     """``spec`` with ``FIELD=VALUE`` assignments applied (VALUE parsed as JSON, else taken as a
-    string; ``dataset_options.KEY=VALUE`` sets one option), validated like any StudySpec."""
+    string; ``dataset_options.KEY=VALUE`` sets one option; ``space.NAME=VALUE`` sets one
+    hyperparameter's domain: a JSON domain, a list of choices, or one value), validated like any
+    StudySpec."""
+    from sm2jax.space import DEFAULTS
+
     fields = {f.name for f in dataclasses.fields(spec)}
     changes: dict = {}
     for item in assignments or []:
@@ -79,8 +83,18 @@ def apply_overrides(spec, assignments: list[str]):
         except json.JSONDecodeError:
             value = raw
         top, _, sub = key.partition(".")
+        if top not in fields and top in DEFAULTS:
+            raise ValueError(
+                f"--set {item!r}: {top!r} is a hyperparameter, and hyperparameters live in the search space: --set space.{top}={raw} (one value; a JSON list searches several)"
+            )
         if top not in fields:
             raise ValueError(f"--set {item!r}: unknown field {top!r}; fields: {', '.join(sorted(fields))}")
+        if top == "space" and sub and not (isinstance(value, dict) and "type" in value):  # a value, not a domain
+            value = (
+                {"type": "Categorical", "choices": value}
+                if isinstance(value, list)
+                else {"type": "Fixed", "value": value}
+            )
         if sub:
             current = changes.get(top, getattr(spec, top))
             if not isinstance(current, dict):
@@ -109,15 +123,15 @@ def _resume(args) -> dict:
 
 def _compare(args) -> int:
     from sm2jax.figures import compare_rows
-    from sm2jax.report import load_results
+    from sm2jax.report import load_comparable
 
-    rows = compare_rows([load_results(d) for d in args.dirs])
+    rows = compare_rows([load_comparable(d) for d in args.dirs])
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # studies may name their metric differently
     fmt = lambda v: "n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-    table = [cols] + [[fmt(r[c]) for c in cols] for r in rows]
+    table = [cols] + [[fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     for line in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths)))
@@ -125,13 +139,26 @@ def _compare(args) -> int:
 
 
 def _write_report_files(results: dict, args) -> int:
-    from sm2jax.figures import write_plots, write_tables
+    from sm2jax.report import load_results
     from sm2jax.study_dir import StudyDir
 
-    out = args.out or StudyDir(args.dir).report_path
+    folder = StudyDir(args.dir)
+    out = args.out or folder.report_path
+    if results["mode"] == "hyperband":  # each bracket is a study of its own: its files in out/bracket-S
+        for b in results["brackets"]:
+            code = _write_files(load_results(folder.bracket(b["s"])), os.path.join(out, f"bracket-{b['s']}"), args.dir)
+            if code:
+                return code
+        return 0
+    return _write_files(results, out, args.dir)
+
+
+def _write_files(results: dict, out: str, directory: str) -> int:
+    from sm2jax.figures import write_plots, write_tables
+
     if "trials" not in results:
         print(
-            f"sm2jax: {args.dir}/results.json predates per-configuration tables: `sm2jax resume {args.dir}` rewrites it (nothing retrains)",
+            f"sm2jax: {directory}/results.json predates per-configuration tables: `sm2jax resume {directory}` rewrites it (nothing retrains)",
             file=sys.stderr,
         )
     try:
@@ -242,14 +269,29 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ[ENV] = args.compile_cache
 
-    from sm2jax.energy.metering import request_interrupt
+    from sm2jax.energy.metering import interrupt_signal, request_interrupt
     from sm2jax.report import format_results, load_results
 
+    # Ctrl-C, and SIGTERM (what SLURM, Kubernetes and `kill` send), stop the study the same way:
+    # what was measured is written, the checkpoints are closed, and the study resumes.
     signal.signal(signal.SIGINT, request_interrupt)
+    signal.signal(signal.SIGTERM, request_interrupt)
+    if not args.debug:  # Orbax's and asyncio's threads log tracebacks of a failed save: one line says it
+        for name in ("asyncio", "absl"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     default_hook = sys.unraisablehook
+
     # A Ctrl-C that lands in a garbage-collection callback is "ignored" by Python with a traceback;
-    # the study stops at its next window instead (request_interrupt), so the traceback is noise.
-    sys.unraisablehook = lambda u: None if isinstance(u.exc_value, KeyboardInterrupt) else default_hook(u)
+    # the study stops at its next window instead (request_interrupt), so the traceback is noise. So
+    # are the callbacks of a failed checkpoint save that reach Orbax's closed event loop: the error
+    # itself is reported in one line.
+    def unraisable(u):
+        closed = isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+        if isinstance(u.exc_value, KeyboardInterrupt) or (closed and not args.debug):
+            return
+        default_hook(u)
+
+    sys.unraisablehook = unraisable
     try:
         if args.command in ("run", "resume"):  # before JAX starts
             from sm2jax.placement import request_cpu_devices
@@ -283,8 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         where = getattr(args, "dir", None)
         hint = f"`sm2jax resume {where}` continues the study" if where else "`sm2jax resume DIR` continues the study"
-        print(f"sm2jax: interrupted; {hint} (finished phases are kept)", file=sys.stderr)
-        return 130
+        signum = interrupt_signal()
+        print(
+            f"sm2jax: {'terminated' if signum == signal.SIGTERM else 'interrupted'}; {hint} (finished phases are kept)",
+            file=sys.stderr,
+        )
+        return 128 + signum
     except (ValueError, OSError, ImportError, KeyError) as err:  # bad input: one line, no traceback
         if args.debug:
             raise

@@ -16,7 +16,9 @@ Sources:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -416,28 +418,58 @@ def registered_dataset(name: str) -> Callable[..., ArrayDataset] | None:
 
 def load_dataset(name: str, **kwargs) -> ArrayDataset:
     """Loads a data set by name: ``digits``, ``mnist1d``, ``mnist``, ``cifar10``, ``household_power``,
-    ``wikitext2``, or one registered with :func:`register_dataset`."""
-    if name == "digits":
-        return load_digits(**kwargs)
-    if name == "mnist1d":
-        return load_mnist1d(**kwargs)
+    ``wikitext2``, or one registered with :func:`register_dataset`. An option the loader does not
+    take is a one-line error naming the options it does take."""
+    check_dataset_options(name, kwargs)
+    return _loader(name)(**kwargs)
+
+
+def check_dataset_options(name: str, options: dict[str, Any]) -> None:
+    """Raises a one-line ``ValueError`` for an unknown data set or an option its loader does not
+    take (naming the options it does take), without loading anything."""
+    loader = _loader(name)
+    unknown = _unknown_options(loader, options)
+    if unknown:
+        takes = [p for p in inspect.signature(loader).parameters if p not in ("self", "name")]
+        raise ValueError(
+            f"dataset_options: data set {name!r} takes no option {', '.join(map(repr, unknown))}; it takes: {', '.join(takes) or 'none'} (e.g. --set dataset_options.{takes[0] if takes else 'OPTION'}=...)"
+        )
+
+
+def _unknown_options(loader: Callable[..., Any], options: dict[str, Any]) -> list[str]:
+    params = inspect.signature(loader).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return []
+    return sorted(set(options) - {p.name for p in params})
+
+
+def _loader(name: str) -> Callable[..., ArrayDataset]:
+    """The function that loads data set ``name``."""
     if name in ("mnist", "cifar10"):
-        return load_tfds_images(name, **kwargs)
-    if name == "household_power":
-        return load_household_power(**kwargs)
-    if name == "wikitext2":
-        return load_wikitext2(**kwargs)
+        return functools.partial(load_tfds_images, name)
+    builtin = {
+        "digits": load_digits,
+        "mnist1d": load_mnist1d,
+        "household_power": load_household_power,
+        "wikitext2": load_wikitext2,
+    }
+    if name in builtin:
+        return builtin[name]
     if name in _DATASETS:
-        ds = _DATASETS[name](**kwargs)
-        if not isinstance(ds, ArrayDataset):
-            raise TypeError(
-                f"the loader registered as data set {name!r} returned {type(ds).__name__}, not sm2jax.data.ArrayDataset"
-            )
-        return ds
+        return functools.partial(_registered, name)
     known = ", ".join([*BUILTIN_DATASETS, *sorted(_DATASETS)])
     raise ValueError(
         f"unknown data set {name!r}; known: {known} (register yours with sm2jax.register_dataset, or pass Study(..., dataset=ArrayDataset(...)))"
     )
+
+
+def _registered(name: str, **kwargs) -> ArrayDataset:
+    ds = _DATASETS[name](**kwargs)
+    if not isinstance(ds, ArrayDataset):
+        raise TypeError(
+            f"the loader registered as data set {name!r} returned {type(ds).__name__}, not sm2jax.data.ArrayDataset"
+        )
+    return ds
 
 
 def eval_blocks(

@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 from sm2jax.cohort import group_into_cohorts
-from sm2jax.energy.ledger import summarize, trial_totals
+from sm2jax.energy.ledger import add_known, summarize, trial_totals
 from sm2jax.phases import StudyState
 from sm2jax.space import Config
 from sm2jax.study_dir import StudyDir
@@ -174,6 +174,28 @@ def load_results(directory: str | os.PathLike) -> dict[str, Any]:
     return StudyDir(directory).results()
 
 
+def load_comparable(directory: str | os.PathLike) -> dict[str, Any]:
+    """:func:`load_results`, where a Hyperband run's results gain its brackets' energy by phase,
+    configurations and metric name, so that it compares like any study."""
+    folder = StudyDir(directory)
+    results = folder.results()
+    if results.get("mode") != "hyperband":
+        return results
+    brackets = [folder.bracket(b["s"]).results() for b in results["brackets"]]
+    by_phase: dict[str, dict[str, Any]] = {}
+    for r in brackets:
+        for phase, g in r["energy_by_phase"].items():
+            total = by_phase.setdefault(phase, {"joules": 0.0})
+            total["joules"] = add_known(total["joules"], g["joules"])
+    trials = [t for r in brackets for t in r.get("trials", [])]
+    return {
+        **results,
+        "energy_by_phase": by_phase,
+        "trials": trials,
+        "metric_name": brackets[0].get("metric_name") if brackets else None,
+    }
+
+
 def trial_table(
     progress: StudyState, records: list[dict[str, Any]], configs: dict[int, Config]
 ) -> list[dict[str, Any]]:
@@ -235,6 +257,7 @@ def assemble_results(
     metric_name: str,
     placement: dict[str, Any],
     wall_seconds: float,
+    ledger_damage: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     done = progress.completed_by
     finishers = set(done.values())
@@ -270,6 +293,7 @@ def assemble_results(
         "metric_name": metric_name,
         "num_configs": len(configs),
         "placement": placement,
+        "ledger_damage": ledger_damage or [],
     }
     totals = [g["joules"] for g in by_phase.values()]
     out["total_joules"] = None if any(t is None for t in totals) else float(sum(totals))

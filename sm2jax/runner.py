@@ -131,26 +131,26 @@ class CohortRunner:
             f"compile:{spec.name}", phase="compile", cohort=spec.name, trial_ids=ids, kind="compile"
         ) as w:
             t0 = time.perf_counter()
-            rows = trainer.init_rows()
             widest = policy.widest(len(ids), placement.round_width)
             narrow = policy.starts_narrow()
             candidates = start_widths(widest, placement.size, narrow, placement.round_width)
+            # Decided from shapes alone, before any trial is initialised: a model too large for the
+            # device is infeasible at once, however many trials it has.
             quick, predicted = False, None
             if policy.starts_quick() and planned_trial_steps is not None:
-                first = chunk_rows(take_rows(rows, candidates[0]), candidates[0], placement)[0]
-                fwd = trainer.forward_flops_per_example(first)
+                fwd = trainer.forward_flops_per_example(trainer.abstract_chunk(candidates[0]))
                 if fwd is not None:
                     quick, predicted = quick_start(planned_trial_steps, fwd, trainer.batch_size, placement.size)
             width = None
             for c in candidates:
-                chunk = chunk_rows(take_rows(rows, c), c, placement)[0]
-                need = program_bytes(lambda chunk=chunk: trainer.compile_train(chunk, quick))
+                need = program_bytes(lambda c=c: trainer.compile_train(trainer.abstract_chunk(c), quick))
                 if policy.fits(need):
                     width = c
                     break
                 notes.append(f"width {c} needs {need / 2**20:.1f} MiB > {policy.memory_limit / 2**20:.1f} MiB")
             if width is None:
                 return None, notes
+            rows = trainer.init_rows()
             pending = policy.probe and (widest > placement.size if narrow else width > placement.size)
             runner = cls(spec, trainer, rows, width, metering, policy, probe_pending=pending, quick=quick)
             trainer.compile_eval(runner.chunks[0])

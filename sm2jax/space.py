@@ -333,10 +333,19 @@ class SearchSpace:
     def from_json(cls, blob: Mapping[str, Any]) -> SearchSpace:
         kinds = {k.__name__: k for k in (Fixed, Categorical, Uniform, LogUniform, IntUniform)}
         domains = {}
+        if not isinstance(blob, Mapping):
+            raise ValueError(
+                f'space must map hyperparameter names to domains, as SearchSpace({{...}}).to_json() writes (got {blob!r}), e.g. {{"learning_rate": {{"type": "Fixed", "value": 0.01}}}}'
+            )
         for name, spec in blob.items():
+            if not isinstance(spec, Mapping) or spec.get("type") not in kinds:
+                raise ValueError(
+                    f'space: {name!r} must be a domain with a type of {", ".join(kinds)} (got {spec!r}), e.g. {{"type": "Fixed", "value": {json.dumps(spec) if not isinstance(spec, Mapping) else 0.01}}}'
+                )
             spec = dict(spec)
             kind = spec.pop("type")
-            if kind not in kinds:
-                raise ValueError(f"hyperparameter {name!r}: unknown domain type {kind!r}")
-            domains[name] = kinds[kind](**spec)
+            try:
+                domains[name] = kinds[kind](**spec)
+            except TypeError as err:
+                raise ValueError(f"space: {name!r}: {kind} {err}") from None
         return cls(domains)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import itertools
+import math
 import os
 from typing import Any
 
 from sm2jax.budgets import rung_budgets, steps_for
-from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, registered_dataset
+from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, check_dataset_options, registered_dataset
 from sm2jax.energy.ledger import DEFAULT_INTENSITY_G_PER_KWH
 from sm2jax.energy.meters import DEFAULT_WATTS_PER_CORE
 from sm2jax.scheduler import (
@@ -30,6 +31,58 @@ from sm2jax.study_dir import StudyDir
 from sm2jax.tasks import BUILTIN_TASKS, get_task
 
 MODES = ("sm2", "sh", "full")
+
+
+def _check_type(name: str, annotation: str, value: Any) -> None:
+    """One-line errors for a field whose value has the wrong type (a JSON value from ``--set``)."""
+    if value is None and "None" in annotation:
+        return
+    base = annotation.split("|")[0].strip()
+    example = {"int": "3", "float": "0.5", "bool": "true", "str": "NAME"}.get(base, "...")
+    if base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        kind = "an integer"
+    elif base == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        kind = "a finite number"
+    elif base == "bool":
+        ok, kind = isinstance(value, bool), "true or false"
+    elif base == "str":
+        ok, kind = isinstance(value, str), "a string"
+    elif base.startswith("dict"):
+        ok, kind = isinstance(value, dict), "a mapping (JSON object)"
+    elif base.startswith("list"):
+        ok, kind = isinstance(value, (list, tuple)), "a list (JSON array)"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{name} must be {kind} (got {value!r}), e.g. --set {name}={example}")
+
+
+_RANGES = (  # (field, bound, bound allowed)
+    ("num_samples", 1, True),
+    ("seed", 0, True),
+    ("max_train_examples", 1, True),
+    ("max_val_examples", 1, True),
+    ("min_budget", 0, False),
+    ("alpha", 0, True),
+    ("beta", 0, True),
+    ("plateau_tolerance", 0, True),
+    ("watts_per_core", 0, False),
+    ("idle_seconds", 0, True),
+    ("carbon_intensity", 0, True),
+    ("width", 1, True),
+    ("memory_limit_bytes", 1, True),
+    ("window_seconds", 0, False),
+    ("steps_per_window", 1, True),
+)
+_RANGE_HINTS = {
+    "seed": "it seeds every configuration's keys",
+    "carbon_intensity": "grams of CO2e per kWh of the grid (475 is a world average)",
+    "width": "the largest vmap width (leave it unset for all trials of a cohort)",
+    "memory_limit_bytes": "bytes a program may use (leave it unset for the device's memory)",
+    "steps_per_window": "training steps per energy window (leave it unset to size windows by window_seconds)",
+}
 
 
 @dataclasses.dataclass
@@ -128,6 +181,14 @@ class StudySpec:
     imports: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_type(f.name, f.type, getattr(self, f.name))
+        for name, low, closed in _RANGES:
+            value = getattr(self, name)
+            if value is not None and (value < low if closed else value <= low):
+                raise ValueError(
+                    f"{name} must be {'>=' if closed else '>'} {low:g} (got {value!r}): {_RANGE_HINTS.get(name, 'fix the value')}"
+                )
         if self.mode not in MODES:
             raise ValueError(f"mode: unknown {self.mode!r}; known: {MODES}")
         if self.sampler not in ("grid", "random"):
@@ -220,6 +281,8 @@ def bind(spec: StudySpec, dataset: ArrayDataset | None, directory: str | os.Path
         raise ValueError(
             f"unknown data set {spec.dataset!r}: not built in ({', '.join(BUILTIN_DATASETS)}) and not registered in this process; call sm2jax.register_dataset({spec.dataset!r}, loader) first (or name its module with --import)"
         )
+    if dataset is None:
+        check_dataset_options(spec.dataset, spec.dataset_options)
     spec = dataclasses.replace(spec, imports=sorted({*spec.imports, *registering_modules(spec, dataset)}))
     return spec
 

@@ -100,7 +100,8 @@ class Study:
     def run(self) -> dict[str, Any]:
         """Runs (or resumes) the study to the end; returns and writes ``results.json``."""
         cache_dir = enable_compile_cache()
-        with count_compiles() as tally:
+        with self.folder.lock(), count_compiles() as tally:
+            self.folder.remove_temporaries()
             results = self._run()
         results["compilation"] = {**tally.to_json(), "cache_dir": cache_dir}
         self.folder.write_results(results)
@@ -110,12 +111,10 @@ class Study:
         t_start = time.perf_counter()
         self.work.data  # noqa: B018 -- fails fast on an unknown data set, before the idle baseline
         saved = self.folder.saved_phases()
+        measure = not saved or not self.folder.exists("hardware.json")
         barrier("sm2jax-setup")  # every process has read the folder before process 0 writes to it
-        if not saved or not self.folder.exists("hardware.json"):
-            self.folder.write_hardware(self.energy.measure_hardware(self.spec.idle_seconds))
-            barrier("sm2jax-hardware")
-        hardware = self.folder.read_hardware()
-        self.energy.use_hardware(hardware)
+        damage = self.energy.open()
+        hardware = self._hardware(measure)
         cohorts = {c.name: c for c in group_into_cohorts(list(self.configs.values()))}
         state, runners, start = None, [], 0
         for phase in reversed(saved):
@@ -151,6 +150,7 @@ class Study:
                 metric_name=get_task(self.work.data.task).metric_name,
                 placement=self.placement.describe(),
                 wall_seconds=time.perf_counter() - t_start,
+                ledger_damage=damage,
             )
         finally:
             try:
@@ -158,6 +158,26 @@ class Study:
             finally:
                 checkpoints.close()
                 self.energy.close()
+
+    def _hardware(self, measure: bool) -> dict[str, Any]:
+        """``hardware.json``: measured (the idle baseline) on a first start, read back on a resume;
+        one that cannot be read is measured again, with a warning."""
+        if not measure:
+            try:
+                hardware = self.folder.read_hardware()
+                self.energy.use_hardware(hardware)
+                return hardware
+            except (ValueError, KeyError, TypeError) as err:
+                warnings.warn(
+                    f"{self.folder.hardware_path} cannot be read ({err}); measuring it again",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        self.folder.write_hardware(self.energy.measure_hardware(self.spec.idle_seconds))
+        barrier("sm2jax-hardware")
+        hardware = self.folder.read_hardware()
+        self.energy.use_hardware(hardware)
+        return hardware
 
     def _run_phase(
         self, p: int, runners: list[CohortRunner], state: StudyState, checkpoints: StudyCheckpoints

@@ -22,8 +22,14 @@ coordinates the checkpoints itself.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
+import re
+import socket
+import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +38,17 @@ import numpy as np
 
 from sm2jax.checkpoint import StudyCheckpoints
 from sm2jax.distributed import is_primary
+from sm2jax.energy.ledger import fsync_folder
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+TEMPORARY = ".tmp"
+"""Suffix of the temporary files of atomic writes (a kill can leave them behind; a run removes them)."""
+
+
+class FolderInUse(OSError):
+    """Another process is running or resuming the study in this folder."""
 
 
 def json_default(value: Any) -> Any:
@@ -44,17 +61,27 @@ def json_default(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, blob: Any) -> None:
-    """Writes ``blob`` to ``path`` atomically (a rename commits it); only process 0 of a
-    multi-process study writes."""
+    """Writes ``blob`` to ``path`` atomically: a temporary file of its own (two writers never share
+    one) is written and fsync-ed, renamed over ``path``, and the folder is fsync-ed so that the
+    rename survives a crash. Only process 0 of a multi-process study writes."""
     if not is_primary():
         return
     path = os.fspath(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(blob, f, indent=1, default=json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    folder, name = os.path.split(path)
+    text = json.dumps(blob, indent=1, default=json_default)  # a value that cannot be written fails here
+    fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=f"{name}.", suffix=TEMPORARY)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it (mkstemp's file is private)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    fsync_folder(folder or ".")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -64,6 +91,20 @@ def read_json(path: str | os.PathLike) -> Any:
             return json.load(f)
         except json.JSONDecodeError as err:
             raise ValueError(f"{os.fspath(path)} is not valid JSON ({err})") from None
+
+
+def _os_reason(err: Exception) -> str:
+    """The operating system's reason inside an error (Orbax and TensorStore wrap it in text)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(err))
+    return os.strerror(int(code.group(1))) if code else f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+
+
+def _has_content(path: str) -> bool:
+    if os.path.isdir(path):
+        return bool(os.listdir(path))
+    return os.path.getsize(path) > 0
 
 
 class StudyDir:
@@ -117,6 +158,50 @@ class StudyDir:
         """The folder of Hyperband bracket ``s``."""
         return StudyDir(self.file(f"bracket-{s}"))
 
+    @contextlib.contextmanager
+    def lock(self):
+        """Holds the folder for one run or resume (process 0 of a multi-process study holds it for
+        all): a second run or resume on the folder is refused in one line naming the holder's pid
+        and host. The lock is the operating system's (``flock`` on ``lock``): a killed process
+        holds nothing, so its lock is taken over at once and safely."""
+        if not is_primary():
+            yield
+            return
+        os.makedirs(self.path, exist_ok=True)
+        fd = os.open(self.file("lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held = os.read(fd, 4096).decode(errors="replace")
+                try:
+                    holder = json.loads(held)
+                    who = f"pid {holder['pid']} on {holder['host']} (since {holder['since']})"
+                except (ValueError, KeyError, TypeError):
+                    who = "another process"
+                raise FolderInUse(
+                    f"{self.path} is in use by {who}: wait for that run to finish (or stop it), then `sm2jax resume {self.path}`"
+                ) from None
+            since = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode(), 0)
+            os.fsync(fd)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def remove_temporaries(self) -> list[str]:
+        """Removes the temporary files of atomic writes that a kill left behind (call it holding
+        the lock: no live writer is using them). Returns their paths."""
+        gone = []
+        for folder in (self.path, self.file("progress")):
+            names = os.listdir(folder) if os.path.isdir(folder) else []
+            for name in names:
+                if name.endswith(TEMPORARY) and os.path.isfile(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
+                    gone.append(os.path.join(folder, name))
+        return gone
+
     def checkpoints(self) -> StudyCheckpoints:
         """The Orbax checkpoints of the surviving cohorts (close it when done)."""
         return StudyCheckpoints(self.file("checkpoints"))
@@ -132,10 +217,12 @@ class StudyDir:
         if not os.path.isdir(self.path):
             return False
         names = os.listdir(self.path)
-        phases = os.listdir(self.file("progress")) if "progress" in names else []
-        return bool(phases) or any(
-            n in ("ledger.jsonl", "results.json", "checkpoints") or n.startswith("bracket-") for n in names
-        )
+        # Empty files and folders (a first start that failed before measuring anything) do not count.
+        return any(
+            _has_content(self.file(n))
+            for n in names
+            if n in ("progress", "ledger.jsonl", "results.json", "checkpoints")
+        ) or any(n.startswith("bracket-") and StudyDir(self.file(n)).has_run() for n in names)
 
     def saved_phases(self) -> list[int]:
         """Phases with a progress record, in order."""
@@ -202,8 +289,14 @@ class StudyDir:
         """Records phase ``phase`` as done: the survivors' ``rows`` (cohort name -> host rows) are
         checkpointed and committed first, then the progress record is renamed into place."""
         if rows:  # Orbax refuses an empty tree; a phase with no survivor needs no checkpoint
-            checkpoints.save(phase, rows)
-            checkpoints.wait()  # committed before the phase is recorded as done
+            try:
+                checkpoints.save(phase, rows)
+                checkpoints.wait()  # committed before the phase is recorded as done
+            except Exception as err:
+                why = _os_reason(err)
+                raise OSError(
+                    f"cannot write the checkpoint of phase {phase} in {checkpoints.directory} ({why}); free some space, then `sm2jax resume {self.path}` (finished phases are kept)"
+                ) from err
         write_json(self.progress_path(phase), progress)
 
     def discard_after(self, phase: int, checkpoints: StudyCheckpoints) -> None:

@@ -234,6 +234,12 @@ class CohortTrainer:
             i32k,
         )
 
+    def abstract_chunk(self, width: int) -> CohortState:
+        """Shapes, dtypes and shardings of a ``width``-wide chunk: what its programs are compiled
+        for, without initialising a trial."""
+        rows = self.abstract_rows(width)
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.placement.rows), rows)
+
     # ------------------------------------------------------------------------------------ train
 
     def compile_train(self, chunk: CohortState, quick: bool = False):

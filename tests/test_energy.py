@@ -15,14 +15,17 @@ from sm2jax.energy import (
     EnergyMonitor,
     EstimateMeter,
     IdleBaseline,
+    WindowReading,
     attribute,
     find_rapl_zones,
     hardware_profile,
     make_meter,
     measure_idle,
+    read_ledger,
     summarize,
     trial_totals,
 )
+from sm2jax.energy.ledger import scan_ledger
 from sm2jax.energy.metering import Metering
 from sm2jax.energy.meters import RaplMeter, jax_gpus
 
@@ -239,15 +242,16 @@ def test_ledger_records_gross_net_carbon_and_survives_a_torn_line(tmp_path):
     assert len(again) == 4
     assert summarize(again)["explore"]["joules"] == pytest.approx(360.0)
     assert trial_totals(again) == pytest.approx({4: 240.0, 7: 120.0, 9: 0.0})
-    assert json.loads(path.read_text().splitlines()[1])["method"] == "nvml-counter"
+    unit = json.loads(path.read_text().splitlines()[0])  # a window and its shares: one line
+    assert unit["method"] == "nvml-counter" and [t["trial_id"] for t in unit["trials"]] == [4, 7, 9]
 
     # The next run (a resume) repairs the torn tail before appending: nothing glued, nothing lost.
     resumed = EnergyLedger(path, idle=idle)
-    assert resumed.repaired == len('{"type": "trial", "torn')
+    assert resumed.open() == [] and resumed.repaired == len('{"type": "trial", "torn')
     assert (tmp_path / "ledger.jsonl.torn").read_text() == '{"type": "trial", "torn\n'
     resumed.record(reading, phase="rung-1", cohort="c0", trial_ids=[4], work=[1.0], steps=[1], samples=[32])
     lines = path.read_text().splitlines()
-    assert len(lines) == 6 and all(json.loads(line) for line in lines)
+    assert len(lines) == 2 and all(json.loads(line) for line in lines)
     assert summarize(resumed.records())["rung-1"]["joules"] == pytest.approx(360.0)
 
 
@@ -360,3 +364,45 @@ def test_jax_gpus_are_identified_the_way_nvml_can_find_them(monkeypatch):
         "auto", nvml=make_fake_nvml(cards), gpus=jax_gpus([device(0, bus=cards[5].pci_bus_id)]), backend="gpu"
     )
     assert [d["nvml"] for d in meter.devices] == [cards[5].pci_bus_id]
+
+
+def _two_windows(path):
+    ledger = EnergyLedger(path)
+    reading = WindowReading("w", 0.0, 1.0, 6.0, None, "estimated", True)
+    for phase in ("explore", "rung-1"):
+        ledger.record(reading, phase=phase, cohort="c", trial_ids=[1, 2], work=[1.0, 2.0], steps=[1, 1], samples=[8, 8])
+    return ledger
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [(b"{garbage\n", "not a ledger record"), (b'{"type": "window", "x": "\xff"}\n', "UnicodeDecodeError")],
+)
+def test_a_damaged_line_is_moved_out_and_reported_never_dropped_silently(tmp_path, damage, reason):
+    path = tmp_path / "ledger.jsonl"
+    _two_windows(path)
+    lines = path.read_bytes().split(b"\n")
+    path.write_bytes(lines[0] + b"\n" + damage + lines[1] + b"\n")  # damage in the middle
+    records, found = scan_ledger(path)
+    assert len(records) == 6 and [d["line"] for d in found] == [2] and reason in found[0]["reason"]
+    with pytest.warns(RuntimeWarning, match=r"ledger\.jsonl line 2: .*unknown joules.*moved to ledger\.jsonl\.damaged"):
+        report = EnergyLedger(path).open()
+    assert report == found and (tmp_path / "ledger.jsonl.damaged").read_bytes() == damage
+    assert scan_ledger(path) == (records, [])  # repaired: the whole records stay, in order
+
+
+def test_a_window_whose_shares_do_not_add_up_is_reported_with_its_joules(tmp_path):
+    """An earlier version wrote a window's trial records on lines of their own: a full disk between
+    them left a window whose shares do not add up. It is reported (and moved out) with its joules."""
+    path = tmp_path / "ledger.jsonl"
+    _two_windows(path)
+    legacy = []
+    for line in path.read_text().splitlines():
+        unit = json.loads(line)
+        trials = unit.pop("trials")
+        legacy += [json.dumps(unit), *(json.dumps(t) for t in trials)]
+    path.write_text("\n".join(legacy[:5]) + "\n")  # the last trial line never written
+    records, found = scan_ledger(path)
+    assert [d["line"] for d in found] == [4, 5] and found[0]["joules"] == pytest.approx(6.0)
+    assert "add up to 2 J of 6 J" in found[0]["reason"]
+    assert summarize(records) == summarize(read_ledger(path)) and set(summarize(records)) == {"explore"}

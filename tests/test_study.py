@@ -265,7 +265,7 @@ def test_a_different_spec_in_an_existing_directory_is_refused(tmp_path):
 def test_a_failed_first_start_does_not_block_the_corrected_spec(tmp_path):
     with pytest.raises(ValueError, match="unknown data set"):
         Study(tmp_path / "s", _spec({"learning_rate": 1e-3}, dataset="no-such-data"), progress=False).run()
-    with pytest.raises(ValueError, match="num >= 1"):  # a spec that yields nothing fails before anything is written
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):  # fails before anything is written
         Study(
             tmp_path / "t",
             _spec({"learning_rate": LogUniform(1e-3, 1e-1, num=2)}, sampler="random", num_samples=0),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,10 +84,12 @@ def attribute(total: float | None, work: Sequence[float]) -> tuple[list[float | 
 
 
 class EnergyLedger:
-    """Append-only JSON-lines ledger: one ``window`` record and one ``trial`` record per trial.
+    """Append-only JSON-lines ledger: one line per window, holding the ``window`` record and its
+    ``trial`` records (``"trials"``), so that a window and its shares are written whole or not at
+    all. :func:`read_ledger` gives them back as separate records.
 
     Each window is written and ``fsync``-ed before :meth:`record` returns, so a killed process loses
-    at most the window in flight.
+    at most the window in flight. :meth:`open` repairs the file before a run appends to it.
 
     Args:
       path: the ``.jsonl`` file (appended to if it exists, as when a study resumes).
@@ -116,7 +119,29 @@ class EnergyLedger:
         self.write = write
         if write:
             os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        self.repaired = repair_torn_tail(self.path) if write else 0
+        self.repaired = 0
+        self.damage: list[dict[str, Any]] = []
+
+    def open(self) -> list[dict[str, Any]]:
+        """Repairs the file before anything is appended (process 0 only; call it holding the study
+        folder's lock): a torn last line from a kill is moved to ``PATH.torn``, and damaged lines
+        elsewhere (not UTF-8, not JSON, or a window whose shares do not add up) are moved to
+        ``PATH.damaged``. Returns what was damaged, each with its file, line, bytes, reason and the
+        joules it held (``None``: unknown), and warns about it: nothing is dropped silently."""
+        if not self.write:
+            return []
+        self.repaired = repair_torn_tail(self.path)
+        _, self.damage = scan_ledger(self.path)
+        if self.damage:
+            _move_lines(self.path, [d["line"] for d in self.damage], self.path + ".damaged")
+            for d in self.damage:
+                joules = "unknown joules" if d["joules"] is None else f"{d['joules']:.6g} J"
+                warnings.warn(
+                    f"{d['file']} line {d['line']}: {d['reason']} ({d['bytes']} bytes, {joules}); moved to {os.path.basename(d['file'])}.damaged",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return self.damage
 
     def _carbon(self, joules: float | None) -> tuple[float | None, float | None]:
         if joules is None:
@@ -207,8 +232,7 @@ class EnergyLedger:
         if not self.write:  # another process writes this study's ledger
             return records
         with open(self.path, "a") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+            f.write(json.dumps({**records[0], "trials": records[1:]}) + "\n")  # one line: whole or absent
             f.flush()
             os.fsync(f.fileno())
         return records
@@ -245,16 +269,101 @@ def repair_torn_tail(path: str | os.PathLike) -> int:
 
 
 def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
-    out = []
+    """Every whole record of a ledger, a window's trial records after it (damaged lines, such as a
+    torn last line from a kill, are left out: :func:`scan_ledger` names them)."""
+    return scan_ledger(path)[0]
+
+
+def scan_ledger(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(records, damage)`` of a ledger: its whole records, and one entry per damaged line
+    (``file``, 1-based ``line``, ``bytes``, ``reason``, ``joules`` it held or ``None``). A line is
+    damaged when it is not UTF-8 or not a JSON record, or when it is a window whose trials' shares
+    and unattributed joules do not add up to its total (written by a version that wrote a window's
+    trials on lines of their own, a kill or a full disk between them). A last line without its
+    newline (a torn write) is damaged too."""
+    path = os.fspath(path)
     if not os.path.exists(path):
-        return out
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # torn write of the window in flight when the process was killed
-    return out
+        return [], []
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    records: list[dict[str, Any]] = []
+    damage: list[dict[str, Any]] = []
+    windows: list[tuple[int, int, dict[str, Any], list | None]] = []  # (line, bytes, record, trials)
+    legacy: dict[int, list[tuple[int, int, dict[str, Any]]]] = {}
+    for n, raw in enumerate(lines, start=1):
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict) or record.get("type") not in ("window", "trial"):
+                raise ValueError("not a ledger record")
+        except (UnicodeDecodeError, ValueError) as err:
+            reason = (
+                "torn write (no newline)"
+                if n == len(lines) and not data.endswith(b"\n")
+                else f"not a ledger record ({type(err).__name__})"
+            )
+            damage.append({"file": path, "line": n, "bytes": len(raw), "reason": reason, "joules": None})
+            continue
+        trials = record.pop("trials", None)
+        if record["type"] == "window":
+            windows.append((n, len(raw), record, trials))
+        elif windows:  # a trial record on a line of its own, after its window (an earlier version's)
+            legacy.setdefault(len(windows) - 1, []).append((n, len(raw), record))
+        records.append(record)
+        records.extend(trials or [])
+    for i, (n, size, w, trials) in enumerate(windows):
+        own = [] if trials is not None else legacy.get(i, [])
+        shares = [t.get("joules") for t in (trials if trials is not None else [t for _, _, t in own])]
+        if w.get("joules") is None or any(j is None for j in shares):
+            continue
+        attributed = sum(shares) + (w.get("unattributed_joules") or 0.0)
+        if abs(attributed - w["joules"]) <= 1e-6 * max(1.0, abs(w["joules"])):
+            continue
+        reason = f"window {w.get('window_id')}: its trials' shares add up to {attributed:.6g} J of {w['joules']:.6g} J"
+        damage.append({"file": path, "line": n, "bytes": size, "reason": reason, "joules": w["joules"]})
+        for m, tsize, _ in own:  # its trial lines go with it
+            share = f"a trial share of window {w.get('window_id')}"
+            damage.append({"file": path, "line": m, "bytes": tsize, "reason": share, "joules": 0.0})
+        dropped = {id(w), *(id(t) for t in trials or []), *(id(t) for _, _, t in own)}
+        records = [r for r in records if id(r) not in dropped]
+    damage.sort(key=lambda d: d["line"])
+    return records, damage
+
+
+def _move_lines(path: str, numbers: list[int], to: str) -> None:
+    """Moves the given 1-based lines of ``path`` to the end of ``to`` (both kept), atomically."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    drop = set(numbers)
+    moved = [line for i, line in enumerate(lines, start=1) if i in drop]
+    kept = [line for i, line in enumerate(lines, start=1) if i not in drop]
+    with open(to, "ab") as f:
+        f.write(b"".join(line + b"\n" for line in moved))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(b"\n".join(kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_folder(os.path.dirname(path) or ".")
+
+
+def fsync_folder(path: str) -> None:
+    """Makes a rename in ``path`` durable (where the platform allows opening a folder)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def summarize(records: Sequence[dict[str, Any]], key: str = "phase") -> dict[str, dict[str, Any]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,15 +31,22 @@ from sm2jax.energy.ledger import EnergyLedger, add_known
 from sm2jax.energy.monitor import EnergyMonitor, WindowReading
 
 _INTERRUPT = threading.Event()
+_SIGNAL = [int(signal.SIGINT)]
 
 
 def request_interrupt(signum=None, frame=None) -> None:
-    """SIGINT handler of the command line: raises ``KeyboardInterrupt`` as Python's default does,
-    and also marks the request, so that the study stops at its next energy window even when the
-    exception was raised inside a garbage-collection callback (JAX registers one), where Python
-    prints "Exception ignored" and carries on."""
+    """SIGINT and SIGTERM handler of the command line: raises ``KeyboardInterrupt`` as Python's
+    default SIGINT handler does, and also marks the request, so that the study stops at its next
+    energy window even when the exception was raised inside a garbage-collection callback (JAX
+    registers one), where Python prints "Exception ignored" and carries on."""
+    _SIGNAL[0] = int(signum or signal.SIGINT)
     _INTERRUPT.set()
     raise KeyboardInterrupt
+
+
+def interrupt_signal() -> int:
+    """The signal of the last interrupt request (SIGINT unless SIGTERM was received)."""
+    return _SIGNAL[0]
 
 
 @dataclasses.dataclass
@@ -95,7 +103,12 @@ class Metering:
         self._pending: list[dict[str, Any]] = []
         self._totals: dict[tuple[str, str, int], float | None] = {}
         self._seq = 0
-        earlier = ledger.records()
+        self.start(attempt)
+
+    def start(self, attempt: int | None = None) -> None:
+        """Starts an attempt: its number (``None``: counted from the ledger) and the study's energy
+        so far, read from the ledger (call it after the ledger was repaired)."""
+        earlier = self.ledger.records()
         self.attempt = attempt if attempt is not None else max((r.get("attempt", 0) for r in earlier), default=0) + 1
         self.total_joules: float | None = 0.0
         self.methods: set[str] = set()

@@ -89,6 +89,13 @@ class EnergyStack:
             "host_method": getattr(getattr(self.meter, "host", None), "method", None),
         }
 
+    def open(self) -> list[dict[str, Any]]:
+        """Before a run appends: repairs the ledger (see :meth:`EnergyLedger.open`) and starts the
+        metering's attempt. Returns the ledger's damage."""
+        damage = self.ledger.open()
+        self.metering.start()
+        return damage
+
     def use_hardware(self, hardware: dict[str, Any]) -> None:
         """Takes the idle baseline of a study's ``hardware.json`` for net energy."""
         self.ledger.idle = IdleBaseline(**hardware["idle"])
