@@ -118,6 +118,11 @@ def format_results(results: dict[str, Any]) -> str:
             lines.append(
                 f"  interrupted attempts (killed runs; their work was repeated): {_joules(results.get('interrupted_joules'), method)} -- {parts}"
             )
+    for d in results.get("ledger_damage") or []:
+        joules = "unknown joules" if d["joules"] is None else f"{d['joules']:,.1f} J"
+        lines.append(
+            f"  ledger damage: line {d['line']} ({d['reason']}; {joules}) moved to ledger.jsonl.damaged, not counted"
+        )
     if results.get("total_joules") is not None or "energy_by_phase" in results:
         lines.append(f"total: {_joules(results.get('total_joules'), method)}")
     comp = results.get("compilation")

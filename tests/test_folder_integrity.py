@@ -144,6 +144,9 @@ def test_a_stale_lock_leftovers_and_a_damaged_ledger_are_taken_over_repaired_and
     messages = " ".join(str(w.message) for w in warned)
     assert "ledger.jsonl line 2" in messages and "hardware.json cannot be read" in messages
     assert [(d["line"], d["joules"]) for d in after["ledger_damage"]] == [(2, None)]
+    from sm2jax.report import format_results
+
+    assert "ledger damage: line 2 (not a ledger record (UnicodeDecodeError); unknown joules)" in format_results(after)
     assert after["total_joules"] == pytest.approx(before["total_joules"])  # nothing else lost or counted twice
     assert after["selected"]["trial_id"] == before["selected"]["trial_id"]
     assert (tmp_path / "s" / "ledger.jsonl.damaged").read_bytes() == b"\xff\xfe garbage\n"

@@ -15,7 +15,7 @@ def test_claim_writes_the_spec_and_refuses_a_different_one_once_the_study_has_ru
     folder.claim({"a": 1, "b": 2})  # the same spec: nothing to do
     folder.claim({"a": 3})  # never ran: a corrected spec replaces it
     assert folder.spec_blob() == {"a": 3}
-    (tmp_path / "s" / "ledger.jsonl").write_text("")
+    (tmp_path / "s" / "ledger.jsonl").write_text("{}\n")  # an empty one (a failed start) would not count
     assert folder.has_run()
     with pytest.raises(ValueError, match=r"already holds a study with a different spec \(differs in: a\)"):
         folder.claim({"a": 4})
