@@ -33,7 +33,7 @@ import numpy as np
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.data import ArrayDataset, load_digits
 from sm2jax.energy import EnergyMonitor, attribute, hardware_profile, make_meter
-from sm2jax.energy.meters import jax_gpus
+from sm2jax.energy.nvml import jax_gpus
 from sm2jax.rows import row_view
 from sm2jax.space import Categorical, LogUniform, SearchSpace
 from sm2jax.trainer import CohortTrainer

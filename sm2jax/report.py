@@ -29,6 +29,11 @@ def format_results(results: dict[str, Any]) -> str:
     method = results.get("energy_method") or "unavailable"
     if method == "estimated":
         lines.append("energy: ESTIMATED from process CPU time (no GPU counter, no readable RAPL) -- not a measurement")
+    if results.get("energy_note"):
+        lines.append(f"energy note: {results['energy_note']}")
+    for d in results.get("metered_devices") or []:
+        how = d.get("by", "")
+        lines.append(f"  metered {d['nvml']}: {d.get('method', method)}" + (f" ({how})" if how else ""))
     sel = results.get("selected")
     if results["mode"] == "hyperband":
         lines.append("brackets (s, n, r):")
@@ -285,6 +290,7 @@ def assemble_results(
         "objective": spec.objective,
         "energy_method": energy_method,
         "energy_note": hardware.get("energy_note", ""),
+        "metered_devices": hardware.get("metered_devices"),
         "intensity_label": intensity_label,
         "idle": hardware["idle"],
         "energy_by_phase": by_phase,

@@ -10,6 +10,7 @@ import time
 import types
 
 NVML_ERROR_NOT_SUPPORTED = 3
+NVML_ERROR_UNKNOWN = 999
 
 
 class NVMLError(Exception):
@@ -38,6 +39,10 @@ class FakeDevice:
         tick_s=0.0,
         pci_bus_id=None,
         uuid=None,
+        counter_errors=0,
+        power_errors=0,
+        processes=(),
+        mig=(),
     ):
         self.name, self._energy_mj, self.power_mw = name, energy_mj, power_mw
         self.clock_driven, self._t0, self.tick_s = clock_driven, time.perf_counter(), tick_s
@@ -45,6 +50,17 @@ class FakeDevice:
         self.counter_supported, self.name_as_bytes = counter_supported, name_as_bytes
         self.memory_total, self.memory_free = 141 * 2**30, 140 * 2**30
         self.power_limit_mw, self.power_limit_range_mw = 700_000, (200_000, 700_000)
+        # The next ``counter_errors`` counter reads (``power_errors`` power reads; -1: every one) fail
+        # with NVML_ERROR_UNKNOWN, as a driver hiccup or a lost GPU does.
+        self.counter_errors, self.power_errors = counter_errors, power_errors
+        self.processes = list(processes)  # pids computing on the card (another tenant's too)
+        self.mig = list(mig)  # UUIDs of MIG instances of this card
+
+    def fail(self, kind):
+        left = getattr(self, f"{kind}_errors")
+        if left:
+            setattr(self, f"{kind}_errors", left - 1 if left > 0 else left)
+            raise NVMLError(NVML_ERROR_UNKNOWN)
 
     @property
     def energy_mj(self):
@@ -58,6 +74,13 @@ class FakeDevice:
     @energy_mj.setter
     def energy_mj(self, value):
         self._energy_mj = value
+
+
+class MigDevice:
+    """A MIG instance's handle: no energy counter of its own; its parent is the physical GPU."""
+
+    def __init__(self, uuid, parent):
+        self.uuid, self.parent = uuid, parent
 
 
 def make_card(index: int, **kw) -> FakeDevice:
@@ -85,9 +108,14 @@ def make_fake_nvml(devices: list[FakeDevice], init_error: Exception | None = Non
             raise init_error
 
     def nvmlDeviceGetTotalEnergyConsumption(h):
-        if not h.counter_supported:
+        if isinstance(h, MigDevice) or not h.counter_supported:
             raise NVMLError_NotSupported()
+        h.fail("counter")
         return h.energy_mj
+
+    def nvmlDeviceGetPowerUsage(h):
+        h.fail("power")
+        return h.power_mw
 
     def nvmlDeviceGetName(h):
         return h.name.encode() if h.name_as_bytes else h.name
@@ -107,7 +135,20 @@ def make_fake_nvml(devices: list[FakeDevice], init_error: Exception | None = Non
         raise NVMLError(13)  # NVML_ERROR_NOT_FOUND
 
     nvml.nvmlDeviceGetHandleByPciBusId = lambda bus: by("pci_bus_id", bus.decode() if isinstance(bus, bytes) else bus)
-    nvml.nvmlDeviceGetHandleByUUID = lambda uuid: by("uuid", uuid.decode() if isinstance(uuid, bytes) else uuid)
+
+    def by_uuid(uuid):
+        uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+        for d in devices:
+            if uuid in d.mig:
+                return MigDevice(uuid, d)
+        return by("uuid", uuid)  # exact only, as NVML
+
+    nvml.nvmlDeviceGetHandleByUUID = by_uuid
+    nvml.nvmlDeviceGetUUID = lambda h: h.uuid
+    nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle = lambda h: h.parent
+    nvml.nvmlDeviceGetComputeRunningProcesses = lambda h: [
+        types.SimpleNamespace(pid=p, usedGpuMemory=0) for p in h.processes
+    ]
 
     def nvmlDeviceGetPciInfo(h):
         if h.pci_bus_id is None:
@@ -116,7 +157,7 @@ def make_fake_nvml(devices: list[FakeDevice], init_error: Exception | None = Non
 
     nvml.nvmlDeviceGetPciInfo = nvmlDeviceGetPciInfo
     nvml.nvmlDeviceGetTotalEnergyConsumption = nvmlDeviceGetTotalEnergyConsumption
-    nvml.nvmlDeviceGetPowerUsage = lambda h: h.power_mw
+    nvml.nvmlDeviceGetPowerUsage = nvmlDeviceGetPowerUsage
     nvml.nvmlDeviceGetName = nvmlDeviceGetName
     nvml.nvmlDeviceGetMemoryInfo = nvmlDeviceGetMemoryInfo
     nvml.nvmlDeviceGetPowerManagementLimit = lambda h: h.power_limit_mw

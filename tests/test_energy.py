@@ -27,7 +27,8 @@ from sm2jax.energy import (
 )
 from sm2jax.energy.ledger import scan_ledger
 from sm2jax.energy.metering import Metering
-from sm2jax.energy.meters import RaplMeter, jax_gpus
+from sm2jax.energy.meters import RaplMeter
+from sm2jax.energy.nvml import jax_gpus
 
 
 def test_counter_path_sums_devices_in_joules():
@@ -330,7 +331,9 @@ def test_windows_shorter_than_the_counter_resolution_are_merged_never_none(tmp_p
         pass
     metering.flush()
     last = ledger.records()[-2]
-    assert last["joules"] > 0 and "waited" in last["note"] and last["uncertainty"] <= 0.11
+    assert last["joules"] > 0 and "waited" in last["note"]
+    # What holds: each end of a window may lag by one 100 ms update, at up to the card's 700 W limit.
+    assert last["uncertainty"] == pytest.approx(0.1 * 700.0 / last["joules"])
 
 
 def test_jax_gpus_are_identified_the_way_nvml_can_find_them(monkeypatch):

@@ -7,15 +7,13 @@ from sm2jax.energy.meters import (
     DistributedMeter,
     EstimateMeter,
     Meter,
-    NvmlCounterMeter,
-    NvmlPowerMeter,
     RaplMeter,
     UnavailableMeter,
     find_rapl_zones,
     make_meter,
-    make_nvml_meter,
 )
 from sm2jax.energy.monitor import EnergyMonitor, IdleBaseline, WindowReading, hardware_profile, measure_idle
+from sm2jax.energy.nvml import NvmlMeter, jax_gpus, make_nvml_meter
 
 __all__ = [
     "METHODS",
@@ -26,8 +24,7 @@ __all__ = [
     "IdleBaseline",
     "Meter",
     "Metering",
-    "NvmlCounterMeter",
-    "NvmlPowerMeter",
+    "NvmlMeter",
     "RaplMeter",
     "UnavailableMeter",
     "WindowReading",
@@ -35,6 +32,7 @@ __all__ = [
     "attribute",
     "find_rapl_zones",
     "hardware_profile",
+    "jax_gpus",
     "make_meter",
     "make_nvml_meter",
     "measure_idle",

@@ -11,7 +11,9 @@ Merging. A window is written once the queued windows span at least the meter's r
 an NVML counter that updates every ~100 ms): shorter windows are merged with the next ones, never
 turned into ``None``. A merged reading (first window's start to last window's end) is split among
 its windows by their busy seconds, then among each window's trials by work, and every record says
-it was merged. :meth:`Metering.flush` closes the queue at a decision point, waiting out the rest of
+it was merged. Each record's ``seconds`` is its share of the merged span (``busy_seconds`` its own
+work's), so that net energy -- gross minus idle power times seconds -- and a phase's seconds add
+up to the span's. :meth:`Metering.flush` closes the queue at a decision point, waiting out the rest of
 the resolution if needed (that wait is measured and charged, and said so).
 """
 
@@ -258,6 +260,9 @@ class Metering:
                 note=note,
                 method=merged.method,
                 uncertainty=merged.uncertainty,
+                # Its share of the merged wall span, which the joules cover (gaps included): net
+                # energy (gross - idle watts x seconds) and phase seconds then add up to the span's.
+                seconds=merged.seconds * share,
             )
             self._seq += 1
             recs = self.ledger.record(
@@ -274,6 +279,7 @@ class Metering:
                     "kind": e["kind"],
                     "window_id": f"{self.attempt}-{self._seq}",
                     "merged_windows": len(entries),
+                    "busy_seconds": r.seconds,
                     "resolution_s": self.resolution_s,
                     "uncertainty": merged.uncertainty,
                 },

@@ -7,6 +7,7 @@ device) with a timestamp; a window's energy is the difference of two samples. Me
   updates roughly every 100 ms, so windows should last a second or more.
 * ``nvml-power`` -- a background thread polls ``nvmlDeviceGetPowerUsage`` (mW) and integrates with
   the trapezoid rule, for GPUs whose counter is not supported.
+* ``nvml-mixed`` -- some cards by their counter, the others by polled power (:mod:`sm2jax.energy.nvml`).
 * ``rapl`` -- ``/sys/class/powercap/intel-rapl:*/energy_uj`` (uJ), unwrapped through
   ``max_energy_range_uj``. Unreadable files (root-only since CVE-2020-8694) make it unavailable.
 * ``estimated`` -- process CPU time x a per-core power figure. Not a measurement: it is labelled so.
@@ -31,7 +32,7 @@ from sm2jax.distributed import allgather, allgather_json
 DEFAULT_WATTS_PER_CORE = 10.0
 """The ``estimated`` method's power per busy CPU core (process CPU seconds x this)."""
 
-METHODS = ("nvml-counter", "nvml-power", "rapl", "estimated", "unavailable")
+METHODS = ("nvml-counter", "nvml-power", "nvml-mixed", "rapl", "estimated", "unavailable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,8 @@ class Sample:
     time: float
     joules: dict[str, float] | None
     host: float | None = None
+    errors: int = 0  # read errors the meter survived so far (cumulative)
+    note: str = ""  # why ``joules`` is ``None``, when it is
 
 
 class Meter:
@@ -67,6 +70,11 @@ class Meter:
 
     def close(self) -> None:
         """Releases threads or library handles."""
+
+    def uncertainty(self, seconds: float, joules: float | None) -> float | None:
+        """Relative error bound of a ``seconds``-long window's ``joules`` (``None``: no stated
+        bound): the update period over the window's length, by default."""
+        return None if self.update_s is None or seconds <= 0 else self.update_s / seconds
 
     def describe(self) -> str:
         return self.method + (f" ({self.reason})" if self.reason else "")
@@ -126,73 +134,6 @@ class EstimateMeter(Meter):
 
     def sample(self) -> Sample:
         return Sample(time.perf_counter(), {"cpu": self._cpu_time() * self.watts_per_core})
-
-
-def _import_nvml():
-    import pynvml  # nvidia-ml-py
-
-    return pynvml
-
-
-class NvmlCounterMeter(Meter):
-    """Sums ``nvmlDeviceGetTotalEnergyConsumption`` (mJ) over the given devices."""
-
-    method = "nvml-counter"
-    resolution_s = 1.0  # the counter updates about every 100 ms: 1 s windows are within ~10 %
-    update_s = 0.1
-
-    def __init__(self, nvml: Any, handles: dict[str, Any]):
-        self.nvml, self.handles = nvml, handles
-
-    def sample(self) -> Sample:
-        t = time.perf_counter()
-        return Sample(t, {d: self.nvml.nvmlDeviceGetTotalEnergyConsumption(h) / 1e3 for d, h in self.handles.items()})
-
-
-class NvmlPowerMeter(Meter):
-    """Integrates polled ``nvmlDeviceGetPowerUsage`` (mW) with the trapezoid rule in a thread.
-
-    On Ampere and newer (except A100) the power reading is itself a 1 s average, and polling sees
-    only part of the runtime on A100/H100: prefer the counter where supported.
-    """
-
-    method = "nvml-power"
-    resolution_s = 1.0  # the power reading is itself a ~1 s average on recent GPUs
-    update_s = 0.1
-
-    def __init__(self, nvml: Any, handles: dict[str, Any], interval_s: float = 0.1):
-        self.nvml, self.handles, self.interval_s = nvml, handles, interval_s
-        self._lock = threading.Lock()
-        self._energy = {d: 0.0 for d in handles}
-        self._last_t = time.perf_counter()
-        self._last_w = self._read_watts()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sm2jax-nvml-power", daemon=True)
-        self._thread.start()
-
-    def _read_watts(self) -> dict[str, float]:
-        return {d: self.nvml.nvmlDeviceGetPowerUsage(h) / 1e3 for d, h in self.handles.items()}
-
-    def _advance(self) -> None:
-        now, watts = time.perf_counter(), self._read_watts()
-        with self._lock:
-            dt = now - self._last_t
-            for d in self._energy:
-                self._energy[d] += 0.5 * (watts[d] + self._last_w[d]) * dt
-            self._last_t, self._last_w = now, watts
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._advance()
-
-    def sample(self) -> Sample:
-        self._advance()  # integrate up to now, not to the last poll
-        with self._lock:
-            return Sample(self._last_t, dict(self._energy))
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5 * self.interval_s + 1)
 
 
 class RaplMeter(Meter):
@@ -262,119 +203,6 @@ def find_rapl_zones(root: str = "/sys/class/powercap") -> tuple[dict[str, str], 
     return {}, "no readable package/dram RAPL zone"
 
 
-def jax_gpus(devices: list[Any] | None = None) -> list[dict[str, Any]]:
-    """The GPUs among ``devices`` and what identifies each to NVML, whose numbering ignores
-    ``CUDA_VISIBLE_DEVICES``: the device's PCI bus id where JAX exposes it, else the UUID or index
-    that ``CUDA_VISIBLE_DEVICES`` names for it (an index assumes ``CUDA_DEVICE_ORDER=PCI_BUS_ID``,
-    NVML's order), else its ordinal. ``devices`` defaults to JAX's default device (a study passes
-    the devices of its trials axis); empty when none is a GPU."""
-    import jax
-
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    names = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
-    out = []
-    for d in jax.devices()[:1] if devices is None else devices:
-        if d.platform != "gpu":
-            continue
-        entry: dict[str, Any] = {"jax": str(d)}
-        bus = getattr(d, "pci_bus_id", None)
-        local = getattr(d, "local_hardware_id", None)
-        ordinal = int(d.id if local is None else local)  # 0 is a valid ordinal, not a missing one
-        if bus:
-            entry["pci_bus_id"], entry["by"] = str(bus), "PCI bus id reported by JAX"
-        elif names is not None and ordinal < len(names):
-            name = names[ordinal]
-            if name.isdigit():
-                entry["index"], entry["by"] = int(name), "CUDA_VISIBLE_DEVICES index (PCI bus order assumed)"
-            else:
-                entry["uuid"], entry["by"] = name, "CUDA_VISIBLE_DEVICES UUID"
-        else:
-            entry["index"], entry["by"] = ordinal, "CUDA ordinal (no CUDA_VISIBLE_DEVICES)"
-        out.append(entry)
-    return out
-
-
-def nvml_handles(nvml: Any, gpus: list[dict[str, Any]] | str = "all") -> dict[str, Any]:
-    """NVML handles keyed by PCI bus id (else ``gpuN``): every device (``"all"``) or the listed ones,
-    each found by ``pci_bus_id``, ``uuid`` or ``index``."""
-
-    def key(handle, fallback):
-        try:
-            bus = nvml.nvmlDeviceGetPciInfo(handle).busId
-            return bus.decode() if isinstance(bus, bytes) else str(bus)
-        except Exception:
-            return fallback
-
-    if gpus == "all":
-        handles = [(nvml.nvmlDeviceGetHandleByIndex(i), f"gpu{i}") for i in range(nvml.nvmlDeviceGetCount())]
-    else:
-        handles = []
-        for g in gpus:
-            if "pci_bus_id" in g:
-                handles.append((nvml.nvmlDeviceGetHandleByPciBusId(g["pci_bus_id"]), g["pci_bus_id"]))
-            elif "uuid" in g:
-                handles.append((nvml.nvmlDeviceGetHandleByUUID(g["uuid"]), g["uuid"]))
-            else:
-                handles.append((nvml.nvmlDeviceGetHandleByIndex(int(g["index"])), f"gpu{int(g['index'])}"))
-    return {key(h, name): h for h, name in handles}
-
-
-def open_nvml(nvml: Any | None = None) -> tuple[Any | None, str]:
-    """Imports (unless given) and initialises NVML; returns ``(module, "")`` or ``(None, reason)``."""
-    try:
-        nvml = nvml or _import_nvml()
-    except ImportError:
-        return None, "nvidia-ml-py (module pynvml) is not installed"
-    try:
-        nvml.nvmlInit()
-        if nvml.nvmlDeviceGetCount() < 1:
-            return None, "NVML found no GPU"
-    except Exception as err:
-        return None, f"NVML unavailable: {err}"
-    return nvml, ""
-
-
-def make_nvml_meter(
-    nvml: Any | None = None,
-    *,
-    prefer: str = "nvml-counter",
-    interval_s: float = 0.1,
-    gpus: list[dict[str, Any]] | str | None = None,
-) -> Meter:
-    """The best NVML meter for ``gpus`` (default: the GPUs JAX uses, :func:`jax_gpus`; ``"all"``:
-    every GPU NVML sees): the counter if every device supports it, else power polling.
-
-    Never raises: a missing library, no GPU in use or an NVML error gives an :class:`UnavailableMeter`.
-    """
-    gpus = jax_gpus() if gpus is None else gpus
-    if not gpus:
-        return UnavailableMeter("JAX uses no GPU: there is no GPU energy to meter")
-    nvml, reason = open_nvml(nvml)
-    if nvml is None:
-        return UnavailableMeter(reason)
-    try:
-        handles = nvml_handles(nvml, gpus)
-        mapping = [{"nvml": key, **({} if gpus == "all" else gpus[i])} for i, key in enumerate(handles)]
-        if prefer == "nvml-counter":
-            try:
-                for h in handles.values():
-                    nvml.nvmlDeviceGetTotalEnergyConsumption(h)
-                counter = NvmlCounterMeter(nvml, handles)
-                counter.devices = mapping
-                return counter
-            except nvml.NVMLError:
-                pass  # NotSupported (pre-Volta, some vGPUs): fall back to polling power
-        for h in handles.values():
-            nvml.nvmlDeviceGetPowerUsage(h)
-        meter = NvmlPowerMeter(nvml, handles, interval_s)
-        meter.devices = mapping
-        if prefer == "nvml-counter":
-            meter.reason = f"energy counter not supported; power polled every {interval_s:g} s"
-        return meter
-    except Exception as err:
-        return UnavailableMeter(f"NVML error: {err}")
-
-
 def make_host_meter(rapl_root: str = "/sys/class/powercap", watts_per_core: float = DEFAULT_WATTS_PER_CORE) -> Meter:
     """RAPL if readable, else the CPU-time estimate."""
     zones, _ = find_rapl_zones(rapl_root)
@@ -407,8 +235,11 @@ def make_meter(
         backend = jax.default_backend()
     if gpus is None and backend != "gpu":
         gpus = []
-    if method in ("nvml-counter", "nvml-power"):
-        return make_nvml_meter(nvml, prefer=method, interval_s=interval_s, gpus=gpus)
+    from sm2jax.energy.nvml import make_nvml_meter
+
+    if method in ("nvml-counter", "nvml-power", "nvml-mixed"):
+        prefer = "nvml-power" if method == "nvml-power" else "nvml-counter"
+        return make_nvml_meter(nvml, prefer=prefer, interval_s=interval_s, gpus=gpus)
     if method == "auto":
         if gpus != []:
             meter = make_nvml_meter(nvml, interval_s=interval_s, gpus=gpus)

@@ -9,7 +9,8 @@ from typing import Any
 
 import jax
 
-from sm2jax.energy.meters import Meter, Sample, open_nvml
+from sm2jax.energy.meters import Meter, Sample
+from sm2jax.energy.nvml import open_nvml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +117,7 @@ class EnergyMonitor:
                 None,
                 self.method,
                 False,
-                self.meter.reason or "unavailable",
+                "; ".join(n for n in (start.note, stop.note) if n) or self.meter.reason or "unavailable",
                 start,
                 stop,
                 host_joules=host_joules,
@@ -137,7 +138,7 @@ class EnergyMonitor:
                 stop,
             )
         total = sum(per_device.values())
-        if self.method == "nvml-counter" and total == 0 and seconds < self.counter_resolution_s:
+        if self.method in ("nvml-counter", "nvml-mixed") and total == 0 and seconds < self.counter_resolution_s:
             return WindowReading(
                 name,
                 start.time,
@@ -150,11 +151,15 @@ class EnergyMonitor:
                 start,
                 stop,
             )
-        note = ""
-        if self.method in ("nvml-counter", "nvml-power") and seconds < self.min_window_s:
-            note = f"short window ({seconds:.2f} s < {self.min_window_s:g} s): NVML updates every ~0.1 s, expect error"
-        update = getattr(self.meter, "update_s", None)
-        uncertainty = None if update is None or seconds <= 0 else update / seconds
+        notes = []
+        if self.method.startswith("nvml-") and seconds < self.min_window_s:
+            notes.append(
+                f"short window ({seconds:.2f} s < {self.min_window_s:g} s): NVML updates every ~0.1 s, expect error"
+            )
+        if stop.errors > start.errors:
+            notes.append(f"{stop.errors - start.errors} NVML read(s) failed in this window and were bridged")
+        note = "; ".join(notes)
+        uncertainty = self.meter.uncertainty(seconds, total)
         return WindowReading(
             name, start.time, seconds, total, per_device, self.method, True, note, start, stop, uncertainty
         )
@@ -226,4 +231,5 @@ def hardware_profile(nvml: Any | None = None) -> dict[str, Any]:
             else:
                 gpu[key] = value
         profile["gpus"].append(gpu)
+    nvml.nvmlShutdown()  # every open is closed
     return profile
