@@ -123,6 +123,10 @@ def run(
         )
     for name, m in meters.items():
         print(f"{name:<13} -> {m.meter.describe()}")
+        for d in m.meter.devices or []:  # which card each JAX device is, how it was found, how it is read
+            print(
+                f"  {d.get('jax', '?')} -> {d['nvml']}: {d.get('method')} (found by {d.get('by')}; power limit {d.get('power_limit_w')} W)"
+            )
     try:
         out["idle"] = {}
         windows_idle = {k: m.begin("idle") for k, m in meters.items()}
