@@ -122,10 +122,13 @@ def _resume(args) -> dict:
 
 
 def _compare(args) -> int:
-    from sm2jax.figures import compare_rows
+    from sm2jax.figures import compare_rows, compile_warning
     from sm2jax.report import load_comparable
 
     rows = compare_rows([load_comparable(d) for d in args.dirs])
+    warning = compile_warning(rows)
+    if warning:
+        print(f"sm2jax: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0

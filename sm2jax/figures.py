@@ -144,12 +144,28 @@ def compare_rows(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "samples_vs_first": None if samples is None or not base_samples else samples / base_samples,
                 "training_joules": training,
                 "compile_joules": total(["compile", "probe"]),
+                "programs_compiled": (r.get("compilation") or {}).get("backend_compiles"),
+                "programs_loaded": (r.get("compilation") or {}).get("cache_hits"),
                 "total_joules": r.get("total_joules"),
                 "training_vs_first": None if training is None or not base else training / base,
                 "energy_method": r.get("energy_method"),
             }
         )
     return rows
+
+
+def compile_warning(rows: list[dict[str, Any]]) -> str | None:
+    """A warning when the studies compared differ in compilation: some compiled their programs,
+    others loaded them from the persistent cache (their total energies are not comparable; their
+    training energies are)."""
+    compiled = [r["study"] for r in rows if r.get("programs_compiled")]
+    loaded = [r["study"] for r in rows if not r.get("programs_compiled") and r.get("programs_loaded")]
+    if not compiled or not loaded:
+        return None
+    return (
+        f"note: {', '.join(compiled)} compiled programs while {', '.join(loaded)} loaded them from the compile cache:"
+        " compare training_joules (compile_joules is shown apart), not total_joules"
+    )
 
 
 # ----------------------------------------------------------------------------------------- plots
@@ -227,11 +243,56 @@ def plot_score_vs_energy(results: dict[str, Any]):
             xytext=(8, -14),
             color="crimson",
         )
-    ax.set_xscale("log" if trials and min(x_of(t) for t in trials) > 0 else "linear")
+    if trials and min(x_of(t) for t in trials) > 0:
+        from matplotlib.ticker import LogLocator, NullFormatter
+
+        ax.set_xscale("log")  # labels on a few ticks only: minor labels within a decade overlap
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(lambda x, _: f"{x:g}")
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(_energy_label(results) if have_energy else "samples trained (energy unavailable)")
     ax.set_ylabel(f"validation {results.get('metric_name', 'metric')} (last phase reached)")
     ax.set_title(f"{len(trials)} configurations, mode {results.get('mode')}")
     ax.legend(fontsize=7, loc="best")
+    return fig
+
+
+def plot_learning_curves(results: dict[str, Any]):
+    """Per configuration, its mean training loss per energy window (top) and its validation score
+    per phase (bottom) against samples trained: one line each, coloured by cohort, ending where the
+    configuration was dropped; the selection drawn bold."""
+    from matplotlib.figure import Figure
+
+    curves = results.get("curves") or {}
+    trials = {t["trial_id"]: t for t in results.get("trials", [])}
+    cohorts = sorted({t["cohort"] for t in trials.values()})
+    colors = {c: f"C{i % 10}" for i, c in enumerate(cohorts)}
+    sel = (results.get("selected") or {}).get("trial_id")
+    fig = Figure(figsize=(7.2, 6.4), layout="constrained")
+    loss_ax, val_ax = fig.subplots(2, 1, sharex=True)
+    for key, curve in sorted(curves.items(), key=lambda kv: int(kv[0])):
+        t = trials.get(int(key), {})
+        style = {"color": colors.get(t.get("cohort"), "grey"), "alpha": 0.55, "lw": 1.0}
+        if int(key) == sel:
+            style.update(alpha=1.0, lw=2.6, zorder=5)
+        train = [p for p in curve.get("train", []) if p[1] is not None]
+        val = [p for p in curve.get("val", []) if p[1] is not None]
+        if train:
+            loss_ax.plot([p[0] for p in train], [p[1] for p in train], **style)
+        if val:
+            val_ax.plot([p[0] for p in val], [p[1] for p in val], marker="o", ms=2.5, **style)
+    for cohort in cohorts:  # one legend entry per cohort
+        val_ax.plot([], [], color=colors[cohort], label=cohort)
+    if sel is not None:
+        val_ax.plot([], [], color="k", lw=2.6, label=f"selected: trial {sel}")
+    loss_ax.set_ylabel("training loss (mean per window)")
+    loss_ax.set_yscale(
+        "log" if any(p[1] and p[1] > 0 for c in curves.values() for p in c.get("train", [])) else "linear"
+    )
+    val_ax.set_ylabel(f"validation score ({results.get('metric_name', 'metric')}, higher is better)")
+    val_ax.set_xlabel("training samples")
+    val_ax.legend(fontsize=6, loc="best")
+    loss_ax.set_title(f"learning curves: {len(curves)} configurations (lines end where dropped)")
     return fig
 
 
@@ -314,6 +375,7 @@ def write_plots(results: dict[str, Any], directory: str | os.PathLike) -> list[s
         ("score_vs_energy", plot_score_vs_energy),
         ("survival", plot_survival),
         ("energy_by_phase", plot_energy_by_phase),
+        ("learning_curves", plot_learning_curves),
     ):
         paths.append(os.path.join(directory, f"{name}.png"))
         make(results).savefig(paths[-1], dpi=110)

@@ -49,6 +49,9 @@ class StudyState:
         that phase are interrupted work, reported on their own line).
       test: the selected configuration's held-out test ``{"metric", "score", "score_se"}`` (``None``
         without a test split).
+      metric_name: what the task calls its metric (for a report of an unfinished study).
+      curves: trial id -> ``{"train": [[samples, loss], ...], "val": [[samples, score, phase], ...]}``:
+        the mean training loss per energy window and the validation score per phase.
     """
 
     phase: int = -1
@@ -63,6 +66,8 @@ class StudyState:
     test: dict[str, Any] | None = None
     finalists: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     completed_by: dict[str, int] = dataclasses.field(default_factory=dict)
+    curves: dict[str, dict[str, list]] = dataclasses.field(default_factory=dict)
+    metric_name: str = "metric"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -87,8 +92,17 @@ class StudyState:
             self.trials[str(t)] = {"score": None, "energy_spent": 0.0, "samples_spent": 0, "history": []}
 
     def best_score_text(self) -> str:
-        scores = [t["score"] for t in self.trials.values() if t["score"] is not None]
+        """The best validation score any configuration reached so far (it never goes down)."""
+        scores = [v[1] for c in self.curves.values() for v in c.get("val", []) if v[1] is not None]
         return f"{max(scores):.4g}" if scores else "-"
+
+    def curve(self, trial_id: int) -> dict[str, list]:
+        return self.curves.setdefault(str(trial_id), {"train": [], "val": []})
+
+    def record_training(self, losses: Sequence[tuple[int, int, float]], batch_size: int) -> None:
+        """Adds ``(trial, step, mean loss)`` points of a cohort's training windows to the curves."""
+        for t, step, loss in losses:
+            self.curve(t)["train"].append([step * batch_size, finite_or_none(loss)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +270,8 @@ def record_phase(
     for cohort, window in training.items():
         state.cohort_energy.setdefault(cohort, []).append(window)
     smooth_cohort_rates(state.cohort_energy, candidates, rules.energy_noise)
+    for c in candidates:
+        state.curve(c.trial_id)["val"].append([c.samples_spent, finite_or_none(c.score), phase])
     decision = decide_phase(phase, candidates, rules, last=last)
     state.decisions.extend({"phase": phase, **rec, "energy_method": energy_method} for rec in decision.records)
     if last:

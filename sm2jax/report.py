@@ -26,6 +26,19 @@ def _joules(value: float | None, method: str | list[str]) -> str:
 def format_results(results: dict[str, Any]) -> str:
     """The selected configuration, its metric and energy, energy by phase, and the decisions."""
     lines = [f"study: {results['study']}  mode: {results['mode']}"]
+    partial = results.get("partial")
+    if partial:
+        holder = partial.get("holder") or {}
+        who = f" (pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')})" if holder else ""
+        resume = "" if holder else f"; `sm2jax resume {results['study']}` continues it"
+        lines.append(
+            f"status: {partial['status']}{who}, phases done: {', '.join(partial['phases_done']) or 'none'}{resume}"
+        )
+        eta = partial.get("eta_seconds")
+        lines.append(
+            f"  phases left: {', '.join(partial['phases_left']) or 'none'}; best validation score so far: {partial['best_score']}"
+            + ("" if eta is None else f"; ETA ~{eta:,.0f} s (rough: the rate so far)")
+        )
     method = results.get("energy_method") or "unavailable"
     if method == "estimated":
         lines.append("energy: ESTIMATED from process CPU time (no GPU counter, no readable RAPL) -- not a measurement")
@@ -180,8 +193,62 @@ def format_results(results: dict[str, Any]) -> str:
 
 
 def load_results(directory: str | os.PathLike) -> dict[str, Any]:
-    """The ``results.json`` of the study in ``directory`` (one-line errors for a missing study or result)."""
-    return StudyDir(directory).results()
+    """The ``results.json`` of the study in ``directory`` (one-line errors for a missing study); a
+    study still running, or interrupted, gets :func:`partial_results`."""
+    folder = StudyDir(directory)
+    if not folder.exists("results.json") and folder.spec_blob() is not None and "hyperband" not in folder.spec_blob():
+        return partial_results(folder)
+    return folder.results()
+
+
+def partial_results(folder: StudyDir) -> dict[str, Any]:
+    """What a study running (or interrupted) in ``folder`` has decided so far: its last committed
+    phase's decisions, curves and best score, the energy measured so far (the phase in flight
+    included, on the interrupted line), and a rough ETA from the rate so far. Reads only."""
+    from sm2jax.energy.ledger import read_ledger
+    from sm2jax.phases import planned_trial_steps
+    from sm2jax.spec import read_spec
+
+    spec = read_spec(folder.path)
+    saved = folder.saved_phases()
+    state = StudyState.from_json(folder.load_progress(saved[-1])) if saved else StudyState()
+    records = read_ledger(folder.ledger_path)
+    unmeasured = {"idle": {"watts": None, "seconds": 0.0, "method": "unavailable"}}
+    hardware = folder.read_hardware() if folder.exists("hardware.json") else unmeasured
+    methods = sorted({r["method"] for r in records if r["type"] == "window"})
+    results = assemble_results(
+        state,
+        records,
+        study=folder.path,
+        spec=spec,
+        configs={c.trial_id: c for c in spec.configs()},
+        hardware=hardware,
+        energy_method=hardware.get("energy_method") or (methods[0] if methods else "unavailable"),
+        intensity_label=next((r["intensity_label"] for r in records if "intensity_label" in r), ""),
+        metric_name=state.metric_name,
+        placement={},
+        wall_seconds=None,
+    )
+    results["note"] = "not selected yet: the study has not finished"
+    phases = spec.phases()
+    holder = folder.holder()
+    done = len(saved)
+    results["partial"] = {
+        "status": "running" if holder else "interrupted",
+        "holder": holder,
+        "phases_done": [name for name, _ in phases[:done]],
+        "phases_left": [name for name, _ in phases[done:]],
+        "best_score": state.best_score_text(),
+    }
+    # Rough ETA: wall seconds per trial-budget so far, times the trial-budget successive halving plans.
+    times = [r["time"] for r in records if r["type"] == "window"]
+    budgets = dict(phases)
+    work = sum(budgets[c["val"][-1][2]] for c in state.curves.values() if c.get("val"))
+    alive = sum(len(ids) for ids in state.alive.values())
+    if len(times) > 1 and work > 0 and alive and 0 < done < len(phases):
+        left = planned_trial_steps(phases, lambda b: b, alive, phases[done - 1][1], done, spec.eta)
+        results["partial"]["eta_seconds"] = (max(times) - min(times)) / work * left
+    return results
 
 
 def load_comparable(directory: str | os.PathLike) -> dict[str, Any]:
@@ -305,6 +372,7 @@ def assemble_results(
         "num_configs": len(configs),
         "placement": placement,
         "ledger_damage": ledger_damage or [],
+        "curves": progress.curves,
     }
     totals = [g["joules"] for g in by_phase.values()]
     out["total_joules"] = None if any(t is None for t in totals) else float(sum(totals))

@@ -52,6 +52,9 @@ class CompileRecord:
 class TrainRecord:
     steps: dict[int, int]  # steps taken in this call, per trial id (energy: Metering.trial_joules)
     seconds: float
+    losses: list[tuple[int, int, float]] = dataclasses.field(default_factory=list)  # (trial, step, loss)
+    """Per energy window and trial that trained in it: its step count after the window and its mean
+    training loss over the window's steps (the learning curve)."""
 
 
 @dataclasses.dataclass
@@ -59,6 +62,11 @@ class EvalRecord:
     scores: np.ndarray  # [K], higher is better
     metrics: np.ndarray  # [K]
     score_se: np.ndarray  # [K], the scores' standard errors (sampling noise of the split)
+
+    def first(self) -> dict[str, float | None]:
+        """The first row's metric, score and standard error (``None`` for a non-finite figure)."""
+        finite = lambda x: float(x) if np.isfinite(x) else None
+        return {"metric": finite(self.metrics[0]), "score": finite(self.scores[0]), "score_se": float(self.score_se[0])}
 
 
 class CohortRunner:
@@ -202,6 +210,10 @@ class CohortRunner:
     def k(self) -> int:
         return len(self.trial_ids)
 
+    def _row_values(self, per_chunk: list[Any]) -> np.ndarray:
+        """Per-row device values of every chunk (e.g. training metrics) for the live trials, on the host."""
+        return np.concatenate(self.placement.host(per_chunk))[self.placement.slots(self.k, self.width)]
+
     def field(self, name: str) -> np.ndarray:
         """A per-trial field (``step``, ``active``, ``diverged_at``) of the live rows, on the host."""
         return row_view(self.chunks, name, self.k, self.placement)
@@ -317,6 +329,7 @@ class CohortRunner:
         the width and retries the window.
         """
         taken = {t: 0 for t in self.trial_ids}
+        losses: list[tuple[int, int, float]] = []
         t_start = time.perf_counter()
         while True:
             active = self.field("active")
@@ -371,8 +384,12 @@ class CohortRunner:
             else:  # the steps after the timed first one
                 self.step_seconds[self.width] = (seconds - head) / (chunk_steps - 1)
             steps = w.steps
+            loss = self._row_values([m.loss_mean for _, m in outs])
+            now = self.field("step")
             for row, t in enumerate(self.trial_ids):
                 taken[t] += int(steps[row])
+                if steps[row] > 0:
+                    losses.append((t, int(now[row]), float(loss[row])))
             if on_steps is not None:
                 on_steps(window_steps)
             left = max(planned_trial_steps - sum(taken.values()), 0.0)
@@ -380,7 +397,7 @@ class CohortRunner:
                 self._maybe_optimise(left)
             if self.probe_pending:
                 self._maybe_probe(left)
-        return TrainRecord(taken, time.perf_counter() - t_start)
+        return TrainRecord(taken, time.perf_counter() - t_start, losses)
 
     def _maybe_optimise(self, planned_trial_steps: float) -> None:
         """Trades the quick training program for the optimised one once the predicted saving on the

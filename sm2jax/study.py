@@ -15,6 +15,7 @@ decisions :mod:`sm2jax.phases`' and the results :mod:`sm2jax.report`'s.
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import ArrayDataset
 from sm2jax.distributed import barrier, is_primary
 from sm2jax.energy.stack import EnergyStack
-from sm2jax.phases import DecisionRules, StudyState, cohort_candidates, finite_or_none, record_phase
+from sm2jax.phases import DecisionRules, StudyState, cohort_candidates, record_phase
 from sm2jax.placement import Placement
 from sm2jax.programs import memory_limit_bytes
 from sm2jax.report import assemble_results
@@ -36,6 +37,7 @@ from sm2jax.runner import CohortRunner
 from sm2jax.spec import StudySpec, bind, current_form, read_spec
 from sm2jax.study_dir import StudyDir
 from sm2jax.tasks import get_task
+from sm2jax.viewers import write_viewers
 from sm2jax.width_policy import WidthPolicy
 from sm2jax.workload import Workload
 
@@ -96,15 +98,19 @@ class Study:
         self.energy = EnergyStack.of(spec, self.placement.devices, self.folder.ledger_path, nvml=nvml, gpus=gpus)
         self.metering = self.energy.metering
         self.work = Workload(spec, self.placement, policy, self.metering, dataset)
+        self._state = StudyState()
 
     def run(self) -> dict[str, Any]:
         """Runs (or resumes) the study to the end; returns and writes ``results.json``."""
         cache_dir = enable_compile_cache()
-        with self.folder.lock(), count_compiles() as tally:
-            self.folder.remove_temporaries()
-            results = self._run()
-        results["compilation"] = {**tally.to_json(), "cache_dir": cache_dir}
-        self.folder.write_results(results)
+        with self.folder.lock():
+            with count_compiles() as tally:
+                self.folder.remove_temporaries()
+                results = self._run()
+            results["compilation"] = {**tally.to_json(), "cache_dir": cache_dir}
+            if is_primary():
+                results["viewers"] = write_viewers(self.directory, results, self._state.trials)
+            self.folder.write_results(results)
         return results
 
     def _run(self) -> dict[str, Any]:
@@ -130,14 +136,20 @@ class Study:
         self.folder.discard_after(start - 1, checkpoints)
         try:
             if state is None:
-                state = StudyState()
-                runners = [r for c in cohorts.values() if (r := self.work.create_runner(c, state)) is not None]
+                state = StudyState(metric_name=get_task(self.work.data.task).metric_name)
+                for i, c in enumerate(cohorts.values(), start=1):
+                    if self.progress_bar:  # compiling says what it compiles: seconds to minutes each
+                        print(
+                            f"cohort {i}/{len(cohorts)} {c.name}: compiling (or loading) its programs", file=sys.stderr
+                        )
+                    runners += [r] if (r := self.work.create_runner(c, state)) is not None else []
                 state.start([t for r in runners for t in r.trial_ids])
             for p in range(start, len(self.spec.phases())):
                 if not runners:
                     break
                 runners = self._run_phase(p, runners, state, checkpoints)
             self.metering.flush()
+            self._state = state
             return assemble_results(
                 state,
                 self.energy.ledger.records(),
@@ -201,8 +213,11 @@ class Study:
                 before = {t: state.trials[str(t)]["samples_spent"] for t in r.trial_ids}
                 planned = work.planned(r, p)
                 win = {"window_seconds": self.spec.window_seconds, "steps_per_window": self.spec.steps_per_window}
-                r.train_to(targets[r.spec.name], name, planned_trial_steps=planned, on_steps=bar.update, **win)
+                trained = r.train_to(
+                    targets[r.spec.name], name, planned_trial_steps=planned, on_steps=bar.update, **win
+                )
                 bs = r.spec.signature.batch_size
+                state.record_training(trained.losses, bs)
                 rows = {f: r.field(f) for f in ("step", "active", "diverged_at")}
                 total = work.steps(self.spec.max_budget, bs) * bs
                 end = r.evaluate(name)
@@ -227,13 +242,7 @@ class Study:
                 if not last:
                     r.narrow_for_survivors(work.planned(r, p + 1))
             if last and work.data.has_test:  # once, for the selected configuration only
-                test = r.evaluate(name, split="test")
-                state.test = {
-                    "trial_id": ids[0],
-                    "metric": finite_or_none(float(test.metrics[0])),
-                    "score": finite_or_none(float(test.scores[0])),
-                    "score_se": float(test.score_se[0]),
-                }
+                state.test = {"trial_id": ids[0], **r.evaluate(name, split="test").first()}
             survivors.append(r)
         for r in runners:
             if r.spec.name in state.hardware:
@@ -243,6 +252,8 @@ class Study:
         state.phase = p
         state.completed_by[name] = self.metering.attempt
         self.folder.commit_phase(p, state.to_json(), checkpoints, {r.spec.name: r.rows() for r in survivors})
+        if is_primary():  # TensorBoard shows the study while it runs
+            write_viewers(self.directory, {"curves": state.curves}, state.trials, optuna=False)
         return survivors
 
 

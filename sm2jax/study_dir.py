@@ -190,6 +190,23 @@ class StudyDir:
         finally:
             os.close(fd)  # releases the lock
 
+    def holder(self) -> dict[str, Any] | None:
+        """Who holds the folder now (``{"pid", "host", "since"}``), or ``None`` when no run does."""
+        if not self.exists("lock"):
+            return None
+        fd = os.open(self.file("lock"), os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    return json.loads(os.read(fd, 4096).decode(errors="replace"))
+                except ValueError:
+                    return {"pid": "?", "host": "?", "since": "?"}
+            return None
+        finally:
+            os.close(fd)
+
     def remove_temporaries(self) -> list[str]:
         """Removes the temporary files of atomic writes that a kill left behind (call it holding
         the lock: no live writer is using them). Returns their paths."""

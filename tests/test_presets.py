@@ -51,7 +51,9 @@ def test_notebook_runs_every_cell(tmp_path):
     stderr = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stderr")
     assert "Warning" not in stderr and "IProgress" not in stderr  # progress bars render without warnings
     images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
-    assert len(images) == 2  # score vs energy, survival
+    assert len(images) == 5  # score vs energy, survival, energy by phase, learning curves; SM2 vs SH
+    # The comparison says whether one side loaded the other's compiled programs from the cache.
+    assert "compare training_joules" in text or "both studies compiled (or loaded) their programs alike" in text
     tables = [
         o["data"]["text/html"]
         for o in outputs
