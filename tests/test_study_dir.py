@@ -61,3 +61,15 @@ def test_a_phase_commits_its_checkpoint_before_its_progress_and_resume_discards_
         assert folder.saved_phases() == [0] and checkpoints.steps() == [0]
     finally:
         checkpoints.close()
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_spec(tmp_path):
+    """A first start that failed after claiming the folder left empty checkpoints/ and progress/
+    folders and an empty ledger: the study never ran, so a corrected spec replaces it."""
+    folder = StudyDir(tmp_path / "s")
+    folder.claim({"a": 1})
+    (tmp_path / "s" / "checkpoints").mkdir()
+    (tmp_path / "s" / "ledger.jsonl").write_text("")
+    assert not folder.has_run()
+    folder.claim({"a": 2})
+    assert folder.spec_blob() == {"a": 2}
