@@ -153,7 +153,18 @@ def _write_report_files(results: dict, args) -> int:
             if code:
                 return code
         return 0
-    return _write_files(results, out, args.dir)
+    code = _write_files(results, out, args.dir)
+    if code == 0 and not results.get("partial"):
+        from sm2jax.viewers import write_optuna
+
+        path = write_optuna(folder.path, results)  # about a second of SQLite set-up: on request, not per run
+        print(
+            f"wrote {path} (optuna-dashboard sqlite:///{path})"
+            if path
+            else "no optuna.db: pip install 'sm2jax[optuna]'",
+            file=sys.stderr,
+        )
+    return code
 
 
 def _write_files(results: dict, out: str, directory: str) -> int:

@@ -109,7 +109,7 @@ class Study:
                 results = self._run()
             results["compilation"] = {**tally.to_json(), "cache_dir": cache_dir}
             if is_primary():
-                results["viewers"] = write_viewers(self.directory, results, self._state.trials)
+                results["viewers"] = write_viewers(self.directory, results, self._state.trials, optuna=False)
             self.folder.write_results(results)
         return results
 

@@ -6,7 +6,7 @@
   ``tensorboard --logdir DIR/tensorboard`` shows them while the study runs (rewritten after each
   phase) and after it ends.
 * :func:`write_optuna` writes ``DIR/optuna.db`` (SQLite through Optuna's RDB storage; ``pip install
-  'sm2jax[optuna]'``): every configuration as a trial with its parameters, its validation score per
+  'sm2jax[optuna]'``; ``sm2jax report DIR`` writes it, as setting up the storage takes about a second): every configuration as a trial with its parameters, its validation score per
   phase as intermediate values, its state (complete when it reached the last rung, pruned at the
   phase it was dropped, failed when infeasible) and its energy, cohort and reason as attributes, for
   ``optuna-dashboard sqlite:///DIR/optuna.db`` and ``optuna.load_study``.

@@ -41,6 +41,7 @@ def test_tensorboard_and_optuna_read_back_every_configuration(finished):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     folder, results = finished
+    assert main(["report", str(folder)]) == 0  # writes optuna.db too
     for t in results["trials"]:
         events = EventAccumulator(str(folder / "tensorboard" / f"trial-{t['trial_id']:04d}"))
         events.Reload()
