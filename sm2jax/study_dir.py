@@ -29,7 +29,6 @@ import json
 import os
 import re
 import socket
-import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -38,13 +37,7 @@ import numpy as np
 
 from sm2jax.checkpoint import StudyCheckpoints
 from sm2jax.distributed import is_primary
-from sm2jax.energy.ledger import fsync_folder
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-TEMPORARY = ".tmp"
-"""Suffix of the temporary files of atomic writes (a kill can leave them behind; a run removes them)."""
+from sm2jax.files import TEMPORARY, write_atomic
 
 
 class FolderInUse(OSError):
@@ -61,27 +54,13 @@ def json_default(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, blob: Any) -> None:
-    """Writes ``blob`` to ``path`` atomically: a temporary file of its own (two writers never share
-    one) is written and fsync-ed, renamed over ``path``, and the folder is fsync-ed so that the
-    rename survives a crash. Only process 0 of a multi-process study writes."""
+    """Writes ``blob`` to ``path`` atomically (:func:`sm2jax.files.write_atomic`); only process 0
+    of a multi-process study writes."""
     if not is_primary():
         return
     path = os.fspath(path)
-    folder, name = os.path.split(path)
     text = json.dumps(blob, indent=1, default=json_default)  # a value that cannot be written fails here
-    fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=f"{name}.", suffix=TEMPORARY)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it (mkstemp's file is private)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    fsync_folder(folder or ".")
+    write_atomic(path, text.encode())
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sm2jax.energy.monitor import IdleBaseline, WindowReading
+from sm2jax.files import write_atomic
 
 J_PER_KWH = 3.6e6
 DEFAULT_INTENSITY_G_PER_KWH = 475.0
@@ -343,27 +344,7 @@ def _move_lines(path: str, numbers: list[int], to: str) -> None:
         f.write(b"".join(line + b"\n" for line in moved))
         f.flush()
         os.fsync(f.fileno())
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(b"\n".join(kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_folder(os.path.dirname(path) or ".")
-
-
-def fsync_folder(path: str) -> None:
-    """Makes a rename in ``path`` durable (where the platform allows opening a folder)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    write_atomic(path, b"\n".join(kept))
 
 
 def summarize(records: Sequence[dict[str, Any]], key: str = "phase") -> dict[str, dict[str, Any]]:

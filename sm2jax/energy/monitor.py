@@ -103,53 +103,27 @@ class EnergyMonitor:
     def sample(self) -> Sample:
         return self.meter.sample()
 
+    def _invalid(self, name: str, start: Sample, stop: Sample, why: str, **host: Any) -> WindowReading:
+        """A window without a figure (``None`` joules, never a stand-in zero), saying why."""
+        return WindowReading(
+            name, start.time, stop.time - start.time, None, None, self.method, False, why, start, stop, **host
+        )
+
     def between(self, name: str, start: Sample, stop: Sample) -> WindowReading:
         """The reading of a window from two cumulative samples of this monitor's meter."""
         seconds = stop.time - start.time
         if start.joules is None or stop.joules is None:
             host = getattr(self.meter, "host", None)
             host_joules = None if host is None or start.host is None or stop.host is None else stop.host - start.host
-            return WindowReading(
-                name,
-                start.time,
-                seconds,
-                None,
-                None,
-                self.method,
-                False,
-                "; ".join(n for n in (start.note, stop.note) if n) or self.meter.reason or "unavailable",
-                start,
-                stop,
-                host_joules=host_joules,
-                host_method=None if host is None else host.method,
-            )
+            why = "; ".join(n for n in (start.note, stop.note) if n) or self.meter.reason or "unavailable"
+            return self._invalid(name, start, stop, why, host_joules=host_joules, host_method=host and host.method)
         per_device = {d: stop.joules[d] - start.joules[d] for d in stop.joules}
         if any(v < 0 for v in per_device.values()):
-            return WindowReading(
-                name,
-                start.time,
-                seconds,
-                None,
-                None,
-                self.method,
-                False,
-                "energy counter went backwards (driver reload?)",
-                start,
-                stop,
-            )
+            return self._invalid(name, start, stop, "energy counter went backwards (driver reload?)")
         total = sum(per_device.values())
         if self.method in ("nvml-counter", "nvml-mixed") and total == 0 and seconds < self.counter_resolution_s:
-            return WindowReading(
-                name,
-                start.time,
-                seconds,
-                None,
-                None,
-                self.method,
-                False,
-                f"window of {seconds * 1e3:.0f} ms is below the counter's update period",
-                start,
-                stop,
+            return self._invalid(
+                name, start, stop, f"window of {seconds * 1e3:.0f} ms is below the counter's update period"
             )
         notes = []
         if self.method.startswith("nvml-") and seconds < self.min_window_s:
