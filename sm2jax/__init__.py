@@ -3,14 +3,16 @@
 from sm2jax.cohort import CohortSpec, group_into_cohorts
 from sm2jax.data import ArrayDataset, register_dataset
 from sm2jax.hyperband import run_hyperband
-from sm2jax.models import register_model
+from sm2jax.models import dropout, register_model
 from sm2jax.placement import Placement, request_cpu_devices
 from sm2jax.rows import CohortState
+from sm2jax.sampling import cohort_sample
 from sm2jax.space import Categorical, Config, Fixed, IntUniform, LogUniform, SearchSpace, Uniform, make_config
 from sm2jax.spec import StudySpec
 from sm2jax.study import Study
 from sm2jax.tasks import Task, register_task
 from sm2jax.trainer import CohortTrainer
+from sm2jax.vocabulary import register_hyperparameter, register_optimizer
 
 __version__ = "0.1.0"
 
@@ -30,10 +32,14 @@ __all__ = [
     "StudySpec",
     "Task",
     "Uniform",
+    "cohort_sample",
+    "dropout",
     "group_into_cohorts",
     "make_config",
     "register_dataset",
+    "register_hyperparameter",
     "register_model",
+    "register_optimizer",
     "register_task",
     "request_cpu_devices",
     "run_hyperband",

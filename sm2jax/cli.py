@@ -29,6 +29,9 @@ def _run(args) -> dict:
         overrides["steps_per_window"] = args.steps_per_window
     if args.no_probe:
         overrides["probe_width"] = False
+    if args.samples is not None:  # cohort-aware: keeps a cohort-aware sampler the spec names, else Sobol'
+        overrides["num_samples"] = args.samples
+        overrides["sampler"] = spec.sampler if spec.sampler not in ("grid", "random") else "sobol"
     if args.imports:
         overrides["imports"] = sorted({*spec.imports, *args.imports})
     if args.data_dir:
@@ -208,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument(
         "--mode", choices=("sm2", "sh", "full", "hyperband"), default="sm2", help="SM2, or a baseline on identical work"
+    )
+    run.add_argument(
+        "--samples",
+        type=int,
+        metavar="N",
+        help="sample N configurations of the space, cohort-aware (Sobol'; see sm2jax.sampling), instead of its grid",
     )
     run.add_argument("--dir", help="study directory (default runs/PRESET-MODE); an existing one resumes")
     run.add_argument("--quick", action="store_true", help="a tiny version of the preset")

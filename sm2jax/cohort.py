@@ -1,8 +1,8 @@
 """Cohorts: configurations that share a static signature, trained together on a trial axis.
 
 Two configurations can share one ``jax.vmap`` only if they have the same array shapes and the same
-program: same model spec, batch size, optimizer family, dropout rate and dtype. Everything else is a
-number, stacked on a leading trial axis and carried in the optimizer state through
+program: same model spec, batch size, optimizer and dtype (and dropout rate, for a model that takes
+it static: the built-in ones take it traced). Everything else is a number, stacked on a leading trial axis and carried in the optimizer state through
 ``optax.inject_hyperparams`` so that changing it never recompiles.
 
 The per-trial learning rate follows
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -29,20 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sm2jax.space import OPTIMIZERS, SCHEDULES, Config
+from sm2jax.space import Config
+from sm2jax.vocabulary import COMMON_TRACED, SCHEDULES, Optimizer, default_of, get_optimizer
 
-# Order of the traced, per-trial optimizer hyperparameters in the optimizer state.
-OPTIMIZER_HYPERPARAMETERS = (
-    "learning_rate",
-    "weight_decay",
-    "momentum",
-    "b1",
-    "b2",
-    "warmup_fraction",
-    "schedule_id",
-    "max_grad_norm",
-    "schedule_steps",
-)
+TRACED_DROPOUT = "traced"
+"""``Signature.dropout`` of a cohort whose rates are traced (its configurations' own, per trial)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +44,7 @@ class Signature:
     model: str  # canonical JSON of the model spec
     batch_size: int
     optimizer: str
-    dropout: float
+    dropout: float | str  # a static rate, or TRACED_DROPOUT (masks drawn, rates per trial)
     dtype: str
     augment: str = "none"  # training-batch augmentation (sm2jax.data.AUGMENTATIONS), traced per trial
 
@@ -71,12 +63,22 @@ class Signature:
     def model_spec(self) -> dict[str, Any]:
         return json.loads(self.model)
 
+    @property
+    def static_dropout(self) -> float:
+        """The rate the model is built with: 0 where the rates are traced."""
+        return 0.0 if self.dropout == TRACED_DROPOUT else float(self.dropout)
+
+    @property
+    def draws_masks(self) -> bool:
+        """Whether training draws dropout masks (a static rate above 0, or traced rates)."""
+        return self.dropout == TRACED_DROPOUT or self.dropout > 0
+
     def describe(self) -> str:
         spec = self.model_spec
         opts = ",".join(f"{k}={v}" for k, v in spec.items() if k != "name")
         model = f"{spec['name']}({opts})" if opts else spec["name"]
         aug = "" if self.augment == "none" else f" augment={self.augment}"
-        return f"{model} bs={self.batch_size} {self.optimizer} dropout={self.dropout:g} {self.dtype}{aug}"
+        return f"{model} bs={self.batch_size} {self.optimizer} dropout={_rate(self.dropout)} {self.dtype}{aug}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,16 +104,32 @@ class CohortSpec:
             del fields["augment"]
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         aug = "" if s.augment == "none" else f"-{s.augment}"
-        return f"{s.model_spec['name']}-bs{s.batch_size}-{s.optimizer}-d{s.dropout:g}-{s.dtype}{aug}-{digest}"
+        return f"{s.model_spec['name']}-bs{s.batch_size}-{s.optimizer}-d{_rate(s.dropout)}-{s.dtype}{aug}-{digest}"
+
+
+def _rate(dropout: float | str) -> str:
+    return dropout if isinstance(dropout, str) else f"{dropout:g}"
 
 
 def group_into_cohorts(configs: Sequence[Config]) -> list[CohortSpec]:
-    """Groups configurations by static signature; cohorts and trials keep first-seen order."""
+    """Groups configurations by static signature; cohorts and trials keep first-seen order.
+
+    A model that takes its dropout rate traced (:func:`sm2jax.models.traced_dropout`) puts every
+    rate of an otherwise equal signature into one cohort that draws masks (rate 0 among them keeps
+    every element); where all its configurations' rates are 0 the cohort draws none.
+    """
+    from sm2jax.models import traced_dropout
+
     if not configs:
         raise ValueError("no configurations to group")
+    signatures = [Signature.of(c) for c in configs]
+    masked = {dataclasses.replace(s, dropout=TRACED_DROPOUT) for s in signatures if s.dropout > 0}
     groups: dict[Signature, list[Config]] = {}
-    for config in configs:
-        groups.setdefault(Signature.of(config), []).append(config)
+    for config, sig in zip(configs, signatures):
+        if traced_dropout(sig.model_spec["name"]):
+            traced = dataclasses.replace(sig, dropout=TRACED_DROPOUT)
+            sig = traced if traced in masked else dataclasses.replace(sig, dropout=0.0)
+        groups.setdefault(sig, []).append(config)
     cohorts = [CohortSpec(sig, tuple(cs)) for sig, cs in groups.items()]
     names = [c.name for c in cohorts]
     if len(set(names)) != len(names):  # a hash collision: never let two cohorts share their state
@@ -119,17 +137,41 @@ def group_into_cohorts(configs: Sequence[Config]) -> list[CohortSpec]:
     return cohorts
 
 
-def hyperparameter_arrays(configs: Sequence[Config], schedule_steps: int) -> dict[str, np.ndarray]:
-    """The traced optimizer hyperparameters as ``float32[K]`` arrays (trial axis first)."""
-    rows = {name: [] for name in OPTIMIZER_HYPERPARAMETERS}
+def traced_names(signature: Signature, task_hyperparameters: Sequence[str] = ()) -> tuple[str, ...]:
+    """The traced hyperparameters a cohort's optimizer state carries, in a fixed order: the
+    learning rate, the optimizer's own arguments, the schedule and clipping norm, then the ones its
+    model takes in training (a traced dropout rate among them) and its task's loss takes."""
+    names = ["learning_rate", *get_optimizer(signature.optimizer).defaults, *COMMON_TRACED]
+    names += model_names(signature)
+    names += [n for n in task_hyperparameters if n not in names]
+    return tuple(names)
+
+
+def model_names(signature: Signature) -> tuple[str, ...]:
+    """The traced hyperparameters the cohort's model is called with in training (``dropout`` only
+    where the cohort draws masks with traced rates)."""
+    from sm2jax.models import MODEL_HYPERPARAMETERS
+
+    names = MODEL_HYPERPARAMETERS.get(signature.model_spec["name"], ())
+    return tuple(n for n in names if n != "dropout" or signature.dropout == TRACED_DROPOUT)
+
+
+def hyperparameter_arrays(
+    configs: Sequence[Config], schedule_steps: int, names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The traced hyperparameters ``names`` as ``float32[K]`` arrays (trial axis first); a value a
+    configuration does not set is its optimizer's default, else the vocabulary's."""
+    rows = {name: [] for name in names}
     for c in configs:
-        for name in OPTIMIZER_HYPERPARAMETERS:
+        for name in names:
             if name == "schedule_id":
                 value = SCHEDULES.index(c["schedule"])
             elif name == "schedule_steps":
                 value = schedule_steps
-            else:
+            elif name in c.values:
                 value = c[name]
+            else:
+                value = default_of(name, c["optimizer"])
             rows[name].append(value)
     return {name: np.asarray(v, dtype=np.float32) for name, v in rows.items()}
 
@@ -172,35 +214,30 @@ def _scale_by_unit_schedule(warmup_fraction, schedule_id, schedule_steps) -> opt
     return optax.scale_by_schedule(lambda count: unit_schedule(count, warmup_fraction, schedule_id, schedule_steps))
 
 
-def optimizer_factory(family: str):
-    """Returns ``f(**hyperparameters) -> GradientTransformation`` for ``optax.inject_hyperparams``.
+def optimizer_factory(optimizer: Optimizer | str, names: Sequence[str]):
+    """Returns ``f(**hyperparameters) -> GradientTransformation`` for ``optax.inject_hyperparams``,
+    taking every name of ``names`` (the cohort's traced hyperparameters: :func:`traced_names`).
 
     The chain is: clip by global norm (per trial, because it runs inside the vmapped update) ->
-    the family's update at the peak learning rate -> the unit-peak schedule.
-    ``sgd`` uses coupled L2 weight decay and heavy-ball momentum (0 gives plain SGD); ``adam``
-    ignores ``weight_decay``; ``adamw`` uses decoupled weight decay (Loshchilov & Hutter 2019).
+    the registered optimizer (:mod:`sm2jax.vocabulary`) at the peak learning rate, given its own
+    arguments -> the unit-peak schedule. The other names (a dropout rate, a loss weight) only ride
+    along in the state, where the step reads them.
     """
-    if family not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer family {family!r}")
+    optimizer = get_optimizer(optimizer) if isinstance(optimizer, str) else optimizer
 
-    def make(
-        learning_rate, weight_decay, momentum, b1, b2, warmup_fraction, schedule_id, max_grad_norm, schedule_steps
-    ):
-        if family == "sgd":
-            core = optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=momentum))
-        elif family == "adam":
-            core = optax.adam(learning_rate, b1=b1, b2=b2)
-        else:
-            core = optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay)
+    def make(**hps):
         return optax.chain(
-            clip_by_global_norm(max_grad_norm),
-            core,
-            _scale_by_unit_schedule(warmup_fraction, schedule_id, schedule_steps),
+            clip_by_global_norm(hps["max_grad_norm"]),
+            optimizer.core(hps["learning_rate"], hps),
+            _scale_by_unit_schedule(hps["warmup_fraction"], hps["schedule_id"], hps["schedule_steps"]),
         )
 
+    # inject_hyperparams binds its arguments to the factory's signature: name them.
+    make.__signature__ = inspect.Signature([inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY) for n in names])
     return make
 
 
-def make_optimizer(family: str, hyperparameters: dict[str, Any]) -> optax.GradientTransformation:
-    """The injected optimizer for one trial; its hyperparameters live in its state."""
-    return optax.inject_hyperparams(optimizer_factory(family))(**hyperparameters)
+def make_optimizer(optimizer: Optimizer | str, hyperparameters: dict[str, Any]) -> optax.GradientTransformation:
+    """The injected optimizer for one trial (a registered one, or its name); its hyperparameters,
+    every traced one of its cohort, live in its state."""
+    return optax.inject_hyperparams(optimizer_factory(optimizer, tuple(hyperparameters)))(**hyperparameters)

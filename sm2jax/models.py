@@ -1,8 +1,9 @@
 """Flax NNX models for the paper's tasks, built from a JSON-able spec.
 
-Every model is called as ``model(x, train=..., key=...)``: ``train`` is a Python bool (it selects
-dropout and batch-norm behaviour at trace time), ``key`` is the per-trial dropout key (a raw
-``uint32[2]`` PRNG key, or ``None`` when no dropout is active). Models hold no ``Rngs`` after
+Every model is called as ``model(x, train=..., key=..., dropout=...)``: ``train`` is a Python bool
+(it selects dropout and batch-norm behaviour at trace time), ``key`` is the per-trial dropout key (a
+raw ``uint32[2]`` PRNG key, or ``None`` when no dropout is active) and ``dropout`` the trial's rate, a
+traced scalar in training (``None``: the rate the model was built with). Models hold no ``Rngs`` after
 construction, so ``nnx.split(model, nnx.Param, ...)`` yields only parameters and batch statistics,
 both of which stack cleanly on a trial axis.
 """
@@ -18,11 +19,32 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def _dropout(rate: float, x: jax.Array, train: bool, key: jax.Array | None, salt: int) -> jax.Array:
-    """Dropout with an explicit key, so masks depend only on the trial's own key."""
-    if not train or rate == 0.0 or key is None:
+def dropout(x: jax.Array, rate, key: jax.Array | None, salt: int = 0) -> jax.Array:
+    r"""Inverted dropout with an explicit key and a rate that may be traced.
+
+    Keeps each element with probability :math:`q = 1 - r` and scales it by :math:`1/q`, so the
+    expectation is unchanged (Srivastava et al., 2014); the mask is
+    ``jax.random.bernoulli(fold_in(key, salt), q)``, the same draw as ``nnx.Dropout``. Because
+    :math:`q` may be a traced scalar (a trial's own rate inside a vmapped step), configurations that
+    differ only in their dropout rate share one program; rate 0 keeps every element exactly.
+    Use it in your own models' ``__call__`` with the ``key`` and ``dropout`` they are given.
+
+    Args:
+      x: activations.
+      rate: the dropout rate :math:`r \in [0, 1)`, a Python float or a traced scalar.
+      key: the trial's dropout key for this step (``None``: no dropout, as in evaluation).
+      salt: a distinct integer per dropout site, so sites draw independent masks.
+    """
+    if key is None or (isinstance(rate, (int, float)) and rate == 0.0):
         return x
-    return nnx.Dropout(rate)(x, deterministic=False, rngs=jax.random.fold_in(key, salt))
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask = jax.random.bernoulli(jax.random.fold_in(key, salt), keep, x.shape)
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros((), x.dtype))
+
+
+def _dropout(rate, x: jax.Array, train: bool, key: jax.Array | None, salt: int) -> jax.Array:
+    """:func:`dropout` in training, the identity in evaluation."""
+    return dropout(x, rate, key, salt) if train else x
 
 
 class MLP(nnx.Module):
@@ -43,10 +65,11 @@ class MLP(nnx.Module):
         self.head = nnx.Linear(sizes[-1], out_features, dtype=dtype, rngs=rngs)
         self.dropout = dropout
 
-    def __call__(self, x, *, train: bool = False, key=None):
+    def __call__(self, x, *, train: bool = False, key=None, dropout=None):
+        rate = self.dropout if dropout is None else dropout
         x = x.reshape(x.shape[0], -1)
         for i, layer in enumerate(self.layers):
-            x = _dropout(self.dropout, jax.nn.relu(layer(x)), train, key, i)
+            x = _dropout(rate, jax.nn.relu(layer(x)), train, key, i)
         return self.head(x)
 
 
@@ -71,10 +94,11 @@ class SmallCNN(nnx.Module):
         self.head = nnx.Linear(c2 * (height // 4) * (width // 4), out_features, dtype=dtype, rngs=rngs)
         self.dropout = dropout
 
-    def __call__(self, x, *, train: bool = False, key=None):
+    def __call__(self, x, *, train: bool = False, key=None, dropout=None):
+        rate = self.dropout if dropout is None else dropout
         x = nnx.avg_pool(jax.nn.relu(self.conv1(x)), (2, 2), (2, 2))
         x = nnx.avg_pool(jax.nn.relu(self.conv2(x)), (2, 2), (2, 2))
-        x = _dropout(self.dropout, x.reshape(x.shape[0], -1), train, key, 0)
+        x = _dropout(rate, x.reshape(x.shape[0], -1), train, key, 0)
         return self.head(x)
 
 
@@ -127,11 +151,12 @@ class ResNet18(nnx.Module):
         self.head = nnx.Linear(cin, out_features, dtype=dtype, rngs=rngs)
         self.dropout = dropout
 
-    def __call__(self, x, *, train: bool = False, key=None):
+    def __call__(self, x, *, train: bool = False, key=None, dropout=None):
+        rate = self.dropout if dropout is None else dropout
         x = jax.nn.relu(self.stem_bn(self.stem(x), use_running_average=not train))
         for block in self.blocks:
             x = block(x, train)
-        x = _dropout(self.dropout, x.mean(axis=(1, 2)), train, key, 0)
+        x = _dropout(rate, x.mean(axis=(1, 2)), train, key, 0)
         return self.head(x)
 
 
@@ -153,7 +178,8 @@ class LSTMRegressor(nnx.Module):
         self.hidden = hidden
         self.dropout = dropout
 
-    def __call__(self, x, *, train: bool = False, key=None):
+    def __call__(self, x, *, train: bool = False, key=None, dropout=None):
+        rate = self.dropout if dropout is None else dropout
         zeros = jnp.zeros((x.shape[0], self.hidden), x.dtype)
         carry = (zeros, zeros)  # (c, h), the zero state
 
@@ -163,7 +189,7 @@ class LSTMRegressor(nnx.Module):
 
         # A plain scan over time: the cell's parameters are closed over, not split per step.
         _, hs = jax.lax.scan(step, carry, jnp.swapaxes(x, 0, 1))
-        return self.head(_dropout(self.dropout, hs[-1], train, key, 0))
+        return self.head(_dropout(rate, hs[-1], train, key, 0))
 
 
 class CNN1D(nnx.Module):
@@ -195,10 +221,11 @@ class CNN1D(nnx.Module):
         self.head = nnx.Linear(length * sizes[-1], out_features, dtype=dtype, rngs=rngs)
         self.dropout = dropout
 
-    def __call__(self, x, *, train: bool = False, key=None):
+    def __call__(self, x, *, train: bool = False, key=None, dropout=None):
+        rate = self.dropout if dropout is None else dropout
         for conv in self.convs:
             x = jax.nn.relu(conv(x))
-        return self.head(_dropout(self.dropout, x.reshape(x.shape[0], -1), train, key, 0))
+        return self.head(_dropout(rate, x.reshape(x.shape[0], -1), train, key, 0))
 
 
 class GRUClassifier(nnx.Module):
@@ -219,13 +246,15 @@ class GRUClassifier(nnx.Module):
         self.hidden = hidden
         self.dropout = dropout
 
-    def __call__(self, x, *, train: bool = False, key=None):
+    def __call__(self, x, *, train: bool = False, key=None, dropout=None):
+        rate = self.dropout if dropout is None else dropout
+
         def step(h, xt):
             h, _ = self.cell(h, xt)
             return h, None
 
         h, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], self.hidden), x.dtype), jnp.swapaxes(x, 0, 1))
-        return self.head(_dropout(self.dropout, h, train, key, 0))
+        return self.head(_dropout(rate, h, train, key, 0))
 
 
 class TransformerBlock(nnx.Module):
@@ -237,9 +266,9 @@ class TransformerBlock(nnx.Module):
         self.fc2 = nnx.Linear(4 * dim, dim, dtype=dtype, rngs=rngs)
         self.dropout = dropout
 
-    def __call__(self, x, mask, train: bool, key, salt: int):
-        x = x + _dropout(self.dropout, self.attn(self.ln1(x), mask=mask, deterministic=True), train, key, 2 * salt)
-        return x + _dropout(self.dropout, self.fc2(jax.nn.gelu(self.fc1(self.ln2(x)))), train, key, 2 * salt + 1)
+    def __call__(self, x, mask, train: bool, key, salt: int, rate):
+        x = x + _dropout(rate, self.attn(self.ln1(x), mask=mask, deterministic=True), train, key, 2 * salt)
+        return x + _dropout(rate, self.fc2(jax.nn.gelu(self.fc1(self.ln2(x)))), train, key, 2 * salt + 1)
 
 
 class TransformerLM(nnx.Module):
@@ -263,12 +292,12 @@ class TransformerLM(nnx.Module):
         self.ln = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(dim, vocab_size, dtype=dtype, rngs=rngs)
 
-    def __call__(self, tokens, *, train: bool = False, key=None):
+    def __call__(self, tokens, *, train: bool = False, key=None, dropout=None):
         t = tokens.shape[1]
         x = self.embed(tokens) + self.pos(jnp.arange(t))[None]
         mask = nnx.make_causal_mask(tokens)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, train, key, i)
+            x = block(x, mask, train, key, i, block.dropout if dropout is None else dropout)
         return self.head(self.ln(x))
 
 
@@ -341,31 +370,54 @@ BUILTIN_MODELS: dict[str, Callable[..., nnx.Module]] = {
     "transformer": _build_transformer,
 }
 MODEL_REGISTRY: dict[str, Callable[..., nnx.Module]] = dict(BUILTIN_MODELS)
+MODEL_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {name: ("dropout",) for name in BUILTIN_MODELS}
+"""The traced hyperparameters each model takes as keyword arguments in training."""
 
 
-def register_model(name: str, builder: Callable[..., nnx.Module]) -> None:
+def register_model(name: str, builder: Callable[..., nnx.Module], hyperparameters: Sequence[str] = ()) -> None:
     """Makes ``builder`` available as model ``name`` (``{"model": {"name": name, ...}}`` in a space).
 
     ``builder(spec, input_shape, num_outputs, dropout, dtype, rngs)`` returns an ``nnx.Module``:
     ``spec`` is the model's dict from the configuration (its other keys are your options),
     ``input_shape`` the shape of one example, ``num_outputs`` the data set's classes, targets or
-    vocabulary, ``dropout`` the configuration's static rate, ``dtype`` a ``jnp.dtype`` and ``rngs``
-    the ``nnx.Rngs`` to initialise parameters from. The module is called as
+    vocabulary, ``dropout`` a static rate (0 where the rate is traced), ``dtype`` a ``jnp.dtype`` and
+    ``rngs`` the ``nnx.Rngs`` to initialise parameters from. The module is called as
     ``model(x, train=..., key=...)`` on a batch: ``key`` is the trial's dropout key for the step
-    (``None`` when the rate is 0), to be used instead of stateful ``nnx.Dropout`` RNG streams, so
-    each trial of a vmapped cohort draws its own masks. Non-parameter state (e.g. batch
-    statistics) is carried per trial.
+    (``None`` when no configuration of the cohort drops anything), to be used instead of stateful
+    ``nnx.Dropout`` RNG streams, so each trial of a vmapped cohort draws its own masks. Non-parameter
+    state (e.g. batch statistics) is carried per trial.
+
+    ``hyperparameters`` names traced hyperparameters the module takes in training as keyword
+    arguments (float32 scalars: the trial's own values), e.g. ``("dropout",)`` with
+    ``model(x, train=True, key=key, dropout=rate)`` applied through :func:`dropout`: then
+    configurations that differ only in those share one cohort and one program. Without
+    ``"dropout"`` the rate is static (each rate its own cohort), as the builder takes it. Names
+    other than ``dropout`` must be declared with :func:`sm2jax.register_hyperparameter`; they are
+    not passed in evaluation.
 
     Registering a name again replaces the earlier builder (a re-run notebook cell): the builder is
     part of the init program's key, and the model's graph (its classes and static attributes) of
     the training and evaluation programs' keys, so programs compiled for the earlier one are reused
     only where they are the same program. Built-in names cannot be replaced.
     """
+    from sm2jax.vocabulary import HYPERPARAMETERS
+
     if name in BUILTIN_MODELS:
         raise ValueError(f"model {name!r} is built in and cannot be replaced: register yours under another name")
     if not callable(builder):
         raise TypeError(f"register_model({name!r}, ...): the builder must be callable")
+    unknown = [h for h in hyperparameters if h not in HYPERPARAMETERS]
+    if unknown:
+        raise ValueError(
+            f"register_model({name!r}, ...): unknown hyperparameters {unknown}: declare them first with sm2jax.register_hyperparameter"
+        )
     MODEL_REGISTRY[name] = builder
+    MODEL_HYPERPARAMETERS[name] = tuple(hyperparameters)
+
+
+def traced_dropout(name: str) -> bool:
+    """Whether model ``name`` takes its dropout rate traced, in training (see :func:`register_model`)."""
+    return "dropout" in MODEL_HYPERPARAMETERS.get(name, ())
 
 
 def build_model(

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "linear")
+from sm2jax.vocabulary import HYPERPARAMETERS, OPTIMIZERS, SCHEDULES, optimizer_defaults
+
 DTYPES = ("float32", "bfloat16")
 AUGMENTATIONS = ("none", "crop_flip")
 
@@ -56,8 +56,10 @@ def _check_value(name: str, value: Any) -> None:
     def fail(why: str) -> None:
         raise ValueError(f"hyperparameter {name!r}: {why} (got {value!r})")
 
-    if name not in DEFAULTS:
-        fail(f"unknown hyperparameter; known: {sorted(DEFAULTS)}")
+    if name not in DEFAULTS and name not in HYPERPARAMETERS:
+        fail(
+            f"unknown hyperparameter; known: {sorted({*DEFAULTS, *HYPERPARAMETERS})} (declare yours with sm2jax.register_hyperparameter, or register an optimizer that takes it)"
+        )
     if name == "model":
         if isinstance(value, str):
             value = {"name": value}
@@ -69,7 +71,7 @@ def _check_value(name: str, value: Any) -> None:
             fail(f"unknown model; known: {sorted(MODEL_REGISTRY)} (register yours with sm2jax.register_model)")
     elif name == "optimizer":
         if value not in OPTIMIZERS:
-            fail(f"unknown optimizer; known: {list(OPTIMIZERS)}")
+            fail(f"unknown optimizer; known: {list(OPTIMIZERS)} (register yours with sm2jax.register_optimizer)")
     elif name == "schedule":
         if value not in SCHEDULES:
             fail(f"unknown schedule; known: {list(SCHEDULES)}")
@@ -87,21 +89,9 @@ def _check_value(name: str, value: Any) -> None:
         if name == "seed" and not 0 <= value < 2**31:
             fail("must be in [0, 2**31)")
     else:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-            fail("must be a number")
-        value = float(value)
-        if math.isnan(value):
-            fail("must not be NaN")
-        if name == "learning_rate" and not (0 < value < math.inf):
-            fail("must be positive and finite")
-        if name == "max_grad_norm" and not value > 0:
-            fail("must be positive (inf disables clipping)")
-        if name in ("weight_decay",) and not (0 <= value < math.inf):
-            fail("must be non-negative and finite")
-        if name in ("momentum", "b1", "b2", "dropout") and not 0 <= value < 1:
-            fail("must be in [0, 1)")
-        if name == "warmup_fraction" and not 0 <= value <= 1:
-            fail("must be in [0, 1]")
+        problem = HYPERPARAMETERS[name].problem(value)
+        if problem:
+            fail(problem)
 
 
 def canonical_model(value: Any) -> dict[str, Any]:
@@ -274,19 +264,12 @@ def make_config(trial_id: int, **values: Any) -> Config:
     for name, value in values.items():
         _check_value(name, value)
     full = dict(DEFAULTS)
+    full.update(optimizer_defaults(values.get("optimizer", DEFAULTS["optimizer"])))
     full.update(values)
     full["model"] = canonical_model(full["model"])
-    for name in (
-        "learning_rate",
-        "weight_decay",
-        "momentum",
-        "b1",
-        "b2",
-        "warmup_fraction",
-        "dropout",
-        "max_grad_norm",
-    ):
-        full[name] = float(full[name])
+    for name in full:
+        if name in HYPERPARAMETERS:
+            full[name] = float(full[name])
     full["batch_size"] = int(full["batch_size"])
     full["seed"] = int(full["seed"])
     return Config(trial_id, full)

@@ -26,9 +26,12 @@ from sm2jax.scheduler import (
     DEFAULT_NOISE_Z,
     KEEP_RULES,
 )
+from sm2jax.sampling import METHODS, cohort_sample
 from sm2jax.space import Config, SearchSpace
 from sm2jax.study_dir import StudyDir
 from sm2jax.tasks import BUILTIN_TASKS, get_task
+
+SAMPLERS = ("grid", "random", *METHODS)
 
 MODES = ("sm2", "sh", "full")
 
@@ -91,7 +94,10 @@ class StudySpec:
 
     Attributes:
       space: a :meth:`SearchSpace.to_json` mapping.
-      sampler: ``grid`` or ``random`` (``num_samples`` configurations seeded by ``seed``).
+      sampler: ``grid``; ``random`` (``num_samples`` configurations, every value drawn
+        independently, seeded by ``seed``); or a cohort-aware ``sobol``, ``halton`` or
+        ``cohort_random`` (:mod:`sm2jax.sampling`: static combinations first, each filled with
+        traced samples in multiples of ``width``, 8 when unset).
       dataset: name for :func:`sm2jax.data.load_dataset` (built in or registered with
         :func:`sm2jax.register_dataset`); ``dataset_options`` its keyword arguments. With
         ``Study(..., dataset=ds)`` it is set to ``ds.name``.
@@ -191,8 +197,8 @@ class StudySpec:
                 )
         if self.mode not in MODES:
             raise ValueError(f"mode: unknown {self.mode!r}; known: {MODES}")
-        if self.sampler not in ("grid", "random"):
-            raise ValueError(f"sampler: unknown {self.sampler!r}; known: grid, random")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler: unknown {self.sampler!r}; known: {', '.join(SAMPLERS)}")
         if self.mode == "sh":
             self.explore_budget, self.objective = 0.0, "performance"
         if self.mode == "full":
@@ -231,7 +237,11 @@ class StudySpec:
 
     def configs(self) -> list[Config]:
         space = SearchSpace.from_json(self.space)
-        return space.grid() if self.sampler == "grid" else space.sample(self.num_samples, self.seed)
+        if self.sampler == "grid":
+            return space.grid()
+        if self.sampler == "random":
+            return space.sample(self.num_samples, self.seed)
+        return cohort_sample(space, self.num_samples, seed=self.seed, method=self.sampler, multiple=self.width or 8)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -302,9 +312,11 @@ def registering_modules(spec: StudySpec, dataset: ArrayDataset | None) -> set[st
     """Importable modules that registered what ``spec`` uses (``__main__`` -- a notebook or a
     script -- is not importable from another process and is left out)."""
     from sm2jax.models import BUILTIN_MODELS, MODEL_REGISTRY
+    from sm2jax.vocabulary import registering_modules as vocabulary_modules
 
     found = []
-    for c in spec.configs():
+    configs = spec.configs()
+    for c in configs:
         name = c["model"]["name"]
         if name not in BUILTIN_MODELS and name in MODEL_REGISTRY:
             found.append(MODEL_REGISTRY[name])
@@ -314,4 +326,7 @@ def registering_modules(spec: StudySpec, dataset: ArrayDataset | None) -> set[st
     if task is not None and task not in BUILTIN_TASKS:
         found.append(get_task(task).loss)
     modules = {getattr(f, "__module__", None) for f in found}
+    modules |= vocabulary_modules({c["optimizer"] for c in configs}, set(spec.space))
+    if task is not None:
+        modules |= vocabulary_modules((), get_task(task).hyperparameters)
     return {m for m in modules if m and m not in ("__main__", "__mp_main__") and not m.startswith("sm2jax.")}

@@ -7,12 +7,14 @@ is exactly what jit sees. A chunk of W trials trains as::
     vmap(run_trial)(chunk)                       # W trials side by side
       run_trial = fori_loop(step, num_steps)     # num_steps is traced: no recompile per budget
         step: per-trial batch -> grads -> clipped, scheduled update (optimizer state holds the
-              trial's hyperparameters) -> NaN/inf guard
+              trial's hyperparameters: the optimizer's, and the dropout rate and loss
+              hyperparameters the model and task read) -> NaN/inf guard
 
 * :func:`init_trial` (:class:`InitSettings`): one trial, no trial axis; keys derived inside from
   ``(seed, trial_id)``. Shared by every cohort with the same model, optimizer and input shape:
-  models hold their dropout rate as a static attribute and apply it with the ``key`` they are
-  called with, so init builds at rate 0 and its rows serve every rate and batch size.
+  models take their dropout rate traced (or hold it as a static attribute) and apply it with the
+  ``key`` they are called with, so init builds at rate 0 and its rows serve every rate and batch
+  size.
 * :func:`train_chunk` (:class:`TrainSettings`): W trials, sharded over the placement's devices.
 * :func:`eval_chunk` (:class:`EvalSettings`): W trials' parameters and model state only: cohorts
   that differ only in batch size, optimizer or dropout share it.
@@ -45,6 +47,7 @@ from sm2jax.data import augment_batch, batch_indices
 from sm2jax.placement import Placement
 from sm2jax.rows import CohortState, trial_keys
 from sm2jax.tasks import Task
+from sm2jax.vocabulary import Optimizer, default_of
 
 
 class TrainMetrics(NamedTuple):
@@ -55,14 +58,15 @@ class TrainMetrics(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class InitSettings:
     """What :func:`init_trial` reads: the model's builder (a re-registered model is another
-    builder), its spec as canonical JSON, the example shape, outputs, dtype and the optimizer."""
+    builder), its spec as canonical JSON, the example shape, outputs, dtype and the optimizer (a
+    re-registered optimizer is another factory)."""
 
     builder: Callable[..., nnx.Module]
     model: str
     input_shape: tuple[int, ...]
     num_outputs: int
     dtype: str
-    optimizer: str
+    optimizer: Optimizer
 
     def build(self, key: jax.Array, dropout: float = 0.0) -> nnx.Module:
         rngs = nnx.Rngs(params=key)
@@ -82,23 +86,29 @@ class EvalSettings:
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """What :func:`train_chunk` reads: the model's graph at the cohort's dropout rate, the task,
-    optimizer, batch size, training-set size, dropout, augmentation and the devices."""
+    """What :func:`train_chunk` reads: the model's graph at its static dropout rate, the task,
+    optimizer, batch size, training-set size, whether masks are drawn, the traced hyperparameters
+    the model takes, augmentation and the devices."""
 
     graphdef: Any
     task: Task
-    optimizer: str
+    optimizer: Optimizer
     batch_size: int
     num_train: int
-    dropout: float
+    draws_masks: bool
+    model_hyperparameters: tuple[str, ...]
     augment: str
     placement: Placement
 
 
-def task_loss(task: Task, outputs: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-example loss and per-example metric of ``task`` (float32)."""
+def task_loss(task: Task, outputs: jax.Array, targets: jax.Array, hyperparameters=None) -> tuple[jax.Array, jax.Array]:
+    """Per-example loss and per-example metric of ``task`` (float32); the loss takes the task's
+    traced ``hyperparameters`` (default: the vocabulary's defaults, as in evaluation)."""
+    if hyperparameters is None:
+        hyperparameters = {n: default_of(n) for n in task.hyperparameters}
     outputs = outputs.astype(jnp.float32)
-    return task.loss(outputs, targets).astype(jnp.float32), task.metric(outputs, targets).astype(jnp.float32)
+    loss = task.loss(outputs, targets, **hyperparameters).astype(jnp.float32)
+    return loss, task.metric(outputs, targets).astype(jnp.float32)
 
 
 def map_trials(fn, *trees):
@@ -125,9 +135,10 @@ def init_trial(s: InitSettings, seed, trial_id, hyperparameters):
 # ---------------------------------------------------------------------------------------- train
 
 
-def _loss(s: TrainSettings, params, model_state, x, y, key):
+def _loss(s: TrainSettings, params, model_state, x, y, key, hps):
     model = nnx.merge(s.graphdef, params, model_state, copy=True)
-    per_example, _ = task_loss(s.task, model(x, train=True, key=key), y)
+    outputs = model(x, train=True, key=key, **{n: hps[n] for n in s.model_hyperparameters})
+    per_example, _ = task_loss(s.task, outputs, y, {n: hps[n] for n in s.task.hyperparameters})
     new_model_state = nnx.split(model, nnx.Param, ...)[2]
     return per_example.mean(), new_model_state
 
@@ -136,11 +147,11 @@ def trial_step(s: TrainSettings, ts: CohortState, x_all, y_all):
     """One step of one trial (no trial axis here; vmapped by the caller)."""
     idx = batch_indices(ts.data_key, ts.step, s.num_train, s.batch_size)
     # Dropout masks from the trial's own key and step; no key work in programs without dropout.
-    key = jax.random.fold_in(ts.dropout_key, ts.step) if s.dropout > 0 else None
+    key = jax.random.fold_in(ts.dropout_key, ts.step) if s.draws_masks else None
     x = augment_batch(s.augment, x_all[idx], ts.data_key, ts.step)
     loss_fn = functools.partial(_loss, s)
     (loss, model_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        ts.params, ts.model_state, x, y_all[idx], key
+        ts.params, ts.model_state, x, y_all[idx], key, ts.opt_state.hyperparams
     )
     # Decided before the update, from values the step has anyway: the loss, the gradients' global
     # norm (the one clipping computes; XLA merges the two) and the new batch statistics. Known

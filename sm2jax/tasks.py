@@ -45,6 +45,10 @@ class Task:
         guessing the majority class" at exploration (otherwise: not clearly above the start).
       report: maps the split's mean metric (a host float or numpy array) to the reported one
         (default: the mean itself).
+      hyperparameters: traced hyperparameters ``loss`` takes as keyword arguments (declared with
+        :func:`sm2jax.register_hyperparameter`): in training each is the trial's own value, a
+        float32 scalar inside the vmapped step, so values share one program; the validation loss
+        is computed at their defaults (the metric never takes them).
     """
 
     name: str
@@ -55,6 +59,7 @@ class Task:
     binary: bool = False
     majority_chance: bool = False
     report: Callable[[float], float] | None = None
+    hyperparameters: tuple[str, ...] = ()
 
     def reported(self, mean):
         return mean if self.report is None else self.report(mean)
@@ -97,18 +102,32 @@ def register_task(task: Task) -> Task:
 
     Example::
 
-        import jax.numpy as jnp, optax, sm2jax
+        import jax, jax.numpy as jnp, optax, sm2jax
+
+        sm2jax.register_hyperparameter("label_smoothing", 0.0, low=0.0, high=1.0)
+
+        def smoothed(out, y, label_smoothing):  # the trial's own smoothing, traced
+            labels = optax.smooth_labels(jax.nn.one_hot(y, out.shape[-1]), label_smoothing)
+            return optax.softmax_cross_entropy(out, labels)
 
         sm2jax.register_task(sm2jax.Task(
-            "smoothed_classification",
-            loss=lambda out, y: optax.softmax_cross_entropy(out, optax.smooth_labels(jax.nn.one_hot(y, out.shape[-1]), 0.1)),
+            "smoothed_classification", loss=smoothed,
             metric=lambda out, y: (out.argmax(-1) == y).astype(jnp.float32),
-            metric_name="accuracy", higher_is_better=True, binary=True, majority_chance=True))
+            metric_name="accuracy", higher_is_better=True, binary=True, majority_chance=True,
+            hyperparameters=("label_smoothing",)))
     """
     if not isinstance(task, Task):
         raise TypeError(f"register_task takes a sm2jax.Task, not {type(task).__name__}")
     if task.name in BUILTIN_TASKS:
         raise ValueError(f"task {task.name!r} is built in and cannot be replaced: register yours under another name")
+    from sm2jax.vocabulary import HYPERPARAMETERS
+
+    unknown = [h for h in task.hyperparameters if h not in HYPERPARAMETERS]
+    if unknown:
+        raise ValueError(
+            f"task {task.name!r}: unknown hyperparameters {unknown}: declare them first with sm2jax.register_hyperparameter"
+        )
+    task = dataclasses.replace(task, hyperparameters=tuple(task.hyperparameters))
     _REGISTRY[task.name] = task
     return task
 

@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Float
 
-from sm2jax.cohort import OPTIMIZER_HYPERPARAMETERS, CohortSpec, hyperparameter_arrays
+from sm2jax.cohort import CohortSpec, hyperparameter_arrays, model_names, traced_names
 from sm2jax.data import EVAL_BATCH_SIZE, ArrayDataset, device_put_dataset, steps_per_epoch
 from sm2jax.models import model_builder
 from sm2jax.placement import Placement, default_placement
@@ -39,6 +39,7 @@ from sm2jax.programs import Program, compiled_flops, program_options, signature
 from sm2jax.rows import PADDING_ID, CohortState, chunk_rows
 from sm2jax.steps import EvalSettings, InitSettings, TrainSettings, eval_chunk, init_trial, train_chunk
 from sm2jax.tasks import get_task
+from sm2jax.vocabulary import get_optimizer
 
 
 class EvalMetrics(NamedTuple):
@@ -66,12 +67,12 @@ class WidthProbe:
         }
 
 
-_INIT_ARGUMENTS = (
-    jax.ShapeDtypeStruct((), jnp.int32),  # seed (also the shape of a train call's step count)
-    jax.ShapeDtypeStruct((), jnp.int32),  # trial id
-    {n: jax.ShapeDtypeStruct((), jnp.float32) for n in OPTIMIZER_HYPERPARAMETERS},
-)
-"""Abstract arguments of the single-trial init program."""
+_SCALAR = jax.ShapeDtypeStruct((), jnp.int32)  # a seed, a trial id, a train call's step count
+
+
+def init_arguments(names: Sequence[str]) -> tuple:
+    """Abstract arguments of the single-trial init program, for traced hyperparameters ``names``."""
+    return (_SCALAR, _SCALAR, {n: jax.ShapeDtypeStruct((), jnp.float32) for n in names})
 
 
 class CohortTrainer:
@@ -117,28 +118,31 @@ class CohortTrainer:
         self.data = (
             device_data if device_data is not None else device_put_dataset(dataset, eval_batch_size, self.placement)
         )
+        optimizer = get_optimizer(sig.optimizer)
+        self.hyperparameter_names = traced_names(sig, self.task.hyperparameters)
         self.init_settings = InitSettings(
             model_builder(sig.model_spec["name"]),
             sig.model,
             tuple(dataset.input_shape),
             int(dataset.num_outputs),
             sig.dtype,
-            sig.optimizer,
+            optimizer,
         )
 
         def graph(dropout: float):
             model = nnx.eval_shape(lambda: self.init_settings.build(jax.random.PRNGKey(0), dropout))
             return nnx.split(model, nnx.Param, ...)[0]
 
-        self.graphdef = graph(sig.dropout)
+        self.graphdef = graph(sig.static_dropout)
         self.eval_settings = EvalSettings(graph(0.0), self.task, self.placement)
         self.train_settings = TrainSettings(
             self.graphdef,
             self.task,
-            sig.optimizer,
+            optimizer,
             sig.batch_size,
             self.num_train,
-            float(sig.dropout),
+            sig.draws_masks,
+            model_names(sig),
             sig.augment,
             self.placement,
         )
@@ -161,10 +165,10 @@ class CohortTrainer:
     def _arguments(self, kind: str, width: int) -> tuple:
         """Abstract arguments of the ``kind`` program at ``width`` (shapes and dtypes only)."""
         if kind == "init":
-            return _INIT_ARGUMENTS
+            return init_arguments(self.hyperparameter_names)
         rows = self.abstract_rows(width)
         if kind == "train":
-            return (rows, _INIT_ARGUMENTS[0], self.data["x_train"], self.data["y_train"])
+            return (rows, _SCALAR, self.data["x_train"], self.data["y_train"])
         return (rows.params, rows.model_state, *self.data["val"][0])
 
     def compile_seconds(self, kind: str, width: int, quick: bool = False) -> float | None:
@@ -177,7 +181,7 @@ class CohortTrainer:
 
     def compile_init(self):
         """The single-trial init program (no trial axis: it never depends on the cohort's size)."""
-        hps = {k: np.float32(0) for k in OPTIMIZER_HYPERPARAMETERS}
+        hps = {k: np.float32(0) for k in self.hyperparameter_names}
         return self.program("init", 0).compile(np.int32(0), np.int32(0), hps)
 
     def init_rows(self, configs: Sequence[Any] | None = None) -> CohortState:
@@ -185,7 +189,7 @@ class CohortTrainer:
         trial; returns host rows (leaves ``[K, ...]``) for :func:`chunk_rows`."""
         configs = list(configs if configs is not None else self.cohort.configs)
         program = self.compile_init()
-        hps = hyperparameter_arrays(configs, self.schedule_steps)
+        hps = hyperparameter_arrays(configs, self.schedule_steps, self.hyperparameter_names)
         outs = [
             program(np.int32(c["seed"]), np.int32(c.trial_id), {k: v[i] for k, v in hps.items()})
             for i, c in enumerate(configs)
@@ -214,7 +218,9 @@ class CohortTrainer:
     @functools.cached_property
     def _trial_shapes(self) -> Any:
         """Shapes and dtypes of one trial's init outputs (traced once, nothing computed)."""
-        return jax.eval_shape(functools.partial(init_trial, self.init_settings), *_INIT_ARGUMENTS)
+        return jax.eval_shape(
+            functools.partial(init_trial, self.init_settings), *init_arguments(self.hyperparameter_names)
+        )
 
     def abstract_rows(self, k: int) -> CohortState:
         """Shapes and dtypes of ``k`` host rows (restore targets), without computing anything."""

@@ -2,8 +2,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sm2jax.cohort import Signature, group_into_cohorts, hyperparameter_arrays, unit_schedule
+from sm2jax.cohort import Signature, group_into_cohorts, hyperparameter_arrays, traced_names, unit_schedule
 from sm2jax.space import Categorical, LogUniform, SearchSpace
+from sm2jax.vocabulary import COMMON_TRACED
 
 
 def test_grouping_by_static_signature_keeps_order():
@@ -42,7 +43,16 @@ def test_cohort_names_are_unique_when_only_model_options_differ():
 
 def test_hyperparameter_arrays_have_a_trial_axis():
     configs = SearchSpace({"learning_rate": LogUniform(1e-3, 1e-1, num=3), "schedule": "cosine"}).grid()
-    arrays = hyperparameter_arrays(configs, schedule_steps=100)
+    names = traced_names(group_into_cohorts(configs)[0].signature)
+    assert set(names) == {
+        "learning_rate",
+        "weight_decay",
+        "momentum",
+        "b1",
+        "b2",
+        *COMMON_TRACED,
+    }  # the layout checkpoints have
+    arrays = hyperparameter_arrays(configs, schedule_steps=100, names=names)
     assert arrays["learning_rate"].shape == (3,) and arrays["learning_rate"].dtype == np.float32
     np.testing.assert_allclose(arrays["learning_rate"], [1e-3, 1e-2, 1e-1], rtol=1e-6)
     np.testing.assert_array_equal(arrays["schedule_id"], [1.0, 1.0, 1.0])

@@ -322,9 +322,16 @@ def test_augmented_cohort_trains_per_trial_and_refuses_non_images(digits):
 
 
 def test_a_programs_key_is_its_step_function_settings_and_argument_shapes(digits):
-    """A program depends on what its step function reads and nothing else: batch size and dropout
-    change the training program only, and cohorts with equal keys share one compiled program."""
-    model = {"name": "mlp", "hidden": [8]}
+    """A program depends on what its step function reads and nothing else: batch size and a static
+    dropout rate change the training program only, and cohorts with equal keys share one compiled
+    program. (A model registered without traced dropout takes its rate static.)"""
+    from sm2jax.models import MLP, register_model
+
+    register_model(
+        "static-dropout-mlp",
+        lambda spec, shape, outputs, dropout, dtype, rngs: MLP(64, outputs, (8,), dropout, dtype, rngs=rngs),
+    )
+    model = {"name": "static-dropout-mlp"}
     space = SearchSpace({"model": model, "batch_size": Categorical([16, 32]), "dropout": Categorical([0.0, 0.2])})
     trainers = [CohortTrainer(c, digits, schedule_steps=10) for c in group_into_cohorts(space.grid())]
     assert len(trainers) == 4
@@ -332,7 +339,12 @@ def test_a_programs_key_is_its_step_function_settings_and_argument_shapes(digits
         assert len({t.program(kind, 1) for t in trainers}) == 1, kind
     train = [t.program("train", 1) for t in trainers]
     assert len(set(train)) == 4
-    assert {(p.settings.batch_size, p.settings.dropout) for p in train} == {(16, 0.0), (32, 0.0), (16, 0.2), (32, 0.2)}
+    assert {(p.settings.batch_size, p.settings.draws_masks, p.settings.graphdef) for p in train} == {
+        (16, False, trainers[0].graphdef),
+        (32, False, trainers[0].graphdef),
+        (16, True, trainers[1].graphdef),
+        (32, True, trainers[1].graphdef),
+    }
     assert trainers[0].program("train", 2) != train[0]  # the width is in the arguments' shapes
     chunk = trainers[0].init(1)[0]
     trainers[0].compile_eval(chunk)

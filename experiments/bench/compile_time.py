@@ -81,7 +81,7 @@ def child(program: str, case: str) -> dict:
         _, lower_s, compile_s = _lower_and_compile(lambda: tr._epoch.lower(*state, tr.x, tr.y, perm))
         run = None
     else:
-        from sm2jax.cohort import OPTIMIZER_HYPERPARAMETERS, group_into_cohorts
+        from sm2jax.cohort import group_into_cohorts
         from sm2jax.placement import Placement
         from sm2jax.rows import chunk_rows
         from sm2jax.space import Categorical, SearchSpace
@@ -91,7 +91,7 @@ def child(program: str, case: str) -> dict:
         (cohort,) = group_into_cohorts(space.grid())
         placement = Placement.create()
         trainer = CohortTrainer(cohort, ds, schedule_steps=1000, placement=placement)
-        hps = {k: np.float32(0) for k in OPTIMIZER_HYPERPARAMETERS}
+        hps = {k: np.float32(0) for k in trainer.hyperparameter_names}
         if program == "init":
             prog = trainer.program("init", 0)
             _, lower_s, compile_s = _lower_and_compile(
