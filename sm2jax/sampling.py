@@ -43,9 +43,7 @@ def static_names(space: SearchSpace) -> list[str]:
 
     names = [n for n in space.domains if n in STATIC]
     models = space.domains["model"].grid() if "model" in space.domains else [{"name": "mlp"}]
-    if "dropout" in space.domains and not all(
-        traced_dropout(m if isinstance(m, str) else m["name"]) for m in models
-    ):
+    if "dropout" in space.domains and not all(traced_dropout(m if isinstance(m, str) else m["name"]) for m in models):
         names.append("dropout")
     return names
 

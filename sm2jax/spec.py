@@ -18,6 +18,7 @@ from sm2jax.budgets import rung_budgets, steps_for
 from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, check_dataset_options, registered_dataset
 from sm2jax.energy.ledger import DEFAULT_INTENSITY_G_PER_KWH
 from sm2jax.energy.meters import DEFAULT_WATTS_PER_CORE
+from sm2jax.sampling import METHODS, cohort_sample
 from sm2jax.scheduler import (
     DEFAULT_ENERGY_NOISE,
     DEFAULT_ENERGY_Z,
@@ -26,7 +27,6 @@ from sm2jax.scheduler import (
     DEFAULT_NOISE_Z,
     KEEP_RULES,
 )
-from sm2jax.sampling import METHODS, cohort_sample
 from sm2jax.space import Config, SearchSpace
 from sm2jax.study_dir import StudyDir
 from sm2jax.tasks import BUILTIN_TASKS, get_task

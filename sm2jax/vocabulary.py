@@ -238,7 +238,9 @@ def register_optimizer(
         if problem:
             raise ValueError(f"register_optimizer({name!r}, ...): the default of {n!r} {problem} (got {default!r})")
         if known is None:
-            HYPERPARAMETERS[n] = Hyperparameter(n, default, doc=f"argument of optimizer {name!r}", registered_by=_caller())
+            HYPERPARAMETERS[n] = Hyperparameter(
+                n, default, doc=f"argument of optimizer {name!r}", registered_by=_caller()
+            )
     optimizer = Optimizer(name, factory, hyperparameters, tuple(hyperparameters), _caller())
     OPTIMIZERS[name] = optimizer
     return optimizer

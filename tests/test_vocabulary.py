@@ -88,13 +88,13 @@ def test_a_registered_optax_optimizer_searches_two_of_its_arguments_in_one_progr
     )
     configs = space.grid()
     assert [c["b2"] for c in configs] == [0.99] * 4  # the optimizer's own default, not adam's 0.999
-    trainer, state, metrics, tally = _train_alone_in_one_program(configs, digits)
+    _, state, metrics, tally = _train_alone_in_one_program(configs, digits)
     assert tally["backend_compiles"] + tally["cache_hits"] == 1  # one training program, all four configurations
     assert set(state.opt_state.hyperparams) >= {"b1", "b2", "weight_decay"}
     np.testing.assert_allclose(np.asarray(state.opt_state.hyperparams["b1"]), [0.8, 0.8, 0.95, 0.95], rtol=1e-6)
     for row, config in enumerate(configs):
         tx = optax.lion(3e-3, b1=config["b1"], b2=0.99, weight_decay=config["weight_decay"])
-        params, loss = _plain_loop(config, digits, tx, steps=STEPS + 1)
+        params, _ = _plain_loop(config, digits, tx, steps=STEPS + 1)
         _assert_rows_match(state, row, params)
     assert len({float(v) for v in np.asarray(metrics.loss_last)}) == 4  # the arguments did something
 
@@ -108,7 +108,7 @@ def test_registered_optimizer_errors_are_one_line_and_name_the_fix():
         register_optimizer("typo", optax.lion, {"beta": 0.9})
     with pytest.raises(ValueError, match="default of 'b1' must be < 1"):
         register_optimizer("bad-default", lambda learning_rate, b1=1.5: optax.adam(learning_rate, b1))
-    with pytest.raises(ValueError, match="unknown optimizer; known: .*register_optimizer"):
+    with pytest.raises(ValueError, match=r"unknown optimizer; known: .*register_optimizer"):
         make_config(0, optimizer="lion-not-registered")
     with pytest.raises(ValueError, match="register_hyperparameter"):
         SearchSpace({"label_smoothing_unknown": 0.1})
