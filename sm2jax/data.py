@@ -47,6 +47,9 @@ class ArrayDataset:
       x_train, y_train, x_val, y_val: examples along axis 0.
       num_outputs: classes, regression targets or vocabulary size.
       x_test, y_test: the held-out test split, or ``None``.
+      forecast_feature: for windows ``[N, T, F]`` whose target is input feature ``forecast_feature``
+        one step after the window (a forecast), its index: a study then reports the persistence
+        and ridge-regression yardsticks (:mod:`sm2jax.yardsticks`); ``None`` otherwise.
     """
 
     name: str
@@ -58,6 +61,7 @@ class ArrayDataset:
     num_outputs: int
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
+    forecast_feature: int | None = None
 
     def __post_init__(self):
         get_task(self.task)  # one-line error naming the known tasks
@@ -295,12 +299,20 @@ def load_tfds_images(
 
 
 def load_household_power(
-    *, data_dir: str | None = None, window: int = 24, val_fraction: float = 0.1, download: bool = True
+    *,
+    data_dir: str | None = None,
+    window: int = 24,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    download: bool = True,
 ) -> ArrayDataset:
     """Next-hour global active power from the previous ``window`` hours of all 7 measurements.
 
     Reads the hourly means prepared by :class:`sm2jax.datasets.household_power.HouseholdPower`;
-    features are standardised with training-split statistics; the split is chronological.
+    features are standardised with training-split statistics. The splits are chronological: the
+    last ``test_fraction`` of the hours is the held-out test split, the ``val_fraction`` before it
+    the validation split (a forecast is judged on hours after everything it was trained or selected
+    on). The persistence and ridge-regression yardsticks come with it (``forecast_feature=0``).
     """
     import tensorflow_datasets as tfds
 
@@ -310,21 +322,44 @@ def load_household_power(
     source = tfds.data_source("household_power", split="train", data_dir=default_data_dir(data_dir), download=False)
     hours, values = source_to_arrays(source, lambda r: (np.int64(r["hour"]), np.asarray(r["values"], np.float32)))
     values = values[np.argsort(hours)]
-    return windows_to_dataset(values, window, val_fraction)
+    return windows_to_dataset(values, window, val_fraction, test_fraction)
 
 
-def windows_to_dataset(values: np.ndarray, window: int, val_fraction: float) -> ArrayDataset:
-    """Sliding windows over a ``[T, F]`` series; the target is feature 0 of the next step."""
+def windows_to_dataset(
+    values: np.ndarray, window: int, val_fraction: float, test_fraction: float = 0.0
+) -> ArrayDataset:
+    """Sliding windows over a ``[T, F]`` series; the target is feature 0 of the next step.
+
+    Chronological splits by the target's step: the first ``1 - val_fraction - test_fraction`` of the
+    steps train (and fix the standardisation), the next ``val_fraction`` validate, the last
+    ``test_fraction`` test (none at 0). A window's history may reach back into the split before.
+    """
     if len(values) <= window + 1:
         raise ValueError(f"series of {len(values)} steps is too short for window {window}")
-    n_train_steps = int(len(values) * (1 - val_fraction))
+    if not (0 < val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        raise ValueError(
+            f"val_fraction {val_fraction} and test_fraction {test_fraction} must be >= 0 (val > 0) and sum below 1"
+        )
+    n_train_steps = int(len(values) * (1 - val_fraction - test_fraction))
+    n_val_end = int(len(values) * (1 - test_fraction))
     mean, std = values[:n_train_steps].mean(0), values[:n_train_steps].std(0) + 1e-6
     z = ((values - mean) / std).astype(np.float32)
     starts = np.arange(len(z) - window)
     x = np.stack([z[s : s + window] for s in starts])
     y = z[starts + window, :1]
-    cut = max(n_train_steps - window, 1)
-    return ArrayDataset("household_power", "regression", x[:cut], y[:cut], x[cut:], y[cut:], 1)
+    cut, val_end = max(n_train_steps - window, 1), max(n_val_end - window, 2)
+    test = (x[val_end:], y[val_end:]) if test_fraction > 0 and val_end < len(x) else (None, None)
+    return ArrayDataset(
+        "household_power",
+        "regression",
+        x[:cut],
+        y[:cut],
+        x[cut:val_end],
+        y[cut:val_end],
+        1,
+        *test,
+        forecast_feature=0,
+    )
 
 
 def load_wikitext2(*, data_dir: str | None = None, context: int = 64, download: bool = True) -> ArrayDataset:

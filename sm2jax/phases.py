@@ -19,7 +19,7 @@ import numpy as np
 
 from sm2jax.energy.ledger import add_known
 from sm2jax.objectives import resolve_objective
-from sm2jax.scheduler import Candidate, Objective, exploration_filter, finalist_front, halve
+from sm2jax.scheduler import Candidate, Objective, exploration_filter, finalist_front, halve, seed_noise
 
 
 def finite_or_none(x: float | None) -> float | None:
@@ -52,6 +52,11 @@ class StudyState:
       metric_name: what the task calls its metric (for a report of an unfinished study).
       curves: trial id -> ``{"train": [[samples, loss], ...], "val": [[samples, score, phase], ...]}``:
         the mean training loss per energy window and the validation score per phase.
+      yardsticks: for a forecast data set, the persistence and ridge-regression errors the
+        selection is shown beside (:mod:`sm2jax.yardsticks`); ``None`` otherwise.
+      seed_noise: one ``{"phase", "pairs", "seed_se", "measured"}`` per phase: the seed noise its
+        decisions added to every score's error, from that many replicate pairs (``measured``
+        false: too few pairs alive, the last measured figure carried on).
     """
 
     phase: int = -1
@@ -68,6 +73,8 @@ class StudyState:
     completed_by: dict[str, int] = dataclasses.field(default_factory=dict)
     curves: dict[str, dict[str, list]] = dataclasses.field(default_factory=dict)
     metric_name: str = "metric"
+    yardsticks: dict[str, Any] | None = None
+    seed_noise: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,6 +124,7 @@ class DecisionRules:
       explore_z: exploration's clear margin in standard errors.
       energy_noise: relative uncertainty of a cohort's energy rate.
       plateau_tolerance: a score gain at or below this flags a candidate as plateaued.
+      replicate_of: seed replicate trial id -> the configuration it replicates (SM2's seed noise).
     """
 
     objective: Objective
@@ -126,6 +134,7 @@ class DecisionRules:
     explore_z: float
     energy_noise: float
     plateau_tolerance: float
+    replicate_of: dict[int, int] = dataclasses.field(default_factory=dict, hash=False)
 
     @classmethod
     def of(cls, spec: Any, objective: str | Objective | None = None) -> DecisionRules:
@@ -140,6 +149,7 @@ class DecisionRules:
             explore_z=spec.explore_z,
             energy_noise=spec.energy_noise,
             plateau_tolerance=spec.plateau_tolerance,
+            replicate_of=spec.replicate_of(),
         )
 
 
@@ -208,6 +218,7 @@ def cohort_candidates(
                 start_se=0.0 if base is None else float(base.score_se[row]),
                 chance_score=chance,
                 energy_noise=rules.energy_noise,
+                val_loss=None if end.losses is None else finite_or_none(float(end.losses[row])),
             )
         )
         record.update(
@@ -272,11 +283,62 @@ def record_phase(
     smooth_cohort_rates(state.cohort_energy, candidates, rules.energy_noise)
     for c in candidates:
         state.curve(c.trial_id)["val"].append([c.samples_spent, finite_or_none(c.score), phase])
-    decision = decide_phase(phase, candidates, rules, last=last)
+    originals = [c for c in candidates if c.trial_id not in rules.replicate_of]
+    replicas = [c for c in candidates if c.trial_id in rules.replicate_of]
+    if rules.replicate_of:
+        seed_se = measure_seed_noise(state, phase, originals, replicas, rules.replicate_of)
+        for c in originals:
+            c.seed_se = seed_se
+    decision = decide_phase(phase, originals, rules, last=last)
+    follow_configurations(decision, replicas, rules.replicate_of, last=last)
     state.decisions.extend({"phase": phase, **rec, "energy_method": energy_method} for rec in decision.records)
     if last:
         state.selected, state.finalists = decision.selected, decision.finalists
     return decision
+
+
+def measure_seed_noise(
+    state: StudyState,
+    phase: str,
+    originals: Sequence[Candidate],
+    replicas: Sequence[Candidate],
+    replicate_of: dict[int, int],
+) -> float:
+    """This phase's seed noise from the replicate pairs alive (:func:`sm2jax.scheduler.seed_noise`),
+    recorded in ``state``; with fewer than 2 pairs, the last measured figure (0 before any)."""
+    by_id = {c.trial_id: c for c in originals}
+    pairs = [
+        (by_id[replicate_of[r.trial_id]].score, r.score)
+        for r in replicas
+        if replicate_of[r.trial_id] in by_id and r.healthy and by_id[replicate_of[r.trial_id]].healthy
+    ]
+    measured = seed_noise(pairs)
+    earlier = [n["seed_se"] for n in state.seed_noise if n["measured"]]
+    value = measured if measured is not None else (earlier[-1] if earlier else 0.0)
+    state.seed_noise.append({"phase": phase, "pairs": len(pairs), "seed_se": value, "measured": measured is not None})
+    return value
+
+
+def follow_configurations(
+    decision: PhaseDecision, replicas: Sequence[Candidate], replicate_of: dict[int, int], *, last: bool
+) -> None:
+    """Each seed replicate goes on while its configuration does (and is healthy), never past the
+    final rung: it only measures noise. Adds its kept id and its decision record to ``decision``."""
+    for r in replicas:
+        original = replicate_of[r.trial_id]
+        keep = not last and r.healthy and original in decision.kept
+        if keep:
+            decision.kept.append(r.trial_id)
+        state = "goes on with it" if keep else "stops with it" if r.healthy else "stops (not healthy)"
+        decision.records.append(
+            {
+                **r.terms(),
+                "kept": keep,
+                "reason_code": "replicate",
+                "reason": f"seed replicate of trial {original} (measures seed noise; never selected): {state}",
+                "replicate_of": original,
+            }
+        )
 
 
 def planned_trial_steps(

@@ -27,6 +27,7 @@ class EvalRecord:
     scores: np.ndarray  # [K], higher is better
     metrics: np.ndarray  # [K]
     score_se: np.ndarray  # [K], the scores' standard errors (sampling noise of the split)
+    losses: np.ndarray | None = None  # [K], the validation loss
 
     def first(self) -> dict[str, float | None]:
         """The first row's metric, score and standard error (``None`` for a non-finite figure)."""

@@ -87,6 +87,16 @@ def format_results(results: dict[str, Any]) -> str:
             )
         elif "test" in sel:
             lines.append(f"  test {metric_name}: n/a (the data set has no test split)")
+        yard = results.get("yardsticks")
+        if yard:
+            for name, label in (
+                ("persistence", "persistence (the last hour)"),
+                ("ridge", f"ridge regression (lambda {yard['ridge']['lambda']:g})"),
+            ):
+                figures = ", ".join(
+                    f"{split} {yard[name][split]:.4f}" for split in ("val", "test") if split in yard[name]
+                )
+                lines.append(f"  yardstick {label}: {yard['metric']} {figures}")
         if "energy_to_train_joules" in sel:
             lines.append(
                 f"  energy attributed to it: {_joules(sel['energy_to_train_joules'], method)} (its share of compile, exploration, rungs and evaluation)"
@@ -180,15 +190,28 @@ def format_results(results: dict[str, Any]) -> str:
                 f"  {mark} trial {f['trial_id']:>4} {f['cohort']:<40} score {f['score']:.4f} +- {f['score_se']:.4f}  {energy}{chosen}"
             )
     if results.get("decisions"):
-        lines.append("decisions:")
+        lines.append(
+            "decisions:"
+            + (f" (seed replicates: {results['replicates']}, never selected)" if results.get("replicates") else "")
+        )
+        decisions = [d for d in results["decisions"] if d.get("reason_code") != "replicate"]
+        noise = {n["phase"]: n for n in results.get("seed_noise") or []}
         by_phase: dict[str, Counter] = {}
-        for d in results["decisions"]:
+        for d in decisions:
             by_phase.setdefault(d["phase"], Counter())["kept" if d["kept"] else "dropped"] += 1
         for phase, c in by_phase.items():
-            dropped = [d for d in results["decisions"] if d["phase"] == phase and not d["kept"]]
+            dropped = [d for d in decisions if d["phase"] == phase and not d["kept"]]
             why = Counter(d.get("reason_code") or d["reason"].split(":")[0] for d in dropped)
             detail = ", ".join(f"{n} {r}" for r, n in why.items())
-            lines.append(f"  {phase:<10} kept {c['kept']}, dropped {c['dropped']}" + (f" ({detail})" if detail else ""))
+            seed = ""
+            if phase in noise:
+                n = noise[phase]
+                seed = f"; seed noise +-{n['seed_se']:.4f} " + (
+                    f"({n['pairs']} pairs)" if n["measured"] else "(carried on)"
+                )
+            lines.append(
+                f"  {phase:<10} kept {c['kept']}, dropped {c['dropped']}" + (f" ({detail})" if detail else "") + seed
+            )
     return "\n".join(lines)
 
 
@@ -221,7 +244,7 @@ def partial_results(folder: StudyDir) -> dict[str, Any]:
         records,
         study=folder.path,
         spec=spec,
-        configs={c.trial_id: c for c in spec.configs()},
+        configs={c.trial_id: c for c in spec.trial_configs()},
         hardware=hardware,
         energy_method=hardware.get("energy_method") or (methods[0] if methods else "unavailable"),
         intensity_label=next((r["intensity_label"] for r in records if "intensity_label" in r), ""),
@@ -274,11 +297,16 @@ def load_comparable(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def trial_table(
-    progress: StudyState, records: list[dict[str, Any]], configs: dict[int, Config]
+    progress: StudyState,
+    records: list[dict[str, Any]],
+    configs: dict[int, Config],
+    replicate_of: dict[int, int] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per configuration: its cohort and values, how far it got (the last phase it
     trained in and why it stopped there), its last score, and the energy attributed to it by
-    the ledger (finished attempts only; ``None`` when any share was unavailable)."""
+    the ledger (finished attempts only; ``None`` when any share was unavailable). A seed replicate's
+    row names the configuration it replicates (``replicate_of``)."""
+    replicate_of = replicate_of or {}
     cohort_of = {
         c.trial_id: cohort.name for cohort in group_into_cohorts(list(configs.values())) for c in cohort.configs
     }
@@ -316,6 +344,7 @@ def trial_table(
                 "energy_joules": joules.get(t),
                 "kwh": kwh.get(t),
                 "gco2e": gco2e.get(t),
+                **({"replicate_of": replicate_of[t]} if t in replicate_of else {}),
             }
         )
     return rows
@@ -338,6 +367,7 @@ def assemble_results(
 ) -> dict[str, Any]:
     done = progress.completed_by
     finishers = set(done.values())
+    replicate_of = spec.replicate_of() if hasattr(spec, "replicate_of") else {}
 
     def interrupted(r: dict[str, Any]) -> bool:
         """Work of an attempt that was killed before it recorded the phase (repeated later)."""
@@ -369,16 +399,19 @@ def assemble_results(
         "infeasible": progress.infeasible,
         "hardware": progress.hardware,
         "metric_name": metric_name,
-        "num_configs": len(configs),
+        "num_configs": len(configs) - len(replicate_of),
+        "replicates": len(replicate_of),
+        "seed_noise": progress.seed_noise,
         "placement": placement,
         "ledger_damage": ledger_damage or [],
         "curves": progress.curves,
+        "yardsticks": progress.yardsticks,
     }
     totals = [g["joules"] for g in by_phase.values()]
     out["total_joules"] = None if any(t is None for t in totals) else float(sum(totals))
     lost_totals = [g["joules"] for g in out["interrupted_energy_by_phase"].values()]
     out["interrupted_joules"] = None if any(t is None for t in lost_totals) else float(sum(lost_totals))
-    out["trials"] = trial_table(progress, records, configs)
+    out["trials"] = trial_table(progress, records, configs, replicate_of)
     if selected is None:
         out["selected"] = None
         out["note"] = "no configuration survived (all diverged or infeasible)"

@@ -502,7 +502,7 @@ class CohortRunner:
             w.devices = self.trial_devices()
         slots = self.placement.slots(self.k, self.width)
         field = lambda name: np.concatenate([getattr(o, name) for o in outs])[slots]
-        return EvalRecord(field("score"), field("metric"), field("score_se"))
+        return EvalRecord(field("score"), field("metric"), field("score_se"), field("loss"))
 
     # ---------------------------------------------------------------------------------- persist
 

@@ -15,8 +15,14 @@ significance multiplier :math:`z`, :math:`i` is *clearly better* than :math:`j` 
 
 .. math::  s_i - s_j > z \sqrt{\sigma_i^2 + \sigma_j^2},
 
-and otherwise the two are *tied*. (Both are scored on the same split, so the independent-errors
-difference noise is conservative: it also absorbs some of the seed noise we do not measure.)
+and otherwise the two are *tied*, where :math:`\sigma_i^2 = \sigma_{\text{split},i}^2 +
+\sigma_{\text{seed}}^2` adds the **seed noise**: configurations also differ by initialisation and data
+order, which moves a score by more than the split's sampling noise early in training. SM2 measures it
+with seed replicates (:func:`seed_noise`): a few configurations of each cohort train twice, with
+different keys, side by side in the same vmapped program, and the pooled differences of their scores
+give :math:`\hat\sigma_{\text{seed}}^2 = \frac{1}{2m}\sum_{k=1}^{m} (s_{k} - s'_{k})^2` over the
+:math:`m` pairs alive (an upper estimate: the difference also holds the two models' disagreement on the
+split). Replicates are never selected; each follows its configuration and stops with it.
 
 Energy per step is equal inside a cohort by construction, so energy separates cohorts only. A
 candidate's decision energy is what it still costs, :math:`F_i = \hat\jmath_c \, (N - n_i)`, with
@@ -51,6 +57,10 @@ near-ties go to the configuration cheaper to train. The trade-off is shown apart
 * configurations clearly worse than the best of their own cohort: same model, batch size and
   energy per step, so the score alone decides (Pareto dominance where the energies are equal).
 
+**Slow starters.** A cohort is a family (same model and batch size): its best configuration is
+always kept to the first rung, also when nothing in it has learned yet -- a recurrent model or a small
+learning rate may sit at chance after a quarter epoch and still win at nine. Its best is the one with
+the lowest validation loss, which moves before a 0/1 metric does (the score where no loss is known).
 If nothing has learned (exploration too short), nothing is dropped for not learning. Exploration
 never compares across cohorts: after the same number of samples, different batch sizes have taken
 different numbers of steps, and a quarter epoch's energy gaps are the noisiest figures of a study.
@@ -113,6 +123,9 @@ class Candidate:
       cohort_rate: the cohort's joules per training sample, smoothed over its phases (``None``:
         fall back to this candidate's last budget).
       energy_noise: relative uncertainty of the energy rate.
+      seed_se: the seed noise of a score (initialisation and data order) measured by replicates
+        (:func:`seed_noise`; 0: not measured).
+      val_loss: the validation loss (``None``: unknown), which ranks a family's slow starters.
     """
 
     trial_id: int
@@ -133,6 +146,13 @@ class Candidate:
     chance_score: float | None = None
     cohort_rate: float | None = None
     energy_noise: float = DEFAULT_ENERGY_NOISE
+    seed_se: float = 0.0
+    val_loss: float | None = None
+
+    @property
+    def noise(self) -> float:
+        """The score's standard error: the split's sampling noise and the seed noise together."""
+        return math.hypot(self.score_se, self.seed_se)
 
     @property
     def healthy(self) -> bool:
@@ -187,6 +207,8 @@ class Candidate:
             "cohort": self.cohort,
             "score": self.score,
             "score_se": self.score_se,
+            "seed_se": self.seed_se,
+            "val_loss": self.val_loss,
             "gain": self.gain,
             "energy_spent_j": self.energy_spent,
             "energy_last_j": self.energy_last,
@@ -227,12 +249,24 @@ class Candidate:
             chance_score=record["chance_score"],
             cohort_rate=rate,
             energy_noise=record["energy_noise"],
+            seed_se=record.get("seed_se", 0.0),
+            val_loss=record.get("val_loss"),
         )
 
 
 def score_margin(a: Candidate, b: Candidate, z: float) -> float:
-    """``z`` standard errors of the difference of two scores."""
-    return z * math.hypot(a.score_se, b.score_se)
+    """``z`` standard errors of the difference of two scores (sampling and seed noise)."""
+    return z * math.hypot(a.noise, b.noise)
+
+
+def seed_noise(pairs: Sequence[tuple[float, float]]) -> float | None:
+    r"""The seed noise of one score, :math:`\hat\sigma_{\text{seed}} = \sqrt{\frac{1}{2m}\sum_k
+    (s_k - s'_k)^2}`, pooled over ``m`` pairs of a configuration's score and its replicate's
+    (non-finite pairs left out); ``None`` with fewer than 2 pairs (too few to estimate)."""
+    diffs = [a - b for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
+    if len(diffs) < 2:
+        return None
+    return math.sqrt(sum(d * d for d in diffs) / (2 * len(diffs)))
 
 
 def clearly_better(a: Candidate, b: Candidate, z: float) -> bool:
@@ -349,6 +383,12 @@ def exploration_filter(
     verdicts = {c.trial_id: learned(c) for c in healthy}
     nothing_learned = bool(healthy) and not any(ok for ok, _ in verdicts.values())
     learners = [c for c in healthy if verdicts[c.trial_id][0] or nothing_learned]
+    # Each family (cohort) keeps its best to the first rung, learned or not: a slow starter.
+    slow_starters = set()
+    for cohort in dict.fromkeys(c.cohort for c in healthy):
+        family = [c for c in healthy if c.cohort == cohort]
+        if not any(verdicts[c.trial_id][0] for c in family) and not nothing_learned:
+            slow_starters.add(min(family, key=_progress_key).trial_id)
     kept, records = [], []
     for c in candidates:
         code, reason, by = "", "", None
@@ -356,6 +396,8 @@ def exploration_filter(
             code, reason = "diverged", f"diverged at step {c.diverged_at}"
         elif not math.isfinite(c.score):
             code, reason = "score_not_finite", "score is not finite"
+        elif c.trial_id in slow_starters:
+            pass
         elif not verdicts[c.trial_id][0] and not nothing_learned:
             code, reason = "not_learned", f"not learned: {verdicts[c.trial_id][1]}"
         else:
@@ -373,6 +415,12 @@ def exploration_filter(
         if keep:
             kept.append(c.trial_id)
             code, reason = "not_dominated", "learned and not clearly worse than the best of its cohort"
+            if c.trial_id in slow_starters:
+                loss = "" if c.val_loss is None else f", validation loss {c.val_loss:.4g}"
+                code, reason = (
+                    "slow_starter",
+                    f"nothing in its cohort has learned yet: its best (score {c.score:.4g}{loss}) is kept to the first rung",
+                )
             if nothing_learned:
                 code, reason = (
                     "nothing_learned",
@@ -389,6 +437,12 @@ def exploration_filter(
             }
         )
     return kept, records
+
+
+def _progress_key(c: Candidate) -> tuple:
+    """Best first: the lowest validation loss (it moves before a 0/1 metric), else the score."""
+    loss = c.val_loss if c.val_loss is not None and math.isfinite(c.val_loss) else math.inf
+    return (loss, -c.score, c.trial_id)
 
 
 def finalist_front(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:

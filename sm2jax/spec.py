@@ -27,11 +27,13 @@ from sm2jax.scheduler import (
     DEFAULT_NOISE_Z,
     KEEP_RULES,
 )
-from sm2jax.space import Config, SearchSpace
+from sm2jax.space import Config, SearchSpace, make_config
 from sm2jax.study_dir import StudyDir
 from sm2jax.tasks import BUILTIN_TASKS, get_task
 
 SAMPLERS = ("grid", "random", *METHODS)
+REPLICATE_SEED_OFFSET = 1_000_003
+"""A replicate's seed is its configuration's plus this (mod 2**31); its trial id differs too."""
 
 MODES = ("sm2", "sh", "full")
 
@@ -64,6 +66,7 @@ def _check_type(name: str, annotation: str, value: Any) -> None:
 
 _RANGES = (  # (field, bound, bound allowed)
     ("num_samples", 1, True),
+    ("replicates", 0, True),
     ("seed", 0, True),
     ("max_train_examples", 1, True),
     ("max_val_examples", 1, True),
@@ -111,6 +114,10 @@ class StudySpec:
         exploration, objective ``performance``) or ``full`` (every configuration to the full budget).
       budget_unit: ``steps``, ``samples`` or ``epochs``; budgets are cumulative per configuration.
       explore_budget: SM2's exploratory pretraining budget (0 disables); must be below ``min_budget``.
+      replicates: SM2's seed replicates per cohort: that many of its configurations (evenly spaced in
+        its order) also train with other keys, side by side in the same program, to measure the
+        seed noise decisions add to the split's sampling noise (:func:`sm2jax.scheduler.seed_noise`);
+        never selected, each stops with its configuration. 0 disables; ``sh`` and ``full`` use none.
       min_budget, max_budget, eta: successive-halving rungs ``min_budget * eta**i`` up to ``max_budget``.
       rungs: explicit cumulative rung budgets instead (first ``min_budget``, last ``max_budget``), e.g.
         Hyperband's integral budgets.
@@ -158,6 +165,7 @@ class StudySpec:
     mode: str = "sm2"
     budget_unit: str = "epochs"
     explore_budget: float = 0.25
+    replicates: int = 2
     min_budget: float = 1.0
     max_budget: float = 9.0
     eta: int = 3
@@ -200,9 +208,10 @@ class StudySpec:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler: unknown {self.sampler!r}; known: {', '.join(SAMPLERS)}")
         if self.mode == "sh":
-            self.explore_budget, self.objective = 0.0, "performance"
+            self.explore_budget, self.objective, self.replicates = 0.0, "performance", 0
         if self.mode == "full":
             self.explore_budget, self.objective, self.min_budget = 0.0, "performance", self.max_budget
+            self.replicates = 0
         rung_budgets(self.min_budget, self.max_budget, self.eta)  # validates
         if self.rungs is not None:
             r = [float(x) for x in self.rungs]
@@ -243,6 +252,32 @@ class StudySpec:
             return space.sample(self.num_samples, self.seed)
         return cohort_sample(space, self.num_samples, seed=self.seed, method=self.sampler, multiple=self.width or 8)
 
+    def trial_configs(self) -> list[Config]:
+        """The configurations, then their seed replicates (:meth:`replicate_of`), in trial-id order."""
+        configs = self.configs()
+        return configs + [twin for twin, _ in self._replicates(configs)]
+
+    def replicate_of(self) -> dict[int, int]:
+        """Replicate trial id -> the trial id of the configuration it replicates."""
+        return {twin.trial_id: original for twin, original in self._replicates(self.configs())}
+
+    def _replicates(self, configs: list[Config]) -> list[tuple[Config, int]]:
+        """``replicates`` evenly spaced configurations of each cohort, again with other keys (another
+        seed and trial id; the same hyperparameters otherwise), numbered after the configurations."""
+        from sm2jax.cohort import group_into_cohorts
+
+        if not self.replicates:
+            return []
+        out, next_id = [], max(c.trial_id for c in configs) + 1
+        for cohort in group_into_cohorts(configs):
+            k, r = cohort.size, min(self.replicates, cohort.size // 2)  # at most one per two configurations
+            for i in sorted({int((j + 0.5) * k / r) for j in range(r)}):
+                original = cohort.configs[i]
+                values = {**original.values, "seed": (original["seed"] + REPLICATE_SEED_OFFSET) % 2**31}
+                out.append((make_config(next_id, **values), original.trial_id))
+                next_id += 1
+        return out
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -263,12 +298,17 @@ def read_spec(directory: str | os.PathLike) -> StudySpec:
     unknown = sorted(set(blob) - {f.name for f in dataclasses.fields(StudySpec)})
     if unknown:
         raise ValueError(f"{folder.spec_path}: unknown field(s) {', '.join(unknown)}; remove them or upgrade sm2jax")
-    return StudySpec(**blob)
+    return StudySpec(**_upgraded(blob))
 
 
 def current_form(blob: dict[str, Any]) -> dict[str, Any]:
-    """A stored spec in this version's form (fields added since take their defaults)."""
-    return StudySpec(**blob).to_json()
+    """A stored spec in this version's form (fields added since take their defaults, except that a
+    study from before seed replicates has none)."""
+    return StudySpec(**_upgraded(blob)).to_json()
+
+
+def _upgraded(blob: dict[str, Any]) -> dict[str, Any]:
+    return {"replicates": 0, **blob}
 
 
 def bind(spec: StudySpec, dataset: ArrayDataset | None, directory: str | os.PathLike) -> StudySpec:

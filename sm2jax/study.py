@@ -40,6 +40,7 @@ from sm2jax.tasks import get_task
 from sm2jax.viewers import write_viewers
 from sm2jax.width_policy import WidthPolicy
 from sm2jax.workload import Workload
+from sm2jax.yardsticks import forecast_yardsticks
 
 
 class Study:
@@ -78,7 +79,9 @@ class Study:
         self.spec = spec = bind(spec or read_spec(self.directory), dataset, directory)
         self.rules = DecisionRules.of(spec, objective)
         self.progress_bar = progress and is_primary()
-        self.configs = {c.trial_id: c for c in spec.configs()}  # a bad space fails here, before anything is written
+        self.configs = {
+            c.trial_id: c for c in spec.trial_configs()
+        }  # with SM2's seed replicates  # a bad space fails here, before anything is written
         if not self.configs:
             raise ValueError("the search space produced no configuration")
         self.folder.claim(spec.to_json(), normalise=current_form)
@@ -243,6 +246,7 @@ class Study:
                     r.narrow_for_survivors(work.planned(r, p + 1))
             if last and work.data.has_test:  # once, for the selected configuration only
                 state.test = {"trial_id": ids[0], **r.evaluate(name, split="test").first()}
+                state.yardsticks = forecast_yardsticks(work.data)
             survivors.append(r)
         for r in runners:
             if r.spec.name in state.hardware:

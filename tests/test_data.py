@@ -136,3 +136,26 @@ def test_mnist1d_is_generated_offline_with_its_own_split():
     assert set(np.unique(ds.y_train).tolist()) <= set(range(10)) and ds.y_train.dtype == np.int32
     again = load_dataset("mnist1d", num_samples=300)
     np.testing.assert_array_equal(ds.x_train, again.x_train)  # seeded: the same data every time
+
+
+def test_forecast_splits_are_chronological_and_come_with_yardsticks():
+    from sm2jax.yardsticks import forecast_yardsticks
+
+    rng = np.random.default_rng(0)
+    steps = 2000
+    level = np.zeros(steps)
+    for t in range(1, steps):  # AR(1) around 0 plus a daily cycle: persistence is beatable
+        level[t] = 0.8 * level[t - 1] + np.sin(2 * np.pi * t / 24) + rng.normal(0, 0.3)
+    series = np.stack([level, np.arange(steps, dtype=np.float64)], 1).astype(np.float32)  # feature 1: time
+    ds = windows_to_dataset(series, window=24, val_fraction=0.1, test_fraction=0.1)
+    time = lambda x: x[:, -1, 1]  # the window's last step, standardised time: increasing
+    assert time(ds.x_train).max() < time(ds.x_val).min() and time(ds.x_val).max() < time(ds.x_test).min()
+    assert len(ds.x_test) == pytest.approx(200, abs=2) and ds.forecast_feature == 0
+    yard = forecast_yardsticks(ds)
+    persistence = float(np.mean((ds.x_test[:, -1, 0] - ds.y_test[:, 0]) ** 2))
+    assert yard["persistence"]["test"] == pytest.approx(persistence, rel=1e-6)
+    assert yard["ridge"]["test"] < 0.5 * yard["persistence"]["test"]  # the cycle is linear in the window
+    assert yard["ridge"]["lambda"] in (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
+    assert forecast_yardsticks(windows_to_dataset(series, 24, 0.2)).keys() >= {"persistence", "ridge"}
+    with pytest.raises(ValueError, match="sum below 1"):
+        windows_to_dataset(series, 24, 0.6, 0.5)

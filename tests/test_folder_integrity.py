@@ -116,7 +116,8 @@ def test_a_model_too_large_for_memory_is_infeasible_without_initialising_a_trial
 
     spec = dataclasses.replace(digits(quick=True), memory_limit_bytes=1, idle_seconds=0.0)
     results = Study(tmp_path / "s", spec, progress=False).run()
-    assert results["selected"] is None and len(results["infeasible"]) == results["num_configs"]
+    trials = results["num_configs"] + results["replicates"]  # SM2's seed replicates are trials too
+    assert results["selected"] is None and len(results["infeasible"]) == trials
 
 
 @pytest.mark.slow

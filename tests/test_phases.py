@@ -19,7 +19,7 @@ from sm2jax.spec import StudySpec
 
 
 def _rules(**kw):
-    spec = StudySpec(space={"learning_rate": 1e-3}, **kw)
+    spec = StudySpec(space={"learning_rate": {"type": "Fixed", "value": 1e-3}}, **kw)
     return DecisionRules.of(spec)
 
 
@@ -31,7 +31,7 @@ def _state(ids):
 
 def _eval(scores, se=0.01):
     scores = np.asarray(scores, np.float64)
-    return types.SimpleNamespace(scores=scores, metrics=scores, score_se=np.full(len(scores), se))
+    return types.SimpleNamespace(scores=scores, metrics=scores, score_se=np.full(len(scores), se), losses=None)
 
 
 def _candidates(state, scores, *, cohort="c", steps=10, bs=8, rules=None, chance=0.1, before=0):
@@ -115,3 +115,56 @@ def test_planned_trial_steps_follow_successive_halving():
     # From rung-2 with 3 trials already 100 steps in.
     assert planned_trial_steps(phases, steps, 3, 100, 2, 3) == 3 * 200 + 1 * 600
     assert planned_trial_steps(phases, steps, 1, 900, 3, 3) == 0
+
+
+def test_seed_replicates_measure_noise_follow_their_configuration_and_are_never_selected():
+    """Trials 4 and 5 replicate 0 and 2: their score differences set the seed noise every decision
+    of the phase adds; each goes on while its configuration does, and stops at the final rung."""
+    import dataclasses
+
+    rules = dataclasses.replace(_rules(eta=2), replicate_of={4: 0, 5: 2})
+    state = _state(list(range(6)))
+    energy = dict.fromkeys(range(6), 1.0)
+    # 0 and 1 differ by 0.05: clearly apart on sampling noise (se 0.01) alone, tied once the pairs
+    # (0.60 vs 0.53, 0.50 vs 0.57: seed noise sqrt((0.07^2 + 0.07^2) / 4) = 0.0495) are counted.
+    cands = _candidates(state, [0.60, 0.55, 0.50, 0.20, 0.53, 0.57], rules=rules, chance=0.1)
+    explore = record_phase(state, "explore", cands, energy, energy, rules, last=False, energy_method="estimated")
+    assert state.seed_noise == [
+        {"phase": "explore", "pairs": 2, "seed_se": pytest.approx(0.0495, abs=1e-4), "measured": True}
+    ]
+    assert set(explore.kept) == {0, 1, 2, 4, 5}  # 3 has not learned; replicates follow 0 and 2
+    replica = {r["trial_id"]: r for r in explore.records if r["reason_code"] == "replicate"}
+    assert replica[4]["replicate_of"] == 0 and replica[4]["kept"] and "goes on with it" in replica[4]["reason"]
+    originals = [r for r in explore.records if r["reason_code"] != "replicate"]
+    assert all(r["seed_se"] == pytest.approx(0.0495, abs=1e-4) for r in originals)
+    # A rung: 2 of 3 configurations go on (ceil(3 / 2)); 2 stops, and its replicate with it.
+    cands = [c for c in _candidates(state, [0.70, 0.69, 0.50, 0.20, 0.66, 0.52], rules=rules) if c.trial_id != 3]
+    rung = record_phase(state, "rung-1", cands, energy, energy, rules, last=False, energy_method="estimated")
+    assert set(rung.kept) == {0, 1, 4}
+    assert state.seed_noise[-1]["seed_se"] == pytest.approx(0.02236, abs=1e-4)  # pairs 0.04 and -0.02 apart
+    # Final rung: one pair alive (too few to measure): the last measured noise carries on; only a
+    # configuration is selected.
+    cands = [c for c in _candidates(state, [0.80, 0.79, 0.5, 0.2, 0.78, 0.5], rules=rules) if c.trial_id in (0, 1, 4)]
+    final = record_phase(state, "rung-2", cands, energy, energy, rules, last=True, energy_method="estimated")
+    assert state.seed_noise[-1]["measured"] is False and state.seed_noise[-1]["seed_se"] == pytest.approx(
+        0.02236, abs=1e-4
+    )
+    assert final.kept == [0] and state.selected == 0
+    assert [r["kept"] for r in final.records if r["reason_code"] == "replicate"] == [False]
+
+
+def test_replicates_are_evenly_spaced_per_cohort_with_other_keys_and_none_in_sh():
+    space = {
+        "learning_rate": {"type": "LogUniform", "low": 1e-3, "high": 1e-1, "num": 6},
+        "batch_size": {"type": "Categorical", "choices": [16, 64]},
+    }
+    spec = StudySpec(space=space, replicates=2)
+    configs, twins = spec.trial_configs(), spec.replicate_of()
+    assert len(configs) == 12 + 4 and sorted(twins) == [12, 13, 14, 15]
+    by_id = {c.trial_id: c for c in configs}
+    for twin, original in twins.items():
+        a, b = by_id[twin].values, by_id[original].values
+        assert {k for k in a if a[k] != b[k]} == {"seed"}  # the same hyperparameters, other keys
+    assert [by_id[o]["batch_size"] for o in twins.values()] == [16, 16, 64, 64]  # two per cohort
+    assert StudySpec(space=space, mode="sh").replicate_of() == {}  # plain SH has none
+    assert StudySpec(space={"learning_rate": space["learning_rate"]}, replicates=5).replicate_of().keys() == {6, 7, 8}

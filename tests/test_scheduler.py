@@ -1,5 +1,6 @@
 """SM2 decision logic on constructed candidates (no training)."""
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -16,7 +17,7 @@ from sm2jax.objectives import (
     resolve_objective,
     sm2_objective,
 )
-from sm2jax.scheduler import Candidate, exploration_filter, finalist_front, halve, rank
+from sm2jax.scheduler import Candidate, exploration_filter, finalist_front, halve, rank, seed_noise
 
 
 def cand(
@@ -35,6 +36,7 @@ def cand(
     chance=None,
     rate=None,
     noise=0.2,
+    val_loss=None,
 ):
     return Candidate(
         tid,
@@ -53,6 +55,7 @@ def cand(
         chance_score=chance,
         cohort_rate=rate,
         energy_noise=noise,
+        val_loss=val_loss,
     )
 
 
@@ -199,7 +202,7 @@ def test_exploration_keeps_a_slow_starter_whose_gap_is_inside_the_noise():
 
 def test_exploration_drops_a_configuration_that_has_not_learned_from_its_own_start():
     stuck = sm2_cand(0, 0.31, 1.0, start=0.30, chance=0.1, se=0.02)  # far above chance, but no better than its start
-    learner = sm2_cand(1, 0.45, 1.0, cohort="other", start=0.30, chance=0.1, se=0.02)
+    learner = sm2_cand(1, 0.45, 1.0, start=0.30, chance=0.1, se=0.02)  # its family learned: no slow-starter pass
     kept, records = exploration_filter([stuck, learner], z=2.0)
     assert kept == [1] and records[0]["reason_code"] == "not_learned" and "before exploration" in records[0]["reason"]
 
@@ -387,3 +390,41 @@ def test_every_decision_has_a_reason_code():
         "score_not_finite",
     }
     assert explored[2]["reason_code"] == "diverged"
+
+
+def test_a_family_where_nothing_learned_yet_keeps_its_best_to_the_first_rung():
+    """Slow starters: a recurrent cohort sits at chance after a quarter epoch while an MLP cohort
+    learned; the recurrent family's best (lowest validation loss) goes on, its others do not."""
+    mlp = [sm2_cand(i, 0.60 - 0.01 * i, 1.0, cohort="mlp", chance=0.1, se=0.015) for i in range(3)]
+    gru = [
+        sm2_cand(10, 0.11, 2.0, cohort="gru", chance=0.1, se=0.01, val_loss=2.29),
+        sm2_cand(11, 0.12, 2.0, cohort="gru", chance=0.1, se=0.01, val_loss=2.21),  # loss falls first
+        sm2_cand(12, 0.10, 2.0, cohort="gru", chance=0.1, se=0.01, val_loss=2.30),
+    ]
+    kept, records = exploration_filter(mlp + gru, z=2.0)
+    assert kept == [0, 1, 2, 11]
+    why = {r["trial_id"]: r["reason_code"] for r in records}
+    assert why[11] == "slow_starter" and why[10] == why[12] == "not_learned"
+    # Without validation losses the score ranks the family.
+    bare = [dataclasses.replace(c, val_loss=None) for c in gru]
+    assert exploration_filter(mlp + bare, z=2.0)[0] == [0, 1, 2, 11]
+
+
+def test_seed_noise_is_pooled_from_replicate_pairs():
+    assert seed_noise([(0.5, 0.5)]) is None  # one pair: too few to estimate
+    assert seed_noise([(0.50, 0.46), (0.60, 0.64)]) == pytest.approx(math.sqrt((0.04**2 + 0.04**2) / 4))
+    assert seed_noise([(0.5, math.nan), (0.6, 0.6), (0.7, 0.7)]) == 0.0  # non-finite pairs left out
+
+
+def test_measured_seed_noise_keeps_a_configuration_inside_it():
+    """The issue's case: exploration dropped, at a gap of 0.049 against a 0.044 threshold of
+    sampling noise alone, the configuration that won under SH by 4 points."""
+    best = sm2_cand(0, 0.549, 1.0, chance=0.1, se=0.0156)
+    winner_later = sm2_cand(1, 0.500, 1.0, chance=0.1, se=0.0156)
+    kept, records = exploration_filter([best, winner_later], z=2.0)
+    assert 2.0 * math.hypot(0.0156, 0.0156) == pytest.approx(0.044, abs=1e-3)  # sampling noise only
+    assert kept == [0] and records[1]["reason_code"] == "dominated_in_cohort"  # gap 0.049 > 0.044
+    for c in (best, winner_later):
+        c.seed_se = 0.02  # measured by replicates: initialisation and data order move a score this much
+    kept, records = exploration_filter([best, winner_later], z=2.0)
+    assert kept == [0, 1] and records[1]["seed_se"] == 0.02  # margin 2 * sqrt(2 * (0.0156^2 + 0.02^2)) = 0.072

@@ -93,8 +93,10 @@ def test_sm2_study_selects_a_config_and_labels_cpu_energy_honestly(tmp_path):
 def test_diverging_config_is_dropped_in_exploration_and_infeasible_batch_is_recorded(tmp_path):
     space = {"learning_rate": Categorical([1e-2, 1e20]), "optimizer": "sgd", "batch_size": Categorical([32, 100_000])}
     results = Study(tmp_path / "s", _spec(space), progress=False).run()
-    infeasible = results["infeasible"]
-    assert set(infeasible) == {"1", "3"} and all("exceeds" in r for r in infeasible.values())
+    infeasible, n = results["infeasible"], results["num_configs"]
+    assert {t for t in infeasible if int(t) < n} == {"1", "3"} and all("exceeds" in r for r in infeasible.values())
+    replicas = {t["trial_id"]: t["replicate_of"] for t in results["trials"] if "replicate_of" in t}
+    assert {replicas[int(t)] for t in infeasible if int(t) >= n} <= {1, 3}  # a replicate is infeasible with it
     explore = {d["trial_id"]: d for d in results["decisions"] if d["phase"] == "explore"}
     assert explore[2]["kept"] is False and explore[2]["reason"].startswith("diverged at step")
     assert results["selected"]["trial_id"] == 0
@@ -105,7 +107,9 @@ def test_a_study_whose_every_config_diverges_ends_without_a_selection(tmp_path):
         tmp_path / "s", _spec({"learning_rate": Categorical([1e20, 1e25]), "optimizer": "sgd"}), progress=False
     ).run()
     assert results["selected"] is None and "no configuration survived" in results["note"]
-    assert all(d["reason"].startswith("diverged at step") for d in results["decisions"])
+    decisions = [d for d in results["decisions"] if d["reason_code"] != "replicate"]
+    assert decisions and all(d["reason"].startswith("diverged at step") for d in decisions)
+    assert all("stops (not healthy)" in d["reason"] for d in results["decisions"] if d["reason_code"] == "replicate")
 
 
 @pytest.mark.slow
