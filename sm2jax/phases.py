@@ -19,7 +19,15 @@ import numpy as np
 
 from sm2jax.energy.ledger import add_known
 from sm2jax.objectives import resolve_objective
-from sm2jax.scheduler import Candidate, Objective, exploration_filter, finalist_front, halve, seed_noise
+from sm2jax.scheduler import (
+    Candidate,
+    Objective,
+    drop_clearly_worse,
+    exploration_filter,
+    finalist_front,
+    halve,
+    seed_noise,
+)
 
 
 def finite_or_none(x: float | None) -> float | None:
@@ -54,9 +62,9 @@ class StudyState:
         the mean training loss per energy window and the validation score per phase.
       yardsticks: for a forecast data set, the persistence and ridge-regression errors the
         selection is shown beside (:mod:`sm2jax.yardsticks`); ``None`` otherwise.
-      seed_noise: one ``{"phase", "pairs", "seed_se", "measured"}`` per phase: the seed noise its
+      seed_noise: ``{"phase", "pairs", "seed_se", "measured"}`` of exploration: the seed noise its
         decisions added to every score's error, from that many replicate pairs (``measured``
-        false: too few pairs alive, the last measured figure carried on).
+        false: fewer than 2 pairs, none added).
     """
 
     phase: int = -1
@@ -125,6 +133,8 @@ class DecisionRules:
       energy_noise: relative uncertainty of a cohort's energy rate.
       plateau_tolerance: a score gain at or below this flags a candidate as plateaued.
       replicate_of: seed replicate trial id -> the configuration it replicates (SM2's seed noise).
+      rung_z: SM2's clear margin to drop a configuration of a rung's top ``1/eta`` before the last
+        (:func:`sm2jax.scheduler.drop_clearly_worse`); ``None``: rank alone, as successive halving.
     """
 
     objective: Objective
@@ -135,6 +145,7 @@ class DecisionRules:
     energy_noise: float
     plateau_tolerance: float
     replicate_of: dict[int, int] = dataclasses.field(default_factory=dict, hash=False)
+    rung_z: float | None = None
 
     @classmethod
     def of(cls, spec: Any, objective: str | Objective | None = None) -> DecisionRules:
@@ -150,6 +161,7 @@ class DecisionRules:
             energy_noise=spec.energy_noise,
             plateau_tolerance=spec.plateau_tolerance,
             replicate_of=spec.replicate_of(),
+            rung_z=spec.rung_z if objective is None and spec.objective == "sm2" else None,
         )
 
 
@@ -161,15 +173,20 @@ class PhaseDecision:
     finalists: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-def decide_phase(phase: str, candidates: Sequence[Candidate], rules: DecisionRules, *, last: bool) -> PhaseDecision:
-    """The survivors of a phase: exploration's filter, a halving step, or at the final rung the
-    selection (one configuration, by ``final_objective``) and the finalists' Pareto front."""
+def decide_phase(
+    phase: str, candidates: Sequence[Candidate], rules: DecisionRules, *, last: bool, seed_se: float = 0.0
+) -> PhaseDecision:
+    """The survivors of a phase: exploration's filter, a halving step (SM2: without the clearly
+    worse of its top, ``seed_se`` being exploration's seed noise), or at the final rung the selection
+    (one configuration, by ``final_objective``) and the finalists' Pareto front."""
     if phase == "explore":
         kept, records = exploration_filter(candidates, z=rules.explore_z)
     elif last:
         kept, records = halve(candidates, rules.final_objective, eta=len(candidates) + 1)  # keep only the best
     else:
         kept, records = halve(candidates, rules.objective, rules.eta, rules.keep_rule)
+        if rules.rung_z is not None:
+            kept = drop_clearly_worse(candidates, kept, records, z=rules.rung_z, seed_se=seed_se)
     if not last:
         return PhaseDecision(kept, records)
     return PhaseDecision(kept, records, kept[0] if kept else None, finalist_front(candidates))
@@ -285,12 +302,13 @@ def record_phase(
         state.curve(c.trial_id)["val"].append([c.samples_spent, finite_or_none(c.score), phase])
     originals = [c for c in candidates if c.trial_id not in rules.replicate_of]
     replicas = [c for c in candidates if c.trial_id in rules.replicate_of]
-    if rules.replicate_of:
+    if replicas and phase == "explore":
         seed_se = measure_seed_noise(state, phase, originals, replicas, rules.replicate_of)
         for c in originals:
             c.seed_se = seed_se
-    decision = decide_phase(phase, originals, rules, last=last)
-    follow_configurations(decision, replicas, rules.replicate_of, last=last)
+    explored = [n["seed_se"] for n in state.seed_noise if n["measured"]]
+    decision = decide_phase(phase, originals, rules, last=last, seed_se=explored[0] if explored else 0.0)
+    stop_replicates(decision, replicas, rules.replicate_of)
     state.decisions.extend({"phase": phase, **rec, "energy_method": energy_method} for rec in decision.records)
     if last:
         state.selected, state.finalists = decision.selected, decision.finalists
@@ -308,7 +326,7 @@ def measure_seed_noise(
     recorded in ``state``; with fewer than 2 pairs, the last measured figure (0 before any)."""
     by_id = {c.trial_id: c for c in originals}
     pairs = [
-        (by_id[replicate_of[r.trial_id]].score, r.score)
+        (by_id[replicate_of[r.trial_id]].score, r.score, by_id[replicate_of[r.trial_id]].score_se, r.score_se)
         for r in replicas
         if replicate_of[r.trial_id] in by_id and r.healthy and by_id[replicate_of[r.trial_id]].healthy
     ]
@@ -319,23 +337,20 @@ def measure_seed_noise(
     return value
 
 
-def follow_configurations(
-    decision: PhaseDecision, replicas: Sequence[Candidate], replicate_of: dict[int, int], *, last: bool
-) -> None:
-    """Each seed replicate goes on while its configuration does (and is healthy), never past the
-    final rung: it only measures noise. Adds its kept id and its decision record to ``decision``."""
+def stop_replicates(decision: PhaseDecision, replicas: Sequence[Candidate], replicate_of: dict[int, int]) -> None:
+    """Seed replicates stop once exploration has measured the seed noise: it protects exploration's
+    drops, where a configuration is judged early and a false drop loses it for good. The rungs rank
+    on the split's sampling noise, as successive halving does: wider ties there would let energy
+    decide between configurations that differ by more than the split's noise. Adds each replicate's
+    decision record to ``decision``."""
     for r in replicas:
         original = replicate_of[r.trial_id]
-        keep = not last and r.healthy and original in decision.kept
-        if keep:
-            decision.kept.append(r.trial_id)
-        state = "goes on with it" if keep else "stops with it" if r.healthy else "stops (not healthy)"
         decision.records.append(
             {
                 **r.terms(),
-                "kept": keep,
+                "kept": False,
                 "reason_code": "replicate",
-                "reason": f"seed replicate of trial {original} (measures seed noise; never selected): {state}",
+                "reason": f"seed replicate of trial {original} (measured the seed noise; never selected): stops",
                 "replicate_of": original,
             }
         )

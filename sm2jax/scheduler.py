@@ -18,11 +18,12 @@ significance multiplier :math:`z`, :math:`i` is *clearly better* than :math:`j` 
 and otherwise the two are *tied*, where :math:`\sigma_i^2 = \sigma_{\text{split},i}^2 +
 \sigma_{\text{seed}}^2` adds the **seed noise**: configurations also differ by initialisation and data
 order, which moves a score by more than the split's sampling noise early in training. SM2 measures it
-with seed replicates (:func:`seed_noise`): a few configurations of each cohort train twice, with
-different keys, side by side in the same vmapped program, and the pooled differences of their scores
-give :math:`\hat\sigma_{\text{seed}}^2 = \frac{1}{2m}\sum_{k=1}^{m} (s_{k} - s'_{k})^2` over the
-:math:`m` pairs alive (an upper estimate: the difference also holds the two models' disagreement on the
-split). Replicates are never selected; each follows its configuration and stops with it.
+at exploration with seed replicates (:func:`seed_noise`): a few configurations of each cohort explore
+twice, with different keys, side by side in the same vmapped program, and the pooled differences of
+their scores, beyond what sampling noise explains, give :math:`\hat\sigma_{\text{seed}}^2`. It widens exploration's "clearly worse", where a false drop loses a configuration for
+good; the rungs rank on the split's noise as successive halving does (a wider tie there would let
+energy decide between configurations that differ by more than the split's noise). Replicates are
+never selected and stop after exploration.
 
 Energy per step is equal inside a cohort by construction, so energy separates cohorts only. A
 candidate's decision energy is what it still costs, :math:`F_i = \hat\jmath_c \, (N - n_i)`, with
@@ -96,6 +97,8 @@ DEFAULT_ENERGY_Z = 2.0
 """Energies are told apart at this many standard errors (their noise has heavier tails than scores')."""
 DEFAULT_EXPLORE_Z = 2.0
 """The clear margin, in standard errors, exploration needs to drop a configuration."""
+DEFAULT_RUNG_Z = 1.0
+"""The clear margin, in standard errors, an SM2 rung needs to drop a configuration of its top ``1/eta``."""
 
 
 @dataclasses.dataclass
@@ -259,14 +262,22 @@ def score_margin(a: Candidate, b: Candidate, z: float) -> float:
     return z * math.hypot(a.noise, b.noise)
 
 
-def seed_noise(pairs: Sequence[tuple[float, float]]) -> float | None:
-    r"""The seed noise of one score, :math:`\hat\sigma_{\text{seed}} = \sqrt{\frac{1}{2m}\sum_k
-    (s_k - s'_k)^2}`, pooled over ``m`` pairs of a configuration's score and its replicate's
-    (non-finite pairs left out); ``None`` with fewer than 2 pairs (too few to estimate)."""
-    diffs = [a - b for a, b in pairs if math.isfinite(a) and math.isfinite(b)]
-    if len(diffs) < 2:
+def seed_noise(pairs: Sequence[tuple[float, float, float, float]]) -> float | None:
+    r"""The seed noise of one score from ``m`` replicate pairs ``(s, s', se, se')`` (a configuration's
+    score and its replicate's, with their sampling errors): the variance of their differences beyond
+    what the split's sampling noise already explains,
+
+    .. math:: \hat\sigma_{\text{seed}}^2 = \max\Big(0,\ \frac{1}{2m}\sum_k (s_k - s'_k)^2
+              - \frac{1}{2m}\sum_k (\sigma_k^2 + \sigma_k'^2)\Big),
+
+    so that a score's total error :math:`\sqrt{\sigma^2 + \hat\sigma_{\text{seed}}^2}` is what the
+    replicates show (non-finite pairs left out); ``None`` with fewer than 2 pairs (too few)."""
+    finite = [p for p in pairs if all(math.isfinite(v) for v in p)]
+    if len(finite) < 2:
         return None
-    return math.sqrt(sum(d * d for d in diffs) / (2 * len(diffs)))
+    m = len(finite)
+    excess = sum((a - b) ** 2 - sa**2 - sb**2 for a, b, sa, sb in finite) / (2 * m)
+    return math.sqrt(max(excess, 0.0))
 
 
 def clearly_better(a: Candidate, b: Candidate, z: float) -> bool:
@@ -349,6 +360,39 @@ def halve(
             }
         )
     return kept, records
+
+
+def drop_clearly_worse(
+    candidates: Sequence[Candidate], kept: list[int], records: list[dict[str, Any]], *, z: float, seed_se: float = 0.0
+) -> list[int]:
+    """SM2 at a rung before the last: of the ``kept`` top ``1/eta``, those whose score is clearly worse
+    than the best kept score -- by more than ``z`` standard errors of the difference, counting the
+    split's sampling noise and the seed noise exploration measured (``seed_se``; conservative later
+    in training, where seeds matter less) -- go no further. Successive halving carries them because
+    of their rank alone; SM2 saves their next rung. Updates their ``records``; returns the kept ids."""
+    by_id = {c.trial_id: c for c in candidates}
+    scored = [by_id[t] for t in kept if by_id[t].healthy]
+    if len(scored) < 2:
+        return kept
+    best = max(scored, key=lambda c: (c.score, -c.trial_id))
+    noise = lambda c: math.hypot(c.score_se, seed_se)
+    out = []
+    for t in kept:
+        c = by_id[t]
+        margin = z * math.hypot(noise(best), noise(c))
+        if c is not best and c.healthy and best.score - c.score > margin:
+            record = next(r for r in records if r["trial_id"] == t)
+            record.update(
+                kept=False,
+                reason_code="clearly_worse",
+                reason=(
+                    f"in the top by rank, but clearly worse than trial {best.trial_id}: {c.score:.4g} vs {best.score:.4g} "
+                    f"(difference {best.score - c.score:.3g} > {margin:.3g}, sampling and seed noise at z={z:g})"
+                ),
+            )
+            continue
+        out.append(t)
+    return out
 
 
 def exploration_filter(

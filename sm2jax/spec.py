@@ -25,6 +25,7 @@ from sm2jax.scheduler import (
     DEFAULT_EXPLORE_Z,
     DEFAULT_FINAL_Z,
     DEFAULT_NOISE_Z,
+    DEFAULT_RUNG_Z,
     KEEP_RULES,
 )
 from sm2jax.space import Config, SearchSpace, make_config
@@ -115,9 +116,10 @@ class StudySpec:
       budget_unit: ``steps``, ``samples`` or ``epochs``; budgets are cumulative per configuration.
       explore_budget: SM2's exploratory pretraining budget (0 disables); must be below ``min_budget``.
       replicates: SM2's seed replicates per cohort: that many of its configurations (evenly spaced in
-        its order) also train with other keys, side by side in the same program, to measure the
-        seed noise decisions add to the split's sampling noise (:func:`sm2jax.scheduler.seed_noise`);
-        never selected, each stops with its configuration. 0 disables; ``sh`` and ``full`` use none.
+        its order; at most one per four configurations) also explore with other keys, side by side in
+        the same program, to measure the seed noise exploration's drops add to the split's sampling
+        noise (:func:`sm2jax.scheduler.seed_noise`); never selected, they stop after exploration. 0
+        disables; ``sh``, ``full`` and a study without exploration use none.
       min_budget, max_budget, eta: successive-halving rungs ``min_budget * eta**i`` up to ``max_budget``.
       rungs: explicit cumulative rung budgets instead (first ``min_budget``, last ``max_budget``), e.g.
         Hyperband's integral budgets.
@@ -134,6 +136,9 @@ class StudySpec:
         too likely to give up for energy that is sunk).
       energy_z: likewise for two energies, whose noise has heavier tails.
       explore_z: the clear margin, in standard errors, exploration needs to drop a configuration.
+      rung_z: the clear margin, in standard errors (sampling and exploration's seed noise), an SM2
+        rung before the last needs to drop a configuration of its top ``1/eta``
+        (:func:`sm2jax.scheduler.drop_clearly_worse`); the ``sm2`` objective only.
       energy_noise: relative uncertainty of a cohort's energy rate (default 20%, about the spread of
         identical runs' windows).
       alpha, beta: weights of the ``blend`` objective.
@@ -176,6 +181,7 @@ class StudySpec:
     final_z: float = DEFAULT_FINAL_Z
     energy_z: float = DEFAULT_ENERGY_Z
     explore_z: float = DEFAULT_EXPLORE_Z
+    rung_z: float = DEFAULT_RUNG_Z
     energy_noise: float = DEFAULT_ENERGY_NOISE
     alpha: float = 0.5
     beta: float = 0.3
@@ -226,9 +232,9 @@ class StudySpec:
                 )
         if self.keep_rule not in KEEP_RULES:
             raise ValueError(f"keep_rule: unknown {self.keep_rule!r}; known: {KEEP_RULES}")
-        if min(self.noise_z, self.final_z, self.energy_z, self.explore_z, self.energy_noise) < 0:
+        if min(self.noise_z, self.final_z, self.energy_z, self.explore_z, self.rung_z, self.energy_noise) < 0:
             raise ValueError(
-                f"noise_z, final_z, energy_z, explore_z and energy_noise must be >= 0 (got {self.noise_z}, {self.final_z}, {self.energy_z}, {self.explore_z}, {self.energy_noise})"
+                f"noise_z, final_z, energy_z, explore_z, rung_z and energy_noise must be >= 0 (got {self.noise_z}, {self.final_z}, {self.energy_z}, {self.explore_z}, {self.rung_z}, {self.energy_noise})"
             )
         if not 0 <= self.explore_budget < self.min_budget:
             raise ValueError(
@@ -266,11 +272,11 @@ class StudySpec:
         seed and trial id; the same hyperparameters otherwise), numbered after the configurations."""
         from sm2jax.cohort import group_into_cohorts
 
-        if not self.replicates:
+        if not self.replicates or not self.explore_budget:
             return []
         out, next_id = [], max(c.trial_id for c in configs) + 1
         for cohort in group_into_cohorts(configs):
-            k, r = cohort.size, min(self.replicates, cohort.size // 2)  # at most one per two configurations
+            k, r = cohort.size, min(self.replicates, cohort.size // 4)  # at most one per four configurations
             for i in sorted({int((j + 0.5) * k / r) for j in range(r)}):
                 original = cohort.configs[i]
                 values = {**original.values, "seed": (original["seed"] + REPLICATE_SEED_OFFSET) % 2**31}
@@ -303,12 +309,13 @@ def read_spec(directory: str | os.PathLike) -> StudySpec:
 
 def current_form(blob: dict[str, Any]) -> dict[str, Any]:
     """A stored spec in this version's form (fields added since take their defaults, except that a
-    study from before seed replicates has none)."""
+    study from before seed replicates and rung drops has neither)."""
     return StudySpec(**_upgraded(blob)).to_json()
 
 
 def _upgraded(blob: dict[str, Any]) -> dict[str, Any]:
-    return {"replicates": 0, **blob}
+    """A spec from before seed replicates and rung drops decides as it did then."""
+    return {"replicates": 0, "rung_z": math.inf, **blob}
 
 
 def bind(spec: StudySpec, dataset: ArrayDataset | None, directory: str | os.PathLike) -> StudySpec:

@@ -68,10 +68,18 @@ def test_exploration_drops_only_clear_cases_and_keeps_the_rest():
 def test_a_rung_keeps_ceil_n_over_eta_and_the_last_rung_selects_one_with_its_finalists():
     state = _state(list(range(7)))
     cands = _candidates(state, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], chance=None)
-    rung = decide_phase("rung-1", cands, _rules(eta=3), last=False)
-    assert sorted(rung.kept) == [4, 5, 6]  # ceil(7 / 3) = 3, scores clearly apart
-    floor = decide_phase("rung-1", cands, _rules(eta=3, keep_rule="floor"), last=False)
+    rung = decide_phase("rung-1", cands, _rules(eta=3, mode="sh"), last=False)
+    assert sorted(rung.kept) == [4, 5, 6]  # ceil(7 / 3) = 3 by rank
+    floor = decide_phase("rung-1", cands, _rules(eta=3, keep_rule="floor", mode="sh"), last=False)
     assert sorted(floor.kept) == [5, 6]
+    # SM2 drops, of that top, the clearly worse than its best: 0.5 and 0.6 are > 1 error below 0.7.
+    sm2 = decide_phase("rung-1", cands, _rules(eta=3), last=False)
+    assert sm2.kept == [6]
+    why = {r["trial_id"]: r["reason_code"] for r in sm2.records}
+    assert why[4] == why[5] == "clearly_worse" and why[3] == "outside_top_k"
+    # Seed noise measured at exploration widens that margin: 0.6 is then within it.
+    noisy = decide_phase("rung-1", cands, _rules(eta=3), last=False, seed_se=0.08)  # margin 0.114
+    assert sorted(noisy.kept) == [5, 6]
     final = decide_phase("rung-2", cands, _rules(), last=True)
     assert final.kept == [6] and final.selected == 6
     assert {f["trial_id"] for f in final.finalists} == set(range(7))
@@ -117,54 +125,60 @@ def test_planned_trial_steps_follow_successive_halving():
     assert planned_trial_steps(phases, steps, 1, 900, 3, 3) == 0
 
 
-def test_seed_replicates_measure_noise_follow_their_configuration_and_are_never_selected():
-    """Trials 4 and 5 replicate 0 and 2: their score differences set the seed noise every decision
-    of the phase adds; each goes on while its configuration does, and stops at the final rung."""
+def test_seed_replicates_measure_exploration_noise_and_are_never_selected():
+    """Trials 4 and 5 replicate 0 and 2: their score differences set the seed noise exploration's
+    decisions add; they stop after exploration, and the rungs rank on the split's noise alone."""
     import dataclasses
 
     rules = dataclasses.replace(_rules(eta=2), replicate_of={4: 0, 5: 2})
     state = _state(list(range(6)))
     energy = dict.fromkeys(range(6), 1.0)
     # 0 and 1 differ by 0.05: clearly apart on sampling noise (se 0.01) alone, tied once the pairs
-    # (0.60 vs 0.53, 0.50 vs 0.57: seed noise sqrt((0.07^2 + 0.07^2) / 4) = 0.0495) are counted.
+    # (0.60 vs 0.53, 0.50 vs 0.57: seed noise sqrt((0.07^2 + 0.07^2) / 4 - 0.01^2) = 0.0485) are counted.
     cands = _candidates(state, [0.60, 0.55, 0.50, 0.20, 0.53, 0.57], rules=rules, chance=0.1)
     explore = record_phase(state, "explore", cands, energy, energy, rules, last=False, energy_method="estimated")
     assert state.seed_noise == [
-        {"phase": "explore", "pairs": 2, "seed_se": pytest.approx(0.0495, abs=1e-4), "measured": True}
+        {"phase": "explore", "pairs": 2, "seed_se": pytest.approx(0.0485, abs=1e-4), "measured": True}
     ]
-    assert set(explore.kept) == {0, 1, 2, 4, 5}  # 3 has not learned; replicates follow 0 and 2
-    replica = {r["trial_id"]: r for r in explore.records if r["reason_code"] == "replicate"}
-    assert replica[4]["replicate_of"] == 0 and replica[4]["kept"] and "goes on with it" in replica[4]["reason"]
+    assert set(explore.kept) == {0, 1, 2}  # 3 has not learned; the replicates stop
     originals = [r for r in explore.records if r["reason_code"] != "replicate"]
-    assert all(r["seed_se"] == pytest.approx(0.0495, abs=1e-4) for r in originals)
-    # A rung: 2 of 3 configurations go on (ceil(3 / 2)); 2 stops, and its replicate with it.
-    cands = [c for c in _candidates(state, [0.70, 0.69, 0.50, 0.20, 0.66, 0.52], rules=rules) if c.trial_id != 3]
-    rung = record_phase(state, "rung-1", cands, energy, energy, rules, last=False, energy_method="estimated")
-    assert set(rung.kept) == {0, 1, 4}
-    assert state.seed_noise[-1]["seed_se"] == pytest.approx(0.02236, abs=1e-4)  # pairs 0.04 and -0.02 apart
-    # Final rung: one pair alive (too few to measure): the last measured noise carries on; only a
-    # configuration is selected.
-    cands = [c for c in _candidates(state, [0.80, 0.79, 0.5, 0.2, 0.78, 0.5], rules=rules) if c.trial_id in (0, 1, 4)]
-    final = record_phase(state, "rung-2", cands, energy, energy, rules, last=True, energy_method="estimated")
-    assert state.seed_noise[-1]["measured"] is False and state.seed_noise[-1]["seed_se"] == pytest.approx(
-        0.02236, abs=1e-4
+    assert all(r["seed_se"] == pytest.approx(0.0485, abs=1e-4) for r in originals)
+    replica = {r["trial_id"]: r for r in explore.records if r["reason_code"] == "replicate"}
+    assert replica.keys() == {4, 5} and replica[4]["replicate_of"] == 0 and not replica[4]["kept"]
+    # Without the replicates, sampling noise alone drops 1 and 2 as clearly worse than 0.
+    plain = _state(list(range(4)))
+    bare = record_phase(
+        plain,
+        "explore",
+        _candidates(plain, [0.60, 0.55, 0.50, 0.20]),
+        energy,
+        energy,
+        _rules(),
+        last=False,
+        energy_method="estimated",
     )
-    assert final.kept == [0] and state.selected == 0
-    assert [r["kept"] for r in final.records if r["reason_code"] == "replicate"] == [False]
+    assert bare.kept == [0] and plain.seed_noise == []
+    # A rung: 2 of 3 go on (ceil(3 / 2)), ranked on the split's noise (no seed noise added).
+    cands = [c for c in _candidates(state, [0.70, 0.69, 0.50, 0.20, 0.6, 0.6], rules=rules) if c.trial_id < 3]
+    rung = record_phase(state, "rung-1", cands, energy, energy, rules, last=True, energy_method="estimated")
+    assert rung.kept == [0] and state.selected == 0 and all(r["seed_se"] == 0.0 for r in rung.records)
 
 
 def test_replicates_are_evenly_spaced_per_cohort_with_other_keys_and_none_in_sh():
     space = {
-        "learning_rate": {"type": "LogUniform", "low": 1e-3, "high": 1e-1, "num": 6},
+        "learning_rate": {"type": "LogUniform", "low": 1e-3, "high": 1e-1, "num": 8},
         "batch_size": {"type": "Categorical", "choices": [16, 64]},
     }
     spec = StudySpec(space=space, replicates=2)
     configs, twins = spec.trial_configs(), spec.replicate_of()
-    assert len(configs) == 12 + 4 and sorted(twins) == [12, 13, 14, 15]
+    assert len(configs) == 16 + 4 and sorted(twins) == [16, 17, 18, 19]
     by_id = {c.trial_id: c for c in configs}
     for twin, original in twins.items():
         a, b = by_id[twin].values, by_id[original].values
         assert {k for k in a if a[k] != b[k]} == {"seed"}  # the same hyperparameters, other keys
-    assert [by_id[o]["batch_size"] for o in twins.values()] == [16, 16, 64, 64]  # two per cohort
+    assert [by_id[o]["batch_size"] for o in twins.values()] == [16, 16, 64, 64]  # two per cohort of 8
+    grid = sorted({c["learning_rate"] for c in configs})
+    assert [by_id[o]["learning_rate"] for o in twins.values()][:2] == [grid[2], grid[6]]  # evenly spaced
     assert StudySpec(space=space, mode="sh").replicate_of() == {}  # plain SH has none
-    assert StudySpec(space={"learning_rate": space["learning_rate"]}, replicates=5).replicate_of().keys() == {6, 7, 8}
+    one_cohort = StudySpec(space={"learning_rate": space["learning_rate"]}, replicates=5)
+    assert one_cohort.replicate_of().keys() == {8, 9}  # at most one per four configurations

@@ -410,10 +410,13 @@ def test_a_family_where_nothing_learned_yet_keeps_its_best_to_the_first_rung():
     assert exploration_filter(mlp + bare, z=2.0)[0] == [0, 1, 2, 11]
 
 
-def test_seed_noise_is_pooled_from_replicate_pairs():
-    assert seed_noise([(0.5, 0.5)]) is None  # one pair: too few to estimate
-    assert seed_noise([(0.50, 0.46), (0.60, 0.64)]) == pytest.approx(math.sqrt((0.04**2 + 0.04**2) / 4))
-    assert seed_noise([(0.5, math.nan), (0.6, 0.6), (0.7, 0.7)]) == 0.0  # non-finite pairs left out
+def test_seed_noise_is_the_replicate_spread_beyond_sampling_noise():
+    assert seed_noise([(0.5, 0.5, 0.01, 0.01)]) is None  # one pair: too few to estimate
+    pairs = [(0.50, 0.46, 0.01, 0.01), (0.60, 0.64, 0.01, 0.01)]
+    # (0.04^2 + 0.04^2) / 4 = 8e-4 observed, minus (4 * 0.01^2) / 4 = 1e-4 explained by sampling
+    assert seed_noise(pairs) == pytest.approx(math.sqrt(8e-4 - 1e-4))
+    assert seed_noise([(0.5, 0.51, 0.02, 0.02), (0.6, 0.6, 0.02, 0.02)]) == 0.0  # within sampling noise
+    assert seed_noise([(0.5, math.nan, 0.01, 0.01), (0.6, 0.6, 0.0, 0.0), (0.7, 0.7, 0.0, 0.0)]) == 0.0
 
 
 def test_measured_seed_noise_keeps_a_configuration_inside_it():
