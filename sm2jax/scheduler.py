@@ -97,8 +97,6 @@ DEFAULT_ENERGY_Z = 2.0
 """Energies are told apart at this many standard errors (their noise has heavier tails than scores')."""
 DEFAULT_EXPLORE_Z = 2.0
 """The clear margin, in standard errors, exploration needs to drop a configuration."""
-DEFAULT_RUNG_Z = 1.0
-"""The clear margin, in standard errors, an SM2 rung needs to drop a configuration of its top ``1/eta``."""
 
 
 @dataclasses.dataclass

@@ -112,8 +112,8 @@ def _training_joules(results: dict) -> float | None:
     return None if None in phases else float(sum(phases))
 
 
-def run_one(directory: pathlib.Path, data: str, seed: int, mode: str, dataset) -> dict:
-    spec = spec_for(data, seed, mode)
+def run_one(directory: pathlib.Path, data: str, seed: int, mode: str, dataset, overrides: dict | None = None) -> dict:
+    spec = spec_for(data, seed, mode, **(overrides or {}))
     t0 = time.perf_counter()
     if mode == "hyperband":
         r = run_hyperband(directory, spec, progress=False, dataset=dataset)
@@ -209,10 +209,10 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_in_process(directory: pathlib.Path, data: str, seed: int, mode: str) -> dict:
+def run_in_process(directory: pathlib.Path, data: str, seed: int, mode: str, overrides: dict | None = None) -> dict:
     """One study in a fresh Python process (cold programs, cache off); returns its row."""
     env = {**os.environ, "SM2JAX_COMPILE_CACHE": "off"}
-    cmd = [sys.executable, __file__, "--one", str(directory), data, str(seed), mode]
+    cmd = [sys.executable, __file__, "--one", str(directory), data, str(seed), mode, json.dumps(overrides or {})]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{data} seed {seed} {mode} failed:\n{out.stderr[-3000:]}")
@@ -222,9 +222,17 @@ def run_in_process(directory: pathlib.Path, data: str, seed: int, mode: str) -> 
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--one":
         directory, data, seed, mode = sys.argv[2:6]
+        overrides = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
         print(
             json.dumps(
-                run_one(pathlib.Path(directory), data, int(seed), mode, load_dataset(DATA[data][0], **_options(data)))
+                run_one(
+                    pathlib.Path(directory),
+                    data,
+                    int(seed),
+                    mode,
+                    load_dataset(DATA[data][0], **_options(data)),
+                    overrides,
+                )
             )
         )
         return None
@@ -236,13 +244,24 @@ def main(argv=None):
     )
     parser.add_argument("--json", type=pathlib.Path)
     parser.add_argument("--table", type=pathlib.Path)
+    parser.add_argument(
+        "--sm2-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="an ablation: override a StudySpec field of the SM2 studies (JSON value), e.g. --sm2-set explore_z=1.5",
+    )
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for data in args.data:
             for i, seed in enumerate(args.seeds):
                 for mode in args.modes:
-                    row = run_in_process(pathlib.Path(tmp) / f"{data}-{i}-{mode}", data, seed, mode)
+                    overrides = (
+                        {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.sm2_set)} if mode == "sm2" else {}
+                    )
+                    row = run_in_process(pathlib.Path(tmp) / f"{data}-{i}-{mode}", data, seed, mode, overrides)
+                    row["overrides"] = overrides
                     rows.append(row)
                     print(json.dumps({k: v for k, v in row.items() if k != "config"}), flush=True)
                     write_rows(args.json, rows)
