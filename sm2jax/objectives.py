@@ -177,7 +177,7 @@ def pareto_objective(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
 
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "performance": lambda **_: performance_objective,
-    "sm2": lambda z=1.0, energy_z=2.0, **_: sm2_objective(z, energy_z),
+    "sm2": lambda z=DEFAULT_NOISE_Z, energy_z=DEFAULT_ENERGY_Z, **_: sm2_objective(z, energy_z),
     "blend": lambda alpha=0.5, beta=0.3, **_: blend_objective(alpha, beta),
     "pareto": lambda **_: pareto_objective,
 }
