@@ -154,7 +154,8 @@ def test_out_of_memory_during_training_narrows_the_width_and_retries(tmp_path, m
     monkeypatch.setattr(CohortTrainer, "train", train_on_a_small_device)
     space = {"learning_rate": LogUniform(1e-3, 3e-2, num=8), "batch_size": 64}
     with pytest.warns(RuntimeWarning, match="out of memory; retrying at vmap width") as caught:
-        results = Study(tmp_path / "s", _spec(space, width_start="widest"), progress=False).run()
+        # No seed replicates: the cohort is exactly 8 trials wide (8 -> 4 -> 2).
+        results = Study(tmp_path / "s", _spec(space, width_start="widest", replicates=0), progress=False).run()
     assert [str(w.message)[-7:] for w in caught] == ["width 4", "width 2"]
     assert results["selected"] is not None and results["infeasible"] == {}
     retries = [

@@ -214,7 +214,7 @@ def _ratio(value) -> str:
 def markdown(rows: list[dict]) -> str:
     nan = float("nan")
     lines = [
-        "| contender | cohorts | XLA compiles | energy J total / compile / training [estimated] | energy vs static | wall s | CPU s | wall vs Optuna | CPU vs Optuna | epoch-trials | val acc | test acc |",
+        "| contender | cohorts | XLA compiles | energy J total / compile / training [estimated] | energy vs static | wall s | CPU s | wall / Optuna's | CPU / Optuna's | epoch-trials | val acc | test acc |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
