@@ -303,7 +303,7 @@ def record_phase(
     originals = [c for c in candidates if c.trial_id not in rules.replicate_of]
     replicas = [c for c in candidates if c.trial_id in rules.replicate_of]
     if replicas and phase == "explore":
-        seed_se = measure_seed_noise(state, phase, originals, replicas, rules.replicate_of)
+        seed_se = measure_seed_noise(state, originals, replicas, rules.replicate_of)
         for c in originals:
             c.seed_se = seed_se
     explored = [n["seed_se"] for n in state.seed_noise if n["measured"]]
@@ -316,24 +316,21 @@ def record_phase(
 
 
 def measure_seed_noise(
-    state: StudyState,
-    phase: str,
-    originals: Sequence[Candidate],
-    replicas: Sequence[Candidate],
-    replicate_of: dict[int, int],
+    state: StudyState, originals: Sequence[Candidate], replicas: Sequence[Candidate], replicate_of: dict[int, int]
 ) -> float:
-    """This phase's seed noise from the replicate pairs alive (:func:`sm2jax.scheduler.seed_noise`),
-    recorded in ``state``; with fewer than 2 pairs, the last measured figure (0 before any)."""
+    """Exploration's seed noise from its replicate pairs (:func:`sm2jax.scheduler.seed_noise`),
+    recorded in ``state``; 0 with fewer than 2 healthy pairs (too few to measure)."""
     by_id = {c.trial_id: c for c in originals}
-    pairs = [
-        (by_id[replicate_of[r.trial_id]].score, r.score, by_id[replicate_of[r.trial_id]].score_se, r.score_se)
-        for r in replicas
-        if replicate_of[r.trial_id] in by_id and r.healthy and by_id[replicate_of[r.trial_id]].healthy
-    ]
+    pairs = []
+    for r in replicas:
+        original = by_id.get(replicate_of[r.trial_id])
+        if original is not None and original.healthy and r.healthy:
+            pairs.append((original.score, r.score, original.score_se, r.score_se))
     measured = seed_noise(pairs)
-    earlier = [n["seed_se"] for n in state.seed_noise if n["measured"]]
-    value = measured if measured is not None else (earlier[-1] if earlier else 0.0)
-    state.seed_noise.append({"phase": phase, "pairs": len(pairs), "seed_se": value, "measured": measured is not None})
+    value = 0.0 if measured is None else measured
+    state.seed_noise.append(
+        {"phase": "explore", "pairs": len(pairs), "seed_se": value, "measured": measured is not None}
+    )
     return value
 
 

@@ -119,6 +119,7 @@ def run_one(directory: pathlib.Path, data: str, seed: int, mode: str, dataset, o
         r = run_hyperband(directory, spec, progress=False, dataset=dataset)
         subs = [json.loads((directory / f"bracket-{b['s']}" / "results.json").read_text()) for b in r["brackets"]]
         training = [_training_joules(s) for s in subs]
+        r = {**r, "metric_name": subs[0].get("metric_name")}
         training_j = None if None in training else sum(training)
     else:
         r = Study(directory, spec, progress=False, dataset=dataset).run()
@@ -149,13 +150,17 @@ def _mean(values):
     return statistics.fmean(values) if values else None
 
 
+def _times(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}x"
+
+
 def _better(row: dict, reference: dict) -> float | None:
     """How much better ``row``'s test metric is than ``reference``'s: accuracy in points (x100),
     mean squared error as is, lower is better (positive: better)."""
     a, b = row["test_metric"], reference["test_metric"]
     if a is None or b is None:
         return None
-    return (b - a) if row.get("metric_name") == "mse" else 100 * (a - b)
+    return (b - a) if reference.get("metric_name") == "mse" else 100 * (a - b)
 
 
 def table(rows: list[dict]) -> str:
@@ -173,7 +178,7 @@ def table(rows: list[dict]) -> str:
     for data in dict.fromkeys(r["data"] for r in rows):
         mine = [r for r in rows if r["data"] == data]
         by = {(r["mode"], r["seed"]): r for r in mine}
-        metric = mine[0].get("metric_name") or "accuracy"
+        metric = next((r["metric_name"] for r in mine if r.get("metric_name")), "accuracy")
         unit = "" if metric == "mse" else " pt"
         for mode in dict.fromkeys(r["mode"] for r in mine):
             rs = [r for r in mine if r["mode"] == mode]
@@ -185,12 +190,13 @@ def table(rows: list[dict]) -> str:
             )
             deltas = [_better(r, by[("sh", r["seed"])]) for r in rs if ("sh", r["seed"]) in by]
             deltas = [d for d in deltas if d is not None]
-            delta = f"{_mean(deltas):+.4g} / {min(deltas):+.4g}{unit}" if deltas else "n/a"
+            spec = "+.4f" if metric == "mse" else "+.2f"
+            delta = f"{format(_mean(deltas), spec)} / {format(min(deltas), spec)}{unit}" if deltas else "n/a"
             chosen = ", ".join(f"{r['trial_id']}" for r in rs)
             lines.append(
                 f"| {data} | {metric} | {mode} | {len(rs)} | {fmt(_mean([r['val_metric'] for r in rs]), '.4f')} | {fmt(_mean([r['test_metric'] for r in rs]), '.4f')} | "
                 f"{delta} | {fmt(_mean([r.get('test_se') for r in rs]), '.4f')} | {fmt(_mean([r['total_joules'] for r in rs]), ',.0f')} | {fmt(_mean([r['training_joules'] for r in rs]), ',.0f')} | "
-                f"{fmt(sh_ratio, '.2f')}x | {fmt(full_ratio, '.2f')}x | {chosen} |"
+                f"{_times(sh_ratio)} | {_times(full_ratio)} | {chosen} |"
             )
         for r in mine:
             if r.get("yardsticks_test"):
