@@ -306,8 +306,8 @@ def record_phase(
         seed_se = measure_seed_noise(state, originals, replicas, rules.replicate_of)
         for c in originals:
             c.seed_se = seed_se
-    explored = [n["seed_se"] for n in state.seed_noise if n["measured"]]
-    decision = decide_phase(phase, originals, rules, last=last, seed_se=explored[0] if explored else 0.0)
+    explored = state.seed_noise[0]["seed_se"] if state.seed_noise else 0.0  # 0 where too few pairs
+    decision = decide_phase(phase, originals, rules, last=last, seed_se=explored)
     stop_replicates(decision, replicas, rules.replicate_of)
     state.decisions.extend({"phase": phase, **rec, "energy_method": energy_method} for rec in decision.records)
     if last:

@@ -207,7 +207,7 @@ def format_results(results: dict[str, Any]) -> str:
             if phase in noise:
                 n = noise[phase]
                 seed = f"; seed noise +-{n['seed_se']:.4f} " + (
-                    f"({n['pairs']} pairs)" if n["measured"] else "(carried on)"
+                    f"({n['pairs']} pairs)" if n["measured"] else f"(too few pairs: {n['pairs']}, none added)"
                 )
             lines.append(
                 f"  {phase:<10} kept {c['kept']}, dropped {c['dropped']}" + (f" ({detail})" if detail else "") + seed
@@ -245,6 +245,7 @@ def partial_results(folder: StudyDir) -> dict[str, Any]:
         study=folder.path,
         spec=spec,
         configs={c.trial_id: c for c in spec.trial_configs()},
+        replicate_of=spec.replicate_of(),
         hardware=hardware,
         energy_method=hardware.get("energy_method") or (methods[0] if methods else "unavailable"),
         intensity_label=next((r["intensity_label"] for r in records if "intensity_label" in r), ""),
@@ -357,6 +358,7 @@ def assemble_results(
     study: str,
     spec: Any,
     configs: dict[int, Config],
+    replicate_of: dict[int, int],
     hardware: dict[str, Any],
     energy_method: str,
     intensity_label: str,
@@ -367,7 +369,6 @@ def assemble_results(
 ) -> dict[str, Any]:
     done = progress.completed_by
     finishers = set(done.values())
-    replicate_of = spec.replicate_of() if hasattr(spec, "replicate_of") else {}
 
     def interrupted(r: dict[str, Any]) -> bool:
         """Work of an attempt that was killed before it recorded the phase (repeated later)."""

@@ -79,9 +79,8 @@ class Study:
         self.spec = spec = bind(spec or read_spec(self.directory), dataset, directory)
         self.rules = DecisionRules.of(spec, objective)
         self.progress_bar = progress and is_primary()
-        self.configs = {
-            c.trial_id: c for c in spec.trial_configs()
-        }  # with SM2's seed replicates  # a bad space fails here, before anything is written
+        # With SM2's seed replicates; a bad space fails here, before anything is written.
+        self.configs = {c.trial_id: c for c in spec.trial_configs()}
         if not self.configs:
             raise ValueError("the search space produced no configuration")
         self.folder.claim(spec.to_json(), normalise=current_form)
@@ -159,6 +158,7 @@ class Study:
                 study=self.directory,
                 spec=self.spec,
                 configs=self.configs,
+                replicate_of=self.rules.replicate_of,
                 hardware=hardware,
                 energy_method=self.energy.method,
                 intensity_label=self.energy.ledger.intensity_label,
