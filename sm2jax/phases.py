@@ -130,6 +130,7 @@ class DecisionRules:
       eta: successive halving keeps ``1/eta`` per rung.
       keep_rule: ``ceil`` or ``floor`` (:func:`sm2jax.scheduler.halve`).
       explore_z: exploration's clear margin in standard errors.
+      explore_keep: the fraction of each cohort exploration keeps at most (halving inside a cohort).
       energy_noise: relative uncertainty of a cohort's energy rate.
       plateau_tolerance: a score gain at or below this flags a candidate as plateaued.
       replicate_of: seed replicate trial id -> the configuration it replicates (SM2's seed noise).
@@ -146,6 +147,7 @@ class DecisionRules:
     plateau_tolerance: float
     replicate_of: dict[int, int] = dataclasses.field(default_factory=dict, hash=False)
     rung_z: float | None = None
+    explore_keep: float = 1.0
 
     @classmethod
     def of(cls, spec: Any, objective: str | Objective | None = None) -> DecisionRules:
@@ -158,6 +160,7 @@ class DecisionRules:
             eta=spec.eta,
             keep_rule=spec.keep_rule,
             explore_z=spec.explore_z,
+            explore_keep=spec.explore_keep,
             energy_noise=spec.energy_noise,
             plateau_tolerance=spec.plateau_tolerance,
             replicate_of=spec.replicate_of(),
@@ -180,7 +183,7 @@ def decide_phase(
     worse of its top, ``seed_se`` being exploration's seed noise), or at the final rung the selection
     (one configuration, by ``final_objective``) and the finalists' Pareto front."""
     if phase == "explore":
-        kept, records = exploration_filter(candidates, z=rules.explore_z)
+        kept, records = exploration_filter(candidates, z=rules.explore_z, keep=rules.explore_keep)
     elif last:
         kept, records = halve(candidates, rules.final_objective, eta=len(candidates) + 1)  # keep only the best
     else:

@@ -39,7 +39,8 @@ relative uncertainty :math:`\rho_c` (``energy_noise``, 20% by default);
 with :math:`z_E = 2` by default: energy figures have heavier tails than a binomial score (identical
 runs' windows spread widely), so an energy gap must be wide to count.
 
-**Rungs** (objective ``sm2``). Candidates are ordered in score tiers (``noise_z = 0.5``): the first
+**Rungs** (objective ``sm2``). Candidates are ordered in score tiers (``noise_z``; 0 by default, see
+:data:`DEFAULT_NOISE_Z`: then a tier holds exact ties only and the rungs rank as SH's do): the first
 tier is everyone tied with the best score; inside a tier, candidates that fewer tier-mates are clearly cheaper than come
 first (ties broken by score, then trial id); the next tier starts from the best remaining score.
 SH's count is kept (``ceil(n / eta)``), so energy only ever chooses among configurations whose scores
@@ -56,7 +57,14 @@ near-ties go to the configuration cheaper to train. The trade-off is shown apart
   before exploration and chance (the majority-class rate; a study evaluates the untrained models
   only where chance is undefined, e.g. regression, since an untrained classifier scores about chance);
 * configurations clearly worse than the best of their own cohort: same model, batch size and
-  energy per step, so the score alone decides (Pareto dominance where the energies are equal).
+  energy per step, so the score alone decides (Pareto dominance where the energies are equal);
+* then each cohort is halved: of its :math:`k` configurations at most
+  :math:`\lceil \kappa k \rceil` go on (``explore_keep`` :math:`\kappa = 1/2` by default), best
+  score first. This is successive halving's rank decision, made inside a cohort -- like against like,
+  one program, equal energy per step -- at the exploration budget. It is where SM2 saves: the
+  clear-margin test alone kept 5 of 6 learning rates of a cohort whose quarter-epoch scores sat
+  within the seed noise, and every one of them then trained to the first rung. Across cohorts no
+  rank decision is made at exploration (other models learn at other speeds).
 
 **Slow starters.** A cohort is a family (same model and batch size): its best configuration is
 always kept to the first rung, also when nothing in it has learned yet -- a recurrent model or a small
@@ -89,16 +97,22 @@ from typing import Any
 
 DEFAULT_ENERGY_NOISE = 0.2
 """Relative uncertainty of a cohort's energy rate, at least (the run-to-run spread of identical runs' windows)."""
-DEFAULT_NOISE_Z = 0.5
-"""Scores within this many standard errors of their difference are tied (rungs). Dropping is for good,
-as the final selection is: at one standard error a cheaper tier-mate took the place of successive
-halving's winner (a large model that learns slower) on one MNIST-1D seed of five (-5.4 points)."""
+DEFAULT_NOISE_Z = 0.0
+"""Scores within this many standard errors of their difference are tied at a rung before the last,
+where a cheaper tier-mate goes first. 0: the rungs rank by score as successive halving does (energy
+breaks exact ties only). A drop there is for good, and the configurations that lose a tie on energy
+are the large models that learn slower: at 1 and at 0.5 standard errors a cheaper tier-mate took the
+place of successive halving's winner, a 1024x1024 MLP 0.45 standard errors behind at 3 epochs that
+won at 9, on one MNIST-1D seed of five (-5.4 points each time)."""
 DEFAULT_FINAL_Z = 0.5
 """The tie width at the final rung, where energy is sunk: only near-ties go to the cheaper configuration."""
 DEFAULT_ENERGY_Z = 2.0
 """Energies are told apart at this many standard errors (their noise has heavier tails than scores')."""
 DEFAULT_EXPLORE_Z = 2.0
 """The clear margin, in standard errors, exploration needs to drop a configuration."""
+
+DEFAULT_EXPLORE_KEEP = 0.5
+"""The fraction of each cohort exploration keeps at most (successive halving inside a cohort)."""
 
 
 @dataclasses.dataclass
@@ -396,17 +410,21 @@ def drop_clearly_worse(
 
 
 def exploration_filter(
-    candidates: Sequence[Candidate], *, z: float = DEFAULT_EXPLORE_Z
+    candidates: Sequence[Candidate], *, z: float = DEFAULT_EXPLORE_Z, keep: float = 1.0
 ) -> tuple[list[int], list[dict[str, Any]]]:
     """SM2's "save more" step after exploratory pretraining (module docstring).
 
-    Drops, in this order of reasons: divergence, a non-finite score, not having learned, and being
-    clearly worse than the best of its own cohort; "clearly" means by more than ``z`` standard errors
-    of the difference. The best configuration of every cohort that learned is always kept. Energy is
-    equal inside a cohort, so no decision here depends on an energy figure.
+    Drops, in this order of reasons: divergence, a non-finite score, not having learned, being
+    clearly worse than the best of its own cohort ("clearly": by more than ``z`` standard errors of
+    the difference), and being outside the best ``ceil(keep * k)`` of its cohort's ``k``
+    configurations (``keep`` 1: no halving; a slow starter is its cohort's only survivor). The best
+    configuration of every cohort that learned is always kept. Energy is equal inside a cohort, so
+    no decision here depends on an energy figure.
     """
     if z < 0:
         raise ValueError(f"noise multiplier z must be >= 0 (got {z})")
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1] (got {keep})")
     healthy = [c for c in candidates if c.healthy]
 
     def learned(c: Candidate) -> tuple[bool, str]:
@@ -433,7 +451,7 @@ def exploration_filter(
         family = [c for c in healthy if c.cohort == cohort]
         if not any(verdicts[c.trial_id][0] for c in family) and not nothing_learned:
             slow_starters.add(min(family, key=_progress_key).trial_id)
-    kept, records = [], []
+    drops: dict[int, tuple[str, str, Candidate | None]] = {}
     for c in candidates:
         code, reason, by = "", "", None
         if c.diverged:
@@ -455,8 +473,24 @@ def exploration_filter(
                         f"(difference {by.score - c.score:.3g} > {score_margin(by, c, z):.3g}; energy per step is equal in a cohort)"
                     ),
                 )
-        keep = not code
-        if keep:
+        drops[c.trial_id] = (code, reason, by)
+    # Successive halving inside each cohort: the best ceil(keep * k) of its k configurations go on.
+    for cohort in dict.fromkeys(c.cohort for c in candidates):
+        family = [c for c in candidates if c.cohort == cohort]
+        passed = sorted((c for c in family if not drops[c.trial_id][0]), key=_rank_key)
+        n = max(1, math.ceil(keep * len(family) - 1e-9))
+        for position, c in enumerate(passed[n:], start=n + 1):
+            drops[c.trial_id] = (
+                "outside_cohort_half",
+                f"rank {position} of its cohort's {len(passed)} survivors of the clear-margin test: outside the best "
+                f"{n} of {len(family)} (exploration halves each cohort, explore_keep={keep:g}; score {c.score:.4g})",
+                None,
+            )
+    kept, records = [], []
+    for c in candidates:
+        code, reason, by = drops[c.trial_id]
+        survives = not code
+        if survives:
             kept.append(c.trial_id)
             code, reason = "not_dominated", "learned and not clearly worse than the best of its cohort"
             if c.trial_id in slow_starters:
@@ -473,7 +507,7 @@ def exploration_filter(
         records.append(
             {
                 **c.terms(),
-                "kept": keep,
+                "kept": survives,
                 "reason_code": code,
                 "reason": reason,
                 "dominated_by": None if by is None else by.trial_id,
@@ -481,6 +515,12 @@ def exploration_filter(
             }
         )
     return kept, records
+
+
+def _rank_key(c: Candidate) -> tuple:
+    """Best first inside a cohort: the score, then the lowest validation loss, then the trial id."""
+    loss = c.val_loss if c.val_loss is not None and math.isfinite(c.val_loss) else math.inf
+    return (-c.score, loss, c.trial_id)
 
 
 def _progress_key(c: Candidate) -> tuple:

@@ -22,6 +22,7 @@ from sm2jax.sampling import METHODS, cohort_sample
 from sm2jax.scheduler import (
     DEFAULT_ENERGY_NOISE,
     DEFAULT_ENERGY_Z,
+    DEFAULT_EXPLORE_KEEP,
     DEFAULT_EXPLORE_Z,
     DEFAULT_FINAL_Z,
     DEFAULT_NOISE_Z,
@@ -135,6 +136,12 @@ class StudySpec:
         too likely to give up for energy that is sunk).
       energy_z: likewise for two energies, whose noise has heavier tails.
       explore_z: the clear margin, in standard errors, exploration needs to drop a configuration.
+      explore_keep: exploration also halves each cohort: of its ``k`` configurations at most
+        ``ceil(explore_keep * k)`` go on, best score first (:func:`sm2jax.scheduler.exploration_filter`).
+        A cohort's configurations share their model, batch size and energy per step, so this is a
+        rank decision between like and like, as successive halving makes at every rung; across
+        cohorts (other models learn at other speeds) exploration still drops only the clearly worse.
+        1 keeps every configuration that survives the clear-margin test.
       rung_z: off (``None``) by default; with a value, an SM2 rung before the last also drops the
         configurations of its top ``1/eta`` clearly worse than its best by ``rung_z`` standard errors
         (sampling and exploration's seed noise; :func:`sm2jax.scheduler.drop_clearly_worse`). It
@@ -182,6 +189,7 @@ class StudySpec:
     final_z: float = DEFAULT_FINAL_Z
     energy_z: float = DEFAULT_ENERGY_Z
     explore_z: float = DEFAULT_EXPLORE_Z
+    explore_keep: float = DEFAULT_EXPLORE_KEEP
     rung_z: float | None = None
     energy_noise: float = DEFAULT_ENERGY_NOISE
     alpha: float = 0.5
@@ -240,6 +248,10 @@ class StudySpec:
         if not 0 <= self.explore_budget < self.min_budget:
             raise ValueError(
                 f"explore_budget must be in [0, min_budget) (got {self.explore_budget}, min_budget {self.min_budget})"
+            )
+        if not 0 < self.explore_keep <= 1:
+            raise ValueError(
+                f"explore_keep must be in (0, 1] (got {self.explore_keep}): the fraction of each cohort exploration keeps, e.g. --set explore_keep=0.5 (1 keeps all)"
             )
         steps_for(1, self.budget_unit, 1, 1)  # validates the unit
         for name in ("probe_width", "quick_compile"):
@@ -315,8 +327,8 @@ def current_form(blob: dict[str, Any]) -> dict[str, Any]:
 
 
 def _upgraded(blob: dict[str, Any]) -> dict[str, Any]:
-    """A spec from before seed replicates decides as it did then."""
-    return {"replicates": 0, **blob}
+    """A spec from before seed replicates (and exploration's halving) decides as it did then."""
+    return {"replicates": 0, "explore_keep": 1.0, **blob}
 
 
 def bind(spec: StudySpec, dataset: ArrayDataset | None, directory: str | os.PathLike) -> StudySpec:

@@ -130,7 +130,7 @@ def test_seed_replicates_measure_exploration_noise_and_are_never_selected():
     decisions add; they stop after exploration, and the rungs rank on the split's noise alone."""
     import dataclasses
 
-    rules = dataclasses.replace(_rules(eta=2), replicate_of={4: 0, 5: 2})
+    rules = dataclasses.replace(_rules(eta=2, explore_keep=1.0), replicate_of={4: 0, 5: 2})
     state = _state(list(range(6)))
     energy = dict.fromkeys(range(6), 1.0)
     # 0 and 1 differ by 0.05: clearly apart on sampling noise (se 0.01) alone, tied once the pairs
@@ -182,3 +182,31 @@ def test_replicates_are_evenly_spaced_per_cohort_with_other_keys_and_none_in_sh(
     assert StudySpec(space=space, mode="sh").replicate_of() == {}  # plain SH has none
     one_cohort = StudySpec(space={"learning_rate": space["learning_rate"]}, replicates=5)
     assert one_cohort.replicate_of().keys() == {8, 9}  # at most one per four configurations
+
+
+def test_exploration_halves_each_cohort_by_default_and_an_older_study_decides_as_before():
+    """A spec's exploration halves each cohort (``explore_keep`` 0.5); a study folder from before
+    the halving (no such field) resumes with 1, every configuration that passes the clear margin."""
+    from sm2jax.spec import current_form
+
+    state = _state(list(range(4)))
+    # Scores within the sampling noise of each other: nothing is clearly worse.
+    decision = record_phase(
+        state,
+        "explore",
+        _candidates(state, [0.50, 0.49, 0.51, 0.48], chance=0.1),
+        dict.fromkeys(range(4), 1.0),
+        dict.fromkeys(range(4), 1.0),
+        _rules(),
+        last=False,
+        energy_method="estimated",
+    )
+    assert _rules().explore_keep == 0.5 and decision.kept == [0, 2]  # the best half of the cohort
+    old = {k: v for k, v in _rules_spec().to_json().items() if k != "explore_keep"}
+    assert current_form(old)["explore_keep"] == 1.0
+    with pytest.raises(ValueError, match=r"explore_keep must be in \(0, 1\].*--set explore_keep=0.5"):
+        _rules(explore_keep=1.5)
+
+
+def _rules_spec(**kw):
+    return StudySpec(space={"learning_rate": {"type": "Fixed", "value": 1e-3}}, **kw)

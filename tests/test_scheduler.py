@@ -431,3 +431,32 @@ def test_measured_seed_noise_keeps_a_configuration_inside_it():
         c.seed_se = 0.02  # measured by replicates: initialisation and data order move a score this much
     kept, records = exploration_filter([best, winner_later], z=2.0)
     assert kept == [0, 1] and records[1]["seed_se"] == 0.02  # margin 2 * sqrt(2 * (0.0156^2 + 0.02^2)) = 0.072
+
+
+def test_exploration_halves_each_cohort_by_rank_and_never_across_cohorts():
+    """Six learning rates of one model explore to scores within the seed noise: the clear-margin test
+    keeps all six, the halving the best three. A second, slower model keeps its own best half even
+    though every one of its scores is below the first model's worst."""
+    fast = [sm2_cand(i, 0.30 - 0.005 * i, 2.0, cohort="big", chance=0.1, se=0.016) for i in range(6)]
+    for c in fast:
+        c.seed_se = 0.02
+    slow = [sm2_cand(10 + i, 0.20 - 0.01 * i, 0.1, cohort="small", chance=0.1, se=0.014) for i in range(4)]
+    kept_all, _ = exploration_filter(fast + slow, z=2.0)
+    assert kept_all == [0, 1, 2, 3, 4, 5, 10, 11, 12, 13]  # nothing is clearly worse than its cohort's best
+    kept, records = exploration_filter(fast + slow, z=2.0, keep=0.5)
+    assert kept == [0, 1, 2, 10, 11]
+    why = {r["trial_id"]: r for r in records}
+    assert [why[t]["reason_code"] for t in (3, 4, 5, 12, 13)] == ["outside_cohort_half"] * 5
+    assert "rank 4 of its cohort's 6" in why[3]["reason"] and "best 3 of 6" in why[3]["reason"]
+    # The halving counts the whole cohort (ceil(keep * k)), also what the clear-margin test dropped,
+    # and a cohort of one keeps its one.
+    spread = [sm2_cand(i, s, 1.0, cohort="c", chance=0.1, se=0.01) for i, s in enumerate([0.9, 0.88, 0.3, 0.2])]
+    alone = [sm2_cand(20, 0.5, 1.0, cohort="d", chance=0.1, se=0.01)]
+    kept, records = exploration_filter(spread + alone, z=2.0, keep=0.5)
+    assert kept == [0, 1, 20]
+    assert [r["reason_code"] for r in records[2:4]] == ["dominated_in_cohort"] * 2
+    # Rank ties break by the validation loss, then the trial id; keep must be a fraction.
+    tied = [sm2_cand(i, 0.5, 1.0, chance=0.1, se=0.01, val_loss=loss) for i, loss in enumerate([1.2, 1.1, 1.3, 1.0])]
+    assert exploration_filter(tied, z=2.0, keep=0.5)[0] == [1, 3]
+    with pytest.raises(ValueError, match="keep must be in"):
+        exploration_filter(tied, keep=0.0)

@@ -8,8 +8,9 @@ paper's second task, real minute data built offline from the registry's ``Energy
 --data-dir TFDS``, then ``TFDS_DATA_DIR=TFDS``), an LSTM of 16 / 32 units x batch 64 / 256 x 4 Adam
 learning rates (16 configurations, 4 cohorts) forecasting next-hour power from 24 hours, with a
 chronological test split and the persistence and ridge-regression yardsticks. SM2 explores for a
-quarter epoch with 2 seed replicates per cohort; rungs at 1, 3, 9 epochs, eta 3; Hyperband with R = 9
-epochs. Every study of one (data set, seed) runs one after the other, each in a fresh process with
+quarter epoch with 2 seed replicates per cohort and keeps at most half of each cohort
+(``explore_keep``); its rungs rank by score (``noise_z`` 0); rungs at 1, 3, 9 epochs, eta 3; Hyperband
+with R = 9 epochs. Every study of one (data set, seed) runs one after the other, each in a fresh process with
 the persistent compile cache off, so every total includes its own cold compilation and ratios are
 side by side. Seeds vary initialisation and data order.
 
@@ -17,7 +18,7 @@ Per study: selected validation and test metric, total energy, energy without com
 ratio of the latter to SH's and to full search's. Energy is *estimated* from CPU time on a machine
 without a GPU counter (say so; never compare it with measured figures).
 
-Run (about 90 minutes on a 2-core CPU with 5 seeds)::
+Run (about 35 minutes on a 2-core CPU with 5 seeds and all four modes)::
 
     TFDS_DATA_DIR=... python experiments/bench/sm2_vs_baselines.py --json results/sm2_vs_baselines.json --table results/sm2_vs_baselines.md
 
