@@ -128,8 +128,10 @@ class StudySpec:
       objective: ``sm2`` (epsilon-constraint: energy decides only among scores tied within the noise,
         see :mod:`sm2jax.scheduler`), ``performance``, ``blend`` or ``pareto`` (a callable via
         :class:`Study` directly).
-      noise_z: two scores are tied unless they differ by more than ``noise_z`` standard errors of
-        their difference (rungs and the final selection).
+      noise_z: at a rung before the last, two scores are tied unless they differ by more than
+        ``noise_z`` standard errors of their difference, and a cheaper tier-mate goes first. 0 (the
+        default): the rungs rank by score as successive halving's do (energy-ordered tiers at 0.5 and
+        at 1 lost successive halving's winner, a large model that learns slower, on MNIST-1D).
       final_z: the tie width at the final rung, where energy is already spent: the selection is by
         score, and only scores within ``final_z`` standard errors go to the one cheaper to train (at
         one standard error the better-scoring configuration is truly better with probability ~0.84:
