@@ -517,16 +517,19 @@ def exploration_filter(
     return kept, records
 
 
+def _loss(c: Candidate) -> float:
+    """The validation loss, ``inf`` where it is unknown or not finite (it sorts last)."""
+    return c.val_loss if c.val_loss is not None and math.isfinite(c.val_loss) else math.inf
+
+
 def _rank_key(c: Candidate) -> tuple:
     """Best first inside a cohort: the score, then the lowest validation loss, then the trial id."""
-    loss = c.val_loss if c.val_loss is not None and math.isfinite(c.val_loss) else math.inf
-    return (-c.score, loss, c.trial_id)
+    return (-c.score, _loss(c), c.trial_id)
 
 
 def _progress_key(c: Candidate) -> tuple:
     """Best first: the lowest validation loss (it moves before a 0/1 metric), else the score."""
-    loss = c.val_loss if c.val_loss is not None and math.isfinite(c.val_loss) else math.inf
-    return (loss, -c.score, c.trial_id)
+    return (_loss(c), -c.score, c.trial_id)
 
 
 def finalist_front(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
