@@ -28,6 +28,7 @@ from sm2jax.cohort import group_into_cohorts
 from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import ArrayDataset
 from sm2jax.distributed import barrier, is_primary
+from sm2jax.energy.metering import deferred_interrupts
 from sm2jax.energy.stack import EnergyStack
 from sm2jax.phases import DecisionRules, StudyState, cohort_candidates, record_phase
 from sm2jax.placement import Placement
@@ -110,9 +111,10 @@ class Study:
                 self.folder.remove_temporaries()
                 results = self._run()
             results["compilation"] = {**tally.to_json(), "cache_dir": cache_dir}
-            if is_primary():
-                results["viewers"] = write_viewers(self.directory, results, self._state.trials, optuna=False)
-            self.folder.write_results(results)
+            with deferred_interrupts():  # a finished study's writers complete (TensorBoard's hangs if cut)
+                if is_primary():
+                    results["viewers"] = write_viewers(self.directory, results, self._state.trials, optuna=False)
+                self.folder.write_results(results)
         return results
 
     def _run(self) -> dict[str, Any]:
@@ -257,7 +259,8 @@ class Study:
         state.completed_by[name] = self.metering.attempt
         self.folder.commit_phase(p, state.to_json(), checkpoints, {r.spec.name: r.rows() for r in survivors})
         if is_primary():  # TensorBoard shows the study while it runs
-            write_viewers(self.directory, {"curves": state.curves}, state.trials, optuna=False)
+            with deferred_interrupts():  # TensorBoard's writer must not be interrupted halfway
+                write_viewers(self.directory, {"curves": state.curves}, state.trials, optuna=False)
         return survivors
 
 

@@ -218,3 +218,29 @@ def test_a_swallowed_ctrl_c_stops_at_the_next_window(tmp_path):
     with window() as w:  # the request is spent: later windows run
         pass
     assert w.reading is not None
+
+
+def test_an_interrupt_inside_deferred_interrupts_is_raised_when_the_block_ends():
+    """SIGTERM landing in TensorBoard's writer hung the process: the writers run with interrupts
+    held back, and the request is raised, with its signal, once they are done."""
+    import signal
+
+    from sm2jax.energy.metering import deferred_interrupts, interrupt_signal, request_interrupt
+
+    done = []
+    with pytest.raises(KeyboardInterrupt), deferred_interrupts():
+        with deferred_interrupts():  # nested: raised only when the outer block ends
+            request_interrupt(signal.SIGTERM)  # what the handler does on SIGTERM: here, no raise
+            done.append("inner")
+        done.append("outer")
+    assert done == ["inner", "outer"] and interrupt_signal() == signal.SIGTERM
+    with deferred_interrupts():  # the request is spent: a later block ends normally
+        done.append("later")
+    with pytest.raises(KeyboardInterrupt):  # outside a block the handler raises at once
+        request_interrupt(signal.SIGINT)
+    # Had that exception been swallowed (a gc callback), the next block raises it, as a window would.
+    with pytest.raises(KeyboardInterrupt), deferred_interrupts():
+        pass
+    with deferred_interrupts():  # spent
+        done.append("spent")
+    assert done[-2:] == ["later", "spent"]

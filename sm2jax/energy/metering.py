@@ -34,16 +34,35 @@ from sm2jax.energy.monitor import EnergyMonitor, WindowReading
 
 _INTERRUPT = threading.Event()
 _SIGNAL = [int(signal.SIGINT)]
+_DEFERRING = [0]  # depth of deferred_interrupts() blocks (signal handlers run in the main thread)
 
 
 def request_interrupt(signum=None, frame=None) -> None:
     """SIGINT and SIGTERM handler of the command line: raises ``KeyboardInterrupt`` as Python's
     default SIGINT handler does, and also marks the request, so that the study stops at its next
     energy window even when the exception was raised inside a garbage-collection callback (JAX
-    registers one), where Python prints "Exception ignored" and carries on."""
+    registers one), where Python prints "Exception ignored" and carries on. Inside
+    :func:`deferred_interrupts` it only marks the request."""
     _SIGNAL[0] = int(signum or signal.SIGINT)
     _INTERRUPT.set()
-    raise KeyboardInterrupt
+    if not _DEFERRING[0]:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Holds the command line's Ctrl-C and SIGTERM back while code runs that an exception raised at
+    an arbitrary line would leave stuck, and raises ``KeyboardInterrupt`` when it ends instead. A
+    TensorBoard writer interrupted between taking and releasing its queue's lock hangs the process
+    on close: SIGTERM right after a phase was committed never exited."""
+    _DEFERRING[0] += 1
+    try:
+        yield
+    finally:
+        _DEFERRING[0] -= 1
+    if not _DEFERRING[0] and _INTERRUPT.is_set():
+        _INTERRUPT.clear()
+        raise KeyboardInterrupt
 
 
 def interrupt_signal() -> int:
