@@ -18,9 +18,12 @@ from sm2jax.phases import (
 from sm2jax.spec import StudySpec
 
 
+def _rules_spec(**kw):
+    return StudySpec(space={"learning_rate": {"type": "Fixed", "value": 1e-3}}, **kw)
+
+
 def _rules(**kw):
-    spec = StudySpec(space={"learning_rate": {"type": "Fixed", "value": 1e-3}}, **kw)
-    return DecisionRules.of(spec)
+    return DecisionRules.of(_rules_spec(**kw))
 
 
 def _state(ids):
@@ -206,7 +209,3 @@ def test_exploration_halves_each_cohort_by_default_and_an_older_study_decides_as
     assert current_form(old)["explore_keep"] == 1.0
     with pytest.raises(ValueError, match=r"explore_keep must be in \(0, 1\].*--set explore_keep=0.5"):
         _rules(explore_keep=1.5)
-
-
-def _rules_spec(**kw):
-    return StudySpec(space={"learning_rate": {"type": "Fixed", "value": 1e-3}}, **kw)
