@@ -281,7 +281,9 @@ def scan_ledger(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dic
     damaged when it is not UTF-8 or not a JSON record, or when it is a window whose trials' shares
     and unattributed joules do not add up to its total (written by a version that wrote a window's
     trials on lines of their own, a kill or a full disk between them). A last line without its
-    newline (a torn write) is damaged too."""
+    newline (a torn write) is damaged too, and so is a duplicate -- a window whose ``window_id``
+    (attempt and sequence number) an earlier line already holds, or a line repeated byte for byte
+    (a restored backup, a bad merge): it is skipped, with the joules it would have added."""
     path = os.fspath(path)
     if not os.path.exists(path):
         return [], []
@@ -294,6 +296,7 @@ def scan_ledger(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dic
     damage: list[dict[str, Any]] = []
     windows: list[tuple[int, int, dict[str, Any], list | None]] = []  # (line, bytes, record, trials)
     legacy: dict[int, list[tuple[int, int, dict[str, Any]]]] = {}
+    seen: dict[Any, int] = {}  # a window's identity (or a line's bytes) -> the line that holds it
     for n, raw in enumerate(lines, start=1):
         try:
             record = json.loads(raw.decode("utf-8"))
@@ -306,6 +309,13 @@ def scan_ledger(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dic
                 else f"not a ledger record ({type(err).__name__})"
             )
             damage.append({"file": path, "line": n, "bytes": len(raw), "reason": reason, "joules": None})
+            continue
+        first = _first_copy(seen, n, raw, record)
+        if first is not None:
+            joules = record.get("joules") if record["type"] == "window" else 0.0
+            what = f"window {record['window_id']}" if "window_id" in record else "the same bytes"
+            reason = f"duplicate of line {first} ({what}): counted once"
+            damage.append({"file": path, "line": n, "bytes": len(raw), "reason": reason, "joules": joules})
             continue
         trials = record.pop("trials", None)
         if record["type"] == "window":
@@ -331,6 +341,20 @@ def scan_ledger(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dic
         records = [r for r in records if id(r) not in dropped]
     damage.sort(key=lambda d: d["line"])
     return records, damage
+
+
+def _first_copy(seen: dict[Any, int], line: int, raw: bytes, record: dict[str, Any]) -> int | None:
+    """The earlier line that ``record`` (line ``line``, bytes ``raw``) duplicates, else ``None``
+    (and it is remembered): the same ``window_id`` for a window, or the same bytes for any line."""
+    keys = [("bytes", raw)]
+    if record["type"] == "window" and "window_id" in record:
+        keys.append(("window", record["window_id"]))
+    for key in keys:
+        if key in seen:
+            return seen[key]
+    for key in keys:
+        seen[key] = line
+    return None
 
 
 def _move_lines(path: str, numbers: list[int], to: str) -> None:
