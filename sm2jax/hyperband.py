@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from sm2jax.budgets import hyperband_brackets
+from sm2jax.compile_cache import enable_compile_cache
 from sm2jax.data import ArrayDataset
 from sm2jax.spec import StudySpec
 from sm2jax.study import Study
@@ -32,8 +33,9 @@ def run_hyperband(
     of one shape reuse each other's compiled programs (in-process and through the persistent cache).
     ``devices``: the trials axis of every bracket (see :class:`Study`).
     """
+    enable_compile_cache()  # a bad cache path is one line before anything is written
     folder = StudyDir(directory)
-    folder.claim({"hyperband": spec.to_json()})  # refuses a directory holding another study
+    folder.claim({"hyperband": spec.to_json()}, normalise=_current_form)  # refuses a directory holding another study
     integral = spec.budget_unit in ("steps", "samples") and spec.max_budget == int(spec.max_budget)
     brackets, outcomes = hyperband_brackets(spec.max_budget, spec.eta, integral=integral), []
     for b in brackets:
@@ -80,3 +82,9 @@ def run_hyperband(
     }
     folder.write_results(results)
     return results
+
+
+def _current_form(blob: dict[str, Any]) -> dict[str, Any]:
+    """A stored Hyperband spec in this version's form (fields added since take their defaults, as
+    ``sm2jax resume`` reads it), so that an older run resumes."""
+    return {"hyperband": StudySpec(**blob["hyperband"]).to_json()}

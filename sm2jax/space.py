@@ -113,6 +113,9 @@ class Fixed:
     def grid(self) -> list[Any]:
         return [self.value]
 
+    def size(self) -> int:
+        return 1
+
     def sample(self, rng: np.random.Generator) -> Any:
         return self.value
 
@@ -131,6 +134,9 @@ class Categorical:
 
     def grid(self) -> list[Any]:
         return list(self.choices)
+
+    def size(self) -> int:
+        return len(self.choices)
 
     def sample(self, rng: np.random.Generator) -> Any:
         return self.choices[int(rng.integers(len(self.choices)))]
@@ -152,6 +158,10 @@ class Uniform:
 
     def grid(self) -> list[float]:
         return [float(v) for v in np.linspace(self.low, self.high, self.num)]
+
+    def size(self) -> int:
+        """Points in :meth:`grid`, without making it."""
+        return self.num
 
     def sample(self, rng: np.random.Generator) -> float:
         return float(rng.uniform(self.low, self.high))
@@ -196,6 +206,14 @@ class IntUniform:
             return list(range(self.low, self.high + 1))
         space = np.geomspace if self.log else np.linspace
         return sorted({round(v) for v in space(self.low, self.high, self.num)})
+
+    def size(self) -> int:
+        """Values in :meth:`grid`, without making a large one (spaced values that round alike count
+        once: exact up to 100,000 points, an upper bound above)."""
+        span = self.high - self.low + 1
+        if self.num is None:
+            return span
+        return len(self.grid()) if self.num <= 100_000 else min(self.num, span)
 
     def sample(self, rng: np.random.Generator) -> int:
         if self.log:
@@ -300,6 +318,22 @@ class SearchSpace:
         names = list(self.domains)
         product = itertools.product(*(self.domains[n].grid() for n in names))
         return [make_config(i, **dict(zip(names, combo))) for i, combo in enumerate(product)]
+
+    def grid_size(self) -> int:
+        """How many configurations :meth:`grid` makes, computed without making them."""
+        return math.prod(d.size() for d in self.domains.values())
+
+    @staticmethod
+    def grid_size_of(blob: Mapping[str, Any]) -> int | None:
+        """:meth:`grid_size` of a :meth:`to_json` mapping without validating its values (a model
+        registered by a module not imported yet is fine here); ``None`` where it is not of that form
+        (:meth:`from_json` says why, later)."""
+        kinds = {k.__name__: k for k in (Fixed, Categorical, Uniform, LogUniform, IntUniform)}
+        try:
+            domains = [kinds[d["type"]](**{k: v for k, v in d.items() if k != "type"}) for d in blob.values()]
+            return math.prod(d.size() for d in domains)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return None
 
     def sample(self, num: int, seed: int = 0) -> list[Config]:
         """``num`` configurations drawn independently with ``numpy`` seeded by ``seed``."""

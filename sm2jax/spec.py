@@ -37,6 +37,9 @@ REPLICATE_SEED_OFFSET = 1_000_003
 """A replicate's seed is its configuration's plus this (mod 2**31); its trial id differs too."""
 
 MODES = ("sm2", "sh", "full")
+DEFAULT_MAX_CONFIGURATIONS = 10_000
+"""A study of more configurations than this is refused before anything is made (``--set
+max_configurations=N`` raises it): drawing or listing 10^8 of them takes minutes and ~100 GB."""
 
 
 def _check_type(name: str, annotation: str, value: Any) -> None:
@@ -67,6 +70,7 @@ def _check_type(name: str, annotation: str, value: Any) -> None:
 
 _RANGES = (  # (field, bound, bound allowed)
     ("num_samples", 1, True),
+    ("max_configurations", 1, True),
     ("replicates", 0, True),
     ("seed", 0, True),
     ("max_train_examples", 1, True),
@@ -102,6 +106,9 @@ class StudySpec:
         independently, seeded by ``seed``); or a cohort-aware ``sobol``, ``halton`` or
         ``cohort_random`` (:mod:`sm2jax.sampling`: static combinations first, each filled with
         traced samples in multiples of ``width``, 8 when unset).
+      max_configurations: a grid or sample of more configurations than this is refused in one line
+        before anything is made (default :data:`DEFAULT_MAX_CONFIGURATIONS`); it changes nothing a
+        study trains.
       dataset: name for :func:`sm2jax.data.load_dataset` (built in or registered with
         :func:`sm2jax.register_dataset`); ``dataset_options`` its keyword arguments. With
         ``Study(..., dataset=ds)`` it is set to ``ds.name``.
@@ -172,6 +179,7 @@ class StudySpec:
     space: dict[str, Any]
     sampler: str = "grid"
     num_samples: int = 16
+    max_configurations: int = DEFAULT_MAX_CONFIGURATIONS
     seed: int = 0
     dataset: str = "digits"
     dataset_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -224,6 +232,7 @@ class StudySpec:
             raise ValueError(f"mode: unknown {self.mode!r}; known: {MODES}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler: unknown {self.sampler!r}; known: {', '.join(SAMPLERS)}")
+        self._check_size()
         if self.mode == "sh":
             self.explore_budget, self.objective, self.replicates = 0.0, "performance", 0
         if self.mode == "full":
@@ -259,6 +268,21 @@ class StudySpec:
         for name in ("probe_width", "quick_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false (got {getattr(self, name)!r}), e.g. --set {name}=false")
+
+    def configuration_count(self) -> int | None:
+        """How many configurations the spec makes (its grid's size, or ``num_samples``), computed
+        without making them (``None``: a space not of :meth:`SearchSpace.to_json`'s form)."""
+        if self.sampler == "grid":
+            return SearchSpace.grid_size_of(self.space)
+        return self.num_samples
+
+    def _check_size(self) -> None:
+        count = self.configuration_count()
+        if count is not None and count > self.max_configurations:
+            what = "the grid of its space" if self.sampler == "grid" else "num_samples, e.g. --samples"
+            raise ValueError(
+                f"the study would make {count:,} configurations ({what}), above the limit of {self.max_configurations:,}: search fewer, or raise the limit with --set max_configurations={count}"
+            )
 
     def phases(self) -> list[tuple[str, float]]:
         out = [("explore", self.explore_budget)] if self.explore_budget > 0 else []
@@ -319,6 +343,7 @@ def read_spec(directory: str | os.PathLike) -> StudySpec:
     unknown = sorted(set(blob) - {f.name for f in dataclasses.fields(StudySpec)})
     if unknown:
         raise ValueError(f"{folder.spec_path}: unknown field(s) {', '.join(unknown)}; remove them or upgrade sm2jax")
+    folder.check_seal(blob, current_form)  # an edited spec.json is refused, never re-interpreted
     return StudySpec(**_upgraded(blob))
 
 

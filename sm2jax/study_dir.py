@@ -3,6 +3,8 @@
 :class:`StudyDir` is the one place that knows where a study keeps what::
 
     spec.json              what to run (written once; ``{"hyperband": spec}`` for a Hyperband run)
+    spec.sealed.json       the spec as the study trained it, with its SHA-256: a resume whose
+                           spec.json was edited since is refused naming the fields
     hardware.json          devices, power limits, idle baseline, energy method
     ledger.jsonl           energy per window and per trial (append-only, fsync-ed)
     progress/phase-P.json  the study's state after phase P (atomic rename)
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -42,6 +45,36 @@ from sm2jax.files import TEMPORARY, write_atomic
 
 class FolderInUse(OSError):
     """Another process is running or resuming the study in this folder."""
+
+
+SEAL_EXEMPT = ("imports", "max_configurations")
+"""Spec fields that change nothing a study trains (modules to import, the size limit): left out of
+the seal, so changing them is never "an edited spec"."""
+
+
+def _sealed_fields(blob: dict[str, Any]) -> dict[str, Any]:
+    if "hyperband" in blob and isinstance(blob["hyperband"], dict):
+        return {**blob, "hyperband": _sealed_fields(blob["hyperband"])}
+    return {k: v for k, v in blob.items() if k not in SEAL_EXEMPT}
+
+
+def _canonical(blob: Any) -> str:
+    return json.dumps(blob, sort_keys=True, default=json_default)
+
+
+def _digest(blob: Any) -> str:
+    return hashlib.sha256(_canonical(blob).encode()).hexdigest()
+
+
+def differing_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted names where two JSON blobs differ (``space.learning_rate.high``), sorted."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        names = []
+        for k in sorted({*a, *b}):
+            if a.get(k) != b.get(k):
+                names += differing_fields(a.get(k), b.get(k), f"{prefix}{k}.") if k in a and k in b else [prefix + k]
+        return names
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def json_default(value: Any) -> Any:
@@ -80,6 +113,19 @@ def _os_reason(err: Exception) -> str:
     return os.strerror(int(code.group(1))) if code else f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
 
 
+def _normalised(
+    blob: dict[str, Any] | None, normalise: Callable[[dict[str, Any]], dict[str, Any]] | None
+) -> dict[str, Any] | None:
+    """``blob`` in this version's form (``normalise``), as JSON reads it back; as it is where it
+    cannot be normalised (unknown fields or values, or a normaliser of another kind of run)."""
+    if blob is None or normalise is None:
+        return blob
+    try:
+        return json.loads(json.dumps(normalise(blob), default=json_default))
+    except (KeyError, TypeError, ValueError):
+        return blob
+
+
 def _has_content(path: str) -> bool:
     if os.path.isdir(path):
         return bool(os.listdir(path))
@@ -113,6 +159,10 @@ class StudyDir:
     @property
     def spec_path(self) -> str:
         return self.file("spec.json")
+
+    @property
+    def seal_path(self) -> str:
+        return self.file("spec.sealed.json")
 
     @property
     def hardware_path(self) -> str:
@@ -257,21 +307,52 @@ class StudyDir:
         """
         wanted = json.loads(json.dumps(spec_blob, default=json_default))
         held = self.spec_blob()
-        if held is not None and "hyperband" not in held and normalise is not None:
-            try:
-                held = json.loads(json.dumps(normalise(held), default=json_default))
-            except (TypeError, ValueError):
-                pass  # unknown fields or values: compared as they are (and refused below if it has run)
+        ran = held is not None and self.has_run()
+        if ran:
+            self.check_seal(held, normalise)  # an edited spec.json is never believed
+        held = _normalised(held, normalise)
+        if ran and not os.path.exists(self.seal_path):  # a study from before seals: sealed as it stands
+            self._write_seal(held)
         if held == wanted:
+            if not ran:  # (re)sealed until it has trained something
+                self._write_seal(wanted)
             return
-        if held is not None and self.has_run():
+        if ran:
             kind = "a Hyperband run" if "hyperband" in held else "a study"
             differ = sorted(k for k in {*held, *wanted} if held.get(k) != wanted.get(k))
             raise ValueError(
                 f"{self.path} already holds {kind} with a different spec (differs in: {', '.join(differ)}); resume it (`sm2jax resume {self.path}`) or choose another directory"
             )
         os.makedirs(self.file("progress"), exist_ok=True)
+        self._write_seal(wanted)
         write_json(self.spec_path, spec_blob)
+
+    def _write_seal(self, blob: dict[str, Any]) -> None:
+        sealed = _sealed_fields(blob)
+        write_json(self.seal_path, {"sha256": _digest(sealed), "spec": sealed})
+
+    def check_seal(
+        self, held: dict[str, Any], normalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    ) -> None:
+        """Raises one line naming the fields when ``held`` (``spec.json`` as read) differs from the
+        spec the study trained with (``spec.sealed.json``) in anything but :data:`SEAL_EXEMPT`. A
+        study that has not trained anything is not checked, nor one from before seals (what it
+        trained with cannot be known; :meth:`claim` seals its spec as it stands). Reads only."""
+        if not self.has_run() or not os.path.exists(self.seal_path):
+            return
+        seal = read_json(self.seal_path)
+        sealed = seal.get("spec") if isinstance(seal, dict) else None
+        if not isinstance(sealed, dict) or seal.get("sha256") != _digest(sealed):
+            raise ValueError(
+                f"{self.seal_path} was edited or is damaged (its digest does not match): restore it, or delete it to accept {self.spec_path} as the spec the study trained with"
+            )
+        exempt = {k: held[k] for k in SEAL_EXEMPT if k in held}  # so that both normalise alike
+        now = _sealed_fields(_normalised(held, normalise))
+        differ = differing_fields(_sealed_fields(_normalised({**sealed, **exempt}, normalise)), now)
+        if differ:
+            raise ValueError(
+                f"{self.spec_path} was edited after the study trained with it (differs in: {', '.join(differ)}); put back the values recorded in {os.path.basename(self.seal_path)}, or run the new values in another directory"
+            )
 
     def write_hardware(self, blob: dict[str, Any]) -> None:
         write_json(self.hardware_path, blob)
