@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 
@@ -145,53 +146,97 @@ def _compare(args) -> int:
 
 
 def _write_report_files(results: dict, args) -> int:
+    """``report``'s files: tables and figures in ``--out`` (default ``DIR/report``), and for a finished
+    study ``optuna.db`` (in ``--out`` when given, else ``DIR``) and, with ``--out``, the TensorBoard
+    runs. Each file that cannot be written is one line saying so, and the rest are still written;
+    exit 2 if any was not."""
     from sm2jax.report import load_results
     from sm2jax.study_dir import StudyDir
 
     folder = StudyDir(args.dir)
     out = args.out or folder.report_path
     if results["mode"] == "hyperband":  # each bracket is a study of its own: its files in out/bracket-S
+        failed = 0
         for b in results["brackets"]:
-            code = _write_files(load_results(folder.bracket(b["s"])), os.path.join(out, f"bracket-{b['s']}"), args.dir)
-            if code:
-                return code
-        return 0
-    code = _write_files(results, out, args.dir)
-    if code == 0 and not results.get("partial"):
-        from sm2jax.viewers import write_optuna
-
-        path = write_optuna(folder.path, results)  # about a second of SQLite set-up: on request, not per run
-        print(
-            f"wrote {path} (optuna-dashboard sqlite:///{path})"
-            if path
-            else "no optuna.db: pip install 'sm2jax[optuna]'",
-            file=sys.stderr,
-        )
-    return code
+            failed += _write_files(load_results(folder.bracket(b["s"])), os.path.join(out, f"bracket-{b['s']}"))
+        return 2 if failed else 0
+    failed = _write_files(results, out)
+    if not results.get("partial"):
+        failed += _write_viewer_files(results, folder, args.out)
+    return 2 if failed else 0
 
 
-def _write_files(results: dict, out: str, directory: str) -> int:
-    from sm2jax.figures import write_plots, write_tables
+def _not_written(what: str, path: str, err: BaseException) -> None:
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
+    reason = str(reason).splitlines()[0][:300]
+    print(
+        f"sm2jax: error: {what} not written ({path}): {reason} (the rest is written; choose another folder with --out)",
+        file=sys.stderr,
+    )
+
+
+def _write_each(writers: list, what: str) -> tuple[list[str], int]:
+    """Runs each ``(path, write)``; returns the paths written and how many failed (each said in one line)."""
+    written, failed = [], 0
+    for path, write in writers:
+        try:
+            write()
+            written.append(path)
+        except Exception as err:
+            _not_written(os.path.basename(path) or what, path, err)
+            failed += 1
+    return written, failed
+
+
+def _write_files(results: dict, out: str) -> int:
+    """The tables and figures of ``results`` in ``out``; returns how many could not be written."""
+    from sm2jax.figures import plot_writers, table_writers
 
     if "trials" not in results:
         print(
-            f"sm2jax: {directory}/results.json predates per-configuration tables: `sm2jax resume {directory}` rewrites it (nothing retrains)",
+            f"sm2jax: {results['study']}/results.json predates per-configuration tables: `sm2jax resume {results['study']}` rewrites it (nothing retrains)",
             file=sys.stderr,
         )
     try:
-        written = write_tables(results, out)
+        os.makedirs(out, exist_ok=True)
     except OSError as err:
-        print(
-            f"sm2jax: error: cannot write the tables to {out}: {err.strerror or err} (choose another folder with --out)",
-            file=sys.stderr,
-        )
-        return 2
+        _not_written("the tables and figures", out, err)
+        return 1
+    writers = table_writers(results, out)
     try:
-        written += write_plots(results, out)
+        writers += plot_writers(results, out)
     except ImportError as err:
         print(f"sm2jax: {err}", file=sys.stderr)
-    print(f"wrote {', '.join(os.path.basename(p) for p in written)} to {out}", file=sys.stderr)
-    return 0
+    written, failed = _write_each(writers, "a table")
+    if written:
+        print(f"wrote {', '.join(os.path.basename(p) for p in written)} to {out}", file=sys.stderr)
+    return failed
+
+
+def _write_viewer_files(results: dict, folder, out: str | None) -> int:
+    """``optuna.db`` (in ``out`` when given, else the study folder) and, with ``out``, a TensorBoard
+    copy there; returns how many could not be written."""
+    from sm2jax.phases import StudyState
+    from sm2jax.viewers import OPTUNA, TENSORBOARD, sqlite_url, write_optuna, write_tensorboard
+
+    where = out or folder.path
+    db = os.path.join(where, OPTUNA)
+    written: list = []
+    # About a second of SQLite set-up: written on request, not per run.
+    _, failed = _write_each([(db, lambda: written.append(write_optuna(where, results)))], OPTUNA)
+    if written and written[0]:
+        print(f"wrote {db} (optuna-dashboard {shlex.quote(sqlite_url(db))})", file=sys.stderr)
+    elif not failed:
+        print("no optuna.db: pip install 'sm2jax[optuna]'", file=sys.stderr)
+    if out is not None:  # the study writes its own TensorBoard runs; --out gets a copy of everything
+        saved = folder.saved_phases()
+        trials = StudyState.from_json(folder.load_progress(saved[-1])).trials if saved else {}
+        board = lambda: write_tensorboard(out, results.get("curves") or {}, trials)
+        done, lost = _write_each([(os.path.join(out, TENSORBOARD), board)], TENSORBOARD)
+        failed += lost
+        if done:
+            print(f"wrote {done[0]} (tensorboard --logdir)", file=sys.stderr)
+    return failed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ[ENV] = args.compile_cache
 
+    from sm2jax.cohort import CohortError
     from sm2jax.energy.metering import interrupt_signal, request_interrupt
     from sm2jax.report import format_results, load_results
 
@@ -354,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + signum
-    except (ValueError, OSError, ImportError, KeyError) as err:  # bad input: one line, no traceback
+    except (ValueError, OSError, ImportError, KeyError, CohortError) as err:  # one line, no traceback
         if args.debug:
             raise
         message = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -18,11 +18,12 @@ peak and is multiplied by the traced peak: optax schedules cannot take a traced 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -105,6 +106,34 @@ class CohortSpec:
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
         aug = "" if s.augment == "none" else f"-{s.augment}"
         return f"{s.model_spec['name']}-bs{s.batch_size}-{s.optimizer}-d{_rate(s.dropout)}-{s.dtype}{aug}-{digest}"
+
+
+class CohortError(RuntimeError):
+    """Compiling, training or evaluating a cohort raised (a user's model, loss or optimizer, most
+    often): the message names the cohort, its configurations and the phase, then the error itself,
+    which is chained as ``__cause__`` (``sm2jax --debug`` shows its traceback)."""
+
+    @classmethod
+    def of(cls, cohort: CohortSpec, phase: str, err: BaseException) -> CohortError:
+        ids = [c.trial_id for c in cohort.configs]
+        shown = ", ".join(map(str, ids[:8])) + (f", ... ({len(ids)} in all)" if len(ids) > 8 else "")
+        model = json.dumps(cohort.signature.model_spec, sort_keys=True)
+        first = str(err).splitlines()[0] if str(err) else ""
+        return cls(
+            f"cohort {cohort.name} failed in phase {phase} (trials {shown}; model {model}; trial {ids[0]}: {cohort.configs[0].describe()}): {type(err).__name__}: {first}"
+        )
+
+
+@contextlib.contextmanager
+def blame(cohort: CohortSpec, phase: str) -> Iterator[None]:
+    """Re-raises an error of the block as a :class:`CohortError` naming ``cohort`` and ``phase``
+    (``KeyboardInterrupt`` and errors already naming a cohort pass as they are)."""
+    try:
+        yield
+    except CohortError:
+        raise
+    except Exception as err:
+        raise CohortError.of(cohort, phase, err) from err
 
 
 def _rate(dropout: float | str) -> str:

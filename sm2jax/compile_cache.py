@@ -54,11 +54,25 @@ def enable_compile_cache(path: str | os.PathLike | None = None) -> str | None:
             return None
         path = setting or default_cache_dir()
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    os.makedirs(path, exist_ok=True)
+    _check_cache_dir(path)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     return path
+
+
+def _check_cache_dir(path: str) -> None:
+    """Creates the cache directory, or raises one line naming the compile cache and the fix (a path
+    that is a file, or a folder that cannot be created or written)."""
+    fix = f"point {ENV} (or --compile-cache) at a writable directory, or set it to off"
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"the XLA compile cache {path} is a file, not a directory: {fix}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"the XLA compile cache {path} cannot be created ({err.strerror or err}): {fix}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"the XLA compile cache {path} is not writable: {fix}")
 
 
 @dataclasses.dataclass

@@ -23,9 +23,14 @@ figures say so and plot samples trained instead.
 from __future__ import annotations
 
 import csv
+import functools
+import io
 import json
 import os
+from collections.abc import Callable
 from typing import Any
+
+from sm2jax.files import write_atomic
 
 PLOT_HINT = "plots need matplotlib: pip install 'sm2jax[plot]' (the CSV tables were written)"
 
@@ -39,11 +44,13 @@ def _cell(value: Any) -> Any:
 
 
 def _write_csv(path: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(row.get(k)) for k in columns})
+    """Writes the table whole or not at all (a full disk leaves no truncated file)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _cell(row.get(k)) for k in columns})
+    write_atomic(path, text.getvalue().encode())
 
 
 def trial_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -68,6 +75,16 @@ def write_tables(results: dict[str, Any], directory: str | os.PathLike) -> list[
     """Writes ``trials.csv``, ``decisions.csv`` and ``energy.csv`` into ``directory``; returns the paths."""
     os.makedirs(directory, exist_ok=True)
     paths = []
+    for path, write in table_writers(results, directory):
+        write()
+        paths.append(path)
+    return paths
+
+
+def table_writers(results: dict[str, Any], directory: str | os.PathLike) -> list[tuple[str, Callable[[], None]]]:
+    """``(path, write)`` for each table, so that a caller can write each on its own (one that
+    fails does not stop the others)."""
+    writers = []
     trials = trial_rows(results)
     config_cols = sorted({k for r in trials for k in r if k.startswith("config.")})
     base = [
@@ -84,8 +101,7 @@ def write_tables(results: dict[str, Any], directory: str | os.PathLike) -> list[
         "gco2e",
         "reason",
     ]
-    paths.append(os.path.join(directory, "trials.csv"))
-    _write_csv(paths[-1], trials, base + config_cols)
+    writers.append((os.path.join(directory, "trials.csv"), (trials, base + config_cols)))
     decisions = results.get("decisions", [])
     first = [
         "phase",
@@ -101,15 +117,10 @@ def write_tables(results: dict[str, Any], directory: str | os.PathLike) -> list[
         "reason",
     ]
     rest = sorted({k for d in decisions for k in d} - set(first))
-    paths.append(os.path.join(directory, "decisions.csv"))
-    _write_csv(paths[-1], decisions, first + rest)
-    paths.append(os.path.join(directory, "energy.csv"))
-    _write_csv(
-        paths[-1],
-        energy_rows(results),
-        ["phase", "joules", "net_joules", "seconds", "methods", "kwh", "gco2e", "windows"],
-    )
-    return paths
+    writers.append((os.path.join(directory, "decisions.csv"), (decisions, first + rest)))
+    energy = ["phase", "joules", "net_joules", "seconds", "methods", "kwh", "gco2e", "windows"]
+    writers.append((os.path.join(directory, "energy.csv"), (energy_rows(results), energy)))
+    return [(path, functools.partial(_write_csv, path, *table)) for path, table in writers]
 
 
 def compare_rows(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -363,20 +374,34 @@ def plot_energy_by_phase(results: dict[str, Any]):
 
 
 def write_plots(results: dict[str, Any], directory: str | os.PathLike) -> list[str]:
-    """Writes the three PNGs into ``directory``; raises ``ImportError`` (with :data:`PLOT_HINT`)
+    """Writes the four PNGs into ``directory``; raises ``ImportError`` (with :data:`PLOT_HINT`)
     when matplotlib is not installed."""
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for path, write in plot_writers(results, directory):
+        write()
+        paths.append(path)
+    return paths
+
+
+def plot_writers(results: dict[str, Any], directory: str | os.PathLike) -> list[tuple[str, Callable[[], None]]]:
+    """``(path, write)`` for each figure (see :func:`table_writers`); raises ``ImportError`` (with
+    :data:`PLOT_HINT`) when matplotlib is not installed."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ImportError(PLOT_HINT) from None
-    os.makedirs(directory, exist_ok=True)
-    paths = []
-    for name, make in (
-        ("score_vs_energy", plot_score_vs_energy),
-        ("survival", plot_survival),
-        ("energy_by_phase", plot_energy_by_phase),
-        ("learning_curves", plot_learning_curves),
-    ):
-        paths.append(os.path.join(directory, f"{name}.png"))
-        make(results).savefig(paths[-1], dpi=110)
-    return paths
+
+    def write(path: str, make: Callable) -> None:
+        png = io.BytesIO()
+        make(results).savefig(png, dpi=110, format="png")  # a Figure of its own (no pyplot state to close)
+        write_atomic(path, png.getvalue())  # whole or not at all
+
+    makers = {
+        "score_vs_energy": plot_score_vs_energy,
+        "survival": plot_survival,
+        "energy_by_phase": plot_energy_by_phase,
+        "learning_curves": plot_learning_curves,
+    }
+    paths = {name: os.path.join(os.fspath(directory), f"{name}.png") for name in makers}
+    return [(paths[name], functools.partial(write, paths[name], make)) for name, make in makers.items()]

@@ -20,7 +20,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     folder, name = os.path.split(os.fspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=f"{name}.", suffix=TEMPORARY)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -31,6 +31,11 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
             os.remove(tmp)
         raise
     fsync_folder(folder or ".")
+
+
+def new_file_mode() -> int:
+    """The mode ``open`` gives a new file under the process's umask (``mkstemp`` gives 0600)."""
+    return 0o666 & ~_UMASK
 
 
 def fsync_folder(path: str) -> None:

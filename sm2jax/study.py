@@ -24,7 +24,7 @@ from typing import Any
 import jax
 
 from sm2jax.checkpoint import CheckpointError, StudyCheckpoints
-from sm2jax.cohort import group_into_cohorts
+from sm2jax.cohort import blame, group_into_cohorts
 from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import ArrayDataset
 from sm2jax.distributed import barrier, is_primary
@@ -75,6 +75,7 @@ class Study:
         dataset: ArrayDataset | None = None,
         devices: int | Sequence[Any] | None = None,
     ):
+        enable_compile_cache()  # a bad cache path is one line before anything is written
         self.folder = StudyDir(directory)
         self.directory = self.folder.path
         self.spec = spec = bind(spec or read_spec(self.directory), dataset, directory)
@@ -146,7 +147,8 @@ class Study:
                         print(
                             f"cohort {i}/{len(cohorts)} {c.name}: compiling (or loading) its programs", file=sys.stderr
                         )
-                    runners += [r] if (r := self.work.create_runner(c, state)) is not None else []
+                    with blame(c, "compile"):  # the first trace runs the user's model, loss and optimizer
+                        runners += [r] if (r := self.work.create_runner(c, state)) is not None else []
                 state.start([t for r in runners for t in r.trial_ids])
             for p in range(start, len(self.spec.phases())):
                 if not runners:
@@ -212,20 +214,21 @@ class Study:
                 bar.set_postfix_str(
                     f"trials alive {alive}, {self.metering.so_far_text()}, best {state.best_score_text()}"
                 )
-                # An untrained model's score is the reference for "has it learned?"; for classification
-                # that reference is chance, so the evaluations of untrained models are skipped there.
-                base = r.evaluate("explore") if name == "explore" and work.chance is None else None
-                before = {t: state.trials[str(t)]["samples_spent"] for t in r.trial_ids}
-                planned = work.planned(r, p)
-                win = {"window_seconds": self.spec.window_seconds, "steps_per_window": self.spec.steps_per_window}
-                trained = r.train_to(
-                    targets[r.spec.name], name, planned_trial_steps=planned, on_steps=bar.update, **win
-                )
-                bs = r.spec.signature.batch_size
-                state.record_training(trained.losses, bs)
-                rows = {f: r.field(f) for f in ("step", "active", "diverged_at")}
-                total = work.steps(self.spec.max_budget, bs) * bs
-                end = r.evaluate(name)
+                with blame(r.spec, name):
+                    # An untrained model's score is the reference for "has it learned?"; for classification
+                    # that reference is chance, so the evaluations of untrained models are skipped there.
+                    base = r.evaluate("explore") if name == "explore" and work.chance is None else None
+                    before = {t: state.trials[str(t)]["samples_spent"] for t in r.trial_ids}
+                    planned = work.planned(r, p)
+                    win = {"window_seconds": self.spec.window_seconds, "steps_per_window": self.spec.steps_per_window}
+                    trained = r.train_to(
+                        targets[r.spec.name], name, planned_trial_steps=planned, on_steps=bar.update, **win
+                    )
+                    bs = r.spec.signature.batch_size
+                    state.record_training(trained.losses, bs)
+                    rows = {f: r.field(f) for f in ("step", "active", "diverged_at")}
+                    total = work.steps(self.spec.max_budget, bs) * bs
+                    end = r.evaluate(name)
                 candidates += cohort_candidates(
                     state, r.spec.name, r.trial_ids, end, base, rows, bs, total, before, work.chance, self.rules
                 )
@@ -247,7 +250,8 @@ class Study:
                 if not last:
                     r.narrow_for_survivors(work.planned(r, p + 1))
             if last and work.data.has_test:  # once, for the selected configuration only
-                state.test = {"trial_id": ids[0], **r.evaluate(name, split="test").first()}
+                with blame(r.spec, f"{name} (test split)"):
+                    state.test = {"trial_id": ids[0], **r.evaluate(name, split="test").first()}
                 state.yardsticks = forecast_yardsticks(work.data)
             survivors.append(r)
         for r in runners:

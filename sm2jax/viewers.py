@@ -14,11 +14,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from typing import Any
+
+from sm2jax.files import TEMPORARY, new_file_mode
 
 TENSORBOARD = "tensorboard"
 OPTUNA = "optuna.db"
@@ -73,22 +77,48 @@ def _param(value: Any) -> Any:
     return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
 
 
+def sqlite_url(path: str | os.PathLike) -> str:
+    """An SQLAlchemy URL of the SQLite file ``path`` that any path survives (``%``, ``?``, ``#``,
+    spaces, non-ASCII: percent-encoded, which SQLAlchemy decodes back; braces too, which Optuna's
+    URL template would read as fields)."""
+    from sqlalchemy.engine import URL
+
+    url = URL.create("sqlite", database=os.path.abspath(os.fspath(path))).render_as_string(hide_password=False)
+    return url.replace("{", "%7B").replace("}", "%7D")
+
+
 def write_optuna(directory: str, results: dict[str, Any]) -> str | None:
-    """Rewrites ``directory/optuna.db`` from a study's results; ``None`` when Optuna is not installed."""
+    """Rewrites ``directory/optuna.db`` from a study's results; ``None`` when Optuna is not installed.
+    It is written whole under a temporary name and renamed: a failure leaves the previous file as it
+    was, and raises (an ``OSError`` naming the path when ``optuna.db`` is a folder)."""
     try:
         with warnings.catch_warnings():  # optuna imports tqdm.auto, which warns in a notebook without ipywidgets
             warnings.filterwarnings("ignore", message="IProgress not found")
             import optuna
     except ImportError:
         return None
+    path = os.path.join(directory, OPTUNA)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"{path} is a folder, not an Optuna database (move it away)", path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{OPTUNA}.", suffix=TEMPORARY)  # an empty SQLite database
+    os.fchmod(fd, new_file_mode())
+    os.close(fd)
+    try:
+        _fill_optuna(optuna, tmp, results)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _fill_optuna(optuna: Any, path: str, results: dict[str, Any]) -> None:
     from optuna.distributions import CategoricalDistribution
     from optuna.trial import TrialState
 
-    path = os.path.join(directory, OPTUNA)
-    if os.path.exists(path):
-        os.remove(path)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=f"sqlite:///{path}", study_name="sm2jax", direction="maximize")
+    storage = optuna.storages.RDBStorage(sqlite_url(path))
+    study = optuna.create_study(storage=storage, study_name="sm2jax", direction="maximize")
     study.set_user_attr("mode", results.get("mode"))
     study.set_user_attr("energy_method", results.get("energy_method"))
     rows = results.get("trials", [])
@@ -127,4 +157,4 @@ def write_optuna(directory: str, results: dict[str, Any]) -> str | None:
                 user_attrs=attrs,
             )
         )
-    return path
+    storage.engine.dispose()  # the file is closed before it is renamed
