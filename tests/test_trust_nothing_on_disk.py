@@ -346,22 +346,12 @@ def test_an_error_in_a_users_model_names_the_cohort_its_configurations_and_the_p
     assert "CohortError: cohort broken-bs" in debug.stderr
 
 
-def test_an_error_in_a_users_loss_names_the_cohort_and_keeps_the_error(tmp_path):
-    def loss(outputs, targets):
-        if outputs.shape[-1] == 3:
-            raise RuntimeError("my loss expects 4 classes")
-        return jnp.zeros(outputs.shape[0])
-
-    sm2jax.register_task(
-        sm2jax.Task(
-            "picky", loss=loss, metric=lambda o, y: jnp.zeros(o.shape[0]), metric_name="m", higher_is_better=True
-        )
-    )
+def _picky_study(tmp_path, task: str, **space):
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(64, 4)).astype(np.float32), rng.integers(0, 3, 64).astype(np.int32)
-    data = sm2jax.ArrayDataset("picky-data", "picky", x[:48], y[:48], x[48:], y[48:], 3)
+    data = sm2jax.ArrayDataset("picky-data", task, x[:48], y[:48], x[48:], y[48:], 3)
     spec = StudySpec(
-        space=SearchSpace({"learning_rate": LogUniform(1e-3, 1e-2, num=2), "batch_size": 16}).to_json(),
+        space=SearchSpace({"learning_rate": LogUniform(1e-3, 1e-2, num=2), "batch_size": 16, **space}).to_json(),
         dataset="picky-data",
         max_budget=1,
         min_budget=1,
@@ -370,10 +360,32 @@ def test_an_error_in_a_users_loss_names_the_cohort_and_keeps_the_error(tmp_path)
         probe_width=False,
         energy_method="estimated",
     )
+    return sm2jax.Study(tmp_path / "s", spec, dataset=data, progress=False)
+
+
+def test_an_error_in_a_users_loss_names_the_cohort_and_keeps_the_error(tmp_path):
+    def loss(outputs, targets):
+        if outputs.shape[-1] == 3:
+            raise RuntimeError("my loss expects 4 classes")
+        return jnp.zeros(outputs.shape[0])
+
+    metric = lambda o, y: jnp.zeros(o.shape[0])
+    sm2jax.register_task(sm2jax.Task("picky", loss=loss, metric=metric, metric_name="m", higher_is_better=True))
     with pytest.raises(CohortError, match=r"cohort mlp-bs16-.* failed in phase compile \(trials 0, 1;") as raised:
-        sm2jax.Study(tmp_path / "s", spec, dataset=data, progress=False).run()
+        _picky_study(tmp_path, "picky").run()
     assert "RuntimeError: my loss expects 4 classes" in str(raised.value)
     assert isinstance(raised.value.__cause__, RuntimeError)  # the user's own error, with its traceback
+
+
+def test_an_error_in_a_users_optimizer_names_the_cohort_and_keeps_the_error(tmp_path):
+    def fussy(learning_rate, b1=0.9):
+        raise TypeError("fussy needs a schedule, not a number")
+
+    sm2jax.register_optimizer("fussy", fussy)
+    with pytest.raises(CohortError, match=r"cohort mlp-bs16-fussy-.* failed in phase compile") as raised:
+        _picky_study(tmp_path, "classification", optimizer="fussy").run()
+    assert "TypeError: fussy needs a schedule, not a number" in str(raised.value)
+    assert isinstance(raised.value.__cause__, TypeError)
 
 
 # ---------------------------------------------------------------------------------- the compile cache
