@@ -75,6 +75,37 @@ def init_arguments(names: Sequence[str]) -> tuple:
     return (_SCALAR, _SCALAR, {n: jax.ShapeDtypeStruct((), jnp.float32) for n in names})
 
 
+def init_settings(signature: Any, input_shape: Sequence[int], num_outputs: int) -> InitSettings:
+    """What a cohort of ``signature`` initialises a trial from, for examples of ``input_shape``."""
+    return InitSettings(
+        model_builder(signature.model_spec["name"]),
+        signature.model,
+        tuple(input_shape),
+        int(num_outputs),
+        signature.dtype,
+        get_optimizer(signature.optimizer),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _trial_shapes(settings: InitSettings, hyperparameter_names: tuple[str, ...]) -> Any:
+    """Shapes and dtypes of one trial's init outputs (traced once per settings)."""
+    return jax.eval_shape(functools.partial(init_trial, settings), *init_arguments(hyperparameter_names))
+
+
+def abstract_rows(settings: InitSettings, hyperparameter_names: Sequence[str], k: int) -> CohortState:
+    """Shapes and dtypes of ``k`` host rows of a cohort (restore targets), traced once and
+    computing nothing."""
+    one = _trial_shapes(settings, tuple(hyperparameter_names))
+    params, model_state, opt_state, dropout_key, data_key = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype), one
+    )
+    i32k = jax.ShapeDtypeStruct((k,), jnp.int32)
+    return CohortState(
+        params, model_state, opt_state, dropout_key, data_key, i32k, i32k, jax.ShapeDtypeStruct((k,), jnp.bool_), i32k
+    )
+
+
 class CohortTrainer:
     """Programs of one cohort signature: init one trial, train and evaluate W-wide chunks.
 
@@ -120,14 +151,7 @@ class CohortTrainer:
         )
         optimizer = get_optimizer(sig.optimizer)
         self.hyperparameter_names = traced_names(sig, self.task.hyperparameters)
-        self.init_settings = InitSettings(
-            model_builder(sig.model_spec["name"]),
-            sig.model,
-            tuple(dataset.input_shape),
-            int(dataset.num_outputs),
-            sig.dtype,
-            optimizer,
-        )
+        self.init_settings = init_settings(sig, dataset.input_shape, dataset.num_outputs)
 
         def graph(dropout: float):
             model = nnx.eval_shape(lambda: self.init_settings.build(jax.random.PRNGKey(0), dropout))
@@ -215,30 +239,9 @@ class CohortTrainer:
         rows = self.init_rows(configs)
         return chunk_rows(rows, width or self.placement.round_width(len(rows.step)), self.placement)
 
-    @functools.cached_property
-    def _trial_shapes(self) -> Any:
-        """Shapes and dtypes of one trial's init outputs (traced once, nothing computed)."""
-        return jax.eval_shape(
-            functools.partial(init_trial, self.init_settings), *init_arguments(self.hyperparameter_names)
-        )
-
     def abstract_rows(self, k: int) -> CohortState:
         """Shapes and dtypes of ``k`` host rows (restore targets), without computing anything."""
-        params, model_state, opt_state, dropout_key, data_key = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct((k, *a.shape), a.dtype), self._trial_shapes
-        )
-        i32k = jax.ShapeDtypeStruct((k,), jnp.int32)
-        return CohortState(
-            params,
-            model_state,
-            opt_state,
-            dropout_key,
-            data_key,
-            i32k,
-            i32k,
-            jax.ShapeDtypeStruct((k,), jnp.bool_),
-            i32k,
-        )
+        return abstract_rows(self.init_settings, self.hyperparameter_names, k)
 
     def abstract_chunk(self, width: int) -> CohortState:
         """Shapes, dtypes and shardings of a ``width``-wide chunk: what its programs are compiled
