@@ -2,9 +2,11 @@
 
 from sm2jax.cohort import CohortSpec, group_into_cohorts
 from sm2jax.data import ArrayDataset, register_dataset
+from sm2jax.handback import TrainedModel, export, load_selected
 from sm2jax.hyperband import run_hyperband
 from sm2jax.models import dropout, register_model
 from sm2jax.placement import Placement, request_cpu_devices
+from sm2jax.report import Results, load_results
 from sm2jax.rows import CohortState
 from sm2jax.sampling import cohort_sample
 from sm2jax.space import Categorical, Config, Fixed, IntUniform, LogUniform, SearchSpace, Uniform, make_config
@@ -27,14 +29,19 @@ __all__ = [
     "IntUniform",
     "LogUniform",
     "Placement",
+    "Results",
     "SearchSpace",
     "Study",
     "StudySpec",
     "Task",
+    "TrainedModel",
     "Uniform",
     "cohort_sample",
     "dropout",
+    "export",
     "group_into_cohorts",
+    "load_results",
+    "load_selected",
     "make_config",
     "register_dataset",
     "register_hyperparameter",

@@ -326,6 +326,12 @@ def main(argv: list[str] | None = None) -> int:
     prep.add_argument("--data-dir", help="TFDS data folder (default: $TFDS_DATA_DIR, else ~/tensorflow_datasets)")
     prep.add_argument("--manual-dir", help="folder holding the downloaded archive (default: DATA_DIR/downloads/manual)")
     prep.add_argument("--no-download", action="store_true", help="never download: use the archive in the manual folder")
+    exp = sub.add_parser(
+        "export", help="write a finished study's selected (or --trial) model: an Orbax checkpoint and its JSON"
+    )
+    exp.add_argument("dir")
+    exp.add_argument("out", help="a new (or empty) folder; sm2jax.load_selected(OUT) loads it")
+    exp.add_argument("--trial", type=int, metavar="N", help="a finalist's trial id instead of the selection")
     compare = sub.add_parser("compare", help="finished studies side by side (e.g. SM2 vs SH vs full on identical work)")
     compare.add_argument("dirs", nargs="+")
     compare.add_argument("--json", action="store_true")
@@ -381,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
             results = _resume(args)
         elif args.command == "compare":
             return _compare(args)
+        elif args.command == "export":
+            from sm2jax.handback import describe, export, load_selected
+
+            out = export(args.dir, args.out, args.trial)
+            print(f"exported {describe(load_selected(out))} to {out}")
+            return 0
         elif args.command == "prepare":
             from sm2jax.prepare import prepare
 

@@ -43,7 +43,8 @@ class StudyState:
       infeasible: trial id -> why it cannot run here (batch larger than the data, does not fit).
       hardware: cohort name -> ``{"width", "notes", "choices"}``, every width decision with its reason.
       runners: cohort name -> what its runner needs to continue (:meth:`CohortRunner.to_json`).
-      alive: cohort name -> trial ids of its surviving rows, in row order.
+      alive: cohort name -> trial ids of its surviving rows, in row order (after the last phase:
+        every finalist's, whose trained rows its checkpoint keeps for :mod:`sm2jax.handback`).
       trials: trial id -> ``{"score", "score_se", "metric", "energy_spent", "samples_spent", "history"}``
         (``energy_spent``: the joules :class:`~sm2jax.energy.metering.Metering` attributed to it in
         finished phases, the decisions' input).

@@ -195,9 +195,9 @@ class CohortRunner:
         """The device each live trial's row is on (rows are chunked in trial order)."""
         return self.placement.trial_devices(self.k, self.width)
 
-    def rows(self) -> CohortState:
-        """The live rows gathered on the host (for checkpoints)."""
-        return gather_rows(self.chunks, self.trial_ids, self.placement)
+    def rows(self, trial_ids: list[int] | None = None) -> CohortState:
+        """The live rows (or those of ``trial_ids``) gathered on the host (for checkpoints)."""
+        return gather_rows(self.chunks, self.trial_ids if trial_ids is None else trial_ids, self.placement)
 
     def select(self, trial_ids: list[int]) -> None:
         """Keeps the rows of ``trial_ids`` (survivors), gathered on the host and re-chunked at the

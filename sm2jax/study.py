@@ -30,6 +30,7 @@ from sm2jax.data import ArrayDataset
 from sm2jax.distributed import barrier, is_primary
 from sm2jax.energy.metering import deferred_interrupts
 from sm2jax.energy.stack import EnergyStack
+from sm2jax.handback import data_shapes, load_selected
 from sm2jax.phases import DecisionRules, StudyState, cohort_candidates, record_phase
 from sm2jax.placement import Placement
 from sm2jax.programs import memory_limit_bytes
@@ -112,11 +113,17 @@ class Study:
                 self.folder.remove_temporaries()
                 results = self._run()
             results["compilation"] = {**tally.to_json(), "cache_dir": cache_dir}
+            results["data"] = data_shapes(self.work.data)
             with deferred_interrupts():  # a finished study's writers complete (TensorBoard's hangs if cut)
                 if is_primary():
                     results["viewers"] = write_viewers(self.directory, results, self._state.trials, optuna=False)
                 self.folder.write_results(results)
         return results
+
+    def selected_model(self, trial_id: int | None = None):
+        """The trained model of the selection (or of finalist ``trial_id``) of this finished study:
+        a :class:`~sm2jax.handback.TrainedModel` (see :func:`sm2jax.handback.load_selected`)."""
+        return load_selected(self.directory, trial_id, dataset=self.work.data)
 
     def _run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
@@ -240,6 +247,11 @@ class Study:
         decision = record_phase(
             state, name, candidates, *joules, self.rules, last=last, energy_method=self.energy.method
         )
+        # The last phase's checkpoint keeps every finalist (each can be loaded: sm2jax.handback).
+        finalists, final_rows = {f["trial_id"] for f in decision.finalists} if last else set(), {}
+        for r in runners:
+            if ids := [t for t in r.trial_ids if t in finalists]:
+                final_rows[r.spec.name] = (ids, r.rows(ids), r)
         survivors = []
         for r in runners:
             ids = [t for t in r.trial_ids if t in decision.kept]
@@ -257,11 +269,17 @@ class Study:
         for r in runners:
             if r.spec.name in state.hardware:
                 state.hardware[r.spec.name]["choices"] = r.choices
-        state.alive = {r.spec.name: r.trial_ids for r in survivors}
-        state.runners = {r.spec.name: r.to_json() for r in survivors}
+        if last:
+            state.alive = {name: ids for name, (ids, _, _) in final_rows.items()}
+            state.runners = {name: r.to_json() for name, (_, _, r) in final_rows.items()}
+            saved = {name: rows for name, (_, rows, _) in final_rows.items()}
+        else:
+            state.alive = {r.spec.name: r.trial_ids for r in survivors}
+            state.runners = {r.spec.name: r.to_json() for r in survivors}
+            saved = {r.spec.name: r.rows() for r in survivors}
         state.phase = p
         state.completed_by[name] = self.metering.attempt
-        self.folder.commit_phase(p, state.to_json(), checkpoints, {r.spec.name: r.rows() for r in survivors})
+        self.folder.commit_phase(p, state.to_json(), checkpoints, saved)
         if is_primary():  # TensorBoard shows the study while it runs
             with deferred_interrupts():  # TensorBoard's writer must not be interrupted halfway
                 write_viewers(self.directory, {"curves": state.curves}, state.trials, optuna=False)
