@@ -215,13 +215,58 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load_results(directory: str | os.PathLike) -> dict[str, Any]:
+class Results(dict):
+    """A study's results (the mapping ``results.json`` holds), with a table of its configurations."""
+
+    def trials_dataframe(self):
+        """One row per configuration (pandas), as Optuna's ``Study.trials_dataframe``: ``trial_id``,
+        ``cohort``, ``status`` (``selected``, ``finalist``, the reason code it was dropped for,
+        ``infeasible``, ``running``), ``phase_reached``, ``reason``; its last ``score``,
+        ``score_se`` and ``metric``; ``samples`` trained; ``score_<phase>`` at every phase it
+        reached (each phase's budget); its energy (``energy_joules``, ``kwh``, ``gco2e``) and by kind
+        of window (``energy_train_j``, ``energy_eval_j``, ``energy_compile_j`` ...: compilation is
+        its share of its cohort's); ``params_<name>`` for every hyperparameter (a mapping such as the
+        model as JSON text); ``replicate_of`` for a seed replicate. A Hyperband run's rows carry
+        their ``bracket``."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("trials_dataframe needs pandas: pip install pandas") from None
+        if self.get("mode") == "hyperband":
+            folder = StudyDir(self["study"])
+            frames = [
+                load_results(folder.bracket(b["s"])).trials_dataframe().assign(bracket=b["s"]) for b in self["brackets"]
+            ]
+            return pd.concat(frames, ignore_index=True)
+        curves = self.get("curves") or {}
+        rows = []
+        for t in self.get("trials", []):
+            row = {k: v for k, v in t.items() if k not in ("config", "energy_by_kind", "last_phase")}
+            row["phase_reached"] = t["last_phase"]
+            for _, score, phase in curves.get(str(t["trial_id"]), {}).get("val", []):
+                row[f"score_{phase}"] = score
+            for kind, joules in (t.get("energy_by_kind") or {}).items():
+                row[f"energy_{kind.replace('-', '_')}_j"] = joules
+            for name, value in t["config"].items():
+                row[f"params_{name}"] = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+            rows.append(row)
+        frame = pd.DataFrame(rows)
+        phases = list(dict.fromkeys(d["phase"] for d in self.get("decisions", []) if d["phase"] != "hardware"))
+        scores = [f"score_{p}" for p in phases if f"score_{p}" in frame]
+        energy = sorted(c for c in frame if c.startswith("energy_") and c != "energy_joules")
+        params = [c for c in frame if c.startswith("params_")]
+        first = [c for c in frame if c not in {*scores, *energy, *params}]
+        return frame[first + scores + energy + params]
+
+
+def load_results(directory: str | os.PathLike) -> Results:
     """The ``results.json`` of the study in ``directory`` (one-line errors for a missing study); a
-    study still running, or interrupted, gets :func:`partial_results`."""
+    study still running, or interrupted, gets :func:`partial_results`. ``.trials_dataframe()``
+    tabulates its configurations."""
     folder = StudyDir(directory)
     if not folder.exists("results.json") and folder.spec_blob() is not None and "hyperband" not in folder.spec_blob():
-        return partial_results(folder)
-    return folder.results()
+        return Results(partial_results(folder))
+    return Results(folder.results())
 
 
 def partial_results(folder: StudyDir) -> dict[str, Any]:
@@ -312,6 +357,8 @@ def trial_table(
         c.trial_id: cohort.name for cohort in group_into_cohorts(list(configs.values())) for c in cohort.configs
     }
     joules, kwh, gco2e = (trial_totals(records, field=f) for f in ("joules", "kwh", "gco2e"))
+    kinds = sorted({r.get("kind", "train") for r in records if r["type"] == "trial"})
+    by_kind = {k: trial_totals([r for r in records if r.get("kind", "train") == k]) for k in kinds}
     last: dict[int, dict[str, Any]] = {}
     for d in progress.decisions:
         last[d["trial_id"]] = d
@@ -345,6 +392,7 @@ def trial_table(
                 "energy_joules": joules.get(t),
                 "kwh": kwh.get(t),
                 "gco2e": gco2e.get(t),
+                "energy_by_kind": {k: v[t] for k, v in by_kind.items() if t in v},
                 **({"replicate_of": replicate_of[t]} if t in replicate_of else {}),
             }
         )
