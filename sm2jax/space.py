@@ -68,7 +68,9 @@ def _check_value(name: str, value: Any) -> None:
         from sm2jax.models import MODEL_REGISTRY  # local: models import jax, keep space light
 
         if value["name"] not in MODEL_REGISTRY:
-            fail(f"unknown model; known: {sorted(MODEL_REGISTRY)} (register yours with sm2jax.register_model)")
+            fail(
+                f"unknown model; known: {sorted(MODEL_REGISTRY)} (register yours with sm2jax.register_model; resuming, name the module that registers it: --import MODULE)"
+            )
     elif name == "optimizer":
         if value not in OPTIMIZERS:
             fail(f"unknown optimizer; known: {list(OPTIMIZERS)} (register yours with sm2jax.register_optimizer)")

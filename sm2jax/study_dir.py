@@ -299,7 +299,9 @@ class StudyDir:
     ) -> None:
         """Writes ``spec_blob`` as ``spec.json`` unless the folder holds a different study that has
         already run (then raises; no study data is ever overwritten). A spec whose study never ran
-        -- a first start that failed on bad input -- is replaced by the corrected one.
+        -- a first start that failed on bad input -- is replaced by the corrected one, and so is one
+        that differs only in what trains nothing (:data:`SEAL_EXEMPT`: a module to import, found
+        by ``--import``, is recorded for the next resume).
 
         ``normalise`` maps a stored spec to its current form (a spec written by an earlier version
         lacks fields added since: their defaults apply); it may raise ``TypeError`` or
@@ -316,6 +318,9 @@ class StudyDir:
         if held == wanted:
             if not ran:  # (re)sealed until it has trained something
                 self._write_seal(wanted)
+            return
+        if ran and _sealed_fields(held) == _sealed_fields(wanted):  # e.g. --import names a module: recorded
+            write_json(self.spec_path, spec_blob)
             return
         if ran:
             kind = "a Hyperband run" if "hyperband" in held else "a study"

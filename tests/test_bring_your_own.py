@@ -1,5 +1,6 @@
 """Own models, data sets and losses, registered from Python, through a whole study, a kill and a resume."""
 
+import json
 import os
 import subprocess
 import sys
@@ -203,3 +204,51 @@ def test_missing_registrations_are_one_line_errors(tmp_path, extension, monkeypa
         sm2jax.register_dataset("digits", extension.blobs)
     with pytest.raises(ValueError, match=r"unknown task 'nope'.*register_task"):
         sm2jax.ArrayDataset("x", "nope", np.zeros((2, 1)), np.zeros(2), np.zeros((2, 1)), np.zeros(2), 2)
+
+
+TINY = textwrap.dedent("""
+    import numpy as np
+    from flax import nnx
+
+    import sm2jax
+
+
+    class Tiny(nnx.Module):
+        def __init__(self, inputs, outputs, rngs):
+            self.lin = nnx.Linear(inputs, outputs, rngs=rngs)
+
+        def __call__(self, x, *, train=False, key=None):
+            return self.lin(x.reshape(x.shape[0], -1))
+
+
+    sm2jax.register_model(
+        "tiny", lambda spec, shape, outputs, dropout, dtype, rngs: Tiny(int(np.prod(shape)), outputs, rngs)
+    )
+""")
+
+
+@pytest.mark.slow
+def test_a_study_registered_in_a_script_resumes_with_import_and_then_without(tmp_path):
+    """Registered in a script (``__main__``, not recorded): ``resume`` names the fix, ``--import``
+    with the module beside the user is not "a different spec" and is recorded, and the next resume
+    finds it from the current folder alone."""
+    (tmp_path / "byo_reg.py").write_text(TINY)
+    (tmp_path / "script.py").write_text(
+        "exec(open('byo_reg.py').read())\n"
+        "import sm2jax\n"
+        "space = sm2jax.SearchSpace({'model': {'name': 'tiny'}, 'learning_rate': sm2jax.LogUniform(1e-2, 1e-1, num=2)})\n"
+        "spec = sm2jax.StudySpec(space=space.to_json(), max_budget=1, min_budget=1, explore_budget=0, idle_seconds=0)\n"
+        "sm2jax.Study('S1', spec, progress=False).run()\n"
+    )
+    run = lambda *args: subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, check=False)
+    made = run(sys.executable, "script.py")
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert json.loads((tmp_path / "S1" / "spec.json").read_text())["imports"] == []  # __main__ is not importable
+    cli = [sys.executable, "-m", "sm2jax.cli", "resume", "S1", "--no-progress"]
+    bare = run(*cli)
+    assert bare.returncode == 2 and "unknown model" in bare.stderr and "--import" in bare.stderr, bare.stderr
+    named = run(*cli, "--import", "byo_reg")
+    assert named.returncode == 0, named.stderr[-3000:]
+    assert json.loads((tmp_path / "S1" / "spec.json").read_text())["imports"] == ["byo_reg"]
+    again = run(*cli)
+    assert again.returncode == 0, again.stderr[-3000:]
