@@ -239,13 +239,25 @@ def _write_viewer_files(results: dict, folder, out: str | None) -> int:
     return failed
 
 
-def main(argv: list[str] | None = None) -> int:
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sm2jax")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: every subcommand and option, each with its help."""
     parser = argparse.ArgumentParser(
         prog="sm2jax", description="Energy-aware hyperparameter optimisation (SM2) for JAX."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a study (the offline digits SM2 study by default)")
-    run.add_argument("--preset", choices=sorted(PRESETS), default="digits")
+    run.add_argument(
+        "--preset", choices=sorted(PRESETS), default="digits", help="a study of the paper's (default: digits, offline)"
+    )
     run.add_argument("--config", help="an experiment's config.py (its get_config()); instead of --preset")
     run.add_argument(
         "--set",
@@ -272,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--steps-per-window", type=int, help="fixed steps per energy window")
     run.add_argument("--data-dir", help="TFDS data folder of a prepared data set (see `sm2jax prepare`)")
     run.add_argument("--no-probe", action="store_true", help="skip the vmap-width probe (vmap all trials of a cohort)")
-    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     run.add_argument("--json", action="store_true", help="print results.json instead of the report")
     resume = sub.add_parser("resume", help="continue a killed study")
     resume.add_argument("dir")
@@ -307,18 +319,20 @@ def main(argv: list[str] | None = None) -> int:
             metavar="HOST:PORT",
             help="multi-process study: process 0's address (with --num-processes and --process-id, on every host)",
         )
-        p.add_argument("--num-processes", type=int, metavar="N")
-        p.add_argument("--process-id", type=int, metavar="I")
+        p.add_argument("--num-processes", type=int, metavar="N", help="multi-process study: how many processes in all")
+        p.add_argument("--process-id", type=int, metavar="I", help="multi-process study: this process's rank (0..N-1)")
         p.add_argument(
             "--distributed",
             action="store_true",
             help="multi-process study on a cluster that jax.distributed.initialize() detects (TPU, SLURM)",
         )
-    resume.add_argument("--no-progress", action="store_true")
-    resume.add_argument("--json", action="store_true")
-    report = sub.add_parser("report", help="print a finished study's report")
+    resume.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    resume.add_argument("--json", action="store_true", help="print results.json instead of the report")
+    report = sub.add_parser(
+        "report", help="print a study's report (finished, or running or interrupted: its decisions so far)"
+    )
     report.add_argument("dir")
-    report.add_argument("--json", action="store_true")
+    report.add_argument("--json", action="store_true", help="print the results as JSON instead")
     report.add_argument("--out", help="where the CSV tables and PNG figures go (default: DIR/report)")
     report.add_argument("--no-files", action="store_true", help="print only; write no tables or figures")
     prep = sub.add_parser("prepare", help="prepare a paper data set once (download, or an archive you place)")
@@ -334,9 +348,16 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--trial", type=int, metavar="N", help="a finalist's trial id instead of the selection")
     compare = sub.add_parser("compare", help="finished studies side by side (e.g. SM2 vs SH vs full on identical work)")
     compare.add_argument("dirs", nargs="+")
-    compare.add_argument("--json", action="store_true")
+    compare.add_argument("--json", action="store_true", help="print the rows as JSON instead")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    args = parser.parse_args(argv)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    for p in sub.choices.values():  # --debug after the subcommand too (absent unless given there)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "compile_cache", None):
         from sm2jax.compile_cache import ENV
@@ -376,10 +397,11 @@ def main(argv: list[str] | None = None) -> int:
                 from sm2jax.distributed import initialize
 
                 initialize(args.coordinator, args.num_processes, args.process_id)
+        if args.command in ("run", "resume", "export"):  # as `python -m` does: modules next to the user are found
+            sys.path.insert(0, os.getcwd())  # (a recorded one too, on resume)
         if getattr(args, "imports", None):
             from sm2jax.spec import import_modules
 
-            sys.path.insert(0, os.getcwd())  # as `python -m` does: modules next to the user are found
             import_modules(args.imports)
         if args.command == "run":
             results = _run(args)

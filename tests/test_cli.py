@@ -1,5 +1,6 @@
 """The README's run command path: `sm2jax run` prints the selection, its metric and energy by phase."""
 
+import argparse
 import json
 import os
 import pathlib
@@ -138,3 +139,25 @@ def test_a_cpu_study_on_a_machine_with_gpus_never_charges_them(tmp_path):
     hardware = json.loads((study / "hardware.json").read_text())
     assert len(hardware["profile"]["gpus"]) == 2  # the double is what this process's NVML sees
     assert results["energy_method"] in ("estimated", "rapl") and hardware["metered_devices"] is None
+
+
+def test_debug_after_the_subcommand_version_and_every_option_has_help(tmp_path, capsys):
+    missing = str(tmp_path / "none")
+    assert main(["report", missing]) == 2  # one line
+    for argv in (["--debug", "report", missing], ["report", missing, "--debug"]):
+        with pytest.raises(FileNotFoundError, match="no study in"):  # the traceback, either way
+            main(argv)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("sm2jax ")
+    from sm2jax.cli import build_parser
+
+    parser = build_parser()
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for command, p in [("sm2jax", parser), *sub.choices.items()]:
+        silent = [a.dest for a in p._actions if a.option_strings and not a.help]
+        assert not silent, (command, silent)
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert "finished study" not in capsys.readouterr().out
