@@ -217,7 +217,7 @@ def _write_viewer_files(results: dict, folder, out: str | None) -> int:
     """``optuna.db`` (in ``out`` when given, else the study folder) and, with ``out``, a TensorBoard
     copy there; returns how many could not be written."""
     from sm2jax.phases import StudyState
-    from sm2jax.viewers import OPTUNA, TENSORBOARD, sqlite_url, write_optuna, write_tensorboard
+    from sm2jax.viewers import OPTUNA, TENSORBOARD, run_hparams, sqlite_url, write_optuna, write_tensorboard
 
     where = out or folder.path
     db = os.path.join(where, OPTUNA)
@@ -231,7 +231,9 @@ def _write_viewer_files(results: dict, folder, out: str | None) -> int:
     if out is not None:  # the study writes its own TensorBoard runs; --out gets a copy of everything
         saved = folder.saved_phases()
         trials = StudyState.from_json(folder.load_progress(saved[-1])).trials if saved else {}
-        board = lambda: write_tensorboard(out, results.get("curves") or {}, trials)
+        configs = {t["trial_id"]: t["config"] for t in results.get("trials", [])}
+        hparams = run_hparams(configs, results.get("decisions", []), (results.get("selected") or {}).get("trial_id"))
+        board = lambda: write_tensorboard(out, results.get("curves") or {}, trials, hparams)
         done, lost = _write_each([(os.path.join(out, TENSORBOARD), board)], TENSORBOARD)
         failed += lost
         if done:

@@ -359,6 +359,11 @@ def trial_table(
     joules, kwh, gco2e = (trial_totals(records, field=f) for f in ("joules", "kwh", "gco2e"))
     kinds = sorted({r.get("kind", "train") for r in records if r["type"] == "trial"})
     by_kind = {k: trial_totals([r for r in records if r.get("kind", "train") == k]) for k in kinds}
+    spans: dict[int, list[float]] = {}  # first window's start, last window's end (from the ledger)
+    for r in records:
+        if r["type"] == "trial" and "time" in r:
+            span = spans.setdefault(r["trial_id"], [r["time"] - r["seconds"], r["time"]])
+            span[:] = [min(span[0], r["time"] - r["seconds"]), max(span[1], r["time"])]
     last: dict[int, dict[str, Any]] = {}
     for d in progress.decisions:
         last[d["trial_id"]] = d
@@ -393,6 +398,8 @@ def trial_table(
                 "kwh": kwh.get(t),
                 "gco2e": gco2e.get(t),
                 "energy_by_kind": {k: v[t] for k, v in by_kind.items() if t in v},
+                "time_start": spans.get(t, [None, None])[0],
+                "time_end": spans.get(t, [None, None])[1],
                 **({"replicate_of": replicate_of[t]} if t in replicate_of else {}),
             }
         )
@@ -434,6 +441,7 @@ def assemble_results(
         "study": study,
         "mode": spec.mode,
         "objective": spec.objective,
+        "space": spec.space,
         "energy_method": energy_method,
         "energy_note": hardware.get("energy_note", ""),
         "metered_devices": hardware.get("metered_devices"),

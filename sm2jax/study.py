@@ -34,12 +34,12 @@ from sm2jax.handback import data_shapes, load_selected
 from sm2jax.phases import DecisionRules, StudyState, cohort_candidates, record_phase
 from sm2jax.placement import Placement
 from sm2jax.programs import memory_limit_bytes
-from sm2jax.report import assemble_results
+from sm2jax.report import assemble_results, partial_results
 from sm2jax.runner import CohortRunner
 from sm2jax.spec import StudySpec, bind, current_form, read_spec
 from sm2jax.study_dir import StudyDir
 from sm2jax.tasks import get_task
-from sm2jax.viewers import write_viewers
+from sm2jax.viewers import BackgroundWriter, run_hparams, write_optuna, write_viewers
 from sm2jax.width_policy import WidthPolicy
 from sm2jax.workload import Workload
 from sm2jax.yardsticks import forecast_yardsticks
@@ -104,21 +104,30 @@ class Study:
         self.metering = self.energy.metering
         self.work = Workload(spec, self.placement, policy, self.metering, dataset)
         self._state = StudyState()
+        self._optuna = BackgroundWriter("Optuna storage (optuna.db)")
 
     def run(self) -> dict[str, Any]:
         """Runs (or resumes) the study to the end; returns and writes ``results.json``."""
         cache_dir = enable_compile_cache()
         with self.folder.lock():
-            with count_compiles() as tally:
-                self.folder.remove_temporaries()
-                results = self._run()
+            try:
+                with count_compiles() as tally:
+                    self.folder.remove_temporaries()
+                    results = self._run()
+            finally:
+                self._optuna.join()  # the last committed phase's optuna.db is whole before the folder is let go
             results["compilation"] = {**tally.to_json(), "cache_dir": cache_dir}
             results["data"] = data_shapes(self.work.data)
             with deferred_interrupts():  # a finished study's writers complete (TensorBoard's hangs if cut)
                 if is_primary():
-                    results["viewers"] = write_viewers(self.directory, results, self._state.trials, optuna=False)
+                    viewed = {**results, "hparams": self._hparams(self._state)}
+                    results["viewers"] = write_viewers(self.directory, viewed, self._state.trials, optuna=False)
                 self.folder.write_results(results)
         return results
+
+    def _hparams(self, state: StudyState) -> dict[str, dict[str, Any]]:
+        configs = {t: c.to_json()["values"] for t, c in self.configs.items()}
+        return run_hparams(configs, state.decisions, state.selected)
 
     def selected_model(self, trial_id: int | None = None):
         """The trained model of the selection (or of finalist ``trial_id``) of this finished study:
@@ -279,10 +288,13 @@ class Study:
             saved = {r.spec.name: r.rows() for r in survivors}
         state.phase = p
         state.completed_by[name] = self.metering.attempt
-        self.folder.commit_phase(p, state.to_json(), checkpoints, saved)
-        if is_primary():  # TensorBoard shows the study while it runs
-            with deferred_interrupts():  # TensorBoard's writer must not be interrupted halfway
-                write_viewers(self.directory, {"curves": state.curves}, state.trials, optuna=False)
+        # Ctrl-C and SIGTERM wait for the commit and the viewers (TensorBoard's writer hangs if cut).
+        with deferred_interrupts():
+            self.folder.commit_phase(p, state.to_json(), checkpoints, saved)
+            if is_primary():  # TensorBoard and optuna-dashboard follow the study while it runs
+                viewed = {"curves": state.curves, "hparams": self._hparams(state)}
+                write_viewers(self.directory, viewed, state.trials, optuna=False)
+                self._optuna.submit(lambda: write_optuna(self.directory, partial_results(self.folder)))
         return survivors
 
 

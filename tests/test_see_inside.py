@@ -3,12 +3,17 @@ back, and comparisons that say when compilation differs."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from kill import kill_mid_phase
 
 from sm2jax.cli import main
 from sm2jax.figures import compare_rows, compile_warning
+from sm2jax.viewers import sqlite_url, write_optuna
 
 QUICK = ["--quick", "--no-progress", "--idle-seconds", "0"]
 
@@ -39,23 +44,33 @@ def test_curves_are_recorded_per_window_and_per_phase(finished):
 def test_tensorboard_and_optuna_read_back_every_configuration(finished):
     import optuna
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
 
     folder, results = finished
     assert main(["report", str(folder)]) == 0  # writes optuna.db too
     for t in results["trials"]:
         events = EventAccumulator(str(folder / "tensorboard" / f"trial-{t['trial_id']:04d}"))
         events.Reload()
+        content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+        assert hparams["learning_rate"].number_value == pytest.approx(t["config"]["learning_rate"])
+        assert json.loads(hparams["model"].string_value) == t["config"]["model"]
+        assert hparams["phase_reached"].string_value == t["last_phase"]
+        assert hparams["selected"].bool_value == (t["trial_id"] == results["selected"]["trial_id"])
         val = [(e.step, e.value) for e in events.Scalars("val/score")]
         assert val == [(s, pytest.approx(v)) for s, v, _ in results["curves"][str(t["trial_id"])]["val"]]
         assert events.Scalars("train/loss")[-1].step == t["samples"]
         last = [d for d in results["decisions"] if d["trial_id"] == t["trial_id"]][-1]  # what decisions saw
         assert events.Scalars("energy/train_eval_joules")[-1].value == pytest.approx(last["energy_spent_j"])
-    study = optuna.load_study(study_name="sm2jax", storage=f"sqlite:///{folder / 'optuna.db'}")
+    study = optuna.load_study(study_name="sm2jax", storage=sqlite_url(folder / "optuna.db"))
     by_id = {tr.user_attrs["trial_id"]: tr for tr in study.trials}
     assert set(by_id) == {t["trial_id"] for t in results["trials"]}
     for t in results["trials"]:
         tr = by_id[t["trial_id"]]
         assert tr.params["learning_rate"] == t["config"]["learning_rate"]
+        assert set(tr.params) == {"learning_rate", "batch_size"}  # what is searched; constants are no parameters
+        assert tr.distributions["learning_rate"].log and tr.distributions["learning_rate"].low == 3e-3
+        assert tr.datetime_complete > tr.datetime_start  # from the ledger's windows
         assert tr.user_attrs["energy_joules"] == pytest.approx(t["energy_joules"])
         assert tr.state.name == ("COMPLETE" if t["last_phase"] == "rung-2" else "PRUNED")
         assert sorted(tr.intermediate_values.items()) == [
@@ -97,3 +112,72 @@ def test_a_comparison_warns_when_one_side_compiled_and_the_other_loaded():
     assert [r["training_joules"] for r in rows] == [5.0, 5.0] and rows[1]["programs_loaded"] == 5
     assert "sm2 compiled programs while sh loaded them" in compile_warning(rows)
     assert compile_warning(compare_rows([study("a", 5, 0), study("b", 5, 0)])) is None
+
+
+@pytest.mark.slow
+def test_optuna_dashboard_follows_a_running_study_and_reads_one_stopped_after_rung_1(tmp_path):
+    import optuna
+
+    from sm2jax.phases import StudyState
+    from sm2jax.study_dir import StudyDir
+
+    folder = tmp_path / "s"
+    cmd = [sys.executable, "-m", "sm2jax.cli", "run", *QUICK, "--dir", str(folder), "--steps-per-window", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (folder / "progress" / "phase-1.json").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err.decode()[-2000:]
+    saved = StudyDir(folder).saved_phases()
+    state = StudyState.from_json(StudyDir(folder).load_progress(saved[-1]))
+    study = optuna.load_study(study_name="sm2jax", storage=sqlite_url(folder / "optuna.db"))
+    assert study.user_attrs["finished"] is False and study.user_attrs["mode"] == "sm2"
+    alive = {t for ids in state.alive.values() for t in ids}
+    by_id = {tr.user_attrs["trial_id"]: tr for tr in study.trials}
+    assert set(by_id) == {int(t) for t in state.trials}  # the last committed phase, whole
+    for t, tr in by_id.items():
+        assert tr.state.name == ("RUNNING" if t in alive else "PRUNED"), (t, tr.state)
+        assert sorted(tr.intermediate_values.items()) == [
+            (s, pytest.approx(v)) for s, v, _ in state.curves[str(t)]["val"]
+        ]
+
+
+def test_seed_replicates_are_attributes_of_their_configuration_in_optuna(tmp_path):
+    import optuna
+
+    def row(trial_id, lr, seed, status, **extra):
+        config = {"learning_rate": lr, "seed": seed, "optimizer": "adam"}
+        return {
+            "trial_id": trial_id,
+            "config": config,
+            "status": status,
+            "last_phase": "explore",
+            "reason": "",
+            "cohort": "c",
+            "score": 0.5 + trial_id / 10,
+            "energy_joules": 1.0,
+            "samples": 10,
+            **extra,
+        }
+
+    results = {
+        "mode": "sm2",
+        "space": {
+            "learning_rate": {"type": "LogUniform", "low": 1e-3, "high": 1e-1, "num": 2},
+            "optimizer": {"type": "Fixed", "value": "adam"},
+        },
+        "trials": [
+            row(0, 1e-3, 0, "selected"),
+            row(1, 1e-1, 0, "dominated_in_cohort"),
+            row(2, 1e-3, 1000003, "replicate", replicate_of=0),
+        ],
+        "curves": {},
+    }
+    write_optuna(str(tmp_path), results)
+    study = optuna.load_study(study_name="sm2jax", storage=sqlite_url(tmp_path / "optuna.db"))
+    assert [tr.user_attrs["trial_id"] for tr in study.trials] == [0, 1]  # the replicate is no trial of its own
+    assert study.trials[0].user_attrs["seed_replicates"] == [{"trial_id": 2, "seed": 1000003, "score": 0.7}]
+    assert [tr.state.name for tr in study.trials] == ["COMPLETE", "PRUNED"] and study.best_value == 0.5
+    assert set(study.trials[0].params) == {"learning_rate"}  # the fixed optimizer is no parameter
