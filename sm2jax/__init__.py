@@ -1,7 +1,7 @@
 """sm2jax: energy-aware hyperparameter optimisation (SM2) over vmapped cohorts in JAX."""
 
 from sm2jax.cohort import CohortSpec, group_into_cohorts
-from sm2jax.data import ArrayDataset, register_dataset
+from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, load_dataset, register_dataset
 from sm2jax.handback import TrainedModel, export, load_selected
 from sm2jax.hyperband import run_hyperband
 from sm2jax.models import dropout, register_model
@@ -19,6 +19,7 @@ from sm2jax.vocabulary import register_hyperparameter, register_optimizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "BUILTIN_DATASETS",
     "ArrayDataset",
     "Categorical",
     "CohortSpec",
@@ -40,6 +41,7 @@ __all__ = [
     "dropout",
     "export",
     "group_into_cohorts",
+    "load_dataset",
     "load_results",
     "load_selected",
     "make_config",

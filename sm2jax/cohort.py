@@ -176,6 +176,26 @@ def traced_names(signature: Signature, task_hyperparameters: Sequence[str] = ())
     return tuple(names)
 
 
+def unused_names(
+    configs: Sequence[Config], names: Sequence[str], task_hyperparameters: Sequence[str] = ()
+) -> dict[str, str]:
+    """Of ``names`` (a space's), those no configuration uses -- not a static setting, the seed, nor
+    a traced value its optimizer, schedule, model or task takes -- each with what would use it."""
+    from sm2jax.models import MODEL_HYPERPARAMETERS
+    from sm2jax.vocabulary import OPTIMIZERS
+
+    used = {*(f.name for f in dataclasses.fields(Signature)), "seed", "schedule", "learning_rate", *COMMON_TRACED}
+    used |= set(task_hyperparameters)
+    for sig in {Signature.of(c) for c in configs}:  # what the optimizer is called with, not its state's layout
+        used |= {*get_optimizer(sig.optimizer).takes, *MODEL_HYPERPARAMETERS.get(sig.model_spec["name"], ())}
+    out = {}
+    for name in (n for n in names if n not in used):
+        takers = [f"optimizer {o}" for o, opt in sorted(OPTIMIZERS.items()) if name in opt.takes]
+        takers += [f"model {m}" for m, hps in sorted(MODEL_HYPERPARAMETERS.items()) if name in hps]
+        out[name] = " or ".join(takers) or "a task or model registered with it in hyperparameters=(...)"
+    return out
+
+
 def model_names(signature: Signature) -> tuple[str, ...]:
     """The traced hyperparameters the cohort's model is called with in training (``dropout`` only
     where the cohort draws masks with traced rates)."""

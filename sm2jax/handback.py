@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sm2jax.cohort import Signature, group_into_cohorts, traced_names
-from sm2jax.data import EVAL_BATCH_SIZE, eval_blocks, load_dataset
+from sm2jax.data import EVAL_BATCH_SIZE, eval_blocks
 from sm2jax.phases import StudyState
 from sm2jax.space import Config
 from sm2jax.spec import import_modules, read_spec
@@ -37,6 +37,7 @@ from sm2jax.steps import task_loss
 from sm2jax.study_dir import StudyDir, read_json, write_json
 from sm2jax.tasks import get_task
 from sm2jax.trainer import abstract_rows, init_settings
+from sm2jax.workload import study_data
 
 EXPORT = "sm2jax-export.json"
 """The JSON of an export (its configuration, scores, signature and data shapes); its parameters are
@@ -226,8 +227,8 @@ def _data_shapes(spec: Any, dataset: Any) -> dict[str, Any]:
             raise ValueError(
                 f"this study ran on the in-memory data set {spec.dataset!r}: pass it again, load_selected(..., dataset=...)"
             )
-        dataset = load_dataset(spec.dataset, **spec.dataset_options)
-    return data_shapes(dataset)
+        return data_shapes(study_data(spec))
+    return data_shapes(study_data(spec, dataset))
 
 
 def _abstract(signature: Signature, data: dict[str, Any], k: int) -> Any:

@@ -112,6 +112,8 @@ class StudySpec:
       dataset: name for :func:`sm2jax.data.load_dataset` (built in or registered with
         :func:`sm2jax.register_dataset`); ``dataset_options`` its keyword arguments. With
         ``Study(..., dataset=ds)`` it is set to ``ds.name``.
+      task: a registered task (:func:`sm2jax.register_task`) to train and score with instead of the
+        data set's own (your loss on a built-in data set); ``None``: the data set's.
       dataset_fingerprint: set by ``Study(..., dataset=ds)``: the in-memory data set's
         :meth:`~sm2jax.data.ArrayDataset.fingerprint`; resuming needs the same arrays again.
       imports: modules imported before the study runs or resumes. A study adds the importable
@@ -183,6 +185,7 @@ class StudySpec:
     seed: int = 0
     dataset: str = "digits"
     dataset_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    task: str | None = None
     max_train_examples: int | None = None
     max_val_examples: int | None = None
     mode: str = "sm2"
@@ -409,7 +412,7 @@ def registering_modules(spec: StudySpec, dataset: ArrayDataset | None) -> set[st
             found.append(MODEL_REGISTRY[name])
     if dataset is None and registered_dataset(spec.dataset) is not None:
         found.append(registered_dataset(spec.dataset))
-    task = dataset.task if dataset is not None else None
+    task = spec.task or (dataset.task if dataset is not None else None)
     if task is not None and task not in BUILTIN_TASKS:
         found.append(get_task(task).loss)
     modules = {getattr(f, "__module__", None) for f in found}

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 
 from sm2jax.checkpoint import CheckpointError, StudyCheckpoints
-from sm2jax.cohort import blame, group_into_cohorts
+from sm2jax.cohort import blame, group_into_cohorts, unused_names
 from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import ArrayDataset
 from sm2jax.distributed import barrier, is_primary
@@ -41,7 +41,7 @@ from sm2jax.study_dir import StudyDir
 from sm2jax.tasks import get_task
 from sm2jax.viewers import BackgroundWriter, run_hparams, write_optuna, write_viewers
 from sm2jax.width_policy import WidthPolicy
-from sm2jax.workload import Workload
+from sm2jax.workload import Workload, study_data
 from sm2jax.yardsticks import forecast_yardsticks
 
 
@@ -86,6 +86,9 @@ class Study:
         self.configs = {c.trial_id: c for c in spec.trial_configs()}
         if not self.configs:
             raise ValueError("the search space produced no configuration")
+        data = study_data(spec, dataset)  # a data set not prepared, or not known, fails before anything is written
+        if not self.folder.has_run():  # a study that has run resumes as it is
+            _check_every_name_is_used(spec, list(self.configs.values()), data)
         self.folder.claim(spec.to_json(), normalise=current_form)
         barrier("sm2jax-claim")  # spec.json is written (by process 0) before any process reads on
         self.placement = Placement.create(devices)
@@ -102,7 +105,7 @@ class Study:
         )
         self.energy = EnergyStack.of(spec, self.placement.devices, self.folder.ledger_path, nvml=nvml, gpus=gpus)
         self.metering = self.energy.metering
-        self.work = Workload(spec, self.placement, policy, self.metering, dataset)
+        self.work = Workload(spec, self.placement, policy, self.metering, data)
         self._state = StudyState()
         self._optuna = BackgroundWriter("Optuna storage (optuna.db)")
 
@@ -136,7 +139,6 @@ class Study:
 
     def _run(self) -> dict[str, Any]:
         t_start = time.perf_counter()
-        self.work.data  # noqa: B018 -- fails fast on an unknown data set, before the idle baseline
         saved = self.folder.saved_phases()
         measure = not saved or not self.folder.exists("hardware.json")
         barrier("sm2jax-setup")  # every process has read the folder before process 0 writes to it
@@ -296,6 +298,19 @@ class Study:
                 write_viewers(self.directory, viewed, state.trials, optuna=False)
                 self._optuna.submit(lambda: write_optuna(self.directory, partial_results(self.folder)))
         return survivors
+
+
+def _check_every_name_is_used(spec: StudySpec, configs: list[Any], data: ArrayDataset) -> None:
+    """One line for a searched hyperparameter that nothing uses (it would be recorded, and selected,
+    while changing nothing): naming it and what would use it."""
+    task = get_task(data.task)
+    unused = unused_names(configs, list(spec.space), task.hyperparameters)
+    if unused:
+        name, takers = next(iter(unused.items()))
+        optimizers = sorted({c["optimizer"] for c in configs})
+        raise ValueError(
+            f"space: {name!r} is searched but no configuration uses it (optimizer {', '.join(optimizers)}, task {data.task!r}): remove it, or search with what uses it ({takers})"
+        )
 
 
 def _progress_bar_class():

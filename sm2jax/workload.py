@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -20,6 +21,19 @@ from sm2jax.study_dir import StudyDir
 from sm2jax.tasks import get_task
 from sm2jax.trainer import CohortTrainer
 from sm2jax.width_policy import WidthPolicy
+
+
+def study_data(spec: StudySpec, dataset: ArrayDataset | None = None) -> ArrayDataset:
+    """The data a study trains on: ``dataset`` (in memory) or ``spec.dataset``'s loader, truncated
+    as the spec says, scored by ``spec.task`` where it names one (a registered task: your loss on a
+    built-in data set)."""
+    ds = dataset if dataset is not None else load_dataset(spec.dataset, **spec.dataset_options)
+    if dataset is None and (spec.max_train_examples or spec.max_val_examples):
+        ds = ds.subset(spec.max_train_examples, spec.max_val_examples)
+    if spec.task is not None and spec.task != ds.task:
+        get_task(spec.task)  # one line naming the known tasks
+        ds = dataclasses.replace(ds, task=spec.task)
+    return ds
 
 
 class Workload:
@@ -49,12 +63,7 @@ class Workload:
 
     @functools.cached_property
     def data(self) -> ArrayDataset:
-        if self._dataset is not None:
-            return self._dataset
-        ds = load_dataset(self.spec.dataset, **self.spec.dataset_options)
-        if self.spec.max_train_examples or self.spec.max_val_examples:
-            ds = ds.subset(self.spec.max_train_examples, self.spec.max_val_examples)
-        return ds
+        return study_data(self.spec, self._dataset)
 
     @functools.cached_property
     def chance(self) -> float | None:

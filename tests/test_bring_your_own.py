@@ -15,6 +15,7 @@ from kill import kill_mid_phase
 import sm2jax
 
 # A user's module: a model of their own (a residual MLP with a learned gate), a data set (Gaussian
+from sm2jax.cli import main
 from sm2jax.rows import chunk_rows
 from sm2jax.space import LogUniform, SearchSpace
 from sm2jax.spec import StudySpec, read_spec, registering_modules
@@ -252,3 +253,58 @@ def test_a_study_registered_in_a_script_resumes_with_import_and_then_without(tmp
     assert json.loads((tmp_path / "S1" / "spec.json").read_text())["imports"] == ["byo_reg"]
     again = run(*cli)
     assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_a_registered_task_trains_on_a_built_in_data_set(tmp_path):
+    traced = []
+
+    def hinge(outputs, targets):
+        traced.append(outputs.shape)  # at trace time: the task's loss is what the programs were built from
+        correct = jnp.take_along_axis(outputs, targets[:, None], axis=-1)
+        return jnp.maximum(0.0, 1.0 + outputs - correct).sum(-1) - 1.0
+
+    accuracy = lambda out, y: (jnp.argmax(out, -1) == y).astype(jnp.float32)
+    sm2jax.register_task(sm2jax.Task("digits-hinge", hinge, accuracy, "hinge_accuracy", True, binary=True))
+    spec = StudySpec(
+        space=SearchSpace({"learning_rate": LogUniform(1e-2, 1e-1, num=2)}).to_json(),
+        dataset="digits",
+        task="digits-hinge",
+        explore_budget=0,
+        min_budget=1,
+        max_budget=1,
+        idle_seconds=0,
+        probe_width=False,
+        energy_method="estimated",
+    )
+    results = Study(tmp_path / "s", spec, progress=False).run()
+    assert traced and results["metric_name"] == "hinge_accuracy" and results["data"]["task"] == "digits-hinge"
+    assert results["selected"]["test"]["metric"] > 0.5  # a real digits classifier, trained on the hinge loss
+
+
+@pytest.mark.parametrize(
+    "assignment, words",
+    [
+        ("task=nope", ["unknown task 'nope'", "register_task"]),
+        ("space.momentum=[0.8, 0.9]", ["'momentum' is searched but no configuration uses it", "optimizer sgd"]),
+        ("space.label_smoothing=0.1", ["'label_smoothing' is searched", "task 'classification'"]),
+    ],
+)
+def test_a_task_not_known_or_a_name_nothing_uses_is_one_line_before_anything_is_written(
+    tmp_path, capsys, assignment, words
+):
+    sm2jax.register_hyperparameter("label_smoothing", 0.0, low=0.0, high=1.0)
+    folder = tmp_path / "s"
+    assert (
+        main(["run", "--quick", "--no-progress", "--idle-seconds", "0", "--dir", str(folder), "--set", assignment]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(w in err for w in words), err
+    assert not folder.exists()
+
+
+def test_a_data_set_not_prepared_leaves_no_folder_behind(tmp_path, capsys):
+    folder = tmp_path / "s"
+    args = ["run", "--preset", "cifar10", "--quick", "--no-progress", "--dir", str(folder)]
+    assert main([*args, "--data-dir", str(tmp_path / "no-data")]) == 2
+    assert "sm2jax prepare cifar10" in capsys.readouterr().err
+    assert not folder.exists()
