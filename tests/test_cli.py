@@ -161,3 +161,17 @@ def test_debug_after_the_subcommand_version_and_every_option_has_help(tmp_path, 
     with pytest.raises(SystemExit):
         main(["report", "--help"])
     assert "finished study" not in capsys.readouterr().out
+
+
+def test_help_imports_no_jax_and_lists_what_the_modules_define():
+    code = (
+        "import sys, sm2jax.cli as c; c.build_parser().format_help();"
+        " print(sorted(m for m in ('jax', 'numpy', 'flax', 'optax') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"  # --help answers at once (JAX's import alone takes seconds)
+    from sm2jax import cli
+    from sm2jax.energy.meters import METHODS
+    from sm2jax.presets import PRESETS
+
+    assert cli.PRESET_NAMES == tuple(sorted(PRESETS)) and cli.ENERGY_METHODS == METHODS
