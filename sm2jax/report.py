@@ -33,6 +33,7 @@ def format_results(results: dict[str, Any]) -> str:
         resume = "" if holder else f"; `sm2jax resume {results['study']}` continues it"
         lines.append(
             f"status: {partial['status']}{who}, phases done: {', '.join(partial['phases_done']) or 'none'}{resume}"
+            + (f"; in progress: {partial['in_progress']}" if partial.get("in_progress") else "")
         )
         eta = partial.get("eta_seconds")
         lines.append(
@@ -146,13 +147,20 @@ def format_results(results: dict[str, Any]) -> str:
             lines.append(
                 f"  interrupted attempts (killed runs; their work was repeated): {_joules(results.get('interrupted_joules'), method)} -- {parts}"
             )
+        flight = results.get("in_progress_energy_by_phase") or {}
+        if flight:
+            parts = ", ".join(f"{p} {_joules(g['joules'], g['methods'])}" for p, g in sorted(flight.items()))
+            lines.append(
+                f"  in progress (the running attempt, phases not committed yet): {_joules(results.get('in_progress_joules'), method)} -- {parts}"
+            )
     for d in results.get("ledger_damage") or []:
         joules = "unknown joules" if d["joules"] is None else f"{d['joules']:,.1f} J"
         lines.append(
             f"  ledger damage: line {d['line']} ({d['reason']}; {joules}) moved to ledger.jsonl.damaged, not counted"
         )
     if results.get("total_joules") is not None or "energy_by_phase" in results:
-        lines.append(f"total: {_joules(results.get('total_joules'), method)}")
+        label = "total of the committed phases" if results.get("partial") else "total"
+        lines.append(f"{label}: {_joules(results.get('total_joules'), method)}")
     comp = results.get("compilation")
     if comp:
         cache = comp.get("cache_dir") or "off"
@@ -284,9 +292,11 @@ def partial_results(folder: StudyDir) -> dict[str, Any]:
     unmeasured = {"idle": {"watts": None, "seconds": 0.0, "method": "unavailable"}}
     hardware = folder.read_hardware() if folder.exists("hardware.json") else unmeasured
     methods = sorted({r["method"] for r in records if r["type"] == "window"})
+    holder = folder.holder()
     results = assemble_results(
         state,
         records,
+        running_attempt=max((r.get("attempt", 0) for r in records), default=None) if holder else None,
         study=folder.path,
         spec=spec,
         configs={c.trial_id: c for c in spec.trial_configs()},
@@ -300,13 +310,13 @@ def partial_results(folder: StudyDir) -> dict[str, Any]:
     )
     results["note"] = "not selected yet: the study has not finished"
     phases = spec.phases()
-    holder = folder.holder()
     done = len(saved)
     results["partial"] = {
         "status": "running" if holder else "interrupted",
         "holder": holder,
         "phases_done": [name for name, _ in phases[:done]],
         "phases_left": [name for name, _ in phases[done:]],
+        "in_progress": phases[done][0] if holder and done < len(phases) else None,
         "best_score": state.best_score_text(),
     }
     # Rough ETA: wall seconds per trial-budget so far, times the trial-budget successive halving plans.
@@ -421,7 +431,11 @@ def assemble_results(
     placement: dict[str, Any],
     wall_seconds: float,
     ledger_damage: list[dict[str, Any]] | None = None,
+    running_attempt: int | None = None,
 ) -> dict[str, Any]:
+    """The results of a study from its state and ledger records. Energy of phases no attempt
+    committed is the interrupted attempts' (killed, their work repeated), except that of
+    ``running_attempt`` (a study running now), which is in progress."""
     done = progress.completed_by
     finishers = set(done.values())
 
@@ -434,7 +448,14 @@ def assemble_results(
         return True
 
     records = [r for r in everything if not interrupted(r)]
-    lost = [r for r in everything if interrupted(r)]
+    in_flight = [
+        r for r in everything if interrupted(r) and running_attempt is not None and r.get("attempt") == running_attempt
+    ]
+    lost = [
+        r
+        for r in everything
+        if interrupted(r) and not (running_attempt is not None and r.get("attempt") == running_attempt)
+    ]
     by_phase = summarize(records)
     selected = progress.selected
     out: dict[str, Any] = {
@@ -449,6 +470,7 @@ def assemble_results(
         "idle": hardware["idle"],
         "energy_by_phase": by_phase,
         "interrupted_energy_by_phase": summarize(lost),
+        "in_progress_energy_by_phase": summarize(in_flight),
         "wall_seconds_this_attempt": wall_seconds,
         "attempts": max((r.get("attempt", 0) for r in everything), default=0),
         "decisions": progress.decisions,
@@ -468,6 +490,8 @@ def assemble_results(
     out["total_joules"] = None if any(t is None for t in totals) else float(sum(totals))
     lost_totals = [g["joules"] for g in out["interrupted_energy_by_phase"].values()]
     out["interrupted_joules"] = None if any(t is None for t in lost_totals) else float(sum(lost_totals))
+    flight_totals = [g["joules"] for g in out["in_progress_energy_by_phase"].values()]
+    out["in_progress_joules"] = None if any(t is None for t in flight_totals) else float(sum(flight_totals))
     out["trials"] = trial_table(progress, records, configs, replicate_of)
     if selected is None:
         out["selected"] = None

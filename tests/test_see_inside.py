@@ -181,3 +181,28 @@ def test_seed_replicates_are_attributes_of_their_configuration_in_optuna(tmp_pat
     assert study.trials[0].user_attrs["seed_replicates"] == [{"trial_id": 2, "seed": 1000003, "score": 0.7}]
     assert [tr.state.name for tr in study.trials] == ["COMPLETE", "PRUNED"] and study.best_value == 0.5
     assert set(study.trials[0].params) == {"learning_rate"}  # the fixed optimizer is no parameter
+
+
+@pytest.mark.slow
+def test_a_running_study_reports_its_phase_in_flight_as_in_progress_not_interrupted(finished, tmp_path):
+    import shutil
+
+    from sm2jax.report import format_results, partial_results
+    from sm2jax.study_dir import StudyDir
+
+    source, _ = finished
+    folder = StudyDir(tmp_path / "s")
+    shutil.copytree(source, folder.path)
+    for name in ("results.json", "progress", "checkpoints"):  # as it is before its first phase is committed
+        shutil.rmtree(folder.file(name)) if os.path.isdir(folder.file(name)) else os.remove(folder.file(name))
+    with folder.lock():  # a run holds the folder: what the ledger has is the running attempt's
+        running = partial_results(folder)
+    assert running["partial"]["status"] == "running" and running["partial"]["in_progress"] == "explore"
+    assert running["interrupted_energy_by_phase"] == {} and running["in_progress_joules"] > 0
+    text = format_results(running)
+    assert "in progress: explore" in text and "interrupted attempts" not in text
+    assert "in progress (the running attempt, phases not committed yet)" in text
+    stopped = partial_results(folder)  # nobody holds it: the same energy was a killed attempt's
+    assert stopped["partial"]["status"] == "interrupted" and stopped["in_progress_energy_by_phase"] == {}
+    assert stopped["interrupted_joules"] == pytest.approx(running["in_progress_joules"])
+    assert "interrupted attempts (killed runs" in format_results(stopped)
