@@ -167,16 +167,20 @@ def compare_rows(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def compile_warning(rows: list[dict[str, Any]]) -> str | None:
     """A warning when the studies compared differ in compilation: some compiled their programs,
-    others loaded them from the persistent cache (their total energies are not comparable; their
-    training energies are)."""
+    others loaded them from the persistent cache, or their compilation energies differ more than
+    2x (their total energies are not comparable; their training energies are)."""
     compiled = [r["study"] for r in rows if r.get("programs_compiled")]
     loaded = [r["study"] for r in rows if not r.get("programs_compiled") and r.get("programs_loaded")]
-    if not compiled or not loaded:
-        return None
-    return (
-        f"note: {', '.join(compiled)} compiled programs while {', '.join(loaded)} loaded them from the compile cache:"
-        " compare training_joules (compile_joules is shown apart), not total_joules"
-    )
+    if compiled and loaded:
+        return (
+            f"note: {', '.join(compiled)} compiled programs while {', '.join(loaded)} loaded them from the compile cache:"
+            " compare training_joules (compile_joules is shown apart), not total_joules"
+        )
+    joules = {r["study"]: r["compile_joules"] for r in rows if r.get("compile_joules")}
+    if len(joules) > 1 and max(joules.values()) > 2 * min(joules.values()):
+        spread = ", ".join(f"{s} {j:,.1f} J" for s, j in joules.items())
+        return f"note: compilation cost differs more than 2x ({spread}): compare training_joules (compile_joules is shown apart), not total_joules"
+    return None
 
 
 # ----------------------------------------------------------------------------------------- plots

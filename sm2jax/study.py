@@ -108,6 +108,7 @@ class Study:
         self.work = Workload(spec, self.placement, policy, self.metering, data)
         self._state = StudyState()
         self._optuna = BackgroundWriter("Optuna storage (optuna.db)")
+        self._committed = 0  # phases this run committed
 
     def run(self) -> dict[str, Any]:
         """Runs (or resumes) the study to the end; returns and writes ``results.json``."""
@@ -119,7 +120,9 @@ class Study:
                     results = self._run()
             finally:
                 self._optuna.join()  # the last committed phase's optuna.db is whole before the folder is let go
-            results["compilation"] = {**tally.to_json(), "cache_dir": cache_dir}
+            results["compilation"] = {**tally.to_json(), "cache_dir": cache_dir, "attempt": self.metering.attempt}
+            if not self._committed and self.folder.exists("results.json"):  # a finished study run again:
+                results["compilation"] = self.folder.results().get("compilation", results["compilation"])  # as it was
             results["data"] = data_shapes(self.work.data)
             with deferred_interrupts():  # a finished study's writers complete (TensorBoard's hangs if cut)
                 if is_primary():
@@ -293,6 +296,7 @@ class Study:
         # Ctrl-C and SIGTERM wait for the commit and the viewers (TensorBoard's writer hangs if cut).
         with deferred_interrupts():
             self.folder.commit_phase(p, state.to_json(), checkpoints, saved)
+            self._committed += 1
             if is_primary():  # TensorBoard and optuna-dashboard follow the study while it runs
                 viewed = {"curves": state.curves, "hparams": self._hparams(state)}
                 write_viewers(self.directory, viewed, state.trials, optuna=False)

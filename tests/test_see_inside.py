@@ -112,6 +112,24 @@ def test_a_comparison_warns_when_one_side_compiled_and_the_other_loaded():
     assert [r["training_joules"] for r in rows] == [5.0, 5.0] and rows[1]["programs_loaded"] == 5
     assert "sm2 compiled programs while sh loaded them" in compile_warning(rows)
     assert compile_warning(compare_rows([study("a", 5, 0), study("b", 5, 0)])) is None
+    heavy, light = study("sm2", 0, 0), study("sh", 0, 0)  # neither counted a compile (a finished study re-run)
+    heavy["energy_by_phase"]["compile"]["joules"], light["energy_by_phase"]["compile"]["joules"] = 65.0, 19.0
+    assert "compilation cost differs more than 2x (sm2 65.0 J, sh 19.0 J)" in compile_warning(
+        compare_rows([heavy, light])
+    )
+
+
+@pytest.mark.slow
+def test_a_finished_study_run_again_keeps_its_compile_record(finished, tmp_path):
+    import shutil
+
+    from sm2jax.study import Study
+
+    source, results = finished
+    shutil.copytree(source, tmp_path / "s")
+    again = Study(str(tmp_path / "s"), progress=False).run()
+    assert again["compilation"] == results["compilation"]  # not this attempt's "0 compiles"
+    assert again["energy_by_phase"]["compile"] == results["energy_by_phase"]["compile"]
 
 
 @pytest.mark.slow
