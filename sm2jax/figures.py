@@ -10,11 +10,15 @@ Tables, loadable with ``pandas.read_csv`` or the standard ``csv`` module:
 
 Figures (matplotlib, the optional ``[plot]`` extra; without it the tables are still written):
 
-* ``score_vs_energy.png``: every configuration's last metric against the energy attributed to it,
-  the score/energy Pareto front, and the selection;
+* ``score_vs_energy.png``: every configuration's last metric against its training energy (compilation,
+  a cohort's shared cost, in the title), the score/energy Pareto front of the configurations measured
+  at the same budget, and the selection;
 * ``survival.png``: one row per configuration, spanning the phases it trained in, ending with why it
   stopped; the selection highlighted;
-* ``energy_by_phase.png``: energy of each phase, compilation and probe included.
+* ``energy_by_phase.png``: energy of each phase, compilation and probe included (log scale where the
+  phases differ by more than 10x);
+* ``learning_curves.png``: every configuration's training loss per window and validation score per
+  phase against samples trained.
 
 Energy labelled ``estimated`` is an estimate, not a measurement; where energy is unavailable the
 figures say so and plot samples trained instead.
@@ -194,9 +198,16 @@ def _phases(results: dict[str, Any]) -> list[str]:
     return seen
 
 
-def _energy_label(results: dict[str, Any]) -> str:
+def _energy_label(results: dict[str, Any], what: str = "energy attributed to it") -> str:
     method = results.get("energy_method") or "unavailable"
-    return f"energy attributed to it (J, {method}{': not a measurement' if method == 'estimated' else ''})"
+    return f"{what} (J, {method}{': not a measurement' if method == 'estimated' else ''})"
+
+
+def training_joules(trial: dict[str, Any]) -> float | None:
+    """A configuration's training energy (its training windows: exploration and rungs), or, for
+    results from before energy was kept by kind, everything attributed to it."""
+    kinds = trial.get("energy_by_kind")
+    return trial["energy_joules"] if kinds is None else kinds.get("train")
 
 
 def pareto_front(points: list[tuple[float, float, int]]) -> list[int]:
@@ -211,13 +222,16 @@ def pareto_front(points: list[tuple[float, float, int]]) -> list[int]:
 
 
 def plot_score_vs_energy(results: dict[str, Any]):
-    """Every configuration's last metric against its attributed energy (samples trained where energy
-    is unavailable), the Pareto front (score up, energy down) and the selection."""
+    """Every configuration's last metric against its training energy (samples trained where energy
+    is unavailable; compilation, a cohort's cost shared by its configurations, is in the title), the
+    Pareto front (score up, energy down) among the configurations measured at the same budget -- the
+    furthest phase reached -- and the selection."""
     from matplotlib.figure import Figure
 
     trials = [t for t in results.get("trials", []) if t["score"] is not None]
-    have_energy = bool(trials) and all(t["energy_joules"] is not None for t in trials)
-    x_of = (lambda t: t["energy_joules"]) if have_energy else (lambda t: t["samples"])
+    by_kind = bool(trials) and all("energy_by_kind" in t for t in trials)
+    have_energy = bool(trials) and all(training_joules(t) is not None for t in trials)
+    x_of = training_joules if have_energy else (lambda t: t["samples"])
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
     by_status: dict[str, list[dict[str, Any]]] = {}
@@ -239,15 +253,19 @@ def plot_score_vs_energy(results: dict[str, Any]):
             else {"s": 28, "alpha": 0.8}
         )
         ax.scatter([x_of(t) for t in group], [t["metric"] for t in group], label=status, **style)
-    front = pareto_front([(x_of(t), t["score"], t["trial_id"]) for t in trials])
+    phases = _phases(results)
+    furthest = max((t["last_phase"] for t in trials if t["last_phase"] in phases), key=phases.index, default=None)
+    peers = [t for t in trials if t["last_phase"] == furthest]  # one budget: their scores compare
+    front = pareto_front([(x_of(t), t["score"], t["trial_id"]) for t in peers])
     by_id = {t["trial_id"]: t for t in trials}
-    ax.plot(
-        [x_of(by_id[i]) for i in front],
-        [by_id[i]["metric"] for i in front],
-        "k--",
-        lw=1,
-        label="Pareto front (score, energy)",
-    )
+    if len(front) > 1:
+        ax.plot(
+            [x_of(by_id[i]) for i in front],
+            [by_id[i]["metric"] for i in front],
+            "k--",
+            lw=1,
+            label=f"Pareto front at {furthest} (score, energy)",
+        )
     sel = results.get("selected")
     if sel is not None and sel["trial_id"] in by_id:
         t = by_id[sel["trial_id"]]
@@ -255,7 +273,8 @@ def plot_score_vs_energy(results: dict[str, Any]):
             f"selected: trial {t['trial_id']}",
             (x_of(t), t["metric"]),
             textcoords="offset points",
-            xytext=(8, -14),
+            xytext=(-10, -16),
+            ha="right",  # inside the axes: the selection is often the rightmost point
             color="crimson",
         )
     if trials and min(x_of(t) for t in trials) > 0:
@@ -265,9 +284,14 @@ def plot_score_vs_energy(results: dict[str, Any]):
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(lambda x, _: f"{x:g}")
         ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel(_energy_label(results) if have_energy else "samples trained (energy unavailable)")
+    what = "training energy" if by_kind else "energy attributed to it, compilation included"
+    ax.set_xlabel(_energy_label(results, what) if have_energy else "samples trained (energy unavailable)")
     ax.set_ylabel(f"validation {results.get('metric_name', 'metric')} (last phase reached)")
-    ax.set_title(f"{len(trials)} configurations, mode {results.get('mode')}")
+    compile_j = sum(
+        (g["joules"] or 0.0) for p, g in results.get("energy_by_phase", {}).items() if p in ("compile", "probe")
+    )
+    note = f"; compilation {compile_j:,.3g} J apart, not on this axis" if by_kind and compile_j else ""
+    ax.set_title(f"{len(trials)} configurations, mode {results.get('mode')}{note}", fontsize=9)
     ax.legend(fontsize=7, loc="best")
     return fig
 
@@ -298,8 +322,9 @@ def plot_learning_curves(results: dict[str, Any]):
             val_ax.plot([p[0] for p in val], [p[1] for p in val], marker="o", ms=2.5, **style)
     for cohort in cohorts:  # one legend entry per cohort
         val_ax.plot([], [], color=colors[cohort], label=cohort)
-    if sel is not None:
-        val_ax.plot([], [], color="k", lw=2.6, label=f"selected: trial {sel}")
+    if sel is not None:  # the legend draws it as the figure does: bold, in its cohort's colour
+        color = colors.get(trials.get(sel, {}).get("cohort"), "grey")
+        val_ax.plot([], [], color=color, lw=2.6, label=f"selected: trial {sel}")
     loss_ax.set_ylabel("training loss (mean per window)")
     loss_ax.set_yscale(
         "log" if any(p[1] and p[1] > 0 for c in curves.values() for p in c.get("train", [])) else "linear"
@@ -359,8 +384,13 @@ def plot_energy_by_phase(results: dict[str, Any]):
     fig = Figure(figsize=(6.4, 3.6), layout="constrained")
     ax = fig.add_subplot()
     names = [r["phase"] for r in rows]
-    values = [r["joules"] or 0.0 for r in rows]
-    bars = ax.bar(names, values, color=["tab:orange" if n in ("compile", "probe") else "tab:blue" for n in names])
+    known = [r["joules"] for r in rows if r["joules"]]
+    floor = min(known) / 3 if known else 1.0
+    values = [r["joules"] if r["joules"] else floor for r in rows]
+    colors = ["tab:orange" if n in ("compile", "probe") else "tab:blue" for n in names]
+    bars = ax.bar(names, values, color=[c if r["joules"] else "none" for c, r in zip(colors, rows)])
+    if known and max(known) > 10 * min(known):  # training beside compilation spans orders of magnitude
+        ax.set_yscale("log")
     for bar, r in zip(bars, rows):
         ax.text(
             bar.get_x() + bar.get_width() / 2,
@@ -372,7 +402,7 @@ def plot_energy_by_phase(results: dict[str, Any]):
         )
     idle = results.get("idle") or {}
     note = f"idle baseline {idle['watts']:.2f} W" if idle.get("watts") is not None else "idle baseline: not measured"
-    ax.set_ylabel(f"joules ({results.get('energy_method')})")
+    ax.set_ylabel(f"joules ({results.get('energy_method')}{', log scale' if ax.get_yscale() == 'log' else ''})")
     ax.set_title(f"energy by phase ({note})")
     return fig
 

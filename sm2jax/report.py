@@ -161,11 +161,21 @@ def format_results(results: dict[str, Any]) -> str:
     if results.get("total_joules") is not None or "energy_by_phase" in results:
         label = "total of the committed phases" if results.get("partial") else "total"
         lines.append(f"{label}: {_joules(results.get('total_joules'), method)}")
+        by_phase = results.get("energy_by_phase") or {}
+        training = [g["joules"] for p, g in by_phase.items() if p not in ("compile", "probe")]
+        samples = sum(t.get("samples") or 0 for t in results.get("trials", []))
+        if training and samples:
+            joules = None if None in training else float(sum(training))
+            lines.append(
+                f"training: {_joules(joules, method)} for {samples:,} samples trained in all (exploration, rungs and"
+                " evaluation; compare studies by these: compilation depends on what the compile cache held)"
+            )
     comp = results.get("compilation")
     if comp:
         cache = comp.get("cache_dir") or "off"
+        attempt = f"attempt {comp['attempt']}" if "attempt" in comp else "this attempt"
         lines.append(
-            f"compilation (this attempt): {comp['backend_compiles']} XLA compiles, {comp['cache_hits']} programs loaded from"
+            f"compilation ({attempt}): {comp['backend_compiles']} XLA compiles, {comp['cache_hits']} programs loaded from"
             f" the persistent cache ({cache}), saving ~{comp['cache_saved_seconds']:.1f} s of compilation"
         )
     widths = {name: hw["choices"] for name, hw in (results.get("hardware") or {}).items() if hw.get("choices")}

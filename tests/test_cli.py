@@ -23,7 +23,7 @@ def test_run_report_and_resume(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "selected: trial" in out and "accuracy:" in out
     assert "energy by phase:" in out and "compile" in out and "explore" in out and "rung-1" in out
-    assert "compilation (this attempt):" in out and "vmap widths:" in out
+    assert "compilation (attempt 1):" in out and "vmap widths:" in out and "samples trained in all" in out
     # a quick study on a CPU backend trains with quick programs, and the report says which build ran
     assert ("; quick training program" in out) == (jax.default_backend() == "cpu")
     results = json.loads((study / "results.json").read_text())

@@ -57,9 +57,14 @@ def test_notebook_runs_every_cell(tmp_path):
     tables = [
         o["data"]["text/html"]
         for o in outputs
-        if o.output_type == "execute_result" and "text/html" in o.get("data", {})
+        if o.output_type in ("execute_result", "display_data") and "text/html" in o.get("data", {})
     ]
-    assert len(tables) == 2 and "learning_rate" in tables[0]  # the trials DataFrame, then SM2 vs SH
+    assert len(tables) == 2 and "params_learning_rate" in tables[0]  # the trials DataFrame, then SM2 vs SH
+    # The winner handed back reproduces the reported test accuracy; the comparison says plainly whether
+    # the energy difference stands beyond its noise, beside the samples each trained.
+    [winner] = [line for line in text.splitlines() if "(reported " in line]
+    assert winner.split("test accuracy ")[1].split(" ")[0] == winner.split("(reported ")[1].rstrip(")")
+    assert "the samples of SH for" in text and "the noise (2 sigma =" in text
     assert ">sm2<" in tables[1] and ">sh<" in tables[1] and "training_vs_first" in tables[1]
     for name in ("notebook-digits", "notebook-digits-sh"):
         assert (tmp_path / "runs" / name / "results.json").exists()
