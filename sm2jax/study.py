@@ -15,7 +15,6 @@ decisions :mod:`sm2jax.phases`' and the results :mod:`sm2jax.report`'s.
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,6 +33,7 @@ from sm2jax.handback import data_shapes, load_selected
 from sm2jax.phases import DecisionRules, StudyState, cohort_candidates, record_phase
 from sm2jax.placement import Placement
 from sm2jax.programs import memory_limit_bytes
+from sm2jax.progress import StudyProgress
 from sm2jax.report import assemble_results, partial_results
 from sm2jax.runner import CohortRunner
 from sm2jax.spec import StudySpec, bind, current_form, read_spec
@@ -57,7 +57,7 @@ class Study:
       nvml: optional NVML module (a test double in tests).
       gpus: the GPUs to meter (see :class:`~sm2jax.energy.stack.EnergyStack`); default: those JAX
         computes on, found by PCI bus id.
-      progress: show a progress bar per phase.
+      progress: show one progress line for the study (:mod:`sm2jax.progress`).
       dataset: an in-memory data set (instead of ``spec.dataset``'s loader).
       devices: the devices of the ``trials`` mesh axis: a count (the first ``n`` of
         ``jax.devices()``), a list, or ``None`` for all of them (every process's). Not part of the
@@ -160,14 +160,14 @@ class Study:
                 state, runners = None, []
         checkpoints = self.folder.checkpoints()
         self.folder.discard_after(start - 1, checkpoints)
+        self._progress = progress = StudyProgress(self.progress_bar)
+        finished = False
         try:
             if state is None:
                 state = StudyState(metric_name=get_task(self.work.data.task).metric_name)
-                for i, c in enumerate(cohorts.values(), start=1):
-                    if self.progress_bar:  # compiling says what it compiles: seconds to minutes each
-                        print(
-                            f"cohort {i}/{len(cohorts)} {c.name}: compiling (or loading) its programs", file=sys.stderr
-                        )
+                progress.plan(sum(self.work.plan(c.size, c.signature.batch_size, 0, 0) for c in cohorts.values()))
+                for i, c in enumerate(cohorts.values(), start=1):  # seconds to minutes each: the line says which
+                    progress.say(f"compiling (or loading) the programs of cohort {i}/{len(cohorts)}, {c.name}")
                     with blame(c, "compile"):  # the first trace runs the user's model, loss and optimizer
                         runners += [r] if (r := self.work.create_runner(c, state)) is not None else []
                 state.start([t for r in runners for t in r.trial_ids])
@@ -175,6 +175,7 @@ class Study:
                 if not runners:
                     break
                 runners = self._run_phase(p, runners, state, checkpoints)
+            finished = True
             self.metering.flush()
             self._state = state
             return assemble_results(
@@ -193,6 +194,7 @@ class Study:
                 ledger_damage=damage,
             )
         finally:
+            progress.close(finished)
             try:
                 self.metering.flush(wait=False)  # after an error: whatever was measured is still written
             finally:
@@ -226,35 +228,29 @@ class Study:
         name, budget = phases[p]
         last = p == len(phases) - 1
         targets = {r.spec.name: work.steps(budget, r.spec.signature.batch_size) for r in runners}
-        total = sum(max(targets[r.spec.name] - int(r.field("step").max()), 0) for r in runners)
-        bar = _progress_bar_class()(total=total, desc=name, unit="step", leave=True, disable=not self.progress_bar)
+        progress = self._progress
+        progress.plan(sum(work.planned(r, p) for r in runners))  # re-planned from the trials alive
         candidates = []
-        try:
-            for r in runners:
-                alive = sum(x.k for x in runners)
-                bar.set_postfix_str(
-                    f"trials alive {alive}, {self.metering.so_far_text()}, best {state.best_score_text()}"
-                )
-                with blame(r.spec, name):
-                    # An untrained model's score is the reference for "has it learned?"; for classification
-                    # that reference is chance, so the evaluations of untrained models are skipped there.
-                    base = r.evaluate("explore") if name == "explore" and work.chance is None else None
-                    before = {t: state.trials[str(t)]["samples_spent"] for t in r.trial_ids}
-                    planned = work.planned(r, p)
-                    win = {"window_seconds": self.spec.window_seconds, "steps_per_window": self.spec.steps_per_window}
-                    trained = r.train_to(
-                        targets[r.spec.name], name, planned_trial_steps=planned, on_steps=bar.update, **win
-                    )
-                    bs = r.spec.signature.batch_size
-                    state.record_training(trained.losses, bs)
-                    rows = {f: r.field(f) for f in ("step", "active", "diverged_at")}
-                    total = work.steps(self.spec.max_budget, bs) * bs
-                    end = r.evaluate(name)
-                candidates += cohort_candidates(
-                    state, r.spec.name, r.trial_ids, end, base, rows, bs, total, before, work.chance, self.rules
-                )
-        finally:
-            bar.close()
+        for r in runners:
+            alive = sum(x.k for x in runners)
+            progress.say(f"{name}: trials alive {alive}, {self.metering.so_far_text()}, best {state.best_score_text()}")
+            on_steps = lambda steps, k=r.k: progress.advance(steps * k)  # every row steps in lockstep
+            with blame(r.spec, name):
+                # An untrained model's score is the reference for "has it learned?"; for classification
+                # that reference is chance, so the evaluations of untrained models are skipped there.
+                base = r.evaluate("explore") if name == "explore" and work.chance is None else None
+                before = {t: state.trials[str(t)]["samples_spent"] for t in r.trial_ids}
+                planned = work.planned(r, p)
+                win = {"window_seconds": self.spec.window_seconds, "steps_per_window": self.spec.steps_per_window}
+                trained = r.train_to(targets[r.spec.name], name, planned_trial_steps=planned, on_steps=on_steps, **win)
+                bs = r.spec.signature.batch_size
+                state.record_training(trained.losses, bs)
+                rows = {f: r.field(f) for f in ("step", "active", "diverged_at")}
+                total = work.steps(self.spec.max_budget, bs) * bs
+                end = r.evaluate(name)
+            candidates += cohort_candidates(
+                state, r.spec.name, r.trial_ids, end, base, rows, bs, total, before, work.chance, self.rules
+            )
         self.metering.flush()  # every window of this phase written (at the meter's resolution), then attributed
         ids = [c.trial_id for c in candidates]
         joules = [self.metering.trial_joules(name, ids, kinds) for kinds in (("train", "eval"), ("train",))]
@@ -315,15 +311,3 @@ def _check_every_name_is_used(spec: StudySpec, configs: list[Any], data: ArrayDa
         raise ValueError(
             f"space: {name!r} is searched but no configuration uses it (optimizer {', '.join(optimizers)}, task {data.task!r}): remove it, or search with what uses it ({takers})"
         )
-
-
-def _progress_bar_class():
-    """Jupyter's widget bars where ``ipywidgets`` is installed, else text bars (which render in a
-    notebook too; ``tqdm.auto`` would warn "IProgress not found" there)."""
-    try:
-        import ipywidgets  # noqa: F401
-    except ImportError:
-        from tqdm.std import tqdm
-    else:
-        from tqdm.auto import tqdm
-    return tqdm

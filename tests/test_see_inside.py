@@ -224,3 +224,17 @@ def test_a_running_study_reports_its_phase_in_flight_as_in_progress_not_interrup
     assert stopped["partial"]["status"] == "interrupted" and stopped["in_progress_energy_by_phase"] == {}
     assert stopped["interrupted_joules"] == pytest.approx(running["in_progress_joules"])
     assert "interrupted attempts (killed runs" in format_results(stopped)
+
+
+@pytest.mark.slow
+def test_one_progress_line_for_the_whole_study_with_its_compilation_and_phases(tmp_path, capsys):
+    assert main(["run", "--quick", "--idle-seconds", "0", "--dir", str(tmp_path / "s")]) == 0
+    frames = [f for f in capsys.readouterr().err.replace("\r", "\n").splitlines() if f.strip()]
+    assert frames and all(f.startswith("study:") for f in frames)  # one line, redrawn: no bar per phase
+    said = " ".join(frames)
+    assert "compiling (or loading) the programs of cohort 1/2" in said
+    assert all(f"{phase}: trials alive" in said for phase in ("explore", "rung-1", "rung-2"))
+    last = frames[-1]
+    assert "100%" in last and "trial-step/s" in last
+    done, total = last.split("|")[2].split()[0].split("/")
+    assert done == total and int(done) > 0  # ends at the trial-steps it trained, whatever it planned
