@@ -102,6 +102,8 @@ def format_results(results: dict[str, Any]) -> str:
             lines.append(
                 f"  energy attributed to it: {_joules(sel['energy_to_train_joules'], method)} (its share of compile, exploration, rungs and evaluation)"
             )
+            if sel.get("training_joules") is not None:
+                lines.append(f"  of which training: {_joules(sel['training_joules'], method)} (exploration and rungs)")
             if sel.get("interrupted_joules"):
                 lines.append(
                     f"  plus its share of interrupted attempts: {_joules(sel['interrupted_joules'], method)} (work repeated after a kill)"
@@ -509,6 +511,9 @@ def assemble_results(
         return out
     trial = progress.trials[str(selected)]
     joules = [r["joules"] for r in records if r["type"] == "trial" and r["trial_id"] == selected]
+    trained = [
+        r["joules"] for r in records if r["type"] == "trial" and r["trial_id"] == selected and r.get("kind") == "train"
+    ]
     lost_joules = [r["joules"] for r in lost if r["type"] == "trial" and r["trial_id"] == selected]
     out["selected"] = {
         "trial_id": selected,
@@ -519,6 +524,7 @@ def assemble_results(
         "samples": trial["samples_spent"],
         "test": progress.test,
         "energy_to_train_joules": None if any(j is None for j in joules) else float(sum(joules)),
+        "training_joules": None if any(j is None for j in trained) else float(sum(trained)),
         "interrupted_joules": None if any(j is None for j in lost_joules) else float(sum(lost_joules)),
         "energy_method": energy_method,
     }

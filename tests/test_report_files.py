@@ -97,6 +97,35 @@ def test_report_figures_are_valid_pngs_that_show_every_configuration(finished):
     assert f"selected: trial {sel}" in texts
 
 
+def test_figures_put_configurations_at_their_training_energy_and_say_what_they_leave_out(finished):
+    from matplotlib.colors import to_hex
+
+    from sm2jax.figures import plot_energy_by_phase, plot_learning_curves, training_joules
+
+    _, results = finished
+    trials = {t["trial_id"]: t for t in results["trials"]}
+    sel = results["selected"]
+    assert sel["training_joules"] == pytest.approx(trials[sel["trial_id"]]["energy_by_kind"]["train"])
+    assert sel["training_joules"] < sel["energy_to_train_joules"]  # its compile and evaluation shares apart
+    ax = plot_score_vs_energy(results).axes[0]
+    star = next(c for c in ax.collections if c.get_label() == "selected")
+    assert star.get_offsets()[0][0] == pytest.approx(training_joules(trials[sel["trial_id"]]))
+    assert "training energy" in ax.get_xlabel() and "compilation" in ax.get_title()
+    fronts = [line for line in ax.get_lines() if "Pareto front" in line.get_label()]
+    finals = {t["trial_id"] for t in results["trials"] if t["last_phase"] == "rung-2"}
+    for line in fronts:  # a front joins only configurations measured at the final budget
+        xs = set(line.get_xdata())
+        assert xs <= {training_joules(trials[t]) for t in finals}
+    compile_j = results["energy_by_phase"]["compile"]["joules"]
+    rungs = [g["joules"] for p, g in results["energy_by_phase"].items() if p != "compile"]
+    scale = plot_energy_by_phase(results).axes[0].get_yscale()
+    assert scale == ("log" if compile_j > 10 * min(rungs) else "linear")
+    curves = plot_learning_curves(results).axes[1]
+    [entry] = [line for line in curves.get_lines() if line.get_label() == f"selected: trial {sel['trial_id']}"]
+    [cohort] = [line for line in curves.get_lines() if line.get_label() == trials[sel["trial_id"]]["cohort"]]
+    assert to_hex(entry.get_color()) == to_hex(cohort.get_color())  # drawn as the figure draws it
+
+
 def test_pareto_front():
     points = [(1.0, 0.5, 0), (2.0, 0.9, 1), (2.0, 0.7, 2), (3.0, 0.8, 3), (0.5, 0.1, 4), (4.0, 0.95, 5)]
     assert pareto_front(points) == [4, 0, 1, 5]
