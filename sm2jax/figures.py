@@ -77,9 +77,14 @@ def energy_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def write_tables(results: dict[str, Any], directory: str | os.PathLike) -> list[str]:
     """Writes ``trials.csv``, ``decisions.csv`` and ``energy.csv`` into ``directory``; returns the paths."""
+    return _write_all(table_writers, results, directory)
+
+
+def _write_all(writers: Callable, results: dict[str, Any], directory: str | os.PathLike) -> list[str]:
+    """Runs every ``(path, write)`` of ``writers(results, directory)`` in turn; returns the paths."""
     os.makedirs(directory, exist_ok=True)
     paths = []
-    for path, write in table_writers(results, directory):
+    for path, write in writers(results, directory):
         write()
         paths.append(path)
     return paths
@@ -410,12 +415,7 @@ def plot_energy_by_phase(results: dict[str, Any]):
 def write_plots(results: dict[str, Any], directory: str | os.PathLike) -> list[str]:
     """Writes the four PNGs into ``directory``; raises ``ImportError`` (with :data:`PLOT_HINT`)
     when matplotlib is not installed."""
-    os.makedirs(directory, exist_ok=True)
-    paths = []
-    for path, write in plot_writers(results, directory):
-        write()
-        paths.append(path)
-    return paths
+    return _write_all(plot_writers, results, directory)
 
 
 def plot_writers(results: dict[str, Any], directory: str | os.PathLike) -> list[tuple[str, Callable[[], None]]]:
