@@ -177,7 +177,7 @@ def _not_written(what: str, path: str, err: BaseException) -> None:
     )
 
 
-def _write_each(writers: list, what: str) -> tuple[list[str], int]:
+def _write_each(writers: list) -> tuple[list[str], int]:
     """Runs each ``(path, write)``; returns the paths written and how many failed (each said in one line)."""
     written, failed = [], 0
     for path, write in writers:
@@ -185,7 +185,7 @@ def _write_each(writers: list, what: str) -> tuple[list[str], int]:
             write()
             written.append(path)
         except Exception as err:
-            _not_written(os.path.basename(path) or what, path, err)
+            _not_written(os.path.basename(path), path, err)
             failed += 1
     return written, failed
 
@@ -209,7 +209,7 @@ def _write_files(results: dict, out: str) -> int:
         writers += plot_writers(results, out)
     except ImportError as err:
         print(f"sm2jax: {err}", file=sys.stderr)
-    written, failed = _write_each(writers, "a table")
+    written, failed = _write_each(writers)
     if written:
         print(f"wrote {', '.join(os.path.basename(p) for p in written)} to {out}", file=sys.stderr)
     return failed
@@ -224,8 +224,8 @@ def _write_viewer_files(results: dict, folder, out: str | None) -> int:
     where = out or folder.path
     db = os.path.join(where, OPTUNA)
     written: list = []
-    # About a second of SQLite set-up: written on request, not per run.
-    _, failed = _write_each([(db, lambda: written.append(write_optuna(where, results)))], OPTUNA)
+    # The study rewrites its own after every phase; this one is from results.json (or goes to --out).
+    _, failed = _write_each([(db, lambda: written.append(write_optuna(where, results)))])
     if written and written[0]:
         print(f"wrote {db} (optuna-dashboard {shlex.quote(sqlite_url(db))})", file=sys.stderr)
     elif not failed:
@@ -236,7 +236,7 @@ def _write_viewer_files(results: dict, folder, out: str | None) -> int:
         configs = {t["trial_id"]: t["config"] for t in results.get("trials", [])}
         hparams = run_hparams(configs, results.get("decisions", []), (results.get("selected") or {}).get("trial_id"))
         board = lambda: write_tensorboard(out, results.get("curves") or {}, trials, hparams)
-        done, lost = _write_each([(os.path.join(out, TENSORBOARD), board)], TENSORBOARD)
+        done, lost = _write_each([(os.path.join(out, TENSORBOARD), board)])
         failed += lost
         if done:
             print(f"wrote {done[0]} (tensorboard --logdir)", file=sys.stderr)

@@ -121,8 +121,8 @@ class Study:
             finally:
                 self._optuna.join()  # the last committed phase's optuna.db is whole before the folder is let go
             results["compilation"] = {**tally.to_json(), "cache_dir": cache_dir, "attempt": self.metering.attempt}
-            if not self._committed and self.folder.exists("results.json"):  # a finished study run again:
-                results["compilation"] = self.folder.results().get("compilation", results["compilation"])  # as it was
+            if not self._committed:  # a finished study run again keeps the record of the run that compiled
+                results["compilation"] = self._earlier_compilation() or results["compilation"]
             results["data"] = data_shapes(self.work.data)
             with deferred_interrupts():  # a finished study's writers complete (TensorBoard's hangs if cut)
                 if is_primary():
@@ -130,6 +130,13 @@ class Study:
                     results["viewers"] = write_viewers(self.directory, viewed, self._state.trials, optuna=False)
                 self.folder.write_results(results)
         return results
+
+    def _earlier_compilation(self) -> dict[str, Any] | None:
+        """The compile record of the ``results.json`` already here (``None``: none, or unreadable)."""
+        try:
+            return self.folder.results().get("compilation") if self.folder.exists("results.json") else None
+        except (OSError, ValueError):
+            return None
 
     def _hparams(self, state: StudyState) -> dict[str, dict[str, Any]]:
         configs = {t: c.to_json()["values"] for t, c in self.configs.items()}
