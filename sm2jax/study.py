@@ -109,10 +109,12 @@ class Study:
         self._state = StudyState()
         self._optuna = BackgroundWriter("Optuna storage (optuna.db)")
         self._committed = 0  # phases this run committed
+        self._optuna_due, self._optuna_wrote = 0.0, False  # when optuna.db is next rewritten; written yet
 
     def run(self) -> dict[str, Any]:
         """Runs (or resumes) the study to the end; returns and writes ``results.json``."""
         cache_dir = enable_compile_cache()
+        self._optuna_due, self._optuna_wrote = time.perf_counter() + self.spec.optuna_seconds, False
         with self.folder.lock():
             try:
                 with count_compiles() as tally:
@@ -130,6 +132,15 @@ class Study:
                     results["viewers"] = write_viewers(self.directory, viewed, self._state.trials, optuna=False)
                 self.folder.write_results(results)
         return results
+
+    def _follow_in_optuna(self, last: bool) -> None:
+        """Rewrites ``optuna.db`` on its thread after a committed phase, when ``optuna_seconds``
+        passed since the study started or last wrote it, or at the last phase of a study it
+        followed (see :class:`~sm2jax.spec.StudySpec`)."""
+        now = time.perf_counter()
+        if now >= self._optuna_due or (last and self._optuna_wrote):
+            self._optuna.submit(lambda: write_optuna(self.directory, partial_results(self.folder)))
+            self._optuna_due, self._optuna_wrote = now + self.spec.optuna_seconds, True
 
     def _earlier_compilation(self) -> dict[str, Any] | None:
         """The compile record of the ``results.json`` already here (``None``: none, or unreadable)."""
@@ -303,7 +314,7 @@ class Study:
             if is_primary():  # TensorBoard and optuna-dashboard follow the study while it runs
                 viewed = {"curves": state.curves, "hparams": self._hparams(state)}
                 write_viewers(self.directory, viewed, state.trials, optuna=False)
-                self._optuna.submit(lambda: write_optuna(self.directory, partial_results(self.folder)))
+                self._follow_in_optuna(last)
         return survivors
 
 

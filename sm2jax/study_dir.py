@@ -47,9 +47,9 @@ class FolderInUse(OSError):
     """Another process is running or resuming the study in this folder."""
 
 
-SEAL_EXEMPT = ("imports", "max_configurations")
-"""Spec fields that change nothing a study trains (modules to import, the size limit): left out of
-the seal, so changing them is never "an edited spec"."""
+SEAL_EXEMPT = ("imports", "max_configurations", "optuna_seconds")
+"""Spec fields that change nothing a study trains (modules to import, the size limit, how often the
+Optuna storage is rewritten): left out of the seal, so changing them is never "an edited spec"."""
 
 
 def _sealed_fields(blob: dict[str, Any]) -> dict[str, Any]:

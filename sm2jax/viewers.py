@@ -7,8 +7,8 @@
   ``tensorboard --logdir DIR/tensorboard`` shows them while the study runs (rewritten after each
   phase) and after it ends.
 * :func:`write_optuna` writes ``DIR/optuna.db`` (SQLite through Optuna's RDB storage; ``pip install
-  'sm2jax[optuna]'``) after every committed phase, on a :class:`BackgroundWriter`'s thread, and on
-  ``sm2jax report DIR``: every configuration as a trial with its searched parameters over their real
+  'sm2jax[optuna]'``) after committed phases (``StudySpec.optuna_seconds`` apart), on a
+  :class:`BackgroundWriter`'s thread, and on ``sm2jax report DIR``: every configuration as a trial with its searched parameters over their real
   distributions (:func:`optuna_distributions`), its validation score per phase as intermediate
   values, its state (running, complete when it reached the last rung, pruned at the phase it was
   dropped, failed when infeasible), its times from the ledger, and its energy, cohort, reason and

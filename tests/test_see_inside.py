@@ -141,6 +141,7 @@ def test_optuna_dashboard_follows_a_running_study_and_reads_one_stopped_after_ru
 
     folder = tmp_path / "s"
     cmd = [sys.executable, "-m", "sm2jax.cli", "run", *QUICK, "--dir", str(folder), "--steps-per-window", "2"]
+    cmd += ["--set", "optuna_seconds=0"]  # rewritten after every phase (by default: once 30 s have passed)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not (folder / "progress" / "phase-1.json").exists():
