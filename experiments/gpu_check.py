@@ -167,6 +167,7 @@ def run(
         flops = trainer.flops_per_trial_step(state[0])
         out["windows"] = []
         print(f"{'window':>6} {'seconds':>8} {'counter':>12} {'power-polled':>13} {'ratio':>6}  samples/s")
+        first = {k: m.sample() for k, m in meters.items()}  # the whole span's first reading
         for i in range(windows):
             before = row_view(state, "step", trials)
             begins = {k: m.begin(f"train-{i}", after=state) for k, m in meters.items()}
@@ -195,6 +196,14 @@ def run(
             print(
                 f"{i:>6} {secs:8.2f} {_fmt(c):>12} {_fmt(p):>13} {'n/a' if ratio is None else f'{ratio:6.3f}'}  {rate:,.0f}"
             )
+        # Whole span vs windows: what a study would miss if it summed its windows alone.
+        for k, m in meters.items():
+            span = m.between("span", first[k], m.sample()).joules
+            inside = [w["counter_j" if k == "nvml-counter" else "power_j"] for w in out["windows"]]
+            windowed = None if None in inside else sum(inside)
+            between = None if span is None or windowed is None else span - windowed
+            out.setdefault("whole_span", {})[k] = {"span_j": span, "windows_j": windowed, "between_j": between}
+            print(f"whole span [{k}]: {_fmt(span)} = windows {_fmt(windowed)} + between windows {_fmt(between)}")
         last = out["windows"][-1]["shares_j"]
         print(
             "per-trial shares of the last window (counter):",

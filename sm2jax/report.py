@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 from sm2jax.cohort import group_into_cohorts
-from sm2jax.energy.ledger import add_known, summarize, trial_totals
+from sm2jax.energy.ledger import add_known, summarize, trial_totals, whole_span
 from sm2jax.phases import StudyState
 from sm2jax.space import Config
 from sm2jax.study_dir import StudyDir
@@ -21,6 +21,22 @@ def _joules(value: float | None, method: str | list[str]) -> str:
     if value is None:
         return f"unavailable ({label})"
     return f"{value:,.1f} J [{label}]"
+
+
+def _span_line(span: dict[str, Any], method: str) -> str:
+    """The whole span: windows plus the time between them (see :func:`sm2jax.energy.ledger.whole_span`)."""
+    if span.get("running") is not None:
+        return f"whole span: known when the running attempt ({span['running']}) ends and records it"
+    if span["missing"]:
+        return f"whole span: unknown (attempt(s) {', '.join(map(str, span['missing']))} ended without recording theirs: killed)"
+    if span["joules"] is None:
+        return "whole span: unavailable (the meter had no figure for it)"
+    carbon = "" if span["kwh"] is None else f"; {span['kwh']:.3g} kWh, {span['gco2e']:.3g} gCO2e"
+    return (
+        f"whole span (first to last reading, {span['attempts']} attempt(s), {span['seconds']:,.1f} s): {_joules(span['joules'], span['methods'])}"
+        f" = windows {span['windows_joules']:,.1f} J + between windows {span['between_joules']:,.1f} J over"
+        f" {span['between_seconds']:,.1f} s (host work, checkpoints, Python, the idle baseline){carbon}"
+    )
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -163,6 +179,9 @@ def format_results(results: dict[str, Any]) -> str:
     if results.get("total_joules") is not None or "energy_by_phase" in results:
         label = "total of the committed phases" if results.get("partial") else "total"
         lines.append(f"{label}: {_joules(results.get('total_joules'), method)}")
+        span = results.get("whole_span")
+        if span is not None:
+            lines.append(_span_line(span, method))
         by_phase = results.get("energy_by_phase") or {}
         training = [g["joules"] for p, g in by_phase.items() if p not in ("compile", "probe")]
         samples = sum(t.get("samples") or 0 for t in results.get("trials", []))
@@ -502,6 +521,7 @@ def assemble_results(
     out["total_joules"] = None if any(t is None for t in totals) else float(sum(totals))
     lost_totals = [g["joules"] for g in out["interrupted_energy_by_phase"].values()]
     out["interrupted_joules"] = None if any(t is None for t in lost_totals) else float(sum(lost_totals))
+    out["whole_span"] = whole_span(everything, out["attempts"], running_attempt)
     flight_totals = [g["joules"] for g in out["in_progress_energy_by_phase"].values()]
     out["in_progress_joules"] = None if any(t is None for t in flight_totals) else float(sum(flight_totals))
     out["trials"] = trial_table(progress, records, configs, replicate_of)

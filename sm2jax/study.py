@@ -195,6 +195,7 @@ class Study:
                 runners = self._run_phase(p, runners, state, checkpoints)
             finished = True
             self.metering.flush()
+            self.metering.close_span()  # the attempt's whole span, windows and the time between them
             self._state = state
             return assemble_results(
                 state,
@@ -215,6 +216,8 @@ class Study:
             progress.close(finished)
             try:
                 self.metering.flush(wait=False)  # after an error: whatever was measured is still written
+                if jax.process_count() == 1:  # (a sample is collective across processes: not on one's error)
+                    self.metering.close_span()
             finally:
                 checkpoints.close()
                 self.energy.close()

@@ -32,6 +32,10 @@ def test_run_report_and_resume(tmp_path, capsys, monkeypatch):
     assert f"[{label}]" in out
     if label == "estimated":
         assert "ESTIMATED" in out
+    span = results["whole_span"]  # the study's energy from first to last reading: windows + the time between
+    assert span["windows_joules"] == pytest.approx(results["total_joules"])  # one attempt: its windows are the total
+    assert span["windows_joules"] + span["between_joules"] == pytest.approx(span["joules"])
+    assert span["between_seconds"] > 0 and "whole span (first to last reading, 1 attempt(s)" in out
 
     assert main(["report", str(study)]) == 0
     assert capsys.readouterr().out.strip() == out.strip()
@@ -42,6 +46,7 @@ def test_run_report_and_resume(tmp_path, capsys, monkeypatch):
     assert os.environ["SM2JAX_COMPILE_CACHE"] == str(tmp_path / "cache")
     again = json.loads(capsys.readouterr().out)
     assert again["selected"]["trial_id"] == results["selected"]["trial_id"]
+    assert again["whole_span"]["attempts"] == 2 and again["whole_span"]["joules"] > span["joules"]
 
 
 def test_bad_input_is_one_line_with_no_traceback(tmp_path, capsys):

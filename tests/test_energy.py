@@ -409,3 +409,37 @@ def test_a_window_whose_shares_do_not_add_up_is_reported_with_its_joules(tmp_pat
     assert [d["line"] for d in found] == [4, 5] and found[0]["joules"] == pytest.approx(6.0)
     assert "add up to 2 J of 6 J" in found[0]["reason"]
     assert summarize(records) == summarize(read_ledger(path)) and set(summarize(records)) == {"explore"}
+
+
+@pytest.mark.slow
+def test_the_whole_span_is_its_windows_plus_the_time_between_them(tmp_path):
+    """A 200 W card, windows with host work between them: the span from the attempt's first reading
+    to its last is counted whole, the gaps on their own line (windows + between = span)."""
+    from sm2jax.energy.ledger import whole_span
+
+    card = make_card(0, power_mw=200_000)
+    monitor = EnergyMonitor(make_meter("auto", nvml=make_fake_nvml([card]), gpus="all", backend="gpu"))
+    ledger = EnergyLedger(tmp_path / "l.jsonl")
+    metering = Metering(monitor, ledger, attempt=1)
+    t0, gaps = time.perf_counter(), 0.0
+    for _ in range(3):
+        with metering.window("rung-1", phase="rung-1", cohort="c", trial_ids=[0]) as w:
+            time.sleep(1.05)  # each window spans the meter's 1 s resolution: written on its own
+            w.steps, w.batch_size = [1], 8
+        g = time.perf_counter()
+        time.sleep(0.6)  # host work between windows: no window covers it
+        gaps += time.perf_counter() - g
+    metering.flush()
+    span = metering.close_span()
+    elapsed = time.perf_counter() - t0
+    windows = sum(r["joules"] for r in ledger.records() if r["type"] == "window")
+    assert span["windows_joules"] == pytest.approx(windows)
+    assert span["windows_joules"] + span["between_joules"] == pytest.approx(span["joules"])
+    assert span["joules"] == pytest.approx(200.0 * elapsed, rel=0.1)
+    assert span["between_joules"] == pytest.approx(200.0 * gaps, rel=0.35)  # each end within one 100 ms update
+    assert metering.close_span() is None  # once per attempt
+    study = whole_span(ledger.records(), attempts=1)
+    assert study["joules"] == span["joules"] and study["kwh"] == pytest.approx(span["joules"] / 3.6e6)
+    assert whole_span(ledger.records(), attempts=2)["missing"] == [2]  # a killed attempt: no figure
+    assert whole_span(ledger.records(), attempts=2)["joules"] is None
+    assert whole_span(ledger.records(), attempts=2, running=2)["missing"] == []  # a running one: not yet

@@ -49,6 +49,8 @@ def test_gpu_check_counter_and_power_agree_on_a_steady_device(tmp_path):
         assert w["counter_j"] == pytest.approx(250.0 * w["seconds"], rel=0.05)
         assert w["ratio_power_over_counter"] == pytest.approx(1.0, rel=0.05) and abs(w["agreement_percent"]) < 5
         assert sum(w["shares_j"]) == pytest.approx(w["counter_j"])
+    for span in out["whole_span"].values():  # the windows and the host work between them make the span
+        assert span["windows_j"] + span["between_j"] == pytest.approx(span["span_j"]) and span["between_j"] > 0
     assert (tmp_path / "g.json").exists()
     for name in ("digits-mlp", "resnet18-cifar"):
         w = out["workloads"][name]

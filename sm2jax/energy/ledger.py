@@ -238,6 +238,41 @@ class EnergyLedger:
             os.fsync(f.fileno())
         return records
 
+    def record_span(
+        self, reading: WindowReading, *, attempt: int, windows_joules: float | None, windows_seconds: float
+    ) -> dict[str, Any]:
+        """Appends an attempt's whole span (:meth:`sm2jax.energy.metering.Metering.close_span`): its
+        reading, the joules and seconds of its windows, and the rest -- the time between windows --
+        so that ``windows_joules + between_joules == joules``. Its ``phase`` and ``kind`` are
+        ``span``: no phase's, no trial's."""
+        between = add_known(reading.joules, None if windows_joules is None else -windows_joules)
+        kwh, g = self._carbon(reading.joules)
+        record = {
+            "type": "span",
+            "phase": "span",
+            "kind": "span",
+            "attempt": attempt,
+            "method": reading.method,
+            "valid": reading.valid,
+            "note": reading.note,
+            "seconds": reading.seconds,
+            "joules": reading.joules,
+            "windows_joules": windows_joules,
+            "windows_seconds": windows_seconds,
+            "between_joules": between,
+            "between_seconds": max(reading.seconds - windows_seconds, 0.0),
+            "kwh": kwh,
+            "gco2e": g,
+            "intensity_label": self.intensity_label,
+            "time": time.time(),
+        }
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return record
+
     def records(self) -> list[dict[str, Any]]:
         """Every complete record (a torn last line from a kill is skipped)."""
         return read_ledger(self.path)
@@ -300,7 +335,7 @@ def scan_ledger(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dic
     for n, raw in enumerate(lines, start=1):
         try:
             record = json.loads(raw.decode("utf-8"))
-            if not isinstance(record, dict) or record.get("type") not in ("window", "trial"):
+            if not isinstance(record, dict) or record.get("type") not in ("window", "trial", "span"):
                 raise ValueError("not a ledger record")
         except (UnicodeDecodeError, ValueError) as err:
             reason = (
@@ -369,6 +404,31 @@ def _move_lines(path: str, numbers: list[int], to: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     write_atomic(path, b"\n".join(kept))
+
+
+def whole_span(records: Sequence[dict[str, Any]], attempts: int, running: int | None = None) -> dict[str, Any] | None:
+    """A study's whole span from its attempts' ``span`` records: the meter's joules from each
+    attempt's first reading to its last, its windows and the time between them (windows + between
+    = span), kWh and gCO2e; ``None`` joules where any attempt's span is unavailable or missing (a
+    killed attempt leaves none: ``missing`` lists them; the ``running`` attempt records its own
+    when it ends). ``None`` when no attempt recorded one."""
+    spans = [r for r in records if r["type"] == "span"]
+    if not spans:
+        return None
+    out: dict[str, Any] = {"attempts": len(spans), "methods": sorted({r["method"] for r in spans})}
+    for field in ("joules", "windows_joules", "between_joules", "kwh", "gco2e"):
+        total: float | None = 0.0
+        for r in spans:
+            total = add_known(total, r.get(field))
+        out[field] = total
+    out["seconds"] = sum(r["seconds"] for r in spans)
+    out["between_seconds"] = sum(r["between_seconds"] for r in spans)
+    out["missing"] = sorted(set(range(1, attempts + 1)) - {r["attempt"] for r in spans} - {running})
+    out["running"] = running
+    if out["missing"] or running is not None:  # a killed attempt's span is unknown: no whole-span figure
+        for field in ("joules", "between_joules", "kwh", "gco2e"):
+            out[field] = None
+    return out
 
 
 def summarize(records: Sequence[dict[str, Any]], key: str = "phase") -> dict[str, dict[str, Any]]:

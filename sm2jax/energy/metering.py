@@ -136,6 +136,11 @@ class Metering:
         for r in earlier:
             if r["type"] == "window":
                 self._tally(r)
+        # The attempt's whole span: from this first reading to the last (:meth:`close_span`).
+        self._span_start = self.monitor.sample()
+        self._span_closed = False
+        self._span_windows: float | None = 0.0
+        self._span_window_seconds = 0.0
 
     def _tally(self, window: dict[str, Any]) -> None:
         self.methods.add(window["method"])
@@ -307,8 +312,27 @@ class Metering:
                 key = (e["phase"], e["kind"], rec["trial_id"])
                 self._totals[key] = add_known(self._totals.get(key, 0.0), rec["joules"])
             self._tally(recs[0])
+            self._span_windows = add_known(self._span_windows, recs[0]["joules"])
+            self._span_window_seconds += recs[0]["seconds"]
             if self.on_window is not None:
                 self.on_window(recs[0])
+
+    def close_span(self) -> dict[str, Any] | None:
+        """Ends the attempt's whole span: the meter's reading from the attempt's first sample to
+        now, split into its windows and the time between them (host work, checkpoints, Python,
+        the idle baseline), so that windows + between = span; written to the ledger as a ``span``
+        record and returned (``None``: already closed). Call it after :meth:`flush`: every window
+        written."""
+        if self._span_closed:
+            return None
+        self._span_closed = True
+        reading = self.monitor.between("span", self._span_start, self.monitor.sample())
+        return self.ledger.record_span(
+            reading,
+            attempt=self.attempt,
+            windows_joules=self._span_windows,
+            windows_seconds=self._span_window_seconds,
+        )
 
     def trial_joules(
         self, phase: str, trial_ids: list[int], kinds: tuple[str, ...] = ("train", "eval")
