@@ -282,6 +282,7 @@ class Results(dict):
         for t in self.get("trials", []):
             row = {k: v for k, v in t.items() if k not in ("config", "energy_by_kind", "last_phase")}
             row["phase_reached"] = t["last_phase"]
+            row["energy_method"] = self.get("energy_method")  # how every energy figure of the row was obtained
             for _, score, phase in curves.get(str(t["trial_id"]), {}).get("val", []):
                 row[f"score_{phase}"] = score
             for kind, joules in (t.get("energy_by_kind") or {}).items():

@@ -106,4 +106,5 @@ def test_results_as_a_dataframe_one_row_per_configuration(finished):
     assert {"energy_train_j", "energy_eval_j", "energy_compile_j"} <= set(kinds)
     assert frame[kinds].sum(axis=1).to_numpy() == pytest.approx(frame["energy_joules"].to_numpy())
     assert frame["energy_joules"].sum() == pytest.approx(results["total_joules"])
+    assert (frame["energy_method"] == results["energy_method"]).all()  # how each figure was obtained
     assert set(frame["phase_reached"]) == {"rung-1", "rung-2"}
