@@ -255,6 +255,7 @@ def test_a_study_registered_in_a_script_resumes_with_import_and_then_without(tmp
     assert again.returncode == 0, again.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_registered_task_trains_on_a_built_in_data_set(tmp_path):
     traced = []
 
