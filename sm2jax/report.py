@@ -23,7 +23,7 @@ def _joules(value: float | None, method: str | list[str]) -> str:
     return f"{value:,.1f} J [{label}]"
 
 
-def _span_line(span: dict[str, Any], method: str) -> str:
+def _span_line(span: dict[str, Any]) -> str:
     """The whole span: windows plus the time between them (see :func:`sm2jax.energy.ledger.whole_span`)."""
     if span.get("running") is not None:
         return f"whole span: known when the running attempt ({span['running']}) ends and records it"
@@ -181,7 +181,7 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append(f"{label}: {_joules(results.get('total_joules'), method)}")
         span = results.get("whole_span")
         if span is not None:
-            lines.append(_span_line(span, method))
+            lines.append(_span_line(span))
         by_phase = results.get("energy_by_phase") or {}
         training = [g["joules"] for p, g in by_phase.items() if p not in ("compile", "probe")]
         samples = sum(t.get("samples") or 0 for t in results.get("trials", []))
@@ -401,11 +401,11 @@ def trial_table(
     joules, kwh, gco2e = (trial_totals(records, field=f) for f in ("joules", "kwh", "gco2e"))
     kinds = sorted({r.get("kind", "train") for r in records if r["type"] == "trial"})
     by_kind = {k: trial_totals([r for r in records if r.get("kind", "train") == k]) for k in kinds}
-    spans: dict[int, list[float]] = {}  # first window's start, last window's end (from the ledger)
+    times: dict[int, list[float]] = {}  # its first window's start, its last window's end (from the ledger)
     for r in records:
         if r["type"] == "trial" and "time" in r:
-            span = spans.setdefault(r["trial_id"], [r["time"] - r["seconds"], r["time"]])
-            span[:] = [min(span[0], r["time"] - r["seconds"]), max(span[1], r["time"])]
+            t0, t1 = times.setdefault(r["trial_id"], [r["time"] - r["seconds"], r["time"]])
+            times[r["trial_id"]] = [min(t0, r["time"] - r["seconds"]), max(t1, r["time"])]
     last: dict[int, dict[str, Any]] = {}
     for d in progress.decisions:
         last[d["trial_id"]] = d
@@ -440,8 +440,8 @@ def trial_table(
                 "kwh": kwh.get(t),
                 "gco2e": gco2e.get(t),
                 "energy_by_kind": {k: v[t] for k, v in by_kind.items() if t in v},
-                "time_start": spans.get(t, [None, None])[0],
-                "time_end": spans.get(t, [None, None])[1],
+                "time_start": times.get(t, [None, None])[0],
+                "time_end": times.get(t, [None, None])[1],
                 **({"replicate_of": replicate_of[t]} if t in replicate_of else {}),
             }
         )
@@ -479,15 +479,16 @@ def assemble_results(
             return r.get("attempt") not in finishers
         return True
 
-    records = [r for r in everything if not interrupted(r)]
-    in_flight = [
-        r for r in everything if interrupted(r) and running_attempt is not None and r.get("attempt") == running_attempt
-    ]
-    lost = [
-        r
-        for r in everything
-        if interrupted(r) and not (running_attempt is not None and r.get("attempt") == running_attempt)
-    ]
+    records, in_flight, lost = [], [], []  # finished work, the running attempt's, killed attempts'
+    for r in everything:
+        if r["type"] == "span":  # a whole attempt's reading: counted by whole_span alone
+            continue
+        if not interrupted(r):
+            records.append(r)
+        elif running_attempt is not None and r.get("attempt") == running_attempt:
+            in_flight.append(r)
+        else:
+            lost.append(r)
     by_phase = summarize(records)
     selected = progress.selected
     out: dict[str, Any] = {
