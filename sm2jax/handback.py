@@ -36,7 +36,7 @@ from sm2jax.spec import import_modules, read_spec
 from sm2jax.steps import task_loss
 from sm2jax.study_dir import StudyDir, read_json, write_json
 from sm2jax.tasks import get_task
-from sm2jax.trainer import abstract_rows, init_settings
+from sm2jax.trainer import abstract_model, abstract_rows, init_settings
 from sm2jax.workload import study_data
 
 EXPORT = "sm2jax-export.json"
@@ -146,13 +146,8 @@ def load_selected(directory: str | os.PathLike, trial_id: int | None = None, *, 
             f"trial {want} has no trained parameters in {folder.path}: its last checkpoint keeps trial(s) {kept} (the finalists; a study from before finalists were kept: its selection only)"
         )
     data = results.get("data") or _data_shapes(spec, dataset)
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = {
-        name: jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
-            _abstract(cohorts[name].signature, data, len(ids)),
-        )
-        for name, ids in state.alive.items()
+        name: _on_one_device(_abstract(cohorts[name].signature, data, len(ids))) for name, ids in state.alive.items()
     }
     checkpoints = folder.checkpoints()
     try:
@@ -222,13 +217,22 @@ def data_shapes(dataset: Any) -> dict[str, Any]:
 
 def _data_shapes(spec: Any, dataset: Any) -> dict[str, Any]:
     """:func:`data_shapes` of a study that recorded none (an older one): its data set is loaded."""
-    if dataset is None:
-        if spec.dataset_fingerprint is not None:
-            raise ValueError(
-                f"this study ran on the in-memory data set {spec.dataset!r}: pass it again, load_selected(..., dataset=...)"
-            )
-        return data_shapes(study_data(spec))
+    if dataset is None and spec.dataset_fingerprint is not None:
+        raise ValueError(
+            f"this study ran on the in-memory data set {spec.dataset!r}: pass it again, load_selected(..., dataset=...)"
+        )
     return data_shapes(study_data(spec, dataset))
+
+
+def _on_one_device(tree: Any) -> Any:
+    """Restore targets of ``tree``'s shapes on this process's first device (each process reads every row)."""
+    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local), tree)
+
+
+def _model_of(signature: Signature, data: dict[str, Any]) -> nnx.Module:
+    """The model of ``signature`` as shapes, built at dropout 0 as evaluation builds it."""
+    return abstract_model(init_settings(signature, data["input_shape"], data["num_outputs"]))
 
 
 def _abstract(signature: Signature, data: dict[str, Any], k: int) -> Any:
@@ -246,8 +250,7 @@ def _trained(
     source: str,
 ) -> TrainedModel:
     """The model of ``signature`` built at dropout 0 (as evaluation builds it) with ``params``."""
-    settings = init_settings(signature, data["input_shape"], data["num_outputs"])
-    graphdef = nnx.split(nnx.eval_shape(lambda: settings.build(jax.random.PRNGKey(0), 0.0)), nnx.Param, ...)[0]
+    graphdef = nnx.split(_model_of(signature, data), nnx.Param, ...)[0]
     model = nnx.merge(graphdef, jax.device_put(params), jax.device_put(model_state))
     return TrainedModel(
         model=model,
@@ -283,14 +286,8 @@ def _load_export(path: str, trial_id: int | None) -> TrainedModel:
     config = Config.from_json(blob["config"])
     signature = Signature.of(config)
     data = blob["data"]
-    settings = init_settings(signature, data["input_shape"], data["num_outputs"])
-    model = nnx.eval_shape(lambda: settings.build(jax.random.PRNGKey(0), 0.0))
-    _, params, model_state = nnx.split(model, nnx.Param, ...)
-    local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
-        {"params": params, "model_state": model_state},
-    )
+    _, params, model_state = nnx.split(_model_of(signature, data), nnx.Param, ...)
+    target = _on_one_device({"params": params, "model_state": model_state})
     checkpointer = ocp.StandardCheckpointer()
     try:
         state = checkpointer.restore(os.path.join(path, "state"), target)

@@ -87,6 +87,12 @@ def init_settings(signature: Any, input_shape: Sequence[int], num_outputs: int) 
     )
 
 
+def abstract_model(settings: InitSettings, dropout: float = 0.0) -> nnx.Module:
+    """The cohort's model as shapes only (nothing initialised), built at ``dropout``: the graph its
+    programs merge parameters into (evaluation builds it at 0)."""
+    return nnx.eval_shape(lambda: settings.build(jax.random.PRNGKey(0), dropout))
+
+
 @functools.lru_cache(maxsize=64)
 def _trial_shapes(settings: InitSettings, hyperparameter_names: tuple[str, ...]) -> Any:
     """Shapes and dtypes of one trial's init outputs (traced once per settings)."""
@@ -154,8 +160,7 @@ class CohortTrainer:
         self.init_settings = init_settings(sig, dataset.input_shape, dataset.num_outputs)
 
         def graph(dropout: float):
-            model = nnx.eval_shape(lambda: self.init_settings.build(jax.random.PRNGKey(0), dropout))
-            return nnx.split(model, nnx.Param, ...)[0]
+            return nnx.split(abstract_model(self.init_settings, dropout), nnx.Param, ...)[0]
 
         self.graphdef = graph(sig.static_dropout)
         self.eval_settings = EvalSettings(graph(0.0), self.task, self.placement)
