@@ -44,8 +44,10 @@ class FakeDevice:
         processes=(),
         mig=(),
     ):
-        self.name, self._energy_mj, self.power_mw = name, energy_mj, power_mw
+        self.name, self._energy_mj = name, energy_mj
         self.clock_driven, self._t0, self.tick_s = clock_driven, time.perf_counter(), tick_s
+        self._segments = [(self._t0, power_mw)]  # (from, mW): the card's true power over time
+        self.average_s = 0.0  # > 0: power readings average the last ``average_s`` seconds (lag)
         self.pci_bus_id, self.uuid = pci_bus_id, uuid
         self.counter_supported, self.name_as_bytes = counter_supported, name_as_bytes
         self.memory_total, self.memory_free = 141 * 2**30, 140 * 2**30
@@ -63,12 +65,37 @@ class FakeDevice:
             raise NVMLError(NVML_ERROR_UNKNOWN)
 
     @property
+    def power_mw(self):
+        """The card's true power now; setting it changes the power from now on (history kept)."""
+        return self._segments[-1][1]
+
+    @power_mw.setter
+    def power_mw(self, value):
+        self._segments.append((time.perf_counter(), value))
+
+    def true_mj(self, t: float) -> float:
+        """The true energy drawn from ``_t0`` to ``t`` (perf_counter time)."""
+        total = 0.0
+        for (start, mw), (end, _) in zip(self._segments, [*self._segments[1:], (float("inf"), 0)]):
+            total += mw * max(0.0, min(t, end) - max(start, self._t0))
+        return total
+
+    def reported_power_mw(self) -> float:
+        """What NVML reports: the true power, or its average over the last ``average_s`` seconds."""
+        if not self.average_s:
+            return self.power_mw
+        now = time.perf_counter()
+        first = self._segments[0][1]
+        before = first * max(0.0, self._t0 - (now - self.average_s))  # before t0: the first power
+        return (before + self.true_mj(now) - self.true_mj(max(self._t0, now - self.average_s))) / self.average_s
+
+    @property
     def energy_mj(self):
         if self.clock_driven:  # a real card's counter moves only every tick_s (~100 ms)
             elapsed = time.perf_counter() - self._t0
             if self.tick_s:
                 elapsed = (elapsed // self.tick_s) * self.tick_s
-            return int(self._energy_mj + self.power_mw * elapsed)
+            return int(self._energy_mj + self.true_mj(self._t0 + elapsed))
         return self._energy_mj
 
     @energy_mj.setter
@@ -115,7 +142,7 @@ def make_fake_nvml(devices: list[FakeDevice], init_error: Exception | None = Non
 
     def nvmlDeviceGetPowerUsage(h):
         h.fail("power")
-        return h.power_mw
+        return int(h.reported_power_mw())
 
     def nvmlDeviceGetName(h):
         return h.name.encode() if h.name_as_bytes else h.name

@@ -10,7 +10,8 @@ else sums window energy.
 Merging. A window is written once the queued windows span at least the meter's resolution (1 s for
 an NVML counter that updates every ~100 ms): shorter windows are merged with the next ones, never
 turned into ``None``. A merged reading (first window's start to last window's end) is split among
-its windows by their busy seconds, then among each window's trials by work, and every record says
+its windows by their own readings (by busy seconds where one has no figure; see
+:func:`merge_shares`), then among each window's trials by work, and every record says
 it was merged. Each record's ``seconds`` is its share of the merged span (``busy_seconds`` its own
 work's), so that net energy -- gross minus idle power times seconds -- and a phase's seconds add
 up to the span's. :meth:`Metering.flush` closes the queue at a decision point, waiting out the rest of
@@ -97,6 +98,54 @@ class OpenWindow:
         return outputs
 
 
+def merge_shares(
+    readings: Sequence[WindowReading],
+    merged: WindowReading,
+    update_s: float | None,
+    previous_w: float | None = None,
+) -> tuple[list[float], str]:
+    """How a ``merged`` reading is split among the windows it merged, and how that was decided.
+
+    A window at least one meter update long (``update_s``: 100 ms for an NVML counter) is weighted
+    by its own reading, a shorter one (its reading would be mostly quantisation) or one without a
+    figure by its busy seconds at the merged span's mean power. Own readings are corrected for the
+    counter's lag: a counter read at ``t`` holds the energy up to its last update, on average
+    ``h = update_s / 2`` earlier, so a reading ``r_i`` of a window of ``s_i`` seconds misses ``h``
+    of its own power at its end and holds ``h`` of the previous window's power at its start:
+
+        r_i = c_i - h c_i / s_i + h c_{i-1} / s_{i-1}
+
+    solved forward for the corrected ``c_i`` (``previous_w``: the power of the window before the
+    first, when known). A busy window next to an idle one is then charged its own energy, not the
+    span's mean power times its seconds. Shares add up to one; the merged total is unchanged.
+    """
+    usable = merged.joules is not None and merged.seconds > 0 and update_s is not None
+    mean_w = merged.joules / merged.seconds if usable else 0.0
+    own = [
+        usable and r.joules is not None and r.joules >= 0 and r.seconds >= update_s and r.seconds > 0 for r in readings
+    ]
+    if not any(own):
+        busy = [r.seconds for r in readings]
+        if sum(busy) > 0:
+            return [b / sum(busy) for b in busy], "busy seconds"
+        return [1 / len(readings)] * len(readings), "equal shares"
+    h = update_s / 2
+    weights, power = [], previous_w
+    for r, mine in zip(readings, own):
+        if not mine:
+            c = r.seconds * mean_w
+        elif power is None:
+            c = r.joules
+        else:
+            c = max(0.0, (r.joules - h * power) / (1 - h / r.seconds))
+        weights.append(c)
+        power = c / r.seconds if r.seconds > 0 else mean_w
+    if sum(weights) <= 0:
+        return [1 / len(readings)] * len(readings), "equal shares"
+    how = "each window's own reading" + ("" if all(own) else " (busy seconds where shorter than the meter's update)")
+    return [w / sum(weights) for w in weights], how
+
+
 class Metering:
     """Energy windows of a study written to its ledger, at the meter's resolution (see the module
     docstring).
@@ -122,6 +171,7 @@ class Metering:
         self.on_window = on_window
         self.resolution_s = monitor.resolution_s
         self._pending: list[dict[str, Any]] = []
+        self._last_power: float | None = None  # the last written window's power (merge_shares)
         self._totals: dict[tuple[str, str, int], float | None] = {}
         self._seq = 0
         self.start(attempt)
@@ -260,8 +310,15 @@ class Metering:
             )
         else:
             merged = self.monitor.between(last.name, first.start, stop or last.stop)
+        weights, split = merge_shares(
+            [e["reading"] for e in entries], merged, self.monitor.meter.update_s, self._last_power
+        )
+        last_seconds = entries[-1]["reading"].seconds
+        self._last_power = (
+            merged.joules * weights[-1] / last_seconds if merged.joules is not None and last_seconds > 0 else None
+        )
         busy = [e["reading"].seconds for e in entries]
-        weights = [b / sum(busy) for b in busy] if sum(busy) > 0 else [1 / len(entries)] * len(entries)
+        time_shares = [b / sum(busy) for b in busy] if sum(busy) > 0 else [1 / len(entries)] * len(entries)
         note = merged.note
         if len(entries) > 1 or waited > 0:
             note = (
@@ -271,10 +328,10 @@ class Metering:
                     if waited > 0
                     else ""
                 )
-                + "; split by busy seconds"
+                + f"; split by {split}"
                 + (f"; {merged.note}" if merged.note else "")
             )
-        for e, share in zip(entries, weights):
+        for e, share, time_share in zip(entries, weights, time_shares):
             r = e["reading"]
             part = dataclasses.replace(
                 r,
@@ -286,7 +343,7 @@ class Metering:
                 uncertainty=merged.uncertainty,
                 # Its share of the merged wall span, which the joules cover (gaps included): net
                 # energy (gross - idle watts x seconds) and phase seconds then add up to the span's.
-                seconds=merged.seconds * share,
+                seconds=merged.seconds * time_share,
             )
             self._seq += 1
             recs = self.ledger.record(
