@@ -32,9 +32,11 @@ def _span_line(span: dict[str, Any]) -> str:
     if span["joules"] is None:
         return "whole span: unavailable (the meter had no figure for it)"
     carbon = "" if span["kwh"] is None else f"; {span['kwh']:.3g} kWh, {span['gco2e']:.3g} gCO2e"
+    head = f"whole span (first to last reading, {span['attempts']} attempt(s), {span['seconds']:,.1f} s): {_joules(span['joules'], span['methods'])}"
+    if span["windows_joules"] is None:  # a window without a figure: the split is unknown, the span is not
+        return f"{head}; its split into windows and the time between them is unknown (a window had no figure){carbon}"
     return (
-        f"whole span (first to last reading, {span['attempts']} attempt(s), {span['seconds']:,.1f} s): {_joules(span['joules'], span['methods'])}"
-        f" = windows {span['windows_joules']:,.1f} J + between windows {span['between_joules']:,.1f} J over"
+        f"{head} = windows {span['windows_joules']:,.1f} J + between windows {span['between_joules']:,.1f} J over"
         f" {span['between_seconds']:,.1f} s (host work, checkpoints, Python, the idle baseline){carbon}"
     )
 
@@ -64,6 +66,8 @@ def format_results(results: dict[str, Any]) -> str:
     for d in results.get("metered_devices") or []:
         how = d.get("by", "")
         lines.append(f"  metered {d['nvml']}: {d.get('method', method)}" + (f" ({how})" if how else ""))
+    for e in results.get("meter_events") or []:
+        lines.append(f"  while metering (attempt {e.get('attempt', '?')}): {e['note']}")
     sel = results.get("selected")
     if results["mode"] == "hyperband":
         lines.append("brackets (s, n, r):")
@@ -499,6 +503,7 @@ def assemble_results(
         "energy_method": energy_method,
         "energy_note": hardware.get("energy_note", ""),
         "metered_devices": hardware.get("metered_devices"),
+        "meter_events": hardware.get("meter_events", []),
         "intensity_label": intensity_label,
         "idle": hardware["idle"],
         "energy_by_phase": by_phase,

@@ -164,7 +164,12 @@ class Study:
         measure = not saved or not self.folder.exists("hardware.json")
         barrier("sm2jax-setup")  # every process has read the folder before process 0 writes to it
         damage = self.energy.open()
-        hardware = self._hardware(measure)
+        self._events_done = 0
+        try:
+            hardware = self._hardware(measure)
+        except BaseException:
+            self.energy.close()  # the meter (and NVML) opened above is closed on every path
+            raise
         cohorts = {c.name: c for c in group_into_cohorts(list(self.configs.values()))}
         state, runners, start = None, [], 0
         for phase in reversed(saved):
@@ -197,6 +202,7 @@ class Study:
             self.metering.flush()
             self.metering.close_span()  # the attempt's whole span, windows and the time between them
             self._state = state
+            hardware = self._record_meter_events(hardware)
             return assemble_results(
                 state,
                 self.energy.ledger.records(),
@@ -215,12 +221,34 @@ class Study:
         finally:
             progress.close(finished)
             try:
-                self.metering.flush(wait=False)  # after an error: whatever was measured is still written
+                # After an error or Ctrl-C, whatever was measured is still written, at the meter's
+                # resolution where this process alone decides (a sample is collective across processes).
+                self.metering.flush(wait=jax.process_count() == 1)
                 if jax.process_count() == 1:  # (a sample is collective across processes: not on one's error)
                     self.metering.close_span()
             finally:
                 checkpoints.close()
+                self._record_meter_events()
                 self.energy.close()
+
+    def _record_meter_events(self, hardware: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Adds what changed on the metered devices during this attempt and is not recorded yet (a
+        power limit, a new process) to ``hardware.json``'s ``meter_events``, each with its attempt;
+        returns the hardware record with them (``hardware``: the one read at the start)."""
+        events = self.energy.events()[self._events_done :]
+        if not events or not is_primary():
+            return hardware
+        try:
+            hardware = self.folder.read_hardware()
+            hardware["meter_events"] = [
+                *hardware.get("meter_events", []),
+                *({**e, "attempt": self.metering.attempt} for e in events),
+            ]
+            self.folder.write_hardware(hardware)
+            self._events_done += len(events)
+        except (OSError, ValueError) as err:
+            warnings.warn(f"the meter's events were not added to hardware.json ({err})", RuntimeWarning, stacklevel=2)
+        return hardware
 
     def _hardware(self, measure: bool) -> dict[str, Any]:
         """``hardware.json``: measured (the idle baseline) on a first start, read back on a resume;

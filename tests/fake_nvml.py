@@ -43,6 +43,9 @@ class FakeDevice:
         power_errors=0,
         processes=(),
         mig=(),
+        graphics=(),
+        mps=(),
+        name_errors=0,
     ):
         self.name, self._energy_mj = name, energy_mj
         self.clock_driven, self._t0, self.tick_s = clock_driven, time.perf_counter(), tick_s
@@ -56,7 +59,9 @@ class FakeDevice:
         # with NVML_ERROR_UNKNOWN, as a driver hiccup or a lost GPU does.
         self.counter_errors, self.power_errors = counter_errors, power_errors
         self.processes = list(processes)  # pids computing on the card (another tenant's too)
-        self.mig = list(mig)  # UUIDs of MIG instances of this card
+        self.mig = list(mig)  # UUIDs of MIG instances of this card (then it is in MIG mode)
+        self.graphics, self.mps = list(graphics), list(mps)  # graphics and MPS client pids
+        self.name_errors = name_errors  # the next name reads that fail (-1: every one)
 
     def fail(self, kind):
         left = getattr(self, f"{kind}_errors")
@@ -128,11 +133,30 @@ def make_fake_nvml(devices: list[FakeDevice], init_error: Exception | None = Non
     nvml.NVML_ERROR_NOT_SUPPORTED = NVML_ERROR_NOT_SUPPORTED
     nvml.devices = devices
     nvml.calls = []
+    nvml.count_errors = 0  # the next nvmlDeviceGetCount calls that fail (-1: every one)
 
     def nvmlInit():
         nvml.calls.append("init")
         if init_error is not None:
             raise init_error
+
+    def nvmlShutdown():
+        # NVML counts inits: one shutdown too many fails, and the last one closes the library
+        # for every other user in the process (real NVML: NVML_ERROR_UNINITIALIZED).
+        if nvml.calls.count("shutdown") >= nvml.calls.count("init"):
+            raise NVMLError(1)
+        nvml.calls.append("shutdown")
+
+    def nvmlDeviceGetCount():
+        if nvml.count_errors:
+            nvml.count_errors -= 1 if nvml.count_errors > 0 else 0
+            raise NVMLError(NVML_ERROR_UNKNOWN)
+        return len(devices)
+
+    def nvmlDeviceGetMigMode(h):
+        if isinstance(h, MigDevice):
+            raise NVMLError_NotSupported()
+        return (1, 1) if h.mig else (0, 0)
 
     def nvmlDeviceGetTotalEnergyConsumption(h):
         if isinstance(h, MigDevice) or not h.counter_supported:
@@ -145,14 +169,16 @@ def make_fake_nvml(devices: list[FakeDevice], init_error: Exception | None = Non
         return int(h.reported_power_mw())
 
     def nvmlDeviceGetName(h):
+        h.fail("name")
         return h.name.encode() if h.name_as_bytes else h.name
 
     def nvmlDeviceGetMemoryInfo(h):
         return types.SimpleNamespace(total=h.memory_total, free=h.memory_free, used=h.memory_total - h.memory_free)
 
     nvml.nvmlInit = nvmlInit
-    nvml.nvmlShutdown = lambda: nvml.calls.append("shutdown")
-    nvml.nvmlDeviceGetCount = lambda: len(devices)
+    nvml.nvmlShutdown = nvmlShutdown
+    nvml.nvmlDeviceGetCount = nvmlDeviceGetCount
+    nvml.nvmlDeviceGetMigMode = nvmlDeviceGetMigMode
     nvml.nvmlDeviceGetHandleByIndex = lambda i: devices[i]
 
     def by(attr, value):
@@ -173,9 +199,13 @@ def make_fake_nvml(devices: list[FakeDevice], init_error: Exception | None = Non
     nvml.nvmlDeviceGetHandleByUUID = by_uuid
     nvml.nvmlDeviceGetUUID = lambda h: h.uuid
     nvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle = lambda h: h.parent
-    nvml.nvmlDeviceGetComputeRunningProcesses = lambda h: [
-        types.SimpleNamespace(pid=p, usedGpuMemory=0) for p in h.processes
-    ]
+
+    def listed(pids):
+        return [types.SimpleNamespace(pid=p, usedGpuMemory=0) for p in pids]
+
+    nvml.nvmlDeviceGetComputeRunningProcesses = lambda h: listed(h.processes)
+    nvml.nvmlDeviceGetGraphicsRunningProcesses = lambda h: listed(h.graphics)
+    nvml.nvmlDeviceGetMPSComputeRunningProcesses = lambda h: listed(h.mps)
 
     def nvmlDeviceGetPciInfo(h):
         if h.pci_bus_id is None:

@@ -80,14 +80,17 @@ def test_not_supported_counter_falls_back_to_power_polling():
 
 
 def test_power_polling_integrates_a_step_change():
+    """A card that reports its power averaged over the last second, as recent GPUs do: each
+    reading is placed at the middle of its average, so the step is not smeared a second late."""
     device = FakeDevice(counter_supported=False, power_mw=100_000)
+    device.average_s = 1.0
     meter = make_meter("nvml-power", nvml=make_fake_nvml([device]), interval_s=0.005, gpus="all")
     try:
         first = meter.sample()
-        time.sleep(0.1)
+        time.sleep(0.3)
         changed_at = time.perf_counter()
         device.power_mw = 300_000
-        time.sleep(0.1)
+        time.sleep(1.2)
         second = meter.sample()
     finally:
         meter.close()

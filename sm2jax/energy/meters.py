@@ -21,7 +21,7 @@ import glob
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -45,6 +45,9 @@ class Sample:
     host: float | None = None
     errors: int = 0  # read errors the meter survived so far (cumulative)
     note: str = ""  # why ``joules`` is ``None``, when it is
+    events: int = 0  # how many of the meter's :attr:`Meter.events` had happened by then
+    new_events: int = 0  # how many of them this sample found (they happened since the last one)
+    lag_joules: float | None = None  # the most a reading can lag, in joules, at the cards' limits then
 
 
 class Meter:
@@ -64,6 +67,7 @@ class Meter:
     resolution_s: float = 0.0
     update_s: float | None = None
     devices: list[dict[str, Any]] | None = None  # what is metered, and how each device was found
+    events: Sequence[dict[str, Any]] = ()  # what changed on the metered devices while metering
 
     def sample(self) -> Sample:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -71,9 +75,12 @@ class Meter:
     def close(self) -> None:
         """Releases threads or library handles."""
 
-    def uncertainty(self, seconds: float, joules: float | None) -> float | None:
+    def uncertainty(
+        self, seconds: float, joules: float | None, start: Sample | None = None, stop: Sample | None = None
+    ) -> float | None:
         """Relative error bound of a ``seconds``-long window's ``joules`` (``None``: no stated
-        bound): the update period over the window's length, by default."""
+        bound) between samples ``start`` and ``stop``: the update period over the window's length,
+        by default."""
         return None if self.update_s is None or seconds <= 0 else self.update_s / seconds
 
     def describe(self) -> str:
@@ -278,6 +285,7 @@ class DistributedMeter(Meter):
         self.method, self.reason = inner.method, inner.reason
         self.resolution_s, self.update_s = inner.resolution_s, inner.update_s
         self.host = getattr(inner, "host", None)
+        self.events = inner.events
         first = inner.sample()
         self._keys = sorted(first.joules) if first.joules is not None else []
         local_map = {str(d): list(inner.device_keys(d)) for d in jax.local_devices()}

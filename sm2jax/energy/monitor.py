@@ -10,7 +10,7 @@ from typing import Any
 import jax
 
 from sm2jax.energy.meters import Meter, Sample
-from sm2jax.energy.nvml import open_nvml
+from sm2jax.energy.nvml import _text, close_nvml, open_nvml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +132,10 @@ class EnergyMonitor:
             )
         if stop.errors > start.errors:
             notes.append(f"{stop.errors - start.errors} NVML read(s) failed in this window and were bridged")
+        # What changed on the devices since the sample before this window's start, to its end.
+        notes += [e["note"] for e in self.meter.events[start.events - start.new_events : stop.events]]
         note = "; ".join(notes)
-        uncertainty = self.meter.uncertainty(seconds, total)
+        uncertainty = self.meter.uncertainty(seconds, total, start, stop)
         return WindowReading(
             name, start.time, seconds, total, per_device, self.method, True, note, start, stop, uncertainty
         )
@@ -172,7 +174,9 @@ def measure_idle(monitor: EnergyMonitor, seconds: float = 3.0) -> IdleBaseline:
 
 
 def hardware_profile(nvml: Any | None = None) -> dict[str, Any]:
-    """Devices, memory and power limits (read only: limits are never set here)."""
+    """Devices, memory and power limits (read only: limits are never set here). An NVML error
+    makes that figure ``"unavailable"`` (or the GPU list, with ``gpu_note`` saying why), never an
+    aborted study; NVML is closed on every path."""
     profile: dict[str, Any] = {
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
@@ -187,23 +191,36 @@ def hardware_profile(nvml: Any | None = None) -> dict[str, Any]:
     if nvml is None:
         profile["gpu_note"] = reason
         return profile
-    for i in range(nvml.nvmlDeviceGetCount()):
-        h = nvml.nvmlDeviceGetHandleByIndex(i)
-        name = nvml.nvmlDeviceGetName(h)
-        gpu: dict[str, Any] = {"index": i, "name": name.decode() if isinstance(name, bytes) else str(name)}
-        for key, call in (
-            ("memory", lambda: nvml.nvmlDeviceGetMemoryInfo(h)),
-            ("power_limit_w", lambda: nvml.nvmlDeviceGetPowerManagementLimit(h) / 1e3),
-            ("power_limit_range_w", lambda: [v / 1e3 for v in nvml.nvmlDeviceGetPowerManagementLimitConstraints(h)]),
-        ):
-            try:
-                value = call()
-            except Exception:
-                value = "unavailable"
-            if key == "memory" and value != "unavailable":
-                gpu["memory_total_bytes"], gpu["memory_free_bytes"] = int(value.total), int(value.free)
-            else:
-                gpu[key] = value
-        profile["gpus"].append(gpu)
-    nvml.nvmlShutdown()  # every open is closed
+    try:
+        for i in range(nvml.nvmlDeviceGetCount()):
+            profile["gpus"].append(_gpu_profile(nvml, i))
+    except Exception as err:  # the count itself failed: what was read is kept
+        profile["gpu_note"] = f"NVML error while listing GPUs: {err}"
+    finally:
+        close_nvml(nvml)  # every open is closed
     return profile
+
+
+def _gpu_profile(nvml: Any, i: int) -> dict[str, Any]:
+    """One GPU's name, memory and power limits; each figure NVML cannot give is ``"unavailable"``."""
+    gpu: dict[str, Any] = {"index": i}
+    try:
+        h = nvml.nvmlDeviceGetHandleByIndex(i)
+    except Exception as err:
+        return {**gpu, "name": "unavailable", "note": f"NVML error: {err}"}
+    reads = {
+        "name": lambda: _text(nvml.nvmlDeviceGetName(h)),
+        "memory": lambda: nvml.nvmlDeviceGetMemoryInfo(h),
+        "power_limit_w": lambda: nvml.nvmlDeviceGetPowerManagementLimit(h) / 1e3,
+        "power_limit_range_w": lambda: [v / 1e3 for v in nvml.nvmlDeviceGetPowerManagementLimitConstraints(h)],
+    }
+    for key, call in reads.items():
+        try:
+            value = call()
+        except Exception:
+            value = "unavailable"
+        if key == "memory" and value != "unavailable":
+            gpu["memory_total_bytes"], gpu["memory_free_bytes"] = int(value.total), int(value.free)
+        else:
+            gpu[key] = value
+    return gpu

@@ -46,14 +46,19 @@ class EnergyStack:
         self._nvml = nvml
         mine = [d for d in devices if d.process_index == jax.process_index()]
         found = gpus if gpus is not None else jax_gpus(mine)
-        meter = make_meter(
+        self._make = lambda: make_meter(
             method, nvml=nvml, watts_per_core=watts_per_core, gpus=found or None, backend="gpu" if gpus else None
         )
+        self._build()
+        self.ledger = EnergyLedger(ledger_path, intensity_g_per_kwh=carbon_intensity, write=write)
+        self.metering = Metering(self.monitor, self.ledger)
+
+    def _build(self) -> None:
+        meter = self._make()
         # Several processes: every process's devices, in every window.
         self.meter = DistributedMeter(meter) if jax.process_count() > 1 else meter
         self.monitor = EnergyMonitor(self.meter)
-        self.ledger = EnergyLedger(ledger_path, intensity_g_per_kwh=carbon_intensity, write=write)
-        self.metering = Metering(self.monitor, self.ledger)
+        self._closed = False
 
     @classmethod
     def of(cls, spec: Any, devices: list[Any], ledger_path: str | os.PathLike, **kwargs: Any) -> EnergyStack:
@@ -91,15 +96,26 @@ class EnergyStack:
         }
 
     def open(self) -> list[dict[str, Any]]:
-        """Before a run appends: repairs the ledger (see :meth:`EnergyLedger.open`) and starts the
-        metering's attempt. Returns the ledger's damage."""
+        """Before a run appends: opens the meter again if a run closed it (``run()`` again on the
+        same study, after Ctrl-C), repairs the ledger (see :meth:`EnergyLedger.open`) and starts
+        the metering's attempt. Returns the ledger's damage."""
+        if self._closed:
+            self._build()
+            self.metering.monitor = self.monitor
         damage = self.ledger.open()
         self.metering.start()
         return damage
+
+    def events(self) -> list[dict[str, Any]]:
+        """What changed on the metered devices during this attempt (power limits, new processes)."""
+        return list(self.meter.events)
 
     def use_hardware(self, hardware: dict[str, Any]) -> None:
         """Takes the idle baseline of a study's ``hardware.json`` for net energy."""
         self.ledger.idle = IdleBaseline(**hardware["idle"])
 
     def close(self) -> None:
-        self.meter.close()
+        """Closes the meter (once; :meth:`open` opens a new one)."""
+        if not self._closed:
+            self._closed = True
+            self.meter.close()
