@@ -16,10 +16,55 @@ PRESET_NAMES = ("cifar10", "digits", "household_power", "mnist1d", "wikitext2") 
 ENERGY_METHODS = ("nvml-counter", "nvml-power", "nvml-mixed", "rapl", "estimated", "unavailable")  # meters.METHODS
 
 
+def _budget(args) -> dict:
+    """The spec fields ``--budget-kwh`` and ``--budget-hours`` set (validated by the spec)."""
+    out = {}
+    if getattr(args, "budget_kwh", None) is not None:
+        out["max_energy_joules"] = args.budget_kwh * 3.6e6
+    if getattr(args, "budget_hours", None) is not None:
+        out["max_wall_seconds"] = args.budget_hours * 3600.0
+    return out
+
+
 def _run(args) -> dict:
     from sm2jax.hyperband import run_hyperband
-    from sm2jax.presets import PRESETS
     from sm2jax.study import Study
+
+    spec, directory = _spec_and_dir(args)
+    if args.mode == "hyperband":
+        return run_hyperband(directory, spec, progress=not args.no_progress, devices=args.devices)
+    study = Study(
+        directory, spec, progress=not args.no_progress, devices=args.devices
+    )  # validates before anything is said
+    if study.folder.saved_phases() and study.progress_bar:
+        print(f"resuming the study in {directory}", file=sys.stderr)
+    return study.run()
+
+
+def _plan(args) -> int:
+    """``sm2jax plan``: the study ``run`` would run, planned by a short probe (nothing trained in
+    its folder); the plan is kept there (``plan.json``) for the report's plan against actual."""
+    from sm2jax.plan import format_plan, probe
+    from sm2jax.study_dir import StudyDir
+
+    spec, directory = _spec_and_dir(args)
+    if args.mode == "hyperband":
+        raise ValueError("sm2jax plan plans one study: plan a Hyperband bracket with --mode sm2 and its --set rungs")
+    folder = StudyDir(directory)
+    if folder.has_run():
+        raise ValueError(f"{directory} holds a study that has run: `sm2jax report {directory}` shows its cost so far")
+    plan = probe(spec, devices=args.devices)
+    print(json.dumps(plan.to_json(), indent=1) if args.json else format_plan(plan))
+    folder.write_plan(plan.to_json())
+    print(
+        f"wrote {folder.plan_path} (`sm2jax run` with the same arguments reports plan against actual)", file=sys.stderr
+    )
+    return 0
+
+
+def _spec_and_dir(args):
+    """The spec and folder the run arguments name (``--dir``, else runs/PRESET-MODE)."""
+    from sm2jax.presets import PRESETS
 
     spec = _load_config(args.config, args.quick) if args.config else PRESETS[args.preset](quick=args.quick)
     spec = apply_overrides(spec, args.set)
@@ -39,18 +84,11 @@ def _run(args) -> dict:
         overrides["imports"] = sorted({*spec.imports, *args.imports})
     if args.data_dir:
         overrides["dataset_options"] = {**spec.dataset_options, "data_dir": os.path.abspath(args.data_dir)}
-    spec = dataclasses.replace(spec, **overrides)
+    spec = dataclasses.replace(spec, **overrides, **_budget(args))
     name = os.path.basename(os.path.dirname(os.path.abspath(args.config))) if args.config else args.preset
     directory = args.dir or os.path.join("runs", f"{name}-{args.mode}{'-quick' if args.quick else ''}")
     args.dir = directory  # named in the hint after Ctrl-C
-    if args.mode == "hyperband":
-        return run_hyperband(directory, spec, progress=not args.no_progress, devices=args.devices)
-    study = Study(
-        directory, spec, progress=not args.no_progress, devices=args.devices
-    )  # validates before anything is said
-    if study.folder.saved_phases() and study.progress_bar:
-        print(f"resuming the study in {directory}", file=sys.stderr)
-    return study.run()
+    return spec, directory
 
 
 def _load_config(path: str, quick: bool):
@@ -122,8 +160,13 @@ def _resume(args) -> dict:
         return run_hyperband(
             args.dir, StudySpec(**blob["hyperband"]), progress=not args.no_progress, devices=args.devices
         )
+    spec = None
+    if _budget(args):  # a raised (or new) budget: recorded in spec.json, it trains nothing
+        from sm2jax.spec import read_spec
+
+        spec = dataclasses.replace(read_spec(args.dir), **_budget(args))
     return Study(
-        args.dir, progress=not args.no_progress, devices=args.devices
+        args.dir, spec, progress=not args.no_progress, devices=args.devices
     ).run()  # one-line errors for a missing or unknown spec
 
 
@@ -259,40 +302,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a study (the offline digits SM2 study by default)")
-    run.add_argument(
-        "--preset", choices=PRESET_NAMES, default="digits", help="a study of the paper's (default: digits, offline)"
+    plan = sub.add_parser(
+        "plan",
+        help="predict a study's energy and wall time per phase before it runs (a short probe; the arguments of run)",
     )
-    run.add_argument("--config", help="an experiment's config.py (its get_config()); instead of --preset")
-    run.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a StudySpec field (JSON value), e.g. --set max_budget=3 --set dataset_options.num_samples=2000; repeatable",
-    )
-    run.add_argument(
-        "--mode", choices=("sm2", "sh", "full", "hyperband"), default="sm2", help="SM2, or a baseline on identical work"
-    )
-    run.add_argument(
-        "--samples",
-        type=int,
-        metavar="N",
-        help="sample N configurations of the space, cohort-aware (Sobol'; see sm2jax.sampling), instead of its grid",
-    )
-    run.add_argument("--dir", help="study directory (default runs/PRESET-MODE); an existing one resumes")
-    run.add_argument("--quick", action="store_true", help="a tiny version of the preset")
-    run.add_argument(
-        "--energy", default="auto", choices=("auto", *ENERGY_METHODS), help="how energy is obtained (default: auto)"
-    )
-    run.add_argument("--idle-seconds", type=float, help="idle-baseline measurement length")
-    run.add_argument("--steps-per-window", type=int, help="fixed steps per energy window")
-    run.add_argument("--data-dir", help="TFDS data folder of a prepared data set (see `sm2jax prepare`)")
-    run.add_argument("--no-probe", action="store_true", help="skip the vmap-width probe (vmap all trials of a cohort)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
-    run.add_argument("--json", action="store_true", help="print results.json instead of the report")
-    resume = sub.add_parser("resume", help="continue a killed study")
+    for p in (run, plan):
+        p.add_argument(
+            "--preset", choices=PRESET_NAMES, default="digits", help="a study of the paper's (default: digits, offline)"
+        )
+        p.add_argument("--config", help="an experiment's config.py (its get_config()); instead of --preset")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="FIELD=VALUE",
+            help="override a StudySpec field (JSON value), e.g. --set max_budget=3 --set dataset_options.num_samples=2000; repeatable",
+        )
+        p.add_argument(
+            "--mode",
+            choices=("sm2", "sh", "full", "hyperband"),
+            default="sm2",
+            help="SM2, or a baseline on identical work",
+        )
+        p.add_argument(
+            "--samples",
+            type=int,
+            metavar="N",
+            help="sample N configurations of the space, cohort-aware (Sobol'; see sm2jax.sampling), instead of its grid",
+        )
+        p.add_argument("--dir", help="study directory (default runs/PRESET-MODE); an existing one resumes")
+        p.add_argument("--quick", action="store_true", help="a tiny version of the preset")
+        p.add_argument(
+            "--energy", default="auto", choices=("auto", *ENERGY_METHODS), help="how energy is obtained (default: auto)"
+        )
+        p.add_argument("--idle-seconds", type=float, help="idle-baseline measurement length")
+        p.add_argument("--steps-per-window", type=int, help="fixed steps per energy window")
+        p.add_argument("--data-dir", help="TFDS data folder of a prepared data set (see `sm2jax prepare`)")
+        p.add_argument(
+            "--no-probe", action="store_true", help="skip the vmap-width probe (vmap all trials of a cohort)"
+        )
+        p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+        p.add_argument("--json", action="store_true", help="print results.json (plan: the plan) as JSON instead")
+    resume = sub.add_parser("resume", help="continue a killed study (or one a budget stopped: raise it)")
     resume.add_argument("dir")
-    for p in (run, resume):
+    for p in (run, resume, plan):
+        p.add_argument(
+            "--budget-kwh",
+            type=float,
+            metavar="KWH",
+            help="the study's energy budget: no phase starts that the study predicts would exceed it; it ends with its best configuration so far",
+        )
+        p.add_argument("--budget-hours", type=float, metavar="H", help="the study's wall-time budget, likewise")
+    for p in (run, resume, plan):
         p.add_argument(
             "--import",
             dest="imports",
@@ -393,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.unraisablehook = unraisable
     try:
-        if args.command in ("run", "resume"):  # before JAX starts
+        if args.command in ("run", "resume", "plan"):  # before JAX starts
             from sm2jax.placement import request_cpu_devices
 
             request_cpu_devices(args.cpu_devices)  # one host device per core on a CPU
@@ -401,7 +462,12 @@ def main(argv: list[str] | None = None) -> int:
                 from sm2jax.distributed import initialize
 
                 initialize(args.coordinator, args.num_processes, args.process_id)
-        if args.command in ("run", "resume", "export"):  # as `python -m` does: modules next to the user are found
+        if args.command in (
+            "run",
+            "resume",
+            "plan",
+            "export",
+        ):  # as `python -m` does: modules next to the user are found
             sys.path.insert(0, os.getcwd())  # (a recorded one too, on resume)
         if getattr(args, "imports", None):
             from sm2jax.spec import import_modules
@@ -413,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             results = _resume(args)
         elif args.command == "compare":
             return _compare(args)
+        elif args.command == "plan":
+            return _plan(args)
         elif args.command == "export":
             from sm2jax.handback import describe, export, load_selected
 

@@ -34,6 +34,10 @@ def run_hyperband(
     ``devices``: the trials axis of every bracket (see :class:`Study`).
     """
     enable_compile_cache()  # a bad cache path is one line before anything is written
+    if spec.max_energy_joules is not None or spec.max_wall_seconds is not None:
+        raise ValueError(
+            "a budget (--budget-kwh, --budget-hours) caps one study, and Hyperband runs one per bracket: cap a study (--mode sm2 or sh) instead"
+        )
     folder = StudyDir(directory)
     folder.claim({"hyperband": spec.to_json()}, normalise=_current_form)  # refuses a directory holding another study
     integral = spec.budget_unit in ("steps", "samples") and spec.max_budget == int(spec.max_budget)

@@ -175,11 +175,52 @@ def pareto_objective(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
     return out
 
 
+def cost_to_target_objective(target: float) -> Objective:
+    """Energy to reach a target score (the cost-to-target of Zeus, You et al., NSDI 2023, with
+    all weight on energy): a candidate whose score reached ``target`` ranks by the joules it
+    spent to get there (fewer first), ahead of every candidate that has not, which rank by score.
+
+    Where any candidate's energy is unavailable, the reached ones rank by score too; each record
+    says so (never a stand-in 0 J).
+    """
+    if not math.isfinite(target):
+        raise ValueError(f"target_score must be a finite score (got {target})")
+
+    def objective(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
+        known = all(c.energy_spent is not None for c in candidates)
+        reached = [math.isfinite(c.score) and c.score >= target for c in candidates]
+
+        def key(i: int) -> tuple:
+            c = candidates[i]
+            score = c.score if math.isfinite(c.score) else -math.inf
+            if reached[i]:
+                return (0, c.energy_spent if known else -score, c.trial_id)
+            return (1, -score, c.trial_id)
+
+        position = {i: p for p, i in enumerate(sorted(range(len(candidates)), key=key))}
+        note = {} if known else {"note": "energy unavailable: reached ones ordered by score"}
+        return [
+            {
+                "objective": -float(position[i]),
+                "target": target,
+                "reached": reached[i],
+                "energy_to_target": c.energy_spent if reached[i] else None,
+                **note,
+            }
+            for i, c in enumerate(candidates)
+        ]
+
+    return objective
+
+
 OBJECTIVES: dict[str, Callable[..., Objective]] = {
     "performance": lambda **_: performance_objective,
     "sm2": lambda z=DEFAULT_NOISE_Z, energy_z=DEFAULT_ENERGY_Z, **_: sm2_objective(z, energy_z),
     "blend": lambda alpha=0.5, beta=0.3, **_: blend_objective(alpha, beta),
     "pareto": lambda **_: pareto_objective,
+    "cost_to_target": lambda target_score=None, **_: cost_to_target_objective(
+        math.nan if target_score is None else target_score
+    ),
 }
 
 

@@ -66,6 +66,13 @@ class StudyState:
       seed_noise: ``{"phase", "pairs", "seed_se", "measured"}`` of exploration: the seed noise its
         decisions added to every score's error, from that many replicate pairs (``measured``
         false: fewer than 2 pairs, none added).
+      stopped: set when a budget (``max_energy_joules``, ``max_wall_seconds``) ended the study
+        after ``phase``: ``{"phase", "before", "reason", "kept", "records", "index"}`` -- the phase
+        it ended after, the one it did not start and why, and that phase's own decision (its kept
+        trials and records, taken back when a raised budget continues the study; ``index``: where
+        the selection's records start in ``decisions``). ``None`` otherwise.
+      stops: every stop a raised budget continued from (``phase``, ``before``, ``reason``,
+        ``continued_by``: the attempt).
     """
 
     phase: int = -1
@@ -84,6 +91,8 @@ class StudyState:
     metric_name: str = "metric"
     yardsticks: dict[str, Any] | None = None
     seed_noise: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    stopped: dict[str, Any] | None = None
+    stops: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,7 +163,7 @@ class DecisionRules:
     def of(cls, spec: Any, objective: str | Objective | None = None) -> DecisionRules:
         """The rules of a :class:`~sm2jax.spec.StudySpec` (``objective``: a callable overriding its
         objective). The final rung ties scores only within ``final_z``: energy spent is sunk."""
-        shared = {"energy_z": spec.energy_z, "alpha": spec.alpha, "beta": spec.beta}
+        shared = {"energy_z": spec.energy_z, "alpha": spec.alpha, "beta": spec.beta, "target_score": spec.target_score}
         return cls(
             objective=resolve_objective(objective or spec.objective, z=spec.noise_z, **shared),
             final_objective=resolve_objective(objective or spec.objective, z=spec.final_z, **shared),
@@ -277,10 +286,15 @@ def record_phase(
     *,
     last: bool,
     energy_method: str,
+    stop: Callable[[PhaseDecision], tuple[str, str] | None] | None = None,
 ) -> PhaseDecision:
     """Charges each candidate this phase's joules (``phase_joules``: training and evaluation;
     ``train_joules``: training only, for its cohort's rate), decides, and records it all in
-    ``state``."""
+    ``state``.
+
+    ``stop``: asked, before a phase that is not the last, with its decision; ``(next_phase,
+    reason)`` makes this phase the last (a budget cannot afford the next one): its candidates are
+    decided as the final rung's are, and the phase's own decision is kept in ``state.stopped``."""
     training: dict[str, dict[str, Any]] = {}
     for c in candidates:
         record = state.trials[str(c.trial_id)]
@@ -312,11 +326,36 @@ def record_phase(
             c.seed_se = seed_se
     explored = state.seed_noise[0]["seed_se"] if state.seed_noise else 0.0  # 0 where too few pairs
     decision = decide_phase(phase, originals, rules, last=last, seed_se=explored)
+    stopping = None if last or stop is None else stop(decision)
+    if stopping is not None:
+        before, reason = stopping
+        own = decision
+        decision = decide_phase("final", originals, rules, last=True)  # its best configuration so far
+        last = True
+        state.stopped = {
+            "phase": phase,
+            "before": before,
+            "reason": reason,
+            "kept": own.kept,
+            "records": [{"phase": phase, **r, "energy_method": energy_method} for r in own.records],
+            "index": len(state.decisions),
+        }
     stop_replicates(decision, replicas, rules.replicate_of)
     state.decisions.extend({"phase": phase, **rec, "energy_method": energy_method} for rec in decision.records)
     if last:
         state.selected, state.finalists = decision.selected, decision.finalists
     return decision
+
+
+def continue_after_stop(state: StudyState, attempt: int) -> list[int]:
+    """Takes back a budget's stop (:attr:`StudyState.stopped`): the stopped phase's own decision
+    replaces the selection made in its place, the stop is kept in ``stops``; returns the trial
+    ids that phase kept (the next phase trains them)."""
+    stopped, state.stopped = state.stopped, None
+    state.decisions = state.decisions[: stopped["index"]] + stopped["records"]
+    state.selected, state.finalists = None, []
+    state.stops.append({k: stopped[k] for k in ("phase", "before", "reason")} | {"continued_by": attempt})
+    return list(stopped["kept"])
 
 
 def measure_seed_noise(

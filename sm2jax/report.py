@@ -12,6 +12,7 @@ from typing import Any
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.energy.ledger import add_known, summarize, trial_totals, whole_span
 from sm2jax.phases import StudyState
+from sm2jax.plan import format_plan_vs_actual, plan_vs_actual
 from sm2jax.space import Config
 from sm2jax.study_dir import StudyDir
 
@@ -77,6 +78,16 @@ def format_results(results: dict[str, Any]) -> str:
             lines.append(
                 f"  s={b['s']} n={b['n']} r={b['r']:.4g}: {best}, {_joules(b['total_joules'], b['energy_method'])}"
             )
+    for stop in results.get("stops") or []:
+        lines.append(
+            f"budget: stopped after {stop['phase']} ({stop['reason']}); continued by attempt {stop['continued_by']} with a raised budget"
+        )
+    stopped = results.get("stopped")
+    if stopped:
+        lines.append(
+            f"STOPPED BY THE BUDGET after {stopped['phase']}: {stopped['reason']}. The selection is the best "
+            f"configuration of {stopped['phase']}; `sm2jax resume {results['study']} --budget-kwh N` (or --budget-hours) continues with {stopped['before']}"
+        )
     if sel is None:
         lines.append("selected: none -- " + results.get("note", "no configuration survived"))
     else:
@@ -186,6 +197,8 @@ def format_results(results: dict[str, Any]) -> str:
         span = results.get("whole_span")
         if span is not None:
             lines.append(_span_line(span))
+        if results.get("plan"):
+            lines += format_plan_vs_actual(results["plan"])
         by_phase = results.get("energy_by_phase") or {}
         training = [g["joules"] for p, g in by_phase.items() if p not in ("compile", "probe")]
         samples = sum(t.get("samples") or 0 for t in results.get("trials", []))
@@ -343,6 +356,7 @@ def partial_results(folder: StudyDir) -> dict[str, Any]:
         metric_name=state.metric_name,
         placement={},
         wall_seconds=None,
+        plan=folder.read_plan(spec.to_json()),
     )
     results["note"] = "not selected yet: the study has not finished"
     phases = spec.phases()
@@ -468,6 +482,7 @@ def assemble_results(
     wall_seconds: float,
     ledger_damage: list[dict[str, Any]] | None = None,
     running_attempt: int | None = None,
+    plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The results of a study from its state and ledger records. Energy of phases no attempt
     committed is the interrupted attempts' (killed, their work repeated), except that of
@@ -529,6 +544,8 @@ def assemble_results(
     lost_totals = [g["joules"] for g in out["interrupted_energy_by_phase"].values()]
     out["interrupted_joules"] = None if any(t is None for t in lost_totals) else float(sum(lost_totals))
     out["whole_span"] = whole_span(everything, out["attempts"], running_attempt)
+    out["plan"] = plan_vs_actual(plan, by_phase, out["whole_span"])
+    out["stopped"], out["stops"] = progress.stopped, progress.stops
     flight_totals = [g["joules"] for g in out["in_progress_energy_by_phase"].values()]
     out["in_progress_joules"] = None if any(t is None for t in flight_totals) else float(sum(flight_totals))
     out["trials"] = trial_table(progress, records, configs, replicate_of)

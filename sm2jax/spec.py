@@ -87,6 +87,8 @@ _RANGES = (  # (field, bound, bound allowed)
     ("window_seconds", 0, False),
     ("optuna_seconds", 0, True),
     ("steps_per_window", 1, True),
+    ("max_energy_joules", 0, False),
+    ("max_wall_seconds", 0, False),
 )
 _RANGE_HINTS = {
     "seed": "it seeds every configuration's keys",
@@ -94,6 +96,8 @@ _RANGE_HINTS = {
     "width": "the largest vmap width (leave it unset for all trials of a cohort)",
     "memory_limit_bytes": "bytes a program may use (leave it unset for the device's memory)",
     "steps_per_window": "training steps per energy window (leave it unset to size windows by window_seconds)",
+    "max_energy_joules": "the study's energy budget, e.g. --budget-kwh 2 (leave it unset for no cap)",
+    "max_wall_seconds": "the study's wall-time budget, e.g. --budget-hours 1.5 (leave it unset for no cap)",
 }
 
 
@@ -136,7 +140,8 @@ class StudySpec:
       keep_rule: ``ceil`` keeps ``ceil(n / eta)`` per rung (successive halving), ``floor`` keeps
         ``floor(n / eta)`` (Hyperband's inner loop, Li et al. 2018); at least one either way.
       objective: ``sm2`` (epsilon-constraint: energy decides only among scores tied within the noise,
-        see :mod:`sm2jax.scheduler`), ``performance``, ``blend`` or ``pareto`` (a callable via
+        see :mod:`sm2jax.scheduler`), ``performance``, ``blend``, ``pareto`` or ``cost_to_target``
+        (the energy to reach ``target_score``; a callable via
         :class:`Study` directly).
       noise_z: at a rung before the last, two scores are tied unless they differ by more than
         ``noise_z`` standard errors of their difference, and a cheaper tier-mate goes first. 0 (the
@@ -182,6 +187,16 @@ class StudySpec:
         long study while a short one pays nothing (each rewrite costs ~0.4 s of CPU, the first ~1.3
         s; ``sm2jax report`` writes it in any case). 0: after every phase. It changes nothing trained.
       steps_per_window: fixed steps per energy window (overrides ``window_seconds``).
+      max_energy_joules, max_wall_seconds: the study's budget in joules (``--budget-kwh``) and in
+        wall seconds (``--budget-hours``), its whole span over every attempt. Before each phase
+        after the first, the study predicts the phase's cost from the rates it measured
+        (:mod:`sm2jax.plan`) and, if the upper end would exceed what is left, ends cleanly: the
+        phase just finished becomes the last (its best configuration is selected, saying so).
+        ``sm2jax resume DIR --budget-kwh MORE`` continues it. A start whose first phase the plan
+        says needs more is refused in one line. Neither changes what a phase trains: both may
+        change on resume. ``None``: no cap.
+      target_score: the score the ``cost_to_target`` objective asks for: configurations that
+        reached it rank by the energy they spent to reach it, before every one that has not.
     """
 
     space: dict[str, Any]
@@ -226,6 +241,9 @@ class StudySpec:
     window_seconds: float = 2.0
     optuna_seconds: float = 30.0
     steps_per_window: int | None = None
+    max_energy_joules: float | None = None
+    max_wall_seconds: float | None = None
+    target_score: float | None = None
     dataset_fingerprint: str | None = None
     imports: list[str] = dataclasses.field(default_factory=list)
 
@@ -269,6 +287,10 @@ class StudySpec:
         if not 0 <= self.explore_budget < self.min_budget:
             raise ValueError(
                 f"explore_budget must be in [0, min_budget) (got {self.explore_budget}, min_budget {self.min_budget})"
+            )
+        if self.objective == "cost_to_target" and self.target_score is None:
+            raise ValueError(
+                "objective cost_to_target needs a target score: add --set target_score=0.95 (the validation score to reach)"
             )
         if not 0 < self.explore_keep <= 1:
             raise ValueError(

@@ -15,6 +15,7 @@ decisions :mod:`sm2jax.phases`' and the results :mod:`sm2jax.report`'s.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Any
 
 import jax
 
+from sm2jax.budget import StudyBudget, first_phase_fits
 from sm2jax.checkpoint import CheckpointError, StudyCheckpoints
 from sm2jax.cohort import blame, group_into_cohorts, unused_names
 from sm2jax.compile_cache import count_compiles, enable_compile_cache
@@ -30,8 +32,9 @@ from sm2jax.distributed import barrier, is_primary
 from sm2jax.energy.metering import deferred_interrupts
 from sm2jax.energy.stack import EnergyStack
 from sm2jax.handback import data_shapes, load_selected
-from sm2jax.phases import DecisionRules, StudyState, cohort_candidates, record_phase
+from sm2jax.phases import DecisionRules, StudyState, cohort_candidates, continue_after_stop, record_phase
 from sm2jax.placement import Placement
+from sm2jax.plan import StudyPlan, probe
 from sm2jax.programs import memory_limit_bytes
 from sm2jax.progress import StudyProgress
 from sm2jax.report import assemble_results, partial_results
@@ -89,7 +92,10 @@ class Study:
         data = study_data(spec, dataset)  # a data set not prepared, or not known, fails before anything is written
         if not self.folder.has_run():  # a study that has run resumes as it is
             _check_every_name_is_used(spec, list(self.configs.values()), data)
+        plan = self._plan_within_budget(spec, data, devices=devices, nvml=nvml, gpus=gpus)
         self.folder.claim(spec.to_json(), normalise=current_form)
+        if plan is not None and is_primary():
+            self.folder.write_plan(plan)
         barrier("sm2jax-claim")  # spec.json is written (by process 0) before any process reads on
         self.placement = Placement.create(devices)
         # Several processes must take identical decisions: a width chosen from a process's own
@@ -106,6 +112,7 @@ class Study:
         self.energy = EnergyStack.of(spec, self.placement.devices, self.folder.ledger_path, nvml=nvml, gpus=gpus)
         self.metering = self.energy.metering
         self.work = Workload(spec, self.placement, policy, self.metering, data)
+        self.budget = StudyBudget(spec, self.metering, lambda: self._committed)
         self._state = StudyState()
         self._optuna = BackgroundWriter("Optuna storage (optuna.db)")
         self._committed = 0  # phases this run committed
@@ -116,6 +123,7 @@ class Study:
         cache_dir = enable_compile_cache()
         self._optuna_due, self._optuna_wrote = time.perf_counter() + self.spec.optuna_seconds, False
         with self.folder.lock():
+            self._committed = 0
             try:
                 with count_compiles() as tally:
                     self.folder.remove_temporaries()
@@ -132,6 +140,60 @@ class Study:
                     results["viewers"] = write_viewers(self.directory, viewed, self._state.trials, optuna=False)
                 self.folder.write_results(results)
         return results
+
+    def _plan_within_budget(self, spec: StudySpec, data: ArrayDataset, **probe_args: Any) -> dict[str, Any] | None:
+        """A capped study that has not started is planned first (a stored plan of its spec, else
+        :func:`sm2jax.plan.probe` in a temporary folder): a cap below what its first phase needs
+        is one line before anything is written. Returns the plan to keep (``plan.json``, for the
+        report's plan against actual), ``None`` when there is nothing new to keep."""
+        capped = spec.max_energy_joules is not None or spec.max_wall_seconds is not None
+        if not capped or self.folder.saved_phases():
+            return None
+        if jax.process_count() > 1:
+            raise ValueError("a budget (--budget-kwh, --budget-hours) needs a single-process study: run it without one")
+        stored = self.folder.read_plan(spec.to_json())
+        plan = StudyPlan.from_json(stored) if stored else probe(spec, dataset=data, same_process=True, **probe_args)
+        first_phase_fits(spec, plan)
+        return None if stored else plan.to_json()
+
+    def _continue_after_stop(self, state: StudyState, runners: list[CohortRunner], start: int) -> list[CohortRunner]:
+        """A study a budget stopped: continues with the stopped phase's own survivors when the
+        budget now affords the next phase (raised on resume), else trains nothing."""
+        name = self.spec.phases()[start][0]
+        kept = set(state.stopped["kept"])
+        reason = self._stop_reason(start, runners, kept)
+        if reason is not None:
+            self._progress.say(f"still stopped: {reason[1]}")
+            return []
+        ids = continue_after_stop(state, self.metering.attempt)
+        out = []
+        for r in runners:
+            mine = [t for t in r.trial_ids if t in ids]
+            if mine:
+                if len(mine) < r.k:
+                    r.select(mine)
+                out.append(r)
+        state.alive = {r.spec.name: r.trial_ids for r in out}
+        self._progress.say(f"continuing with {name}: the budget now affords it")
+        return out
+
+    def _stop_reason(self, p: int, runners: list[CohortRunner], kept: set[int]) -> tuple[str, str] | None:
+        """``(phase, why)`` when the budget cannot afford phase ``p`` for the ``kept`` trials."""
+        if not self.budget.capped:
+            return None
+        phases = self.spec.phases()
+        name, budget = phases[p]
+        alive, delta = {}, {}
+        for r in runners:
+            n = sum(t in kept for t in r.trial_ids)
+            if n:
+                alive[r.spec.name] = n
+                delta[r.spec.name] = self.work.steps(budget, r.spec.signature.batch_size) - int(r.field("step").max())
+        ds = self.work.data
+        tests = len(ds.y_test) / len(ds.y_val) if ds.has_test and len(ds.y_val) else 0.0
+        widths = {r.spec.name: r.width for r in runners}
+        reason = self.budget.stop_reason(name, alive, delta, last=p == len(phases) - 1, test_evals=tests, widths=widths)
+        return None if reason is None else (name, reason)
 
     def _follow_in_optuna(self, last: bool) -> None:
         """Rewrites ``optuna.db`` on its thread after a committed phase, when ``optuna_seconds``
@@ -186,6 +248,8 @@ class Study:
         self._progress = progress = StudyProgress(self.progress_bar)
         finished = False
         try:
+            if state is not None and state.stopped is not None and start < len(self.spec.phases()):
+                runners = self._continue_after_stop(state, runners, start)
             if state is None:
                 state = StudyState(metric_name=get_task(self.work.data.task).metric_name)
                 progress.plan(sum(self.work.plan(c.size, c.signature.batch_size, 0, 0) for c in cohorts.values()))
@@ -217,6 +281,7 @@ class Study:
                 placement=self.placement.describe(),
                 wall_seconds=time.perf_counter() - t_start,
                 ledger_damage=damage,
+                plan=self.folder.read_plan(self.spec.to_json()),
             )
         finally:
             progress.close(finished)
@@ -249,6 +314,70 @@ class Study:
         except (OSError, ValueError) as err:
             warnings.warn(f"the meter's events were not added to hardware.json ({err})", RuntimeWarning, stacklevel=2)
         return hardware
+
+    def probe_cohorts(self, fraction: float, min_call_seconds: float = 0.25) -> dict[str, Any]:
+        """Builds every cohort as :meth:`run` does (the same programs) and trains each in three
+        calls -- one step, then ``s`` steps (``fraction`` of its first phase's, at least 2), then at
+        least ``2 s`` and enough to last ``min_call_seconds`` (at most its full budget) -- each
+        evaluated, then commits once, and builds every cohort again (what a study in this
+        process pays for programs already in memory), in this study's folder, without a decision
+        (:func:`sm2jax.plan.probe` runs it in a temporary folder). Returns the ledger's records
+        (``again``: the second build's), the span, the energy method, the real XLA compiles, the
+        commit's seconds and each cohort's width."""
+        name, budget = self.spec.phases()[0]
+        state = StudyState(metric_name=get_task(self.work.data.task).metric_name)
+        win = {"window_seconds": self.spec.window_seconds, "steps_per_window": self.spec.steps_per_window}
+        runners = []
+        self._optuna_due = math.inf  # a probe's commit writes no optuna.db
+        with count_compiles() as tally:
+            self.energy.open()
+            checkpoints = self.folder.checkpoints()
+            try:
+                for c in group_into_cohorts(list(self.configs.values())):
+                    with blame(c, "compile"):
+                        r = self.work.create_runner(c, state)
+                    if r is None:
+                        continue
+                    runners.append(r)
+                    # One step (the warm-up), then s steps, then enough to last long enough for
+                    # the meter: a call's cost and a step's apart.
+                    bs = c.signature.batch_size
+                    s = max(2, round(fraction * self.work.steps(budget, bs)))
+                    planned = self.work.planned(r, 0)
+                    with blame(c, f"{name} (plan probe)"):
+                        r.train_to(1, "probe-1", planned_trial_steps=planned, **win)
+                        r.evaluate("probe-1")
+                        t0 = time.perf_counter()
+                        r.train_to(1 + s, "probe-2", planned_trial_steps=planned, **win)
+                        per_step = max(time.perf_counter() - t0, 1e-6) / s
+                        r.evaluate("probe-2")
+                        most = self.work.steps(self.spec.max_budget, bs)
+                        more = min(max(2 * s, math.ceil(min_call_seconds / per_step)), max(most - 1 - s, 2 * s))
+                        r.train_to(1 + s + more, "probe-3", planned_trial_steps=planned, **win)
+                        r.evaluate("probe-3")
+                self.metering.flush()
+                t0 = time.perf_counter()  # the host work of one phase's commit, as the study does it
+                self._commit(0, state, checkpoints, {r.spec.name: r.rows() for r in runners}, last=False)
+                commit_seconds = time.perf_counter() - t0
+                before = len(self.energy.ledger.records())
+                for c in group_into_cohorts(list(self.configs.values())):  # again: the programs are in memory
+                    self.work.create_runner(c, StudyState())
+                self.metering.flush()
+                again = self.energy.ledger.records()[before:]
+                span = self.metering.close_span()
+            finally:
+                checkpoints.close()
+                self.energy.close()
+                self._optuna.join()
+        return {
+            "records": self.energy.ledger.records()[:before],
+            "again": again,
+            "span": span,
+            "method": self.energy.method,
+            "compiles": tally.backend_compiles,
+            "commit_seconds": commit_seconds,
+            "widths": {r.spec.name: r.width for r in runners},
+        }
 
     def _hardware(self, measure: bool) -> dict[str, Any]:
         """``hardware.json``: measured (the idle baseline) on a first start, read back on a resume;
@@ -303,9 +432,13 @@ class Study:
         self.metering.flush()  # every window of this phase written (at the meter's resolution), then attributed
         ids = [c.trial_id for c in candidates]
         joules = [self.metering.trial_joules(name, ids, kinds) for kinds in (("train", "eval"), ("train",))]
+        stop = None if last else lambda d: self._stop_reason(p + 1, runners, set(d.kept))
         decision = record_phase(
-            state, name, candidates, *joules, self.rules, last=last, energy_method=self.energy.method
+            state, name, candidates, *joules, self.rules, last=last, energy_method=self.energy.method, stop=stop
         )
+        if not last and state.stopped is not None:  # the budget cannot afford the next phase: this one is the last
+            last = True
+            progress.say(f"stopped after {name}: {state.stopped['reason']}; selected from {name}")
         # The last phase's checkpoint keeps every finalist (each can be loaded: sm2jax.handback).
         finalists, final_rows = {f["trial_id"] for f in decision.finalists} if last else set(), {}
         for r in runners:
@@ -338,6 +471,11 @@ class Study:
             saved = {r.spec.name: r.rows() for r in survivors}
         state.phase = p
         state.completed_by[name] = self.metering.attempt
+        self._commit(p, state, checkpoints, saved, last)
+        return [] if last else survivors  # a phase a budget made the last ends the study
+
+    def _commit(self, p: int, state: StudyState, checkpoints: StudyCheckpoints, saved: dict, last: bool) -> None:
+        """Records phase ``p``: its checkpoint and progress, then the viewers that follow the study."""
         # Ctrl-C and SIGTERM wait for the commit and the viewers (TensorBoard's writer hangs if cut).
         with deferred_interrupts():
             self.folder.commit_phase(p, state.to_json(), checkpoints, saved)
@@ -346,7 +484,6 @@ class Study:
                 viewed = {"curves": state.curves, "hparams": self._hparams(state)}
                 write_viewers(self.directory, viewed, state.trials, optuna=False)
                 self._follow_in_optuna(last)
-        return survivors
 
 
 def _check_every_name_is_used(spec: StudySpec, configs: list[Any], data: ArrayDataset) -> None:

@@ -47,9 +47,10 @@ class FolderInUse(OSError):
     """Another process is running or resuming the study in this folder."""
 
 
-SEAL_EXEMPT = ("imports", "max_configurations", "optuna_seconds")
+SEAL_EXEMPT = ("imports", "max_configurations", "optuna_seconds", "max_energy_joules", "max_wall_seconds")
 """Spec fields that change nothing a study trains (modules to import, the size limit, how often the
-Optuna storage is rewritten): left out of the seal, so changing them is never "an edited spec"."""
+Optuna storage is rewritten, the energy and wall-time caps: a raised budget continues a study):
+left out of the seal, so changing them is never "an edited spec"."""
 
 
 def _sealed_fields(blob: dict[str, Any]) -> dict[str, Any]:
@@ -64,6 +65,12 @@ def _canonical(blob: Any) -> str:
 
 def _digest(blob: Any) -> str:
     return hashlib.sha256(_canonical(blob).encode()).hexdigest()
+
+
+def spec_digest(blob: dict[str, Any]) -> str:
+    """The SHA-256 of what a spec trains (its fields but :data:`SEAL_EXEMPT`): a plan made for it
+    is for the same study exactly when the digests agree."""
+    return _digest(_sealed_fields(json.loads(json.dumps(blob, default=json_default))))
 
 
 def differing_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -179,6 +186,25 @@ class StudyDir:
     @property
     def report_path(self) -> str:
         return self.file("report")
+
+    @property
+    def plan_path(self) -> str:
+        return self.file("plan.json")
+
+    def read_plan(self, spec_blob: dict[str, Any]) -> dict[str, Any] | None:
+        """The plan made before the study started (``sm2jax plan``, or a capped run) for the spec
+        ``spec_blob`` (:func:`spec_digest`); ``None`` when there is none, it was made for another
+        spec, or it cannot be read (a prediction: never needed to resume)."""
+        try:
+            plan = read_json(self.plan_path) if os.path.exists(self.plan_path) else None
+        except (OSError, ValueError):
+            return None
+        ok = isinstance(plan, dict) and plan.get("spec_digest") == spec_digest(spec_blob)
+        return plan if ok else None
+
+    def write_plan(self, blob: dict[str, Any]) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        write_json(self.plan_path, blob)
 
     def progress_path(self, phase: int) -> str:
         return os.path.join(self.path, "progress", f"phase-{phase}.json")

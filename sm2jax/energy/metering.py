@@ -374,6 +374,12 @@ class Metering:
             if self.on_window is not None:
                 self.on_window(recs[0])
 
+    def span_so_far(self) -> tuple[WindowReading, float | None, float]:
+        """This attempt's span up to now (the meter's reading since its first sample), and the
+        joules and seconds of the windows written in it so far (call :meth:`flush` first)."""
+        reading = self.monitor.between("span", self._span_start, self.monitor.sample())
+        return reading, self._span_windows, self._span_window_seconds
+
     def close_span(self) -> dict[str, Any] | None:
         """Ends the attempt's whole span: the meter's reading from the attempt's first sample to
         now, split into its windows and the time between them (host work, checkpoints, Python,

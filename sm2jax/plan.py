@@ -1,0 +1,670 @@
+r"""A study's energy and wall time before it runs, and what each next phase will cost while it runs.
+
+Rates. A cohort's configurations cost the same per step (one vmapped program): its training cost
+is ``joules (seconds) per trial-step`` and its evaluation cost ``per trial evaluated``, measured
+from energy windows (:func:`measured_rates`) -- a study's own ledger while it runs, or a short
+probe of every cohort before it does (:func:`probe`).
+
+Counts. Exploration trains every trial of every cohort (replicates included). It keeps at most
+``ceil(explore_keep * k)`` of a cohort's ``k`` configurations and drops the clearly worse, so the
+first rung trains between 1 and :math:`\sum_c \lceil \mathrm{keep} \cdot k_c \rceil`; each later
+rung keeps ``ceil(n / eta)`` (``floor`` under Hyperband's rule, at least 1). Which cohorts
+survive is unknown before the study runs: a phase's range runs from its fewest trials at the
+cheapest cohort's cost to its most at the dearest's, and its middle is the most, spread over the
+cohorts as their sizes are.
+
+Range. Every figure is widened by a factor of ``1 + noise`` either way (default noise: the larger
+of the spec's ``energy_noise`` and 1, a factor of 2, for timing noise on a shared machine). Between windows, the
+study's setup and one checkpoint commit per phase (with its viewers) take what the probe measured
+for them (it commits once), between half and twice it, at the power the probe drew between windows. Compilation: what the probe measured when it loaded every program from the persistent
+compilation cache; when it compiled, the study loads what it compiled (between a tenth and all of it).
+
+The plan predicts the whole span of the study (first to last energy reading,
+:func:`sm2jax.energy.ledger.whole_span`), not the process's start-up (importing JAX, loading data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sm2jax.energy.ledger import add_known
+
+DEFAULT_PLAN_NOISE = 1.0
+"""The least noise a plan states: a factor of ``1 + noise`` either way (timing on a shared,
+loaded machine; on a 2-core CPU, repeated digits studies vary by up to ~1.7x per phase)."""
+
+PROBE_FRACTION = 0.15
+"""A probe trains each cohort 1 step, then ``s`` (this share of its first phase's steps, at least
+2), then enough to last two meter resolutions (:meth:`sm2jax.study.Study.probe_cohorts`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A prediction: ``mid`` between ``lo`` and ``hi`` (``None`` joules: energy unavailable)."""
+
+    lo: float
+    mid: float
+    hi: float
+
+    def __add__(self, other: Range) -> Range:
+        return Range(self.lo + other.lo, self.mid + other.mid, self.hi + other.hi)
+
+    def scale(self, lo: float, mid: float, hi: float) -> Range:
+        return Range(self.lo * lo, self.mid * mid, self.hi * hi)
+
+    def holds(self, value: float) -> bool:
+        return self.lo <= value <= self.hi
+
+    def to_json(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def zero(cls) -> Range:
+        return cls(0.0, 0.0, 0.0)
+
+
+def _add(a: Range | None, b: Range | None) -> Range | None:
+    return None if a is None or b is None else a + b
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortRate:
+    r"""What a cohort costs (``None`` joules: unavailable). A phase that trains ``m`` of its
+    trials ``s`` steps each costs ``call + s ceil(m / width) step`` to train (the call's dispatch
+    and host work, then each step of each chunk of ``width`` rows) and ``m eval`` to evaluate; the cohort's first training call also costs
+    its ``warmup`` (loading the program, first allocations), and it compiles once (``compile``)."""
+
+    step_joules: float | None
+    step_seconds: float
+    eval_joules: float | None
+    eval_seconds: float
+    call_joules: float | None = 0.0
+    call_seconds: float = 0.0
+    warmup_joules: float | None = 0.0
+    warmup_seconds: float = 0.0
+    compile_joules: float | None = 0.0
+    compile_seconds: float = 0.0
+    width: int = 0  # trials per chunk a step runs (its program's vmap width); 0: each trial alone
+
+    def chunks(self, trials: int) -> int:
+        """Chunk-steps of one step of ``trials`` trials: a chunk costs the same however many of its
+        rows are live (padding rows step too)."""
+        return math.ceil(trials / self.width) if self.width else trials
+
+    def train(self, trials: int, steps: int, first: bool = False) -> tuple[float | None, float]:
+        """Joules and seconds of one phase that trains ``trials`` trials ``steps`` steps each."""
+        if trials <= 0:
+            return 0.0, 0.0
+        x = steps * self.chunks(trials)
+        seconds = self.call_seconds + x * self.step_seconds + (self.warmup_seconds if first else 0.0)
+        parts = [self.call_joules, self.step_joules, self.eval_joules] + ([self.warmup_joules] if first else [])
+        if any(p is None for p in parts):
+            return None, seconds + trials * self.eval_seconds
+        joules = self.call_joules + x * self.step_joules + (self.warmup_joules if first else 0.0)
+        return joules + trials * self.eval_joules, seconds + trials * self.eval_seconds
+
+
+def _fit(points: list[tuple[float, float | None, float]]) -> tuple[float | None, float, float | None, float]:
+    """``(call_joules, call_seconds, step_joules, step_seconds)`` through ``(steps, joules,
+    seconds)`` points by least squares (both >= 0); one point (or one length): all per step."""
+    xs = [x for x, _, _ in points]
+
+    def line(ys: list[float]) -> tuple[float, float]:
+        if len(set(xs)) < 2:
+            return 0.0, sum(ys) / max(sum(xs), 1)
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        if slope <= 0:
+            return my, 0.0
+        call = my - slope * mx
+        return (call, slope) if call >= 0 else (0.0, sum(ys) / sum(xs))
+
+    call_s, step_s = line([s for _, _, s in points])
+    if any(j is None for _, j, _ in points):
+        return None, call_s, None, step_s
+    call_j, step_j = line([j for _, j, _ in points])
+    return call_j, call_s, step_j, step_s
+
+
+def measured_rates(records: Sequence[dict[str, Any]], widths: dict[str, int] | None = None) -> dict[str, CohortRate]:
+    """Each cohort's :class:`CohortRate` from ledger records (windows and their trial records).
+
+    Training: one point per phase (its chunk-steps at the cohort's ``widths`` entry, joules and
+    seconds; per trial-step where no width is given); the first phase a cohort
+    trains in holds its warm-up, so the call and per-step costs are fitted (:func:`_fit`) on the
+    later phases where there are any, and the warm-up is what the first phase cost beyond them.
+    Evaluation (``eval`` and ``test`` windows): per trial evaluated. Compilation: the sums. A
+    cohort without a training window is left out."""
+    train: dict[str, dict[str, list]] = {}
+    other: dict[str, dict[str, list]] = {}
+    for r in records:
+        kind, cohort = r.get("kind", ""), r.get("cohort")
+        if r["type"] not in ("window", "trial") or kind not in ("train", "eval", "test", "compile"):
+            continue
+        if kind == "train":
+            point = train.setdefault(cohort, {}).setdefault(r["phase"], [0, 0.0, 0.0, set()])
+            if r["type"] == "trial":
+                point[0] += int(r.get("steps") or 0)
+                point[3].add(r["trial_id"])
+            else:
+                point[1] = add_known(point[1], r["joules"])
+                point[2] += r["seconds"]
+            continue
+        key = "compile" if kind == "compile" else "eval"
+        acc = other.setdefault(cohort, {"eval": [0.0, 0.0, 0], "compile": [0.0, 0.0, 0]})[key]
+        if r["type"] == "trial":
+            acc[2] += 1
+        else:
+            acc[0], acc[1] = add_known(acc[0], r["joules"]), acc[1] + r["seconds"]
+    out = {}
+    for cohort, phases in train.items():
+        width = (widths or {}).get(cohort) or 0
+        points = [
+            (p[0] / len(p[3]) * (math.ceil(len(p[3]) / width) if width else len(p[3])), p[1], p[2])
+            for p in phases.values()
+            if p[0] > 0
+        ]
+        if not points:
+            continue
+        first, rest = points[0], points[1:]
+        call_j, call_s, step_j, step_s = _fit(rest or points)
+        warm_j: float | None = 0.0
+        warm_s = 0.0
+        if rest:
+            warm_s = max(first[2] - call_s - first[0] * step_s, 0.0)
+            warm_j = None if None in (first[1], call_j, step_j) else max(first[1] - call_j - first[0] * step_j, 0.0)
+        (ej, es, evals), (cj, cs, _) = (other.get(cohort) or {"eval": [0.0, 0.0, 0], "compile": [0.0, 0.0, 0]}).values()
+        out[cohort] = CohortRate(
+            step_j,
+            step_s,
+            None if ej is None else ej / evals if evals else 0.0,
+            es / evals if evals else 0.0,
+            call_j,
+            call_s,
+            warm_j,
+            warm_s,
+            cj,
+            cs,
+            width,
+        )
+    return out
+
+
+def keep_count(n: int, eta: int, rule: str = "ceil") -> int:
+    """How many of ``n`` a rung keeps (successive halving's ``ceil``, Hyperband's ``floor``)."""
+    return max(1, math.ceil(n / eta) if rule == "ceil" else n // eta)
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortPlan:
+    """A cohort as the plan sees it: its configurations, replicates and batch size."""
+
+    name: str
+    configs: int
+    replicates: int
+    batch_size: int
+
+
+def cohort_plans(spec: Any) -> list[CohortPlan]:
+    """The cohorts of a :class:`~sm2jax.spec.StudySpec` (without training anything)."""
+    from sm2jax.cohort import group_into_cohorts
+
+    replicas = spec.replicate_of()
+    out = []
+    for c in group_into_cohorts(spec.trial_configs()):
+        twins = sum(1 for cfg in c.configs if cfg.trial_id in replicas)
+        out.append(CohortPlan(c.name, c.size - twins, twins, c.signature.batch_size))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseCost:
+    """One line of a plan: a phase (or ``compile``, ``between windows``), how many trials it
+    trains (``None``: not a training phase), its joules (``None``: energy unavailable) and seconds."""
+
+    name: str
+    trials: tuple[int, int] | None
+    joules: Range | None
+    seconds: Range
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "trials": None if self.trials is None else list(self.trials),
+            "joules": None if self.joules is None else self.joules.to_json(),
+            "seconds": self.seconds.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, blob: dict[str, Any]) -> PhaseCost:
+        return cls(
+            blob["name"],
+            None if blob["trials"] is None else tuple(blob["trials"]),
+            None if blob["joules"] is None else Range(**blob["joules"]),
+            Range(**blob["seconds"]),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyPlan:
+    """A study's predicted cost: one :class:`PhaseCost` per line, the method its energy is
+    measured by, and notes (how the probe ran)."""
+
+    lines: list[PhaseCost]
+    method: str
+    noise: float
+    notes: list[str] = dataclasses.field(default_factory=list)
+    spec_digest: str = ""  # :func:`sm2jax.study_dir.spec_digest` of the spec planned
+
+    def total(self) -> PhaseCost:
+        joules: Range | None = Range.zero()
+        seconds = Range.zero()
+        for line in self.lines:
+            joules, seconds = _add(joules, line.joules), seconds + line.seconds
+        return PhaseCost("total", None, joules, seconds)
+
+    def first_phase(self) -> PhaseCost:
+        """What the study needs before its first decision: compilation and its first phase."""
+        first = next(line for line in self.lines if line.trials is not None)
+        compile_ = [line for line in self.lines if line.name == "compile"]
+        joules, seconds = first.joules, first.seconds
+        for line in compile_:
+            joules, seconds = _add(joules, line.joules), seconds + line.seconds
+        return PhaseCost(f"compile + {first.name}", first.trials, joules, seconds)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lines": [line.to_json() for line in self.lines],
+            "total": self.total().to_json(),
+            "method": self.method,
+            "noise": self.noise,
+            "notes": self.notes,
+            "spec_digest": self.spec_digest,
+        }
+
+    @classmethod
+    def from_json(cls, blob: dict[str, Any]) -> StudyPlan:
+        lines = [PhaseCost.from_json(b) for b in blob["lines"]]
+        return cls(lines, blob["method"], blob["noise"], blob["notes"], blob.get("spec_digest", ""))
+
+
+def predict(
+    spec: Any,
+    cohorts: Sequence[CohortPlan],
+    rates: dict[str, CohortRate],
+    steps: Callable[[float, int], int],
+    *,
+    method: str,
+    noise: float = DEFAULT_PLAN_NOISE,
+    between: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    compiled: bool = False,
+    reused: bool = False,
+    eval_at_start: bool = False,
+    test_evals: float = 1.0,
+) -> StudyPlan:
+    """The plan of ``spec`` (see the module docstring) from each cohort's measured ``rates``.
+
+    Args:
+      cohorts: :func:`cohort_plans`.
+      steps: ``steps(cumulative_budget, batch_size)``: a budget in training steps.
+      method: how the rates' energy was measured (the plan's label).
+      noise: the relative noise every figure is widened by.
+      between: the time between windows, ``(setup_seconds, seconds_per_phase, watts)``: the
+        study's setup, each phase's commit (checkpoint, viewers), at the probe's power between
+        windows.
+      compiled: the probe compiled its programs (the study will load them from the cache).
+      reused: the study builds its programs from memory (the rates' compilation is a rebuild's).
+      eval_at_start: exploration also evaluates the untrained models (tasks without a majority class).
+      test_evals: the test split's size over the validation split's (the selection is tested once).
+    """
+    if not cohorts:
+        raise ValueError("a plan needs at least one cohort")
+    missing = [c.name for c in cohorts if c.name not in rates]
+    if missing:
+        raise ValueError(f"no measured rate for cohort(s) {', '.join(missing)}")
+    phases = spec.phases()
+    lines: list[PhaseCost] = []
+    comp_j: float | None = 0.0
+    comp_s = 0.0
+    for c in cohorts:
+        comp_j, comp_s = add_known(comp_j, rates[c.name].compile_joules), comp_s + rates[c.name].compile_seconds
+    lo, hi = (0.1, 1.0 + noise) if compiled else (1.0 / (1.0 + noise), 1.0 + noise)
+    mid = 0.5 if compiled else 1.0
+    if reused:  # programs already in memory: their build may cost next to nothing
+        lo = 0.0
+    lines.append(
+        PhaseCost(
+            "compile",
+            None,
+            None if comp_j is None else Range(comp_j, comp_j, comp_j).scale(lo, mid, hi),
+            Range(comp_s, comp_s, comp_s).scale(lo, mid, hi),
+        )
+    )
+    # Trials per phase: (fewest, most) in all, and the most per cohort (the middle's spread).
+    most = {c.name: c.configs + c.replicates for c in cohorts}
+    fewest = sum(most.values())
+    previous = 0.0
+    for i, (name, budget) in enumerate(phases):
+        if i > 0 or name != "explore":
+            if i > 0 and phases[i - 1][0] == "explore":
+                most = {c.name: math.ceil(spec.explore_keep * c.configs) for c in cohorts}
+                fewest = 1
+            elif i > 0:
+                alive = sum(most.values())
+                kept = keep_count(alive, spec.eta, spec.keep_rule)
+                most = _spread(most, kept)
+                fewest = keep_count(fewest, spec.eta, spec.keep_rule)
+            else:  # no exploration: every configuration trains to the first rung
+                most = {c.name: c.configs for c in cohorts}
+                fewest = sum(most.values())
+        last = i == len(phases) - 1
+        dsteps = {c.name: steps(budget, c.batch_size) - steps(previous, c.batch_size) for c in cohorts}
+        base = eval_at_start and name == "explore"  # the untrained models are evaluated too
+        exact = name == "explore" or (i == 0 and fewest == sum(most.values()))
+        joules, seconds = _phase_range(rates, most, fewest, dsteps, first=i == 0, base=base, exact=exact)
+        if last:
+            test = [(_scaled(rates[c].eval_joules, test_evals), rates[c].eval_seconds * test_evals) for c in rates]
+            seconds += Range(min(t for _, t in test), sum(t for _, t in test) / len(test), max(t for _, t in test))
+            tj = [j for j, _ in test]
+            joules = None if joules is None or None in tj else joules + Range(min(tj), sum(tj) / len(tj), max(tj))
+        spread = (1.0 / (1.0 + noise), 1.0, 1.0 + noise)
+        n_most = sum(most.values())
+        lines.append(
+            PhaseCost(
+                name,
+                (n_most, n_most) if exact else (fewest, n_most),
+                None if joules is None else joules.scale(*spread),
+                seconds.scale(*spread),
+            )
+        )
+        previous = budget
+    setup, per_phase, watts = between
+    gap = setup + per_phase * len(phases)
+    seconds = Range(gap, gap, gap).scale(0.5, 1.0, 2.0)
+    joules = None if lines[0].joules is None else seconds.scale(watts, watts, watts)
+    lines.append(PhaseCost("between windows", None, joules, seconds))
+    return StudyPlan(lines, method, noise)
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
+
+
+def _phase_range(
+    rates: dict[str, CohortRate],
+    most: dict[str, int],
+    fewest: int,
+    dsteps: dict[str, int],
+    *,
+    first: bool,
+    base: bool,
+    exact: bool,
+) -> tuple[Range | None, Range]:
+    """A phase's joules and seconds: the middle with ``most[c]`` trials of each cohort; the least
+    with ``fewest`` trials in the cheapest cohort; the most with every cohort that may be alive
+    paying its call and the most trials at the dearest per-trial cost. ``exact``: the counts are
+    known (every figure is the middle)."""
+
+    def cost(c: str, m: int) -> tuple[float | None, float]:
+        j, s = rates[c].train(m, dsteps[c], first)
+        if base:
+            j, s = None if j is None else j + _scaled(rates[c].eval_joules, m), s + m * rates[c].eval_seconds
+        return j, s
+
+    alive = [c for c, m in most.items() if m > 0]
+    mids = [cost(c, most[c]) for c in alive]
+    mid_s = sum(s for _, s in mids)
+    mid_j = None if any(j is None for j, _ in mids) else sum(j for j, _ in mids)
+    if exact:
+        return (None if mid_j is None else Range(mid_j, mid_j, mid_j)), Range(mid_s, mid_s, mid_s)
+    n = sum(most.values())
+    lows = [cost(c, fewest) for c in alive]
+    calls = [rates[c].train(1, 0, first) for c in alive]  # what each call costs without a step
+    per_trial = [(cost(c, 1)[0], cost(c, 1)[1]) for c in alive]
+    hi_s = sum(s for _, s in calls) + n * max(s - cs for (_, s), (_, cs) in zip(per_trial, calls))
+    seconds = Range(min(s for _, s in lows), mid_s, max(hi_s, mid_s))
+    if mid_j is None or any(j is None for j, _ in lows + calls + per_trial):
+        return None, seconds
+    hi_j = sum(j for j, _ in calls) + n * max(j - cj for (j, _), (cj, _) in zip(per_trial, calls))
+    return Range(min(j for j, _ in lows), mid_j, max(hi_j, mid_j)), seconds
+
+
+def _spread(most: dict[str, int], kept: int) -> dict[str, int]:
+    """``kept`` trials spread over cohorts as ``most`` is (largest remainders), at most each's own."""
+    total = sum(most.values())
+    if total <= kept:
+        return dict(most)
+    share = {c: n * kept / total for c, n in most.items()}
+    out = {c: int(v) for c, v in share.items()}
+    for c in sorted(share, key=lambda c: out[c] - share[c])[: kept - sum(out.values())]:
+        out[c] += 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------ caps
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What is spent and what a cap allows (``None``: no cap, or spent unknown)."""
+
+    max_joules: float | None
+    max_seconds: float | None
+    spent_joules: float | None
+    spent_seconds: float
+
+
+def next_phase_cost(
+    alive: dict[str, int],
+    rates: dict[str, CohortRate],
+    delta_steps: dict[str, int],
+    *,
+    last: bool,
+    noise: float,
+    between: tuple[float, float] = (0.0, 0.0),
+    test_evals: float = 1.0,
+) -> tuple[Range | None, Range]:
+    """The cost of a phase whose trials are known -- ``alive[cohort]`` trials, each training
+    ``delta_steps[cohort]`` more steps and evaluated once (and the selection tested if ``last``)
+    -- at the measured ``rates`` widened by ``noise``, plus the host work of one phase
+    (``between``: its seconds and watts, between half and twice it). ``None`` joules: a cohort's
+    energy rate is unknown."""
+    joules, seconds = _phase_range(rates, alive, 0, delta_steps, first=False, base=False, exact=True)
+    if last:
+        tests = [(_scaled(rates[c].eval_joules, test_evals), rates[c].eval_seconds * test_evals) for c in alive]
+        seconds += Range(*[max(t for _, t in tests)] * 3)
+        tj = [j for j, _ in tests]
+        joules = None if joules is None or None in tj else joules + Range(*[max(tj)] * 3)
+    spread = (1.0 / (1.0 + noise), 1.0, 1.0 + noise)
+    gap_s = Range(*[between[0]] * 3).scale(0.5, 1.0, 2.0)
+    gap_j = gap_s.scale(*[between[1]] * 3)
+    return (None if joules is None else joules.scale(*spread) + gap_j), seconds.scale(*spread) + gap_s
+
+
+def over_budget(budget: Budget, joules: Range | None, seconds: Range, phase: str) -> str | None:
+    """Why ``phase`` must not start (its predicted upper cost exceeds what is left of a cap), or
+    ``None`` when it fits every cap that can be checked."""
+    if budget.max_joules is not None and budget.spent_joules is not None and joules is not None:
+        left = budget.max_joules - budget.spent_joules
+        if joules.hi > left:
+            return (
+                f"{phase} would need {_kj(joules.mid)} (up to {_kj(joules.hi)}) and {_kj(max(left, 0.0))} of the "
+                f"{_kj(budget.max_joules)} energy budget are left"
+            )
+    if budget.max_seconds is not None:
+        left = budget.max_seconds - budget.spent_seconds
+        if seconds.hi > left:
+            return (
+                f"{phase} would need {seconds.mid:,.0f} s (up to {seconds.hi:,.0f} s) and {max(left, 0.0):,.0f} s "
+                f"of the {budget.max_seconds:,.0f} s wall-time budget are left"
+            )
+    return None
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:,.1f} s" if seconds >= 10 else f"{seconds:.2g} s"
+
+
+def _kj(joules: float) -> str:
+    if joules >= 3.6e5:
+        return f"{joules / 3.6e6:.3g} kWh"
+    return f"{joules:,.1f} J" if joules >= 10 else f"{joules:.2g} J"
+
+
+# ----------------------------------------------------------------------------------- the probe
+
+
+def probe(
+    spec: Any,
+    *,
+    dataset: Any = None,
+    devices: int | None = None,
+    nvml: Any = None,
+    gpus: Any = None,
+    fraction: float = PROBE_FRACTION,
+    same_process: bool = False,
+) -> StudyPlan:
+    """Plans ``spec`` by probing it: every cohort is built as the study builds it (same programs:
+    the study then loads them from the persistent compilation cache), trained in three short calls
+    and evaluated (:meth:`sm2jax.study.Study.probe_cohorts`), in a temporary folder; nothing is
+    written anywhere else. Returns the :class:`StudyPlan` from those rates. ``same_process``: the
+    study runs in this process next, and builds its programs from memory (its compilation is
+    what the probe's second build cost), not from the persistent cache."""
+    from sm2jax.study import Study
+
+    with tempfile.TemporaryDirectory(prefix="sm2jax-plan-") as tmp:
+        probe_spec = dataclasses.replace(spec, idle_seconds=0.0, max_energy_joules=None, max_wall_seconds=None)
+        study = Study(
+            os.path.join(tmp, "probe"),
+            probe_spec,
+            dataset=dataset,
+            devices=devices,
+            nvml=nvml,
+            gpus=gpus,
+            progress=False,
+        )
+        # Each call long enough for the meter: two of its resolutions (NVML: 1 s), at least 0.25 s.
+        measured = study.probe_cohorts(fraction, max(0.25, 2 * study.energy.meter.resolution_s))
+    rates = measured_rates(measured["records"], measured["widths"])
+    if same_process:  # the study builds its programs from memory: what the second build cost
+        again: dict[str, tuple[float | None, float]] = {}
+        for r in measured["again"]:
+            if r["type"] == "window" and r.get("kind") == "compile":
+                j, sec = again.get(r["cohort"], (0.0, 0.0))
+                again[r["cohort"]] = (add_known(j, r["joules"]), sec + r["seconds"])
+        rates = {
+            c: dataclasses.replace(
+                rate, compile_joules=again.get(c, (0.0, 0.0))[0], compile_seconds=again.get(c, (0.0, 0.0))[1]
+            )
+            for c, rate in rates.items()
+        }
+    span = measured["span"]
+    watts = (
+        span["between_joules"] / span["between_seconds"]
+        if span["between_joules"] and span["between_seconds"] > 0
+        else 0.0
+    )
+    commit = measured["commit_seconds"]
+    idle = spec.idle_seconds if measured["method"] != "estimated" else 0.0  # the study's idle baseline
+    between = (max(span["between_seconds"] - commit, 0.0) + idle, commit, watts)
+    work = study.work
+    ds = work.data
+    eval_at_start = work.chance is None
+    test_evals = (len(ds.y_test) / len(ds.y_val)) if getattr(ds, "has_test", False) and len(ds.y_val) else 0.0
+    noise = max(spec.energy_noise, DEFAULT_PLAN_NOISE)
+    plan = predict(
+        spec,
+        cohort_plans(spec),
+        rates,
+        work.steps,
+        method=measured["method"],
+        noise=noise,
+        between=between,
+        compiled=measured["compiles"] > 0 and not same_process,
+        reused=same_process,
+        eval_at_start=eval_at_start,
+        test_evals=test_evals,
+    )
+    how = (
+        "probe: every cohort trained in three short calls (a call's cost and a step's measured apart); "
+        + (
+            "the study reuses its programs in this process (compilation: the probe's second build)"
+            if same_process
+            else f"it compiled {measured['compiles']} program(s), which the study loads from the persistent cache"
+            if measured["compiles"]
+            else "every program loaded from the persistent compilation cache"
+        )
+        + f"; {measured['method']} energy"
+    )
+    from sm2jax.study_dir import spec_digest
+
+    return dataclasses.replace(plan, notes=[how, *plan.notes], spec_digest=spec_digest(spec.to_json()))
+
+
+def format_plan(plan: StudyPlan) -> str:
+    """The plan as a table: each line's trials, joules and seconds (middle and range)."""
+    label = f" [{plan.method}]" if plan.method not in ("nvml-counter", "nvml-power", "nvml-mixed", "rapl") else ""
+    rows = [f"plan (before any training; x/{1 + plan.noise:g} and the range of survivors):{label}"]
+    for line in [*plan.lines, plan.total()]:
+        trials = (
+            ""
+            if line.trials is None
+            else f"{line.trials[0]}-{line.trials[1]} trials"
+            if line.trials[0] != line.trials[1]
+            else f"{line.trials[0]} trials"
+        )
+        j = (
+            "energy unavailable"
+            if line.joules is None
+            else f"{_kj(line.joules.mid)} ({_kj(line.joules.lo)} .. {_kj(line.joules.hi)})"
+        )
+        s = line.seconds
+        rows.append(f"  {line.name:<16} {trials:<13} {j:<40} {_seconds(s.mid)} ({_seconds(s.lo)} .. {_seconds(s.hi)})")
+    rows += [f"  {n}" for n in plan.notes]
+    return "\n".join(rows)
+
+
+def plan_vs_actual(
+    plan: dict[str, Any] | None, by_phase: dict[str, dict[str, Any]], span: dict[str, Any] | None
+) -> list[dict[str, Any]] | None:
+    """Each line of a stored plan (:meth:`StudyPlan.to_json`) beside what the study measured: a
+    phase's (and compilation's) gross windows, the whole span's time between windows and total;
+    ``within`` says whether the measurement is inside the stated range (``None``: not measured)."""
+    if not plan or not plan.get("lines"):
+        return None
+    out = []
+    between = None if span is None else {"joules": span.get("between_joules"), "seconds": span.get("between_seconds")}
+    total = None if span is None else {"joules": span.get("joules"), "seconds": span.get("seconds")}
+    for line in [*plan["lines"], plan["total"]]:
+        actual = {"between windows": between, "total": total}.get(line["name"], by_phase.get(line["name"]))
+        row = {"name": line["name"], "plan": line, "joules": None, "seconds": None}
+        if actual is not None:
+            row["joules"], row["seconds"] = actual.get("joules"), actual.get("seconds")
+        for key in ("joules", "seconds"):
+            want = line[key]
+            row[f"{key}_within"] = None if want is None or row[key] is None else want["lo"] <= row[key] <= want["hi"]
+        out.append(row)
+    return out
+
+
+def format_plan_vs_actual(rows: list[dict[str, Any]]) -> list[str]:
+    """The report's lines of :func:`plan_vs_actual`."""
+    lines = ["plan against actual (the plan's middle, its range, and what was measured):"]
+    for r in rows:
+        p = r["plan"]
+        parts = []
+        for key, fmt in (("joules", _kj), ("seconds", _seconds)):
+            want = p[key]
+            if want is None:
+                parts.append(f"{key}: no plan")
+                continue
+            got = "not measured" if r[key] is None else fmt(r[key])
+            mark = "" if r[f"{key}_within"] is None else " (within)" if r[f"{key}_within"] else " (OUTSIDE)"
+            parts.append(f"{fmt(want['mid'])} ({fmt(want['lo'])} .. {fmt(want['hi'])}) -> {got}{mark}")
+        lines.append(f"  {r['name']:<16} " + "; ".join(parts))
+    return lines
