@@ -10,7 +10,9 @@ It prints and writes (``--json``):
   over the *same* window, their agreement in percent, and the per-trial shares;
 * the compile window on its own line;
 * per workload (the digits MLP and the ResNet-18 cohort): the vmap-vs-loop speedup (one W-wide
-  program vs a loop over W one-wide programs for the same trial-steps) and the achieved FLOP/s.
+  program vs a loop over W one-wide programs for the same trial-steps) and the achieved FLOP/s;
+* the whole span against its windows (the host work between them on its own line);
+* the quick digits study planned (``sm2jax plan``'s probe), then run: plan against actual.
 
 Run::
 
@@ -103,6 +105,7 @@ def run(
     gpus: Any = None,
     workloads: bool = True,
     digits_model: dict | None = None,
+    plan: bool = False,
 ) -> dict[str, Any]:
     gpus = gpus if gpus is not None else jax_gpus()
     counter = make_meter("nvml-counter", nvml=nvml, gpus=gpus)
@@ -226,7 +229,30 @@ def run(
     finally:
         for m in meters.values():
             m.meter.close()
+    if plan:
+        out["plan"] = plan_against_actual(nvml=nvml, gpus=gpus)
     return out
+
+
+def plan_against_actual(nvml: Any = None, gpus: Any = None, quick: bool = True) -> list[dict[str, Any]] | None:
+    """The digits study planned (:func:`sm2jax.plan.probe`), then run on the same meter: each
+    plan line beside what the study measured (and whether it fell inside the stated range)."""
+    import tempfile
+
+    from sm2jax.plan import format_plan, format_plan_vs_actual
+    from sm2jax.presets import digits as digits_preset
+    from sm2jax.study import Study, plan_study
+    from sm2jax.study_dir import StudyDir
+
+    spec = digits_preset(quick=quick)
+    plan = plan_study(spec, nvml=nvml, gpus=gpus, same_process=True)
+    print(format_plan(plan))
+    with tempfile.TemporaryDirectory(prefix="sm2jax-gpu-check-") as tmp:
+        StudyDir(tmp).write_plan(plan.to_json())
+        results = Study(tmp, spec, nvml=nvml, gpus=gpus, progress=False).run()
+    rows = results.get("plan")
+    print("\n".join(format_plan_vs_actual(rows)) if rows else "plan against actual: unavailable")
+    return rows
 
 
 def main(argv=None, nvml: Any = None, gpus: Any = None) -> dict[str, Any]:
@@ -242,6 +268,7 @@ def main(argv=None, nvml: Any = None, gpus: Any = None) -> dict[str, Any]:
         "--digits-model", type=json.loads, default={"name": "mlp", "hidden": [64]}, help="model spec as JSON"
     )
     parser.add_argument("--no-workloads", action="store_true", help="skip the vmap-vs-loop throughput part")
+    parser.add_argument("--no-plan", action="store_true", help="skip planning and running the quick digits study")
     args = parser.parse_args(argv)
     out = run(
         args.windows,
@@ -254,6 +281,7 @@ def main(argv=None, nvml: Any = None, gpus: Any = None) -> dict[str, Any]:
         gpus=gpus,
         workloads=not args.no_workloads,
         digits_model=args.digits_model,
+        plan=not args.no_plan,
     )
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from sm2jax.energy.ledger import add_known
-from sm2jax.plan import DEFAULT_PLAN_NOISE, Budget, StudyPlan, measured_rates, next_phase_cost, over_budget
+from sm2jax.plan import DEFAULT_PLAN_NOISE, StudyPlan, phase_range
+from sm2jax.rates import CohortRate, Range, format_joules, measured_rates, scaled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,23 +69,81 @@ def stop_reason(
 ) -> str | None:
     """Why ``phase`` -- ``alive`` trials per cohort, each ``delta_steps`` more -- must not start:
     the upper end of its predicted cost (:func:`sm2jax.plan.next_phase_cost`, at the rates of
-    ``records``) exceeds what is left of a cap (``caps``: joules, seconds); ``None`` when it fits,
+    ``records``, with the host work of the commit still to come before it) exceeds what is left of a cap (``caps``: joules, seconds); ``None`` when it fits,
     nothing is capped, or a cohort has no rate to predict from."""
     if caps == (None, None) or not alive:
         return None
     rates = measured_rates(records, widths)
     if any(c not in rates for c in alive):
         return None
+    # Two phases' host work: the commit of the phase just decided (not yet made) and the next's.
     joules, seconds = next_phase_cost(
         alive,
         rates,
         delta_steps,
         last=last,
         noise=noise,
-        between=(spent.between_seconds, spent.between_watts),
+        between=(2 * spent.between_seconds, spent.between_watts),
         test_evals=test_evals,
     )
     return over_budget(Budget(caps[0], caps[1], spent.joules, spent.seconds), joules, seconds, phase)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """What is spent and what a cap allows (``None``: no cap, or spent unknown)."""
+
+    max_joules: float | None
+    max_seconds: float | None
+    spent_joules: float | None
+    spent_seconds: float
+
+
+def next_phase_cost(
+    alive: dict[str, int],
+    rates: dict[str, CohortRate],
+    delta_steps: dict[str, int],
+    *,
+    last: bool,
+    noise: float,
+    between: tuple[float, float] = (0.0, 0.0),
+    test_evals: float = 1.0,
+) -> tuple[Range | None, Range]:
+    """The cost of a phase whose trials are known -- ``alive[cohort]`` trials, each training
+    ``delta_steps[cohort]`` more steps and evaluated once (and the selection tested if ``last``)
+    -- at the measured ``rates`` widened by ``noise``, plus the host work of one phase
+    (``between``: its seconds and watts, between half and twice it). ``None`` joules: a cohort's
+    energy rate is unknown."""
+    joules, seconds = phase_range(rates, alive, 0, delta_steps, first=False, base=False, exact=True)
+    if last:
+        tests = [(scaled(rates[c].eval_joules, test_evals), rates[c].eval_seconds * test_evals) for c in alive]
+        seconds += Range(*[max(t for _, t in tests)] * 3)
+        tj = [j for j, _ in tests]
+        joules = None if joules is None or None in tj else joules + Range(*[max(tj)] * 3)
+    spread = (1.0 / (1.0 + noise), 1.0, 1.0 + noise)
+    gap_s = Range(*[between[0]] * 3).scale(0.5, 1.0, 2.0)
+    gap_j = gap_s.scale(*[between[1]] * 3)
+    return (None if joules is None else joules.scale(*spread) + gap_j), seconds.scale(*spread) + gap_s
+
+
+def over_budget(budget: Budget, joules: Range | None, seconds: Range, phase: str) -> str | None:
+    """Why ``phase`` must not start (its predicted upper cost exceeds what is left of a cap), or
+    ``None`` when it fits every cap that can be checked."""
+    if budget.max_joules is not None and budget.spent_joules is not None and joules is not None:
+        left = budget.max_joules - budget.spent_joules
+        if joules.hi > left:
+            return (
+                f"{phase} would need {format_joules(joules.mid)} (up to {format_joules(joules.hi)}) and {format_joules(max(left, 0.0))} of the "
+                f"{format_joules(budget.max_joules)} energy budget are left"
+            )
+    if budget.max_seconds is not None:
+        left = budget.max_seconds - budget.spent_seconds
+        if seconds.hi > left:
+            return (
+                f"{phase} would need {seconds.mid:,.0f} s (up to {seconds.hi:,.0f} s) and {max(left, 0.0):,.0f} s "
+                f"of the {budget.max_seconds:,.0f} s wall-time budget are left"
+            )
+    return None
 
 
 def first_phase_fits(spec: Any, plan: StudyPlan) -> None:
@@ -146,4 +205,4 @@ class StudyBudget:
 
 
 def _kwh(joules: float) -> str:
-    return f"{joules / 3.6e6:.3g} kWh ({joules:,.0f} J)" if joules >= 3.6e5 else f"{joules:,.1f} J"
+    return f"{joules / 3.6e6:.3g} kWh ({joules:,.0f} J)" if joules >= 3.6e5 else format_joules(joules)

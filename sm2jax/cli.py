@@ -44,7 +44,8 @@ def _run(args) -> dict:
 def _plan(args) -> int:
     """``sm2jax plan``: the study ``run`` would run, planned by a short probe (nothing trained in
     its folder); the plan is kept there (``plan.json``) for the report's plan against actual."""
-    from sm2jax.plan import format_plan, probe
+    from sm2jax.plan import format_plan
+    from sm2jax.study import plan_study
     from sm2jax.study_dir import StudyDir
 
     spec, directory = _spec_and_dir(args)
@@ -53,7 +54,7 @@ def _plan(args) -> int:
     folder = StudyDir(directory)
     if folder.has_run():
         raise ValueError(f"{directory} holds a study that has run: `sm2jax report {directory}` shows its cost so far")
-    plan = probe(spec, devices=args.devices)
+    plan = plan_study(spec, devices=args.devices)
     print(json.dumps(plan.to_json(), indent=1) if args.json else format_plan(plan))
     folder.write_plan(plan.to_json())
     print(

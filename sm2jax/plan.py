@@ -1,9 +1,9 @@
 r"""A study's energy and wall time before it runs, and what each next phase will cost while it runs.
 
-Rates. A cohort's configurations cost the same per step (one vmapped program): its training cost
-is ``joules (seconds) per trial-step`` and its evaluation cost ``per trial evaluated``, measured
-from energy windows (:func:`measured_rates`) -- a study's own ledger while it runs, or a short
-probe of every cohort before it does (:func:`probe`).
+Rates. A cohort's configurations cost the same per step (one vmapped program): a training call
+costs its dispatch plus each step of each chunk of vmapped rows, and evaluation costs per trial,
+measured from energy windows (:func:`sm2jax.rates.measured_rates`) -- a study's own ledger while it
+runs, or a short probe of every cohort before it does (:func:`probe`).
 
 Counts. Exploration trains every trial of every cohort (replicates included). It keeps at most
 ``ceil(explore_keep * k)`` of a cohort's ``k`` configurations and drops the clearly worse, so the
@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sm2jax.energy.ledger import add_known
+from sm2jax.rates import CohortRate, Range, _add, format_joules, format_seconds, measured_rates, scaled
 
 DEFAULT_PLAN_NOISE = 1.0
 """The least noise a plan states: a factor of ``1 + noise`` either way (timing on a shared,
@@ -41,158 +42,6 @@ loaded machine; on a 2-core CPU, repeated digits studies vary by up to ~1.7x per
 PROBE_FRACTION = 0.15
 """A probe trains each cohort 1 step, then ``s`` (this share of its first phase's steps, at least
 2), then enough to last two meter resolutions (:meth:`sm2jax.study.Study.probe_cohorts`)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Range:
-    """A prediction: ``mid`` between ``lo`` and ``hi`` (``None`` joules: energy unavailable)."""
-
-    lo: float
-    mid: float
-    hi: float
-
-    def __add__(self, other: Range) -> Range:
-        return Range(self.lo + other.lo, self.mid + other.mid, self.hi + other.hi)
-
-    def scale(self, lo: float, mid: float, hi: float) -> Range:
-        return Range(self.lo * lo, self.mid * mid, self.hi * hi)
-
-    def holds(self, value: float) -> bool:
-        return self.lo <= value <= self.hi
-
-    def to_json(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def zero(cls) -> Range:
-        return cls(0.0, 0.0, 0.0)
-
-
-def _add(a: Range | None, b: Range | None) -> Range | None:
-    return None if a is None or b is None else a + b
-
-
-@dataclasses.dataclass(frozen=True)
-class CohortRate:
-    r"""What a cohort costs (``None`` joules: unavailable). A phase that trains ``m`` of its
-    trials ``s`` steps each costs ``call + s ceil(m / width) step`` to train (the call's dispatch
-    and host work, then each step of each chunk of ``width`` rows) and ``m eval`` to evaluate; the cohort's first training call also costs
-    its ``warmup`` (loading the program, first allocations), and it compiles once (``compile``)."""
-
-    step_joules: float | None
-    step_seconds: float
-    eval_joules: float | None
-    eval_seconds: float
-    call_joules: float | None = 0.0
-    call_seconds: float = 0.0
-    warmup_joules: float | None = 0.0
-    warmup_seconds: float = 0.0
-    compile_joules: float | None = 0.0
-    compile_seconds: float = 0.0
-    width: int = 0  # trials per chunk a step runs (its program's vmap width); 0: each trial alone
-
-    def chunks(self, trials: int) -> int:
-        """Chunk-steps of one step of ``trials`` trials: a chunk costs the same however many of its
-        rows are live (padding rows step too)."""
-        return math.ceil(trials / self.width) if self.width else trials
-
-    def train(self, trials: int, steps: int, first: bool = False) -> tuple[float | None, float]:
-        """Joules and seconds of one phase that trains ``trials`` trials ``steps`` steps each."""
-        if trials <= 0:
-            return 0.0, 0.0
-        x = steps * self.chunks(trials)
-        seconds = self.call_seconds + x * self.step_seconds + (self.warmup_seconds if first else 0.0)
-        parts = [self.call_joules, self.step_joules, self.eval_joules] + ([self.warmup_joules] if first else [])
-        if any(p is None for p in parts):
-            return None, seconds + trials * self.eval_seconds
-        joules = self.call_joules + x * self.step_joules + (self.warmup_joules if first else 0.0)
-        return joules + trials * self.eval_joules, seconds + trials * self.eval_seconds
-
-
-def _fit(points: list[tuple[float, float | None, float]]) -> tuple[float | None, float, float | None, float]:
-    """``(call_joules, call_seconds, step_joules, step_seconds)`` through ``(steps, joules,
-    seconds)`` points by least squares (both >= 0); one point (or one length): all per step."""
-    xs = [x for x, _, _ in points]
-
-    def line(ys: list[float]) -> tuple[float, float]:
-        if len(set(xs)) < 2:
-            return 0.0, sum(ys) / max(sum(xs), 1)
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-        if slope <= 0:
-            return my, 0.0
-        call = my - slope * mx
-        return (call, slope) if call >= 0 else (0.0, sum(ys) / sum(xs))
-
-    call_s, step_s = line([s for _, _, s in points])
-    if any(j is None for _, j, _ in points):
-        return None, call_s, None, step_s
-    call_j, step_j = line([j for _, j, _ in points])
-    return call_j, call_s, step_j, step_s
-
-
-def measured_rates(records: Sequence[dict[str, Any]], widths: dict[str, int] | None = None) -> dict[str, CohortRate]:
-    """Each cohort's :class:`CohortRate` from ledger records (windows and their trial records).
-
-    Training: one point per phase (its chunk-steps at the cohort's ``widths`` entry, joules and
-    seconds; per trial-step where no width is given); the first phase a cohort
-    trains in holds its warm-up, so the call and per-step costs are fitted (:func:`_fit`) on the
-    later phases where there are any, and the warm-up is what the first phase cost beyond them.
-    Evaluation (``eval`` and ``test`` windows): per trial evaluated. Compilation: the sums. A
-    cohort without a training window is left out."""
-    train: dict[str, dict[str, list]] = {}
-    other: dict[str, dict[str, list]] = {}
-    for r in records:
-        kind, cohort = r.get("kind", ""), r.get("cohort")
-        if r["type"] not in ("window", "trial") or kind not in ("train", "eval", "test", "compile"):
-            continue
-        if kind == "train":
-            point = train.setdefault(cohort, {}).setdefault(r["phase"], [0, 0.0, 0.0, set()])
-            if r["type"] == "trial":
-                point[0] += int(r.get("steps") or 0)
-                point[3].add(r["trial_id"])
-            else:
-                point[1] = add_known(point[1], r["joules"])
-                point[2] += r["seconds"]
-            continue
-        key = "compile" if kind == "compile" else "eval"
-        acc = other.setdefault(cohort, {"eval": [0.0, 0.0, 0], "compile": [0.0, 0.0, 0]})[key]
-        if r["type"] == "trial":
-            acc[2] += 1
-        else:
-            acc[0], acc[1] = add_known(acc[0], r["joules"]), acc[1] + r["seconds"]
-    out = {}
-    for cohort, phases in train.items():
-        width = (widths or {}).get(cohort) or 0
-        points = [
-            (p[0] / len(p[3]) * (math.ceil(len(p[3]) / width) if width else len(p[3])), p[1], p[2])
-            for p in phases.values()
-            if p[0] > 0
-        ]
-        if not points:
-            continue
-        first, rest = points[0], points[1:]
-        call_j, call_s, step_j, step_s = _fit(rest or points)
-        warm_j: float | None = 0.0
-        warm_s = 0.0
-        if rest:
-            warm_s = max(first[2] - call_s - first[0] * step_s, 0.0)
-            warm_j = None if None in (first[1], call_j, step_j) else max(first[1] - call_j - first[0] * step_j, 0.0)
-        (ej, es, evals), (cj, cs, _) = (other.get(cohort) or {"eval": [0.0, 0.0, 0], "compile": [0.0, 0.0, 0]}).values()
-        out[cohort] = CohortRate(
-            step_j,
-            step_s,
-            None if ej is None else ej / evals if evals else 0.0,
-            es / evals if evals else 0.0,
-            call_j,
-            call_s,
-            warm_j,
-            warm_s,
-            cj,
-            cs,
-            width,
-        )
-    return out
 
 
 def keep_count(n: int, eta: int, rule: str = "ceil") -> int:
@@ -366,9 +215,9 @@ def predict(
         dsteps = {c.name: steps(budget, c.batch_size) - steps(previous, c.batch_size) for c in cohorts}
         base = eval_at_start and name == "explore"  # the untrained models are evaluated too
         exact = name == "explore" or (i == 0 and fewest == sum(most.values()))
-        joules, seconds = _phase_range(rates, most, fewest, dsteps, first=i == 0, base=base, exact=exact)
+        joules, seconds = phase_range(rates, most, fewest, dsteps, first=i == 0, base=base, exact=exact)
         if last:
-            test = [(_scaled(rates[c].eval_joules, test_evals), rates[c].eval_seconds * test_evals) for c in rates]
+            test = [(scaled(rates[c].eval_joules, test_evals), rates[c].eval_seconds * test_evals) for c in rates]
             seconds += Range(min(t for _, t in test), sum(t for _, t in test) / len(test), max(t for _, t in test))
             tj = [j for j, _ in test]
             joules = None if joules is None or None in tj else joules + Range(min(tj), sum(tj) / len(tj), max(tj))
@@ -391,11 +240,7 @@ def predict(
     return StudyPlan(lines, method, noise)
 
 
-def _scaled(value: float | None, factor: float) -> float | None:
-    return None if value is None else value * factor
-
-
-def _phase_range(
+def phase_range(
     rates: dict[str, CohortRate],
     most: dict[str, int],
     fewest: int,
@@ -413,7 +258,7 @@ def _phase_range(
     def cost(c: str, m: int) -> tuple[float | None, float]:
         j, s = rates[c].train(m, dsteps[c], first)
         if base:
-            j, s = None if j is None else j + _scaled(rates[c].eval_joules, m), s + m * rates[c].eval_seconds
+            j, s = None if j is None else j + scaled(rates[c].eval_joules, m), s + m * rates[c].eval_seconds
         return j, s
 
     alive = [c for c, m in most.items() if m > 0]
@@ -446,81 +291,12 @@ def _spread(most: dict[str, int], kept: int) -> dict[str, int]:
     return out
 
 
-# ------------------------------------------------------------------------------------------ caps
-
-
-@dataclasses.dataclass(frozen=True)
-class Budget:
-    """What is spent and what a cap allows (``None``: no cap, or spent unknown)."""
-
-    max_joules: float | None
-    max_seconds: float | None
-    spent_joules: float | None
-    spent_seconds: float
-
-
-def next_phase_cost(
-    alive: dict[str, int],
-    rates: dict[str, CohortRate],
-    delta_steps: dict[str, int],
-    *,
-    last: bool,
-    noise: float,
-    between: tuple[float, float] = (0.0, 0.0),
-    test_evals: float = 1.0,
-) -> tuple[Range | None, Range]:
-    """The cost of a phase whose trials are known -- ``alive[cohort]`` trials, each training
-    ``delta_steps[cohort]`` more steps and evaluated once (and the selection tested if ``last``)
-    -- at the measured ``rates`` widened by ``noise``, plus the host work of one phase
-    (``between``: its seconds and watts, between half and twice it). ``None`` joules: a cohort's
-    energy rate is unknown."""
-    joules, seconds = _phase_range(rates, alive, 0, delta_steps, first=False, base=False, exact=True)
-    if last:
-        tests = [(_scaled(rates[c].eval_joules, test_evals), rates[c].eval_seconds * test_evals) for c in alive]
-        seconds += Range(*[max(t for _, t in tests)] * 3)
-        tj = [j for j, _ in tests]
-        joules = None if joules is None or None in tj else joules + Range(*[max(tj)] * 3)
-    spread = (1.0 / (1.0 + noise), 1.0, 1.0 + noise)
-    gap_s = Range(*[between[0]] * 3).scale(0.5, 1.0, 2.0)
-    gap_j = gap_s.scale(*[between[1]] * 3)
-    return (None if joules is None else joules.scale(*spread) + gap_j), seconds.scale(*spread) + gap_s
-
-
-def over_budget(budget: Budget, joules: Range | None, seconds: Range, phase: str) -> str | None:
-    """Why ``phase`` must not start (its predicted upper cost exceeds what is left of a cap), or
-    ``None`` when it fits every cap that can be checked."""
-    if budget.max_joules is not None and budget.spent_joules is not None and joules is not None:
-        left = budget.max_joules - budget.spent_joules
-        if joules.hi > left:
-            return (
-                f"{phase} would need {_kj(joules.mid)} (up to {_kj(joules.hi)}) and {_kj(max(left, 0.0))} of the "
-                f"{_kj(budget.max_joules)} energy budget are left"
-            )
-    if budget.max_seconds is not None:
-        left = budget.max_seconds - budget.spent_seconds
-        if seconds.hi > left:
-            return (
-                f"{phase} would need {seconds.mid:,.0f} s (up to {seconds.hi:,.0f} s) and {max(left, 0.0):,.0f} s "
-                f"of the {budget.max_seconds:,.0f} s wall-time budget are left"
-            )
-    return None
-
-
-def _seconds(seconds: float) -> str:
-    return f"{seconds:,.1f} s" if seconds >= 10 else f"{seconds:.2g} s"
-
-
-def _kj(joules: float) -> str:
-    if joules >= 3.6e5:
-        return f"{joules / 3.6e6:.3g} kWh"
-    return f"{joules:,.1f} J" if joules >= 10 else f"{joules:.2g} J"
-
-
 # ----------------------------------------------------------------------------------- the probe
 
 
 def probe(
     spec: Any,
+    study: Callable[..., Any],
     *,
     dataset: Any = None,
     devices: int | None = None,
@@ -529,17 +305,16 @@ def probe(
     fraction: float = PROBE_FRACTION,
     same_process: bool = False,
 ) -> StudyPlan:
-    """Plans ``spec`` by probing it: every cohort is built as the study builds it (same programs:
+    """Plans ``spec`` by probing it with ``study`` (:class:`sm2jax.study.Study`, which
+    :func:`sm2jax.study.plan_study` passes): every cohort is built as the study builds it (same programs:
     the study then loads them from the persistent compilation cache), trained in three short calls
     and evaluated (:meth:`sm2jax.study.Study.probe_cohorts`), in a temporary folder; nothing is
     written anywhere else. Returns the :class:`StudyPlan` from those rates. ``same_process``: the
     study runs in this process next, and builds its programs from memory (its compilation is
     what the probe's second build cost), not from the persistent cache."""
-    from sm2jax.study import Study
-
     with tempfile.TemporaryDirectory(prefix="sm2jax-plan-") as tmp:
         probe_spec = dataclasses.replace(spec, idle_seconds=0.0, max_energy_joules=None, max_wall_seconds=None)
-        study = Study(
+        study = study(
             os.path.join(tmp, "probe"),
             probe_spec,
             dataset=dataset,
@@ -621,10 +396,12 @@ def format_plan(plan: StudyPlan) -> str:
         j = (
             "energy unavailable"
             if line.joules is None
-            else f"{_kj(line.joules.mid)} ({_kj(line.joules.lo)} .. {_kj(line.joules.hi)})"
+            else f"{format_joules(line.joules.mid)} ({format_joules(line.joules.lo)} .. {format_joules(line.joules.hi)})"
         )
         s = line.seconds
-        rows.append(f"  {line.name:<16} {trials:<13} {j:<40} {_seconds(s.mid)} ({_seconds(s.lo)} .. {_seconds(s.hi)})")
+        rows.append(
+            f"  {line.name:<16} {trials:<13} {j:<40} {format_seconds(s.mid)} ({format_seconds(s.lo)} .. {format_seconds(s.hi)})"
+        )
     rows += [f"  {n}" for n in plan.notes]
     return "\n".join(rows)
 
@@ -658,7 +435,7 @@ def format_plan_vs_actual(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         p = r["plan"]
         parts = []
-        for key, fmt in (("joules", _kj), ("seconds", _seconds)):
+        for key, fmt in (("joules", format_joules), ("seconds", format_seconds)):
             want = p[key]
             if want is None:
                 parts.append(f"{key}: no plan")

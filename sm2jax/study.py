@@ -152,7 +152,9 @@ class Study:
         if jax.process_count() > 1:
             raise ValueError("a budget (--budget-kwh, --budget-hours) needs a single-process study: run it without one")
         stored = self.folder.read_plan(spec.to_json())
-        plan = StudyPlan.from_json(stored) if stored else probe(spec, dataset=data, same_process=True, **probe_args)
+        plan = (
+            StudyPlan.from_json(stored) if stored else plan_study(spec, dataset=data, same_process=True, **probe_args)
+        )
         first_phase_fits(spec, plan)
         return None if stored else plan.to_json()
 
@@ -484,6 +486,12 @@ class Study:
                 viewed = {"curves": state.curves, "hparams": self._hparams(state)}
                 write_viewers(self.directory, viewed, state.trials, optuna=False)
                 self._follow_in_optuna(last)
+
+
+def plan_study(spec: StudySpec, **kwargs: Any) -> StudyPlan:
+    """The plan of ``spec`` before it runs (:func:`sm2jax.plan.probe` with :class:`Study`;
+    ``kwargs``: ``dataset``, ``devices``, ``nvml``, ``gpus``, ``same_process``)."""
+    return probe(spec, Study, **kwargs)
 
 
 def _check_every_name_is_used(spec: StudySpec, configs: list[Any], data: ArrayDataset) -> None:

@@ -55,6 +55,13 @@ def test_gpu_check_counter_and_power_agree_on_a_steady_device(tmp_path):
     for name in ("digits-mlp", "resnet18-cifar"):
         w = out["workloads"][name]
         assert w["vmap_over_loop_speedup"] > 0 and w["vmap_samples_per_s"] > 0 and w["loop_seconds"] > 0
+    # The quick digits study, planned then run on the same (double's) counter: every line measured.
+    rows = {r["name"]: r for r in out["plan"]}
+    assert {"compile", "explore", "between windows", "total"} <= set(rows)
+    assert (
+        rows["total"]["joules"] > 0
+        and rows["total"]["plan"]["joules"]["hi"] >= rows["total"]["plan"]["joules"]["lo"] > 0
+    )
 
 
 def test_gpu_check_without_nvml_reports_unavailable():
