@@ -14,6 +14,7 @@ from sm2jax.energy.monitor import hardware_profile, measure_idle
 from sm2jax.energy.nvml import jax_gpus
 
 
+@pytest.mark.slow  # seconds of wall-clock windows
 def test_merged_busy_and_idle_windows_are_split_by_their_own_readings(tmp_path):
     """Alternating 0.2-0.35 s busy (500 W) and idle (70 W) windows merged to the counter's 1 s
     resolution: each is charged about its own energy, not the span's mean power x its seconds."""
@@ -140,6 +141,7 @@ def test_nvml_errors_never_abort_or_leak_an_init():
     assert _balanced(nvml)
 
 
+@pytest.mark.slow  # seconds of wall-clock windows
 def test_a_power_limit_changed_mid_study_is_seen_and_bounds_the_error():
     """Another tool raises the limit from 150 W to 400 W and the card draws 380 W: windows after it
     state the new bound (the error stays inside it) and say what changed."""
@@ -191,6 +193,7 @@ def test_processes_on_the_card_are_named_at_start_and_when_they_start():
         meter.close()
 
 
+@pytest.mark.slow  # seconds of wall-clock windows
 def test_polled_power_that_lags_does_not_overstate_an_idle_window_after_a_busy_one():
     """A card without a counter reporting power averaged over the last second: 400 W for 1.5 s,
     then an idle window at 60 W. Read at the time of each reading, the idle window was charged the
