@@ -196,8 +196,9 @@ def test_processes_on_the_card_are_named_at_start_and_when_they_start():
 @pytest.mark.slow  # seconds of wall-clock windows
 def test_polled_power_that_lags_does_not_overstate_an_idle_window_after_a_busy_one():
     """A card without a counter reporting power averaged over the last second: 400 W for 1.5 s,
-    then an idle window at 60 W. Read at the time of each reading, the idle window was charged the
-    average's busy tail (+190 %); placed at the middle of the average, it reads its own energy."""
+    then an idle window at 60 W, and the idle baseline right after activity. Read at the time of
+    each reading, the idle window was charged the average's busy tail (+190 %); placed at the middle
+    of the average, each reads its own energy."""
     card = FakeDevice(counter_supported=False, power_mw=400_000)
     card.average_s = 1.0
     meter = make_meter("auto", nvml=make_fake_nvml([card]), gpus="all", backend="gpu", interval_s=0.02)
@@ -206,17 +207,15 @@ def test_polled_power_that_lags_does_not_overstate_an_idle_window_after_a_busy_o
         busy = monitor.end(_sleep(monitor, 1.5))
         card.power_mw = 60_000
         idle = monitor.end(_sleep(monitor, 1.5))
+        card.power_mw = 400_000
+        monitor.end(_sleep(monitor, 1.5))
+        card.power_mw = 60_000
+        baseline = measure_idle(monitor, 1.5)  # the idle baseline right after activity
     finally:
         meter.close()
     assert busy.joules == pytest.approx(400 * busy.seconds, rel=0.1)
     assert idle.joules == pytest.approx(60 * idle.seconds, rel=0.15)
-    assert measure_idle(EnergyMonitor(_settled_meter(400_000)), 1.0).watts == pytest.approx(400, rel=0.05)
-
-
-def _settled_meter(mw):
-    card = FakeDevice(counter_supported=False, power_mw=mw)
-    card.average_s = 1.0
-    return make_meter("auto", nvml=make_fake_nvml([card]), gpus="all", backend="gpu", interval_s=0.02)
+    assert baseline.watts == pytest.approx(60, rel=0.15)
 
 
 @pytest.mark.slow
