@@ -115,6 +115,19 @@ class MigDevice:
         self.uuid, self.parent = uuid, parent
 
 
+def jax_gpu(ordinal: int, kind: str | None = None, bus: str | None = None) -> types.SimpleNamespace:
+    """What JAX shows of a GPU device (CUDA ordinal, kind, optional PCI bus id): the other side of
+    the NVML mapping."""
+    return types.SimpleNamespace(
+        platform="gpu",
+        id=ordinal,
+        local_hardware_id=ordinal,
+        pci_bus_id=bus,
+        device_kind=kind,
+        __str__=lambda s: f"cuda:{ordinal}",
+    )
+
+
 def make_card(index: int, **kw) -> FakeDevice:
     """A clock-driven device whose counter steps every 100 ms, with a PCI bus id and UUID."""
     return FakeDevice(

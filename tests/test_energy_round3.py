@@ -4,10 +4,9 @@ processes mid-study."""
 
 import json
 import time
-import types
 
 import pytest
-from fake_nvml import FakeDevice, make_card, make_fake_nvml
+from fake_nvml import FakeDevice, jax_gpu, make_card, make_fake_nvml
 
 from sm2jax.energy import EnergyLedger, EnergyMonitor, Metering, make_meter
 from sm2jax.energy.monitor import hardware_profile, measure_idle
@@ -43,14 +42,7 @@ def test_merged_busy_and_idle_windows_are_split_by_their_own_readings(tmp_path):
 
 
 def _gpu(ordinal, kind="NVIDIA H100 80GB HBM3", bus=None):
-    return types.SimpleNamespace(
-        platform="gpu",
-        id=ordinal,
-        local_hardware_id=ordinal,
-        pci_bus_id=bus,
-        device_kind=kind,
-        __str__=lambda s: f"cuda:{ordinal}",
-    )
+    return jax_gpu(ordinal, kind, bus)
 
 
 def _metered(nvml, devices, visible=None):

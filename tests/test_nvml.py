@@ -2,10 +2,9 @@
 errors survived, honest net energy and stated uncertainty."""
 
 import time
-import types
 
 import pytest
-from fake_nvml import FakeDevice, make_card, make_fake_nvml
+from fake_nvml import FakeDevice, jax_gpu, make_card, make_fake_nvml
 
 from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, Metering, make_meter
 from sm2jax.energy.nvml import jax_gpus, make_nvml_meter
@@ -18,17 +17,6 @@ def _node():
         make_card(1, name="NVIDIA H100 80GB HBM3", power_mw=73_000),
         make_card(2, name="Tesla P100-PCIE-16GB", power_mw=40_000, counter_supported=False),
     ]
-
-
-def _jax_device(ordinal, kind=None, bus=None):
-    return types.SimpleNamespace(
-        platform="gpu",
-        id=ordinal,
-        local_hardware_id=ordinal,
-        pci_bus_id=bus,
-        device_kind=kind,
-        __str__=lambda s: f"cuda:{ordinal}",
-    )
 
 
 def _measure(meter, seconds):
@@ -144,18 +132,18 @@ def test_the_card_jax_uses_is_found_on_a_mixed_node(monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
     # CUDA numbers the H100 first (fastest first): ordinal 0 is found by its kind, not as NVML's 0.
-    h100 = _jax_device(0, kind="NVIDIA H100 80GB HBM3")
+    h100 = jax_gpu(0, kind="NVIDIA H100 80GB HBM3")
     assert mapped([h100])[1] == [cards[1].pci_bus_id]
     # Without a kind nothing can decide on a mixed node: unmetered, saying how to fix it.
-    method, _, reason = mapped([_jax_device(0)])
+    method, _, reason = mapped([jax_gpu(0)])
     assert method == "unavailable" and "CUDA_DEVICE_ORDER=PCI_BUS_ID" in reason
     monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # then an index is NVML's index
-    assert mapped([_jax_device(1)])[1] == [cards[1].pci_bus_id]
+    assert mapped([jax_gpu(1)])[1] == [cards[1].pci_bus_id]
     # A bus id written with a 4-digit lower-case domain, and a UUID prefix (MIG: test_energy_round3.py).
-    assert mapped([_jax_device(0, bus="0000:" + cards[2].pci_bus_id[9:].lower())])[1] == [cards[2].pci_bus_id]
+    assert mapped([jax_gpu(0, bus="0000:" + cards[2].pci_bus_id[9:].lower())])[1] == [cards[2].pci_bus_id]
     cards[0].uuid = "GPU-8932f937-aaaa-bbbb"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8932f937")
-    assert mapped([_jax_device(0)])[1] == [cards[0].pci_bus_id]
+    assert mapped([jax_gpu(0)])[1] == [cards[0].pci_bus_id]
 
 
 def test_a_card_shared_with_another_tenant_says_so():
