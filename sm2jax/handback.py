@@ -32,7 +32,7 @@ from sm2jax.cohort import Signature, group_into_cohorts, traced_names
 from sm2jax.data import EVAL_BATCH_SIZE, eval_blocks
 from sm2jax.phases import StudyState
 from sm2jax.space import Config
-from sm2jax.spec import import_modules, read_spec
+from sm2jax.spec import import_modules, read_spec, study_configs
 from sm2jax.steps import task_loss
 from sm2jax.study_dir import StudyDir, read_json, write_json
 from sm2jax.tasks import get_task
@@ -138,7 +138,7 @@ def load_selected(directory: str | os.PathLike, trial_id: int | None = None, *, 
         raise ValueError(f"the study in {folder.path} selected no configuration: there is no model to load")
     saved = folder.saved_phases()
     state = StudyState.from_json(folder.load_progress(saved[-1]))
-    cohorts = {c.name: c for c in group_into_cohorts(spec.trial_configs())}
+    cohorts = {c.name: c for c in group_into_cohorts(study_configs(folder, spec)[0])}
     where = next((name for name, ids in state.alive.items() if want in ids), None)
     if where is None:
         kept = sorted(t for ids in state.alive.values() for t in ids)

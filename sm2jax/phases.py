@@ -158,11 +158,19 @@ class DecisionRules:
     replicate_of: dict[int, int] = dataclasses.field(default_factory=dict, hash=False)
     rung_z: float | None = None
     explore_keep: float = 1.0
+    scheduler: Any = None  # decides each phase (sm2jax.schedule); None: decide_phase
 
     @classmethod
-    def of(cls, spec: Any, objective: str | Objective | None = None) -> DecisionRules:
+    def of(
+        cls,
+        spec: Any,
+        objective: str | Objective | None = None,
+        replicate_of: dict[int, int] | None = None,
+        scheduler: Any = None,
+    ) -> DecisionRules:
         """The rules of a :class:`~sm2jax.spec.StudySpec` (``objective``: a callable overriding its
-        objective). The final rung ties scores only within ``final_z``: energy spent is sunk."""
+        objective; ``replicate_of``: the study's kept replicates, default what the spec proposes;
+        ``scheduler``: what decides each phase, :func:`sm2jax.schedule.get_scheduler` of its mode). The final rung ties scores only within ``final_z``: energy spent is sunk."""
         shared = {"energy_z": spec.energy_z, "alpha": spec.alpha, "beta": spec.beta, "target_score": spec.target_score}
         return cls(
             objective=resolve_objective(objective or spec.objective, z=spec.noise_z, **shared),
@@ -173,9 +181,16 @@ class DecisionRules:
             explore_keep=spec.explore_keep,
             energy_noise=spec.energy_noise,
             plateau_tolerance=spec.plateau_tolerance,
-            replicate_of=spec.replicate_of(),
+            replicate_of=spec.replicate_of() if replicate_of is None else replicate_of,
             rung_z=spec.rung_z if objective is None and spec.objective == "sm2" else None,
+            scheduler=scheduler,
         )
+
+    def decide(self, phase: str, candidates: Sequence[Candidate], *, last: bool, seed_se: float = 0.0) -> PhaseDecision:
+        """The end of ``phase`` as the study's scheduler decides it."""
+        if self.scheduler is None:
+            return decide_phase("final" if last else phase, candidates, self, last=last, seed_se=seed_se)
+        return self.scheduler.decide(phase, candidates, self, last=last, seed_se=seed_se)
 
 
 @dataclasses.dataclass
@@ -325,12 +340,12 @@ def record_phase(
         for c in originals:
             c.seed_se = seed_se
     explored = state.seed_noise[0]["seed_se"] if state.seed_noise else 0.0  # 0 where too few pairs
-    decision = decide_phase(phase, originals, rules, last=last, seed_se=explored)
+    decision = rules.decide(phase, originals, last=last, seed_se=explored)
     stopping = None if last or stop is None else stop(decision)
     if stopping is not None:
         before, reason = stopping
         own = decision
-        decision = decide_phase("final", originals, rules, last=True)  # its best configuration so far
+        decision = rules.decide(phase, originals, last=True)  # its best configuration so far
         last = True
         state.stopped = {
             "phase": phase,

@@ -63,9 +63,9 @@ def cohort_plans(spec: Any) -> list[CohortPlan]:
     """The cohorts of a :class:`~sm2jax.spec.StudySpec` (without training anything)."""
     from sm2jax.cohort import group_into_cohorts
 
-    replicas = spec.replicate_of()
+    configs, replicas = spec.proposals()
     out = []
-    for c in group_into_cohorts(spec.trial_configs()):
+    for c in group_into_cohorts(configs):
         twins = sum(1 for cfg in c.configs if cfg.trial_id in replicas)
         out.append(CohortPlan(c.name, c.size - twins, twins, c.signature.batch_size))
     return out

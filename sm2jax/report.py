@@ -332,9 +332,10 @@ def partial_results(folder: StudyDir) -> dict[str, Any]:
     included, on the interrupted line), and a rough ETA from the rate so far. Reads only."""
     from sm2jax.energy.ledger import read_ledger
     from sm2jax.phases import planned_trial_steps
-    from sm2jax.spec import read_spec
+    from sm2jax.spec import read_spec, study_configs
 
     spec = read_spec(folder.path)
+    configs, replicate_of, _ = study_configs(folder, spec)
     saved = folder.saved_phases()
     state = StudyState.from_json(folder.load_progress(saved[-1])) if saved else StudyState()
     records = read_ledger(folder.ledger_path)
@@ -348,8 +349,8 @@ def partial_results(folder: StudyDir) -> dict[str, Any]:
         running_attempt=max((r.get("attempt", 0) for r in records), default=None) if holder else None,
         study=folder.path,
         spec=spec,
-        configs={c.trial_id: c for c in spec.trial_configs()},
-        replicate_of=spec.replicate_of(),
+        configs={c.trial_id: c for c in configs},
+        replicate_of=replicate_of,
         hardware=hardware,
         energy_method=hardware.get("energy_method") or (methods[0] if methods else "unavailable"),
         intensity_label=next((r["intensity_label"] for r in records if "intensity_label" in r), ""),

@@ -18,7 +18,7 @@ from sm2jax.budgets import rung_budgets, steps_for
 from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, check_dataset_options, registered_dataset
 from sm2jax.energy.ledger import DEFAULT_INTENSITY_G_PER_KWH
 from sm2jax.energy.meters import DEFAULT_WATTS_PER_CORE
-from sm2jax.sampling import METHODS, cohort_sample
+from sm2jax.schedule import get_scheduler
 from sm2jax.scheduler import (
     DEFAULT_ENERGY_NOISE,
     DEFAULT_ENERGY_Z,
@@ -28,15 +28,14 @@ from sm2jax.scheduler import (
     DEFAULT_NOISE_Z,
     KEEP_RULES,
 )
+from sm2jax.search import get_searcher
 from sm2jax.space import Config, SearchSpace, make_config
 from sm2jax.study_dir import StudyDir
 from sm2jax.tasks import BUILTIN_TASKS, get_task
 
-SAMPLERS = ("grid", "random", *METHODS)
 REPLICATE_SEED_OFFSET = 1_000_003
 """A replicate's seed is its configuration's plus this (mod 2**31); its trial id differs too."""
 
-MODES = ("sm2", "sh", "full")
 DEFAULT_MAX_CONFIGURATIONS = 10_000
 """A study of more configurations than this is refused before anything is made (``--set
 max_configurations=N`` raises it): drawing or listing 10^8 of them takes minutes and ~100 GB."""
@@ -256,10 +255,8 @@ class StudySpec:
                 raise ValueError(
                     f"{name} must be {'>=' if closed else '>'} {low:g} (got {value!r}): {_RANGE_HINTS.get(name, 'fix the value')}"
                 )
-        if self.mode not in MODES:
-            raise ValueError(f"mode: unknown {self.mode!r}; known: {MODES}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler: unknown {self.sampler!r}; known: {', '.join(SAMPLERS)}")
+        get_scheduler(self.mode)  # one line naming the known schedulers
+        get_searcher(self.sampler)  # one line naming the known searchers
         self._check_size()
         if self.mode == "sh":
             self.explore_budget, self.objective, self.replicates = 0.0, "performance", 0
@@ -304,8 +301,8 @@ class StudySpec:
     def configuration_count(self) -> int | None:
         """How many configurations the spec makes (its grid's size, or ``num_samples``), computed
         without making them (``None``: a space not of :meth:`SearchSpace.to_json`'s form)."""
-        if self.sampler == "grid":
-            return SearchSpace.grid_size_of(self.space)
+        if get_searcher(self.sampler).fixed_size:
+            return SearchSpace.grid_size_of(self.space) if self.sampler == "grid" else None
         return self.num_samples
 
     def _check_size(self) -> None:
@@ -317,26 +314,28 @@ class StudySpec:
             )
 
     def phases(self) -> list[tuple[str, float]]:
-        out = [("explore", self.explore_budget)] if self.explore_budget > 0 else []
-        rungs = self.rungs if self.rungs is not None else rung_budgets(self.min_budget, self.max_budget, self.eta)
-        return out + [(f"rung-{i + 1}", float(r)) for i, r in enumerate(rungs)]
+        """The study's phases, ``(name, cumulative budget)``, as its scheduler (``mode``) names them."""
+        return get_scheduler(self.mode).phases(self)
 
     def configs(self) -> list[Config]:
+        """The configurations the spec's searcher (``sampler``) proposes for a new study (a study
+        keeps what was proposed: :func:`study_configs`)."""
         space = SearchSpace.from_json(self.space)
-        if self.sampler == "grid":
-            return space.grid()
-        if self.sampler == "random":
-            return space.sample(self.num_samples, self.seed)
-        return cohort_sample(space, self.num_samples, seed=self.seed, method=self.sampler, multiple=self.width or 8)
+        return get_searcher(self.sampler).propose(space, self.num_samples, seed=self.seed, multiple=self.width or 8)
 
     def trial_configs(self) -> list[Config]:
         """The configurations, then their seed replicates (:meth:`replicate_of`), in trial-id order."""
-        configs = self.configs()
-        return configs + [twin for twin, _ in self._replicates(configs)]
+        return self.proposals()[0]
 
     def replicate_of(self) -> dict[int, int]:
         """Replicate trial id -> the trial id of the configuration it replicates."""
-        return {twin.trial_id: original for twin, original in self._replicates(self.configs())}
+        return self.proposals()[1]
+
+    def proposals(self) -> tuple[list[Config], dict[int, int]]:
+        """:meth:`trial_configs` and :meth:`replicate_of` from one proposal of the searcher."""
+        configs = self.configs()
+        twins = self._replicates(configs)
+        return configs + [twin for twin, _ in twins], {twin.trial_id: original for twin, original in twins}
 
     def _replicates(self, configs: list[Config]) -> list[tuple[Config, int]]:
         """``replicates`` evenly spaced configurations of each cohort, again with other keys (another
@@ -357,6 +356,28 @@ class StudySpec:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def study_configs(folder: StudyDir, spec: StudySpec) -> tuple[list[Config], dict[int, int], bool]:
+    """A study's configurations (replicates included) and ``replicate_of``: what its searcher
+    proposed, as kept in ``proposals.json`` -- never proposed again -- or, for a study not started
+    (or from before proposals were kept), what ``spec`` proposes now. The flag says whether they
+    were kept (else the caller keeps them once the folder is claimed: :func:`proposals_blob`)."""
+    blob = folder.read_proposals() if folder.has_run() else None  # a start that failed proposes again
+    if blob is None:
+        return *spec.proposals(), False
+    try:
+        configs = [Config.from_json(c) for c in blob["configs"]]
+        return configs, {int(k): int(v) for k, v in blob["replicate_of"].items()}, True
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(
+            f"{folder.proposals_path} is damaged ({type(err).__name__}: {err}): restore it from a backup (it holds what the study trained)"
+        ) from None
+
+
+def proposals_blob(configs: list[Config], replicate_of: dict[int, int]) -> dict[str, Any]:
+    """What ``proposals.json`` holds (:func:`study_configs`)."""
+    return {"configs": [c.to_json() for c in configs], "replicate_of": {str(k): v for k, v in replicate_of.items()}}
 
 
 def read_spec(directory: str | os.PathLike) -> StudySpec:
@@ -434,9 +455,14 @@ def registering_modules(spec: StudySpec, dataset: ArrayDataset | None) -> set[st
     from sm2jax.vocabulary import registering_modules as vocabulary_modules
 
     found = []
-    configs = spec.configs()
-    for c in configs:
-        name = c["model"]["name"]
+    space = SearchSpace.from_json(spec.space)  # what any searcher may propose, without proposing
+
+    def choices(name: str) -> list[Any]:
+        domain = space.domains.get(name)
+        return domain.grid() if domain is not None else [make_config(0)[name]]
+
+    for model in choices("model"):
+        name = model if isinstance(model, str) else model["name"]
         if name not in BUILTIN_MODELS and name in MODEL_REGISTRY:
             found.append(MODEL_REGISTRY[name])
     if dataset is None and registered_dataset(spec.dataset) is not None:
@@ -445,7 +471,9 @@ def registering_modules(spec: StudySpec, dataset: ArrayDataset | None) -> set[st
     if task is not None and task not in BUILTIN_TASKS:
         found.append(get_task(task).loss)
     modules = {getattr(f, "__module__", None) for f in found}
-    modules |= vocabulary_modules({c["optimizer"] for c in configs}, set(spec.space))
+    modules.add(type(get_searcher(spec.sampler)).__module__)  # a searcher or scheduler registered outside sm2jax
+    modules.add(type(get_scheduler(spec.mode)).__module__)
+    modules |= vocabulary_modules(set(choices("optimizer")), set(spec.space))
     if task is not None:
         modules |= vocabulary_modules((), get_task(task).hyperparameters)
     return {m for m in modules if m and m not in ("__main__", "__mp_main__") and not m.startswith("sm2jax.")}

@@ -39,7 +39,8 @@ from sm2jax.programs import memory_limit_bytes
 from sm2jax.progress import StudyProgress
 from sm2jax.report import assemble_results, partial_results
 from sm2jax.runner import CohortRunner
-from sm2jax.spec import StudySpec, bind, current_form, read_spec
+from sm2jax.schedule import get_scheduler
+from sm2jax.spec import StudySpec, bind, current_form, proposals_blob, read_spec, study_configs
 from sm2jax.study_dir import StudyDir
 from sm2jax.tasks import get_task
 from sm2jax.viewers import BackgroundWriter, run_hparams, write_optuna, write_viewers
@@ -83,10 +84,12 @@ class Study:
         self.folder = StudyDir(directory)
         self.directory = self.folder.path
         self.spec = spec = bind(spec or read_spec(self.directory), dataset, directory)
-        self.rules = DecisionRules.of(spec, objective)
         self.progress_bar = progress and is_primary()
-        # With SM2's seed replicates; a bad space fails here, before anything is written.
-        self.configs = {c.trial_id: c for c in spec.trial_configs()}
+        # With SM2's seed replicates; a bad space fails here, before anything is written. A study
+        # that has run takes what its searcher proposed then (proposals.json), never proposes again.
+        configs, replicate_of, kept = study_configs(self.folder, spec)
+        self.rules = DecisionRules.of(spec, objective, replicate_of, get_scheduler(spec.mode))
+        self.configs = {c.trial_id: c for c in configs}
         if not self.configs:
             raise ValueError("the search space produced no configuration")
         data = study_data(spec, dataset)  # a data set not prepared, or not known, fails before anything is written
@@ -94,8 +97,11 @@ class Study:
             _check_every_name_is_used(spec, list(self.configs.values()), data)
         plan = self._plan_within_budget(spec, data, devices=devices, nvml=nvml, gpus=gpus)
         self.folder.claim(spec.to_json(), normalise=current_form)
-        if plan is not None and is_primary():
-            self.folder.write_plan(plan)
+        if is_primary():
+            if not kept:
+                self.folder.write_proposals(proposals_blob(configs, replicate_of))
+            if plan is not None:
+                self.folder.write_plan(plan)
         barrier("sm2jax-claim")  # spec.json is written (by process 0) before any process reads on
         self.placement = Placement.create(devices)
         # Several processes must take identical decisions: a width chosen from a process's own

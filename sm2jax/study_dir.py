@@ -188,6 +188,18 @@ class StudyDir:
         return self.file("report")
 
     @property
+    def proposals_path(self) -> str:
+        return self.file("proposals.json")
+
+    def read_proposals(self) -> dict[str, Any] | None:
+        """What the study's searcher proposed (``configs``: each configuration's JSON, replicates
+        included; ``replicate_of``), ``None`` for a study from before proposals were kept."""
+        return read_json(self.proposals_path) if os.path.exists(self.proposals_path) else None
+
+    def write_proposals(self, blob: dict[str, Any]) -> None:
+        write_json(self.proposals_path, blob)
+
+    @property
     def plan_path(self) -> str:
         return self.file("plan.json")
 

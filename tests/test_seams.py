@@ -1,0 +1,83 @@
+"""The seams a newcomer adds to, used from outside the package: a searcher (what to try) and a
+scheduler (when to stop), each defined in this file alone and run in a real study."""
+
+import json
+
+from sm2jax import Study, StudySpec
+from sm2jax.report import format_results
+from sm2jax.schedule import PhaseDecision, Scheduler, register_scheduler
+from sm2jax.scheduler import finalist_front
+from sm2jax.search import Searcher, register_searcher
+from sm2jax.space import LogUniform, SearchSpace, make_config
+
+
+class Ends(Searcher):
+    """The two ends of the learning-rate domain and their geometric middle."""
+
+    name = "ends"
+    calls = 0
+
+    def propose(self, space, n, *, seed, first_id=0, history=(), multiple=8):
+        Ends.calls += 1
+        lr = space.domains["learning_rate"]
+        rates = [lr.low, (lr.low * lr.high) ** 0.5, lr.high]
+        return [make_config(first_id + i, learning_rate=r, batch_size=64) for i, r in enumerate(rates)]
+
+
+class KeepTwo(Scheduler):
+    """A warm-up at the smallest budget keeps the best two; the final phase selects one."""
+
+    name = "keep-two"
+
+    def phases(self, spec):
+        return [("warm-up", spec.min_budget), ("final", spec.max_budget)]
+
+    def decide(self, phase, candidates, rules, *, last, seed_se=0.0):
+        order = sorted(candidates, key=lambda c: (-c.score, c.trial_id))
+        kept = [c.trial_id for c in order[: 1 if last else 2]]
+        records = [
+            {
+                "trial_id": c.trial_id,
+                "score": c.score,
+                "kept": c.trial_id in kept,
+                "reason_code": "best" if c.trial_id in kept else "below",
+                "reason": f"rank {order.index(c) + 1} of {len(order)}",
+            }
+            for c in candidates
+        ]
+        return PhaseDecision(kept, records, kept[0] if last else None, finalist_front(candidates) if last else [])
+
+
+register_searcher(Ends())
+register_scheduler(KeepTwo())
+
+
+def test_a_searcher_and_a_scheduler_from_outside_run_a_study(tmp_path):
+    spec = StudySpec(
+        space=SearchSpace({"learning_rate": LogUniform(1e-3, 1e-1)}).to_json(),
+        sampler="ends",
+        mode="keep-two",
+        dataset="digits",
+        explore_budget=0.0,
+        replicates=0,
+        min_budget=1,
+        max_budget=3,
+        idle_seconds=0.0,
+        probe_width=False,
+        energy_method="estimated",
+    )
+    before = Ends.calls
+    results = Study(tmp_path / "s", spec, progress=False).run()
+    phases = [d["phase"] for d in results["decisions"]]
+    assert phases.count("warm-up") == 3 and phases.count("final") == 2
+    final = {d["trial_id"]: d["score"] for d in results["decisions"] if d["phase"] == "final"}
+    assert results["selected"]["trial_id"] == max(final, key=final.get)
+    assert set(results["energy_by_phase"]) >= {"warm-up", "final"}
+    proposed = json.loads((tmp_path / "s" / "proposals.json").read_text())
+    assert [c["values"]["learning_rate"] for c in proposed["configs"]] == [1e-3, 1e-2, 1e-1]
+    assert "test_seams" in json.loads((tmp_path / "s" / "spec.json").read_text())["imports"]
+    # What the searcher proposed is kept: running the finished study again, or reporting it,
+    # proposes nothing again.
+    again = Study(tmp_path / "s", progress=False).run()
+    assert again["selected"]["trial_id"] == results["selected"]["trial_id"] and Ends.calls == before + 1
+    assert "final" in format_results(again)
