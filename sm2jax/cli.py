@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[ENV] = args.compile_cache
 
     from sm2jax.cohort import CohortError
-    from sm2jax.energy.metering import interrupt_signal, request_interrupt
+    from sm2jax.interrupts import interrupt_signal, request_interrupt
     from sm2jax.report import format_results, load_results
 
     # Ctrl-C, and SIGTERM (what SLURM, Kubernetes and `kill` send), stop the study the same way:

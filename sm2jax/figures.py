@@ -34,6 +34,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from sm2jax.energy.ledger import sum_known
 from sm2jax.files import write_atomic
 
 PLOT_HINT = "plots need matplotlib: pip install 'sm2jax[plot]' (the CSV tables were written)"
@@ -145,7 +146,7 @@ def compare_rows(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
         def total(names):
             values = [g["joules"] for p, g in phases.items() if p in names]
-            return None if any(v is None for v in values) else float(sum(values))
+            return sum_known(values)
 
         training = total([p for p in phases if p == "explore" or p.startswith("rung-")])
         base = training if base is None else base

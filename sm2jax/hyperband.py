@@ -9,6 +9,7 @@ from typing import Any
 from sm2jax.budgets import hyperband_brackets
 from sm2jax.compile_cache import enable_compile_cache
 from sm2jax.data import ArrayDataset
+from sm2jax.energy.ledger import sum_known
 from sm2jax.spec import StudySpec
 from sm2jax.study import Study
 from sm2jax.study_dir import StudyDir
@@ -81,7 +82,7 @@ def run_hyperband(
         "mode": "hyperband",
         "brackets": outcomes,
         "selected": None if best is None else {**best["selected"], "bracket": best["s"]},
-        "total_joules": None if any(t is None for t in totals) else float(sum(totals)),
+        "total_joules": sum_known(totals),
         "energy_method": outcomes[0]["energy_method"] if outcomes else None,
     }
     folder.write_results(results)

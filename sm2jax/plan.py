@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sm2jax.energy.ledger import add_known
+from sm2jax.energy.ledger import add_known, sum_known
 from sm2jax.rates import CohortRate, Range, _add, format_joules, format_seconds, measured_rates, scaled
 
 DEFAULT_PLAN_NOISE = 1.0
@@ -264,7 +264,7 @@ def phase_range(
     alive = [c for c, m in most.items() if m > 0]
     mids = [cost(c, most[c]) for c in alive]
     mid_s = sum(s for _, s in mids)
-    mid_j = None if any(j is None for j, _ in mids) else sum(j for j, _ in mids)
+    mid_j = sum_known(j for j, _ in mids)
     if exact:
         return (None if mid_j is None else Range(mid_j, mid_j, mid_j)), Range(mid_s, mid_s, mid_s)
     n = sum(most.values())

@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 from sm2jax.cohort import group_into_cohorts
-from sm2jax.energy.ledger import add_known, summarize, trial_totals, whole_span
+from sm2jax.energy.ledger import add_known, sum_known, summarize, trial_totals, whole_span
 from sm2jax.phases import StudyState
 from sm2jax.plan import format_plan_vs_actual, plan_vs_actual
 from sm2jax.space import Config
@@ -203,7 +203,7 @@ def format_results(results: dict[str, Any]) -> str:
         training = [g["joules"] for p, g in by_phase.items() if p not in ("compile", "probe")]
         samples = sum(t.get("samples") or 0 for t in results.get("trials", []))
         if training and samples:
-            joules = None if None in training else float(sum(training))
+            joules = sum_known(training)
             lines.append(
                 f"training: {_joules(joules, method)} for {samples:,} samples trained in all (exploration, rungs and"
                 " evaluation; compare studies by these: compilation depends on what the compile cache held)"
@@ -541,14 +541,14 @@ def assemble_results(
         "yardsticks": progress.yardsticks,
     }
     totals = [g["joules"] for g in by_phase.values()]
-    out["total_joules"] = None if any(t is None for t in totals) else float(sum(totals))
+    out["total_joules"] = sum_known(totals)
     lost_totals = [g["joules"] for g in out["interrupted_energy_by_phase"].values()]
-    out["interrupted_joules"] = None if any(t is None for t in lost_totals) else float(sum(lost_totals))
+    out["interrupted_joules"] = sum_known(lost_totals)
     out["whole_span"] = whole_span(everything, out["attempts"], running_attempt)
     out["plan"] = plan_vs_actual(plan, by_phase, out["whole_span"])
     out["stopped"], out["stops"] = progress.stopped, progress.stops
     flight_totals = [g["joules"] for g in out["in_progress_energy_by_phase"].values()]
-    out["in_progress_joules"] = None if any(t is None for t in flight_totals) else float(sum(flight_totals))
+    out["in_progress_joules"] = sum_known(flight_totals)
     out["trials"] = trial_table(progress, records, configs, replicate_of)
     if selected is None:
         out["selected"] = None
@@ -568,9 +568,9 @@ def assemble_results(
         "metric": trial["metric"],
         "samples": trial["samples_spent"],
         "test": progress.test,
-        "energy_to_train_joules": None if any(j is None for j in joules) else float(sum(joules)),
-        "training_joules": None if any(j is None for j in trained) else float(sum(trained)),
-        "interrupted_joules": None if any(j is None for j in lost_joules) else float(sum(lost_joules)),
+        "energy_to_train_joules": sum_known(joules),
+        "training_joules": sum_known(trained),
+        "interrupted_joules": sum_known(lost_joules),
         "energy_method": energy_method,
     }
     return out

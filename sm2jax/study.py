@@ -29,9 +29,9 @@ from sm2jax.cohort import blame, group_into_cohorts, unused_names
 from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import ArrayDataset
 from sm2jax.distributed import barrier, is_primary
-from sm2jax.energy.metering import deferred_interrupts
 from sm2jax.energy.stack import EnergyStack
 from sm2jax.handback import data_shapes, load_selected
+from sm2jax.interrupts import deferred_interrupts
 from sm2jax.phases import DecisionRules, StudyState, cohort_candidates, continue_after_stop, record_phase
 from sm2jax.placement import Placement
 from sm2jax.plan import StudyPlan, probe

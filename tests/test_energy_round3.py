@@ -217,7 +217,7 @@ def test_a_study_survives_nvml_errors_and_ctrl_c_and_records_what_changed(tmp_pa
     closed by the interrupted run is opened again). A power limit changed and a process started
     mid-run are in hardware.json and the report; every NVML init is shut down."""
     from sm2jax.energy import read_ledger
-    from sm2jax.energy.metering import _INTERRUPT
+    from sm2jax.interrupts import request_interrupt_later
     from sm2jax.report import format_results
     from sm2jax.space import LogUniform, SearchSpace
     from sm2jax.spec import StudySpec
@@ -234,7 +234,7 @@ def test_a_study_survives_nvml_errors_and_ctrl_c_and_records_what_changed(tmp_pa
             card.power_limit_mw = 650_000
             card.processes.append(31337)
         if reads[0] == 20:  # of ~28 in a whole run
-            _INTERRUPT.set()
+            request_interrupt_later()
         return counter(h)
 
     nvml.nvmlDeviceGetTotalEnergyConsumption = read

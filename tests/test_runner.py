@@ -205,7 +205,7 @@ def test_a_cpu_cohort_trains_quick_only_while_its_training_is_short(digits, tmp_
 
 
 def test_a_swallowed_ctrl_c_stops_at_the_next_window(tmp_path):
-    from sm2jax.energy.metering import request_interrupt
+    from sm2jax.interrupts import request_interrupt
 
     metering = Metering(EnergyMonitor(make_meter("estimated")), EnergyLedger(tmp_path / "l.jsonl"), attempt=1)
     try:  # what Python does with an exception raised inside a gc callback: prints it, carries on
@@ -225,7 +225,7 @@ def test_an_interrupt_inside_deferred_interrupts_is_raised_when_the_block_ends()
     held back, and the request is raised, with its signal, once they are done."""
     import signal
 
-    from sm2jax.energy.metering import deferred_interrupts, interrupt_signal, request_interrupt
+    from sm2jax.interrupts import deferred_interrupts, interrupt_signal, request_interrupt
 
     done = []
     with pytest.raises(KeyboardInterrupt), deferred_interrupts():

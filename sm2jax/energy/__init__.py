@@ -1,14 +1,13 @@
 """Energy measurement, per-trial attribution and the energy ledger (see the submodules)."""
 
+from sm2jax.energy.base import Meter, UnavailableMeter
 from sm2jax.energy.ledger import EnergyLedger, add_known, attribute, read_ledger, summarize, trial_totals
-from sm2jax.energy.metering import Metering, request_interrupt
+from sm2jax.energy.metering import Metering
 from sm2jax.energy.meters import (
     METHODS,
     DistributedMeter,
     EstimateMeter,
-    Meter,
     RaplMeter,
-    UnavailableMeter,
     find_rapl_zones,
     make_meter,
 )
@@ -37,7 +36,6 @@ __all__ = [
     "make_nvml_meter",
     "measure_idle",
     "read_ledger",
-    "request_interrupt",
     "summarize",
     "trial_totals",
 ]

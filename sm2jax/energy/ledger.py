@@ -16,7 +16,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sm2jax.energy.monitor import IdleBaseline, WindowReading
@@ -25,6 +25,12 @@ from sm2jax.files import write_atomic
 J_PER_KWH = 3.6e6
 DEFAULT_INTENSITY_G_PER_KWH = 475.0
 DEFAULT_INTENSITY_LABEL = f"world-average default ({DEFAULT_INTENSITY_G_PER_KWH:g} gCO2e/kWh)"
+
+
+def sum_known(values: Iterable[float | None]) -> float | None:
+    """The sum of ``values``, ``None`` if any is ``None`` (an incomplete sum is not a measurement)."""
+    values = list(values)
+    return None if any(v is None for v in values) else float(sum(values))
 
 
 def add_known(a: float | None, b: float | None) -> float | None:

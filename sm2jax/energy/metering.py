@@ -22,53 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from sm2jax.energy.ledger import EnergyLedger, add_known
+from sm2jax.energy.ledger import EnergyLedger, add_known, sum_known
 from sm2jax.energy.monitor import EnergyMonitor, WindowReading
-
-_INTERRUPT = threading.Event()
-_SIGNAL = [int(signal.SIGINT)]
-_DEFERRING = [0]  # depth of deferred_interrupts() blocks (signal handlers run in the main thread)
-
-
-def request_interrupt(signum=None, frame=None) -> None:
-    """SIGINT and SIGTERM handler of the command line: raises ``KeyboardInterrupt`` as Python's
-    default SIGINT handler does, and also marks the request, so that the study stops at its next
-    energy window even when the exception was raised inside a garbage-collection callback (JAX
-    registers one), where Python prints "Exception ignored" and carries on. Inside
-    :func:`deferred_interrupts` it only marks the request."""
-    _SIGNAL[0] = int(signum or signal.SIGINT)
-    _INTERRUPT.set()
-    if not _DEFERRING[0]:
-        raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
-    """Holds the command line's Ctrl-C and SIGTERM back while code runs that an exception raised at
-    an arbitrary line would leave stuck, and raises ``KeyboardInterrupt`` when it ends instead. A
-    TensorBoard writer interrupted between taking and releasing its queue's lock hangs the process
-    on close: SIGTERM right after a phase was committed never exited."""
-    _DEFERRING[0] += 1
-    try:
-        yield
-    finally:
-        _DEFERRING[0] -= 1
-    if not _DEFERRING[0] and _INTERRUPT.is_set():
-        _INTERRUPT.clear()
-        raise KeyboardInterrupt
-
-
-def interrupt_signal() -> int:
-    """The signal of the last interrupt request (SIGINT unless SIGTERM was received)."""
-    return _SIGNAL[0]
+from sm2jax.interrupts import take_interrupt
 
 
 @dataclasses.dataclass
@@ -205,9 +167,7 @@ class Metering:
     # ---------------------------------------------------------------------------------- windows
 
     def _begin(self, name: str, after: Any = None):
-        if _INTERRUPT.is_set():  # a Ctrl-C whose KeyboardInterrupt was swallowed (see request_interrupt)
-            _INTERRUPT.clear()
-            raise KeyboardInterrupt
+        take_interrupt()  # a Ctrl-C whose KeyboardInterrupt was swallowed (see sm2jax.interrupts)
         return self.monitor.begin(name, after=after)
 
     @contextlib.contextmanager
@@ -405,5 +365,5 @@ class Metering:
         out = {}
         for t in trial_ids:
             values = [self._totals[(phase, k, t)] for k in kinds if (phase, k, t) in self._totals]
-            out[t] = None if any(v is None for v in values) else float(sum(values))
+            out[t] = sum_known(values)
         return out

@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-from sm2jax.energy.meters import Meter, Sample
+from sm2jax.energy.base import Meter, Sample
 from sm2jax.energy.nvml import _text, close_nvml, open_nvml
 
 
@@ -49,7 +49,7 @@ class WindowReading:
 @dataclasses.dataclass
 class Window:
     name: str
-    start: Any  # meters.Sample
+    start: Any  # base.Sample
     covered: list = dataclasses.field(default_factory=list)
 
     def cover(self, outputs: Any) -> Any:

@@ -41,7 +41,7 @@ import threading
 import time
 from typing import Any
 
-from sm2jax.energy.meters import Meter, Sample, UnavailableMeter
+from sm2jax.energy.base import Meter, Sample, UnavailableMeter
 
 log = logging.getLogger(__name__)
 
