@@ -241,8 +241,8 @@ def plan_against_actual(nvml: Any = None, gpus: Any = None, quick: bool = True) 
 
     from sm2jax.plan import format_plan, format_plan_vs_actual
     from sm2jax.presets import digits as digits_preset
+    from sm2jax.store.folder import StudyDir
     from sm2jax.study import Study, plan_study
-    from sm2jax.study_dir import StudyDir
 
     spec = digits_preset(quick=quick)
     plan = plan_study(spec, nvml=nvml, gpus=gpus, same_process=True)

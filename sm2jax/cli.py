@@ -45,8 +45,8 @@ def _plan(args) -> int:
     """``sm2jax plan``: the study ``run`` would run, planned by a short probe (nothing trained in
     its folder); the plan is kept there (``plan.json``) for the report's plan against actual."""
     from sm2jax.plan import format_plan
+    from sm2jax.store.folder import StudyDir
     from sm2jax.study import plan_study
-    from sm2jax.study_dir import StudyDir
 
     spec, directory = _spec_and_dir(args)
     if args.mode == "hyperband":
@@ -153,8 +153,8 @@ def apply_overrides(spec, assignments: list[str]):
 def _resume(args) -> dict:
     from sm2jax.hyperband import run_hyperband
     from sm2jax.spec import StudySpec
+    from sm2jax.store.folder import StudyDir
     from sm2jax.study import Study
-    from sm2jax.study_dir import StudyDir
 
     blob = StudyDir(args.dir).spec_blob()
     if blob is not None and "hyperband" in blob:
@@ -197,7 +197,7 @@ def _write_report_files(results: dict, args) -> int:
     runs. Each file that cannot be written is one line saying so, and the rest are still written;
     exit 2 if any was not."""
     from sm2jax.report import load_results
-    from sm2jax.study_dir import StudyDir
+    from sm2jax.store.folder import StudyDir
 
     folder = StudyDir(args.dir)
     out = args.out or folder.report_path

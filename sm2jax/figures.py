@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sm2jax.energy.ledger import sum_known
-from sm2jax.files import write_atomic
+from sm2jax.store.files import write_atomic
 
 PLOT_HINT = "plots need matplotlib: pip install 'sm2jax[plot]' (the CSV tables were written)"
 

@@ -34,7 +34,7 @@ from sm2jax.phases import StudyState
 from sm2jax.space import Config
 from sm2jax.spec import import_modules, read_spec, study_configs
 from sm2jax.steps import task_loss
-from sm2jax.study_dir import StudyDir, read_json, write_json
+from sm2jax.store.folder import StudyDir, read_json, write_json
 from sm2jax.tasks import get_task
 from sm2jax.trainer import abstract_model, abstract_rows, init_settings
 from sm2jax.workload import study_data

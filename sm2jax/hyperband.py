@@ -11,8 +11,8 @@ from sm2jax.compile_cache import enable_compile_cache
 from sm2jax.data import ArrayDataset
 from sm2jax.energy.ledger import sum_known
 from sm2jax.spec import StudySpec
+from sm2jax.store.folder import StudyDir
 from sm2jax.study import Study
-from sm2jax.study_dir import StudyDir
 
 
 def run_hyperband(

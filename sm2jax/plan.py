@@ -108,7 +108,7 @@ class StudyPlan:
     method: str
     noise: float
     notes: list[str] = dataclasses.field(default_factory=list)
-    spec_digest: str = ""  # :func:`sm2jax.study_dir.spec_digest` of the spec planned
+    spec_digest: str = ""  # :func:`sm2jax.store.folder.spec_digest` of the spec planned
 
     def total(self) -> PhaseCost:
         joules: Range | None = Range.zero()
@@ -376,7 +376,7 @@ def probe(
         )
         + f"; {measured['method']} energy"
     )
-    from sm2jax.study_dir import spec_digest
+    from sm2jax.store.folder import spec_digest
 
     return dataclasses.replace(plan, notes=[how, *plan.notes], spec_digest=spec_digest(spec.to_json()))
 

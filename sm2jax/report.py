@@ -14,7 +14,7 @@ from sm2jax.energy.ledger import add_known, sum_known, summarize, trial_totals, 
 from sm2jax.phases import StudyState
 from sm2jax.plan import format_plan_vs_actual, plan_vs_actual
 from sm2jax.space import Config
-from sm2jax.study_dir import StudyDir
+from sm2jax.store.folder import StudyDir
 
 
 def _joules(value: float | None, method: str | list[str]) -> str:

@@ -19,12 +19,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from sm2jax.checkpoint import CheckpointError
 from sm2jax.cohort import CohortSpec
 from sm2jax.energy.metering import Metering
 from sm2jax.programs import is_oom, program_bytes
 from sm2jax.records import CompileRecord, EvalRecord, TrainRecord
 from sm2jax.rows import CohortState, chunk_rows, gather_rows, num_chunks, row_view, take_rows
+from sm2jax.store.checkpoint import CheckpointError
 from sm2jax.trainer import CohortTrainer
 from sm2jax.width_policy import (
     QUICK_SLOWDOWN,

@@ -1,6 +1,6 @@
 """What defines a study (:class:`StudySpec`), reading it back from a folder, and the modules it needs.
 
-The spec is the study's one persisted definition (``spec.json``, see :mod:`sm2jax.study_dir`):
+The spec is the study's one persisted definition (``spec.json``, see :mod:`sm2jax.store.folder`):
 the search space, data set, budgets and decision rules. Everything else a study records is derived
 from it and the hardware it runs on.
 """
@@ -30,7 +30,7 @@ from sm2jax.scheduler import (
 )
 from sm2jax.search import get_searcher
 from sm2jax.space import Config, SearchSpace, make_config
-from sm2jax.study_dir import StudyDir
+from sm2jax.store.folder import StudyDir
 from sm2jax.tasks import BUILTIN_TASKS, get_task
 
 REPLICATE_SEED_OFFSET = 1_000_003

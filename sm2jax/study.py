@@ -2,12 +2,12 @@
 
 Phases are ``explore`` (if enabled) then ``rung-1 .. rung-n``. A phase trains every surviving
 cohort up to the phase's cumulative budget, evaluates, decides (:func:`sm2jax.phases.record_phase`),
-gathers survivors and commits them (:meth:`sm2jax.study_dir.StudyDir.commit_phase`). A resumed
+gathers survivors and commits them (:meth:`sm2jax.store.folder.StudyDir.commit_phase`). A resumed
 study restarts from the newest phase whose progress and checkpoint are both readable (falling back
 to an older one with a warning), so a kill loses at most the phase in flight, and -- training being
 deterministic given seeds and widths, which are stored -- reaches the same decisions.
 
-:class:`Study` only runs this loop. The folder is :class:`~sm2jax.study_dir.StudyDir`'s, the spec
+:class:`Study` only runs this loop. The folder is :class:`~sm2jax.store.folder.StudyDir`'s, the spec
 :mod:`sm2jax.spec`'s, data and runners :class:`~sm2jax.workload.Workload`'s, a live cohort its
 :class:`~sm2jax.runner.CohortRunner`'s, energy :class:`~sm2jax.energy.stack.EnergyStack`'s,
 decisions :mod:`sm2jax.phases`' and the results :mod:`sm2jax.report`'s.
@@ -24,7 +24,6 @@ from typing import Any
 import jax
 
 from sm2jax.budget import StudyBudget, first_phase_fits
-from sm2jax.checkpoint import CheckpointError, StudyCheckpoints
 from sm2jax.cohort import blame, group_into_cohorts, unused_names
 from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import ArrayDataset
@@ -41,7 +40,8 @@ from sm2jax.report import assemble_results, partial_results
 from sm2jax.runner import CohortRunner
 from sm2jax.schedule import get_scheduler
 from sm2jax.spec import StudySpec, bind, current_form, proposals_blob, read_spec, study_configs
-from sm2jax.study_dir import StudyDir
+from sm2jax.store.checkpoint import CheckpointError, StudyCheckpoints
+from sm2jax.store.folder import StudyDir
 from sm2jax.tasks import get_task
 from sm2jax.viewers import BackgroundWriter, run_hparams, write_optuna, write_viewers
 from sm2jax.width_policy import WidthPolicy

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-from sm2jax.files import TEMPORARY, new_file_mode
+from sm2jax.store.files import TEMPORARY, new_file_mode
 
 TENSORBOARD = "tensorboard"
 OPTUNA = "optuna.db"

@@ -17,7 +17,7 @@ from sm2jax.phases import StudyState, planned_trial_steps
 from sm2jax.placement import Placement
 from sm2jax.runner import CohortRunner
 from sm2jax.spec import StudySpec
-from sm2jax.study_dir import StudyDir
+from sm2jax.store.folder import StudyDir
 from sm2jax.tasks import get_task
 from sm2jax.trainer import CohortTrainer
 from sm2jax.width_policy import WidthPolicy

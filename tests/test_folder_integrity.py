@@ -13,7 +13,7 @@ import pytest
 
 import sm2jax.trainer
 from sm2jax.cli import main
-from sm2jax.study_dir import StudyDir, write_json
+from sm2jax.store.folder import StudyDir, write_json
 
 QUICK = ["--quick", "--no-progress", "--idle-seconds", "0"]
 

@@ -137,7 +137,7 @@ def test_optuna_dashboard_follows_a_running_study_and_reads_one_stopped_after_ru
     import optuna
 
     from sm2jax.phases import StudyState
-    from sm2jax.study_dir import StudyDir
+    from sm2jax.store.folder import StudyDir
 
     folder = tmp_path / "s"
     cmd = [sys.executable, "-m", "sm2jax.cli", "run", *QUICK, "--dir", str(folder), "--steps-per-window", "2"]
@@ -207,7 +207,7 @@ def test_a_running_study_reports_its_phase_in_flight_as_in_progress_not_interrup
     import shutil
 
     from sm2jax.report import format_results, partial_results
-    from sm2jax.study_dir import StudyDir
+    from sm2jax.store.folder import StudyDir
 
     source, _ = finished
     folder = StudyDir(tmp_path / "s")

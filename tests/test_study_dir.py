@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from sm2jax.study_dir import StudyDir, read_json, write_json
+from sm2jax.store.folder import StudyDir, read_json, write_json
 
 
 def test_claim_writes_the_spec_and_refuses_a_different_one_once_the_study_has_run(tmp_path):

@@ -26,7 +26,7 @@ from sm2jax.cohort import CohortError
 from sm2jax.energy.ledger import scan_ledger
 from sm2jax.space import LogUniform, SearchSpace
 from sm2jax.spec import StudySpec
-from sm2jax.study_dir import StudyDir
+from sm2jax.store.folder import StudyDir
 from sm2jax.viewers import sqlite_url
 
 QUICK = ["--quick", "--no-progress", "--idle-seconds", "0"]
@@ -137,7 +137,7 @@ def test_a_study_from_before_seals_is_sealed_on_resume_and_an_edited_seal_is_ref
 
 def test_the_seal_names_nested_fields_and_leaves_out_what_trains_nothing(tmp_path):
     from sm2jax.spec import current_form
-    from sm2jax.study_dir import differing_fields
+    from sm2jax.store.folder import differing_fields
 
     assert differing_fields(
         {"a": 1, "s": {"lr": {"high": 1, "low": 0}}}, {"a": 1, "s": {"lr": {"high": 2, "low": 0}}}

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from sm2jax.energy.monitor import IdleBaseline, WindowReading
-from sm2jax.files import write_atomic
+from sm2jax.store.files import write_atomic
 
 J_PER_KWH = 3.6e6
 DEFAULT_INTENSITY_G_PER_KWH = 475.0

@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 
-from sm2jax.checkpoint import StudyCheckpoints
 from sm2jax.distributed import is_primary
-from sm2jax.files import TEMPORARY, write_atomic
+from sm2jax.store.checkpoint import StudyCheckpoints
+from sm2jax.store.files import TEMPORARY, write_atomic
 
 
 class FolderInUse(OSError):
@@ -94,7 +94,7 @@ def json_default(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, blob: Any) -> None:
-    """Writes ``blob`` to ``path`` atomically (:func:`sm2jax.files.write_atomic`); only process 0
+    """Writes ``blob`` to ``path`` atomically (:func:`sm2jax.store.files.write_atomic`); only process 0
     of a multi-process study writes."""
     if not is_primary():
         return
