@@ -11,9 +11,9 @@ _WHERE = {
     "sm2jax.handback": ("TrainedModel", "export", "load_selected"),
     "sm2jax.hyperband": ("run_hyperband",),
     "sm2jax.models": ("dropout", "register_model"),
-    "sm2jax.placement": ("Placement", "request_cpu_devices"),
+    "sm2jax.execute.placement": ("Placement", "request_cpu_devices"),
     "sm2jax.report": ("Results", "load_results"),
-    "sm2jax.rows": ("CohortState",),
+    "sm2jax.execute.rows": ("CohortState",),
     "sm2jax.sampling": ("cohort_sample",),
     "sm2jax.space": (
         "Categorical",
@@ -28,7 +28,7 @@ _WHERE = {
     "sm2jax.spec": ("StudySpec",),
     "sm2jax.study": ("Study",),
     "sm2jax.tasks": ("Task", "register_task"),
-    "sm2jax.trainer": ("CohortTrainer",),
+    "sm2jax.execute.trainer": ("CohortTrainer",),
     "sm2jax.vocabulary": ("register_hyperparameter", "register_optimizer"),
 }
 _MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}

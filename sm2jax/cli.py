@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.unraisablehook = unraisable
     try:
         if args.command in ("run", "resume", "plan"):  # before JAX starts
-            from sm2jax.placement import request_cpu_devices
+            from sm2jax.execute.placement import request_cpu_devices
 
             request_cpu_devices(args.cpu_devices)  # one host device per core on a CPU
             if args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):

@@ -541,7 +541,7 @@ def device_put_dataset(
     ds: ArrayDataset, eval_batch_size: int = EVAL_BATCH_SIZE, placement: Any = None
 ) -> dict[str, Any]:
     """The arrays a cohort reads, on the default device, or replicated on every device of a
-    :class:`~sm2jax.placement.Placement` (transfers, not compiled ops).
+    :class:`~sm2jax.execute.placement.Placement` (transfers, not compiled ops).
 
     ``x_train``/``y_train`` as they are; ``val`` and ``test`` (``None`` without a test split) as lists
     of :func:`eval_blocks` of the validation split's block shape, so one evaluation program serves

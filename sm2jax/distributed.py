@@ -2,8 +2,8 @@
 
 Every process runs the same study code on the same directory (a shared file system, as checkpoints
 need on any cluster). The ``trials`` mesh spans every process's devices
-(:class:`sm2jax.placement.Placement`); each process trains the rows on its own devices and reads the
-evaluation of every row back (:meth:`~sm2jax.placement.Placement.host`), so that every process takes
+(:class:`sm2jax.execute.placement.Placement`); each process trains the rows on its own devices and reads the
+evaluation of every row back (:meth:`~sm2jax.execute.placement.Placement.host`), so that every process takes
 the same decisions. Process 0 alone writes: ``spec.json``, progress, the ledger, ``results.json``
 (Orbax coordinates the checkpoints itself). Every process meters its own devices; a
 :class:`~sm2jax.energy.meters.DistributedMeter` gathers the readings at each window boundary, so the ledger charges each

@@ -30,14 +30,14 @@ from flax import nnx
 
 from sm2jax.cohort import Signature, group_into_cohorts, traced_names
 from sm2jax.data import EVAL_BATCH_SIZE, eval_blocks
+from sm2jax.execute.steps import task_loss
+from sm2jax.execute.trainer import abstract_model, abstract_rows, init_settings
+from sm2jax.execute.workload import study_data
 from sm2jax.phases import StudyState
 from sm2jax.space import Config
 from sm2jax.spec import import_modules, read_spec, study_configs
-from sm2jax.steps import task_loss
 from sm2jax.store.folder import StudyDir, read_json, write_json
 from sm2jax.tasks import get_task
-from sm2jax.trainer import abstract_model, abstract_rows, init_settings
-from sm2jax.workload import study_data
 
 EXPORT = "sm2jax-export.json"
 """The JSON of an export (its configuration, scores, signature and data shapes); its parameters are

@@ -172,10 +172,10 @@ class StudySpec:
       watts_per_core: the ``estimated`` method's per-core power.
       idle_seconds: idle-baseline measurement before the study (0 skips it: net energy unavailable).
       carbon_intensity: gCO2e per kWh.
-      probe_width: measure the fastest vmap width per cohort when it pays (see :mod:`sm2jax.runner`).
+      probe_width: measure the fastest vmap width per cohort when it pays (see :mod:`sm2jax.execute.runner`).
       quick_compile: on a CPU backend, start each cohort with a quick-compiling training program and
         compile the optimised one only when the cohort's remaining training pays for it (see
-        :mod:`sm2jax.runner`); ``False`` always uses the optimised program.
+        :mod:`sm2jax.execute.runner`); ``False`` always uses the optimised program.
       width_start: ``auto`` (width 1 on a CPU backend, the widest that fits on accelerators),
         ``narrowest`` or ``widest``; ``width`` caps the width.
       memory_limit_bytes: device memory cap for the hardware filter (default: the device's).

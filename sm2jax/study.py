@@ -8,8 +8,8 @@ to an older one with a warning), so a kill loses at most the phase in flight, an
 deterministic given seeds and widths, which are stored -- reaches the same decisions.
 
 :class:`Study` only runs this loop. The folder is :class:`~sm2jax.store.folder.StudyDir`'s, the spec
-:mod:`sm2jax.spec`'s, data and runners :class:`~sm2jax.workload.Workload`'s, a live cohort its
-:class:`~sm2jax.runner.CohortRunner`'s, energy :class:`~sm2jax.energy.stack.EnergyStack`'s,
+:mod:`sm2jax.spec`'s, data and runners :class:`~sm2jax.execute.workload.Workload`'s, a live cohort its
+:class:`~sm2jax.execute.runner.CohortRunner`'s, energy :class:`~sm2jax.energy.stack.EnergyStack`'s,
 decisions :mod:`sm2jax.phases`' and the results :mod:`sm2jax.report`'s.
 """
 
@@ -29,23 +29,23 @@ from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import ArrayDataset
 from sm2jax.distributed import barrier, is_primary
 from sm2jax.energy.stack import EnergyStack
+from sm2jax.execute.placement import Placement
+from sm2jax.execute.programs import memory_limit_bytes
+from sm2jax.execute.runner import CohortRunner
+from sm2jax.execute.width_policy import WidthPolicy
+from sm2jax.execute.workload import Workload, study_data
 from sm2jax.handback import data_shapes, load_selected
 from sm2jax.interrupts import deferred_interrupts
 from sm2jax.phases import DecisionRules, StudyState, cohort_candidates, continue_after_stop, record_phase
-from sm2jax.placement import Placement
 from sm2jax.plan import StudyPlan, probe
-from sm2jax.programs import memory_limit_bytes
 from sm2jax.progress import StudyProgress
 from sm2jax.report import assemble_results, partial_results
-from sm2jax.runner import CohortRunner
 from sm2jax.schedule import get_scheduler
 from sm2jax.spec import StudySpec, bind, current_form, proposals_blob, read_spec, study_configs
 from sm2jax.store.checkpoint import CheckpointError, StudyCheckpoints
 from sm2jax.store.folder import StudyDir
 from sm2jax.tasks import get_task
 from sm2jax.viewers import BackgroundWriter, run_hparams, write_optuna, write_viewers
-from sm2jax.width_policy import WidthPolicy
-from sm2jax.workload import Workload, study_data
 from sm2jax.yardsticks import forecast_yardsticks
 
 

@@ -17,12 +17,12 @@ from fake_nvml import make_card, make_fake_nvml  # noqa: E402
 from sm2jax.cohort import group_into_cohorts  # noqa: E402
 from sm2jax.data import load_digits  # noqa: E402
 from sm2jax.energy import read_ledger  # noqa: E402
-from sm2jax.placement import Placement, collectives_in  # noqa: E402
-from sm2jax.rows import chunk_rows  # noqa: E402
+from sm2jax.execute.placement import Placement, collectives_in  # noqa: E402
+from sm2jax.execute.rows import chunk_rows  # noqa: E402
+from sm2jax.execute.trainer import CohortTrainer  # noqa: E402
 from sm2jax.space import Categorical, LogUniform, SearchSpace  # noqa: E402
 from sm2jax.spec import StudySpec  # noqa: E402
 from sm2jax.study import Study  # noqa: E402
-from sm2jax.trainer import CohortTrainer  # noqa: E402
 
 
 def main(out_dir: str) -> dict:

@@ -16,11 +16,11 @@ import sm2jax
 
 # A user's module: a model of their own (a residual MLP with a learned gate), a data set (Gaussian
 from sm2jax.cli import main
-from sm2jax.rows import chunk_rows
+from sm2jax.execute.rows import chunk_rows
+from sm2jax.execute.trainer import CohortTrainer
 from sm2jax.space import LogUniform, SearchSpace
 from sm2jax.spec import StudySpec, read_spec, registering_modules
 from sm2jax.study import Study
-from sm2jax.trainer import CohortTrainer
 
 # blobs, made offline) and a loss (multi-class hinge, scored by accuracy).
 EXTENSION = textwrap.dedent("""

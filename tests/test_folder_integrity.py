@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import sm2jax.trainer
+import sm2jax.execute.trainer
 from sm2jax.cli import main
 from sm2jax.store.folder import StudyDir, write_json
 
@@ -111,7 +111,7 @@ def test_a_model_too_large_for_memory_is_infeasible_without_initialising_a_trial
     def never(*args, **kwargs):
         raise AssertionError("init_rows ran for a cohort that cannot fit")
 
-    monkeypatch.setattr(sm2jax.trainer.CohortTrainer, "init_rows", never)
+    monkeypatch.setattr(sm2jax.execute.trainer.CohortTrainer, "init_rows", never)
     import dataclasses
 
     spec = dataclasses.replace(digits(quick=True), memory_limit_bytes=1, idle_seconds=0.0)

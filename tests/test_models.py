@@ -43,7 +43,7 @@ def _dataset(task, rng):
 )
 @pytest.mark.slow
 def test_model_trains_in_a_cohort(model, task):
-    from sm2jax.trainer import CohortTrainer
+    from sm2jax.execute.trainer import CohortTrainer
 
     ds = _dataset(task, np.random.default_rng(0))
     configs = SearchSpace(
@@ -75,7 +75,7 @@ def test_resnet18_has_the_cifar_layout():
 
 @pytest.mark.slow
 def test_bfloat16_cohort_computes_in_bf16_and_keeps_float32_parameters(digits):
-    from sm2jax.trainer import CohortTrainer
+    from sm2jax.execute.trainer import CohortTrainer
 
     (cohort,) = group_into_cohorts(
         SearchSpace(

@@ -7,11 +7,11 @@ import pytest
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.energy import EnergyLedger, EnergyMonitor, make_meter, read_ledger
 from sm2jax.energy.metering import Metering
-from sm2jax.rows import chunk_rows, gather_rows
-from sm2jax.runner import CohortRunner
+from sm2jax.execute.rows import chunk_rows, gather_rows
+from sm2jax.execute.runner import CohortRunner
+from sm2jax.execute.trainer import CohortTrainer
+from sm2jax.execute.width_policy import WidthPolicy, probe_candidates
 from sm2jax.space import LogUniform, SearchSpace
-from sm2jax.trainer import CohortTrainer
-from sm2jax.width_policy import WidthPolicy, probe_candidates
 
 MODEL = {"name": "mlp", "hidden": [16]}
 
@@ -121,8 +121,8 @@ def test_probe_candidates():
 def test_the_probe_measures_only_widths_within_the_memory_limit(digits, tmp_path):
     """The spec's memory limit binds the probe too: no candidate above it is compiled and run, and
     nothing raises out of the study (issue 11, item 8)."""
-    from sm2jax.programs import compiled_memory_bytes
-    from sm2jax.rows import chunk_rows
+    from sm2jax.execute.programs import compiled_memory_bytes
+    from sm2jax.execute.rows import chunk_rows
 
     model = {"name": "cnn", "channels": [32, 64]}  # activation-dominated: memory grows with the width
     configs = SearchSpace({"model": model, "learning_rate": LogUniform(1e-3, 1e-2, num=4), "batch_size": 512}).grid()

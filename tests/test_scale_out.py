@@ -107,7 +107,7 @@ def test_a_device_with_only_padding_skips_the_step(four_devices):
 
 
 def test_request_cpu_devices_respects_xla_flags(monkeypatch):
-    from sm2jax.placement import MAX_CPU_DEVICES, request_cpu_devices
+    from sm2jax.execute.placement import MAX_CPU_DEVICES, request_cpu_devices
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
     assert request_cpu_devices() is None and os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"

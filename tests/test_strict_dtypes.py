@@ -6,7 +6,7 @@ import pytest
 
 from sm2jax.cohort import unit_schedule
 from sm2jax.data import batch_indices
-from sm2jax.steps import task_loss
+from sm2jax.execute.steps import task_loss
 from sm2jax.tasks import get_task
 
 

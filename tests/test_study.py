@@ -12,17 +12,17 @@ from kill import kill_mid_phase
 
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.energy import read_ledger
-from sm2jax.hyperband import run_hyperband
-from sm2jax.presets import digits as digits_preset
-from sm2jax.programs import compiled_memory_bytes
-from sm2jax.report import format_results
+from sm2jax.execute.programs import compiled_memory_bytes
 
 # The method is pinned: the suite behaves the same on machines with and without a GPU.
-from sm2jax.rows import chunk_rows
+from sm2jax.execute.rows import chunk_rows
+from sm2jax.execute.trainer import CohortTrainer
+from sm2jax.hyperband import run_hyperband
+from sm2jax.presets import digits as digits_preset
+from sm2jax.report import format_results
 from sm2jax.space import Categorical, LogUniform, SearchSpace
 from sm2jax.spec import StudySpec
 from sm2jax.study import Study
-from sm2jax.trainer import CohortTrainer
 
 QUICK = dict(
     dataset="digits",

@@ -12,10 +12,10 @@ from flax import nnx
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.compile_cache import count_compiles
 from sm2jax.data import batch_indices
+from sm2jax.execute.rows import PADDING_ID, chunk_rows, gather_rows, trial_keys
+from sm2jax.execute.trainer import CohortTrainer
 from sm2jax.models import build_model
-from sm2jax.rows import PADDING_ID, chunk_rows, gather_rows, trial_keys
 from sm2jax.space import Categorical, LogUniform, SearchSpace, make_config
-from sm2jax.trainer import CohortTrainer
 
 STEPS = 12
 

@@ -14,14 +14,14 @@ import sm2jax
 from sm2jax.cohort import TRACED_DROPOUT, group_into_cohorts
 from sm2jax.compile_cache import count_compiles
 from sm2jax.data import ArrayDataset, batch_indices
+from sm2jax.execute.rows import trial_keys
+from sm2jax.execute.trainer import CohortTrainer
 from sm2jax.models import MLP, build_model, register_model
-from sm2jax.rows import trial_keys
 from sm2jax.sampling import cohort_sample, static_names, unit_points
 from sm2jax.space import Categorical, LogUniform, SearchSpace, Uniform, make_config
 from sm2jax.spec import StudySpec, read_spec, registering_modules
 from sm2jax.study import Study
 from sm2jax.tasks import Task, register_task
-from sm2jax.trainer import CohortTrainer
 from sm2jax.vocabulary import HYPERPARAMETERS, OPTIMIZERS, register_hyperparameter, register_optimizer
 
 STEPS = 10

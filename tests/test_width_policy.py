@@ -2,7 +2,7 @@
 
 import pytest
 
-from sm2jax.width_policy import (
+from sm2jax.execute.width_policy import (
     CPU_FLOPS_PER_DEVICE,
     OPTIMISED_COMPILE_RATIO,
     QUICK_COMPILE_SAVING,

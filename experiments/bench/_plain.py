@@ -21,8 +21,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sm2jax.execute.rows import trial_keys
 from sm2jax.models import build_model
-from sm2jax.rows import trial_keys
 
 
 class PlainTrainer:

@@ -7,12 +7,12 @@ this machine is shared and noisy:
 * ``plain``: the single-trial epoch program a user would write (``_plain.PlainTrainer``: one
   ``lax.scan`` epoch of Adam steps, learning rate traced);
 * ``train``: sm2jax's training program at one row per device, optimised (XLA's defaults);
-* ``train-quick``: the same program built quick (:data:`sm2jax.trainer.QUICK_COMPILE`), what a
+* ``train-quick``: the same program built quick (:data:`sm2jax.execute.trainer.QUICK_COMPILE`), what a
   cohort whose planned training is short compiles on a CPU backend;
 * ``plain-init``: the plain loop's initialisation (``build_model`` from a key, then
   ``inject_hyperparams(adam).init``);
 * ``init`` and ``eval``: sm2jax's initialisation (one trial, keys derived inside from seed and trial
-  id, built with :data:`sm2jax.trainer.INIT_COMPILE` on a CPU backend, as a study builds it) and
+  id, built with :data:`sm2jax.execute.trainer.INIT_COMPILE` on a CPU backend, as a study builds it) and
   evaluation programs.
 
 Reported per program: trace + lower seconds, backend compile seconds and their sum (median), and the
@@ -54,7 +54,7 @@ def _lower_and_compile(lower, options=None):
 
 def child(program: str, case: str) -> dict:
     """Traces, lowers and compiles one program in this (fresh) process; returns its timings."""
-    from sm2jax.placement import request_cpu_devices
+    from sm2jax.execute.placement import request_cpu_devices
 
     if not program.startswith("plain"):
         request_cpu_devices()  # as `sm2jax run` does: one host device per core
@@ -82,10 +82,10 @@ def child(program: str, case: str) -> dict:
         run = None
     else:
         from sm2jax.cohort import group_into_cohorts
-        from sm2jax.placement import Placement
-        from sm2jax.rows import chunk_rows
+        from sm2jax.execute.placement import Placement
+        from sm2jax.execute.rows import chunk_rows
+        from sm2jax.execute.trainer import CohortTrainer
         from sm2jax.space import Categorical, SearchSpace
-        from sm2jax.trainer import CohortTrainer
 
         space = SearchSpace({"model": model, "learning_rate": Categorical([1e-3]), "batch_size": batch_size})
         (cohort,) = group_into_cohorts(space.grid())

@@ -165,7 +165,7 @@ def _run_optuna(ds) -> dict:
 def child(contender: str) -> dict:
     """One contender, in this (fresh) process; prints one JSON line."""
     if contender != "optuna":
-        from sm2jax.placement import request_cpu_devices
+        from sm2jax.execute.placement import request_cpu_devices
 
         request_cpu_devices()  # as `sm2jax run` does: one host device per core (before JAX starts)
     from sm2jax.compile_cache import count_compiles

@@ -7,7 +7,7 @@ All sides train the same K configurations for the same number of epochs on the s
   all trials share the program, host-side numpy shuffling);
 * ``loop-steps``: for every step, for every trial, one dispatch of sm2jax's own single-trial program
   (the naive loop; shows what dispatch amortisation is worth);
-* ``cohort``: sm2jax's chunks at the width its probe chooses among :func:`sm2jax.width_policy.probe_candidates`
+* ``cohort``: sm2jax's chunks at the width its probe chooses among :func:`sm2jax.execute.width_policy.probe_candidates`
   (ceil(K / width) dispatches of one width-wide program for all the steps), on one device;
 * ``cohort-all-devices``: the same over every device's ``trials`` axis (on a CPU, one XLA host device
   per core, what ``sm2jax run`` uses), widths multiples of the device count.
@@ -35,11 +35,11 @@ from _results import write_rows, write_table
 
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.data import load_digits
-from sm2jax.placement import Placement, request_cpu_devices
-from sm2jax.rows import chunk_rows
+from sm2jax.execute.placement import Placement, request_cpu_devices
+from sm2jax.execute.rows import chunk_rows
+from sm2jax.execute.trainer import CohortTrainer
+from sm2jax.execute.width_policy import probe_candidates
 from sm2jax.space import LogUniform, SearchSpace
-from sm2jax.trainer import CohortTrainer
-from sm2jax.width_policy import probe_candidates
 
 MODELS = {
     "mlp-64": {"name": "mlp", "hidden": [64]},

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jaxtyping import Array, Bool, Int, PyTree, UInt32
 
-from sm2jax.placement import Placement, default_placement
+from sm2jax.execute.placement import Placement, default_placement
 
 
 class CohortState(NamedTuple):
@@ -53,7 +53,7 @@ def chunk_rows(rows: CohortState, width: int, placement: Placement | None = None
     ``width`` rows; the last is padded with copies of row 0 marked inactive with trial id -1 (a
     finite, well-formed row that takes no step and is never reported). Each chunk is sharded over
     the ``placement``'s devices (default: one device); ``width`` must be a multiple of their count.
-    Trials sit at :meth:`Placement.slots <sm2jax.placement.Placement.slots>` (in order on one
+    Trials sit at :meth:`Placement.slots <sm2jax.execute.placement.Placement.slots>` (in order on one
     device; spread over the devices on several)."""
     placement = placement or default_placement()
     if width % placement.size:

@@ -1,6 +1,6 @@
 """Compiled programs: the process-wide table, their XLA options, and what XLA says they cost.
 
-A :class:`Program` is a module-level step function of :mod:`sm2jax.steps`, its static settings (a
+A :class:`Program` is a module-level step function of :mod:`sm2jax.execute.steps`, its static settings (a
 frozen, hashable dataclass: everything the function reads besides its arrays), the shapes and
 dtypes of its arguments, and its XLA options. That tuple is exactly what ``jax.jit`` traces and
 compiles, and it is the program's key in the table: a program cannot depend on anything its key

@@ -1,20 +1,20 @@
 """A cohort's programs: one trial's init, and W-wide training and evaluation chunks.
 
 Compile once. A compiled program depends on the cohort's static settings and a vmap *width* W,
-never on how many trials are alive (see :mod:`sm2jax.rows` for chunks, :mod:`sm2jax.steps` for the
-maths and :mod:`sm2jax.programs` for the table of compiled programs). One call of
+never on how many trials are alive (see :mod:`sm2jax.execute.rows` for chunks, :mod:`sm2jax.execute.steps` for the
+maths and :mod:`sm2jax.execute.programs` for the table of compiled programs). One call of
 :meth:`CohortTrainer.train` runs ``num_steps`` steps of one chunk in a single dispatch.
 
 Devices. A chunk is sharded over the ``trials`` axis of the trainer's
-:class:`~sm2jax.placement.Placement` (``jax.shard_map``): each device runs the vmapped loop on its
+:class:`~sm2jax.execute.placement.Placement` (``jax.shard_map``): each device runs the vmapped loop on its
 own ``W / n`` rows, with no collective; the data set is replicated. Training donates the chunk's
 buffers: a device holds one copy of its rows.
 
 Quick programs. On a CPU backend the training program can also be compiled *quick*
-(:data:`sm2jax.programs.QUICK_COMPILE`); :class:`sm2jax.runner.CohortRunner` decides when.
+(:data:`sm2jax.execute.programs.QUICK_COMPILE`); :class:`sm2jax.execute.runner.CohortRunner` decides when.
 
 Which width is fastest depends on model size and hardware; :meth:`CohortTrainer.probe_width`
-measures it, and :mod:`sm2jax.width_policy` decides when measuring pays for its compilation.
+measures it, and :mod:`sm2jax.execute.width_policy` decides when measuring pays for its compilation.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from jaxtyping import Float
 
 from sm2jax.cohort import CohortSpec, hyperparameter_arrays, model_names, traced_names
 from sm2jax.data import EVAL_BATCH_SIZE, ArrayDataset, device_put_dataset, steps_per_epoch
+from sm2jax.execute.placement import Placement, default_placement
+from sm2jax.execute.programs import Program, compiled_flops, program_options, signature
+from sm2jax.execute.rows import PADDING_ID, CohortState, chunk_rows
+from sm2jax.execute.steps import EvalSettings, InitSettings, TrainSettings, eval_chunk, init_trial, train_chunk
 from sm2jax.models import model_builder
-from sm2jax.placement import Placement, default_placement
-from sm2jax.programs import Program, compiled_flops, program_options, signature
-from sm2jax.rows import PADDING_ID, CohortState, chunk_rows
-from sm2jax.steps import EvalSettings, InitSettings, TrainSettings, eval_chunk, init_trial, train_chunk
 from sm2jax.tasks import get_task
 from sm2jax.vocabulary import get_optimizer
 

@@ -1,4 +1,4 @@
-"""The typed records a :class:`~sm2jax.runner.CohortRunner`'s metered calls return."""
+"""The typed records a :class:`~sm2jax.execute.runner.CohortRunner`'s metered calls return."""
 
 from __future__ import annotations
 

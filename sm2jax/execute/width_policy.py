@@ -1,6 +1,6 @@
 r"""The width and quick-program policy: numbers in, decision out (no training, no clock).
 
-:class:`~sm2jax.runner.CohortRunner` measures (compile seconds, seconds per step, FLOPs, memory)
+:class:`~sm2jax.execute.runner.CohortRunner` measures (compile seconds, seconds per step, FLOPs, memory)
 and carries out what these functions decide; every decision is recorded with its reason.
 
 1. **Start** (:func:`start_widths`). On accelerators, the widest width ``min(K, max_width)``,
@@ -24,7 +24,7 @@ and carries out what these functions decide; every decision is recorded with its
    positive (``t_w`` measured, else :math:`t_W w / W`).
 4. **Out of memory at run time** halves the width and retries the window.
 
-Quick programs (CPU backends, :data:`sm2jax.programs.QUICK_COMPILE`). Before any training program is
+Quick programs (CPU backends, :data:`sm2jax.execute.programs.QUICK_COMPILE`). Before any training program is
 compiled, the cohort's training time is predicted from FLOPs (:func:`quick_start`):
 
 .. math::  \hat T = S \cdot 3 F_{\text{fwd}} B \,/\, (n \cdot \text{CPU\_FLOPS\_PER\_DEVICE})

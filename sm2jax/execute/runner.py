@@ -1,7 +1,7 @@
 """One owner per live cohort: its trainer, rows, trial ids, width, compiled programs and speed.
 
 A :class:`CohortRunner` is what a study holds for each live cohort. It measures (compile seconds,
-seconds per step, FLOPs, memory) and carries out the decisions of :mod:`sm2jax.width_policy`; it is
+seconds per step, FLOPs, memory) and carries out the decisions of :mod:`sm2jax.execute.width_policy`; it is
 the only place that compiles (always inside a ``compile`` energy window, never inside a training
 window), and its metered calls return typed records: :meth:`~CohortRunner.compile`,
 :meth:`~CohortRunner.train_to` and :meth:`~CohortRunner.evaluate`. Every width choice is recorded in
@@ -21,12 +21,11 @@ import numpy as np
 
 from sm2jax.cohort import CohortSpec
 from sm2jax.energy.metering import Metering
-from sm2jax.programs import is_oom, program_bytes
-from sm2jax.records import CompileRecord, EvalRecord, TrainRecord
-from sm2jax.rows import CohortState, chunk_rows, gather_rows, num_chunks, row_view, take_rows
-from sm2jax.store.checkpoint import CheckpointError
-from sm2jax.trainer import CohortTrainer
-from sm2jax.width_policy import (
+from sm2jax.execute.programs import is_oom, program_bytes
+from sm2jax.execute.records import CompileRecord, EvalRecord, TrainRecord
+from sm2jax.execute.rows import CohortState, chunk_rows, gather_rows, num_chunks, row_view, take_rows
+from sm2jax.execute.trainer import CohortTrainer
+from sm2jax.execute.width_policy import (
     QUICK_SLOWDOWN,
     WidthPolicy,
     narrowing,
@@ -38,6 +37,7 @@ from sm2jax.width_policy import (
     quick_start,
     start_widths,
 )
+from sm2jax.store.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 

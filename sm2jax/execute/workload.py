@@ -13,14 +13,14 @@ from sm2jax.budgets import steps_for
 from sm2jax.cohort import CohortSpec
 from sm2jax.data import ArrayDataset, device_put_dataset, load_dataset
 from sm2jax.energy.metering import Metering
+from sm2jax.execute.placement import Placement
+from sm2jax.execute.runner import CohortRunner
+from sm2jax.execute.trainer import CohortTrainer
+from sm2jax.execute.width_policy import WidthPolicy
 from sm2jax.phases import StudyState, planned_trial_steps
-from sm2jax.placement import Placement
-from sm2jax.runner import CohortRunner
 from sm2jax.spec import StudySpec
 from sm2jax.store.folder import StudyDir
 from sm2jax.tasks import get_task
-from sm2jax.trainer import CohortTrainer
-from sm2jax.width_policy import WidthPolicy
 
 
 def study_data(spec: StudySpec, dataset: ArrayDataset | None = None) -> ArrayDataset:

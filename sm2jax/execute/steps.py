@@ -1,7 +1,7 @@
 """The maths of a cohort's three programs, as module-level functions of explicit static settings.
 
 Each function takes a frozen settings dataclass first (everything it reads besides its arrays) and
-arrays after; :class:`sm2jax.programs.Program` jits it with the settings bound, so a program's key
+arrays after; :class:`sm2jax.execute.programs.Program` jits it with the settings bound, so a program's key
 is exactly what jit sees. A chunk of W trials trains as::
 
     vmap(run_trial)(chunk)                       # W trials side by side
@@ -44,8 +44,8 @@ from jaxtyping import Array, Float
 
 from sm2jax.cohort import make_optimizer
 from sm2jax.data import augment_batch, batch_indices
-from sm2jax.placement import Placement
-from sm2jax.rows import CohortState, trial_keys
+from sm2jax.execute.placement import Placement
+from sm2jax.execute.rows import CohortState, trial_keys
 from sm2jax.tasks import Task
 from sm2jax.vocabulary import Optimizer, default_of
 
