@@ -35,7 +35,7 @@ import numpy as np
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.data import ArrayDataset, load_digits
 from sm2jax.energy import EnergyMonitor, attribute, hardware_profile, make_meter
-from sm2jax.energy.nvml import jax_gpus
+from sm2jax.energy.gpus import jax_gpus
 from sm2jax.execute.rows import row_view
 from sm2jax.execute.trainer import CohortTrainer
 from sm2jax.space import Categorical, LogUniform, SearchSpace

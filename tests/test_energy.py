@@ -25,10 +25,10 @@ from sm2jax.energy import (
     summarize,
     trial_totals,
 )
+from sm2jax.energy.gpus import jax_gpus
 from sm2jax.energy.ledger import scan_ledger
 from sm2jax.energy.metering import Metering
 from sm2jax.energy.meters import RaplMeter
-from sm2jax.energy.nvml import jax_gpus
 
 
 def test_counter_path_sums_devices_in_joules():

@@ -9,8 +9,8 @@ import pytest
 from fake_nvml import FakeDevice, jax_gpu, make_card, make_fake_nvml
 
 from sm2jax.energy import EnergyLedger, EnergyMonitor, Metering, make_meter
+from sm2jax.energy.gpus import jax_gpus
 from sm2jax.energy.monitor import hardware_profile, measure_idle
-from sm2jax.energy.nvml import jax_gpus
 
 
 @pytest.mark.slow  # seconds of wall-clock windows

@@ -7,7 +7,8 @@ import pytest
 from fake_nvml import FakeDevice, jax_gpu, make_card, make_fake_nvml
 
 from sm2jax.energy import EnergyLedger, EnergyMonitor, IdleBaseline, Metering, make_meter
-from sm2jax.energy.nvml import jax_gpus, make_nvml_meter
+from sm2jax.energy.gpus import jax_gpus
+from sm2jax.energy.nvml import make_nvml_meter
 
 
 def _node():

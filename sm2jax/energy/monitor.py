@@ -10,7 +10,8 @@ from typing import Any
 import jax
 
 from sm2jax.energy.base import Meter, Sample
-from sm2jax.energy.nvml import _text, close_nvml, open_nvml
+from sm2jax.energy.gpus import text
+from sm2jax.energy.nvml import close_nvml, open_nvml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +210,7 @@ def _gpu_profile(nvml: Any, i: int) -> dict[str, Any]:
     except Exception as err:
         return {**gpu, "name": "unavailable", "note": f"NVML error: {err}"}
     reads = {
-        "name": lambda: _text(nvml.nvmlDeviceGetName(h)),
+        "name": lambda: text(nvml.nvmlDeviceGetName(h)),
         "memory": lambda: nvml.nvmlDeviceGetMemoryInfo(h),
         "power_limit_w": lambda: nvml.nvmlDeviceGetPowerManagementLimit(h) / 1e3,
         "power_limit_range_w": lambda: [v / 1e3 for v in nvml.nvmlDeviceGetPowerManagementLimitConstraints(h)],

@@ -9,11 +9,11 @@ from typing import Any
 import jax
 
 from sm2jax.distributed import is_primary
+from sm2jax.energy.gpus import jax_gpus
 from sm2jax.energy.ledger import EnergyLedger
 from sm2jax.energy.metering import Metering
 from sm2jax.energy.meters import DistributedMeter, make_meter
 from sm2jax.energy.monitor import EnergyMonitor, IdleBaseline, hardware_profile, measure_idle
-from sm2jax.energy.nvml import jax_gpus
 
 
 class EnergyStack:
