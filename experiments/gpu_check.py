@@ -235,7 +235,7 @@ def run(
 
 
 def plan_against_actual(nvml: Any = None, gpus: Any = None, quick: bool = True) -> list[dict[str, Any]] | None:
-    """The digits study planned (:func:`sm2jax.plan.probe`), then run on the same meter: each
+    """The digits study planned (:func:`sm2jax.probe.probe`), then run on the same meter: each
     plan line beside what the study measured (and whether it fell inside the stated range)."""
     import tempfile
 

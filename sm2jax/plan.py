@@ -3,7 +3,7 @@ r"""A study's energy and wall time before it runs, and what each next phase will
 Rates. A cohort's configurations cost the same per step (one vmapped program): a training call
 costs its dispatch plus each step of each chunk of vmapped rows, and evaluation costs per trial,
 measured from energy windows (:func:`sm2jax.rates.measured_rates`) -- a study's own ledger while it
-runs, or a short probe of every cohort before it does (:func:`probe`).
+runs, or a short probe of every cohort before it does (:func:`sm2jax.probe.probe`).
 
 Counts. Exploration trains every trial of every cohort (replicates included). It keeps at most
 ``ceil(explore_keep * k)`` of a cohort's ``k`` configurations and drops the clearly worse, so the
@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from sm2jax.energy.ledger import add_known, sum_known
-from sm2jax.rates import CohortRate, Range, _add, format_joules, format_seconds, measured_rates, scaled
+from sm2jax.rates import CohortRate, Range, _add, format_joules, format_seconds, scaled
 
 DEFAULT_PLAN_NOISE = 1.0
 """The least noise a plan states: a factor of ``1 + noise`` either way (timing on a shared,
@@ -41,7 +39,7 @@ loaded machine; on a 2-core CPU, repeated digits studies vary by up to ~1.7x per
 
 PROBE_FRACTION = 0.15
 """A probe trains each cohort 1 step, then ``s`` (this share of its first phase's steps, at least
-2), then enough to last two meter resolutions (:meth:`sm2jax.study.Study.probe_cohorts`)."""
+2), then enough to last two meter resolutions (:func:`sm2jax.probe.probe_cohorts`)."""
 
 
 def keep_count(n: int, eta: int, rule: str = "ceil") -> int:
@@ -289,96 +287,6 @@ def _spread(most: dict[str, int], kept: int) -> dict[str, int]:
     for c in sorted(share, key=lambda c: out[c] - share[c])[: kept - sum(out.values())]:
         out[c] += 1
     return out
-
-
-# ----------------------------------------------------------------------------------- the probe
-
-
-def probe(
-    spec: Any,
-    study: Callable[..., Any],
-    *,
-    dataset: Any = None,
-    devices: int | None = None,
-    nvml: Any = None,
-    gpus: Any = None,
-    fraction: float = PROBE_FRACTION,
-    same_process: bool = False,
-) -> StudyPlan:
-    """Plans ``spec`` by probing it with ``study`` (:class:`sm2jax.study.Study`, which
-    :func:`sm2jax.study.plan_study` passes): every cohort is built as the study builds it (same programs:
-    the study then loads them from the persistent compilation cache), trained in three short calls
-    and evaluated (:meth:`sm2jax.study.Study.probe_cohorts`), in a temporary folder; nothing is
-    written anywhere else. Returns the :class:`StudyPlan` from those rates. ``same_process``: the
-    study runs in this process next, and builds its programs from memory (its compilation is
-    what the probe's second build cost), not from the persistent cache."""
-    with tempfile.TemporaryDirectory(prefix="sm2jax-plan-") as tmp:
-        probe_spec = dataclasses.replace(spec, idle_seconds=0.0, max_energy_joules=None, max_wall_seconds=None)
-        study = study(
-            os.path.join(tmp, "probe"),
-            probe_spec,
-            dataset=dataset,
-            devices=devices,
-            nvml=nvml,
-            gpus=gpus,
-            progress=False,
-        )
-        # Each call long enough for the meter: two of its resolutions (NVML: 1 s), at least 0.25 s.
-        measured = study.probe_cohorts(fraction, max(0.25, 2 * study.energy.meter.resolution_s))
-    rates = measured_rates(measured["records"], measured["widths"])
-    if same_process:  # the study builds its programs from memory: what the second build cost
-        again: dict[str, tuple[float | None, float]] = {}
-        for r in measured["again"]:
-            if r["type"] == "window" and r.get("kind") == "compile":
-                j, sec = again.get(r["cohort"], (0.0, 0.0))
-                again[r["cohort"]] = (add_known(j, r["joules"]), sec + r["seconds"])
-        rates = {
-            c: dataclasses.replace(
-                rate, compile_joules=again.get(c, (0.0, 0.0))[0], compile_seconds=again.get(c, (0.0, 0.0))[1]
-            )
-            for c, rate in rates.items()
-        }
-    span = measured["span"]
-    watts = (
-        span["between_joules"] / span["between_seconds"]
-        if span["between_joules"] and span["between_seconds"] > 0
-        else 0.0
-    )
-    commit = measured["commit_seconds"]
-    idle = spec.idle_seconds if measured["method"] != "estimated" else 0.0  # the study's idle baseline
-    between = (max(span["between_seconds"] - commit, 0.0) + idle, commit, watts)
-    work = study.work
-    ds = work.data
-    eval_at_start = work.chance is None
-    test_evals = (len(ds.y_test) / len(ds.y_val)) if getattr(ds, "has_test", False) and len(ds.y_val) else 0.0
-    noise = max(spec.energy_noise, DEFAULT_PLAN_NOISE)
-    plan = predict(
-        spec,
-        cohort_plans(spec),
-        rates,
-        work.steps,
-        method=measured["method"],
-        noise=noise,
-        between=between,
-        compiled=measured["compiles"] > 0 and not same_process,
-        reused=same_process,
-        eval_at_start=eval_at_start,
-        test_evals=test_evals,
-    )
-    how = (
-        "probe: every cohort trained in three short calls (a call's cost and a step's measured apart); "
-        + (
-            "the study reuses its programs in this process (compilation: the probe's second build)"
-            if same_process
-            else f"it compiled {measured['compiles']} program(s), which the study loads from the persistent cache"
-            if measured["compiles"]
-            else "every program loaded from the persistent compilation cache"
-        )
-        + f"; {measured['method']} energy"
-    )
-    from sm2jax.store.folder import spec_digest
-
-    return dataclasses.replace(plan, notes=[how, *plan.notes], spec_digest=spec_digest(spec.to_json()))
 
 
 def format_plan(plan: StudyPlan) -> str:

@@ -15,7 +15,6 @@ decisions :mod:`sm2jax.phases`' and the results :mod:`sm2jax.report`'s.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -37,7 +36,8 @@ from sm2jax.execute.workload import Workload, study_data
 from sm2jax.handback import data_shapes, load_selected
 from sm2jax.interrupts import deferred_interrupts
 from sm2jax.phases import DecisionRules, StudyState, cohort_candidates, continue_after_stop, record_phase
-from sm2jax.plan import StudyPlan, probe
+from sm2jax.plan import StudyPlan
+from sm2jax.probe import probe, probe_cohorts
 from sm2jax.progress import StudyProgress
 from sm2jax.report import assemble_results, partial_results
 from sm2jax.schedule import get_scheduler
@@ -149,7 +149,7 @@ class Study:
 
     def _plan_within_budget(self, spec: StudySpec, data: ArrayDataset, **probe_args: Any) -> dict[str, Any] | None:
         """A capped study that has not started is planned first (a stored plan of its spec, else
-        :func:`sm2jax.plan.probe` in a temporary folder): a cap below what its first phase needs
+        :func:`sm2jax.probe.probe` in a temporary folder): a cap below what its first phase needs
         is one line before anything is written. Returns the plan to keep (``plan.json``, for the
         report's plan against actual), ``None`` when there is nothing new to keep."""
         capped = spec.max_energy_joules is not None or spec.max_wall_seconds is not None
@@ -324,68 +324,8 @@ class Study:
         return hardware
 
     def probe_cohorts(self, fraction: float, min_call_seconds: float = 0.25) -> dict[str, Any]:
-        """Builds every cohort as :meth:`run` does (the same programs) and trains each in three
-        calls -- one step, then ``s`` steps (``fraction`` of its first phase's, at least 2), then at
-        least ``2 s`` and enough to last ``min_call_seconds`` (at most its full budget) -- each
-        evaluated, then commits once, and builds every cohort again (what a study in this
-        process pays for programs already in memory), in this study's folder, without a decision
-        (:func:`sm2jax.plan.probe` runs it in a temporary folder). Returns the ledger's records
-        (``again``: the second build's), the span, the energy method, the real XLA compiles, the
-        commit's seconds and each cohort's width."""
-        name, budget = self.spec.phases()[0]
-        state = StudyState(metric_name=get_task(self.work.data.task).metric_name)
-        win = {"window_seconds": self.spec.window_seconds, "steps_per_window": self.spec.steps_per_window}
-        runners = []
-        self._optuna_due = math.inf  # a probe's commit writes no optuna.db
-        with count_compiles() as tally:
-            self.energy.open()
-            checkpoints = self.folder.checkpoints()
-            try:
-                for c in group_into_cohorts(list(self.configs.values())):
-                    with blame(c, "compile"):
-                        r = self.work.create_runner(c, state)
-                    if r is None:
-                        continue
-                    runners.append(r)
-                    # One step (the warm-up), then s steps, then enough to last long enough for
-                    # the meter: a call's cost and a step's apart.
-                    bs = c.signature.batch_size
-                    s = max(2, round(fraction * self.work.steps(budget, bs)))
-                    planned = self.work.planned(r, 0)
-                    with blame(c, f"{name} (plan probe)"):
-                        r.train_to(1, "probe-1", planned_trial_steps=planned, **win)
-                        r.evaluate("probe-1")
-                        t0 = time.perf_counter()
-                        r.train_to(1 + s, "probe-2", planned_trial_steps=planned, **win)
-                        per_step = max(time.perf_counter() - t0, 1e-6) / s
-                        r.evaluate("probe-2")
-                        most = self.work.steps(self.spec.max_budget, bs)
-                        more = min(max(2 * s, math.ceil(min_call_seconds / per_step)), max(most - 1 - s, 2 * s))
-                        r.train_to(1 + s + more, "probe-3", planned_trial_steps=planned, **win)
-                        r.evaluate("probe-3")
-                self.metering.flush()
-                t0 = time.perf_counter()  # the host work of one phase's commit, as the study does it
-                self._commit(0, state, checkpoints, {r.spec.name: r.rows() for r in runners}, last=False)
-                commit_seconds = time.perf_counter() - t0
-                before = len(self.energy.ledger.records())
-                for c in group_into_cohorts(list(self.configs.values())):  # again: the programs are in memory
-                    self.work.create_runner(c, StudyState())
-                self.metering.flush()
-                again = self.energy.ledger.records()[before:]
-                span = self.metering.close_span()
-            finally:
-                checkpoints.close()
-                self.energy.close()
-                self._optuna.join()
-        return {
-            "records": self.energy.ledger.records()[:before],
-            "again": again,
-            "span": span,
-            "method": self.energy.method,
-            "compiles": tally.backend_compiles,
-            "commit_seconds": commit_seconds,
-            "widths": {r.spec.name: r.width for r in runners},
-        }
+        """This study's cohorts probed (:func:`sm2jax.probe.probe_cohorts`), in its folder."""
+        return probe_cohorts(self, fraction, min_call_seconds)
 
     def _hardware(self, measure: bool) -> dict[str, Any]:
         """``hardware.json``: measured (the idle baseline) on a first start, read back on a resume;
@@ -495,7 +435,7 @@ class Study:
 
 
 def plan_study(spec: StudySpec, **kwargs: Any) -> StudyPlan:
-    """The plan of ``spec`` before it runs (:func:`sm2jax.plan.probe` with :class:`Study`;
+    """The plan of ``spec`` before it runs (:func:`sm2jax.probe.probe` with :class:`Study`;
     ``kwargs``: ``dataset``, ``devices``, ``nvml``, ``gpus``, ``same_process``)."""
     return probe(spec, Study, **kwargs)
 
