@@ -213,6 +213,66 @@ def trial_table(
     return rows
 
 
+def sort_records(
+    done: dict[str, int], everything: list[dict[str, Any]], running_attempt: int | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """A ledger's window and trial records as ``(finished, in_flight, lost)``: the work of the
+    attempt that committed each phase (``done``: phase -> attempt), the ``running_attempt``'s work
+    not committed yet, and killed attempts' work (repeated later). Span records are left to
+    :func:`sm2jax.energy.ledger.whole_span`."""
+    finishers = set(done.values())
+
+    def interrupted(r: dict[str, Any]) -> bool:
+        """Work of an attempt that was killed before it recorded the phase (repeated later)."""
+        if r["phase"] in done:
+            return r.get("attempt") != done[r["phase"]]
+        if r["phase"] in ("compile", "probe", "oom-retry"):
+            return r.get("attempt") not in finishers
+        return True
+
+    records, in_flight, lost = [], [], []  # finished work, the running attempt's, killed attempts'
+    for r in everything:
+        if r["type"] == "span":  # a whole attempt's reading: counted by whole_span alone
+            continue
+        if not interrupted(r):
+            records.append(r)
+        elif running_attempt is not None and r.get("attempt") == running_attempt:
+            in_flight.append(r)
+        else:
+            lost.append(r)
+    return records, in_flight, lost
+
+
+def _selected(
+    progress: StudyState,
+    selected: int,
+    records: list[dict[str, Any]],
+    lost: list[dict[str, Any]],
+    configs: dict[int, Config],
+    energy_method: str,
+) -> dict[str, Any]:
+    """The selected configuration's record: its values, scores, test and the energy charged to it."""
+    trial = progress.trials[str(selected)]
+    joules = [r["joules"] for r in records if r["type"] == "trial" and r["trial_id"] == selected]
+    trained = [
+        r["joules"] for r in records if r["type"] == "trial" and r["trial_id"] == selected and r.get("kind") == "train"
+    ]
+    lost_joules = [r["joules"] for r in lost if r["type"] == "trial" and r["trial_id"] == selected]
+    return {
+        "trial_id": selected,
+        "config": configs[selected].to_json()["values"],
+        "score": trial["score"],
+        "score_se": trial.get("score_se"),
+        "metric": trial["metric"],
+        "samples": trial["samples_spent"],
+        "test": progress.test,
+        "energy_to_train_joules": sum_known(joules),
+        "training_joules": sum_known(trained),
+        "interrupted_joules": sum_known(lost_joules),
+        "energy_method": energy_method,
+    }
+
+
 def assemble_results(
     progress: StudyState,
     everything: list[dict[str, Any]],
@@ -234,27 +294,7 @@ def assemble_results(
     """The results of a study from its state and ledger records. Energy of phases no attempt
     committed is the interrupted attempts' (killed, their work repeated), except that of
     ``running_attempt`` (a study running now), which is in progress."""
-    done = progress.completed_by
-    finishers = set(done.values())
-
-    def interrupted(r: dict[str, Any]) -> bool:
-        """Work of an attempt that was killed before it recorded the phase (repeated later)."""
-        if r["phase"] in done:
-            return r.get("attempt") != done[r["phase"]]
-        if r["phase"] in ("compile", "probe", "oom-retry"):
-            return r.get("attempt") not in finishers
-        return True
-
-    records, in_flight, lost = [], [], []  # finished work, the running attempt's, killed attempts'
-    for r in everything:
-        if r["type"] == "span":  # a whole attempt's reading: counted by whole_span alone
-            continue
-        if not interrupted(r):
-            records.append(r)
-        elif running_attempt is not None and r.get("attempt") == running_attempt:
-            in_flight.append(r)
-        else:
-            lost.append(r)
+    records, in_flight, lost = sort_records(progress.completed_by, everything, running_attempt)
     by_phase = summarize(records)
     selected = progress.selected
     out: dict[str, Any] = {
@@ -300,23 +340,5 @@ def assemble_results(
         out["selected"] = None
         out["note"] = "no configuration survived (all diverged or infeasible)"
         return out
-    trial = progress.trials[str(selected)]
-    joules = [r["joules"] for r in records if r["type"] == "trial" and r["trial_id"] == selected]
-    trained = [
-        r["joules"] for r in records if r["type"] == "trial" and r["trial_id"] == selected and r.get("kind") == "train"
-    ]
-    lost_joules = [r["joules"] for r in lost if r["type"] == "trial" and r["trial_id"] == selected]
-    out["selected"] = {
-        "trial_id": selected,
-        "config": configs[selected].to_json()["values"],
-        "score": trial["score"],
-        "score_se": trial.get("score_se"),
-        "metric": trial["metric"],
-        "samples": trial["samples_spent"],
-        "test": progress.test,
-        "energy_to_train_joules": sum_known(joules),
-        "training_joules": sum_known(trained),
-        "interrupted_joules": sum_known(lost_joules),
-        "energy_method": energy_method,
-    }
+    out["selected"] = _selected(progress, selected, records, lost, configs, energy_method)
     return out
