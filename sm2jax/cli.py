@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import os
-import shlex
 import signal
 import sys
 
@@ -191,102 +190,6 @@ def _compare(args) -> int:
     return 0
 
 
-def _write_report_files(results: dict, args) -> int:
-    """``report``'s files: tables and figures in ``--out`` (default ``DIR/report``), and for a finished
-    study ``optuna.db`` (in ``--out`` when given, else ``DIR``) and, with ``--out``, the TensorBoard
-    runs. Each file that cannot be written is one line saying so, and the rest are still written;
-    exit 2 if any was not."""
-    from sm2jax.report import load_results
-    from sm2jax.store.folder import StudyDir
-
-    folder = StudyDir(args.dir)
-    out = args.out or folder.report_path
-    if results["mode"] == "hyperband":  # each bracket is a study of its own: its files in out/bracket-S
-        failed = 0
-        for b in results["brackets"]:
-            failed += _write_files(load_results(folder.bracket(b["s"])), os.path.join(out, f"bracket-{b['s']}"))
-        return 2 if failed else 0
-    failed = _write_files(results, out)
-    if not results.get("partial"):
-        failed += _write_viewer_files(results, folder, args.out)
-    return 2 if failed else 0
-
-
-def _not_written(what: str, path: str, err: BaseException) -> None:
-    reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
-    reason = str(reason).splitlines()[0][:300]
-    print(
-        f"sm2jax: error: {what} not written ({path}): {reason} (the rest is written; choose another folder with --out)",
-        file=sys.stderr,
-    )
-
-
-def _write_each(writers: list) -> tuple[list[str], int]:
-    """Runs each ``(path, write)``; returns the paths written and how many failed (each said in one line)."""
-    written, failed = [], 0
-    for path, write in writers:
-        try:
-            write()
-            written.append(path)
-        except Exception as err:
-            _not_written(os.path.basename(path), path, err)
-            failed += 1
-    return written, failed
-
-
-def _write_files(results: dict, out: str) -> int:
-    """The tables and figures of ``results`` in ``out``; returns how many could not be written."""
-    from sm2jax.figures import plot_writers, table_writers
-
-    if "trials" not in results:
-        print(
-            f"sm2jax: {results['study']}/results.json predates per-configuration tables: `sm2jax resume {results['study']}` rewrites it (nothing retrains)",
-            file=sys.stderr,
-        )
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as err:
-        _not_written("the tables and figures", out, err)
-        return 1
-    writers = table_writers(results, out)
-    try:
-        writers += plot_writers(results, out)
-    except ImportError as err:
-        print(f"sm2jax: {err}", file=sys.stderr)
-    written, failed = _write_each(writers)
-    if written:
-        print(f"wrote {', '.join(os.path.basename(p) for p in written)} to {out}", file=sys.stderr)
-    return failed
-
-
-def _write_viewer_files(results: dict, folder, out: str | None) -> int:
-    """``optuna.db`` (in ``out`` when given, else the study folder) and, with ``out``, a TensorBoard
-    copy there; returns how many could not be written."""
-    from sm2jax.phases import StudyState
-    from sm2jax.viewers import OPTUNA, TENSORBOARD, run_hparams, sqlite_url, write_optuna, write_tensorboard
-
-    where = out or folder.path
-    db = os.path.join(where, OPTUNA)
-    written: list = []
-    # The study rewrites its own after every phase; this one is from results.json (or goes to --out).
-    _, failed = _write_each([(db, lambda: written.append(write_optuna(where, results)))])
-    if written and written[0]:
-        print(f"wrote {db} (optuna-dashboard {shlex.quote(sqlite_url(db))})", file=sys.stderr)
-    elif not failed:
-        print("no optuna.db: pip install 'sm2jax[optuna]'", file=sys.stderr)
-    if out is not None:  # the study writes its own TensorBoard runs; --out gets a copy of everything
-        saved = folder.saved_phases()
-        trials = StudyState.from_json(folder.load_progress(saved[-1])).trials if saved else {}
-        configs = {t["trial_id"]: t["config"] for t in results.get("trials", [])}
-        hparams = run_hparams(configs, results.get("decisions", []), (results.get("selected") or {}).get("trial_id"))
-        board = lambda: write_tensorboard(out, results.get("curves") or {}, trials, hparams)
-        done, lost = _write_each([(os.path.join(out, TENSORBOARD), board)])
-        failed += lost
-        if done:
-            print(f"wrote {done[0]} (tensorboard --logdir)", file=sys.stderr)
-    return failed
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -294,6 +197,96 @@ def _version() -> str:
         return version("sm2jax")
     except PackageNotFoundError:  # run from a source tree that is not installed
         return "unknown (not installed)"
+
+
+def _study_arguments(p: argparse.ArgumentParser) -> None:
+    """What study ``run`` and ``plan`` make: preset or config, overrides, mode, samples, folder."""
+    p.add_argument(
+        "--preset", choices=PRESET_NAMES, default="digits", help="a study of the paper's (default: digits, offline)"
+    )
+    p.add_argument("--config", help="an experiment's config.py (its get_config()); instead of --preset")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a StudySpec field (JSON value), e.g. --set max_budget=3 --set dataset_options.num_samples=2000; repeatable",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("sm2", "sh", "full", "hyperband"),
+        default="sm2",
+        help="SM2, or a baseline on identical work",
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        metavar="N",
+        help="sample N configurations of the space, cohort-aware (Sobol'; see sm2jax.sampling), instead of its grid",
+    )
+    p.add_argument("--dir", help="study directory (default runs/PRESET-MODE); an existing one resumes")
+    p.add_argument("--quick", action="store_true", help="a tiny version of the preset")
+    p.add_argument(
+        "--energy", default="auto", choices=("auto", *ENERGY_METHODS), help="how energy is obtained (default: auto)"
+    )
+    p.add_argument("--idle-seconds", type=float, help="idle-baseline measurement length")
+    p.add_argument("--steps-per-window", type=int, help="fixed steps per energy window")
+    p.add_argument("--data-dir", help="TFDS data folder of a prepared data set (see `sm2jax prepare`)")
+    p.add_argument("--no-probe", action="store_true", help="skip the vmap-width probe (vmap all trials of a cohort)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    p.add_argument("--json", action="store_true", help="print results.json (plan: the plan) as JSON instead")
+
+
+def _budget_arguments(p: argparse.ArgumentParser) -> None:
+    """A study's energy and wall-time budget (``max_energy_joules``, ``max_wall_seconds``)."""
+    p.add_argument(
+        "--budget-kwh",
+        type=float,
+        metavar="KWH",
+        help="the study's energy budget: no phase starts that the study predicts would exceed it; it ends with its best configuration so far",
+    )
+    p.add_argument("--budget-hours", type=float, metavar="H", help="the study's wall-time budget, likewise")
+
+
+def _process_arguments(p: argparse.ArgumentParser) -> None:
+    """How the process runs: modules to import, the compile cache, devices, several processes."""
+    p.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first (it registers your models, data sets or tasks); repeatable; recorded in the study",
+    )
+    p.add_argument(
+        "--compile-cache",
+        metavar="DIR|off",
+        help="persistent XLA compilation cache (default: $SM2JAX_COMPILE_CACHE, else ~/.cache/sm2jax/xla)",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="train on the first N devices (default: all; a study checkpointed on N devices resumes on any number)",
+    )
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        metavar="N",
+        help="on a CPU: XLA host devices of the trials axis (default: one per usable core, at most 8; ignored if XLA_FLAGS sets the count)",
+    )
+    p.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="multi-process study: process 0's address (with --num-processes and --process-id, on every host)",
+    )
+    p.add_argument("--num-processes", type=int, metavar="N", help="multi-process study: how many processes in all")
+    p.add_argument("--process-id", type=int, metavar="I", help="multi-process study: this process's rank (0..N-1)")
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-process study on a cluster that jax.distributed.initialize() detects (TPU, SLURM)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,91 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
         "plan",
         help="predict a study's energy and wall time per phase before it runs (a short probe; the arguments of run)",
     )
-    for p in (run, plan):
-        p.add_argument(
-            "--preset", choices=PRESET_NAMES, default="digits", help="a study of the paper's (default: digits, offline)"
-        )
-        p.add_argument("--config", help="an experiment's config.py (its get_config()); instead of --preset")
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="FIELD=VALUE",
-            help="override a StudySpec field (JSON value), e.g. --set max_budget=3 --set dataset_options.num_samples=2000; repeatable",
-        )
-        p.add_argument(
-            "--mode",
-            choices=("sm2", "sh", "full", "hyperband"),
-            default="sm2",
-            help="SM2, or a baseline on identical work",
-        )
-        p.add_argument(
-            "--samples",
-            type=int,
-            metavar="N",
-            help="sample N configurations of the space, cohort-aware (Sobol'; see sm2jax.sampling), instead of its grid",
-        )
-        p.add_argument("--dir", help="study directory (default runs/PRESET-MODE); an existing one resumes")
-        p.add_argument("--quick", action="store_true", help="a tiny version of the preset")
-        p.add_argument(
-            "--energy", default="auto", choices=("auto", *ENERGY_METHODS), help="how energy is obtained (default: auto)"
-        )
-        p.add_argument("--idle-seconds", type=float, help="idle-baseline measurement length")
-        p.add_argument("--steps-per-window", type=int, help="fixed steps per energy window")
-        p.add_argument("--data-dir", help="TFDS data folder of a prepared data set (see `sm2jax prepare`)")
-        p.add_argument(
-            "--no-probe", action="store_true", help="skip the vmap-width probe (vmap all trials of a cohort)"
-        )
-        p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
-        p.add_argument("--json", action="store_true", help="print results.json (plan: the plan) as JSON instead")
     resume = sub.add_parser("resume", help="continue a killed study (or one a budget stopped: raise it)")
     resume.add_argument("dir")
+    for p in (run, plan):
+        _study_arguments(p)
     for p in (run, resume, plan):
-        p.add_argument(
-            "--budget-kwh",
-            type=float,
-            metavar="KWH",
-            help="the study's energy budget: no phase starts that the study predicts would exceed it; it ends with its best configuration so far",
-        )
-        p.add_argument("--budget-hours", type=float, metavar="H", help="the study's wall-time budget, likewise")
-    for p in (run, resume, plan):
-        p.add_argument(
-            "--import",
-            dest="imports",
-            action="append",
-            default=[],
-            metavar="MODULE",
-            help="import MODULE first (it registers your models, data sets or tasks); repeatable; recorded in the study",
-        )
-        p.add_argument(
-            "--compile-cache",
-            metavar="DIR|off",
-            help="persistent XLA compilation cache (default: $SM2JAX_COMPILE_CACHE, else ~/.cache/sm2jax/xla)",
-        )
-        p.add_argument(
-            "--devices",
-            type=int,
-            metavar="N",
-            help="train on the first N devices (default: all; a study checkpointed on N devices resumes on any number)",
-        )
-        p.add_argument(
-            "--cpu-devices",
-            type=int,
-            metavar="N",
-            help="on a CPU: XLA host devices of the trials axis (default: one per usable core, at most 8; ignored if XLA_FLAGS sets the count)",
-        )
-        p.add_argument(
-            "--coordinator",
-            metavar="HOST:PORT",
-            help="multi-process study: process 0's address (with --num-processes and --process-id, on every host)",
-        )
-        p.add_argument("--num-processes", type=int, metavar="N", help="multi-process study: how many processes in all")
-        p.add_argument("--process-id", type=int, metavar="I", help="multi-process study: this process's rank (0..N-1)")
-        p.add_argument(
-            "--distributed",
-            action="store_true",
-            help="multi-process study on a cluster that jax.distributed.initialize() detects (TPU, SLURM)",
-        )
+        _budget_arguments(p)
+        _process_arguments(p)
     resume.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     resume.add_argument("--json", action="store_true", help="print results.json instead of the report")
     report = sub.add_parser(
@@ -422,20 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _quiet_the_noise(args) -> None:
+    """Logging, Ctrl-C and SIGTERM (what SLURM, Kubernetes and `kill` send) stop a study the same
+    way: what was measured is written, the checkpoints are closed, and the study resumes."""
+    from sm2jax.interrupts import request_interrupt
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "compile_cache", None):
         from sm2jax.compile_cache import ENV
 
         os.environ[ENV] = args.compile_cache
-
-    from sm2jax.cohort import CohortError
-    from sm2jax.interrupts import interrupt_signal, request_interrupt
-    from sm2jax.report import format_results, load_results
-
-    # Ctrl-C, and SIGTERM (what SLURM, Kubernetes and `kill` send), stop the study the same way:
-    # what was measured is written, the checkpoints are closed, and the study resumes.
     signal.signal(signal.SIGINT, request_interrupt)
     signal.signal(signal.SIGTERM, request_interrupt)
     if not args.debug:  # Orbax's and asyncio's threads log tracebacks of a failed save: one line says it
@@ -454,50 +365,63 @@ def main(argv: list[str] | None = None) -> int:
         default_hook(u)
 
     sys.unraisablehook = unraisable
+
+
+def _start(args) -> None:
+    """Before JAX starts: the CPU devices, a multi-process study, and the user's modules."""
+    if args.command in ("run", "resume", "plan"):
+        from sm2jax.execute.placement import request_cpu_devices
+
+        request_cpu_devices(args.cpu_devices)  # one host device per core on a CPU
+        if args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
+            from sm2jax.distributed import initialize
+
+            initialize(args.coordinator, args.num_processes, args.process_id)
+    if args.command in ("run", "resume", "plan", "export"):  # as `python -m` does: modules next to the user
+        sys.path.insert(0, os.getcwd())  # are found (a recorded one too, on resume)
+    if getattr(args, "imports", None):
+        from sm2jax.spec import import_modules
+
+        import_modules(args.imports)
+
+
+def _command(args) -> dict | int:
+    """Runs the subcommand: the results to print, or an exit status."""
+    if args.command == "run":
+        return _run(args)
+    if args.command == "resume":
+        return _resume(args)
+    if args.command == "compare":
+        return _compare(args)
+    if args.command == "plan":
+        return _plan(args)
+    if args.command == "export":
+        from sm2jax.handback import describe, export, load_selected
+
+        out = export(args.dir, args.out, args.trial)
+        print(f"exported {describe(load_selected(out))} to {out}")
+        return 0
+    if args.command == "prepare":
+        from sm2jax.prepare import prepare
+
+        where = prepare(args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir, download=not args.no_download)
+        print(f"{args.dataset} is prepared in {where}")
+        return 0
+    from sm2jax.report import load_results
+
+    return load_results(args.dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_the_noise(args)
+    from sm2jax.cohort import CohortError
+    from sm2jax.interrupts import interrupt_signal
+    from sm2jax.report import format_results
+
     try:
-        if args.command in ("run", "resume", "plan"):  # before JAX starts
-            from sm2jax.execute.placement import request_cpu_devices
-
-            request_cpu_devices(args.cpu_devices)  # one host device per core on a CPU
-            if args.distributed or any(v is not None for v in (args.coordinator, args.num_processes, args.process_id)):
-                from sm2jax.distributed import initialize
-
-                initialize(args.coordinator, args.num_processes, args.process_id)
-        if args.command in (
-            "run",
-            "resume",
-            "plan",
-            "export",
-        ):  # as `python -m` does: modules next to the user are found
-            sys.path.insert(0, os.getcwd())  # (a recorded one too, on resume)
-        if getattr(args, "imports", None):
-            from sm2jax.spec import import_modules
-
-            import_modules(args.imports)
-        if args.command == "run":
-            results = _run(args)
-        elif args.command == "resume":
-            results = _resume(args)
-        elif args.command == "compare":
-            return _compare(args)
-        elif args.command == "plan":
-            return _plan(args)
-        elif args.command == "export":
-            from sm2jax.handback import describe, export, load_selected
-
-            out = export(args.dir, args.out, args.trial)
-            print(f"exported {describe(load_selected(out))} to {out}")
-            return 0
-        elif args.command == "prepare":
-            from sm2jax.prepare import prepare
-
-            where = prepare(
-                args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir, download=not args.no_download
-            )
-            print(f"{args.dataset} is prepared in {where}")
-            return 0
-        else:
-            results = load_results(args.dir)
+        _start(args)
+        results = _command(args)
     except KeyboardInterrupt:
         where = getattr(args, "dir", None)
         hint = f"`sm2jax resume {where}` continues the study" if where else "`sm2jax resume DIR` continues the study"
@@ -513,9 +437,13 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"sm2jax: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    if isinstance(results, int):
+        return results
     print(json.dumps(results, indent=1) if args.json else format_results(results))
     if args.command == "report" and not args.no_files:
-        return _write_report_files(results, args)
+        from sm2jax.report_files import write_report_files
+
+        return write_report_files(results, args)
     return 0
 
 
