@@ -1,4 +1,4 @@
-r"""Objectives that rank SM2's candidates (see :mod:`sm2jax.scheduler` for the maths of ``sm2``).
+r"""Objectives that rank SM2's candidates (see :mod:`sm2jax.schedule.candidates` for the maths of ``sm2``).
 
 An objective maps candidates to records with an ``objective`` term (higher is better);
 :func:`resolve_objective` turns a spec's name into one.
@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sm2jax.scheduler import (
+from sm2jax.schedule.candidates import (
     DEFAULT_ENERGY_Z,
     DEFAULT_NOISE_Z,
     Candidate,

@@ -1,11 +1,12 @@
 """A study's phases as pure logic: its state, candidates in, decision and survivors out.
 
 :class:`StudyState` is what a study knows after a phase (``progress/phase-P.json``).
-:func:`decide_phase` takes the phase's :class:`~sm2jax.scheduler.Candidate` records and returns the
-survivors and decision records (:class:`PhaseDecision`); :func:`record_phase` writes a phase's
-candidates, energies and decision into the state. :func:`smooth_cohort_rates` and
+:func:`cohort_candidates` turns a cohort's evaluation into
+:class:`~sm2jax.schedule.candidates.Candidate` records; :func:`record_phase` charges them their
+energy, has the study's scheduler decide (:meth:`DecisionRules.decide`) and writes the decision
+into the state. :func:`smooth_cohort_rates` and
 :func:`planned_trial_steps` are the numbers decisions and the width policy read. Nothing here trains
-or measures, so it is tested on constructed candidates like :mod:`sm2jax.scheduler`.
+or measures, so it is tested on constructed candidates like :mod:`sm2jax.schedule.candidates`.
 """
 
 from __future__ import annotations
@@ -19,15 +20,8 @@ import numpy as np
 
 from sm2jax.energy.ledger import add_known
 from sm2jax.objectives import resolve_objective
-from sm2jax.scheduler import (
-    Candidate,
-    Objective,
-    drop_clearly_worse,
-    exploration_filter,
-    finalist_front,
-    halve,
-    seed_noise,
-)
+from sm2jax.schedule.candidates import Candidate, Objective, seed_noise
+from sm2jax.schedule.halving import PhaseDecision, decide_phase
 
 
 def finite_or_none(x: float | None) -> float | None:
@@ -138,14 +132,14 @@ class DecisionRules:
       objective: ranks candidates at a rung.
       final_objective: ranks them at the final rung (energy spent is sunk: a narrower tie width).
       eta: successive halving keeps ``1/eta`` per rung.
-      keep_rule: ``ceil`` or ``floor`` (:func:`sm2jax.scheduler.halve`).
+      keep_rule: ``ceil`` or ``floor`` (:func:`sm2jax.schedule.halving.halve`).
       explore_z: exploration's clear margin in standard errors.
       explore_keep: the fraction of each cohort exploration keeps at most (halving inside a cohort).
       energy_noise: relative uncertainty of a cohort's energy rate.
       plateau_tolerance: a score gain at or below this flags a candidate as plateaued.
       replicate_of: seed replicate trial id -> the configuration it replicates (SM2's seed noise).
       rung_z: SM2's clear margin to drop a configuration of a rung's top ``1/eta`` before the last
-        (:func:`sm2jax.scheduler.drop_clearly_worse`); ``None``: rank alone, as successive halving.
+        (:func:`sm2jax.schedule.halving.drop_clearly_worse`); ``None``: rank alone, as successive halving.
     """
 
     objective: Objective
@@ -191,33 +185,6 @@ class DecisionRules:
         if self.scheduler is None:
             return decide_phase("final" if last else phase, candidates, self, last=last, seed_se=seed_se)
         return self.scheduler.decide(phase, candidates, self, last=last, seed_se=seed_se)
-
-
-@dataclasses.dataclass
-class PhaseDecision:
-    kept: list[int]  # surviving trial ids, best first
-    records: list[dict[str, Any]]  # one decision record per candidate
-    selected: int | None = None  # at the final rung: the selection
-    finalists: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-
-
-def decide_phase(
-    phase: str, candidates: Sequence[Candidate], rules: DecisionRules, *, last: bool, seed_se: float = 0.0
-) -> PhaseDecision:
-    """The survivors of a phase: exploration's filter, a halving step (SM2: without the clearly
-    worse of its top, ``seed_se`` being exploration's seed noise), or at the final rung the selection
-    (one configuration, by ``final_objective``) and the finalists' Pareto front."""
-    if phase == "explore":
-        kept, records = exploration_filter(candidates, z=rules.explore_z, keep=rules.explore_keep)
-    elif last:
-        kept, records = halve(candidates, rules.final_objective, eta=len(candidates) + 1)  # keep only the best
-    else:
-        kept, records = halve(candidates, rules.objective, rules.eta, rules.keep_rule)
-        if rules.rung_z is not None:
-            kept = drop_clearly_worse(candidates, kept, records, z=rules.rung_z, seed_se=seed_se)
-    if not last:
-        return PhaseDecision(kept, records)
-    return PhaseDecision(kept, records, kept[0] if kept else None, finalist_front(candidates))
 
 
 def cohort_candidates(
@@ -376,7 +343,7 @@ def continue_after_stop(state: StudyState, attempt: int) -> list[int]:
 def measure_seed_noise(
     state: StudyState, originals: Sequence[Candidate], replicas: Sequence[Candidate], replicate_of: dict[int, int]
 ) -> float:
-    """Exploration's seed noise from its replicate pairs (:func:`sm2jax.scheduler.seed_noise`),
+    """Exploration's seed noise from its replicate pairs (:func:`sm2jax.schedule.candidates.seed_noise`),
     recorded in ``state``; 0 with fewer than 2 healthy pairs (too few to measure)."""
     by_id = {c.trial_id: c for c in originals}
     pairs = []

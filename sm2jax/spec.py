@@ -19,7 +19,7 @@ from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, check_dataset_options, r
 from sm2jax.energy.ledger import DEFAULT_INTENSITY_G_PER_KWH
 from sm2jax.energy.meters import DEFAULT_WATTS_PER_CORE
 from sm2jax.schedule import get_scheduler
-from sm2jax.scheduler import (
+from sm2jax.schedule.candidates import (
     DEFAULT_ENERGY_NOISE,
     DEFAULT_ENERGY_Z,
     DEFAULT_EXPLORE_KEEP,
@@ -131,7 +131,7 @@ class StudySpec:
       replicates: SM2's seed replicates per cohort: that many of its configurations (evenly spaced in
         its order; at most one per four configurations) also explore with other keys, side by side in
         the same program, to measure the seed noise exploration's drops add to the split's sampling
-        noise (:func:`sm2jax.scheduler.seed_noise`); never selected, they stop after exploration. 0
+        noise (:func:`sm2jax.schedule.candidates.seed_noise`); never selected, they stop after exploration. 0
         disables; ``sh``, ``full`` and a study without exploration use none.
       min_budget, max_budget, eta: successive-halving rungs ``min_budget * eta**i`` up to ``max_budget``.
       rungs: explicit cumulative rung budgets instead (first ``min_budget``, last ``max_budget``), e.g.
@@ -139,7 +139,7 @@ class StudySpec:
       keep_rule: ``ceil`` keeps ``ceil(n / eta)`` per rung (successive halving), ``floor`` keeps
         ``floor(n / eta)`` (Hyperband's inner loop, Li et al. 2018); at least one either way.
       objective: ``sm2`` (epsilon-constraint: energy decides only among scores tied within the noise,
-        see :mod:`sm2jax.scheduler`), ``performance``, ``blend``, ``pareto`` or ``cost_to_target``
+        see :mod:`sm2jax.schedule.candidates`), ``performance``, ``blend``, ``pareto`` or ``cost_to_target``
         (the energy to reach ``target_score``; a callable via
         :class:`Study` directly).
       noise_z: at a rung before the last, two scores are tied unless they differ by more than
@@ -153,14 +153,14 @@ class StudySpec:
       energy_z: likewise for two energies, whose noise has heavier tails.
       explore_z: the clear margin, in standard errors, exploration needs to drop a configuration.
       explore_keep: exploration also halves each cohort: of its ``k`` configurations at most
-        ``ceil(explore_keep * k)`` go on, best score first (:func:`sm2jax.scheduler.exploration_filter`).
+        ``ceil(explore_keep * k)`` go on, best score first (:func:`sm2jax.schedule.halving.exploration_filter`).
         A cohort's configurations share their model, batch size and energy per step, so this is a
         rank decision between like and like, as successive halving makes at every rung; across
         cohorts (other models learn at other speeds) exploration still drops only the clearly worse.
         1 keeps every configuration that survives the clear-margin test.
       rung_z: off (``None``) by default; with a value, an SM2 rung before the last also drops the
         configurations of its top ``1/eta`` clearly worse than its best by ``rung_z`` standard errors
-        (sampling and exploration's seed noise; :func:`sm2jax.scheduler.drop_clearly_worse`). It
+        (sampling and exploration's seed noise; :func:`sm2jax.schedule.halving.drop_clearly_worse`). It
         saves energy but narrows the next rung: on MNIST-1D it lost successive halving's winner, a
         large model that learns slower, on one seed of five at 1 and at 2 standard errors.
       energy_noise: relative uncertainty of a cohort's energy rate (default 20%, about the spread of

@@ -10,11 +10,11 @@ from sm2jax.phases import (
     DecisionRules,
     StudyState,
     cohort_candidates,
-    decide_phase,
     planned_trial_steps,
     record_phase,
     smooth_cohort_rates,
 )
+from sm2jax.schedule.halving import decide_phase
 from sm2jax.spec import StudySpec
 
 

@@ -16,7 +16,7 @@ from sm2jax.objectives import cost_to_target_objective
 from sm2jax.phases import DecisionRules, StudyState, cohort_candidates, continue_after_stop, record_phase
 from sm2jax.plan import CohortPlan, PhaseCost, StudyPlan, plan_vs_actual, predict
 from sm2jax.rates import CohortRate, Range, measured_rates
-from sm2jax.scheduler import Candidate
+from sm2jax.schedule.candidates import Candidate
 from sm2jax.spec import StudySpec
 
 

@@ -17,7 +17,8 @@ from sm2jax.objectives import (
     resolve_objective,
     sm2_objective,
 )
-from sm2jax.scheduler import Candidate, exploration_filter, finalist_front, halve, rank, seed_noise
+from sm2jax.schedule.candidates import Candidate, rank, seed_noise
+from sm2jax.schedule.halving import exploration_filter, finalist_front, halve
 
 
 def cand(

@@ -6,7 +6,7 @@ import json
 from sm2jax import Study, StudySpec
 from sm2jax.report import format_results
 from sm2jax.schedule import PhaseDecision, Scheduler, register_scheduler
-from sm2jax.scheduler import finalist_front
+from sm2jax.schedule.halving import finalist_front
 from sm2jax.search import Searcher, register_searcher
 from sm2jax.space import LogUniform, SearchSpace, make_config
 

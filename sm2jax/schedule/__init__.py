@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from sm2jax.budgets import rung_budgets
-from sm2jax.phases import PhaseDecision, decide_phase
-from sm2jax.scheduler import Candidate
+from sm2jax.schedule.candidates import Candidate
+from sm2jax.schedule.halving import PhaseDecision, decide_phase
 
 __all__ = ["HalvingScheduler", "PhaseDecision", "Scheduler", "get_scheduler", "register_scheduler"]
 
@@ -51,7 +51,7 @@ class Scheduler:
     ) -> PhaseDecision:
         """The end of ``phase``: the candidates kept, one record per candidate (``trial_id``,
         ``kept``, ``reason_code``, ``reason``), and at the ``last`` phase the selection (a kept
-        trial id) and the finalists (:func:`sm2jax.scheduler.finalist_front`). ``rules``: the
+        trial id) and the finalists (:func:`sm2jax.schedule.halving.finalist_front`). ``rules``: the
         study's :class:`~sm2jax.phases.DecisionRules`; ``seed_se``: exploration's seed noise."""
         raise NotImplementedError
 
