@@ -114,23 +114,7 @@ def exploration_filter(
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1] (got {keep})")
     healthy = [c for c in candidates if c.healthy]
-
-    def learned(c: Candidate) -> tuple[bool, str]:
-        refs = []
-        if c.start_score is not None and math.isfinite(c.start_score):
-            refs.append((c.start_score, c.start_se, "its score before exploration"))
-        if c.chance_score is not None:
-            refs.append((c.chance_score, 0.0, "chance"))
-        if not refs:
-            return True, ""
-        ref, se, what = max(refs, key=lambda r: r[0])
-        margin = z * math.hypot(c.score_se, se)
-        return (
-            c.score - ref > margin,
-            f"score {c.score:.4g} is not clearly above {what} {ref:.4g} (difference {c.score - ref:.3g} <= {margin:.3g})",
-        )
-
-    verdicts = {c.trial_id: learned(c) for c in healthy}
+    verdicts = {c.trial_id: _learned(c, z) for c in healthy}
     nothing_learned = bool(healthy) and not any(ok for ok, _ in verdicts.values())
     learners = [c for c in healthy if verdicts[c.trial_id][0] or nothing_learned]
     # Each family (cohort) keeps its best to the first rung, learned or not: a slow starter.
@@ -139,59 +123,18 @@ def exploration_filter(
         family = [c for c in healthy if c.cohort == cohort]
         if not any(verdicts[c.trial_id][0] for c in family) and not nothing_learned:
             slow_starters.add(min(family, key=_progress_key).trial_id)
-    drops: dict[int, tuple[str, str, Candidate | None]] = {}
-    for c in candidates:
-        code, reason, by = "", "", None
-        if c.diverged:
-            code, reason = "diverged", f"diverged at step {c.diverged_at}"
-        elif not math.isfinite(c.score):
-            code, reason = "score_not_finite", "score is not finite"
-        elif c.trial_id in slow_starters:
-            pass
-        elif not verdicts[c.trial_id][0] and not nothing_learned:
-            code, reason = "not_learned", f"not learned: {verdicts[c.trial_id][1]}"
-        else:
-            mates = [o for o in learners if o is not c and o.cohort == c.cohort and clearly_better(o, c, z)]
-            if mates:
-                by = max(mates, key=lambda o: (o.score, -o.trial_id))
-                code, reason = (
-                    "dominated_in_cohort",
-                    (
-                        f"clearly worse than trial {by.trial_id} of its cohort: {c.score:.4g} vs {by.score:.4g} "
-                        f"(difference {by.score - c.score:.3g} > {score_margin(by, c, z):.3g}; energy per step is equal in a cohort)"
-                    ),
-                )
-        drops[c.trial_id] = (code, reason, by)
-    # Successive halving inside each cohort: the best ceil(keep * k) of its k configurations go on.
-    for cohort in dict.fromkeys(c.cohort for c in candidates):
-        family = [c for c in candidates if c.cohort == cohort]
-        passed = sorted((c for c in family if not drops[c.trial_id][0]), key=_rank_key)
-        n = max(1, math.ceil(keep * len(family) - 1e-9))
-        for position, c in enumerate(passed[n:], start=n + 1):
-            drops[c.trial_id] = (
-                "outside_cohort_half",
-                f"rank {position} of its cohort's {len(passed)} survivors of the clear-margin test: outside the best "
-                f"{n} of {len(family)} (exploration halves each cohort, explore_keep={keep:g}; score {c.score:.4g})",
-                None,
-            )
+    drops = {
+        c.trial_id: _drop(c, verdicts, learners, slow_starters, nothing_learned=nothing_learned, z=z)
+        for c in candidates
+    }
+    _halve_each_cohort(candidates, drops, keep)
     kept, records = [], []
     for c in candidates:
         code, reason, by = drops[c.trial_id]
         survives = not code
         if survives:
             kept.append(c.trial_id)
-            code, reason = "not_dominated", "learned and not clearly worse than the best of its cohort"
-            if c.trial_id in slow_starters:
-                loss = "" if c.val_loss is None else f", validation loss {c.val_loss:.4g}"
-                code, reason = (
-                    "slow_starter",
-                    f"nothing in its cohort has learned yet: its best (score {c.score:.4g}{loss}) is kept to the first rung",
-                )
-            if nothing_learned:
-                code, reason = (
-                    "nothing_learned",
-                    "no configuration learned clearly during exploration: none dropped for not learning",
-                )
+            code, reason = _kept_reason(c, c.trial_id in slow_starters, nothing_learned)
         records.append(
             {
                 **c.terms(),
@@ -203,6 +146,82 @@ def exploration_filter(
             }
         )
     return kept, records
+
+
+def _learned(c: Candidate, z: float) -> tuple[bool, str]:
+    """Whether exploration moved ``c`` clearly above its score before it (or chance), and why not."""
+    refs = []
+    if c.start_score is not None and math.isfinite(c.start_score):
+        refs.append((c.start_score, c.start_se, "its score before exploration"))
+    if c.chance_score is not None:
+        refs.append((c.chance_score, 0.0, "chance"))
+    if not refs:
+        return True, ""
+    ref, se, what = max(refs, key=lambda r: r[0])
+    margin = z * math.hypot(c.score_se, se)
+    return (
+        c.score - ref > margin,
+        f"score {c.score:.4g} is not clearly above {what} {ref:.4g} (difference {c.score - ref:.3g} <= {margin:.3g})",
+    )
+
+
+def _drop(
+    c: Candidate,
+    verdicts: dict[int, tuple[bool, str]],
+    learners: list[Candidate],
+    slow_starters: set[int],
+    *,
+    nothing_learned: bool,
+    z: float,
+) -> tuple[str, str, Candidate | None]:
+    """Why exploration drops ``c`` before halving (``("", "", None)``: it does not), and by whom."""
+    if c.diverged:
+        return "diverged", f"diverged at step {c.diverged_at}", None
+    if not math.isfinite(c.score):
+        return "score_not_finite", "score is not finite", None
+    if c.trial_id in slow_starters:
+        return "", "", None
+    if not verdicts[c.trial_id][0] and not nothing_learned:
+        return "not_learned", f"not learned: {verdicts[c.trial_id][1]}", None
+    mates = [o for o in learners if o is not c and o.cohort == c.cohort and clearly_better(o, c, z)]
+    if not mates:
+        return "", "", None
+    by = max(mates, key=lambda o: (o.score, -o.trial_id))
+    return (
+        "dominated_in_cohort",
+        f"clearly worse than trial {by.trial_id} of its cohort: {c.score:.4g} vs {by.score:.4g} "
+        f"(difference {by.score - c.score:.3g} > {score_margin(by, c, z):.3g}; energy per step is equal in a cohort)",
+        by,
+    )
+
+
+def _halve_each_cohort(
+    candidates: Sequence[Candidate], drops: dict[int, tuple[str, str, Candidate | None]], keep: float
+) -> None:
+    """Successive halving inside each cohort: the best ``ceil(keep * k)`` of its ``k`` go on."""
+    for cohort in dict.fromkeys(c.cohort for c in candidates):
+        family = [c for c in candidates if c.cohort == cohort]
+        passed = sorted((c for c in family if not drops[c.trial_id][0]), key=_rank_key)
+        n = max(1, math.ceil(keep * len(family) - 1e-9))
+        for position, c in enumerate(passed[n:], start=n + 1):
+            drops[c.trial_id] = (
+                "outside_cohort_half",
+                f"rank {position} of its cohort's {len(passed)} survivors of the clear-margin test: outside the best "
+                f"{n} of {len(family)} (exploration halves each cohort, explore_keep={keep:g}; score {c.score:.4g})",
+                None,
+            )
+
+
+def _kept_reason(c: Candidate, slow_starter: bool, nothing_learned: bool) -> tuple[str, str]:
+    if nothing_learned:
+        return "nothing_learned", "no configuration learned clearly during exploration: none dropped for not learning"
+    if slow_starter:
+        loss = "" if c.val_loss is None else f", validation loss {c.val_loss:.4g}"
+        return (
+            "slow_starter",
+            f"nothing in its cohort has learned yet: its best (score {c.score:.4g}{loss}) is kept to the first rung",
+        )
+    return "not_dominated", "learned and not clearly worse than the best of its cohort"
 
 
 def _loss(c: Candidate) -> float:
