@@ -175,7 +175,36 @@ def predict(
     if missing:
         raise ValueError(f"no measured rate for cohort(s) {', '.join(missing)}")
     phases = spec.phases()
-    lines: list[PhaseCost] = []
+    lines = [_compile_line(cohorts, rates, noise, compiled=compiled, reused=reused)]
+    previous = 0.0
+    for i, ((name, budget), (fewest, most)) in enumerate(zip(phases, trial_counts(spec, cohorts))):
+        dsteps = {c.name: steps(budget, c.batch_size) - steps(previous, c.batch_size) for c in cohorts}
+        base = eval_at_start and name == "explore"  # the untrained models are evaluated too
+        exact = name == "explore" or (i == 0 and fewest == sum(most.values()))
+        joules, seconds = phase_range(rates, most, fewest, dsteps, first=i == 0, base=base, exact=exact)
+        if i == len(phases) - 1:  # the selection is tested once, in whichever cohort it is
+            test = [(scaled(rates[c].eval_joules, test_evals), rates[c].eval_seconds * test_evals) for c in rates]
+            seconds += Range(min(t for _, t in test), sum(t for _, t in test) / len(test), max(t for _, t in test))
+            tj = [j for j, _ in test]
+            joules = None if joules is None or None in tj else joules + Range(min(tj), sum(tj) / len(tj), max(tj))
+        spread = (1.0 / (1.0 + noise), 1.0, 1.0 + noise)
+        n_most = sum(most.values())
+        trials = (n_most, n_most) if exact else (fewest, n_most)
+        lines.append(PhaseCost(name, trials, None if joules is None else joules.scale(*spread), seconds.scale(*spread)))
+        previous = budget
+    setup, per_phase, watts = between
+    gap = setup + per_phase * len(phases)
+    seconds = Range(gap, gap, gap).scale(0.5, 1.0, 2.0)
+    joules = None if lines[0].joules is None else seconds.scale(watts, watts, watts)
+    lines.append(PhaseCost("between windows", None, joules, seconds))
+    return StudyPlan(lines, method, noise)
+
+
+def _compile_line(
+    cohorts: Sequence[CohortPlan], rates: dict[str, CohortRate], noise: float, *, compiled: bool, reused: bool
+) -> PhaseCost:
+    """Compilation: what the probe measured; between a tenth and all of it where the probe compiled
+    (the study loads what it compiled), from nothing where the study reuses the programs in memory."""
     comp_j: float | None = 0.0
     comp_s = 0.0
     for c in cohorts:
@@ -184,58 +213,29 @@ def predict(
     mid = 0.5 if compiled else 1.0
     if reused:  # programs already in memory: their build may cost next to nothing
         lo = 0.0
-    lines.append(
-        PhaseCost(
-            "compile",
-            None,
-            None if comp_j is None else Range(comp_j, comp_j, comp_j).scale(lo, mid, hi),
-            Range(comp_s, comp_s, comp_s).scale(lo, mid, hi),
-        )
-    )
-    # Trials per phase: (fewest, most) in all, and the most per cohort (the middle's spread).
+    joules = None if comp_j is None else Range(comp_j, comp_j, comp_j).scale(lo, mid, hi)
+    return PhaseCost("compile", None, joules, Range(comp_s, comp_s, comp_s).scale(lo, mid, hi))
+
+
+def trial_counts(spec: Any, cohorts: Sequence[CohortPlan]) -> list[tuple[int, dict[str, int]]]:
+    """Per phase of ``spec``: the fewest trials it may train in all, and the most per cohort (see
+    the module docstring: exploration exact, each rung from 1 to what its rule keeps)."""
+    phases = spec.phases()
     most = {c.name: c.configs + c.replicates for c in cohorts}
     fewest = sum(most.values())
-    previous = 0.0
-    for i, (name, budget) in enumerate(phases):
-        if i > 0 or name != "explore":
-            if i > 0 and phases[i - 1][0] == "explore":
-                most = {c.name: math.ceil(spec.explore_keep * c.configs) for c in cohorts}
-                fewest = 1
-            elif i > 0:
-                alive = sum(most.values())
-                kept = keep_count(alive, spec.eta, spec.keep_rule)
-                most = _spread(most, kept)
-                fewest = keep_count(fewest, spec.eta, spec.keep_rule)
-            else:  # no exploration: every configuration trains to the first rung
-                most = {c.name: c.configs for c in cohorts}
-                fewest = sum(most.values())
-        last = i == len(phases) - 1
-        dsteps = {c.name: steps(budget, c.batch_size) - steps(previous, c.batch_size) for c in cohorts}
-        base = eval_at_start and name == "explore"  # the untrained models are evaluated too
-        exact = name == "explore" or (i == 0 and fewest == sum(most.values()))
-        joules, seconds = phase_range(rates, most, fewest, dsteps, first=i == 0, base=base, exact=exact)
-        if last:
-            test = [(scaled(rates[c].eval_joules, test_evals), rates[c].eval_seconds * test_evals) for c in rates]
-            seconds += Range(min(t for _, t in test), sum(t for _, t in test) / len(test), max(t for _, t in test))
-            tj = [j for j, _ in test]
-            joules = None if joules is None or None in tj else joules + Range(min(tj), sum(tj) / len(tj), max(tj))
-        spread = (1.0 / (1.0 + noise), 1.0, 1.0 + noise)
-        n_most = sum(most.values())
-        lines.append(
-            PhaseCost(
-                name,
-                (n_most, n_most) if exact else (fewest, n_most),
-                None if joules is None else joules.scale(*spread),
-                seconds.scale(*spread),
-            )
-        )
-        previous = budget
-    setup, per_phase, watts = between
-    gap = setup + per_phase * len(phases)
-    seconds = Range(gap, gap, gap).scale(0.5, 1.0, 2.0)
-    joules = None if lines[0].joules is None else seconds.scale(watts, watts, watts)
-    lines.append(PhaseCost("between windows", None, joules, seconds))
-    return StudyPlan(lines, method, noise)
+    out = []
+    for i, (name, _) in enumerate(phases):
+        if i > 0 and phases[i - 1][0] == "explore":
+            most = {c.name: math.ceil(spec.explore_keep * c.configs) for c in cohorts}
+            fewest = 1
+        elif i > 0:
+            most = _spread(most, keep_count(sum(most.values()), spec.eta, spec.keep_rule))
+            fewest = keep_count(fewest, spec.eta, spec.keep_rule)
+        elif name != "explore":  # no exploration: every configuration trains to the first rung
+            most = {c.name: c.configs for c in cohorts}
+            fewest = sum(most.values())
+        out.append((fewest, dict(most)))
+    return out
 
 
 def phase_range(

@@ -17,7 +17,7 @@ from sm2jax.compile_cache import count_compiles
 from sm2jax.energy.ledger import add_known
 from sm2jax.phases import StudyState
 from sm2jax.plan import DEFAULT_PLAN_NOISE, PROBE_FRACTION, StudyPlan, cohort_plans, predict
-from sm2jax.rates import measured_rates
+from sm2jax.rates import CohortRate, measured_rates
 from sm2jax.tasks import get_task
 
 
@@ -119,26 +119,8 @@ def probe(
         measured = study.probe_cohorts(fraction, max(0.25, 2 * study.energy.meter.resolution_s))
     rates = measured_rates(measured["records"], measured["widths"])
     if same_process:  # the study builds its programs from memory: what the second build cost
-        again: dict[str, tuple[float | None, float]] = {}
-        for r in measured["again"]:
-            if r["type"] == "window" and r.get("kind") == "compile":
-                j, sec = again.get(r["cohort"], (0.0, 0.0))
-                again[r["cohort"]] = (add_known(j, r["joules"]), sec + r["seconds"])
-        rates = {
-            c: dataclasses.replace(
-                rate, compile_joules=again.get(c, (0.0, 0.0))[0], compile_seconds=again.get(c, (0.0, 0.0))[1]
-            )
-            for c, rate in rates.items()
-        }
-    span = measured["span"]
-    watts = (
-        span["between_joules"] / span["between_seconds"]
-        if span["between_joules"] and span["between_seconds"] > 0
-        else 0.0
-    )
-    commit = measured["commit_seconds"]
-    idle = spec.idle_seconds if measured["method"] != "estimated" else 0.0  # the study's idle baseline
-    between = (max(span["between_seconds"] - commit, 0.0) + idle, commit, watts)
+        rates = _rebuilt(rates, measured["again"])
+    between = _between(measured, spec.idle_seconds)
     work = study.work
     ds = work.data
     eval_at_start = work.chance is None
@@ -157,17 +139,48 @@ def probe(
         eval_at_start=eval_at_start,
         test_evals=test_evals,
     )
-    how = (
-        "probe: every cohort trained in three short calls (a call's cost and a step's measured apart); "
-        + (
-            "the study reuses its programs in this process (compilation: the probe's second build)"
-            if same_process
-            else f"it compiled {measured['compiles']} program(s), which the study loads from the persistent cache"
-            if measured["compiles"]
-            else "every program loaded from the persistent compilation cache"
-        )
-        + f"; {measured['method']} energy"
-    )
+    how = _how(measured, same_process)
     from sm2jax.store.folder import spec_digest
 
     return dataclasses.replace(plan, notes=[how, *plan.notes], spec_digest=spec_digest(spec.to_json()))
+
+
+def _rebuilt(rates: dict[str, CohortRate], again: list[dict[str, Any]]) -> dict[str, CohortRate]:
+    """``rates`` whose compilation is what the probe's second build of each cohort cost."""
+    cost: dict[str, tuple[float | None, float]] = {}
+    for r in again:
+        if r["type"] == "window" and r.get("kind") == "compile":
+            j, sec = cost.get(r["cohort"], (0.0, 0.0))
+            cost[r["cohort"]] = (add_known(j, r["joules"]), sec + r["seconds"])
+    return {
+        c: dataclasses.replace(
+            rate, compile_joules=cost.get(c, (0.0, 0.0))[0], compile_seconds=cost.get(c, (0.0, 0.0))[1]
+        )
+        for c, rate in rates.items()
+    }
+
+
+def _between(measured: dict[str, Any], idle_seconds: float) -> tuple[float, float, float]:
+    """``(setup_seconds, seconds_per_phase, watts)`` of the host work between windows: the probe's
+    span beyond its windows, less its one commit (and plus the study's idle baseline, which the
+    estimate does not measure), each phase's commit, at the power drawn between windows."""
+    span = measured["span"]
+    gap_j, gap_s = span["between_joules"], span["between_seconds"]
+    watts = gap_j / gap_s if gap_j and gap_s > 0 else 0.0
+    commit = measured["commit_seconds"]
+    idle = idle_seconds if measured["method"] != "estimated" else 0.0
+    return max(gap_s - commit, 0.0) + idle, commit, watts
+
+
+def _how(measured: dict[str, Any], same_process: bool) -> str:
+    """The plan's note: how the probe ran and what compilation the study will pay."""
+    if same_process:
+        programs = "the study reuses its programs in this process (compilation: the probe's second build)"
+    elif measured["compiles"]:
+        programs = f"it compiled {measured['compiles']} program(s), which the study loads from the persistent cache"
+    else:
+        programs = "every program loaded from the persistent compilation cache"
+    return (
+        "probe: every cohort trained in three short calls (a call's cost and a step's measured apart); "
+        f"{programs}; {measured['method']} energy"
+    )
