@@ -54,7 +54,7 @@ def spent_so_far(
     return Spent(joules, seconds, gap_s / max(phases_done, 1), watts)
 
 
-def stop_reason(
+def phase_check(
     records: Sequence[dict[str, Any]],
     spent: Spent,
     caps: tuple[float | None, float | None],
@@ -66,11 +66,13 @@ def stop_reason(
     noise: float,
     test_evals: float = 1.0,
     widths: dict[str, int] | None = None,
-) -> str | None:
-    """Why ``phase`` -- ``alive`` trials per cohort, each ``delta_steps`` more -- must not start:
-    the upper end of its predicted cost (:func:`sm2jax.plan.next_phase_cost`, at the rates of
-    ``records``, with the host work of the commit still to come before it) exceeds what is left of a cap (``caps``: joules, seconds); ``None`` when it fits,
-    nothing is capped, or a cohort has no rate to predict from."""
+) -> dict[str, Any] | None:
+    """Whether ``phase`` -- ``alive`` trials per cohort, each ``delta_steps`` more -- may start: the
+    upper end of its predicted cost (:func:`next_phase_cost`, at the rates of ``records``, with the
+    host work of the commit still to come before it) against what is left of each cap (``caps``:
+    joules, seconds). Returns the check (``phase``, what was spent, the predicted ``joules`` and
+    ``seconds`` ranges, the caps, and ``reason``: why it must not start, ``None`` when it fits);
+    ``None`` when nothing is capped or a cohort has no rate to predict from."""
     if caps == (None, None) or not alive:
         return None
     rates = measured_rates(records, widths)
@@ -86,7 +88,22 @@ def stop_reason(
         between=(2 * spent.between_seconds, spent.between_watts),
         test_evals=test_evals,
     )
-    return over_budget(Budget(caps[0], caps[1], spent.joules, spent.seconds), joules, seconds, phase)
+    return {
+        "phase": phase,
+        "spent_joules": spent.joules,
+        "spent_seconds": spent.seconds,
+        "joules": None if joules is None else joules.to_json(),
+        "seconds": seconds.to_json(),
+        "max_joules": caps[0],
+        "max_seconds": caps[1],
+        "reason": over_budget(Budget(caps[0], caps[1], spent.joules, spent.seconds), joules, seconds, phase),
+    }
+
+
+def stop_reason(*args: Any, **kwargs: Any) -> str | None:
+    """Why a phase must not start (:func:`phase_check`'s ``reason``), ``None`` when it may."""
+    check = phase_check(*args, **kwargs)
+    return None if check is None else check["reason"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +194,7 @@ class StudyBudget:
     def __init__(self, spec: Any, metering: Any, phases_done: Any):
         self.spec, self.metering, self._phases_done = spec, metering, phases_done
         self._said_unknown = False
+        self.checks: list[dict[str, Any]] = []
 
     @property
     def capped(self) -> bool:
@@ -201,7 +219,16 @@ class StudyBudget:
             )
         caps = (self.spec.max_energy_joules, self.spec.max_wall_seconds)
         noise = max(self.spec.energy_noise, DEFAULT_PLAN_NOISE / 2)
-        return stop_reason(records, spent, caps, phase, alive, delta_steps, noise=noise, **kwargs)
+        check = phase_check(records, spent, caps, phase, alive, delta_steps, noise=noise, **kwargs)
+        if check is None:
+            return None
+        self.checks.append({**check, "attempt": self.metering.attempt})
+        return check["reason"]
+
+    def take_checks(self) -> list[dict[str, Any]]:
+        """The checks made since the last call (the study keeps them in its state: ``budget_checks``)."""
+        out, self.checks = self.checks, []
+        return out
 
 
 def _kwh(joules: float) -> str:

@@ -67,6 +67,8 @@ class StudyState:
         the selection's records start in ``decisions``). ``None`` otherwise.
       stops: every stop a raised budget continued from (``phase``, ``before``, ``reason``,
         ``continued_by``: the attempt).
+      budget_checks: every check of a capped study before a phase (:func:`sm2jax.budget.phase_check`):
+        what was spent, the phase's predicted cost, the caps, and why it did not start, if it did not.
     """
 
     phase: int = -1
@@ -87,6 +89,7 @@ class StudyState:
     seed_noise: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     stopped: dict[str, Any] | None = None
     stops: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    budget_checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

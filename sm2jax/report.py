@@ -332,7 +332,7 @@ def assemble_results(
     out["interrupted_joules"] = sum_known(lost_totals)
     out["whole_span"] = whole_span(everything, out["attempts"], running_attempt)
     out["plan"] = plan_vs_actual(plan, by_phase, out["whole_span"])
-    out["stopped"], out["stops"] = progress.stopped, progress.stops
+    out["stopped"], out["stops"], out["budget_checks"] = progress.stopped, progress.stops, progress.budget_checks
     flight_totals = [g["joules"] for g in out["in_progress_energy_by_phase"].values()]
     out["in_progress_joules"] = sum_known(flight_totals)
     out["trials"] = trial_table(progress, records, configs, replicate_of)

