@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sm2jax.cohort import Signature, group_into_cohorts, traced_names
-from sm2jax.data import EVAL_BATCH_SIZE, eval_blocks
+from sm2jax.execute.batches import EVAL_BATCH_SIZE, eval_blocks
 from sm2jax.execute.steps import task_loss
 from sm2jax.execute.trainer import abstract_model, abstract_rows, init_settings
 from sm2jax.execute.workload import study_data

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from sm2jax.cohort import unit_schedule
-from sm2jax.data import batch_indices
+from sm2jax.execute.batches import batch_indices
 from sm2jax.execute.steps import task_loss
 from sm2jax.tasks import get_task
 

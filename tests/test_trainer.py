@@ -11,7 +11,7 @@ from flax import nnx
 
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.compile_cache import count_compiles
-from sm2jax.data import batch_indices
+from sm2jax.execute.batches import batch_indices
 from sm2jax.execute.rows import PADDING_ID, chunk_rows, gather_rows, trial_keys
 from sm2jax.execute.trainer import CohortTrainer
 from sm2jax.models import build_model
@@ -266,7 +266,7 @@ def test_one_eval_program_serves_a_test_split_of_any_length(digits):
 
 
 def test_crop_flip_is_a_padded_window_per_image_keyed_by_trial_and_step():
-    from sm2jax.data import augment_batch, crop_flip
+    from sm2jax.execute.batches import augment_batch, crop_flip
 
     images = jnp.asarray(np.random.default_rng(0).random((64, 8, 8, 3), dtype=np.float32))
     key = jax.random.PRNGKey(3)

@@ -13,7 +13,8 @@ from flax import nnx
 import sm2jax
 from sm2jax.cohort import TRACED_DROPOUT, group_into_cohorts
 from sm2jax.compile_cache import count_compiles
-from sm2jax.data import ArrayDataset, batch_indices
+from sm2jax.data import ArrayDataset
+from sm2jax.execute.batches import batch_indices
 from sm2jax.execute.rows import trial_keys
 from sm2jax.execute.trainer import CohortTrainer
 from sm2jax.models import MLP, build_model, register_model

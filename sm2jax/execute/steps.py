@@ -43,7 +43,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from sm2jax.cohort import make_optimizer
-from sm2jax.data import augment_batch, batch_indices
+from sm2jax.execute.batches import augment_batch, batch_indices
 from sm2jax.execute.placement import Placement
 from sm2jax.execute.rows import CohortState, trial_keys
 from sm2jax.tasks import Task

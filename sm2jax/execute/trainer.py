@@ -32,7 +32,8 @@ from flax import nnx
 from jaxtyping import Float
 
 from sm2jax.cohort import CohortSpec, hyperparameter_arrays, model_names, traced_names
-from sm2jax.data import EVAL_BATCH_SIZE, ArrayDataset, device_put_dataset, steps_per_epoch
+from sm2jax.data import ArrayDataset
+from sm2jax.execute.batches import EVAL_BATCH_SIZE, device_put_dataset, steps_per_epoch
 from sm2jax.execute.placement import Placement, default_placement
 from sm2jax.execute.programs import Program, compiled_flops, program_options, signature
 from sm2jax.execute.rows import PADDING_ID, CohortState, chunk_rows

@@ -11,8 +11,9 @@ import numpy as np
 
 from sm2jax.budgets import steps_for
 from sm2jax.cohort import CohortSpec
-from sm2jax.data import ArrayDataset, device_put_dataset, load_dataset
+from sm2jax.data import ArrayDataset, load_dataset
 from sm2jax.energy.metering import Metering
+from sm2jax.execute.batches import device_put_dataset
 from sm2jax.execute.placement import Placement
 from sm2jax.execute.runner import CohortRunner
 from sm2jax.execute.trainer import CohortTrainer
