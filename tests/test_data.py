@@ -9,7 +9,6 @@ import pytest
 import tensorflow_datasets as tfds
 
 from sm2jax.data import (
-    batch_indices,
     load_dataset,
     load_digits,
     load_tfds_images,
@@ -17,6 +16,7 @@ from sm2jax.data import (
     text_to_dataset,
     windows_to_dataset,
 )
+from sm2jax.execute.batches import batch_indices
 
 
 @pytest.mark.slow
