@@ -23,17 +23,11 @@ from sm2jax.cohort import CohortSpec
 from sm2jax.energy.metering import Metering
 from sm2jax.execute.programs import is_oom, program_bytes
 from sm2jax.execute.records import CompileRecord, EvalRecord, TrainRecord
-from sm2jax.execute.rows import CohortState, chunk_rows, gather_rows, num_chunks, row_view, take_rows
+from sm2jax.execute.rows import CohortState, chunk_rows, gather_rows, num_chunks, row_view
 from sm2jax.execute.trainer import CohortTrainer
+from sm2jax.execute.width_control import WidthControl
 from sm2jax.execute.width_policy import (
-    QUICK_SLOWDOWN,
     WidthPolicy,
-    narrowing,
-    optimise_decision,
-    predicted_training,
-    probe_decision,
-    probe_steps,
-    probe_widths,
     quick_start,
     start_widths,
 )
@@ -42,7 +36,7 @@ from sm2jax.store.checkpoint import CheckpointError
 log = logging.getLogger(__name__)
 
 
-class CohortRunner:
+class CohortRunner(WidthControl):
     """A live cohort: its trainer, its rows in W-wide chunks, and its width policy.
 
     Args:
@@ -304,65 +298,11 @@ class CohortRunner:
         taken = {t: 0 for t in self.trial_ids}
         losses: list[tuple[int, int, float]] = []
         t_start = time.perf_counter()
-        while True:
-            active = self.field("active")
-            if not active.any():  # every trial diverged: nothing left to train
-                break
-            done = int(self.field("step")[active].max())  # active trials move in lockstep
-            remaining = target_steps - done
-            if remaining <= 0:
-                break
-            self.compile()
-            window_steps = min(
-                remaining, self.steps_per_window(window_seconds, steps_per_window, self.probe_pending or self.quick)
-            )
-            before = self.field("step")
-            # Training donates the chunks. Until a width has trained once without running out of
-            # memory, its rows are kept on the host for the retry (a width that trained once needs
-            # no more memory later: its programs' sizes are fixed).
-            kept = None if self.width in self._proven or self.width <= self.placement.size else self.rows()
-            oom = False
-            with self.metering.window(
-                phase, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, after=self.chunks
-            ) as w:
-                try:
-                    outs, head = self._train_calls(window_steps)
-                    w.cover(outs)
-                except Exception as err:
-                    if not is_oom(err) or kept is None:
-                        raise
-                    w.phase = w.kind = "oom-retry"  # the failed attempt still used energy: its own line
-                    oom = True
-                else:
-                    self.chunks = [state for state, _ in outs]
-                    # Read once the window has closed (reading the steps blocks on the outputs).
-                    w.steps = lambda: self.field("step") - before  # 0 for frozen (diverged) trials
-                    flops = lambda: self.trainer.flops_per_trial_step(self.chunks[0], self.quick) or 1.0
-                    w.work = lambda: w.steps * flops()
-                    w.batch_size, w.devices = self.spec.signature.batch_size, self.trial_devices()
-            if oom:
-                self._set_width(max(self.placement.size, self.width // 2), rows=kept)
-                self._choose(self.width, "out of memory at run time: halved")
-                warnings.warn(
-                    f"{self.spec.name}: out of memory; retrying at vmap width {self.width}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        while (window_steps := self._next_window(target_steps, window_seconds, steps_per_window)) is not None:
+            trained = self._train_window(window_steps, phase)
+            if trained is None:  # out of memory: the width was halved, the window is retried
                 continue
-            self._proven.add(self.width)
-            self._timed.add((self.width, self.quick))
-            seconds, chunk_steps = w.reading.seconds, window_steps * len(self.chunks)
-            if head is None or seconds <= head:
-                self.step_seconds[self.width] = seconds / chunk_steps
-            else:  # the steps after the timed first one
-                self.step_seconds[self.width] = (seconds - head) / (chunk_steps - 1)
-            steps = w.steps
-            loss = self._row_values([m.loss_mean for _, m in outs])
-            now = self.field("step")
-            for row, t in enumerate(self.trial_ids):
-                taken[t] += int(steps[row])
-                if steps[row] > 0:
-                    losses.append((t, int(now[row]), float(loss[row])))
+            self._record_window(*trained, window_steps, taken, losses)
             if on_steps is not None:
                 on_steps(window_steps)
             left = max(planned_trial_steps - sum(taken.values()), 0.0)
@@ -372,116 +312,81 @@ class CohortRunner:
                 self._maybe_probe(left)
         return TrainRecord(taken, time.perf_counter() - t_start, losses)
 
-    def _maybe_optimise(self, planned_trial_steps: float) -> None:
-        """Trades the quick training program for the optimised one once the predicted saving on the
-        cohort's remaining training exceeds the optimised program's predicted compile time."""
-        w = self.width
-        predicted = predicted_training(planned_trial_steps, self.step_seconds[w], w)
-        switch, saving, cost = optimise_decision(predicted, self.compile_seconds("train"))
-        details = {"predicted_train_s": predicted, "predicted_saving_s": saving, "predicted_compile_s": cost}
-        if not switch:
-            if not self._quick_noted:
-                self._quick_noted = True
-                self._choose(
-                    w,
-                    f"quick program kept: predicted saving {saving:.2f} s <= optimised compile {cost:.2f} s",
-                    quick=True,
-                    **details,
-                )
-            return
-        self.quick = False
-        record = self.compile()
-        # Rates of the quick program, scaled until the next window measures the optimised one.
-        self.step_seconds = {c: t / QUICK_SLOWDOWN for c, t in self.step_seconds.items()}
-        self._choose(
-            w,
-            f"optimised program: predicted saving {saving:.2f} s > compile {cost:.2f} s",
-            quick=False,
-            compile_seconds=record.seconds,
-            **details,
-        )
+    def _next_window(self, target_steps: int, window_seconds: float, steps_per_window: int | None) -> int | None:
+        """The steps of the next energy window toward ``target_steps`` (its programs compiled),
+        ``None`` when every live trial is there or every trial diverged."""
+        active = self.field("active")
+        if not active.any():  # every trial diverged: nothing left to train
+            return None
+        done = int(self.field("step")[active].max())  # active trials move in lockstep
+        remaining = target_steps - done
+        if remaining <= 0:
+            return None
+        self.compile()
+        return min(remaining, self.steps_per_window(window_seconds, steps_per_window, self.probe_pending or self.quick))
 
-    def _maybe_probe(self, planned_trial_steps: float) -> None:
-        """Step 2 of the policy, once: probe other widths if predicted training time pays for it."""
-        self.probe_pending = False
-        w, n = self.width, self.placement.size
-        t_w = self.step_seconds[w]
-        predicted = predicted_training(planned_trial_steps, t_w, w)
-        candidates = probe_widths(w, self.policy.widest(self.k, self.placement.round_width), n)
-        payoff = self.policy.probe_payoff()
-        run, cost = probe_decision(
-            predicted, len(candidates), self.compile_seconds("train"), self.compile_seconds("eval"), payoff
-        )
-        if not run:
-            self._choose(
-                w,
-                f"probe skipped: predicted training {predicted:.2f} s <= {payoff:g} x predicted compile {cost:.2f} s",
-                predicted_train_s=predicted,
-                predicted_compile_s=cost,
-            )
-            return
-        rows = self.rows()
-        with self._compile_window():
-            t0 = time.perf_counter()
-            by_width = {c: chunk_rows(take_rows(rows, c), c, self.placement)[0] for c in [*candidates, w]}
-            for c in candidates:
-                if not self.policy.fits(program_bytes(lambda c=c: self.trainer.compile_train(by_width[c], self.quick))):
-                    del by_width[c]  # a wider candidate that does not fit is not measured
-        if len(by_width) == 1:
-            self._choose(w, "probe skipped: no other candidate width fits in memory", predicted_train_s=predicted)
-            return
-        compile_s = time.perf_counter() - t0
-        # The probe trains (and discards) a few steps per width: its energy is its own line.
+    def _train_window(self, window_steps: int, phase: str) -> tuple[Any, list, float | None, np.ndarray] | None:
+        """One energy window of ``window_steps`` steps: ``(window, outputs, timed first step,
+        steps before)``, or ``None`` after running out of memory (its energy charged as
+        ``oom-retry``, the width halved)."""
+        before = self.field("step")
+        # Training donates the chunks. Until a width has trained once without running out of
+        # memory, its rows are kept on the host for the retry (a width that trained once needs
+        # no more memory later: its programs' sizes are fixed).
+        kept = None if self.width in self._proven or self.width <= self.placement.size else self.rows()
         with self.metering.window(
-            f"probe:{self.spec.name}", phase="probe", cohort=self.spec.name, trial_ids=self.trial_ids, kind="probe"
-        ):
-            steps = probe_steps(t_w, w, list(by_width))
-            probe = self.trainer.probe_width(by_width, steps=steps, repeats=3, quick=self.quick)
-        for c, rate in probe.samples_per_second.items():  # seconds per step of a c-wide chunk
-            self.step_seconds.setdefault(c, min(c, self.k) * self.spec.signature.batch_size / rate)
-        self._set_width(probe.chosen)
-        rates = {str(c): r for c, r in probe.samples_per_second.items()}
-        self._choose(
-            probe.chosen,
-            "fastest measured width",
-            samples_per_second=rates,
-            compile_seconds=compile_s,
-            predicted_train_s=predicted,
-        )
-        self.compile()  # evaluation at the chosen width
-
-    def narrow_for_survivors(self, planned_trial_steps: float) -> None:
-        """Step 3 of the policy: a narrower program for fewer survivors, only if it pays."""
-        k, w = self.k, self.width
-        if self.placement.round_width(k) >= w or not self.policy.narrow or w not in self.step_seconds:
-            return
-
-        def compile_cost(c: int) -> float:
-            return sum(0.0 if self._is_compiled(kind, c) else self.compile_seconds(kind) for kind in ("train", "eval"))
-
-        narrow, saving, cost = narrowing(
-            k, w, self.step_seconds, planned_trial_steps, compile_cost, self.placement.round_width
-        )
-        if saving > cost:
-            self._set_width(narrow)
-            self._choose(
-                narrow,
-                f"narrowed for {k} survivors: predicted saving {saving:.2f} s > compile {cost:.2f} s",
-                predicted_saving_s=saving,
-                predicted_compile_s=cost,
+            phase, phase=phase, cohort=self.spec.name, trial_ids=self.trial_ids, after=self.chunks
+        ) as w:
+            try:
+                outs, head = self._train_calls(window_steps)
+                w.cover(outs)
+            except Exception as err:
+                if not is_oom(err) or kept is None:
+                    raise
+                w.phase = w.kind = "oom-retry"  # the failed attempt still used energy: its own line
+                outs = None
+            else:
+                self.chunks = [state for state, _ in outs]
+                # Read once the window has closed (reading the steps blocks on the outputs).
+                w.steps = lambda: self.field("step") - before  # 0 for frozen (diverged) trials
+                flops = lambda: self.trainer.flops_per_trial_step(self.chunks[0], self.quick) or 1.0
+                w.work = lambda: w.steps * flops()
+                w.batch_size, w.devices = self.spec.signature.batch_size, self.trial_devices()
+        if outs is None:
+            self._set_width(max(self.placement.size, self.width // 2), rows=kept)
+            self._choose(self.width, "out of memory at run time: halved")
+            warnings.warn(
+                f"{self.spec.name}: out of memory; retrying at vmap width {self.width}", RuntimeWarning, stacklevel=3
             )
-            self.compile()
-        else:
-            self.choices.append(
-                {
-                    "width": w,
-                    "reason": f"kept for {k} survivors: predicted saving {saving:.2f} s <= compile {cost:.2f} s",
-                    "predicted_saving_s": saving,
-                    "predicted_compile_s": cost,
-                }
-            )
+            return None
+        return w, outs, head, before
 
-    # ---------------------------------------------------------------------------------- eval
+    def _record_window(
+        self,
+        w: Any,
+        outs: list,
+        head: float | None,
+        before: np.ndarray,
+        window_steps: int,
+        taken: dict[int, int],
+        losses: list[tuple[int, int, float]],
+    ) -> None:
+        """What a window measured: the width proven, its seconds per chunk-step, each trial's steps
+        and mean loss."""
+        self._proven.add(self.width)
+        self._timed.add((self.width, self.quick))
+        seconds, chunk_steps = w.reading.seconds, window_steps * len(self.chunks)
+        if head is None or seconds <= head:
+            self.step_seconds[self.width] = seconds / chunk_steps
+        else:  # the steps after the timed first one
+            self.step_seconds[self.width] = (seconds - head) / (chunk_steps - 1)
+        steps = w.steps
+        loss = self._row_values([m.loss_mean for _, m in outs])
+        now = self.field("step")
+        for row, t in enumerate(self.trial_ids):
+            taken[t] += int(steps[row])
+            if steps[row] > 0:
+                losses.append((t, int(now[row]), float(loss[row])))
 
     def evaluate(self, phase: str, split: str = "val") -> EvalRecord:
         """Score, metric and the score's standard error of every live trial on ``split`` in one
