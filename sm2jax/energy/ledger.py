@@ -90,6 +90,26 @@ def attribute(total: float | None, work: Sequence[float]) -> tuple[list[float | 
     return shares, 0.0
 
 
+def _shares(
+    reading: WindowReading,
+    work: Sequence[float],
+    trial_keys: Sequence[tuple[str, ...]] | None,
+    net_total: float | None,
+) -> tuple[list[float | None], list[float | None], float | None]:
+    """A window's gross and net joules per trial, and what no trial did: by device where
+    ``trial_keys`` say which device each trial drew on (:func:`attribute_by_device`), else by
+    work; net follows the gross shares (each trial keeps its gross share's fraction)."""
+    if trial_keys is not None:
+        gross, unattributed = attribute_by_device(reading.per_device, reading.joules, work, trial_keys)
+    else:
+        gross, unattributed = attribute(reading.joules, work)
+    if trial_keys is None or net_total is None or not reading.joules:
+        net = attribute(net_total, work)[0]
+    else:
+        net = [None if g is None else g * net_total / reading.joules for g in gross]
+    return gross, net, unattributed
+
+
 class EnergyLedger:
     """Append-only JSON-lines ledger: one line per window, holding the ``window`` record and its
     ``trial`` records (``"trials"``), so that a window and its shares are written whole or not at
@@ -177,14 +197,7 @@ class EnergyLedger:
             raise ValueError("trial_ids, work, steps and samples must have one entry per trial")
         idle_w = self.idle.watts if self.idle is not None else None
         net_total = None if reading.joules is None or idle_w is None else reading.joules - idle_w * reading.seconds
-        if trial_keys is not None:
-            gross, unattributed = attribute_by_device(reading.per_device, reading.joules, work, trial_keys)
-        else:
-            gross, unattributed = attribute(reading.joules, work)
-        if trial_keys is None or net_total is None or not reading.joules:
-            net = attribute(net_total, work)[0]
-        else:  # net follows the per-device gross shares: each trial keeps its gross share's fraction
-            net = [None if g is None else g * net_total / reading.joules for g in gross]
+        gross, net, unattributed = _shares(reading, work, trial_keys, net_total)
         devices = list(devices) if devices is not None else sorted(reading.per_device or [])
         base = {
             "phase": phase,
@@ -197,29 +210,26 @@ class EnergyLedger:
             **(extra or {}),
         }
         kwh, g = self._carbon(reading.joules)
-        records = [
-            {
-                "type": "window",
-                **base,
-                "window": reading.name,
-                "seconds": reading.seconds,
-                "joules": reading.joules,
-                "net_joules": net_total,
-                "per_device": reading.per_device,
-                "unattributed_joules": unattributed,
-                "kwh": kwh,
-                "gco2e": g,
-                "note": reading.note,
-                "idle_watts": idle_w,
-                **(
-                    {"host_joules": reading.host_joules, "host_method": reading.host_method}
-                    if reading.host_method
-                    else {}
-                ),
-            }
-        ]
+        host = {"host_joules": reading.host_joules, "host_method": reading.host_method} if reading.host_method else {}
+        window = {
+            "type": "window",
+            **base,
+            "window": reading.name,
+            "seconds": reading.seconds,
+            "joules": reading.joules,
+            "net_joules": net_total,
+            "per_device": reading.per_device,
+            "unattributed_joules": unattributed,
+            "kwh": kwh,
+            "gco2e": g,
+            "note": reading.note,
+            "idle_watts": idle_w,
+            **host,
+        }
+        records = [window]
         for i, (tid, j, nj, st, sa) in enumerate(zip(trial_ids, gross, net, steps, samples)):
             kwh, g = self._carbon(j)
+            keys = {"device_keys": list(trial_keys[i])} if trial_keys is not None else {}
             records.append(
                 {
                     "type": "trial",
@@ -233,7 +243,7 @@ class EnergyLedger:
                     "samples": int(sa),
                     "kwh": kwh,
                     "gco2e": g,
-                    **({"device_keys": list(trial_keys[i])} if trial_keys is not None else {}),
+                    **keys,
                 }
             )
         if not self.write:  # another process writes this study's ledger
