@@ -47,7 +47,7 @@ class Signature:
     optimizer: str
     dropout: float | str  # a static rate, or TRACED_DROPOUT (masks drawn, rates per trial)
     dtype: str
-    augment: str = "none"  # training-batch augmentation (sm2jax.data.AUGMENTATIONS), traced per trial
+    augment: str = "none"  # training-batch augmentation (sm2jax.space.AUGMENTATIONS), traced per trial
 
     @classmethod
     def of(cls, config: Config) -> Signature:

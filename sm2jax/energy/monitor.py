@@ -91,7 +91,7 @@ class EnergyMonitor:
     @property
     def resolution_s(self) -> float:
         """The shortest window whose figure this meter can be trusted for (see :class:`Metering
-        <sm2jax.execute.runner.Metering>`, which merges shorter windows)."""
+        <sm2jax.energy.metering.Metering>`, which merges shorter windows)."""
         return getattr(self.meter, "resolution_s", 0.0)
 
     def end(self, window: Window, outputs: Any = None) -> WindowReading:

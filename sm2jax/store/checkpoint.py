@@ -2,7 +2,7 @@
 
 Step ``p`` of the study's ``CheckpointManager`` holds ``{cohort name: CohortState}`` after phase
 ``p`` finished *and* its survivors were gathered: the exact state the next phase starts from.
-Orbax cannot select rows at restore, so survivors are gathered on the host (``CohortTrainer.select``)
+Orbax cannot select rows at restore, so survivors are gathered on the host (``CohortRunner.select``)
 before saving. Saves are asynchronous and atomic (a directory rename commits them); the study waits
 for a save to commit before it records the phase as done.
 """

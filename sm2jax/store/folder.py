@@ -15,8 +15,8 @@
 
 A phase is committed in one order (:meth:`StudyDir.commit_phase`): the survivors' checkpoint is
 saved and waited for, then ``progress/phase-P.json`` is renamed into place. A kill at any moment
-leaves either both or a checkpoint without its progress record, which :meth:`StudyDir.resume_point`
-discards, so a resumed study repeats at most the phase in flight.
+leaves either both or a checkpoint without its progress record, which a resume discards
+(:meth:`StudyDir.discard_after`), so a resumed study repeats at most the phase in flight.
 
 In a multi-process study only process 0 writes (:func:`sm2jax.distributed.is_primary`); Orbax
 coordinates the checkpoints itself.
