@@ -30,3 +30,33 @@ def digits():
     from sm2jax.data import load_digits
 
     return load_digits()
+
+
+QUICK_STUDY = dict(
+    dataset="digits",
+    explore_budget=0.25,
+    min_budget=1,
+    max_budget=3,
+    eta=3,
+    idle_seconds=0.0,
+    probe_width=False,
+    energy_method="estimated",
+)
+"""The quick study most tests run: digits, exploration then rungs at 1 and 3 epochs, no idle
+baseline, no width probe, energy estimated (deterministic enough to assert on, cheap to run)."""
+
+
+def quick_spec(space=None, **overrides):
+    """The tests' one spec factory: :data:`QUICK_STUDY` over ``space`` (a :class:`SearchSpace`, its
+    JSON, or a mapping of domains; default: two learning rates at batch size 64), with ``overrides``
+    (``from conftest import quick_spec``)."""
+    from sm2jax.space import LogUniform, SearchSpace
+    from sm2jax.spec import StudySpec
+
+    if space is None:
+        space = {"learning_rate": LogUniform(3e-3, 3e-2, num=2), "batch_size": 64}
+    if isinstance(space, SearchSpace):
+        space = space.to_json()
+    elif any(not isinstance(v, dict) for v in space.values()):
+        space = SearchSpace(space).to_json()
+    return StudySpec(space=space, **{**QUICK_STUDY, **overrides})

@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+from conftest import quick_spec
 from fake_nvml import FakeDevice, jax_gpu, make_card, make_fake_nvml
 
 from sm2jax.energy import EnergyLedger, EnergyMonitor, Metering, make_meter
@@ -219,8 +220,6 @@ def test_a_study_survives_nvml_errors_and_ctrl_c_and_records_what_changed(tmp_pa
     from sm2jax.energy import read_ledger
     from sm2jax.interrupts import request_interrupt_later
     from sm2jax.report import format_results
-    from sm2jax.space import LogUniform, SearchSpace
-    from sm2jax.spec import StudySpec
     from sm2jax.study import Study
 
     card = make_card(0, power_mw=150_000, name_errors=1)
@@ -238,17 +237,7 @@ def test_a_study_survives_nvml_errors_and_ctrl_c_and_records_what_changed(tmp_pa
         return counter(h)
 
     nvml.nvmlDeviceGetTotalEnergyConsumption = read
-    spec = StudySpec(
-        space=SearchSpace({"learning_rate": LogUniform(3e-3, 3e-2, num=2), "batch_size": 64}).to_json(),
-        dataset="digits",
-        explore_budget=0.25,
-        min_budget=1,
-        max_budget=3,
-        eta=3,
-        idle_seconds=0.1,
-        probe_width=False,
-        energy_method="auto",
-    )
+    spec = quick_spec(idle_seconds=0.1, energy_method="auto")
     study = Study(tmp_path / "s", spec, nvml=nvml, gpus=[{"pci_bus_id": card.pci_bus_id}], progress=False)
     with pytest.raises(KeyboardInterrupt):
         study.run()

@@ -3,12 +3,14 @@ scheduler (when to stop), each defined in this file alone and run in a real stud
 
 import json
 
-from sm2jax import Study, StudySpec
+from conftest import quick_spec
+
+from sm2jax import Study
 from sm2jax.report import format_results
 from sm2jax.schedule import PhaseDecision, Scheduler, register_scheduler
 from sm2jax.schedule.halving import finalist_front
 from sm2jax.search import Searcher, register_searcher
-from sm2jax.space import LogUniform, SearchSpace, make_config
+from sm2jax.space import LogUniform, make_config
 
 
 class Ends(Searcher):
@@ -53,18 +55,8 @@ register_scheduler(KeepTwo())
 
 
 def test_a_searcher_and_a_scheduler_from_outside_run_a_study(tmp_path):
-    spec = StudySpec(
-        space=SearchSpace({"learning_rate": LogUniform(1e-3, 1e-1)}).to_json(),
-        sampler="ends",
-        mode="keep-two",
-        dataset="digits",
-        explore_budget=0.0,
-        replicates=0,
-        min_budget=1,
-        max_budget=3,
-        idle_seconds=0.0,
-        probe_width=False,
-        energy_method="estimated",
+    spec = quick_spec(
+        {"learning_rate": LogUniform(1e-3, 1e-1)}, sampler="ends", mode="keep-two", explore_budget=0.0, replicates=0
     )
     before = Ends.calls
     results = Study(tmp_path / "s", spec, progress=False).run()

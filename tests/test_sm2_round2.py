@@ -2,26 +2,16 @@
 
 import numpy as np
 import pytest
+from conftest import quick_spec
 
 from sm2jax.data import windows_to_dataset
 from sm2jax.report import format_results
 from sm2jax.space import Categorical, LogUniform, SearchSpace
-from sm2jax.spec import StudySpec
 from sm2jax.study import Study
 
 
 def _spec(space, **kw):
-    base = dict(
-        space=space.to_json(),
-        explore_budget=0.25,
-        min_budget=1,
-        max_budget=3,
-        eta=3,
-        idle_seconds=0.0,
-        energy_method="estimated",
-        probe_width=False,
-    )
-    return StudySpec(**{**base, **kw})
+    return quick_spec(space, **kw)
 
 
 def test_a_study_measures_seed_noise_with_replicates_that_are_never_selected(tmp_path):

@@ -7,6 +7,7 @@ import os
 
 import jax
 import pytest
+from conftest import quick_spec
 from fake_nvml import make_card, make_fake_nvml
 from kill import kill_mid_phase
 
@@ -20,24 +21,12 @@ from sm2jax.execute.trainer import CohortTrainer
 from sm2jax.hyperband import run_hyperband
 from sm2jax.presets import digits as digits_preset
 from sm2jax.report import format_results
-from sm2jax.space import Categorical, LogUniform, SearchSpace
-from sm2jax.spec import StudySpec
+from sm2jax.space import Categorical, LogUniform
 from sm2jax.study import Study
-
-QUICK = dict(
-    dataset="digits",
-    explore_budget=0.25,
-    min_budget=1,
-    max_budget=3,
-    eta=3,
-    idle_seconds=0.1,
-    probe_width=False,
-    energy_method="estimated",
-)
 
 
 def _spec(space, **overrides):
-    return StudySpec(space=SearchSpace(space).to_json(), **{**QUICK, **overrides})
+    return quick_spec(space, **{"idle_seconds": 0.1, **overrides})
 
 
 def _decisions(results):
