@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from sm2jax.energy.ledger import EnergyLedger, add_known, sum_known
+from sm2jax.energy.ledger import EnergyLedger, add_known, trial_totals
 from sm2jax.energy.monitor import EnergyMonitor, WindowReading
 from sm2jax.interrupts import take_interrupt
 
@@ -134,7 +134,6 @@ class Metering:
         self.resolution_s = monitor.resolution_s
         self._pending: list[dict[str, Any]] = []
         self._last_power: float | None = None  # the last written window's power (merge_shares)
-        self._totals: dict[tuple[str, str, int], float | None] = {}
         self._seq = 0
         self.start(attempt)
 
@@ -145,6 +144,7 @@ class Metering:
         self.attempt = attempt if attempt is not None else max((r.get("attempt", 0) for r in earlier), default=0) + 1
         self.total_joules: float | None = 0.0
         self.methods: set[str] = set()
+        self._trials: list[dict[str, Any]] = []  # this attempt's trial records, as the ledger holds them
         for r in earlier:
             if r["type"] == "window":
                 self._tally(r)
@@ -325,9 +325,7 @@ class Metering:
                     "uncertainty": merged.uncertainty,
                 },
             )
-            for rec in recs[1:]:
-                key = (e["phase"], e["kind"], rec["trial_id"])
-                self._totals[key] = add_known(self._totals.get(key, 0.0), rec["joules"])
+            self._trials += recs[1:]
             self._tally(recs[0])
             self._span_windows = add_known(self._span_windows, recs[0]["joules"])
             self._span_window_seconds += recs[0]["seconds"]
@@ -361,9 +359,10 @@ class Metering:
         self, phase: str, trial_ids: list[int], kinds: tuple[str, ...] = ("train", "eval")
     ) -> dict[int, float | None]:
         """Joules written by this attempt for each trial in ``phase`` over window ``kinds``
-        (``None`` if any of its windows was unavailable). Call :meth:`flush` first."""
-        out = {}
-        for t in trial_ids:
-            values = [self._totals[(phase, k, t)] for k in kinds if (phase, k, t) in self._totals]
-            out[t] = sum_known(values)
-        return out
+        (``None`` if any of its windows was unavailable): the ledger's one per-trial query
+        (:func:`~sm2jax.energy.ledger.trial_totals`, which the report uses too) over the records
+        this attempt wrote -- held here, because in a multi-process study only process 0 writes
+        the file, and every process must decide alike. Call :meth:`flush` first."""
+        mine = [r for r in self._trials if r["phase"] == phase and r["kind"] in kinds and r["trial_id"] in trial_ids]
+        totals = trial_totals(mine)
+        return {t: totals.get(t, 0.0) for t in trial_ids}
