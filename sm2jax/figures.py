@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sm2jax.energy.ledger import sum_known
+from sm2jax.schedule.candidates import non_dominated
 from sm2jax.store.files import write_atomic
 
 PLOT_HINT = "plots need matplotlib: pip install 'sm2jax[plot]' (the CSV tables were written)"
@@ -218,13 +219,10 @@ def training_joules(trial: dict[str, Any]) -> float | None:
 
 def pareto_front(points: list[tuple[float, float, int]]) -> list[int]:
     """Ids of the points ``(energy, score, id)`` that no other point beats on both (less or equal
-    energy and higher or equal score, one strictly), in increasing energy."""
-    front, best = [], -float("inf")
-    for _energy, score, i in sorted(points, key=lambda p: (p[0], -p[1])):
-        if score > best:
-            front.append(i)
-            best = score
-    return front
+    energy and higher or equal score, one strictly: :func:`~sm2jax.schedule.candidates.non_dominated`),
+    in increasing energy."""
+    front = [points[k] for k in non_dominated([(score, energy) for energy, score, _ in points])]
+    return [i for _, _, i in sorted(front, key=lambda p: (p[0], -p[1]))]
 
 
 def plot_score_vs_energy(results: dict[str, Any]):

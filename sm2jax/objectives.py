@@ -17,7 +17,7 @@ from sm2jax.schedule.candidates import (
     Objective,
     clearly_better,
     clearly_cheaper,
-    dominates,
+    non_dominated,
     score_margin,
 )
 
@@ -152,7 +152,8 @@ def pareto_objective(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
     remaining = set(range(n))
     level = 0
     while remaining:
-        current = {i for i in remaining if not any(dominates(points[j], points[i]) for j in remaining if j != i)}
+        order = sorted(remaining)
+        current = {order[k] for k in non_dominated([points[i] for i in order])}
         for i in current:
             front[i] = level
         remaining -= current

@@ -312,6 +312,13 @@ def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
 
 
+def non_dominated(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the ``(score, energy)`` points no other point dominates (:func:`dominates`): the
+    score/energy Pareto front, the one front the finalists, the ``pareto`` objective and the
+    figures draw on."""
+    return [i for i, p in enumerate(points) if not any(dominates(q, p) for j, q in enumerate(points) if j != i)]
+
+
 Objective = Callable[[Sequence[Candidate]], list[dict[str, Any]]]
 """Scores candidates: one record per candidate with at least an ``objective`` term (higher is better)."""
 

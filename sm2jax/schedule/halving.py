@@ -16,7 +16,7 @@ from sm2jax.schedule.candidates import (
     Candidate,
     Objective,
     clearly_better,
-    dominates,
+    non_dominated,
     rank,
     score_margin,
 )
@@ -244,8 +244,12 @@ def finalist_front(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
     on (score up, energy to train down), best score first: the trade-off shown beside the selection,
     which is made on the score alone (ties within the noise broken by energy)."""
     healthy = sorted((c for c in candidates if c.healthy), key=lambda c: (-c.score, c.trial_id))
-    points = {c.trial_id: (c.score, c.decision_energy) for c in healthy}
-    known = all(e is not None for _, e in points.values())
+    known = all(c.decision_energy is not None for c in healthy)
+    front = (
+        {healthy[i].trial_id for i in non_dominated([(c.score, c.decision_energy) for c in healthy])}
+        if known
+        else set()
+    )
     return [
         {
             "trial_id": c.trial_id,
@@ -254,9 +258,7 @@ def finalist_front(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
             "score_se": c.score_se,
             "energy_to_train_j": c.decision_energy,
             "energy_noise": c.energy_noise,
-            "pareto": None
-            if not known
-            else not any(dominates(points[o.trial_id], points[c.trial_id]) for o in healthy if o is not c),
+            "pareto": None if not known else c.trial_id in front,
         }
         for c in healthy
     ]
