@@ -13,6 +13,7 @@ from sm2jax.budgets import steps_for
 from sm2jax.cohort import CohortSpec
 from sm2jax.data import ArrayDataset, load_dataset
 from sm2jax.energy.metering import Metering
+from sm2jax.execute import Executor
 from sm2jax.execute.batches import device_put_dataset
 from sm2jax.execute.placement import Placement
 from sm2jax.execute.runner import CohortRunner
@@ -37,7 +38,7 @@ def study_data(spec: StudySpec, dataset: ArrayDataset | None = None) -> ArrayDat
     return ds
 
 
-class Workload:
+class Workload(Executor):
     """The data set (loaded once, one copy on the devices that every cohort reads), what a budget
     means in steps, and the runners of a study's cohorts: created through the hardware filter, or
     restored from a checkpoint.
