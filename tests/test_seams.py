@@ -3,6 +3,7 @@ scheduler (when to stop), each defined in this file alone and run in a real stud
 
 import json
 
+import pytest
 from conftest import quick_spec
 
 from sm2jax import Study
@@ -54,6 +55,7 @@ register_searcher(Ends())
 register_scheduler(KeepTwo())
 
 
+@pytest.mark.slow  # a whole study
 def test_a_searcher_and_a_scheduler_from_outside_run_a_study(tmp_path):
     spec = quick_spec(
         {"learning_rate": LogUniform(1e-3, 1e-1)}, sampler="ends", mode="keep-two", explore_budget=0.0, replicates=0

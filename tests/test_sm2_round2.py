@@ -14,6 +14,7 @@ def _spec(space, **kw):
     return quick_spec(space, **kw)
 
 
+@pytest.mark.slow  # a whole study
 def test_a_study_measures_seed_noise_with_replicates_that_are_never_selected(tmp_path):
     space = SearchSpace(
         {"model": {"name": "mlp", "hidden": [16]}, "learning_rate": LogUniform(1e-3, 1e-1, num=8), "batch_size": 32}
@@ -31,6 +32,7 @@ def test_a_study_measures_seed_noise_with_replicates_that_are_never_selected(tmp
     assert "seed replicates: 2, never selected" in text and "seed noise +-" in text
 
 
+@pytest.mark.slow  # a whole study
 def test_a_forecast_study_reports_persistence_and_ridge_beside_its_selection(tmp_path):
     rng = np.random.default_rng(0)
     steps = 1500

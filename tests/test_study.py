@@ -79,6 +79,7 @@ def test_sm2_study_selects_a_config_and_labels_cpu_energy_honestly(tmp_path):
     assert any(f["pareto"] for f in results["finalists"])
 
 
+@pytest.mark.slow  # a whole study
 def test_diverging_config_is_dropped_in_exploration_and_infeasible_batch_is_recorded(tmp_path):
     space = {"learning_rate": Categorical([1e-2, 1e20]), "optimizer": "sgd", "batch_size": Categorical([32, 100_000])}
     results = Study(tmp_path / "s", _spec(space), progress=False).run()
@@ -91,6 +92,7 @@ def test_diverging_config_is_dropped_in_exploration_and_infeasible_batch_is_reco
     assert results["selected"]["trial_id"] == 0
 
 
+@pytest.mark.slow  # a whole study
 def test_a_study_whose_every_config_diverges_ends_without_a_selection(tmp_path):
     results = Study(
         tmp_path / "s", _spec({"learning_rate": Categorical([1e20, 1e25]), "optimizer": "sgd"}), progress=False
@@ -243,6 +245,7 @@ def test_hyperband_runs_li_et_al_rungs_and_keeps_floor(tmp_path):
         assert bracket["selected"] is not None
 
 
+@pytest.mark.slow  # a whole study
 def test_a_different_spec_in_an_existing_directory_is_refused(tmp_path):
     first = _spec({"learning_rate": 1e-3}, idle_seconds=0.0)
     Study(tmp_path / "s", first, progress=False).run()
@@ -256,6 +259,7 @@ def test_a_different_spec_in_an_existing_directory_is_refused(tmp_path):
         Study(tmp_path / "nothing")
 
 
+@pytest.mark.slow  # a whole study
 def test_a_failed_first_start_does_not_block_the_corrected_spec(tmp_path):
     with pytest.raises(ValueError, match="unknown data set"):
         Study(tmp_path / "s", _spec({"learning_rate": 1e-3}, dataset="no-such-data"), progress=False).run()
@@ -274,6 +278,7 @@ def test_a_failed_first_start_does_not_block_the_corrected_spec(tmp_path):
     assert results["selected"] is not None
 
 
+@pytest.mark.slow  # a whole study
 def test_a_checkpoint_without_its_progress_record_is_discarded_with_a_warning(tmp_path):
     spec = _spec({"learning_rate": 1e-3}, idle_seconds=0.0)
     reference = Study(tmp_path / "s", spec, progress=False).run()
@@ -311,6 +316,7 @@ def test_a_study_metered_by_a_100ms_counter_decides_with_energy(tmp_path):
     assert all(d["joules_per_sample"] > 0 for d in decisions if d["phase"].startswith("rung"))
 
 
+@pytest.mark.slow  # a whole study
 def test_a_study_written_by_an_earlier_version_resumes(tmp_path):
     """spec.json written before fields were added (here: width_start, imports, dataset_fingerprint)
     is the same study: the new fields take their defaults, nothing is refused or rewritten."""

@@ -245,6 +245,7 @@ def test_sobol_points_cover_the_traced_box_more_evenly_than_random_ones():
         assert sobol < random and halton < random
 
 
+@pytest.mark.slow  # a whole study
 def test_the_run_command_samples_cohort_aware(tmp_path, capsys):
     from sm2jax.cli import main
 
