@@ -168,6 +168,7 @@ class DecisionRules:
         """The rules of a :class:`~sm2jax.spec.StudySpec` (``objective``: a callable overriding its
         objective; ``replicate_of``: the study's kept replicates, default what the spec proposes;
         ``scheduler``: what decides each phase, :func:`sm2jax.schedule.get_scheduler` of its mode). The final rung ties scores only within ``final_z``: energy spent is sunk."""
+        spec = spec.effective()  # as its scheduler runs it (plain SH ranks on the score)
         shared = {"energy_z": spec.energy_z, "alpha": spec.alpha, "beta": spec.beta, "target_score": spec.target_score}
         return cls(
             objective=resolve_objective(objective or spec.objective, z=spec.noise_z, **shared),

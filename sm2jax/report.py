@@ -300,7 +300,7 @@ def assemble_results(
     out: dict[str, Any] = {
         "study": study,
         "mode": spec.mode,
-        "objective": spec.objective,
+        "objective": spec.effective().objective,
         "space": spec.space,
         "energy_method": energy_method,
         "energy_note": hardware.get("energy_note", ""),

@@ -124,8 +124,11 @@ class StudySpec:
         modules that registered the models, data set and task it uses, so ``sm2jax resume`` finds
         them (``sm2jax run --import MODULE`` adds one by hand).
       max_train_examples, max_val_examples: optional truncation (quick runs, tests).
-      mode: ``sm2`` (exploration + energy-aware halving), ``sh`` (plain successive halving, no
-        exploration, objective ``performance``) or ``full`` (every configuration to the full budget).
+      mode: the scheduler (:mod:`sm2jax.schedule`): ``sm2`` (exploration + energy-aware halving),
+        ``sh`` (plain successive halving: it runs without exploration, replicates or an
+        energy-aware objective, whatever those fields say -- :meth:`effective`; they are kept as
+        written) or ``full`` (every configuration to the full budget), or one registered with
+        :func:`sm2jax.schedule.register_scheduler`.
       budget_unit: ``steps``, ``samples`` or ``epochs``; budgets are cumulative per configuration.
       explore_budget: SM2's exploratory pretraining budget (0 disables); must be below ``min_budget``.
       replicates: SM2's seed replicates per cohort: that many of its configurations (evenly spaced in
@@ -258,11 +261,6 @@ class StudySpec:
         get_scheduler(self.mode)  # one line naming the known schedulers
         get_searcher(self.sampler)  # one line naming the known searchers
         self._check_size()
-        if self.mode == "sh":
-            self.explore_budget, self.objective, self.replicates = 0.0, "performance", 0
-        if self.mode == "full":
-            self.explore_budget, self.objective, self.min_budget = 0.0, "performance", self.max_budget
-            self.replicates = 0
         rung_budgets(self.min_budget, self.max_budget, self.eta)  # validates
         if self.rungs is not None:
             r = [float(x) for x in self.rungs]
@@ -281,7 +279,8 @@ class StudySpec:
             raise ValueError(
                 f"noise_z, final_z, energy_z, explore_z, rung_z and energy_noise must be >= 0 (got {self.noise_z}, {self.final_z}, {self.energy_z}, {self.explore_z}, {self.rung_z}, {self.energy_noise})"
             )
-        if not 0 <= self.explore_budget < self.min_budget:
+        ran = self.effective()  # what the scheduler runs: plain SH explores nothing, whatever is written
+        if not 0 <= ran.explore_budget < ran.min_budget:
             raise ValueError(
                 f"explore_budget must be in [0, min_budget) (got {self.explore_budget}, min_budget {self.min_budget})"
             )
@@ -313,6 +312,12 @@ class StudySpec:
                 f"the study would make {count:,} configurations ({what}), above the limit of {self.max_configurations:,}: search fewer, or raise the limit with --set max_configurations={count}"
             )
 
+    def effective(self) -> StudySpec:
+        """The spec as its scheduler (``mode``) runs it: plain successive halving explores nothing
+        and ranks on the score, whatever ``explore_budget`` and ``objective`` say
+        (:meth:`sm2jax.schedule.Scheduler.effective`); the spec itself keeps what was written."""
+        return get_scheduler(self.mode).effective(self)
+
     def phases(self) -> list[tuple[str, float]]:
         """The study's phases, ``(name, cumulative budget)``, as its scheduler (``mode``) names them."""
         return get_scheduler(self.mode).phases(self)
@@ -334,7 +339,7 @@ class StudySpec:
     def proposals(self) -> tuple[list[Config], dict[int, int]]:
         """:meth:`trial_configs` and :meth:`replicate_of` from one proposal of the searcher."""
         configs = self.configs()
-        twins = self._replicates(configs)
+        twins = self.effective()._replicates(configs)
         return configs + [twin for twin, _ in twins], {twin.trial_id: original for twin, original in twins}
 
     def _replicates(self, configs: list[Config]) -> list[tuple[Config, int]]:
@@ -402,8 +407,10 @@ def read_spec(directory: str | os.PathLike) -> StudySpec:
 
 def current_form(blob: dict[str, Any]) -> dict[str, Any]:
     """A stored spec in this version's form (fields added since take their defaults, except that a
-    study from before seed replicates has none)."""
-    return StudySpec(**_upgraded(blob)).to_json()
+    study from before seed replicates has none), as its scheduler runs it (:meth:`StudySpec.effective`:
+    a plain-SH spec written with an exploration budget, and one from the version that rewrote it to
+    0, are the same study)."""
+    return StudySpec(**_upgraded(blob)).effective().to_json()
 
 
 def _upgraded(blob: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,12 @@ class Scheduler:
         """``(name, cumulative budget)`` of every phase, in order (names unique; budgets increase)."""
         raise NotImplementedError
 
+    def effective(self, spec: Any) -> Any:
+        """``spec`` as this scheduler runs it (default: as written). A scheduler that ignores some
+        of the spec's fields says so here (plain successive halving explores nothing), never by
+        rewriting what the user wrote: ``spec.json`` keeps the user's values."""
+        return spec
+
     def decide(
         self, phase: str, candidates: Sequence[Candidate], rules: Any, *, last: bool, seed_se: float = 0.0
     ) -> PhaseDecision:
@@ -58,12 +64,23 @@ class Scheduler:
 
 class HalvingScheduler(Scheduler):
     """Exploration (``explore_budget`` > 0) and successive-halving rungs (``rungs``, else
-    ``min_budget * eta**i`` up to ``max_budget``), decided by :func:`sm2jax.phases.decide_phase`."""
+    ``min_budget * eta**i`` up to ``max_budget``), decided by
+    :func:`sm2jax.schedule.halving.decide_phase`. ``sh`` runs a spec without exploration, seed
+    replicates or an energy-aware objective (``performance``); ``full`` also trains every
+    configuration to the full budget (one rung at ``max_budget``)."""
 
     def __init__(self, name: str):
         self.name = name
 
+    def effective(self, spec: Any) -> Any:
+        if self.name == "sh":
+            return _replace(spec, explore_budget=0.0, objective="performance", replicates=0)
+        if self.name == "full":
+            return _replace(spec, explore_budget=0.0, objective="performance", replicates=0, min_budget=spec.max_budget)
+        return spec
+
     def phases(self, spec: Any) -> list[tuple[str, float]]:
+        spec = self.effective(spec)
         out = [("explore", spec.explore_budget)] if spec.explore_budget > 0 else []
         rungs = spec.rungs if spec.rungs is not None else rung_budgets(spec.min_budget, spec.max_budget, spec.eta)
         return out + [(f"rung-{i + 1}", float(r)) for i, r in enumerate(rungs)]
@@ -93,3 +110,10 @@ def get_scheduler(name: str) -> Scheduler:
 
 for _mode in ("sm2", "sh", "full"):
     register_scheduler(HalvingScheduler(_mode))
+
+
+def _replace(spec: Any, **fields: Any) -> Any:
+    import dataclasses
+
+    same = all(getattr(spec, k) == v for k, v in fields.items())
+    return spec if same else dataclasses.replace(spec, **fields)

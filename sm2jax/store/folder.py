@@ -353,16 +353,18 @@ class StudyDir:
         held = _normalised(held, normalise)
         if ran and not os.path.exists(self.seal_path):  # a study from before seals: sealed as it stands
             self._write_seal(held)
-        if held == wanted:
+        # Compared as they run: a field the study's scheduler ignores may be written either way.
+        as_run = _normalised(wanted, normalise) if held is not None else wanted
+        if held == as_run:
             if not ran:  # (re)sealed until it has trained something
                 self._write_seal(wanted)
             return
-        if ran and _sealed_fields(held) == _sealed_fields(wanted):  # e.g. --import names a module: recorded
+        if ran and _sealed_fields(held) == _sealed_fields(as_run):  # e.g. --import names a module: recorded
             write_json(self.spec_path, spec_blob)
             return
         if ran:
             kind = "a Hyperband run" if "hyperband" in held else "a study"
-            differ = sorted(k for k in {*held, *wanted} if held.get(k) != wanted.get(k))
+            differ = sorted(k for k in {*held, *as_run} if held.get(k) != as_run.get(k))
             raise ValueError(
                 f"{self.path} already holds {kind} with a different spec (differs in: {', '.join(differ)}); resume it (`sm2jax resume {self.path}`) or choose another directory"
             )
