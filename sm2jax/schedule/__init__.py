@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sm2jax.budgets import rung_budgets
+from sm2jax.registry import Registry
 from sm2jax.schedule.candidates import Candidate
 from sm2jax.schedule.halving import PhaseDecision, decide_phase
 
@@ -89,23 +90,19 @@ class HalvingScheduler(Scheduler):
         return decide_phase("final" if last else phase, candidates, rules, last=last, seed_se=seed_se)
 
 
-_SCHEDULERS: dict[str, Scheduler] = {}
+_SCHEDULERS: Registry[Scheduler] = Registry(
+    "mode", "register_scheduler(...)", extra=("hyperband (sm2jax run --mode hyperband)",)
+)
 
 
 def register_scheduler(scheduler: Scheduler) -> Scheduler:
     """Makes ``scheduler`` a study's ``mode`` under ``scheduler.name``; returns it."""
-    if not scheduler.name or not isinstance(scheduler.name, str):
-        raise ValueError(f"a scheduler needs a name (got {scheduler.name!r})")
-    _SCHEDULERS[scheduler.name] = scheduler
-    return scheduler
+    return _SCHEDULERS.register(scheduler)
 
 
 def get_scheduler(name: str) -> Scheduler:
     """The scheduler registered as ``name``; one line naming the known ones otherwise."""
-    if name not in _SCHEDULERS:
-        known = ", ".join([*_SCHEDULERS, "hyperband (sm2jax run --mode hyperband)"])
-        raise ValueError(f"mode: unknown {name!r}; known: {known} (or register_scheduler(...) yours)")
-    return _SCHEDULERS[name]
+    return _SCHEDULERS.get(name)
 
 
 for _mode in ("sm2", "sh", "full"):

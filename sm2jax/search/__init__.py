@@ -26,6 +26,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from sm2jax.registry import Registry
 from sm2jax.space import Config, SearchSpace
 
 
@@ -69,28 +70,21 @@ class Searcher:
         raise NotImplementedError
 
 
-_SEARCHERS: dict[str, Searcher] = {}
+_SEARCHERS: Registry[Searcher] = Registry("sampler", "register_searcher(...)")
 
 
 def register_searcher(searcher: Searcher) -> Searcher:
     """Makes ``searcher`` a study's ``sampler`` under ``searcher.name``; returns it."""
-    if not searcher.name or not isinstance(searcher.name, str):
-        raise ValueError(f"a searcher needs a name (got {searcher.name!r})")
-    _SEARCHERS[searcher.name] = searcher
-    return searcher
+    return _SEARCHERS.register(searcher)
 
 
 def get_searcher(name: str) -> Searcher:
     """The searcher registered as ``name``; one line naming the known ones otherwise."""
-    if name not in _SEARCHERS:
-        raise ValueError(
-            f"sampler: unknown {name!r}; known: {', '.join(searcher_names())} (or register_searcher(...) yours)"
-        )
-    return _SEARCHERS[name]
+    return _SEARCHERS.get(name)
 
 
 def searcher_names() -> list[str]:
-    return list(_SEARCHERS)
+    return _SEARCHERS.names()
 
 
 def _renumber(configs: list[Config], first_id: int) -> list[Config]:
