@@ -80,7 +80,8 @@ def _write_viewer_files(results: dict, folder, out: str | None) -> int:
     """``optuna.db`` (in ``out`` when given, else the study folder) and, with ``out``, a TensorBoard
     copy there; returns how many could not be written."""
     from sm2jax.phases import StudyState
-    from sm2jax.viewers import OPTUNA, TENSORBOARD, run_hparams, sqlite_url, write_optuna, write_tensorboard
+    from sm2jax.store import OPTUNA, TENSORBOARD
+    from sm2jax.viewers import run_hparams, sqlite_url, write_optuna, write_tensorboard
 
     where = out or folder.path
     db = os.path.join(where, OPTUNA)

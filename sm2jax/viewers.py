@@ -28,10 +28,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from sm2jax.store import OPTUNA, TENSORBOARD
 from sm2jax.store.files import TEMPORARY, new_file_mode
-
-TENSORBOARD = "tensorboard"
-OPTUNA = "optuna.db"
 
 
 def write_viewers(

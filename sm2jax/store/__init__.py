@@ -7,3 +7,9 @@ path, ``results.json``), claiming and locking it, and committing a phase;
 :mod:`sm2jax.store.files` durable atomic writes (a temporary of its own, renamed, the folder
 fsync-ed), which the energy ledger's repair uses too.
 """
+
+TENSORBOARD = "tensorboard"
+"""The folder of a study's TensorBoard runs (in the study folder, or a report's ``--out``)."""
+
+OPTUNA = "optuna.db"
+"""A study's Optuna storage (in the study folder, or a report's ``--out``)."""

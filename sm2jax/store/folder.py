@@ -9,8 +9,12 @@
     ledger.jsonl           energy per window and per trial (append-only, fsync-ed)
     progress/phase-P.json  the study's state after phase P (atomic rename)
     checkpoints/P/         Orbax: every surviving cohort after phase P, survivors already gathered
+    proposals.json         what the study's searcher proposed (never proposed again)
+    plan.json              the plan made before it ran (``sm2jax plan``, or a capped run)
     results.json           the outcome
     report/                ``sm2jax report``'s tables and figures
+    tensorboard/           the study's TensorBoard runs (:data:`sm2jax.store.TENSORBOARD`)
+    optuna.db              its Optuna storage, for optuna-dashboard (:data:`sm2jax.store.OPTUNA`)
     bracket-S/             a Hyperband run's study of bracket S (a study folder of its own)
 
 A phase is committed in one order (:meth:`StudyDir.commit_phase`): the survivors' checkpoint is
