@@ -14,7 +14,7 @@ from typing import Any
 
 from sm2jax.energy.ledger import add_known
 from sm2jax.plan import DEFAULT_PLAN_NOISE, StudyPlan, phase_range
-from sm2jax.rates import CohortRate, Range, format_joules, measured_rates, scaled
+from sm2jax.rates import CohortRate, Range, format_joules, measured_rates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +133,7 @@ def next_phase_cost(
     energy rate is unknown."""
     joules, seconds = phase_range(rates, alive, 0, delta_steps, first=False, base=False, exact=True)
     if last:
-        tests = [(scaled(rates[c].eval_joules, test_evals), rates[c].eval_seconds * test_evals) for c in alive]
+        tests = [rates[c].test(test_evals) for c in alive]
         seconds += Range(*[max(t for _, t in tests)] * 3)
         tj = [j for j, _ in tests]
         joules = None if joules is None or None in tj else joules + Range(*[max(tj)] * 3)

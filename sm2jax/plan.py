@@ -42,6 +42,12 @@ PROBE_FRACTION = 0.15
 2), then enough to last two meter resolutions (:func:`sm2jax.probe.probe_cohorts`)."""
 
 
+def test_evals(data: Any) -> float:
+    """What testing the selection once costs in validation evaluations: the test split's size over
+    the validation split's (0 without a test split)."""
+    return len(data.y_test) / len(data.y_val) if data.has_test and len(data.y_val) else 0.0
+
+
 def keep_count(n: int, eta: int, rule: str = "ceil") -> int:
     """How many of ``n`` a rung keeps (successive halving's ``ceil``, Hyperband's ``floor``)."""
     return max(1, math.ceil(n / eta) if rule == "ceil" else n // eta)
@@ -183,7 +189,7 @@ def predict(
         exact = name == "explore" or (i == 0 and fewest == sum(most.values()))
         joules, seconds = phase_range(rates, most, fewest, dsteps, first=i == 0, base=base, exact=exact)
         if i == len(phases) - 1:  # the selection is tested once, in whichever cohort it is
-            test = [(scaled(rates[c].eval_joules, test_evals), rates[c].eval_seconds * test_evals) for c in rates]
+            test = [rates[c].test(test_evals) for c in rates]
             seconds += Range(min(t for _, t in test), sum(t for _, t in test) / len(test), max(t for _, t in test))
             tj = [j for j, _ in test]
             joules = None if joules is None or None in tj else joules + Range(min(tj), sum(tj) / len(tj), max(tj))

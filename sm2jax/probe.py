@@ -16,7 +16,7 @@ from sm2jax.cohort import blame, group_into_cohorts
 from sm2jax.compile_cache import count_compiles
 from sm2jax.energy.ledger import add_known
 from sm2jax.phases import StudyState
-from sm2jax.plan import DEFAULT_PLAN_NOISE, PROBE_FRACTION, StudyPlan, cohort_plans, predict
+from sm2jax.plan import DEFAULT_PLAN_NOISE, PROBE_FRACTION, StudyPlan, cohort_plans, predict, test_evals
 from sm2jax.rates import CohortRate, measured_rates
 from sm2jax.tasks import get_task
 
@@ -69,14 +69,15 @@ def probe_cohorts(study: Any, fraction: float, min_call_seconds: float = 0.25) -
             for c in group_into_cohorts(list(study.configs.values())):  # again: the programs are in memory
                 study.work.create_runner(c, StudyState())
             study.metering.flush()
-            again = study.energy.ledger.records()[before:]
+            records = study.energy.ledger.records()
+            again = records[before:]
             span = study.metering.close_span()
         finally:
             checkpoints.close()
             study.energy.close()
             study._optuna.join()
     return {
-        "records": study.energy.ledger.records()[:before],
+        "records": records[:before],
         "again": again,
         "span": span,
         "method": study.energy.method,
@@ -122,9 +123,7 @@ def probe(
         rates = _rebuilt(rates, measured["again"])
     between = _between(measured, spec.idle_seconds)
     work = study.work
-    ds = work.data
     eval_at_start = work.chance is None
-    test_evals = (len(ds.y_test) / len(ds.y_val)) if getattr(ds, "has_test", False) and len(ds.y_val) else 0.0
     noise = max(spec.energy_noise, DEFAULT_PLAN_NOISE)
     plan = predict(
         spec,
@@ -137,7 +136,7 @@ def probe(
         compiled=measured["compiles"] > 0 and not same_process,
         reused=same_process,
         eval_at_start=eval_at_start,
-        test_evals=test_evals,
+        test_evals=test_evals(work.data),
     )
     how = _how(measured, same_process)
     from sm2jax.store.folder import spec_digest

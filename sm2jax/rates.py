@@ -69,6 +69,11 @@ class CohortRate:
         rows are live (padding rows step too)."""
         return math.ceil(trials / self.width) if self.width else trials
 
+    def test(self, test_evals: float) -> tuple[float | None, float]:
+        """Joules and seconds of testing the selection once (``test_evals``: the test split's size
+        over the validation split's)."""
+        return scaled(self.eval_joules, test_evals), self.eval_seconds * test_evals
+
     def train(self, trials: int, steps: int, first: bool = False) -> tuple[float | None, float]:
         """Joules and seconds of one phase that trains ``trials`` trials ``steps`` steps each."""
         if trials <= 0:

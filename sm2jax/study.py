@@ -36,7 +36,7 @@ from sm2jax.execute.workload import Workload, study_data
 from sm2jax.handback import data_shapes, load_selected
 from sm2jax.interrupts import deferred_interrupts
 from sm2jax.phases import DecisionRules, StudyState, cohort_candidates, continue_after_stop, record_phase
-from sm2jax.plan import StudyPlan
+from sm2jax.plan import StudyPlan, test_evals
 from sm2jax.probe import probe, probe_cohorts
 from sm2jax.progress import StudyProgress
 from sm2jax.report import assemble_results, partial_results
@@ -198,8 +198,7 @@ class Study:
             if n:
                 alive[r.spec.name] = n
                 delta[r.spec.name] = self.work.steps(budget, r.spec.signature.batch_size) - int(r.field("step").max())
-        ds = self.work.data
-        tests = len(ds.y_test) / len(ds.y_val) if ds.has_test and len(ds.y_val) else 0.0
+        tests = test_evals(self.work.data)
         widths = {r.spec.name: r.width for r in runners}
         reason = self.budget.stop_reason(name, alive, delta, last=p == len(phases) - 1, test_evals=tests, widths=widths)
         return None if reason is None else (name, reason)
