@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import quick_spec
 
 import sm2jax
 from sm2jax.cli import main
 from sm2jax.data import load_digits
 from sm2jax.space import Categorical, LogUniform, SearchSpace
-from sm2jax.spec import StudySpec
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +21,7 @@ def finished(tmp_path_factory):
     """Plain successive halving with two finalists in two cohorts (batch 32 and 64)."""
     root = tmp_path_factory.mktemp("handback")
     space = SearchSpace({"learning_rate": LogUniform(3e-3, 3e-2, num=2), "batch_size": Categorical([32, 64])})
-    spec = StudySpec(
-        space=space.to_json(),
-        dataset="digits",
-        mode="sh",
-        min_budget=1,
-        max_budget=3,
-        eta=3,
-        idle_seconds=0.0,
-        probe_width=False,
-        energy_method="estimated",
-    )
+    spec = quick_spec(space, mode="sh")
     study = sm2jax.Study(root / "s", spec, progress=False)
     return root, study, study.run()
 

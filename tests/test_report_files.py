@@ -4,11 +4,11 @@ import csv
 import json
 
 import pytest
+from conftest import quick_spec
 
 from sm2jax.cli import main
 from sm2jax.figures import pareto_front, plot_score_vs_energy, plot_survival, survival_rows
 from sm2jax.space import Categorical, LogUniform, SearchSpace
-from sm2jax.spec import StudySpec
 from sm2jax.study import Study
 
 
@@ -16,17 +16,7 @@ from sm2jax.study import Study
 def finished(tmp_path_factory):
     directory = tmp_path_factory.mktemp("study") / "s"
     space = SearchSpace({"learning_rate": LogUniform(1e-3, 3e-1, num=3), "batch_size": Categorical([32, 64])}).to_json()
-    spec = StudySpec(
-        space=space,
-        dataset="digits",
-        explore_budget=0.25,
-        min_budget=1,
-        max_budget=3,
-        eta=3,
-        idle_seconds=0.0,
-        probe_width=False,
-        energy_method="estimated",
-    )
+    spec = quick_spec(space)
     results = Study(directory, spec, progress=False).run()
     return directory, results
 
