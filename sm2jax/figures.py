@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sm2jax.energy.ledger import sum_known
+from sm2jax.rounds import parse_label
 from sm2jax.schedule.candidates import non_dominated
 from sm2jax.store.files import write_atomic
 
@@ -149,7 +150,7 @@ def compare_rows(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [g["joules"] for p, g in phases.items() if p in names]
             return sum_known(values)
 
-        training = total([p for p in phases if p == "explore" or p.startswith("rung-")])
+        training = total([p for p in phases if parse_label(p)[1] == "explore" or parse_label(p)[1].startswith("rung-")])
         base = training if base is None else base
         samples = sum(t["samples"] for t in r["trials"]) if "trials" in r else None
         base_samples = samples if base_samples is None else base_samples

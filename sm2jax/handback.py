@@ -34,8 +34,9 @@ from sm2jax.execute.steps import task_loss
 from sm2jax.execute.trainer import abstract_model, abstract_rows, init_settings
 from sm2jax.execute.workload import study_data
 from sm2jax.phases import StudyState
+from sm2jax.rounds import study_proposals
 from sm2jax.space import Config
-from sm2jax.spec import import_modules, read_spec, study_configs
+from sm2jax.spec import import_modules, read_spec
 from sm2jax.store.folder import StudyDir, read_json, write_json
 from sm2jax.tasks import get_task
 
@@ -138,23 +139,30 @@ def load_selected(directory: str | os.PathLike, trial_id: int | None = None, *, 
         raise ValueError(f"the study in {folder.path} selected no configuration: there is no model to load")
     saved = folder.saved_phases()
     state = StudyState.from_json(folder.load_progress(saved[-1]))
-    cohorts = {c.name: c for c in group_into_cohorts(study_configs(folder, spec)[0])}
-    where = next((name for name, ids in state.alive.items() if want in ids), None)
+    proposals, _ = study_proposals(folder, spec)
+    # Where its rows are kept: the last phase's finalists, or those of the round that trained it.
+    phase, alive = saved[-1], state.alive
+    for r in state.rounds:
+        if any(want in ids for ids in r["alive"].values()):
+            phase, alive = r["phase"], r["alive"]
+    round_ = proposals.round_of().get(want, 1)
+    cohorts = {c.name: c for c in group_into_cohorts(proposals.of_round(round_))}
+    where = next((name for name, ids in alive.items() if want in ids), None)
     if where is None:
-        kept = sorted(t for ids in state.alive.values() for t in ids)
+        kept = sorted(
+            {t for m in [state.alive, *(r["alive"] for r in state.rounds)] for ids in m.values() for t in ids}
+        )
         raise ValueError(
-            f"trial {want} has no trained parameters in {folder.path}: its last checkpoint keeps trial(s) {kept} (the finalists; a study from before finalists were kept: its selection only)"
+            f"trial {want} has no trained parameters in {folder.path}: its checkpoints keep trial(s) {kept} (the finalists; a study from before finalists were kept: its selection only)"
         )
     data = results.get("data") or _data_shapes(spec, dataset)
-    abstract = {
-        name: _on_one_device(_abstract(cohorts[name].signature, data, len(ids))) for name, ids in state.alive.items()
-    }
+    abstract = {name: _on_one_device(_abstract(cohorts[name].signature, data, len(ids))) for name, ids in alive.items()}
     checkpoints = folder.checkpoints()
     try:
-        rows = checkpoints.restore(saved[-1], abstract)[where]
+        rows = checkpoints.restore(phase, abstract)[where]
     finally:
         checkpoints.close()
-    row = state.alive[where].index(want)
+    row = alive[where].index(want)
     params, model_state = jax.tree.map(lambda a: np.asarray(a[row]), (rows.params, rows.model_state))
     config = next(c for c in cohorts[where].configs if c.trial_id == want)
     return _trained(cohorts[where].signature, data, params, model_state, config, _scores(results, want), folder.path)

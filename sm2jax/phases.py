@@ -69,6 +69,9 @@ class StudyState:
         ``continued_by``: the attempt).
       budget_checks: every check of a capped study before a phase (:func:`sm2jax.budget.phase_check`):
         what was spent, the phase's predicted cost, the caps, and why it did not start, if it did not.
+      rounds: one record per finished round (:mod:`sm2jax.rounds`): ``round``, ``phase`` (the
+        index of its last phase, whose checkpoint keeps its finalists), ``label``, ``alive`` (cohort
+        name -> its finalists), ``selected``, ``finalists`` and ``test`` of that round alone.
     """
 
     phase: int = -1
@@ -90,6 +93,7 @@ class StudyState:
     stopped: dict[str, Any] | None = None
     stops: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     budget_checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    rounds: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -99,8 +103,11 @@ class StudyState:
         return cls(**blob)
 
     def start(self, trial_ids: Sequence[int]) -> None:
-        """Records the trials that start training (infeasible ones are decided on the spot)."""
+        """Records the trials that start training (infeasible ones are decided on the spot, once)."""
+        decided = {d["trial_id"] for d in self.decisions if d["phase"] == "hardware"}
         for i, reason in self.infeasible.items():
+            if int(i) in decided:
+                continue
             self.decisions.append(
                 {
                     "phase": "hardware",
@@ -273,6 +280,7 @@ def record_phase(
     last: bool,
     energy_method: str,
     stop: Callable[[PhaseDecision], tuple[str, str] | None] | None = None,
+    kind: str | None = None,
 ) -> PhaseDecision:
     """Charges each candidate this phase's joules (``phase_joules``: training and evaluation;
     ``train_joules``: training only, for its cohort's rate), decides, and records it all in
@@ -280,13 +288,16 @@ def record_phase(
 
     ``stop``: asked, before a phase that is not the last, with its decision; ``(next_phase,
     reason)`` makes this phase the last (a budget cannot afford the next one): its candidates are
-    decided as the final rung's are, and the phase's own decision is kept in ``state.stopped``."""
+    decided as the final rung's are, and the phase's own decision is kept in ``state.stopped``.
+    ``kind``: the scheduler's name of the phase where ``phase`` labels it otherwise (a later
+    round's ``r2.explore`` is an ``explore``)."""
+    kind = kind or phase
     training: dict[str, dict[str, Any]] = {}
     for c in candidates:
         record = state.trials[str(c.trial_id)]
         c.energy_last = phase_joules[c.trial_id]
         c.energy_spent = add_known(record["energy_spent"], c.energy_last)
-        record["energy_spent"] = c.energy_spent
+        record.update(energy_spent=c.energy_spent, cohort=c.cohort, samples_total=c.samples_total)
         record["history"].append(
             {
                 "phase": phase,
@@ -306,17 +317,17 @@ def record_phase(
         state.curve(c.trial_id)["val"].append([c.samples_spent, finite_or_none(c.score), phase])
     originals = [c for c in candidates if c.trial_id not in rules.replicate_of]
     replicas = [c for c in candidates if c.trial_id in rules.replicate_of]
-    if replicas and phase == "explore":
+    if replicas and kind == "explore":
         seed_se = measure_seed_noise(state, originals, replicas, rules.replicate_of)
         for c in originals:
             c.seed_se = seed_se
     explored = state.seed_noise[0]["seed_se"] if state.seed_noise else 0.0  # 0 where too few pairs
-    decision = rules.decide(phase, originals, last=last, seed_se=explored)
+    decision = rules.decide(kind, originals, last=last, seed_se=explored)
     stopping = None if last or stop is None else stop(decision)
     if stopping is not None:
         before, reason = stopping
         own = decision
-        decision = rules.decide(phase, originals, last=True)  # its best configuration so far
+        decision = rules.decide(kind, originals, last=True)  # its best configuration so far
         last = True
         state.stopped = {
             "phase": phase,

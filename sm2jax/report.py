@@ -78,10 +78,12 @@ def partial_results(folder: StudyDir) -> dict[str, Any]:
     included, on the interrupted line), and a rough ETA from the rate so far. Reads only."""
     from sm2jax.energy.ledger import read_ledger
     from sm2jax.phases import planned_trial_steps
-    from sm2jax.spec import read_spec, study_configs
+    from sm2jax.rounds import schedule, study_proposals
+    from sm2jax.spec import read_spec
 
     spec = read_spec(folder.path)
-    configs, replicate_of, _ = study_configs(folder, spec)
+    proposals, _ = study_proposals(folder, spec)
+    configs, replicate_of = proposals.all(), proposals.replicate_of
     saved = folder.saved_phases()
     state = StudyState.from_json(folder.load_progress(saved[-1])) if saved else StudyState()
     records = read_ledger(folder.ledger_path)
@@ -106,7 +108,7 @@ def partial_results(folder: StudyDir) -> dict[str, Any]:
         plan=folder.read_plan(spec.to_json()),
     )
     results["note"] = "not selected yet: the study has not finished"
-    phases = spec.phases()
+    phases = [(s.label, s.budget) for s in schedule(spec)]
     done = len(saved)
     results["partial"] = {
         "status": "running" if holder else "interrupted",
@@ -325,6 +327,7 @@ def assemble_results(
         "ledger_damage": ledger_damage or [],
         "curves": progress.curves,
         "yardsticks": progress.yardsticks,
+        "rounds": [{k: v for k, v in r.items() if k != "alive"} for r in progress.rounds],
     }
     totals = [g["joules"] for g in by_phase.values()]
     out["total_joules"] = sum_known(totals)

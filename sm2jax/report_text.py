@@ -9,6 +9,7 @@ from typing import Any
 
 from sm2jax.energy.ledger import sum_known
 from sm2jax.plan import format_plan_vs_actual
+from sm2jax.rounds import phase_order
 
 
 def _joules(value: float | None, method: str | list[str]) -> str:
@@ -46,6 +47,7 @@ def format_results(results: dict[str, Any]) -> str:
         _hyperband,
         _budget,
         _selection,
+        _rounds,
         _phases,
         _totals,
         _hardware,
@@ -72,6 +74,24 @@ def _status(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"  phases left: {', '.join(partial['phases_left']) or 'none'}; best validation score so far: {partial['best_score']}"
             + ("" if eta is None else f"; ETA ~{eta:,.0f} s (rough: the rate so far)")
+        )
+    return lines
+
+
+def _rounds(results: dict[str, Any]) -> list[str]:
+    """A study of several rounds: what each proposed, from how much, and what it selected."""
+    rounds = results.get("rounds") or []
+    if len(rounds) < 2:
+        return []
+    selected = (results.get("selected") or {}).get("trial_id")
+    lines = [f"rounds: {len(rounds)} (round k proposed from every result of the rounds before it)"]
+    for r in rounds:
+        best = next((f for f in r["finalists"] if f["trial_id"] == r["selected"]), None)
+        score = "" if best is None else f": score {best['score']:.4g} +- {best['score_se']:.2g}"
+        source = "at the start" if r["round"] == 1 else f"from {r['observations']} observations"
+        mark = "  <- the study's selection" if r["selected"] == selected and selected is not None else ""
+        lines.append(
+            f"  round {r['round']}: {r['configs']} configurations proposed {source}; selected trial {r['selected']}{score}{mark}"
         )
     return lines
 
@@ -191,7 +211,7 @@ def _phases(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"energy by phase:  {'gross':>30}  " + (f"{'above idle':>12}  " if net_known else "") + f"{'seconds':>8}"
         )
-        order = sorted(results["energy_by_phase"], key=lambda p: (p != "compile", p != "probe", p != "explore", p))
+        order = sorted(results["energy_by_phase"], key=phase_order)
         idle_joules = 0.0
         for phase in order:
             g = results["energy_by_phase"][phase]

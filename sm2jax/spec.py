@@ -18,6 +18,7 @@ from sm2jax.budgets import rung_budgets, steps_for
 from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, check_dataset_options, registered_dataset
 from sm2jax.energy.ledger import DEFAULT_INTENSITY_G_PER_KWH
 from sm2jax.energy.meters import DEFAULT_WATTS_PER_CORE
+from sm2jax.rounds import check_rounds, propose, warm_observations
 from sm2jax.schedule import get_scheduler
 from sm2jax.schedule.candidates import (
     DEFAULT_ENERGY_NOISE,
@@ -69,6 +70,7 @@ def _check_type(name: str, annotation: str, value: Any) -> None:
 
 _RANGES = (  # (field, bound, bound allowed)
     ("num_samples", 1, True),
+    ("rounds", 1, True),
     ("max_configurations", 1, True),
     ("replicates", 0, True),
     ("seed", 0, True),
@@ -199,6 +201,13 @@ class StudySpec:
         change on resume. ``None``: no cap.
       target_score: the score the ``cost_to_target`` objective asks for: configurations that
         reached it rank by the energy they spent to reach it, before every one that has not.
+      rounds: the schedule runs over this many rounds of proposals, ``num_samples`` split over
+        them; round ``k`` is proposed from every result of the rounds before (:mod:`sm2jax.rounds`;
+        with ``sampler="tpe"`` a model learns from them). 1: every configuration at the start.
+      extensions: the rounds ``sm2jax extend`` added, each ``{"samples": N, "rounds": R}`` (the
+        spec records the study's growth; write them with ``extend``, not by hand).
+      warm_start: a folder holding another study of the same space, whose results seed the model
+        of the first round (a searcher that learns); its configurations are not trained again.
     """
 
     space: dict[str, Any]
@@ -246,6 +255,9 @@ class StudySpec:
     max_energy_joules: float | None = None
     max_wall_seconds: float | None = None
     target_score: float | None = None
+    rounds: int = 1
+    extensions: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    warm_start: str | None = None
     dataset_fingerprint: str | None = None
     imports: list[str] = dataclasses.field(default_factory=list)
 
@@ -261,6 +273,7 @@ class StudySpec:
         get_scheduler(self.mode)  # one line naming the known schedulers
         get_searcher(self.sampler)  # one line naming the known searchers
         self._check_size()
+        check_rounds(self)
         rung_budgets(self.min_budget, self.max_budget, self.eta)  # validates
         if self.rungs is not None:
             r = [float(x) for x in self.rungs]
@@ -302,7 +315,7 @@ class StudySpec:
         without making them (``None``: a space not of :meth:`SearchSpace.to_json`'s form)."""
         if get_searcher(self.sampler).fixed_size:
             return SearchSpace.grid_size_of(self.space) if self.sampler == "grid" else None
-        return self.num_samples
+        return self.num_samples + sum(int(e.get("samples", 0)) for e in self.extensions if isinstance(e, dict))
 
     def _check_size(self) -> None:
         count = self.configuration_count()
@@ -323,10 +336,10 @@ class StudySpec:
         return get_scheduler(self.mode).phases(self)
 
     def configs(self) -> list[Config]:
-        """The configurations the spec's searcher (``sampler``) proposes for a new study (a study
-        keeps what was proposed: :func:`study_configs`)."""
-        space = SearchSpace.from_json(self.space)
-        return get_searcher(self.sampler).propose(space, self.num_samples, seed=self.seed, multiple=self.width or 8)
+        """The configurations the spec's searcher (``sampler``) proposes for a new study's first
+        round, from a warm start's results if it has one (a study keeps what was proposed:
+        :func:`study_configs`; later rounds: :mod:`sm2jax.rounds`)."""
+        return propose(self, 1, warm_observations(self), first_id=0)
 
     def trial_configs(self) -> list[Config]:
         """The configurations, then their seed replicates (:meth:`replicate_of`), in trial-id order."""
@@ -378,11 +391,6 @@ def study_configs(folder: StudyDir, spec: StudySpec) -> tuple[list[Config], dict
         raise ValueError(
             f"{folder.proposals_path} is damaged ({type(err).__name__}: {err}): restore it from a backup (it holds what the study trained)"
         ) from None
-
-
-def proposals_blob(configs: list[Config], replicate_of: dict[int, int]) -> dict[str, Any]:
-    """What ``proposals.json`` holds (:func:`study_configs`)."""
-    return {"configs": [c.to_json() for c in configs], "replicate_of": {str(k): v for k, v in replicate_of.items()}}
 
 
 def read_spec(directory: str | os.PathLike) -> StudySpec:

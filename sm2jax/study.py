@@ -40,8 +40,9 @@ from sm2jax.plan import StudyPlan, test_evals
 from sm2jax.probe import probe, probe_cohorts
 from sm2jax.progress import StudyProgress
 from sm2jax.report import assemble_results, partial_results
+from sm2jax.rounds import observations, propose, schedule, select_across_rounds, study_proposals, warm_observations
 from sm2jax.schedule import get_scheduler
-from sm2jax.spec import StudySpec, bind, current_form, proposals_blob, read_spec, study_configs
+from sm2jax.spec import StudySpec, bind, current_form, read_spec
 from sm2jax.store.checkpoint import CheckpointError, StudyCheckpoints
 from sm2jax.store.folder import StudyDir
 from sm2jax.tasks import get_task
@@ -87,9 +88,10 @@ class Study:
         self.progress_bar = progress and is_primary()
         # With SM2's seed replicates; a bad space fails here, before anything is written. A study
         # that has run takes what its searcher proposed then (proposals.json), never proposes again.
-        configs, replicate_of, kept = study_configs(self.folder, spec)
-        self.rules = DecisionRules.of(spec, objective, replicate_of, get_scheduler(spec.mode))
-        self.configs = {c.trial_id: c for c in configs}
+        self.proposals, kept = study_proposals(self.folder, spec)
+        self.rules = DecisionRules.of(spec, objective, self.proposals.replicate_of, get_scheduler(spec.mode))
+        self.configs = {c.trial_id: c for c in self.proposals.all()}
+        self.steps = schedule(spec)
         if not self.configs:
             raise ValueError("the search space produced no configuration")
         data = study_data(spec, dataset)  # a data set not prepared, or not known, fails before anything is written
@@ -99,7 +101,7 @@ class Study:
         self.folder.claim(spec.to_json(), normalise=current_form)
         if is_primary():
             if not kept:
-                self.folder.write_proposals(proposals_blob(configs, replicate_of))
+                self.folder.write_proposals(self.proposals.to_json())
             if plan is not None:
                 self.folder.write_plan(plan)
         barrier("sm2jax-claim")  # spec.json is written (by process 0) before any process reads on
@@ -234,17 +236,16 @@ class Study:
         measure = not saved or not self.folder.exists("hardware.json")
         barrier("sm2jax-setup")  # every process has read the folder before process 0 writes to it
         damage = self.energy.open()
-        self._events_done = 0
         try:
-            hardware = self._hardware(measure)
+            hardware = self.energy.hardware_record(self.folder, measure, self.spec.idle_seconds)
         except BaseException:
             self.energy.close()  # the meter (and NVML) opened above is closed on every path
             raise
-        cohorts = {c.name: c for c in group_into_cohorts(list(self.configs.values()))}
         state, runners, start = None, [], 0
         for phase in reversed(saved):
             try:
                 state = StudyState.from_json(self.folder.load_progress(phase))
+                cohorts = self._cohorts(self.steps[phase].round)
                 runners, start = self.work.restore_runners(state, phase, self.folder, cohorts), phase + 1
                 break
             except (CheckpointError, OSError, ValueError, KeyError, TypeError) as err:
@@ -256,25 +257,21 @@ class Study:
         self._progress = progress = StudyProgress(self.progress_bar)
         finished = False
         try:
-            if state is not None and state.stopped is not None and start < len(self.spec.phases()):
+            if state is not None and state.stopped is not None and start < len(self.steps):
                 runners = self._continue_after_stop(state, runners, start)
             if state is None:
                 state = StudyState(metric_name=get_task(self.work.data.task).metric_name)
-                progress.plan(sum(self.work.plan(c.size, c.signature.batch_size, 0, 0) for c in cohorts.values()))
-                for i, c in enumerate(cohorts.values(), start=1):  # seconds to minutes each: the line says which
-                    progress.say(f"compiling (or loading) the programs of cohort {i}/{len(cohorts)}, {c.name}")
-                    with blame(c, "compile"):  # the first trace runs the user's model, loss and optimizer
-                        runners += [r] if (r := self.work.create_runner(c, state)) is not None else []
-                state.start([t for r in runners for t in r.trial_ids])
-            for p in range(start, len(self.spec.phases())):
-                if not runners:
-                    break
-                runners = self._run_phase(p, runners, state, checkpoints)
+                runners = self._start_round(1, state)
+            for p in range(start, len(self.steps)):
+                if self.steps[p].index == 0 and self.steps[p].round > 1:  # a round's proposals, then its cohorts
+                    runners = self._start_round(self.steps[p].round, state)
+                if runners:  # (none: a stop, or a round with nothing that runs here, goes on to the next)
+                    runners = self._run_phase(p, runners, state, checkpoints)
             finished = True
             self.metering.flush()
             self.metering.close_span()  # the attempt's whole span, windows and the time between them
             self._state = state
-            hardware = self._record_meter_events(hardware)
+            hardware = self.energy.record_events(self.folder, self.metering.attempt, hardware)
             return assemble_results(
                 state,
                 self.energy.ledger.records(),
@@ -301,61 +298,58 @@ class Study:
                     self.metering.close_span()
             finally:
                 checkpoints.close()
-                self._record_meter_events()
+                self.energy.record_events(self.folder, self.metering.attempt)
                 self.energy.close()
 
-    def _record_meter_events(self, hardware: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        """Adds what changed on the metered devices during this attempt and is not recorded yet (a
-        power limit, a new process) to ``hardware.json``'s ``meter_events``, each with its attempt;
-        returns the hardware record with them (``hardware``: the one read at the start)."""
-        events = self.energy.events()[self._events_done :]
-        if not events or not is_primary():
-            return hardware
-        try:
-            hardware = self.folder.read_hardware()
-            hardware["meter_events"] = [
-                *hardware.get("meter_events", []),
-                *({**e, "attempt": self.metering.attempt} for e in events),
-            ]
-            self.folder.write_hardware(hardware)
-            self._events_done += len(events)
-        except (OSError, ValueError) as err:
-            warnings.warn(f"the meter's events were not added to hardware.json ({err})", RuntimeWarning, stacklevel=2)
-        return hardware
+    def _cohorts(self, round_: int) -> dict[str, Any]:
+        """Round ``round_``'s cohorts by name (each round is grouped alone, as it was started)."""
+        return {c.name: c for c in group_into_cohorts(self.proposals.of_round(round_))}
+
+    def _start_round(self, round_: int, state: StudyState) -> list[CohortRunner]:
+        """Round ``round_``'s runners: its configurations as kept in ``proposals.json``, or proposed
+        now from every result so far (and a warm start's) and kept before anything trains; then
+        its cohorts, compiled or loaded (a cohort an earlier round compiled is in the table)."""
+        progress = self._progress
+        if round_ > self.proposals.rounds():
+            progress.say(f"round {round_}: proposing from {len(state.trials)} configurations measured so far")
+            history = observations(
+                state.trials,
+                self.configs,
+                {s.label: s.budget for s in self.steps},
+                state.cohort_energy,
+                replicate_of=self.rules.replicate_of,
+                round_of=self.proposals.round_of(),
+            )
+            history += warm_observations(self.spec)
+            running = [c for t, c in self.configs.items() if str(t) not in state.infeasible]
+            configs = propose(self.spec, round_, history, first_id=max(self.configs) + 1, compiled=running)
+            self.proposals.add(round_, configs, sampler=self.spec.sampler, observations=len(history))
+            if is_primary():
+                self.folder.write_proposals(self.proposals.to_json())  # kept before any of it trains
+            barrier("sm2jax-proposals")
+            self.configs.update({c.trial_id: c for c in configs})
+        cohorts = list(self._cohorts(round_).values())
+        progress.plan(sum(self.work.plan(c.size, c.signature.batch_size, 0, 0) for c in cohorts))
+        runners = []
+        for i, c in enumerate(cohorts, start=1):  # seconds to minutes each: the line says which
+            progress.say(f"compiling (or loading) the programs of cohort {i}/{len(cohorts)}, {c.name}")
+            with blame(c, "compile"):  # the first trace runs the user's model, loss and optimizer
+                runners += [r] if (r := self.work.create_runner(c, state)) is not None else []
+        state.start([t for r in runners for t in r.trial_ids])
+        return runners
 
     def probe_cohorts(self, fraction: float, min_call_seconds: float = 0.25) -> dict[str, Any]:
         """This study's cohorts probed (:func:`sm2jax.probe.probe_cohorts`), in its folder."""
         return probe_cohorts(self, fraction, min_call_seconds)
 
-    def _hardware(self, measure: bool) -> dict[str, Any]:
-        """``hardware.json``: measured (the idle baseline) on a first start, read back on a resume;
-        one that cannot be read is measured again, with a warning."""
-        if not measure:
-            try:
-                hardware = self.folder.read_hardware()
-                self.energy.use_hardware(hardware)
-                return hardware
-            except (ValueError, KeyError, TypeError) as err:
-                warnings.warn(
-                    f"{self.folder.hardware_path} cannot be read ({err}); measuring it again",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        self.folder.write_hardware(self.energy.measure_hardware(self.spec.idle_seconds))
-        barrier("sm2jax-hardware")
-        hardware = self.folder.read_hardware()
-        self.energy.use_hardware(hardware)
-        return hardware
-
     def _run_phase(
         self, p: int, runners: list[CohortRunner], state: StudyState, checkpoints: StudyCheckpoints
     ) -> list[CohortRunner]:
-        phases, work = self.spec.phases(), self.work
-        name, budget = phases[p]
-        last = p == len(phases) - 1
+        step, work = self.steps[p], self.work
+        name, budget, last, local = step.label, step.budget, step.round_end, step.index
         targets = {r.spec.name: work.steps(budget, r.spec.signature.batch_size) for r in runners}
         progress = self._progress
-        progress.plan(sum(work.planned(r, p) for r in runners))  # re-planned from the trials alive
+        progress.plan(sum(work.planned(r, local) for r in runners))  # re-planned from the trials alive
         candidates = []
         for r in runners:
             alive = sum(x.k for x in runners)
@@ -364,9 +358,9 @@ class Study:
             with blame(r.spec, name):
                 # An untrained model's score is the reference for "has it learned?"; for classification
                 # that reference is chance, so the evaluations of untrained models are skipped there.
-                base = r.evaluate("explore") if name == "explore" and work.chance is None else None
+                base = r.evaluate(name) if step.name == "explore" and work.chance is None else None
                 before = {t: state.trials[str(t)]["samples_spent"] for t in r.trial_ids}
-                planned = work.planned(r, p)
+                planned = work.planned(r, local)
                 win = {"window_seconds": self.spec.window_seconds, "steps_per_window": self.spec.steps_per_window}
                 trained = r.train_to(targets[r.spec.name], name, planned_trial_steps=planned, on_steps=on_steps, **win)
                 bs = r.spec.signature.batch_size
@@ -382,7 +376,15 @@ class Study:
         joules = [self.metering.trial_joules(name, ids, kinds) for kinds in (("train", "eval"), ("train",))]
         stop = None if last else lambda d: self._stop_reason(p + 1, runners, set(d.kept))
         decision = record_phase(
-            state, name, candidates, *joules, self.rules, last=last, energy_method=self.energy.method, stop=stop
+            state,
+            name,
+            candidates,
+            *joules,
+            self.rules,
+            last=last,
+            energy_method=self.energy.method,
+            stop=stop,
+            kind=step.name,
         )
         state.budget_checks += self.budget.take_checks()
         if not last and state.stopped is not None:  # the budget cannot afford the next phase: this one is the last
@@ -401,7 +403,7 @@ class Study:
             if len(ids) < r.k:
                 r.select(ids)
                 if not last:
-                    r.narrow_for_survivors(work.planned(r, p + 1))
+                    r.narrow_for_survivors(work.planned(r, local + 1))
             if last and work.data.has_test:  # once, for the selected configuration only
                 with blame(r.spec, f"{name} (test split)"):
                     state.test = {"trial_id": ids[0], **r.evaluate(name, split="test").first()}
@@ -414,6 +416,7 @@ class Study:
             state.alive = {name: ids for name, (ids, _, _) in final_rows.items()}
             state.runners = {name: r.to_json() for name, (_, _, r) in final_rows.items()}
             saved = {name: rows for name, (_, rows, _) in final_rows.items()}
+            self._end_round(p, state)
         else:
             state.alive = {r.spec.name: r.trial_ids for r in survivors}
             state.runners = {r.spec.name: r.to_json() for r in survivors}
@@ -423,16 +426,49 @@ class Study:
         self._commit(p, state, checkpoints, saved, last)
         return [] if last else survivors  # a phase a budget made the last ends the study
 
+    def _end_round(self, p: int, state: StudyState) -> None:
+        """Records round ``steps[p].round`` as finished (its selection, finalists, test score and
+        where its finalists are kept) and, after the first, selects over every round so far."""
+        step = self.steps[p]
+        ends = [q for q, s in enumerate(self.steps[:p]) if s.round_end]
+        recorded = {r["round"] for r in state.rounds}
+        for q in ends:  # a round that ended before rounds were recorded (a study extended since)
+            if self.steps[q].round not in recorded:
+                earlier = StudyState.from_json(self.folder.load_progress(q))
+                state.rounds.append(_round_record(self.steps[q], q, earlier, self.proposals))
+        state.rounds = sorted([r for r in state.rounds if r["round"] != step.round], key=lambda r: r["round"])
+        state.rounds.append(_round_record(step, p, state, self.proposals))
+        if len(state.rounds) > 1:
+            select_across_rounds(state, self.rules, step.name)
+
     def _commit(self, p: int, state: StudyState, checkpoints: StudyCheckpoints, saved: dict, last: bool) -> None:
         """Records phase ``p``: its checkpoint and progress, then the viewers that follow the study."""
         # Ctrl-C and SIGTERM wait for the commit and the viewers (TensorBoard's writer hangs if cut).
         with deferred_interrupts():
-            self.folder.commit_phase(p, state.to_json(), checkpoints, saved)
+            keep = [r["phase"] for r in state.rounds]  # every round's finalists stay loadable
+            self.folder.commit_phase(p, state.to_json(), checkpoints, saved, keep=keep)
             self._committed += 1
             if is_primary():  # TensorBoard and optuna-dashboard follow the study while it runs
                 viewed = {"curves": state.curves, "hparams": self._hparams(state)}
                 write_viewers(self.directory, viewed, state.trials, optuna=False)
                 self._follow_in_optuna(last)
+
+
+def _round_record(step: Any, p: int, state: StudyState, proposals: Any) -> dict[str, Any]:
+    """What :attr:`StudyState.rounds` keeps of a round that ended at phase ``p``: where its
+    finalists are kept, its selection, finalists and test score, and what it was proposed from."""
+    about = proposals.later[step.round - 2] if step.round > 1 else {}
+    return {
+        "round": step.round,
+        "phase": p,
+        "label": step.label,
+        "alive": dict(state.alive),
+        "configs": len(proposals.of_round(step.round)),
+        "observations": about.get("observations", 0),
+        "selected": state.selected,
+        "finalists": state.finalists,
+        "test": state.test,
+    }
 
 
 def plan_study(spec: StudySpec, **kwargs: Any) -> StudyPlan:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any
 
 import jax
 
-from sm2jax.distributed import is_primary
+from sm2jax.distributed import barrier, is_primary
 from sm2jax.energy.gpus import jax_gpus
 from sm2jax.energy.ledger import EnergyLedger
 from sm2jax.energy.metering import Metering
@@ -59,6 +60,7 @@ class EnergyStack:
         self.meter = DistributedMeter(meter) if jax.process_count() > 1 else meter
         self.monitor = EnergyMonitor(self.meter)
         self._closed = False
+        self._events_done = 0  # meter events already in hardware.json (this attempt)
 
     @classmethod
     def of(cls, spec: Any, devices: list[Any], ledger_path: str | os.PathLike, **kwargs: Any) -> EnergyStack:
@@ -104,11 +106,48 @@ class EnergyStack:
             self.metering.monitor = self.monitor
         damage = self.ledger.open()
         self.metering.start()
+        self._events_done = 0
         return damage
 
     def events(self) -> list[dict[str, Any]]:
         """What changed on the metered devices during this attempt (power limits, new processes)."""
         return list(self.meter.events)
+
+    def hardware_record(self, folder: Any, measure: bool, idle_seconds: float) -> dict[str, Any]:
+        """A study's ``hardware.json`` (``folder``: its :class:`~sm2jax.store.folder.StudyDir`):
+        measured (the idle baseline, over ``idle_seconds``) on a first start, read back on a resume;
+        one that cannot be read is measured again, with a warning. Its idle baseline is used."""
+        if not measure:
+            try:
+                hardware = folder.read_hardware()
+                self.use_hardware(hardware)
+                return hardware
+            except (ValueError, KeyError, TypeError) as err:
+                warnings.warn(
+                    f"{folder.hardware_path} cannot be read ({err}); measuring it again", RuntimeWarning, stacklevel=3
+                )
+        folder.write_hardware(self.measure_hardware(idle_seconds))
+        barrier("sm2jax-hardware")
+        hardware = folder.read_hardware()
+        self.use_hardware(hardware)
+        return hardware
+
+    def record_events(self, folder: Any, attempt: int, hardware: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Adds what changed on the metered devices during this attempt and is not recorded yet (a
+        power limit, a new process) to ``folder``'s ``hardware.json`` (``meter_events``), each with
+        its ``attempt``; returns the hardware record with them (``hardware``: the one read at the
+        start)."""
+        events = self.events()[self._events_done :]
+        if not events or not is_primary():
+            return hardware
+        try:
+            hardware = folder.read_hardware()
+            hardware["meter_events"] = [*hardware.get("meter_events", []), *({**e, "attempt": attempt} for e in events)]
+            folder.write_hardware(hardware)
+            self._events_done += len(events)
+        except (OSError, ValueError) as err:
+            warnings.warn(f"the meter's events were not added to hardware.json ({err})", RuntimeWarning, stacklevel=2)
+        return hardware
 
     def use_hardware(self, hardware: dict[str, Any]) -> None:
         """Takes the idle baseline of a study's ``hardware.json`` for net energy."""

@@ -4,7 +4,9 @@ proposed (``proposals.json``: never derived again).
 A searcher is a :class:`Searcher` registered under a name (a study's ``sampler``). Built in:
 ``grid`` (every point of the space's grid), ``random`` (independent draws), and the cohort-aware
 ``sobol``, ``halton`` and ``cohort_random`` (:mod:`sm2jax.sampling`: the static part first, then
-traced points filling each cohort in multiples of its vmap width). Adding one is a new file::
+traced points filling each cohort in multiples of its vmap width), and the model-based ``tpe``
+(:mod:`sm2jax.search.tpe`: Optuna's TPE fitted on the study's results, batched per cohort), which
+learns from the results of earlier rounds (:mod:`sm2jax.rounds`). Adding one is a new file::
 
     from sm2jax.search import Searcher, register_searcher
 
@@ -17,7 +19,8 @@ traced points filling each cohort in multiples of its vmap width). Adding one is
     register_searcher(Corners())
 
 and ``StudySpec(sampler="corners", ...)`` uses it (the module that registered it is recorded in the
-study's ``imports``, so ``sm2jax resume`` finds it).
+study's ``imports``, so ``sm2jax resume`` finds it). A searcher that sets ``learns = True`` is also
+given a :class:`SearchContext` (``context=``): the study's objective and the cohorts already compiled.
 """
 
 from __future__ import annotations
@@ -33,14 +36,30 @@ from sm2jax.space import Config, SearchSpace
 @dataclasses.dataclass(frozen=True)
 class Observation:
     """One measured result a searcher may learn from: a configuration's ``values``, the cumulative
-    ``budget`` it was scored at, its validation ``score`` (higher is better) and the ``joules``
-    spent on it so far (``None``: unavailable)."""
+    ``budget`` it was scored at, its validation ``score`` (higher is better) and its standard error
+    ``score_se``, the ``joules`` spent on it so far and ``train_joules``, what training it to the
+    full budget costs (its cohort's measured joules per sample times the full budget's samples);
+    ``None``: unavailable. ``round``: the round that proposed it (0: a warm start's)."""
 
     trial_id: int
     values: dict[str, Any]
     budget: float
     score: float | None
     joules: float | None = None
+    score_se: float | None = None
+    train_joules: float | None = None
+    round: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchContext:
+    """What a learning searcher (``learns = True``) is told besides the history: the study's
+    ``objective`` and final tie width ``final_z`` (what it selects on), and ``compiled``, the
+    static values of the cohorts the study has already compiled (a proposal there compiles nothing)."""
+
+    objective: str = "performance"
+    final_z: float = 0.5
+    compiled: tuple[dict[str, Any], ...] = ()
 
 
 class Searcher:
@@ -49,10 +68,13 @@ class Searcher:
     Attributes:
       name: the name a study's ``sampler`` gives it.
       fixed_size: it proposes a set of its own size (the grid), whatever ``n`` asks for.
+      learns: its proposals depend on the history: it is given a :class:`SearchContext`, and a
+        study may warm-start it (``warm_start``).
     """
 
     name: str = ""
     fixed_size: bool = False
+    learns: bool = False
 
     def propose(
         self,
@@ -124,3 +146,8 @@ class CohortSearcher(Searcher):
 
 for _searcher in (GridSearcher(), RandomSearcher(), *(CohortSearcher(m) for m in ("sobol", "halton", "cohort_random"))):
     register_searcher(_searcher)
+
+
+from sm2jax.search import tpe as _tpe  # noqa: E402  (registers "tpe")
+
+del _tpe

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -36,7 +37,8 @@ class StudyCheckpoints:
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
         self.directory = os.path.abspath(os.fspath(directory))
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True)
+        self.max_to_keep = max_to_keep  # pruned by :meth:`prune`, which also keeps named steps
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=True, create=True)
         with _quiet_orbax():
             self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -65,6 +67,16 @@ class StudyCheckpoints:
                 return self.manager.restore(phase, args=ocp.args.StandardRestore(abstract))
         except Exception as err:
             raise CheckpointError(f"checkpoint of phase {phase} is unreadable: {type(err).__name__}: {err}") from err
+
+    def prune(self, keep: Sequence[int] = ()) -> list[int]:
+        """Deletes every committed step but the newest ``max_to_keep`` and those in ``keep`` (the
+        last phase of every round: its finalists stay loadable); returns the deleted steps."""
+        steps = self.steps()
+        gone = [s for s in steps[: -self.max_to_keep] if s not in set(keep)]
+        with _quiet_orbax():
+            for step in gone:
+                self.manager.delete(step)
+        return gone
 
     def discard_after(self, phase: int) -> list[int]:
         """Deletes every step after ``phase``: a step the study cannot trust (corrupt, or committed

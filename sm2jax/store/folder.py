@@ -37,7 +37,7 @@ import os
 import re
 import socket
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -410,10 +410,16 @@ class StudyDir:
         write_json(self.results_path, blob)
 
     def commit_phase(
-        self, phase: int, progress: dict[str, Any], checkpoints: StudyCheckpoints, rows: dict[str, Any]
+        self,
+        phase: int,
+        progress: dict[str, Any],
+        checkpoints: StudyCheckpoints,
+        rows: dict[str, Any],
+        keep: Sequence[int] = (),
     ) -> None:
         """Records phase ``phase`` as done: the survivors' ``rows`` (cohort name -> host rows) are
-        checkpointed and committed first, then the progress record is renamed into place."""
+        checkpointed and committed first, then the progress record is renamed into place; older
+        checkpoints but the newest few and those of the phases in ``keep`` are then deleted."""
         if rows:  # Orbax refuses an empty tree; a phase with no survivor needs no checkpoint
             try:
                 checkpoints.save(phase, rows)
@@ -424,6 +430,7 @@ class StudyDir:
                     f"cannot write the checkpoint of phase {phase} in {checkpoints.directory} ({why}); free some space, then `sm2jax resume {self.path}` (finished phases are kept)"
                 ) from err
         write_json(self.progress_path(phase), progress)
+        checkpoints.prune(keep)  # (every process, as Orbax's own retention did)
 
     def discard_after(self, phase: int, checkpoints: StudyCheckpoints) -> None:
         """Removes what a resumed study cannot trust after ``phase`` (the last one it restored):

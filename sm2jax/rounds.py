@@ -1,0 +1,334 @@
+"""Rounds of proposals: a study runs its schedule over rounds, each proposed from what came before.
+
+A study of ``rounds = R`` splits ``num_samples`` over R rounds (``sm2jax extend`` adds more: the
+spec's ``extensions``). Each round runs the whole schedule (SM2's exploration and rungs, plain
+successive halving's rungs, ...) on its own configurations; round ``k``'s configurations are
+proposed by the study's searcher from every result of rounds ``< k`` at every budget reached (a
+model-based searcher picks its budget: :mod:`sm2jax.search.tpe`), and from a warm start's results.
+The proposals of each round are written to ``proposals.json`` when made, before anything of the
+round trains, so a resume takes them back and never proposes again.
+
+The study's selection is decided over the final rungs of every round as the final rung decides
+(:func:`select_across_rounds`): a configuration trained to the full budget in round 1 competes with
+round 3's on the same terms. Round 1's phases keep their names (``explore``, ``rung-1``, ...; a
+study of one round is exactly what it was before rounds); round ``k > 1``'s are ``rK.explore``, ...
+
+Everything here is pure, or reads a folder; nothing trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from sm2jax.search import Observation, SearchContext, get_searcher
+from sm2jax.space import Config, SearchSpace
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One phase of a study's whole schedule: its ``round``, its ``index`` inside the round, the
+    scheduler's ``name`` for it (``explore``, ``rung-2``), its ``label`` in the study's records
+    (unique over rounds) and its cumulative ``budget``; ``round_end``: the last phase of its round."""
+
+    round: int
+    index: int
+    name: str
+    label: str
+    budget: float
+    round_end: bool
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` configurations over ``parts`` rounds, as evenly as can be (earlier rounds first)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def round_sizes(spec: Any) -> list[int]:
+    """How many configurations each round proposes: ``num_samples`` over ``rounds``, then each
+    extension's ``samples`` over its ``rounds``."""
+    sizes = split(spec.num_samples, spec.rounds)
+    for ext in spec.extensions:
+        sizes += split(int(ext["samples"]), int(ext.get("rounds", 1)))
+    return sizes
+
+
+def label(round_: int, name: str) -> str:
+    return name if round_ == 1 else f"r{round_}.{name}"
+
+
+def parse_label(text: str) -> tuple[int, str]:
+    """``(round, name)`` of a phase label (:func:`label`'s inverse; a plain name is round 1's)."""
+    head, dot, rest = text.partition(".")
+    if dot and head[:1] == "r" and head[1:].isdigit():
+        return int(head[1:]), rest
+    return 1, text
+
+
+def phase_order(text: str) -> tuple:
+    """A sort key for phase labels and the ledger's other phases: compilation, the probe, then
+    each round's phases in the order they run (exploration first, rungs by number)."""
+    round_, name = parse_label(text)
+    number = name.rpartition("-")[2]
+    return (text != "compile", text != "probe", round_, name != "explore", int(number) if number.isdigit() else 0, name)
+
+
+def schedule(spec: Any) -> list[Step]:
+    """Every phase of every round, in the order the study runs them."""
+    phases = spec.phases()
+    return [
+        Step(k, i, name, label(k, name), budget, i == len(phases) - 1)
+        for k in range(1, len(round_sizes(spec)) + 1)
+        for i, (name, budget) in enumerate(phases)
+    ]
+
+
+def check_rounds(spec: Any) -> None:
+    """One line for rounds a spec cannot run (called by :class:`~sm2jax.spec.StudySpec`)."""
+    searcher = get_searcher(spec.sampler)
+    grown = len(round_sizes(spec)) > 1
+    if grown and searcher.fixed_size:
+        raise ValueError(
+            f"sampler {spec.sampler!r} proposes its whole set at once, so it cannot run in rounds: use --set rounds=1, or a sampler that proposes (tpe learns from earlier rounds; sobol, random)"
+        )
+    if spec.num_samples < spec.rounds:
+        raise ValueError(
+            f"num_samples ({spec.num_samples}) is below rounds ({spec.rounds}): each round proposes at least one configuration; raise --samples or lower --set rounds"
+        )
+    for ext in spec.extensions:
+        if (
+            not isinstance(ext, dict)
+            or int(ext.get("samples", 0)) < int(ext.get("rounds", 1))
+            or int(ext.get("rounds", 1)) < 1
+        ):
+            raise ValueError(
+                f"extensions: {ext!r} must be {{'samples': N, 'rounds': R}} with N >= R >= 1 (sm2jax extend writes them)"
+            )
+    if spec.warm_start is not None and not searcher.learns:
+        raise ValueError(
+            f"warm_start seeds a searcher's model, and sampler {spec.sampler!r} learns nothing: use --set sampler=tpe, or drop warm_start"
+        )
+    if grown and (spec.max_energy_joules is not None or spec.max_wall_seconds is not None):
+        raise ValueError(
+            "a budget (--budget-kwh, --budget-hours) caps a study of one round: run the rounds without one, or --set rounds=1"
+        )
+
+
+# ------------------------------------------------------------------------------------ proposals
+
+
+@dataclasses.dataclass
+class Proposals:
+    """What a study's searcher proposed, by round (``proposals.json``): round 1's configurations
+    (seed replicates included) and ``replicate_of`` where they always were, and each later round's
+    configurations with what they were proposed from (``rounds``)."""
+
+    first: list[Config]
+    replicate_of: dict[int, int]
+    later: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, blob: dict[str, Any]) -> Proposals:
+        later = [{**r, "configs": [Config.from_json(c) for c in r["configs"]]} for r in blob.get("rounds", [])]
+        first = [Config.from_json(c) for c in blob["configs"]]
+        return cls(first, {int(k): int(v) for k, v in blob["replicate_of"].items()}, later)
+
+    def to_json(self) -> dict[str, Any]:
+        blob = {
+            "configs": [c.to_json() for c in self.first],
+            "replicate_of": {str(k): v for k, v in self.replicate_of.items()},
+        }
+        if self.later:
+            blob["rounds"] = [{**r, "configs": [c.to_json() for c in r["configs"]]} for r in self.later]
+        return blob
+
+    def rounds(self) -> int:
+        return 1 + len(self.later)
+
+    def of_round(self, round_: int) -> list[Config]:
+        return self.first if round_ == 1 else self.later[round_ - 2]["configs"]
+
+    def all(self) -> list[Config]:
+        return [c for k in range(1, self.rounds() + 1) for c in self.of_round(k)]
+
+    def round_of(self) -> dict[int, int]:
+        return {c.trial_id: k for k in range(1, self.rounds() + 1) for c in self.of_round(k)}
+
+    def add(self, round_: int, configs: list[Config], **about: Any) -> None:
+        if round_ != self.rounds() + 1:
+            raise ValueError(f"round {round_} proposed after round {self.rounds()}")
+        self.later.append({"round": round_, **about, "configs": configs})
+
+
+def observations(
+    trials: dict[str, dict[str, Any]],
+    configs: dict[int, Config],
+    budgets: dict[str, float],
+    cohort_energy: dict[str, list[dict[str, Any]]],
+    *,
+    replicate_of: dict[int, int],
+    round_of: dict[int, int],
+) -> list[Observation]:
+    """Every result a study has: one :class:`Observation` per trial and phase it was scored in
+    (``trials``: :attr:`~sm2jax.phases.StudyState.trials`; ``budgets``: phase label -> budget).
+    Seed replicates are left out (they measure the noise: their configuration is observed)."""
+    out = []
+    for key, record in trials.items():
+        t = int(key)
+        if t in replicate_of or t not in configs:
+            continue
+        rate = _cohort_rate(cohort_energy.get(record.get("cohort", ""), []))
+        total = record.get("samples_total")
+        train = rate * total if rate is not None and total else None
+        for h in record["history"]:
+            if h["phase"] in budgets:
+                out.append(
+                    Observation(
+                        trial_id=t,
+                        values=dict(configs[t].values),
+                        budget=budgets[h["phase"]],
+                        score=h["score"],
+                        joules=h["energy_spent"],
+                        score_se=h.get("score_se"),
+                        train_joules=train,
+                        round=round_of.get(t, 1),
+                    )
+                )
+    return out
+
+
+def _cohort_rate(history: list[dict[str, Any]]) -> float | None:
+    """A cohort's joules per training sample over its phases (``None``: any unavailable)."""
+    used = [h for h in history if h["samples"] > 0]
+    if not used or any(h["joules"] is None for h in used):
+        return None
+    return sum(h["joules"] for h in used) / sum(h["samples"] for h in used)
+
+
+def warm_observations(spec: Any) -> list[Observation]:
+    """The results of the study in ``spec.warm_start`` (another study of the same space), as
+    observations of round 0 with negative trial ids (they are never this study's trials)."""
+    if spec.warm_start is None:
+        return []
+    from sm2jax.phases import StudyState
+    from sm2jax.spec import read_spec
+    from sm2jax.store.folder import StudyDir
+
+    where = os.path.abspath(spec.warm_start)
+    folder = StudyDir(where)
+    if folder.spec_blob() is None or not folder.saved_phases():
+        raise ValueError(
+            f"warm_start: {where} holds no study that has finished a phase: name a study folder of the same space, or drop warm_start"
+        )
+    other = read_spec(where)
+    if SearchSpace.from_json(other.space).to_json() != SearchSpace.from_json(spec.space).to_json():
+        differ = sorted(k for k in {*other.space, *spec.space} if other.space.get(k) != spec.space.get(k))
+        raise ValueError(
+            f"warm_start: {where} searched another space (differs in: {', '.join(differ)}): warm-start from a study of the same space"
+        )
+    state = StudyState.from_json(folder.load_progress(folder.saved_phases()[-1]))
+    proposals, _ = study_proposals(folder, other)
+    budgets = {s.label: s.budget for s in schedule(other)}
+    found = observations(
+        state.trials,
+        {c.trial_id: c for c in proposals.all()},
+        budgets,
+        state.cohort_energy,
+        replicate_of=proposals.replicate_of,
+        round_of={},
+    )
+    return [dataclasses.replace(o, trial_id=-1 - o.trial_id, round=0) for o in found]
+
+
+def study_proposals(folder: Any, spec: Any) -> tuple[Proposals, bool]:
+    """What the study in ``folder`` proposed, every round (:func:`sm2jax.spec.study_configs` for the
+    first); the flag says whether it was kept (else round 1 is what ``spec`` proposes now)."""
+    from sm2jax.spec import study_configs
+
+    configs, replicate_of, kept = study_configs(folder, spec)
+    later = []
+    if kept:
+        try:
+            later = Proposals.from_json(folder.read_proposals()).later
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(
+                f"{folder.proposals_path} is damaged ({type(err).__name__}: {err}): restore it from a backup (it holds what the study trained)"
+            ) from None
+    return Proposals(configs, replicate_of, later), kept
+
+
+def propose(
+    spec: Any,
+    round_: int,
+    history: Sequence[Observation],
+    *,
+    first_id: int,
+    compiled: Sequence[Config] = (),
+) -> list[Config]:
+    """Round ``round_``'s configurations: the spec's searcher given ``history`` (and, if it learns,
+    the study's objective and the static values of the ``compiled`` cohorts), seeded by the
+    spec's seed and the round, numbered from ``first_id``."""
+    from sm2jax.sampling import static_names
+
+    searcher = get_searcher(spec.sampler)
+    space = SearchSpace.from_json(spec.space)
+    n = round_sizes(spec)[round_ - 1]
+    kwargs: dict[str, Any] = {}
+    if searcher.learns:
+        static = static_names(space)
+        seen = {tuple(sorted((k, repr(c.values[k])) for k in static)): c for c in compiled}
+        kwargs["context"] = SearchContext(
+            objective=spec.effective().objective,
+            final_z=spec.final_z,
+            compiled=tuple({k: c.values[k] for k in static} for c in seen.values()),
+        )
+    seed = spec.seed + (round_ - 1) * 7919  # another stream per round (a prime stride)
+    return searcher.propose(
+        space, n, seed=seed, first_id=first_id, history=list(history), multiple=spec.width or 8, **kwargs
+    )
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+def round_candidates(state: Any, round_record: dict[str, Any], energy_noise: float) -> list[Any]:
+    """A finished round's selection as a candidate of the final rung, rebuilt from the study's
+    trial record (score, its error, samples and energy, and its cohort's measured rate)."""
+    from sm2jax.schedule.candidates import Candidate
+
+    out = []
+    for key, record in state.trials.items():
+        if int(key) != round_record["selected"]:
+            continue
+        score = record["score"]
+        out.append(
+            Candidate(
+                trial_id=int(key),
+                cohort=record.get("cohort", ""),
+                score=float("nan") if score is None else float(score),
+                gain=None,
+                energy_spent=record["energy_spent"],
+                energy_last=None,
+                samples_spent=record["samples_spent"],
+                samples_last=0,
+                samples_total=record.get("samples_total", record["samples_spent"]),
+                score_se=record.get("score_se") or 0.0,
+                cohort_rate=_cohort_rate(state.cohort_energy.get(record.get("cohort", ""), [])),
+                energy_noise=energy_noise,
+            )
+        )
+    return sorted(out, key=lambda c: c.trial_id)
+
+
+def select_across_rounds(state: Any, rules: Any, final_phase: str) -> None:
+    """The study's selection over every finished round: each round's selection, decided together
+    as one final rung decides (``final_phase``: the scheduler's name for it), so a configuration of
+    round 1 and one of round 3, both at the full budget, compete on the same terms. Sets
+    ``state.selected``, ``finalists`` (the rounds' selections, with their Pareto front) and ``test``
+    (each round's selection is tested once, when its round ends; the study reports its selection's)."""
+    candidates = [c for r in state.rounds for c in round_candidates(state, r, rules.energy_noise)]
+    decision = rules.decide(final_phase, candidates, last=True)
+    state.selected, state.finalists = decision.selected, decision.finalists
+    state.test = next((r["test"] for r in state.rounds if r["selected"] == state.selected), None)
