@@ -309,6 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
         _process_arguments(p)
     resume.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     resume.add_argument("--json", action="store_true", help="print results.json instead of the report")
+    extend = sub.add_parser(
+        "extend", help="add configurations to a study, proposed by its searcher from everything it measured"
+    )
+    extend.add_argument("dir")
+    extend.add_argument("--samples", type=int, required=True, help="how many configurations to add")
+    extend.add_argument("--rounds", type=int, default=1, help="over how many rounds (each learns from the last)")
+    extend.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
+    extend.add_argument("--json", action="store_true", help="print results.json instead of the report")
+    _process_arguments(extend)
     report = sub.add_parser(
         "report", help="print a study's report (finished, or running or interrupted: its decisions so far)"
     )
@@ -369,7 +378,7 @@ def _quiet_the_noise(args) -> None:
 
 def _start(args) -> None:
     """Before JAX starts: the CPU devices, a multi-process study, and the user's modules."""
-    if args.command in ("run", "resume", "plan"):
+    if args.command in ("run", "resume", "plan", "extend"):
         from sm2jax.execute.placement import request_cpu_devices
 
         request_cpu_devices(args.cpu_devices)  # one host device per core on a CPU
@@ -377,7 +386,7 @@ def _start(args) -> None:
             from sm2jax.distributed import initialize
 
             initialize(args.coordinator, args.num_processes, args.process_id)
-    if args.command in ("run", "resume", "plan", "export"):  # as `python -m` does: modules next to the user
+    if args.command in ("run", "resume", "plan", "export", "extend"):  # as `python -m` does: modules next to the user
         sys.path.insert(0, os.getcwd())  # are found (a recorded one too, on resume)
     if getattr(args, "imports", None):
         from sm2jax.spec import import_modules
@@ -391,6 +400,11 @@ def _command(args) -> dict | int:
         return _run(args)
     if args.command == "resume":
         return _resume(args)
+    if args.command == "extend":
+        from sm2jax.study import Study, check_extension
+
+        check_extension(args.samples, args.rounds)  # before the study is opened
+        return Study(args.dir, progress=not args.no_progress, devices=args.devices).extend(args.samples, args.rounds)
     if args.command == "compare":
         return _compare(args)
     if args.command == "plan":

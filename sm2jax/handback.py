@@ -153,7 +153,7 @@ def load_selected(directory: str | os.PathLike, trial_id: int | None = None, *, 
             {t for m in [state.alive, *(r["alive"] for r in state.rounds)] for ids in m.values() for t in ids}
         )
         raise ValueError(
-            f"trial {want} has no trained parameters in {folder.path}: its checkpoints keep trial(s) {kept} (the finalists; a study from before finalists were kept: its selection only)"
+            f"trial {want} has no trained parameters in {folder.path}: the study keeps trial(s) {kept} (the finalists of each round; a study from before finalists were kept: its selection only)"
         )
     data = results.get("data") or _data_shapes(spec, dataset)
     abstract = {name: _on_one_device(_abstract(cohorts[name].signature, data, len(ids))) for name, ids in alive.items()}

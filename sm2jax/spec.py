@@ -93,6 +93,7 @@ _RANGES = (  # (field, bound, bound allowed)
 )
 _RANGE_HINTS = {
     "seed": "it seeds every configuration's keys",
+    "rounds": "the rounds of proposals num_samples is split over, e.g. --set rounds=3 (1: every configuration at the start)",
     "carbon_intensity": "grams of CO2e per kWh of the grid (475 is a world average)",
     "width": "the largest vmap width (leave it unset for all trials of a cohort)",
     "memory_limit_bytes": "bytes a program may use (leave it unset for the device's memory)",

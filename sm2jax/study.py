@@ -15,6 +15,7 @@ decisions :mod:`sm2jax.phases`' and the results :mod:`sm2jax.report`'s.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -82,6 +83,9 @@ class Study:
         devices: int | Sequence[Any] | None = None,
     ):
         enable_compile_cache()  # a bad cache path is one line before anything is written
+        self._options = dict(
+            objective=objective, nvml=nvml, gpus=gpus, progress=progress, dataset=dataset, devices=devices
+        )
         self.folder = StudyDir(directory)
         self.directory = self.folder.path
         self.spec = spec = bind(spec or read_spec(self.directory), dataset, directory)
@@ -95,7 +99,7 @@ class Study:
         if not self.configs:
             raise ValueError("the search space produced no configuration")
         data = study_data(spec, dataset)  # a data set not prepared, or not known, fails before anything is written
-        if not self.folder.has_run():  # a study that has run resumes as it is
+        if not self.folder.has_run() and len(self.steps) == len(spec.phases()):  # (later rounds may use it)
             _check_every_name_is_used(spec, list(self.configs.values()), data)
         plan = self._plan_within_budget(spec, data, devices=devices, nvml=nvml, gpus=gpus)
         self.folder.claim(spec.to_json(), normalise=current_form)
@@ -148,6 +152,19 @@ class Study:
                     results["viewers"] = write_viewers(self.directory, viewed, self._state.trials, optuna=False)
                 self.folder.write_results(results)
         return results
+
+    def extend(self, samples: int, rounds: int = 1) -> dict[str, Any]:
+        """Grows the study by ``samples`` configurations over ``rounds`` rounds, proposed by its
+        searcher from everything it has measured, and runs them through the same schedule; every
+        earlier result, energy record and checkpoint is kept, and the selection is made over every
+        round. The spec records the growth (``extensions``). A study still unfinished finishes its
+        own rounds first. Returns the results (``results.json``)."""
+        check_extension(samples, rounds)
+        grown = dataclasses.replace(
+            self.spec, extensions=[*self.spec.extensions, {"samples": samples, "rounds": rounds}]
+        )
+        self.folder.grow(grown.to_json(), normalise=current_form)
+        return Study(self.directory, grown, **self._options).run()
 
     def _plan_within_budget(self, spec: StudySpec, data: ArrayDataset, **probe_args: Any) -> dict[str, Any] | None:
         """A capped study that has not started is planned first (a stored plan of its spec, else
@@ -452,6 +469,14 @@ class Study:
                 viewed = {"curves": state.curves, "hparams": self._hparams(state)}
                 write_viewers(self.directory, viewed, state.trials, optuna=False)
                 self._follow_in_optuna(last)
+
+
+def check_extension(samples: Any, rounds: Any) -> None:
+    """One line for an extension that adds nothing, or has more rounds than configurations."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"extend needs --samples >= 1 (got {samples!r}): how many configurations to add")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= samples:
+        raise ValueError(f"extend needs 1 <= --rounds <= --samples (got {rounds!r} rounds for {samples} samples)")
 
 
 def _round_record(step: Any, p: int, state: StudyState, proposals: Any) -> dict[str, Any]:

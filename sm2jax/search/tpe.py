@@ -30,8 +30,9 @@ optimizer) cannot share a compiled program, so proposals are made in two steps:
 
 1. the static part: ``n`` free proposals are asked; each static combination gets blocks of
    ``multiple`` rows (a vmap width), one at a time, to the combination with the most proposals not
-   yet placed (D'Hondt's rule) -- a combination that is already compiled wins a tie, so a round
-   that the model rates as well on existing cohorts compiles nothing;
+   yet placed (D'Hondt's rule, :func:`allocate_blocks`) -- a combination that is already compiled
+   is preferred where the model rates it as well, within the sampling noise of the count, so a
+   round that the model rates as well on existing cohorts compiles nothing;
 2. the traced part: each chosen combination keeps its own free proposals and is filled to its
    blocks by proposals asked with the static part fixed (``enqueue_trial``), so every row of a
    cohort is the model's proposal given that cohort.
@@ -45,7 +46,7 @@ import json
 import math
 import statistics
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 from sm2jax.search import Observation, SearchContext, Searcher, register_searcher
@@ -117,22 +118,36 @@ def _batched(study: Any, codec: _Codec, n: int, multiple: int, compiled: Sequenc
     """``n`` (rounded up to ``multiple``) proposals in blocks of ``multiple`` per static combination."""
     blocks = max(1, math.ceil(n / multiple))
     free = [study.ask(codec.distributions).params for _ in range(blocks * multiple)]
-    combos = [codec.static_of(p) for p in free]
     known = {codec.static_of(codec.encode(c)) for c in compiled if codec.admits(c)}
-    count = collections.Counter(combos)
-    first = {c: i for i, c in reversed(list(enumerate(combos)))}
-    given: dict[tuple, int] = collections.Counter()
-    for _ in range(blocks):  # D'Hondt: the combination with the most proposals per block so far
-        best = max(count, key=lambda c: (count[c] / (given[c] + 1), c in known, -first[c]))
-        given[best] += 1
+    given = allocate_blocks([codec.static_of(p) for p in free], blocks, known)
     rows: list[dict] = []
-    for combo in sorted(given, key=first.__getitem__):
+    for combo in given:
         own = [p for p in free if codec.static_of(p) == combo][: given[combo] * multiple]
         for _ in range(given[combo] * multiple - len(own)):
             study.enqueue_trial(dict(zip(codec.static, combo)), skip_if_exists=False)
             own.append(study.ask(codec.distributions).params)
         rows += own
     return rows
+
+
+def allocate_blocks(combos: Sequence[Any], blocks: int, compiled: Collection[Any] = ()) -> dict[Any, int]:
+    r"""Blocks of rows per static combination, from the combinations of the model's free proposals
+    (in the order asked). One block at a time goes to the combination with the largest quotient
+    :math:`q_c = n_c / (b_c + 1)` (D'Hondt's rule: :math:`n_c` proposals, :math:`b_c` blocks given);
+    a compiled combination counts as :math:`q_c + \sqrt{q_c}`: rated as well, within the sampling
+    noise of a proposal count, it is preferred (it compiles nothing). Returns combination ->
+    blocks, in the order the combinations were first proposed."""
+    count = collections.Counter(combos)
+    first = {c: i for i, c in reversed(list(enumerate(combos)))}
+    given: dict[Any, int] = collections.Counter()
+
+    def quotient(c: Any) -> tuple:
+        q = count[c] / (given[c] + 1)
+        return (q + math.sqrt(q) if c in compiled else q, c in compiled, -first[c])
+
+    for _ in range(blocks):
+        given[max(count, key=quotient)] += 1
+    return {c: given[c] for c in sorted(given, key=first.__getitem__)}
 
 
 class _Codec:

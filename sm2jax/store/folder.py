@@ -376,6 +376,30 @@ class StudyDir:
         self._write_seal(wanted)
         write_json(self.spec_path, spec_blob)
 
+    def grow(
+        self, spec_blob: dict[str, Any], normalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    ) -> None:
+        """Records a study's growth (``sm2jax extend``): ``spec_blob`` must be the study's spec with
+        rounds appended to its ``extensions`` and nothing else changed; it becomes ``spec.json`` and
+        its seal. Anything else is one line, and nothing is written."""
+        held = self.spec_blob()
+        if held is None or "hyperband" in held:
+            what = "no study" if held is None else "a Hyperband run, not a single study"
+            raise ValueError(f"{self.path} holds {what}: extend a study folder (start one with `sm2jax run --dir DIR`)")
+        self.check_seal(held, normalise)
+        before, after = (
+            _normalised(held, normalise),
+            _normalised(json.loads(json.dumps(spec_blob, default=json_default)), normalise),
+        )
+        old, new = before.get("extensions", []), after.get("extensions", [])
+        others = sorted(k for k in {*before, *after} - {"extensions", *SEAL_EXEMPT} if before.get(k) != after.get(k))
+        if others or new[: len(old)] != old or len(new) <= len(old):
+            raise ValueError(
+                f"{self.path}: an extension appends rounds and changes nothing else (differs in: {', '.join(others) or 'extensions'})"
+            )
+        self._write_seal(spec_blob)
+        write_json(self.spec_path, spec_blob)
+
     def _write_seal(self, blob: dict[str, Any]) -> None:
         sealed = _sealed_fields(blob)
         write_json(self.seal_path, {"sha256": _digest(sealed), "spec": sealed})
