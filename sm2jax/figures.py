@@ -160,6 +160,7 @@ def compare_rows(studies: list[dict[str, Any]]) -> list[dict[str, Any]]:
             {
                 "study": os.path.basename(str(r.get("study", "")).rstrip("/")),
                 "mode": r.get("mode"),
+                "rounds": max(len(r.get("rounds") or []), 1),
                 "selected_trial": sel.get("trial_id"),
                 f"val_{r.get('metric_name', 'metric')}": sel.get("metric"),
                 f"test_{r.get('metric_name', 'metric')}": test.get("metric"),

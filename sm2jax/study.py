@@ -499,6 +499,10 @@ def _round_record(step: Any, p: int, state: StudyState, proposals: Any) -> dict[
 def plan_study(spec: StudySpec, **kwargs: Any) -> StudyPlan:
     """The plan of ``spec`` before it runs (:func:`sm2jax.probe.probe` with :class:`Study`;
     ``kwargs``: ``dataset``, ``devices``, ``nvml``, ``gpus``, ``same_process``)."""
+    if len(schedule(spec)) > len(spec.phases()):
+        raise ValueError(
+            "sm2jax plan predicts a study of one round (later rounds' proposals are not known before the first ends): plan it with --set rounds=1; each round costs about what a study of its size does"
+        )
     return probe(spec, Study, **kwargs)
 
 

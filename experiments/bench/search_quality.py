@@ -4,10 +4,10 @@ The open-vocabulary MNIST-1D space (``open_vocabulary.py``: MLP 256x256; optimiz
 adamw}, batch size in {32, 128}, learning rate log-uniform in [1e-4, 0.3], dropout uniform in [0, 0.5],
 weight decay log-uniform in [1e-5, 1e-2]), successive halving over 1, 3, 9 epochs (eta 3; SM2 also
 explores a quarter epoch), the same number of configurations for every contender (``--configs``,
-48 by default). Contenders, each seed in a fresh process with a cold compilation cache, seeds and
+96 by default, as ``open_vocabulary.py``). Contenders, each seed in a fresh process with a cold compilation cache, seeds and
 contenders interleaved (this machine is shared and noisy):
 
-* ``tpe-sh`` / ``tpe-sm2``: ``sampler="tpe"`` over ``--rounds`` rounds (3): round 1 is Sobol', each
+* ``tpe-sh`` / ``tpe-sm2``: ``sampler="tpe"`` over ``--rounds`` rounds (4): round 1 is Sobol', each
   later round is proposed by Optuna's TPE fitted on every result so far, batched per cohort;
 * ``sobol-sh``: today's blind search, every configuration drawn at the start (cohort-aware Sobol');
 * ``optuna``: Optuna's TPE sampler with its ``SuccessiveHalvingPruner`` (min resource 1 epoch,
@@ -23,7 +23,7 @@ spread, the selection's own test accuracy, CPU seconds of the whole process, and
 x the same 10 W per core). Figures: best validation accuracy so far against CPU seconds and against
 training energy, one line per contender and seed.
 
-Run (about 35 minutes on a 2-core CPU)::
+Run (about 13 minutes on a 2-core CPU)::
 
     pip install -e '.[bench]'
     python experiments/bench/search_quality.py --json results/search_quality.json --markdown results/search_quality.md --figure results/search_quality.png
@@ -283,8 +283,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--configs", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--configs", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--retrain", type=int, default=10)
     parser.add_argument("--json", type=pathlib.Path)
     parser.add_argument("--markdown", type=pathlib.Path)
