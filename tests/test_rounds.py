@@ -213,7 +213,7 @@ def test_extend_keeps_every_result_compiles_nothing_new_and_a_warm_start_learns_
     other = quick_spec(
         {"learning_rate": LogUniform(1e-3, 1e-1), "batch_size": 32}, warm_start=str(folder), sampler="tpe"
     )
-    with pytest.raises(ValueError, match="searched another space .*differs in: batch_size, learning_rate"):
+    with pytest.raises(ValueError, match=r"searched another space .*differs in: batch_size, learning_rate"):
         Study(tmp_path / "other", other, progress=False)
     assert not (tmp_path / "other").exists()
     ran = Study(tmp_path / "warm", warm, progress=False).run()
