@@ -401,7 +401,8 @@ def _command(args) -> dict | int:
     if args.command == "resume":
         return _resume(args)
     if args.command == "extend":
-        from sm2jax.study import Study, check_extension
+        from sm2jax.rounds import check_extension
+        from sm2jax.study import Study
 
         check_extension(args.samples, args.rounds)  # before the study is opened
         return Study(args.dir, progress=not args.no_progress, devices=args.devices).extend(args.samples, args.rounds)

@@ -34,7 +34,7 @@ from sm2jax.execute.steps import task_loss
 from sm2jax.execute.trainer import abstract_model, abstract_rows, init_settings
 from sm2jax.execute.workload import study_data
 from sm2jax.phases import StudyState
-from sm2jax.rounds import study_proposals
+from sm2jax.proposals import study_proposals
 from sm2jax.space import Config
 from sm2jax.spec import import_modules, read_spec
 from sm2jax.store.folder import StudyDir, read_json, write_json

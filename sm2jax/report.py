@@ -78,7 +78,8 @@ def partial_results(folder: StudyDir) -> dict[str, Any]:
     included, on the interrupted line), and a rough ETA from the rate so far. Reads only."""
     from sm2jax.energy.ledger import read_ledger
     from sm2jax.phases import planned_trial_steps
-    from sm2jax.rounds import schedule, study_proposals
+    from sm2jax.proposals import study_proposals
+    from sm2jax.rounds import schedule
     from sm2jax.spec import read_spec
 
     spec = read_spec(folder.path)

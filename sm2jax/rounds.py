@@ -19,7 +19,6 @@ Everything here is pure, or reads a folder; nothing trains.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -207,58 +206,6 @@ def _cohort_rate(history: list[dict[str, Any]]) -> float | None:
     return sum(h["joules"] for h in used) / sum(h["samples"] for h in used)
 
 
-def warm_observations(spec: Any) -> list[Observation]:
-    """The results of the study in ``spec.warm_start`` (another study of the same space), as
-    observations of round 0 with negative trial ids (they are never this study's trials)."""
-    if spec.warm_start is None:
-        return []
-    from sm2jax.phases import StudyState
-    from sm2jax.spec import read_spec
-    from sm2jax.store.folder import StudyDir
-
-    where = os.path.abspath(spec.warm_start)
-    folder = StudyDir(where)
-    if folder.spec_blob() is None or not folder.saved_phases():
-        raise ValueError(
-            f"warm_start: {where} holds no study that has finished a phase: name a study folder of the same space, or drop warm_start"
-        )
-    other = read_spec(where)
-    if SearchSpace.from_json(other.space).to_json() != SearchSpace.from_json(spec.space).to_json():
-        differ = sorted(k for k in {*other.space, *spec.space} if other.space.get(k) != spec.space.get(k))
-        raise ValueError(
-            f"warm_start: {where} searched another space (differs in: {', '.join(differ)}): warm-start from a study of the same space"
-        )
-    state = StudyState.from_json(folder.load_progress(folder.saved_phases()[-1]))
-    proposals, _ = study_proposals(folder, other)
-    budgets = {s.label: s.budget for s in schedule(other)}
-    found = observations(
-        state.trials,
-        {c.trial_id: c for c in proposals.all()},
-        budgets,
-        state.cohort_energy,
-        replicate_of=proposals.replicate_of,
-        round_of={},
-    )
-    return [dataclasses.replace(o, trial_id=-1 - o.trial_id, round=0) for o in found]
-
-
-def study_proposals(folder: Any, spec: Any) -> tuple[Proposals, bool]:
-    """What the study in ``folder`` proposed, every round (:func:`sm2jax.spec.study_configs` for the
-    first); the flag says whether it was kept (else round 1 is what ``spec`` proposes now)."""
-    from sm2jax.spec import study_configs
-
-    configs, replicate_of, kept = study_configs(folder, spec)
-    later = []
-    if kept:
-        try:
-            later = Proposals.from_json(folder.read_proposals()).later
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(
-                f"{folder.proposals_path} is damaged ({type(err).__name__}: {err}): restore it from a backup (it holds what the study trained)"
-            ) from None
-    return Proposals(configs, replicate_of, later), kept
-
-
 def propose(
     spec: Any,
     round_: int,
@@ -332,3 +279,28 @@ def select_across_rounds(state: Any, rules: Any, final_phase: str) -> None:
     decision = rules.decide(final_phase, candidates, last=True)
     state.selected, state.finalists = decision.selected, decision.finalists
     state.test = next((r["test"] for r in state.rounds if r["selected"] == state.selected), None)
+
+
+def check_extension(samples: Any, rounds: Any) -> None:
+    """One line for an extension that adds nothing, or has more rounds than configurations."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"extend needs --samples >= 1 (got {samples!r}): how many configurations to add")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= samples:
+        raise ValueError(f"extend needs 1 <= --rounds <= --samples (got {rounds!r} rounds for {samples} samples)")
+
+
+def round_record(step: Any, p: int, state: Any, proposals: Any) -> dict[str, Any]:
+    """What :attr:`StudyState.rounds` keeps of a round that ended at phase ``p``: where its
+    finalists are kept, its selection, finalists and test score, and what it was proposed from."""
+    about = proposals.later[step.round - 2] if step.round > 1 else {}
+    return {
+        "round": step.round,
+        "phase": p,
+        "label": step.label,
+        "alive": dict(state.alive),
+        "configs": len(proposals.of_round(step.round)),
+        "observations": about.get("observations", 0),
+        "selected": state.selected,
+        "finalists": state.finalists,
+        "test": state.test,
+    }

@@ -12,13 +12,14 @@ import importlib
 import itertools
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from sm2jax.budgets import rung_budgets, steps_for
 from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, check_dataset_options, registered_dataset
 from sm2jax.energy.ledger import DEFAULT_INTENSITY_G_PER_KWH
 from sm2jax.energy.meters import DEFAULT_WATTS_PER_CORE
-from sm2jax.rounds import check_rounds, propose, warm_observations
+from sm2jax.rounds import check_rounds, propose
 from sm2jax.schedule import get_scheduler
 from sm2jax.schedule.candidates import (
     DEFAULT_ENERGY_NOISE,
@@ -336,11 +337,12 @@ class StudySpec:
         """The study's phases, ``(name, cumulative budget)``, as its scheduler (``mode``) names them."""
         return get_scheduler(self.mode).phases(self)
 
-    def configs(self) -> list[Config]:
+    def configs(self, history: Sequence[Any] = ()) -> list[Config]:
         """The configurations the spec's searcher (``sampler``) proposes for a new study's first
-        round, from a warm start's results if it has one (a study keeps what was proposed:
-        :func:`study_configs`; later rounds: :mod:`sm2jax.rounds`)."""
-        return propose(self, 1, warm_observations(self), first_id=0)
+        round (``history``: a warm start's results, :func:`sm2jax.proposals.warm_observations`; a
+        study keeps what was proposed: :func:`sm2jax.proposals.study_configs`; later rounds:
+        :mod:`sm2jax.rounds`)."""
+        return propose(self, 1, history, first_id=0)
 
     def trial_configs(self) -> list[Config]:
         """The configurations, then their seed replicates (:meth:`replicate_of`), in trial-id order."""
@@ -350,9 +352,9 @@ class StudySpec:
         """Replicate trial id -> the trial id of the configuration it replicates."""
         return self.proposals()[1]
 
-    def proposals(self) -> tuple[list[Config], dict[int, int]]:
+    def proposals(self, history: Sequence[Any] = ()) -> tuple[list[Config], dict[int, int]]:
         """:meth:`trial_configs` and :meth:`replicate_of` from one proposal of the searcher."""
-        configs = self.configs()
+        configs = self.configs(history)
         twins = self.effective()._replicates(configs)
         return configs + [twin for twin, _ in twins], {twin.trial_id: original for twin, original in twins}
 
@@ -375,23 +377,6 @@ class StudySpec:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def study_configs(folder: StudyDir, spec: StudySpec) -> tuple[list[Config], dict[int, int], bool]:
-    """A study's configurations (replicates included) and ``replicate_of``: what its searcher
-    proposed, as kept in ``proposals.json`` -- never proposed again -- or, for a study not started
-    (or from before proposals were kept), what ``spec`` proposes now. The flag says whether they
-    were kept (else the caller keeps them once the folder is claimed: :func:`proposals_blob`)."""
-    blob = folder.read_proposals() if folder.has_run() else None  # a start that failed proposes again
-    if blob is None:
-        return *spec.proposals(), False
-    try:
-        configs = [Config.from_json(c) for c in blob["configs"]]
-        return configs, {int(k): int(v) for k, v in blob["replicate_of"].items()}, True
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(
-            f"{folder.proposals_path} is damaged ({type(err).__name__}: {err}): restore it from a backup (it holds what the study trained)"
-        ) from None
 
 
 def read_spec(directory: str | os.PathLike) -> StudySpec:

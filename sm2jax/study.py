@@ -40,8 +40,9 @@ from sm2jax.phases import DecisionRules, StudyState, cohort_candidates, continue
 from sm2jax.plan import StudyPlan, test_evals
 from sm2jax.probe import probe, probe_cohorts
 from sm2jax.progress import StudyProgress
+from sm2jax.proposals import round_history, study_proposals
 from sm2jax.report import assemble_results, partial_results
-from sm2jax.rounds import observations, propose, schedule, select_across_rounds, study_proposals, warm_observations
+from sm2jax.rounds import check_extension, propose, round_record, schedule, select_across_rounds
 from sm2jax.schedule import get_scheduler
 from sm2jax.spec import StudySpec, bind, current_form, read_spec
 from sm2jax.store.checkpoint import CheckpointError, StudyCheckpoints
@@ -329,15 +330,7 @@ class Study:
         progress = self._progress
         if round_ > self.proposals.rounds():
             progress.say(f"round {round_}: proposing from {len(state.trials)} configurations measured so far")
-            history = observations(
-                state.trials,
-                self.configs,
-                {s.label: s.budget for s in self.steps},
-                state.cohort_energy,
-                replicate_of=self.rules.replicate_of,
-                round_of=self.proposals.round_of(),
-            )
-            history += warm_observations(self.spec)
+            history = round_history(self.spec, state, self.configs, self.proposals)
             running = [c for t, c in self.configs.items() if str(t) not in state.infeasible]
             configs = propose(self.spec, round_, history, first_id=max(self.configs) + 1, compiled=running)
             self.proposals.add(round_, configs, sampler=self.spec.sampler, observations=len(history))
@@ -452,9 +445,9 @@ class Study:
         for q in ends:  # a round that ended before rounds were recorded (a study extended since)
             if self.steps[q].round not in recorded:
                 earlier = StudyState.from_json(self.folder.load_progress(q))
-                state.rounds.append(_round_record(self.steps[q], q, earlier, self.proposals))
+                state.rounds.append(round_record(self.steps[q], q, earlier, self.proposals))
         state.rounds = sorted([r for r in state.rounds if r["round"] != step.round], key=lambda r: r["round"])
-        state.rounds.append(_round_record(step, p, state, self.proposals))
+        state.rounds.append(round_record(step, p, state, self.proposals))
         if len(state.rounds) > 1:
             select_across_rounds(state, self.rules, step.name)
 
@@ -469,31 +462,6 @@ class Study:
                 viewed = {"curves": state.curves, "hparams": self._hparams(state)}
                 write_viewers(self.directory, viewed, state.trials, optuna=False)
                 self._follow_in_optuna(last)
-
-
-def check_extension(samples: Any, rounds: Any) -> None:
-    """One line for an extension that adds nothing, or has more rounds than configurations."""
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"extend needs --samples >= 1 (got {samples!r}): how many configurations to add")
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= samples:
-        raise ValueError(f"extend needs 1 <= --rounds <= --samples (got {rounds!r} rounds for {samples} samples)")
-
-
-def _round_record(step: Any, p: int, state: StudyState, proposals: Any) -> dict[str, Any]:
-    """What :attr:`StudyState.rounds` keeps of a round that ended at phase ``p``: where its
-    finalists are kept, its selection, finalists and test score, and what it was proposed from."""
-    about = proposals.later[step.round - 2] if step.round > 1 else {}
-    return {
-        "round": step.round,
-        "phase": p,
-        "label": step.label,
-        "alive": dict(state.alive),
-        "configs": len(proposals.of_round(step.round)),
-        "observations": about.get("observations", 0),
-        "selected": state.selected,
-        "finalists": state.finalists,
-        "test": state.test,
-    }
 
 
 def plan_study(spec: StudySpec, **kwargs: Any) -> StudyPlan:

@@ -18,6 +18,7 @@ from sm2jax.compile_cache import count_compiles
 from sm2jax.energy.ledger import read_ledger
 from sm2jax.handback import load_selected
 from sm2jax.phases import DecisionRules, StudyState
+from sm2jax.proposals import first_proposals
 from sm2jax.report import format_results
 from sm2jax.rounds import Proposals, parse_label, phase_order, round_sizes, schedule, select_across_rounds
 from sm2jax.search import Observation, SearchContext, get_searcher
@@ -207,8 +208,8 @@ def test_extend_keeps_every_result_compiles_nothing_new_and_a_warm_start_learns_
     cold = quick_spec(sampler="tpe", num_samples=8)
     warm = quick_spec(sampler="tpe", num_samples=8, warm_start=str(folder))
     trained = {c["learning_rate"] for c in Study(folder, progress=False).configs.values()}
-    warm_configs = warm.configs()
-    assert [c.values for c in warm_configs] != [c.values for c in cold.configs()]
+    warm_configs = first_proposals(warm)[0]
+    assert [c.values for c in warm_configs] != [c.values for c in first_proposals(cold)[0]]
     assert not trained & {c["learning_rate"] for c in warm_configs}
     other = quick_spec(
         {"learning_rate": LogUniform(1e-3, 1e-1), "batch_size": 32}, warm_start=str(folder), sampler="tpe"

@@ -1,0 +1,102 @@
+"""What a study proposed, as its folder keeps it, and what a searcher learns from another study.
+
+:func:`study_configs` and :func:`study_proposals` read ``proposals.json`` (a study never proposes
+again what it proposed once); :func:`warm_observations` reads a warm start's results (another study
+of the same space) as the observations that seed a first round's model (:mod:`sm2jax.rounds`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from sm2jax.rounds import Proposals, observations, schedule
+from sm2jax.search import Observation
+from sm2jax.space import Config, SearchSpace
+from sm2jax.spec import StudySpec, read_spec
+from sm2jax.store.folder import StudyDir
+
+
+def study_configs(folder: StudyDir, spec: StudySpec) -> tuple[list[Config], dict[int, int], bool]:
+    """A study's configurations (replicates included) and ``replicate_of``: what its searcher
+    proposed, as kept in ``proposals.json`` -- never proposed again -- or, for a study not started
+    (or from before proposals were kept), what ``spec`` proposes now (:func:`first_proposals`).
+    The flag says whether they were kept (else the caller keeps them once the folder is claimed)."""
+    blob = folder.read_proposals() if folder.has_run() else None  # a start that failed proposes again
+    if blob is None:
+        return *first_proposals(spec), False
+    try:
+        configs = [Config.from_json(c) for c in blob["configs"]]
+        return configs, {int(k): int(v) for k, v in blob["replicate_of"].items()}, True
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(
+            f"{folder.proposals_path} is damaged ({type(err).__name__}: {err}): restore it from a backup (it holds what the study trained)"
+        ) from None
+
+
+def warm_observations(spec: Any) -> list[Observation]:
+    """The results of the study in ``spec.warm_start`` (another study of the same space), as
+    observations of round 0 with negative trial ids (they are never this study's trials)."""
+    if spec.warm_start is None:
+        return []
+    from sm2jax.phases import StudyState
+
+    where = os.path.abspath(spec.warm_start)
+    folder = StudyDir(where)
+    if folder.spec_blob() is None or not folder.saved_phases():
+        raise ValueError(
+            f"warm_start: {where} holds no study that has finished a phase: name a study folder of the same space, or drop warm_start"
+        )
+    other = read_spec(where)
+    if SearchSpace.from_json(other.space).to_json() != SearchSpace.from_json(spec.space).to_json():
+        differ = sorted(k for k in {*other.space, *spec.space} if other.space.get(k) != spec.space.get(k))
+        raise ValueError(
+            f"warm_start: {where} searched another space (differs in: {', '.join(differ)}): warm-start from a study of the same space"
+        )
+    state = StudyState.from_json(folder.load_progress(folder.saved_phases()[-1]))
+    proposals, _ = study_proposals(folder, other)
+    budgets = {s.label: s.budget for s in schedule(other)}
+    found = observations(
+        state.trials,
+        {c.trial_id: c for c in proposals.all()},
+        budgets,
+        state.cohort_energy,
+        replicate_of=proposals.replicate_of,
+        round_of={},
+    )
+    return [dataclasses.replace(o, trial_id=-1 - o.trial_id, round=0) for o in found]
+
+
+def study_proposals(folder: Any, spec: Any) -> tuple[Proposals, bool]:
+    """What the study in ``folder`` proposed, every round (:func:`sm2jax.spec.study_configs` for the
+    first); the flag says whether it was kept (else round 1 is what ``spec`` proposes now)."""
+    configs, replicate_of, kept = study_configs(folder, spec)
+    later = []
+    if kept:
+        try:
+            later = Proposals.from_json(folder.read_proposals()).later
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(
+                f"{folder.proposals_path} is damaged ({type(err).__name__}: {err}): restore it from a backup (it holds what the study trained)"
+            ) from None
+    return Proposals(configs, replicate_of, later), kept
+
+
+def first_proposals(spec: StudySpec) -> tuple[list[Config], dict[int, int]]:
+    """What a new study's first round trains: ``spec``'s proposals, from its warm start's results."""
+    return spec.proposals(warm_observations(spec))
+
+
+def round_history(spec: StudySpec, state: Any, configs: dict[int, Config], proposals: Proposals) -> list[Observation]:
+    """What a study's next round is proposed from: every result of its rounds so far, at every
+    budget reached (``state``: its :class:`~sm2jax.phases.StudyState`), and its warm start's."""
+    found = observations(
+        state.trials,
+        configs,
+        {s.label: s.budget for s in schedule(spec)},
+        state.cohort_energy,
+        replicate_of=proposals.replicate_of,
+        round_of=proposals.round_of(),
+    )
+    return found + warm_observations(spec)
