@@ -65,6 +65,23 @@ def _space(model: dict):
     )
 
 
+def optuna_trial(trial, trainers: dict, ds, seed: int):
+    """An Optuna trial's values of the space, suggested, and its trainer (one per optimizer and
+    batch size, kept in ``trainers``), initial state and data-order generator."""
+    import numpy as np
+    from _plain import PlainRegularisedTrainer
+
+    opt = trial.suggest_categorical("optimizer", OPTIMIZERS)
+    bs = trial.suggest_categorical("batch_size", BATCH_SIZES)
+    lr = trial.suggest_float("learning_rate", *LR, log=True)
+    rate = trial.suggest_float("dropout", *DROPOUT)
+    decay = trial.suggest_float("weight_decay", *DECAY, log=True)
+    if (opt, bs) not in trainers:
+        trainers[opt, bs] = PlainRegularisedTrainer(MODEL, ds, bs, opt)
+    tr = trainers[opt, bs]
+    return tr, tr.init(seed, trial.number, lr, decay, rate), np.random.default_rng(trial.number)
+
+
 def _run_sm2jax(contender: str, ds, tmp: str) -> dict:
     from sm2jax.cohort import group_into_cohorts
     from sm2jax.energy import read_ledger
@@ -117,22 +134,13 @@ def _run_sm2jax(contender: str, ds, tmp: str) -> dict:
 def _run_optuna(ds) -> dict:
     import numpy as np
     import optuna
-    from _plain import PlainRegularisedTrainer
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trainers: dict = {}
     epochs, finished = [0], {}
 
     def objective(trial):
-        opt = trial.suggest_categorical("optimizer", OPTIMIZERS)
-        bs = trial.suggest_categorical("batch_size", BATCH_SIZES)
-        lr = trial.suggest_float("learning_rate", *LR, log=True)
-        rate = trial.suggest_float("dropout", *DROPOUT)
-        decay = trial.suggest_float("weight_decay", *DECAY, log=True)
-        if (opt, bs) not in trainers:
-            trainers[opt, bs] = PlainRegularisedTrainer(MODEL, ds, bs, opt)
-        tr = trainers[opt, bs]
-        state, rng = tr.init(0, trial.number, lr, decay, rate), np.random.default_rng(trial.number)
+        tr, state, rng = optuna_trial(trial, trainers, ds, seed=0)
         acc = 0.0
         for epoch in range(1, MAX_EPOCHS + 1):
             state, _ = tr.epoch(state, rng)

@@ -44,18 +44,14 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from open_vocabulary import (  # noqa: E402
-    BATCH_SIZES,
     DATA,
-    DECAY,
-    DROPOUT,
     ETA,
     EXPLORE,
-    LR,
     MAX_EPOCHS,
     MIN_EPOCHS,
     MODEL,
-    OPTIMIZERS,
     _space,
+    optuna_trial,
 )
 
 CONTENDERS = ("tpe-sh", "tpe-sm2", "sobol-sh", "optuna")
@@ -115,22 +111,13 @@ def _run_sm2jax(contender: str, seed: int, configs: int, rounds: int, ds, tmp: s
 def _run_optuna(seed: int, configs: int, ds) -> dict:
     import numpy as np
     import optuna
-    from _plain import PlainRegularisedTrainer
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     trainers: dict = {}
     finished, trace, training = {}, [], [0.0]
 
     def objective(trial):
-        opt = trial.suggest_categorical("optimizer", OPTIMIZERS)
-        bs = trial.suggest_categorical("batch_size", BATCH_SIZES)
-        lr = trial.suggest_float("learning_rate", *LR, log=True)
-        rate = trial.suggest_float("dropout", *DROPOUT)
-        decay = trial.suggest_float("weight_decay", *DECAY, log=True)
-        if (opt, bs) not in trainers:
-            trainers[opt, bs] = PlainRegularisedTrainer(MODEL, ds, bs, opt)
-        tr = trainers[opt, bs]
-        state, rng = tr.init(seed, trial.number, lr, decay, rate), np.random.default_rng(trial.number)
+        tr, state, rng = optuna_trial(trial, trainers, ds, seed)
         acc = 0.0
         for epoch in range(1, MAX_EPOCHS + 1):
             start = _cpu()
