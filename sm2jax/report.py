@@ -269,7 +269,7 @@ def _selected(
         "metric": trial["metric"],
         "samples": trial["samples_spent"],
         "test": progress.test,
-        "energy_to_train_joules": sum_known(joules),
+        "attributed_joules": sum_known(joules),  # measured: its share of every window, compilation included
         "training_joules": sum_known(trained),
         "interrupted_joules": sum_known(lost_joules),
         "energy_method": energy_method,

@@ -188,9 +188,10 @@ def _selection(results: dict[str, Any]) -> list[str]:
                     f"{split} {yard[name][split]:.4f}" for split in ("val", "test") if split in yard[name]
                 )
                 lines.append(f"  yardstick {label}: {yard['metric']} {figures}")
-        if "energy_to_train_joules" in sel:
+        attributed = sel.get("attributed_joules", sel.get("energy_to_train_joules"))  # (the name before 2026-12)
+        if "attributed_joules" in sel or "energy_to_train_joules" in sel:
             lines.append(
-                f"  energy attributed to it: {_joules(sel['energy_to_train_joules'], method)} (its share of compile, exploration, rungs and evaluation)"
+                f"  energy attributed to it: {_joules(attributed, method)} (its share of compile, exploration, rungs and evaluation)"
             )
             if sel.get("training_joules") is not None:
                 lines.append(f"  of which training: {_joules(sel['training_joules'], method)} (exploration and rungs)")
@@ -323,11 +324,8 @@ def _finalists(results: dict[str, Any]) -> list[str]:
         )
         for f in results["finalists"]:
             mark = "*" if f["pareto"] else " "
-            energy = (
-                "unavailable"
-                if f["energy_to_train_j"] is None
-                else f"{f['energy_to_train_j']:,.1f} J +- {f['energy_noise']:.0%} [{method}]"
-            )
+            projected = f.get("projected_train_joules", f.get("energy_to_train_j"))  # (the name before 2026-12)
+            energy = "unavailable" if projected is None else f"{projected:,.1f} J +- {f['energy_noise']:.0%} [{method}]"
             chosen = "  <- selected" if sel and f["trial_id"] == sel["trial_id"] else ""
             lines.append(
                 f"  {mark} trial {f['trial_id']:>4} {f['cohort']:<40} score {f['score']:.4f} +- {f['score_se']:.4f}  {energy}{chosen}"

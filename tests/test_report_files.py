@@ -45,7 +45,7 @@ def test_report_writes_tables_that_match_the_study(finished, capsys):
             assert not d["kept"] and r["status"] == d["reason_code"]
         assert json.loads(r["config.model"])["name"] == "mlp" and float(r["config.learning_rate"]) > 0
     joules = {int(r["trial_id"]): float(r["energy_joules"]) for r in trials}
-    assert joules[results["selected"]["trial_id"]] == pytest.approx(results["selected"]["energy_to_train_joules"])
+    assert joules[results["selected"]["trial_id"]] == pytest.approx(results["selected"]["attributed_joules"])
     assert sum(joules.values()) == pytest.approx(results["total_joules"], rel=1e-6)  # every joule is some trial's
     assert len(_read(out / "decisions.csv")) == len(results["decisions"])
     energy = {r["phase"]: r for r in _read(out / "energy.csv")}
@@ -96,7 +96,7 @@ def test_figures_put_configurations_at_their_training_energy_and_say_what_they_l
     trials = {t["trial_id"]: t for t in results["trials"]}
     sel = results["selected"]
     assert sel["training_joules"] == pytest.approx(trials[sel["trial_id"]]["energy_by_kind"]["train"])
-    assert sel["training_joules"] < sel["energy_to_train_joules"]  # its compile and evaluation shares apart
+    assert sel["training_joules"] < sel["attributed_joules"]  # its compile and evaluation shares apart
     ax = plot_score_vs_energy(results).axes[0]
     star = next(c for c in ax.collections if c.get_label() == "selected")
     assert star.get_offsets()[0][0] == pytest.approx(training_joules(trials[sel["trial_id"]]))
@@ -139,3 +139,15 @@ def test_compare_puts_studies_side_by_side(finished, tmp_path, capsys):
     assert rows[1]["val_accuracy"] == pytest.approx(sh["selected"]["metric"])
     assert main(["compare", str(directory), str(tmp_path / "sh")]) == 0
     assert "training_vs_first" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # (the module's study)
+def test_a_results_file_from_before_the_energy_names_were_told_apart_still_reports(finished):
+    from sm2jax.report import format_results
+
+    _, results = finished
+    old = json.loads(json.dumps(results))
+    old["selected"]["energy_to_train_joules"] = old["selected"].pop("attributed_joules")
+    for f in old["finalists"]:
+        f["energy_to_train_j"] = f.pop("projected_train_joules")
+    assert format_results(old) == format_results(results)

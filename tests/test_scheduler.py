@@ -304,7 +304,7 @@ def test_finalists_show_the_score_energy_trade_off():
         ]
     )
     assert [(f["trial_id"], f["pareto"]) for f in front] == [(0, True), (1, True), (2, False)]
-    assert front[0]["energy_to_train_j"] == pytest.approx(1000.0)  # nothing remains: rate x full budget
+    assert front[0]["projected_train_joules"] == pytest.approx(1000.0)  # nothing remains: rate x full budget
 
 
 def test_blend_objective_weighs_performance_energy_and_progress():

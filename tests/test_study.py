@@ -61,7 +61,7 @@ def test_sm2_study_selects_a_config_and_labels_cpu_energy_honestly(tmp_path):
             if r["type"] == "trial" and r["window"] == w["window"] and r["time"] == w["time"]
         ]
         assert sum(shares) == pytest.approx(w["joules"])
-    assert sel["energy_to_train_joules"] > 0
+    assert sel["attributed_joules"] > 0
     # Decisions: every config appears in exploration, with its terms and reason.
     explore = [d for d in results["decisions"] if d["phase"] == "explore"]
     assert len(explore) == 8 and all("reason" in d and "projected_energy_j" in d for d in explore)

@@ -256,7 +256,7 @@ def finalist_front(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
             "cohort": c.cohort,
             "score": c.score,
             "score_se": c.score_se,
-            "energy_to_train_j": c.decision_energy,
+            "projected_train_joules": c.decision_energy,  # rate x the full budget: a projection
             "energy_noise": c.energy_noise,
             "pareto": None if not known else c.trial_id in front,
         }
