@@ -56,6 +56,9 @@ def run_hyperband(
             keep_rule="floor",
             explore_budget=0.0,
             objective="performance",
+            rounds=1,  # a bracket is one round of random configurations
+            extensions=[],
+            warm_start=None,
         )
         result = Study(
             folder.bracket(b["s"]),
