@@ -102,6 +102,7 @@ def table_writers(results: dict[str, Any], directory: str | os.PathLike) -> list
     base = [
         "trial_id",
         "cohort",
+        "round",
         "status",
         "last_phase",
         "score",

@@ -13,6 +13,7 @@ from sm2jax.energy.ledger import add_known, sum_known, summarize, trial_totals, 
 from sm2jax.phases import StudyState
 from sm2jax.plan import plan_vs_actual
 from sm2jax.report_text import format_results as format_results  # what `sm2jax report` prints, importable here
+from sm2jax.rounds import parse_label
 from sm2jax.space import Config
 from sm2jax.store.folder import StudyDir
 
@@ -161,7 +162,8 @@ def trial_table(
     """One row per configuration: its cohort and values, how far it got (the last phase it
     trained in and why it stopped there), its last score, and the energy attributed to it by
     the ledger (finished attempts only; ``None`` when any share was unavailable). A seed replicate's
-    row names the configuration it replicates (``replicate_of``)."""
+    row names the configuration it replicates (``replicate_of``); ``round``: the round that proposed
+    it (``None``: it never trained, e.g. infeasible)."""
     replicate_of = replicate_of or {}
     cohort_of = {
         c.trial_id: cohort.name for cohort in group_into_cohorts(list(configs.values())) for c in cohort.configs
@@ -195,7 +197,8 @@ def trial_table(
         rows.append(
             {
                 "trial_id": t,
-                "cohort": cohort_of[t],
+                "cohort": record.get("cohort") or cohort_of[t],  # (as its round grouped it)
+                "round": parse_label(record["history"][0]["phase"])[0] if record.get("history") else None,
                 "config": config.to_json()["values"],
                 "status": status,
                 "last_phase": phase,

@@ -200,6 +200,7 @@ def test_extend_keeps_every_result_compiles_nothing_new_and_a_warm_start_learns_
     assert [r["round"] for r in grown["rounds"]] == [1, 2] and grown["rounds"][1]["observations"] > 0
     assert json.loads((folder / "spec.json").read_text())["extensions"] == [{"samples": 8, "rounds": 1}]
     assert "rounds: 2" in format_results(grown)
+    assert collections.Counter(t["round"] for t in grown["trials"]) == {1: len(before), 2: 8}
     for r in grown["rounds"]:  # each round's selection loads from the checkpoint of its round
         assert load_selected(folder, r["selected"]).trial_id == r["selected"]
     assert grown["selected"]["trial_id"] in {r["selected"] for r in grown["rounds"]}
