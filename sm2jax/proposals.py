@@ -1,6 +1,6 @@
 """What a study proposed, as its folder keeps it, and what a searcher learns from another study.
 
-:func:`study_configs` and :func:`study_proposals` read ``proposals.json`` (a study never proposes
+:func:`study_proposals` reads ``proposals.json`` (a study never proposes
 again what it proposed once); :func:`warm_observations` reads a warm start's results (another study
 of the same space) as the observations that seed a first round's model (:mod:`sm2jax.rounds`).
 """
@@ -16,23 +16,6 @@ from sm2jax.search import Observation
 from sm2jax.space import Config, SearchSpace
 from sm2jax.spec import StudySpec, read_spec
 from sm2jax.store.folder import StudyDir
-
-
-def study_configs(folder: StudyDir, spec: StudySpec) -> tuple[list[Config], dict[int, int], bool]:
-    """A study's configurations (replicates included) and ``replicate_of``: what its searcher
-    proposed, as kept in ``proposals.json`` -- never proposed again -- or, for a study not started
-    (or from before proposals were kept), what ``spec`` proposes now (:func:`first_proposals`).
-    The flag says whether they were kept (else the caller keeps them once the folder is claimed)."""
-    blob = folder.read_proposals() if folder.has_run() else None  # a start that failed proposes again
-    if blob is None:
-        return *first_proposals(spec), False
-    try:
-        configs = [Config.from_json(c) for c in blob["configs"]]
-        return configs, {int(k): int(v) for k, v in blob["replicate_of"].items()}, True
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(
-            f"{folder.proposals_path} is damaged ({type(err).__name__}: {err}): restore it from a backup (it holds what the study trained)"
-        ) from None
 
 
 def warm_observations(spec: Any) -> list[Observation]:
@@ -68,19 +51,20 @@ def warm_observations(spec: Any) -> list[Observation]:
     return [dataclasses.replace(o, trial_id=-1 - o.trial_id, round=0) for o in found]
 
 
-def study_proposals(folder: Any, spec: Any) -> tuple[Proposals, bool]:
-    """What the study in ``folder`` proposed, every round (:func:`sm2jax.spec.study_configs` for the
-    first); the flag says whether it was kept (else round 1 is what ``spec`` proposes now)."""
-    configs, replicate_of, kept = study_configs(folder, spec)
-    later = []
-    if kept:
-        try:
-            later = Proposals.from_json(folder.read_proposals()).later
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(
-                f"{folder.proposals_path} is damaged ({type(err).__name__}: {err}): restore it from a backup (it holds what the study trained)"
-            ) from None
-    return Proposals(configs, replicate_of, later), kept
+def study_proposals(folder: StudyDir, spec: StudySpec) -> tuple[Proposals, bool]:
+    """What the study in ``folder`` proposed, every round, as ``proposals.json`` keeps it -- never
+    proposed again -- or, for a study not started (or from before proposals were kept), what
+    ``spec`` proposes now for its first round (:func:`first_proposals`). The flag says whether they
+    were kept (else the caller keeps them once the folder is claimed)."""
+    blob = folder.read_proposals() if folder.has_run() else None  # a start that failed proposes again
+    if blob is None:
+        return Proposals(*first_proposals(spec)), False
+    try:
+        return Proposals.from_json(blob), True
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(
+            f"{folder.proposals_path} is damaged ({type(err).__name__}: {err}): restore it from a backup (it holds what the study trained)"
+        ) from None
 
 
 def first_proposals(spec: StudySpec) -> tuple[list[Config], dict[int, int]]:

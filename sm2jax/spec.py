@@ -340,7 +340,7 @@ class StudySpec:
     def configs(self, history: Sequence[Any] = ()) -> list[Config]:
         """The configurations the spec's searcher (``sampler``) proposes for a new study's first
         round (``history``: a warm start's results, :func:`sm2jax.proposals.warm_observations`; a
-        study keeps what was proposed: :func:`sm2jax.proposals.study_configs`; later rounds:
+        study keeps what was proposed: :func:`sm2jax.proposals.study_proposals`; later rounds:
         :mod:`sm2jax.rounds`)."""
         return propose(self, 1, history, first_id=0)
 
