@@ -328,6 +328,8 @@ class Study:
         now from every result so far (and a warm start's) and kept before anything trains; then
         its cohorts, compiled or loaded (a cohort an earlier round compiled is in the table)."""
         progress = self._progress
+        first = next(p for p, s in enumerate(self.steps) if s.round == round_)
+        self._record_earlier_rounds(state, first)
         if round_ > self.proposals.rounds():
             progress.say(f"round {round_}: proposing from {len(state.trials)} configurations measured so far")
             history = round_history(self.spec, state, self.configs, self.proposals)
@@ -440,16 +442,22 @@ class Study:
         """Records round ``steps[p].round`` as finished (its selection, finalists, test score and
         where its finalists are kept) and, after the first, selects over every round so far."""
         step = self.steps[p]
-        ends = [q for q, s in enumerate(self.steps[:p]) if s.round_end]
-        recorded = {r["round"] for r in state.rounds}
-        for q in ends:  # a round that ended before rounds were recorded (a study extended since)
-            if self.steps[q].round not in recorded:
-                earlier = StudyState.from_json(self.folder.load_progress(q))
-                state.rounds.append(round_record(self.steps[q], q, earlier, self.proposals))
-        state.rounds = sorted([r for r in state.rounds if r["round"] != step.round], key=lambda r: r["round"])
+        self._record_earlier_rounds(state, p)
+        state.rounds = [r for r in state.rounds if r["round"] != step.round]
         state.rounds.append(round_record(step, p, state, self.proposals))
         if len(state.rounds) > 1:
             select_across_rounds(state, self.rules, step.name)
+
+    def _record_earlier_rounds(self, state: StudyState, p: int) -> None:
+        """Records the rounds that ended before phase ``p`` and are not recorded yet (a study from
+        before rounds were recorded, extended since), from the progress of their last phase, so
+        that their finalists' checkpoints are kept from now on."""
+        recorded = {r["round"] for r in state.rounds}
+        for q, s in enumerate(self.steps[:p]):
+            if s.round_end and s.round not in recorded:
+                earlier = StudyState.from_json(self.folder.load_progress(q))
+                state.rounds.append(round_record(s, q, earlier, self.proposals))
+        state.rounds.sort(key=lambda r: r["round"])
 
     def _commit(self, p: int, state: StudyState, checkpoints: StudyCheckpoints, saved: dict, last: bool) -> None:
         """Records phase ``p``: its checkpoint and progress, then the viewers that follow the study."""

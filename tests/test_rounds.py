@@ -237,3 +237,17 @@ def test_kill_in_round_two_and_resume_reaches_the_same_proposals_decisions_and_s
     assert strip(resumed) == strip(reference)
     assert resumed["selected"]["trial_id"] == reference["selected"]["trial_id"]
     assert [r["selected"] for r in resumed["rounds"]] == [r["selected"] for r in reference["rounds"]]
+
+
+@pytest.mark.slow  # a study, then its extension
+def test_a_study_from_before_rounds_extends_and_keeps_its_first_rounds_finalists(tmp_path):
+    folder = tmp_path / "old"
+    spec = quick_spec(sampler="sobol", num_samples=8, max_budget=9)  # 4 phases a round: more than 3 are kept
+    first = Study(folder, spec, progress=False).run()
+    for name in os.listdir(folder / "progress"):  # as a study from before rounds were recorded
+        path = folder / "progress" / name
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "rounds"}))
+    grown = Study(folder, progress=False).extend(8)
+    assert [r["round"] for r in grown["rounds"]] == [1, 2]
+    assert grown["rounds"][0]["selected"] == first["selected"]["trial_id"]
+    assert load_selected(folder, first["selected"]["trial_id"]).trial_id == first["selected"]["trial_id"]
