@@ -262,11 +262,19 @@ def smooth_cohort_rates(
     rate. (The spread of per-phase rates is not used as noise: it mixes real changes -- a narrower
     width for survivors, warm-up -- with noise, and is itself too noisy to decide on.)"""
     for c in candidates:
-        history = [h for h in cohort_energy.get(c.cohort, []) if h["samples"] > 0]
-        if not history or any(h["joules"] is None for h in history):
-            continue
-        c.cohort_rate = sum(h["joules"] for h in history) / sum(h["samples"] for h in history)
-        c.energy_noise = energy_noise
+        rate = cohort_rate(cohort_energy.get(c.cohort, []))
+        if rate is not None:
+            c.cohort_rate, c.energy_noise = rate, energy_noise
+
+
+def cohort_rate(history: Sequence[dict[str, Any]]) -> float | None:
+    """A cohort's training joules per sample over its phases (``history``: its
+    :attr:`StudyState.cohort_energy`): total joules / total samples; ``None`` with no samples or
+    an unavailable phase."""
+    used = [h for h in history if h["samples"] > 0]
+    if not used or any(h["joules"] is None for h in used):
+        return None
+    return sum(h["joules"] for h in used) / sum(h["samples"] for h in used)
 
 
 def record_phase(

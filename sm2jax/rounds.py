@@ -22,6 +22,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from sm2jax.phases import cohort_rate
 from sm2jax.search import Observation, SearchContext, get_searcher
 from sm2jax.space import Config, SearchSpace
 
@@ -178,7 +179,7 @@ def observations(
         t = int(key)
         if t in replicate_of or t not in configs:
             continue
-        rate = _cohort_rate(cohort_energy.get(record.get("cohort", ""), []))
+        rate = cohort_rate(cohort_energy.get(record.get("cohort", ""), []))
         total = record.get("samples_total")
         train = rate * total if rate is not None and total else None
         for h in record["history"]:
@@ -196,14 +197,6 @@ def observations(
                     )
                 )
     return out
-
-
-def _cohort_rate(history: list[dict[str, Any]]) -> float | None:
-    """A cohort's joules per training sample over its phases (``None``: any unavailable)."""
-    used = [h for h in history if h["samples"] > 0]
-    if not used or any(h["joules"] is None for h in used):
-        return None
-    return sum(h["joules"] for h in used) / sum(h["samples"] for h in used)
 
 
 def propose(
@@ -245,28 +238,27 @@ def round_candidates(state: Any, round_record: dict[str, Any], energy_noise: flo
     trial record (score, its error, samples and energy, and its cohort's measured rate)."""
     from sm2jax.schedule.candidates import Candidate
 
-    out = []
-    for key, record in state.trials.items():
-        if int(key) != round_record["selected"]:
-            continue
-        score = record["score"]
-        out.append(
-            Candidate(
-                trial_id=int(key),
-                cohort=record.get("cohort", ""),
-                score=float("nan") if score is None else float(score),
-                gain=None,
-                energy_spent=record["energy_spent"],
-                energy_last=None,
-                samples_spent=record["samples_spent"],
-                samples_last=0,
-                samples_total=record.get("samples_total", record["samples_spent"]),
-                score_se=record.get("score_se") or 0.0,
-                cohort_rate=_cohort_rate(state.cohort_energy.get(record.get("cohort", ""), [])),
-                energy_noise=energy_noise,
-            )
+    selected = round_record["selected"]
+    record = state.trials.get(str(selected)) if selected is not None else None
+    if record is None:
+        return []
+    score = record["score"]
+    return [
+        Candidate(
+            trial_id=int(selected),
+            cohort=record.get("cohort", ""),
+            score=float("nan") if score is None else float(score),
+            gain=None,
+            energy_spent=record["energy_spent"],
+            energy_last=None,
+            samples_spent=record["samples_spent"],
+            samples_last=0,
+            samples_total=record.get("samples_total", record["samples_spent"]),
+            score_se=record.get("score_se") or 0.0,
+            cohort_rate=cohort_rate(state.cohort_energy.get(record.get("cohort", ""), [])),
+            energy_noise=energy_noise,
         )
-    return sorted(out, key=lambda c: c.trial_id)
+    ]
 
 
 def select_across_rounds(state: Any, rules: Any, final_phase: str) -> None:

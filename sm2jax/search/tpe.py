@@ -49,6 +49,7 @@ import warnings
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
+from sm2jax.phases import finite_or_none
 from sm2jax.search import Observation, SearchContext, Searcher, register_searcher
 from sm2jax.space import Categorical, Fixed, IntUniform, LogUniform, SearchSpace, Uniform, make_config
 
@@ -60,7 +61,7 @@ def fitting_budget(history: Sequence[Observation], dims: int) -> float | None:
     """The largest budget with at least ``max(dims + 1, MIN_OBSERVATIONS)`` scored observations of
     distinct configurations (BOHB's rule); ``None`` when no budget has that many."""
     need = max(dims + 1, MIN_OBSERVATIONS)
-    counts = collections.Counter(o.budget for o in history if _finite(o.score))
+    counts = collections.Counter(o.budget for o in history if finite_or_none(o.score) is not None)
     enough = [b for b, n in counts.items() if n >= need]
     return max(enough) if enough else None
 
@@ -96,7 +97,7 @@ class TPESearcher(Searcher):
 
             configs = cohort_sample(space, n, seed=seed, method="sobol", multiple=multiple)
             return [make_config(first_id + i, **c.values) for i, c in enumerate(configs)]
-        fitted = _latest_per_trial([o for o in history if o.budget == budget and _finite(o.score)])
+        fitted = _latest_per_trial([o for o in history if o.budget == budget and finite_or_none(o.score) is not None])
         values = model_values(fitted, context.objective, context.final_z)
         with _quiet_optuna():
             sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=0)
@@ -207,10 +208,6 @@ class _Codec:
 
 def _text(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
-
-
-def _finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
 
 
 def _latest_per_trial(observations: list[Observation]) -> list[Observation]:
