@@ -55,6 +55,11 @@ def round_sizes(spec: Any) -> list[int]:
     return sizes
 
 
+def several_rounds(spec: Any) -> bool:
+    """Whether ``spec`` runs more than one round (its own, or an extension's)."""
+    return len(round_sizes(spec)) > 1
+
+
 def label(round_: int, name: str) -> str:
     return name if round_ == 1 else f"r{round_}.{name}"
 
@@ -88,7 +93,7 @@ def schedule(spec: Any) -> list[Step]:
 def check_rounds(spec: Any) -> None:
     """One line for rounds a spec cannot run (called by :class:`~sm2jax.spec.StudySpec`)."""
     searcher = get_searcher(spec.sampler)
-    grown = len(round_sizes(spec)) > 1
+    grown = several_rounds(spec)
     if grown and searcher.fixed_size:
         raise ValueError(
             f"sampler {spec.sampler!r} proposes its whole set at once, so it cannot run in rounds: use --set rounds=1, or a sampler that proposes (tpe learns from earlier rounds; sobol, random)"

@@ -42,7 +42,7 @@ from sm2jax.probe import probe, probe_cohorts
 from sm2jax.progress import StudyProgress
 from sm2jax.proposals import round_history, study_proposals
 from sm2jax.report import assemble_results, partial_results
-from sm2jax.rounds import check_extension, propose, round_record, schedule, select_across_rounds
+from sm2jax.rounds import check_extension, propose, round_record, schedule, select_across_rounds, several_rounds
 from sm2jax.schedule import get_scheduler
 from sm2jax.spec import StudySpec, bind, current_form, read_spec
 from sm2jax.store.checkpoint import CheckpointError, StudyCheckpoints
@@ -100,7 +100,7 @@ class Study:
         if not self.configs:
             raise ValueError("the search space produced no configuration")
         data = study_data(spec, dataset)  # a data set not prepared, or not known, fails before anything is written
-        if not self.folder.has_run() and len(self.steps) == len(spec.phases()):  # (later rounds may use it)
+        if not self.folder.has_run() and not several_rounds(spec):  # (later rounds may use it)
             _check_every_name_is_used(spec, list(self.configs.values()), data)
         plan = self._plan_within_budget(spec, data, devices=devices, nvml=nvml, gpus=gpus)
         self.folder.claim(spec.to_json(), normalise=current_form)
@@ -475,7 +475,7 @@ class Study:
 def plan_study(spec: StudySpec, **kwargs: Any) -> StudyPlan:
     """The plan of ``spec`` before it runs (:func:`sm2jax.probe.probe` with :class:`Study`;
     ``kwargs``: ``dataset``, ``devices``, ``nvml``, ``gpus``, ``same_process``)."""
-    if len(schedule(spec)) > len(spec.phases()):
+    if several_rounds(spec):
         raise ValueError(
             "sm2jax plan predicts a study of one round (later rounds' proposals are not known before the first ends): plan it with --set rounds=1; each round costs about what a study of its size does"
         )
