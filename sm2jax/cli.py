@@ -27,10 +27,11 @@ def _budget(args) -> dict:
 
 def _run(args) -> dict:
     from sm2jax.hyperband import run_hyperband
+    from sm2jax.store.folder import StudyDir
     from sm2jax.study import Study
 
     spec, directory = _spec_and_dir(args)
-    if args.mode == "hyperband":
+    if StudyDir(directory).bracket_run():  # a Hyperband run of the earlier layout: finished as begun
         return run_hyperband(directory, spec, progress=not args.no_progress, devices=args.devices)
     study = Study(
         directory, spec, progress=not args.no_progress, devices=args.devices
@@ -49,7 +50,9 @@ def _plan(args) -> int:
 
     spec, directory = _spec_and_dir(args)
     if args.mode == "hyperband":
-        raise ValueError("sm2jax plan plans one study: plan a Hyperband bracket with --mode sm2 and its --set rungs")
+        raise ValueError(
+            "sm2jax plan predicts a study of one round, and Hyperband's brackets are its rounds: plan a bracket with --mode sh and its --set rungs"
+        )
     folder = StudyDir(directory)
     if folder.has_run():
         raise ValueError(f"{directory} holds a study that has run: `sm2jax report {directory}` shows its cost so far")
@@ -68,9 +71,7 @@ def _spec_and_dir(args):
 
     spec = _load_config(args.config, args.quick) if args.config else PRESETS[args.preset](quick=args.quick)
     spec = apply_overrides(spec, args.set)
-    overrides = {"energy_method": args.energy}
-    if args.mode != "hyperband":
-        overrides["mode"] = args.mode
+    overrides = {"energy_method": args.energy, "mode": args.mode}
     if args.idle_seconds is not None:
         overrides["idle_seconds"] = args.idle_seconds
     if args.steps_per_window is not None:

@@ -111,8 +111,8 @@ def load_selected(directory: str | os.PathLike, trial_id: int | None = None, *, 
     """The trained model of the configuration a finished study selected (or of finalist ``trial_id``).
 
     Args:
-      directory: a study folder (relative paths work), a Hyperband run's folder (its winning
-        bracket's study), or a folder written by :func:`export`.
+      directory: a study folder (relative paths work), a folder of a Hyperband run of the
+        earlier layout (its winning bracket's study), or a folder written by :func:`export`.
       trial_id: a finalist to load instead of the selection.
       dataset: for a study that ran on an in-memory :class:`~sm2jax.data.ArrayDataset` and
         recorded no data shapes (an older study): that data set.
@@ -127,7 +127,7 @@ def load_selected(directory: str | os.PathLike, trial_id: int | None = None, *, 
         return _load_export(path, trial_id)
     folder = StudyDir(path)
     results = folder.results()
-    if results.get("mode") == "hyperband":
+    if folder.bracket_run():
         if results.get("selected") is None:
             raise ValueError(f"the Hyperband run in {path} selected no configuration: there is no model to load")
         folder = folder.bracket(results["selected"]["bracket"])

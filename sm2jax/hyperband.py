@@ -1,4 +1,7 @@
-"""Hyperband (Li et al., JMLR 18(185), 2018): one successive-halving study per bracket."""
+"""Hyperband (Li et al., JMLR 18(185), 2018) from Python: a study of ``mode="hyperband"``, whose
+brackets are its rounds (:class:`sm2jax.schedule.HyperbandScheduler`), in one folder with one
+ledger, one report and one selection -- and the runs of the earlier layout, one study per bracket
+in ``bracket-S/``, finished as they were begun."""
 
 from __future__ import annotations
 
@@ -24,26 +27,35 @@ def run_hyperband(
     dataset: ArrayDataset | None = None,
     devices: Any = None,
 ) -> dict[str, Any]:
-    """Runs Hyperband with one :class:`Study` per bracket, in ``directory/bracket-S/``.
-
-    ``spec.max_budget`` is R; bracket ``s`` samples ``n`` random configurations (seed ``spec.seed + s``)
-    and runs Li et al.'s inner loop on them: rungs ``r_i = R * eta**(i - s)`` keeping ``floor(n_i / eta)``
-    (:func:`sm2jax.budgets.hyperband_brackets`; integral budgets ``R * eta**i // eta**s`` when the unit
-    is steps or samples). The winner is the best score over the brackets.
-    Finished brackets are read back, so a killed Hyperband run resumes bracket by bracket. Brackets
-    of one shape reuse each other's compiled programs (in-process and through the persistent cache).
-    ``devices``: the trials axis of every bracket (see :class:`Study`).
-    """
+    """Runs (or resumes) Hyperband on ``spec``'s space in ``directory``: ``Study(directory,
+    replace(spec, mode="hyperband")).run()``, whose brackets ``s = s_max .. 0`` are its rounds
+    (``spec.max_budget`` is R; see :class:`~sm2jax.schedule.HyperbandScheduler`). A folder holding
+    a Hyperband run of the earlier layout (:meth:`~sm2jax.store.folder.StudyDir.bracket_run`) is
+    finished bracket by bracket, as it was begun. ``devices``: see :class:`Study`."""
     enable_compile_cache()  # a bad cache path is one line before anything is written
+    folder = StudyDir(directory)
+    options = dict(progress=progress, nvml=nvml, dataset=dataset, devices=devices)
+    if folder.bracket_run():
+        held = folder.spec_blob()["hyperband"]
+        return finish_bracket_run(folder, dataclasses.replace(spec, mode=held.get("mode", spec.mode)), **options)
+    return Study(folder.path, dataclasses.replace(spec, mode="hyperband"), **options).run()
+
+
+def finish_bracket_run(folder: StudyDir, spec: StudySpec, **options: Any) -> dict[str, Any]:
+    """A Hyperband run of the earlier layout (``spec.json`` = ``{"hyperband": spec}``): one
+    successive-halving :class:`Study` per bracket in ``bracket-S/`` (bracket ``s`` samples ``n``
+    random configurations with seed ``spec.seed + s``; rungs ``r_i = R * eta**(i - s)`` keeping
+    ``floor(n_i / eta)``), the winner the best score over the brackets. Finished brackets are read
+    back, so such a run resumes bracket by bracket where it stopped. Kept so that runs begun by
+    an earlier version finish and report; a new run is one study (:func:`run_hyperband`)."""
     if spec.max_energy_joules is not None or spec.max_wall_seconds is not None:
         raise ValueError(
             "a budget (--budget-kwh, --budget-hours) caps one study, and Hyperband runs one per bracket: cap a study (--mode sm2 or sh) instead"
         )
-    folder = StudyDir(directory)
-    folder.claim({"hyperband": spec.to_json()}, normalise=_current_form)  # refuses a directory holding another study
+    folder.claim({"hyperband": spec.to_json()}, normalise=_current_form)  # refuses an edited spec
     integral = spec.budget_unit in ("steps", "samples") and spec.max_budget == int(spec.max_budget)
-    brackets, outcomes = hyperband_brackets(spec.max_budget, spec.eta, integral=integral), []
-    for b in brackets:
+    outcomes = []
+    for b in hyperband_brackets(spec.max_budget, spec.eta, integral=integral):
         rungs = [r["r"] for r in b["rungs"]]
         sub = dataclasses.replace(
             spec,
@@ -56,18 +68,11 @@ def run_hyperband(
             keep_rule="floor",
             explore_budget=0.0,
             objective="performance",
-            rounds=1,  # a bracket is one round of random configurations
+            rounds=1,
             extensions=[],
             warm_start=None,
         )
-        result = Study(
-            folder.bracket(b["s"]),
-            sub,
-            progress=progress,
-            nvml=nvml,
-            dataset=dataset,
-            devices=devices,
-        ).run()
+        result = Study(folder.bracket(b["s"]), sub, **options).run()
         outcomes.append(
             {
                 **{k: b[k] for k in ("s", "n", "r")},
@@ -79,13 +84,12 @@ def run_hyperband(
         )
     scored = [o for o in outcomes if o["selected"] is not None and o["selected"]["score"] is not None]
     best = max(scored, key=lambda o: o["selected"]["score"]) if scored else None
-    totals = [o["total_joules"] for o in outcomes]
     results = {
         "study": folder.path,
         "mode": "hyperband",
         "brackets": outcomes,
         "selected": None if best is None else {**best["selected"], "bracket": best["s"]},
-        "total_joules": sum_known(totals),
+        "total_joules": sum_known([o["total_joules"] for o in outcomes]),
         "energy_method": outcomes[0]["energy_method"] if outcomes else None,
     }
     folder.write_results(results)
@@ -93,6 +97,6 @@ def run_hyperband(
 
 
 def _current_form(blob: dict[str, Any]) -> dict[str, Any]:
-    """A stored Hyperband spec in this version's form (fields added since take their defaults, as
-    ``sm2jax resume`` reads it), so that an older run resumes."""
+    """A stored Hyperband spec of the earlier layout in this version's form (fields added since
+    take their defaults, as ``sm2jax resume`` reads it), so that an older run resumes."""
     return {"hyperband": StudySpec(**blob["hyperband"]).to_json()}

@@ -18,6 +18,7 @@ from sm2jax.energy.ledger import add_known
 from sm2jax.phases import StudyState
 from sm2jax.plan import DEFAULT_PLAN_NOISE, PROBE_FRACTION, StudyPlan, cohort_plans, predict, test_evals
 from sm2jax.rates import CohortRate, measured_rates
+from sm2jax.rounds import round_phases
 from sm2jax.tasks import get_task
 
 
@@ -30,7 +31,8 @@ def probe_cohorts(study: Any, fraction: float, min_call_seconds: float = 0.25) -
     (:func:`probe` runs it in a temporary folder). Returns the ledger's records
     (``again``: the second build's), the span, the energy method, the real XLA compiles, the
     commit's seconds and each cohort's width."""
-    name, budget = study.spec.phases()[0]
+    phases = round_phases(study.steps, 1)  # (a study of one round: plan_study refuses more)
+    name, budget = phases[0]
     state = StudyState(metric_name=get_task(study.work.data.task).metric_name)
     win = {"window_seconds": study.spec.window_seconds, "steps_per_window": study.spec.steps_per_window}
     runners = []
@@ -41,7 +43,7 @@ def probe_cohorts(study: Any, fraction: float, min_call_seconds: float = 0.25) -
         try:
             for c in group_into_cohorts(list(study.configs.values())):
                 with blame(c, "compile"):
-                    r = study.work.create_runner(c, state)
+                    r = study.work.create_runner(c, state, phases)
                 if r is None:
                     continue
                 runners.append(r)
@@ -49,7 +51,7 @@ def probe_cohorts(study: Any, fraction: float, min_call_seconds: float = 0.25) -
                 # the meter: a call's cost and a step's apart.
                 bs = c.signature.batch_size
                 s = max(2, round(fraction * study.work.steps(budget, bs)))
-                planned = study.work.planned(r, 0)
+                planned = study.work.planned(r, phases, 0)
                 with blame(c, f"{name} (plan probe)"):
                     r.train_to(1, "probe-1", planned_trial_steps=planned, **win)
                     r.evaluate("probe-1")
@@ -67,7 +69,7 @@ def probe_cohorts(study: Any, fraction: float, min_call_seconds: float = 0.25) -
             commit_seconds = time.perf_counter() - t0
             before = len(study.energy.ledger.records())
             for c in group_into_cohorts(list(study.configs.values())):  # again: the programs are in memory
-                study.work.create_runner(c, StudyState())
+                study.work.create_runner(c, StudyState(), phases)
             study.metering.flush()
             records = study.energy.ledger.records()
             again = records[before:]

@@ -29,13 +29,13 @@ class Results(dict):
         reached (each phase's budget); its energy (``energy_joules``, ``kwh``, ``gco2e``) and by kind
         of window (``energy_train_j``, ``energy_eval_j``, ``energy_compile_j`` ...: compilation is
         its share of its cohort's); ``params_<name>`` for every hyperparameter (a mapping such as the
-        model as JSON text); ``replicate_of`` for a seed replicate. A Hyperband run's rows carry
-        their ``bracket``."""
+        model as JSON text); ``replicate_of`` for a seed replicate; ``round`` (Hyperband's bracket:
+        the report's ``rounds``). A Hyperband run of the earlier layout's rows carry their ``bracket``."""
         try:
             import pandas as pd
         except ImportError:
             raise ImportError("trials_dataframe needs pandas: pip install pandas") from None
-        if self.get("mode") == "hyperband":
+        if "brackets" in self:  # a Hyperband run of the earlier layout: a study per bracket
             folder = StudyDir(self["study"])
             frames = [
                 load_results(folder.bracket(b["s"])).trials_dataframe().assign(bracket=b["s"]) for b in self["brackets"]
@@ -68,7 +68,7 @@ def load_results(directory: str | os.PathLike) -> Results:
     study still running, or interrupted, gets :func:`partial_results`. ``.trials_dataframe()``
     tabulates its configurations."""
     folder = StudyDir(directory)
-    if not folder.exists("results.json") and folder.spec_blob() is not None and "hyperband" not in folder.spec_blob():
+    if not folder.exists("results.json") and folder.spec_blob() is not None and not folder.bracket_run():
         return Results(partial_results(folder))
     return Results(folder.results())
 
@@ -132,11 +132,11 @@ def partial_results(folder: StudyDir) -> dict[str, Any]:
 
 
 def load_comparable(directory: str | os.PathLike) -> dict[str, Any]:
-    """:func:`load_results`, where a Hyperband run's results gain its brackets' energy by phase,
-    configurations and metric name, so that it compares like any study."""
+    """:func:`load_results`, where a Hyperband run of the earlier layout gains its brackets'
+    energy by phase, configurations and metric name, so that it compares like any study."""
     folder = StudyDir(directory)
     results = folder.results()
-    if results.get("mode") != "hyperband":
+    if not folder.bracket_run():
         return results
     brackets = [folder.bracket(b["s"]).results() for b in results["brackets"]]
     by_phase: dict[str, dict[str, Any]] = {}

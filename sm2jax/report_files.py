@@ -18,7 +18,7 @@ def write_report_files(results: dict, args) -> int:
 
     folder = StudyDir(args.dir)
     out = args.out or folder.report_path
-    if results["mode"] == "hyperband":  # each bracket is a study of its own: its files in out/bracket-S
+    if folder.bracket_run():  # the earlier Hyperband layout: each bracket's files in out/bracket-S
         failed = 0
         for b in results["brackets"]:
             failed += _write_files(load_results(folder.bracket(b["s"])), os.path.join(out, f"bracket-{b['s']}"))

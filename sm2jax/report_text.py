@@ -84,14 +84,18 @@ def _rounds(results: dict[str, Any]) -> list[str]:
     if len(rounds) < 2:
         return []
     selected = (results.get("selected") or {}).get("trial_id")
-    lines = [f"rounds: {len(rounds)} (round k proposed from every result of the rounds before it)"]
+    learned = any(r["observations"] for r in rounds)
+    how = "round k proposed from every result of the rounds before it" if learned else "each drawn afresh"
+    lines = [f"rounds: {len(rounds)} ({how})"]
     for r in rounds:
         best = next((f for f in r["finalists"] if f["trial_id"] == r["selected"]), None)
         score = "" if best is None else f": score {best['score']:.4g} +- {best['score_se']:.2g}"
         source = "at the start" if r["round"] == 1 else f"from {r['observations']} observations"
+        source = source if r["round"] == 1 or r["observations"] else "independently of earlier results"
         mark = "  <- the study's selection" if r["selected"] == selected and selected is not None else ""
+        bracket = f" (Hyperband bracket s={r['bracket']}, from budget {r['r']:g})" if "bracket" in r else ""
         lines.append(
-            f"  round {r['round']}: {r['configs']} configurations proposed {source}; selected trial {r['selected']}{score}{mark}"
+            f"  round {r['round']}{bracket}: {r['configs']} configurations proposed {source}; selected trial {r['selected']}{score}{mark}"
         )
     return lines
 
@@ -113,9 +117,10 @@ def _meter(results: dict[str, Any]) -> list[str]:
 
 
 def _hyperband(results: dict[str, Any]) -> list[str]:
-    """Hyperband's brackets."""
+    """The brackets of a Hyperband run of the earlier layout (one study per bracket; a Hyperband
+    study's brackets are its rounds: :func:`_rounds`)."""
     lines: list[str] = []
-    if results["mode"] == "hyperband":
+    if "brackets" in results:
         lines.append("brackets (s, n, r):")
         for b in results["brackets"]:
             s = b["selected"]

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sm2jax.phases import cohort_rate
+from sm2jax.schedule import RoundPlan, get_scheduler
 from sm2jax.search import Observation, SearchContext, get_searcher
 from sm2jax.space import Config, SearchSpace
 
@@ -46,13 +47,24 @@ def split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def round_sizes(spec: Any) -> list[int]:
-    """How many configurations each round proposes: ``num_samples`` over ``rounds``, then each
-    extension's ``samples`` over its ``rounds``."""
+def requested_sizes(spec: Any) -> list[int]:
+    """The rounds the spec asks for: ``num_samples`` over ``rounds``, then each extension's
+    ``samples`` over its ``rounds``."""
     sizes = split(spec.num_samples, spec.rounds)
     for ext in spec.extensions:
         sizes += split(int(ext["samples"]), int(ext.get("rounds", 1)))
     return sizes
+
+
+def round_plans(spec: Any) -> list[RoundPlan]:
+    """Every round as the study's scheduler runs it (its size and phases): by default the
+    requested sizes, each with the same phases; Hyperband's brackets (:mod:`sm2jax.schedule`)."""
+    return get_scheduler(spec.mode).rounds(spec, requested_sizes(spec))
+
+
+def round_sizes(spec: Any) -> list[int]:
+    """How many configurations each round proposes."""
+    return [plan.size for plan in round_plans(spec)]
 
 
 def several_rounds(spec: Any) -> bool:
@@ -82,17 +94,22 @@ def phase_order(text: str) -> tuple:
 
 def schedule(spec: Any) -> list[Step]:
     """Every phase of every round, in the order the study runs them."""
-    phases = spec.phases()
     return [
-        Step(k, i, name, label(k, name), budget, i == len(phases) - 1)
-        for k in range(1, len(round_sizes(spec)) + 1)
-        for i, (name, budget) in enumerate(phases)
+        Step(k, i, name, label(k, name), budget, i == len(plan.phases) - 1)
+        for k, plan in enumerate(round_plans(spec), start=1)
+        for i, (name, budget) in enumerate(plan.phases)
     ]
+
+
+def round_phases(steps: Sequence[Step], round_: int) -> list[tuple[str, float]]:
+    """Round ``round_``'s phases, ``(name, cumulative budget)``, from a study's ``steps``."""
+    return [(s.name, s.budget) for s in steps if s.round == round_]
 
 
 def check_rounds(spec: Any) -> None:
     """One line for rounds a spec cannot run (called by :class:`~sm2jax.spec.StudySpec`)."""
-    searcher = get_searcher(spec.sampler)
+    get_scheduler(spec.mode).check(spec)  # (Hyperband's brackets are its rounds)
+    searcher = get_searcher(spec.effective().sampler)
     grown = several_rounds(spec)
     if grown and searcher.fixed_size:
         raise ValueError(
@@ -217,7 +234,7 @@ def propose(
     spec's seed and the round, numbered from ``first_id``."""
     from sm2jax.sampling import static_names
 
-    searcher = get_searcher(spec.sampler)
+    searcher = get_searcher(spec.effective().sampler)
     space = SearchSpace.from_json(spec.space)
     n = round_sizes(spec)[round_ - 1]
     kwargs: dict[str, Any] = {}
@@ -286,11 +303,13 @@ def check_extension(samples: Any, rounds: Any) -> None:
         raise ValueError(f"extend needs 1 <= --rounds <= --samples (got {rounds!r} rounds for {samples} samples)")
 
 
-def round_record(step: Any, p: int, state: Any, proposals: Any) -> dict[str, Any]:
+def round_record(step: Any, p: int, state: Any, proposals: Any, spec: Any) -> dict[str, Any]:
     """What :attr:`StudyState.rounds` keeps of a round that ended at phase ``p``: where its
-    finalists are kept, its selection, finalists and test score, and what it was proposed from."""
+    finalists are kept, its selection, finalists and test score, what it was proposed from, and
+    what its scheduler says of it (Hyperband's ``bracket``)."""
     about = proposals.later[step.round - 2] if step.round > 1 else {}
     return {
+        **dict(round_plans(spec)[step.round - 1].about),
         "round": step.round,
         "phase": p,
         "label": step.label,

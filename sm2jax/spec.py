@@ -19,7 +19,7 @@ from sm2jax.budgets import rung_budgets, steps_for
 from sm2jax.data import BUILTIN_DATASETS, ArrayDataset, check_dataset_options, registered_dataset
 from sm2jax.energy.ledger import DEFAULT_INTENSITY_G_PER_KWH
 from sm2jax.energy.meters import DEFAULT_WATTS_PER_CORE
-from sm2jax.rounds import check_rounds, propose
+from sm2jax.rounds import check_rounds, propose, round_sizes
 from sm2jax.schedule import get_scheduler
 from sm2jax.schedule.candidates import (
     DEFAULT_ENERGY_NOISE,
@@ -131,8 +131,10 @@ class StudySpec:
       mode: the scheduler (:mod:`sm2jax.schedule`): ``sm2`` (exploration + energy-aware halving),
         ``sh`` (plain successive halving: it runs without exploration, replicates or an
         energy-aware objective, whatever those fields say -- :meth:`effective`; they are kept as
-        written) or ``full`` (every configuration to the full budget), or one registered with
-        :func:`sm2jax.schedule.register_scheduler`.
+        written), ``full`` (every configuration to the full budget), ``hyperband`` (Li et al.'s
+        brackets as the study's rounds, each its own size and rungs up to ``max_budget``; with
+        ``sampler="tpe"``, BOHB: :class:`sm2jax.schedule.HyperbandScheduler`), or one registered
+        with :func:`sm2jax.schedule.register_scheduler`.
       budget_unit: ``steps``, ``samples`` or ``epochs``; budgets are cumulative per configuration.
       explore_budget: SM2's exploratory pretraining budget (0 disables); must be below ``min_budget``.
       replicates: SM2's seed replicates per cohort: that many of its configurations (evenly spaced in
@@ -274,8 +276,8 @@ class StudySpec:
                 )
         get_scheduler(self.mode)  # one line naming the known schedulers
         get_searcher(self.sampler)  # one line naming the known searchers
+        check_rounds(self)  # (an extension's form, before the size counts it)
         self._check_size()
-        check_rounds(self)
         rung_budgets(self.min_budget, self.max_budget, self.eta)  # validates
         if self.rungs is not None:
             r = [float(x) for x in self.rungs]
@@ -315,14 +317,15 @@ class StudySpec:
     def configuration_count(self) -> int | None:
         """How many configurations the spec makes (its grid's size, or ``num_samples``), computed
         without making them (``None``: a space not of :meth:`SearchSpace.to_json`'s form)."""
-        if get_searcher(self.sampler).fixed_size:
-            return SearchSpace.grid_size_of(self.space) if self.sampler == "grid" else None
-        return self.num_samples + sum(int(e.get("samples", 0)) for e in self.extensions if isinstance(e, dict))
+        sampler = self.effective().sampler  # (Hyperband samples a grid's space)
+        if get_searcher(sampler).fixed_size:
+            return SearchSpace.grid_size_of(self.space) if sampler == "grid" else None
+        return sum(round_sizes(self))
 
     def _check_size(self) -> None:
         count = self.configuration_count()
         if count is not None and count > self.max_configurations:
-            what = "the grid of its space" if self.sampler == "grid" else "num_samples, e.g. --samples"
+            what = "the grid of its space" if self.effective().sampler == "grid" else "num_samples, e.g. --samples"
             raise ValueError(
                 f"the study would make {count:,} configurations ({what}), above the limit of {self.max_configurations:,}: search fewer, or raise the limit with --set max_configurations={count}"
             )

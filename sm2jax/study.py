@@ -42,8 +42,17 @@ from sm2jax.probe import probe, probe_cohorts
 from sm2jax.progress import StudyProgress
 from sm2jax.proposals import round_history, study_proposals
 from sm2jax.report import assemble_results, partial_results
-from sm2jax.rounds import check_extension, propose, round_record, schedule, select_across_rounds, several_rounds
+from sm2jax.rounds import (
+    check_extension,
+    propose,
+    round_phases,
+    round_record,
+    schedule,
+    select_across_rounds,
+    several_rounds,
+)
 from sm2jax.schedule import get_scheduler
+from sm2jax.search import get_searcher
 from sm2jax.spec import StudySpec, bind, current_form, read_spec
 from sm2jax.store.checkpoint import CheckpointError, StudyCheckpoints
 from sm2jax.store.folder import StudyDir
@@ -187,7 +196,7 @@ class Study:
     def _continue_after_stop(self, state: StudyState, runners: list[CohortRunner], start: int) -> list[CohortRunner]:
         """A study a budget stopped: continues with the stopped phase's own survivors when the
         budget now affords the next phase (raised on resume), else trains nothing."""
-        name = self.spec.phases()[start][0]
+        name = self.steps[start].label
         kept = set(state.stopped["kept"])
         reason = self._stop_reason(start, runners, kept)
         state.budget_checks += self.budget.take_checks()
@@ -210,8 +219,8 @@ class Study:
         """``(phase, why)`` when the budget cannot afford phase ``p`` for the ``kept`` trials."""
         if not self.budget.capped:
             return None
-        phases = self.spec.phases()
-        name, budget = phases[p]
+        step = self.steps[p]
+        name, budget = step.label, step.budget
         alive, delta = {}, {}
         for r in runners:
             n = sum(t in kept for t in r.trial_ids)
@@ -220,7 +229,7 @@ class Study:
                 delta[r.spec.name] = self.work.steps(budget, r.spec.signature.batch_size) - int(r.field("step").max())
         tests = test_evals(self.work.data)
         widths = {r.spec.name: r.width for r in runners}
-        reason = self.budget.stop_reason(name, alive, delta, last=p == len(phases) - 1, test_evals=tests, widths=widths)
+        reason = self.budget.stop_reason(name, alive, delta, last=step.round_end, test_evals=tests, widths=widths)
         return None if reason is None else (name, reason)
 
     def _follow_in_optuna(self, last: bool) -> None:
@@ -335,18 +344,20 @@ class Study:
             history = round_history(self.spec, state, self.configs, self.proposals)
             running = [c for t, c in self.configs.items() if str(t) not in state.infeasible]
             configs = propose(self.spec, round_, history, first_id=max(self.configs) + 1, compiled=running)
-            self.proposals.add(round_, configs, sampler=self.spec.sampler, observations=len(history))
+            sampler = self.spec.effective().sampler
+            seen = len(history) if get_searcher(sampler).learns else 0  # (what the proposals were made from)
+            self.proposals.add(round_, configs, sampler=sampler, observations=seen)
             if is_primary():
                 self.folder.write_proposals(self.proposals.to_json())  # kept before any of it trains
             barrier("sm2jax-proposals")
             self.configs.update({c.trial_id: c for c in configs})
-        cohorts = list(self._cohorts(round_).values())
-        progress.plan(sum(self.work.plan(c.size, c.signature.batch_size, 0, 0) for c in cohorts))
+        cohorts, phases = list(self._cohorts(round_).values()), round_phases(self.steps, round_)
+        progress.plan(sum(self.work.plan(c.size, c.signature.batch_size, 0, phases, 0) for c in cohorts))
         runners = []
         for i, c in enumerate(cohorts, start=1):  # seconds to minutes each: the line says which
             progress.say(f"compiling (or loading) the programs of cohort {i}/{len(cohorts)}, {c.name}")
             with blame(c, "compile"):  # the first trace runs the user's model, loss and optimizer
-                runners += [r] if (r := self.work.create_runner(c, state)) is not None else []
+                runners += [r] if (r := self.work.create_runner(c, state, phases)) is not None else []
         state.start([t for r in runners for t in r.trial_ids])
         return runners
 
@@ -359,9 +370,10 @@ class Study:
     ) -> list[CohortRunner]:
         step, work = self.steps[p], self.work
         name, budget, last, local = step.label, step.budget, step.round_end, step.index
+        phases = round_phases(self.steps, step.round)
         targets = {r.spec.name: work.steps(budget, r.spec.signature.batch_size) for r in runners}
         progress = self._progress
-        progress.plan(sum(work.planned(r, local) for r in runners))  # re-planned from the trials alive
+        progress.plan(sum(work.planned(r, phases, local) for r in runners))  # re-planned from the trials alive
         candidates = []
         for r in runners:
             alive = sum(x.k for x in runners)
@@ -372,7 +384,7 @@ class Study:
                 # that reference is chance, so the evaluations of untrained models are skipped there.
                 base = r.evaluate(name) if step.name == "explore" and work.chance is None else None
                 before = {t: state.trials[str(t)]["samples_spent"] for t in r.trial_ids}
-                planned = work.planned(r, local)
+                planned = work.planned(r, phases, local)
                 win = {"window_seconds": self.spec.window_seconds, "steps_per_window": self.spec.steps_per_window}
                 trained = r.train_to(targets[r.spec.name], name, planned_trial_steps=planned, on_steps=on_steps, **win)
                 bs = r.spec.signature.batch_size
@@ -415,7 +427,7 @@ class Study:
             if len(ids) < r.k:
                 r.select(ids)
                 if not last:
-                    r.narrow_for_survivors(work.planned(r, local + 1))
+                    r.narrow_for_survivors(work.planned(r, phases, local + 1))
             if last and work.data.has_test:  # once, for the selected configuration only
                 with blame(r.spec, f"{name} (test split)"):
                     state.test = {"trial_id": ids[0], **r.evaluate(name, split="test").first()}
@@ -444,7 +456,7 @@ class Study:
         step = self.steps[p]
         self._record_earlier_rounds(state, p)
         state.rounds = [r for r in state.rounds if r["round"] != step.round]
-        state.rounds.append(round_record(step, p, state, self.proposals))
+        state.rounds.append(round_record(step, p, state, self.proposals, self.spec))
         if len(state.rounds) > 1:
             select_across_rounds(state, self.rules, step.name)
 
@@ -456,7 +468,7 @@ class Study:
         for q, s in enumerate(self.steps[:p]):
             if s.round_end and s.round not in recorded:
                 earlier = StudyState.from_json(self.folder.load_progress(q))
-                state.rounds.append(round_record(s, q, earlier, self.proposals))
+                state.rounds.append(round_record(s, q, earlier, self.proposals, self.spec))
         state.rounds.sort(key=lambda r: r["round"])
 
     def _commit(self, p: int, state: StudyState, checkpoints: StudyCheckpoints, saved: dict, last: bool) -> None:

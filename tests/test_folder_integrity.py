@@ -1,8 +1,10 @@
 """A study folder nothing can corrupt: a lock, SIGTERM, atomic writes, a ledger of whole records,
 a full disk, and every bad input a one-line error (exit 2) before anything is written."""
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -212,7 +214,37 @@ def test_report_and_compare_work_on_a_hyperband_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "hyperband" in out and "val_accuracy" in out.splitlines()[0]
     assert main(["report", hb]) == 0
-    brackets = json.loads((tmp_path / "hb" / "results.json").read_text())["brackets"]
-    for b in brackets:
-        trials = (tmp_path / "hb" / "report" / f"bracket-{b['s']}" / "trials.csv").read_text().splitlines()
-        assert len(trials) == 1 + b["n"]  # a header and every configuration of the bracket
+    out = capsys.readouterr().out
+    assert "round 1 (Hyperband bracket s=1, from budget 1)" in out and "round 2 (Hyperband bracket s=0" in out
+    results = json.loads((tmp_path / "hb" / "results.json").read_text())
+    assert [(r["bracket"], r["configs"]) for r in results["rounds"]] == [(1, 3), (0, 2)]
+    trials = (tmp_path / "hb" / "report" / "trials.csv").read_text().splitlines()
+    assert len(trials) == 1 + 3 + 2  # a header and every configuration of every bracket, in one study
+
+
+@pytest.mark.slow
+def test_a_hyperband_run_of_the_earlier_layout_reports_loads_and_resumes(tmp_path, capsys):
+    """A run begun by an earlier version (one study per bracket in bracket-S/) still reports,
+    compares, hands back its winner and, killed between brackets, resumes where it stopped."""
+    from sm2jax.handback import load_selected
+    from sm2jax.hyperband import finish_bracket_run
+    from sm2jax.presets import PRESETS
+
+    spec = dataclasses.replace(PRESETS["digits"](quick=True), max_budget=3, idle_seconds=0.0)  # as `run` makes it
+    folder = StudyDir(tmp_path / "old")
+    before = finish_bracket_run(folder, spec, progress=False)  # as the earlier version wrote it
+    assert folder.bracket_run() and [b["s"] for b in before["brackets"]] == [1, 0]
+    selected = before["selected"]
+    assert load_selected(folder.path).trial_id == selected["trial_id"]  # the winning bracket's
+    shutil.rmtree(folder.file("bracket-0"))  # killed before its last bracket began
+    os.remove(folder.file("results.json"))
+    assert main(["resume", folder.path, "--no-progress"]) == 0
+    after = folder.results()
+    assert [b["s"] for b in after["brackets"]] == [1, 0] and after["brackets"][0] == before["brackets"][0]
+    assert after["brackets"][1]["selected"]["trial_id"] == before["brackets"][1]["selected"]["trial_id"]
+    capsys.readouterr()
+    assert main(["report", folder.path]) == 0
+    assert "brackets (s, n, r):" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(folder.report_path, "bracket-0", "trials.csv"))
+    assert main(["compare", folder.path]) == 0
+    assert main(["run", *QUICK, "--mode", "hyperband", "--dir", folder.path, "--set", "max_budget=3"]) == 0  # same

@@ -116,6 +116,46 @@ def test_hyperband_integral_budgets_round_down_like_the_paper():
     assert [r["r"] for r in s4["rungs"]] == [1, 3, 11, 33, 100]
 
 
+def _hyperband_spec(**fields):
+    from sm2jax.space import LogUniform, SearchSpace
+    from sm2jax.spec import StudySpec
+
+    space = SearchSpace({"learning_rate": LogUniform(1e-3, 1e-1, num=3)}).to_json()
+    return StudySpec(space=space, mode="hyperband", budget_unit="steps", max_budget=81, eta=3, **fields)
+
+
+def test_hyperband_brackets_are_the_rounds_of_one_study():
+    """Each bracket is a round with its own size and rungs (Li et al.'s Table 1), labelled as a
+    study's rounds are; the study makes every bracket's configurations, sampled (a grid's space
+    drawn at random), and ranks on the score, keeping floor(n / eta) and exploring nothing."""
+    from sm2jax.rounds import round_plans, schedule
+
+    spec = _hyperband_spec(explore_budget=0.5)  # (ignored: Hyperband explores nothing)
+    plans = round_plans(spec)
+    brackets = hyperband_brackets(81, 3, integral=True)
+    assert [p.size for p in plans] == [b["n"] for b in brackets] == [81, 34, 15, 8, 5]
+    assert [[b for _, b in p.phases] for p in plans] == [[r["r"] for r in b["rungs"]] for b in brackets]
+    assert [dict(p.about)["bracket"] for p in plans] == [4, 3, 2, 1, 0]
+    steps = schedule(spec)
+    assert [s.label for s in steps if s.round == 2] == ["r2.rung-1", "r2.rung-2", "r2.rung-3", "r2.rung-4"]
+    assert [s.round for s in steps if s.round_end] == [1, 2, 3, 4, 5]
+    assert {s.budget for s in steps if s.round_end} == {81.0}  # every bracket's selection at R
+    assert spec.configuration_count() == 81 + 34 + 15 + 8 + 5
+    ran = spec.effective()
+    assert (ran.sampler, ran.keep_rule, ran.objective, ran.explore_budget) == ("random", "floor", "performance", 0.0)
+    assert spec.sampler == "grid" and spec.explore_budget == 0.5  # the spec keeps what was written
+    assert _hyperband_spec(sampler="tpe").effective().sampler == "tpe"  # BOHB: the model learns per bracket
+
+
+def test_hyperband_refuses_rounds_extensions_and_budgets_in_one_line():
+    for fields in ({"rounds": 2, "num_samples": 8}, {"extensions": [{"samples": 4, "rounds": 1}]}):
+        with pytest.raises(ValueError, match=r"Hyperband's rounds are its brackets .*warm_start") as err:
+            _hyperband_spec(**fields)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"Hyperband runs one per bracket: cap a study of --mode sm2 or sh"):
+        _hyperband_spec(max_energy_joules=1e3)
+
+
 def test_halving_keeps_floor_in_hyperband_and_ceil_in_successive_halving():
     candidates = [cand(i, 0.1 * i) for i in range(10)]
     assert len(halve(candidates, performance_objective, 3, keep="floor")[0]) == 3

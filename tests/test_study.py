@@ -11,6 +11,7 @@ from conftest import quick_spec
 from fake_nvml import make_card, make_fake_nvml
 from kill import kill_mid_phase
 
+from sm2jax.budgets import hyperband_brackets
 from sm2jax.cohort import group_into_cohorts
 from sm2jax.energy import read_ledger
 from sm2jax.execute.programs import compiled_memory_bytes
@@ -18,6 +19,7 @@ from sm2jax.execute.programs import compiled_memory_bytes
 # The method is pinned: the suite behaves the same on machines with and without a GPU.
 from sm2jax.execute.rows import chunk_rows
 from sm2jax.execute.trainer import CohortTrainer
+from sm2jax.handback import load_selected
 from sm2jax.hyperband import run_hyperband
 from sm2jax.presets import digits as digits_preset
 from sm2jax.report import format_results
@@ -220,29 +222,40 @@ def test_baselines_on_identical_work(tmp_path):
         "front" in d for d in pareto["decisions"] if d["phase"].startswith("rung") and d["objective"] is not None
     )
     hb = run_hyperband(tmp_path / "hb", _spec(space, max_budget=3, eta=3), progress=False)
-    assert [(b["s"], b["n"]) for b in hb["brackets"]] == [(1, 3), (0, 2)]
-    assert hb["selected"]["score"] == max(b["selected"]["score"] for b in hb["brackets"])
+    assert [(r["bracket"], r["configs"]) for r in hb["rounds"]] == [(1, 3), (0, 2)]
+    best = max((r["finalists"][0] for r in hb["rounds"]), key=lambda f: f["score"])
+    assert hb["selected"]["trial_id"] == best["trial_id"]  # the best score over the brackets
 
 
 @pytest.mark.slow
 def test_hyperband_runs_li_et_al_rungs_and_keeps_floor(tmp_path):
-    """R = 27 steps, eta = 3: every bracket trains n_i configurations to r_i steps and keeps
-    floor(n_i / eta), ending with exactly one configuration at the full budget."""
+    """R = 27 steps, eta = 3: one study whose rounds are the brackets; every bracket trains n_i
+    configurations to r_i steps and keeps floor(n_i / eta), ending with exactly one configuration
+    at the full budget; the selection is the best score over the brackets."""
     space = {"learning_rate": LogUniform(1e-3, 1e-1, num=3), "batch_size": 64}
-    hb = run_hyperband(
-        tmp_path / "hb",
-        _spec(space, budget_unit="steps", max_budget=27, eta=3, explore_budget=0.0, idle_seconds=0.0),
-        progress=False,
-    )
-    assert [(b["s"], b["n"]) for b in hb["brackets"]] == [(3, 27), (2, 12), (1, 6), (0, 4)]
-    for b in hb["brackets"]:
-        bracket = json.loads((tmp_path / "hb" / f"bracket-{b['s']}" / "results.json").read_text())
+    spec = _spec(space, budget_unit="steps", max_budget=27, eta=3, explore_budget=0.0, idle_seconds=0.0)
+    hb = Study(tmp_path / "hb", dataclasses.replace(spec, mode="hyperband"), progress=False).run()
+    brackets = hyperband_brackets(27, 3, integral=True)
+    assert [(r["round"], r["bracket"], r["configs"]) for r in hb["rounds"]] == [
+        (1, 3, 27),
+        (2, 2, 12),
+        (3, 1, 6),
+        (4, 0, 4),
+    ]
+    assert [b["s"] for b in brackets] == [3, 2, 1, 0]
+    for k, b in enumerate(brackets, start=1):
         for i, rung in enumerate(b["rungs"]):
-            decided = [d for d in bracket["decisions"] if d["phase"] == f"rung-{i + 1}"]
+            label = f"rung-{i + 1}" if k == 1 else f"r{k}.rung-{i + 1}"
+            decided = [d for d in hb["decisions"] if d["phase"] == label]
             assert len(decided) == rung["n"], (b["s"], i)
             assert {d["samples_spent"] for d in decided} == {int(rung["r"]) * 64}  # r_i steps of batch 64
             assert sum(d["kept"] for d in decided) == (b["rungs"][i + 1]["n"] if i < b["s"] else 1)
-        assert bracket["selected"] is not None
+    selections = [next(t for t in hb["trials"] if t["trial_id"] == r["selected"]) for r in hb["rounds"]]
+    assert hb["selected"]["trial_id"] == max(selections, key=lambda t: t["score"])["trial_id"]
+    assert sorted({t["round"] for t in hb["trials"]}) == [1, 2, 3, 4]
+    assert len({json.dumps(t["config"], sort_keys=True) for t in hb["trials"]}) > 27  # brackets draw anew
+    loaded = load_selected(tmp_path / "hb")  # the winner loads as any study's
+    assert loaded.trial_id == hb["selected"]["trial_id"]
 
 
 @pytest.mark.slow  # a whole study

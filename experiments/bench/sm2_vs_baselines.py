@@ -41,7 +41,6 @@ import time
 from _results import write_rows, write_table
 
 from sm2jax.data import load_dataset
-from sm2jax.hyperband import run_hyperband
 from sm2jax.space import Categorical, LogUniform, SearchSpace
 from sm2jax.spec import StudySpec
 from sm2jax.study import Study
@@ -97,7 +96,7 @@ def spec_for(data: str, seed: int, mode: str, **overrides) -> StudySpec:
         dataset=name,
         dataset_options=options,
         seed=seed,
-        mode="sh" if mode == "hyperband" else mode,
+        mode=mode,
         explore_budget=0.25,
         min_budget=1,
         max_budget=9,
@@ -116,15 +115,8 @@ def _training_joules(results: dict) -> float | None:
 def run_one(directory: pathlib.Path, data: str, seed: int, mode: str, dataset, overrides: dict | None = None) -> dict:
     spec = spec_for(data, seed, mode, **(overrides or {}))
     t0 = time.perf_counter()
-    if mode == "hyperband":
-        r = run_hyperband(directory, spec, progress=False, dataset=dataset)
-        subs = [json.loads((directory / f"bracket-{b['s']}" / "results.json").read_text()) for b in r["brackets"]]
-        training = [_training_joules(s) for s in subs]
-        r = {**r, "metric_name": subs[0].get("metric_name")}
-        training_j = None if None in training else sum(training)
-    else:
-        r = Study(directory, spec, progress=False, dataset=dataset).run()
-        training_j = _training_joules(r)
+    r = Study(directory, spec, progress=False, dataset=dataset).run()  # (Hyperband: its brackets are rounds)
+    training_j = _training_joules(r)
     sel = r["selected"] or {}
     test = sel.get("test") or {}
     yard = r.get("yardsticks") or {}

@@ -12,6 +12,7 @@ one built in: the data on the devices, what a budget means in steps, and each co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -30,12 +31,14 @@ class Executor:
         """Training steps a cumulative ``budget`` means at ``batch_size``."""
         raise NotImplementedError
 
-    def planned(self, runner: Any, from_phase: int) -> float:
-        """Trial-steps the study still plans for ``runner``'s cohort from ``from_phase`` on."""
+    def planned(self, runner: Any, phases: Sequence[tuple[str, float]], from_phase: int) -> float:
+        """Trial-steps the study still plans for ``runner``'s cohort over its round's ``phases``
+        (``(name, cumulative budget)``) from ``from_phase`` on."""
         raise NotImplementedError
 
-    def create_runner(self, cohort: Any, state: Any) -> Any | None:
-        """A cohort's runner, or ``None`` (its trials recorded as infeasible in ``state``)."""
+    def create_runner(self, cohort: Any, state: Any, phases: Sequence[tuple[str, float]]) -> Any | None:
+        """A cohort's runner for its round's ``phases``, or ``None`` (its trials recorded as
+        infeasible in ``state``)."""
         raise NotImplementedError
 
     def restore_runners(self, state: Any, phase: int, folder: Any, cohorts: dict[str, Any]) -> list[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -78,13 +79,15 @@ class Workload(Executor):
         """Training steps that a cumulative ``budget`` means at ``batch_size``."""
         return steps_for(budget, self.spec.budget_unit, batch_size, self.data.num_train // batch_size)
 
-    def plan(self, k: int, batch_size: int, done: int, from_phase: int) -> float:
-        """Trial-steps the study plans for ``k`` trials at ``batch_size``, ``done`` steps in."""
+    def plan(self, k: int, batch_size: int, done: int, phases: Sequence[tuple[str, float]], from_phase: int) -> float:
+        """Trial-steps the study plans for ``k`` trials at ``batch_size``, ``done`` steps in, over
+        their round's ``phases`` from ``from_phase`` on."""
         steps = lambda budget: self.steps(budget, batch_size)
-        return planned_trial_steps(self.spec.phases(), steps, k, done, from_phase, self.spec.eta)
+        return planned_trial_steps(phases, steps, k, done, from_phase, self.spec.eta)
 
-    def planned(self, runner: CohortRunner, from_phase: int) -> float:
-        return self.plan(runner.k, runner.spec.signature.batch_size, int(runner.field("step").max()), from_phase)
+    def planned(self, runner: CohortRunner, phases: Sequence[tuple[str, float]], from_phase: int) -> float:
+        done = int(runner.field("step").max())
+        return self.plan(runner.k, runner.spec.signature.batch_size, done, phases, from_phase)
 
     def trainer(self, cohort: CohortSpec) -> CohortTrainer:
         if self._on_device is None:
@@ -94,16 +97,19 @@ class Workload(Executor):
             cohort, self.data, schedule_steps=schedule, device_data=self._on_device, placement=self.placement
         )
 
-    def create_runner(self, cohort: CohortSpec, state: StudyState) -> CohortRunner | None:
-        """A cohort's runner at the width that fits (the hardware filter); trials that cannot run
-        here (a batch larger than the data, no width fits in memory) are recorded as infeasible."""
+    def create_runner(
+        self, cohort: CohortSpec, state: StudyState, phases: Sequence[tuple[str, float]]
+    ) -> CohortRunner | None:
+        """A cohort's runner at the width that fits (the hardware filter) for its round's ``phases``;
+        trials that cannot run here (a batch larger than the data, no width fits in memory) are
+        recorded as infeasible."""
         ids = [c.trial_id for c in cohort.configs]
         try:
             trainer = self.trainer(cohort)
         except ValueError as err:  # e.g. a batch larger than the data set
             state.infeasible.update({str(i): str(err) for i in ids})
             return None
-        planned = self.plan(len(ids), cohort.signature.batch_size, 0, 0)
+        planned = self.plan(len(ids), cohort.signature.batch_size, 0, phases, 0)
         runner, notes = CohortRunner.create(cohort, trainer, self.metering, self.policy, planned_trial_steps=planned)
         state.hardware[cohort.name] = {"width": runner and runner.width, "notes": notes}
         if runner is None:

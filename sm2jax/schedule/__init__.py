@@ -4,8 +4,9 @@ decision that ends each -- which configurations go on, and at the last phase the
 A scheduler is a :class:`Scheduler` registered under a name (a study's ``mode``). Built in:
 ``sm2`` (exploratory pretraining, then energy-aware successive halving), ``sh`` (successive
 halving) and ``full`` (every configuration to the full budget): one :class:`HalvingScheduler`
-whose phases and decisions the spec's fields set (:func:`sm2jax.phases.decide_phase`). Adding one
-is a new file::
+whose phases and decisions the spec's fields set (:func:`sm2jax.phases.decide_phase`); and
+``hyperband`` (:class:`HyperbandScheduler`), whose brackets are the study's rounds, each with its
+own size and rungs (:meth:`Scheduler.rounds`). Adding one is a new file::
 
     from sm2jax.schedule import PhaseDecision, Scheduler, register_scheduler
 
@@ -27,15 +28,35 @@ Every phase's energy windows, checkpoints, resume and report work as for the bui
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from sm2jax.budgets import rung_budgets
+from sm2jax.budgets import hyperband_brackets, rung_budgets
 from sm2jax.registry import Registry
 from sm2jax.schedule.candidates import Candidate
 from sm2jax.schedule.halving import PhaseDecision, decide_phase
 
-__all__ = ["HalvingScheduler", "PhaseDecision", "Scheduler", "get_scheduler", "register_scheduler"]
+__all__ = [
+    "HalvingScheduler",
+    "HyperbandScheduler",
+    "PhaseDecision",
+    "RoundPlan",
+    "Scheduler",
+    "get_scheduler",
+    "register_scheduler",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPlan:
+    """One round of a study as its scheduler runs it: how many configurations the searcher
+    proposes (``size``), the round's ``phases`` (``(name, cumulative budget)``, the last at the
+    full budget) and what the report says of it (``about``, e.g. Hyperband's bracket)."""
+
+    size: int
+    phases: tuple[tuple[str, float], ...]
+    about: tuple[tuple[str, Any], ...] = ()
 
 
 class Scheduler:
@@ -46,6 +67,17 @@ class Scheduler:
     def phases(self, spec: Any) -> list[tuple[str, float]]:
         """``(name, cumulative budget)`` of every phase, in order (names unique; budgets increase)."""
         raise NotImplementedError
+
+    def rounds(self, spec: Any, sizes: Sequence[int]) -> list[RoundPlan]:
+        """The study's rounds (default: one per requested size -- ``num_samples`` over ``rounds``,
+        then each extension's -- each running :meth:`phases`). A scheduler whose rounds differ
+        (Hyperband's brackets) returns its own; the last phase of every round is at the full budget,
+        so the rounds' selections compete on the same terms (:func:`sm2jax.rounds.select_across_rounds`)."""
+        phases = tuple(self.phases(spec))
+        return [RoundPlan(int(n), phases) for n in sizes]
+
+    def check(self, spec: Any) -> None:
+        """One line for a spec this scheduler cannot run (default: none); called by the spec."""
 
     def effective(self, spec: Any) -> Any:
         """``spec`` as this scheduler runs it (default: as written). A scheduler that ignores some
@@ -90,9 +122,61 @@ class HalvingScheduler(Scheduler):
         return decide_phase("final" if last else phase, candidates, rules, last=last, seed_se=seed_se)
 
 
-_SCHEDULERS: Registry[Scheduler] = Registry(
-    "mode", "register_scheduler(...)", extra=("hyperband (sm2jax run --mode hyperband)",)
-)
+class HyperbandScheduler(HalvingScheduler):
+    """Hyperband (Li et al., "Hyperband: a novel bandit-based approach to hyperparameter
+    optimization", JMLR 18(185), 2018, Algorithm 1) as one study: its brackets
+    ``s = s_max .. 0`` are the study's rounds, most exploratory first. Bracket ``s`` proposes
+    ``n = ceil((s_max + 1) / (s + 1) * eta**s)`` configurations and halves them over rungs
+    ``r_i = R * eta**(i - s)`` keeping ``floor(n_i / eta)`` (:func:`sm2jax.budgets.hyperband_brackets`;
+    integral budgets when the unit is steps or samples); ``R`` is ``max_budget``. The selection is
+    the best score over the brackets' selections, all trained to ``R``.
+
+    Proposals come from the study's searcher, round by round: ``random`` (or a grid's space drawn at
+    random) is Li et al.'s Hyperband; ``sampler="tpe"`` fits its model to every bracket before
+    the next, as BOHB does (Falkner et al., ICML 2018); a cohort-aware sampler rounds a bracket's
+    ``n`` up to whole cohorts. Like ``sh``, it explores nothing and ranks on the score."""
+
+    def __init__(self):
+        super().__init__("hyperband")
+
+    def check(self, spec: Any) -> None:
+        if spec.rounds != 1 or spec.extensions:
+            raise ValueError(
+                "Hyperband's rounds are its brackets (max_budget and eta set them): leave rounds at 1 and do not extend it; to search on from it, run a study with --set warm_start=DIR and sampler=tpe"
+            )
+        if spec.max_energy_joules is not None or spec.max_wall_seconds is not None:
+            raise ValueError(
+                "a budget (--budget-kwh, --budget-hours) caps a study of one round, and Hyperband runs one per bracket: cap a study of --mode sm2 or sh instead"
+            )
+
+    def effective(self, spec: Any) -> Any:
+        from sm2jax.search import get_searcher
+
+        sampler = "random" if get_searcher(spec.sampler).fixed_size else spec.sampler  # Hyperband samples
+        return _replace(
+            spec, sampler=sampler, explore_budget=0.0, objective="performance", replicates=0, keep_rule="floor"
+        )
+
+    def brackets(self, spec: Any) -> list[dict[str, Any]]:
+        integral = spec.budget_unit in ("steps", "samples") and spec.max_budget == int(spec.max_budget)
+        return hyperband_brackets(spec.max_budget, spec.eta, integral=integral)
+
+    def rounds(self, spec: Any, sizes: Sequence[int]) -> list[RoundPlan]:
+        return [
+            RoundPlan(
+                int(b["n"]),
+                tuple((f"rung-{i + 1}", float(r["r"])) for i, r in enumerate(b["rungs"])),
+                (("bracket", int(b["s"])), ("r", float(b["r"]))),
+            )
+            for b in self.brackets(spec)
+        ]
+
+    def phases(self, spec: Any) -> list[tuple[str, float]]:
+        """The first (most exploratory) bracket's rungs; every bracket's: :meth:`rounds`."""
+        return list(self.rounds(spec, ())[0].phases)
+
+
+_SCHEDULERS: Registry[Scheduler] = Registry("mode", "register_scheduler(...)")
 
 
 def register_scheduler(scheduler: Scheduler) -> Scheduler:
@@ -107,10 +191,9 @@ def get_scheduler(name: str) -> Scheduler:
 
 for _mode in ("sm2", "sh", "full"):
     register_scheduler(HalvingScheduler(_mode))
+register_scheduler(HyperbandScheduler())
 
 
 def _replace(spec: Any, **fields: Any) -> Any:
-    import dataclasses
-
     same = all(getattr(spec, k) == v for k, v in fields.items())
     return spec if same else dataclasses.replace(spec, **fields)

@@ -2,7 +2,7 @@
 
 :class:`StudyDir` is the one place that knows where a study keeps what::
 
-    spec.json              what to run (written once; ``{"hyperband": spec}`` for a Hyperband run)
+    spec.json              what to run (written once; ``{"hyperband": spec}``: the earlier Hyperband layout)
     spec.sealed.json       the spec as the study trained it, with its SHA-256: a resume whose
                            spec.json was edited since is refused naming the fields
     hardware.json          devices, power limits, idle baseline, energy method
@@ -15,7 +15,8 @@
     report/                ``sm2jax report``'s tables and figures
     tensorboard/           the study's TensorBoard runs (:data:`sm2jax.store.TENSORBOARD`)
     optuna.db              its Optuna storage, for optuna-dashboard (:data:`sm2jax.store.OPTUNA`)
-    bracket-S/             a Hyperband run's study of bracket S (a study folder of its own)
+    bracket-S/             a Hyperband run of the earlier layout: bracket S's study (a folder of its
+                           own; a Hyperband run is one study now, its brackets its rounds)
 
 A phase is committed in one order (:meth:`StudyDir.commit_phase`): the survivors' checkpoint is
 saved and waited for, then ``progress/phase-P.json`` is renamed into place. A kill at any moment
@@ -226,8 +227,15 @@ class StudyDir:
         return os.path.join(self.path, "progress", f"phase-{phase}.json")
 
     def bracket(self, s: int) -> StudyDir:
-        """The folder of Hyperband bracket ``s``."""
+        """The folder of bracket ``s`` of a Hyperband run of the earlier layout (:meth:`bracket_run`)."""
         return StudyDir(self.file(f"bracket-{s}"))
+
+    def bracket_run(self) -> bool:
+        """Whether the folder holds a Hyperband run of the layout before brackets were a study's
+        rounds: ``spec.json`` is ``{"hyperband": spec}`` and each bracket is a study of its own in
+        ``bracket-S/`` (read and resumed as such: :mod:`sm2jax.hyperband`)."""
+        blob = self.spec_blob() if os.path.exists(self.spec_path) else None
+        return isinstance(blob, dict) and "hyperband" in blob
 
     @contextlib.contextmanager
     def lock(self):
