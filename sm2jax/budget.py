@@ -225,6 +225,24 @@ class StudyBudget:
         self.checks.append({**check, "attempt": self.metering.attempt})
         return check["reason"]
 
+    def stop_for(
+        self, step: Any, runners: Sequence[Any], kept: set[int], steps: Any, test_evals: int
+    ) -> tuple[str, str] | None:
+        """``(phase, why)`` when the budget cannot afford ``step`` (a study's
+        :class:`~sm2jax.rounds.Step`) for the ``kept`` trials of ``runners`` (``steps(budget,
+        batch_size)``: a cumulative budget in a cohort's steps; ``test_evals``: the test split's)."""
+        if not self.capped:
+            return None
+        alive, delta = {}, {}
+        for r in runners:
+            n = sum(t in kept for t in r.trial_ids)
+            if n:
+                alive[r.spec.name] = n
+                delta[r.spec.name] = steps(step.budget, r.spec.signature.batch_size) - int(r.field("step").max())
+        widths = {r.spec.name: r.width for r in runners}
+        reason = self.stop_reason(step.label, alive, delta, last=step.round_end, test_evals=test_evals, widths=widths)
+        return None if reason is None else (step.label, reason)
+
     def take_checks(self) -> list[dict[str, Any]]:
         """The checks made since the last call (the study keeps them in its state: ``budget_checks``)."""
         out, self.checks = self.checks, []

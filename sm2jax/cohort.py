@@ -181,27 +181,39 @@ def unused_names(
 ) -> dict[str, str]:
     """Of ``names`` (a space's), those no configuration uses -- not a static setting, the seed, nor
     a traced value its optimizer, schedule, model or task takes -- each with what would use it."""
-    from sm2jax.models import MODEL_HYPERPARAMETERS
+    from sm2jax.models import MODELS, model_hyperparameters
     from sm2jax.vocabulary import OPTIMIZERS
 
     used = {*(f.name for f in dataclasses.fields(Signature)), "seed", "schedule", "learning_rate", *COMMON_TRACED}
     used |= set(task_hyperparameters)
     for sig in {Signature.of(c) for c in configs}:  # what the optimizer is called with, not its state's layout
-        used |= {*get_optimizer(sig.optimizer).takes, *MODEL_HYPERPARAMETERS.get(sig.model_spec["name"], ())}
+        used |= {*get_optimizer(sig.optimizer).takes, *model_hyperparameters(sig.model_spec["name"])}
     out = {}
     for name in (n for n in names if n not in used):
         takers = [f"optimizer {o}" for o, opt in sorted(OPTIMIZERS.items()) if name in opt.takes]
-        takers += [f"model {m}" for m, hps in sorted(MODEL_HYPERPARAMETERS.items()) if name in hps]
+        takers += [f"model {m}" for m, model in sorted(MODELS.items()) if name in model.hyperparameters]
         out[name] = " or ".join(takers) or "a task or model registered with it in hyperparameters=(...)"
     return out
+
+
+def check_every_name_is_used(configs: Sequence[Config], names: Sequence[str], task: Any) -> None:
+    """One line for a searched hyperparameter (of ``names``) that no configuration uses -- it would
+    be recorded, and selected, while changing nothing -- naming it and what would use it."""
+    unused = unused_names(configs, names, task.hyperparameters)
+    if unused:
+        name, takers = next(iter(unused.items()))
+        optimizers = sorted({c["optimizer"] for c in configs})
+        raise ValueError(
+            f"space: {name!r} is searched but no configuration uses it (optimizer {', '.join(optimizers)}, task {task.name!r}): remove it, or search with what uses it ({takers})"
+        )
 
 
 def model_names(signature: Signature) -> tuple[str, ...]:
     """The traced hyperparameters the cohort's model is called with in training (``dropout`` only
     where the cohort draws masks with traced rates)."""
-    from sm2jax.models import MODEL_HYPERPARAMETERS
+    from sm2jax.models import model_hyperparameters
 
-    names = MODEL_HYPERPARAMETERS.get(signature.model_spec["name"], ())
+    names = model_hyperparameters(signature.model_spec["name"])
     return tuple(n for n in names if n != "dropout" or signature.dropout == TRACED_DROPOUT)
 
 

@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from sm2jax.registry import Registry
 from sm2jax.tasks import get_task
 
 BUILTIN_DATASETS = ("digits", "mnist1d", "mnist", "cifar10", "household_power", "wikitext2")
-_DATASETS: dict[str, Callable[..., ArrayDataset]] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,15 +334,15 @@ def register_dataset(name: str, loader: Callable[..., ArrayDataset]) -> None:
     built-in names cannot be replaced. For arrays already in memory, ``Study(..., dataset=ds)`` is
     the alternative (the study records their fingerprint and refuses to resume on other data).
     """
-    if name in BUILTIN_DATASETS:
-        raise ValueError(f"data set {name!r} is built in and cannot be replaced: register yours under another name")
+    DATASETS.refuse_builtin(name)
     if not callable(loader):
         raise TypeError(f"register_dataset({name!r}, ...): the loader must be callable")
-    _DATASETS[name] = loader
+    DATASETS.register(loader, name)
 
 
 def registered_dataset(name: str) -> Callable[..., ArrayDataset] | None:
-    return _DATASETS.get(name)
+    """The loader you registered as ``name`` (``None``: a built-in name, or none registered)."""
+    return None if name in DATASETS.builtin() else DATASETS.get(name, None)
 
 
 def load_dataset(name: str, **kwargs) -> ArrayDataset:
@@ -374,28 +374,34 @@ def _unknown_options(loader: Callable[..., Any], options: dict[str, Any]) -> lis
 
 def _loader(name: str) -> Callable[..., ArrayDataset]:
     """The function that loads data set ``name``."""
-    if name in ("mnist", "cifar10"):
-        return functools.partial(load_tfds_images, name)
-    builtin = {
-        "digits": load_digits,
-        "mnist1d": load_mnist1d,
-        "household_power": load_household_power,
-        "wikitext2": load_wikitext2,
-    }
-    if name in builtin:
-        return builtin[name]
-    if name in _DATASETS:
-        return functools.partial(_registered, name)
-    known = ", ".join([*BUILTIN_DATASETS, *sorted(_DATASETS)])
-    raise ValueError(
-        f"unknown data set {name!r}; known: {known} (register yours with sm2jax.register_dataset, or pass Study(..., dataset=ArrayDataset(...)))"
-    )
+    loader = DATASETS.get(name)
+    return loader if name in DATASETS.builtin() else functools.partial(_registered, name)
 
 
 def _registered(name: str, **kwargs) -> ArrayDataset:
-    ds = _DATASETS[name](**kwargs)
+    ds = DATASETS[name](**kwargs)
     if not isinstance(ds, ArrayDataset):
         raise TypeError(
             f"the loader registered as data set {name!r} returned {type(ds).__name__}, not sm2jax.data.ArrayDataset"
         )
     return ds
+
+
+DATASETS: Registry[Callable[..., ArrayDataset]] = Registry(
+    "data set", "sm2jax.register_dataset", hint="or pass Study(..., dataset=ArrayDataset(...))"
+)
+"""Every data set's loader by name (:mod:`sm2jax.registry`): the built-in ones, then yours."""
+for _name, _load in zip(
+    BUILTIN_DATASETS,
+    (
+        load_digits,
+        load_mnist1d,
+        functools.partial(load_tfds_images, "mnist"),
+        functools.partial(load_tfds_images, "cifar10"),
+        load_household_power,
+        load_wikitext2,
+    ),
+    strict=True,
+):
+    DATASETS.register(_load, _name)
+DATASETS.seal()

@@ -10,6 +10,7 @@ both of which stack cleanly on a trial axis.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from sm2jax.registry import Registry
 
 
 def dropout(x: jax.Array, rate, key: jax.Array | None, salt: int = 0) -> jax.Array:
@@ -369,9 +372,24 @@ BUILTIN_MODELS: dict[str, Callable[..., nnx.Module]] = {
     "lstm": _build_lstm,
     "transformer": _build_transformer,
 }
-MODEL_REGISTRY: dict[str, Callable[..., nnx.Module]] = dict(BUILTIN_MODELS)
-MODEL_HYPERPARAMETERS: dict[str, tuple[str, ...]] = {name: ("dropout",) for name in BUILTIN_MODELS}
-"""The traced hyperparameters each model takes as keyword arguments in training."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A model a space names (``{"model": {"name": name, ...}}``): its ``build`` function and the
+    traced ``hyperparameters`` it takes as keyword arguments in training (:func:`register_model`)."""
+
+    name: str
+    build: Callable[..., nnx.Module]
+    hyperparameters: tuple[str, ...] = ()
+
+
+MODELS: Registry[Model] = Registry("model", "sm2jax.register_model")
+"""Every model by name (:mod:`sm2jax.registry`): the built-in ones (each takes its dropout rate
+traced), then yours."""
+for _name, _build in BUILTIN_MODELS.items():
+    MODELS.register(Model(_name, _build, ("dropout",)))
+MODELS.seal()
 
 
 def register_model(name: str, builder: Callable[..., nnx.Module], hyperparameters: Sequence[str] = ()) -> None:
@@ -402,8 +420,7 @@ def register_model(name: str, builder: Callable[..., nnx.Module], hyperparameter
     """
     from sm2jax.vocabulary import HYPERPARAMETERS
 
-    if name in BUILTIN_MODELS:
-        raise ValueError(f"model {name!r} is built in and cannot be replaced: register yours under another name")
+    MODELS.refuse_builtin(name)
     if not callable(builder):
         raise TypeError(f"register_model({name!r}, ...): the builder must be callable")
     unknown = [h for h in hyperparameters if h not in HYPERPARAMETERS]
@@ -411,13 +428,18 @@ def register_model(name: str, builder: Callable[..., nnx.Module], hyperparameter
         raise ValueError(
             f"register_model({name!r}, ...): unknown hyperparameters {unknown}: declare them first with sm2jax.register_hyperparameter"
         )
-    MODEL_REGISTRY[name] = builder
-    MODEL_HYPERPARAMETERS[name] = tuple(hyperparameters)
+    MODELS.register(Model(name, builder, tuple(hyperparameters)))
+
+
+def model_hyperparameters(name: str) -> tuple[str, ...]:
+    """The traced hyperparameters model ``name`` takes in training (none for an unknown name)."""
+    model = MODELS.get(name, None)
+    return () if model is None else model.hyperparameters
 
 
 def traced_dropout(name: str) -> bool:
     """Whether model ``name`` takes its dropout rate traced, in training (see :func:`register_model`)."""
-    return "dropout" in MODEL_HYPERPARAMETERS.get(name, ())
+    return "dropout" in model_hyperparameters(name)
 
 
 def build_model(
@@ -446,8 +468,4 @@ def build_model(
 
 def model_builder(name: str) -> Callable[..., nnx.Module]:
     """The builder registered as model ``name`` (a re-registered name is another builder)."""
-    if name not in MODEL_REGISTRY:
-        raise ValueError(
-            f"unknown model {name!r}; known: {', '.join(sorted(MODEL_REGISTRY))} (register yours with sm2jax.register_model)"
-        )
-    return MODEL_REGISTRY[name]
+    return MODELS.get(name).build

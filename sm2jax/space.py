@@ -65,15 +65,15 @@ def _check_value(name: str, value: Any) -> None:
             value = {"name": value}
         if not isinstance(value, Mapping) or not isinstance(value.get("name"), str):
             fail("must be a model name or a mapping with a 'name' entry")
-        from sm2jax.models import MODEL_REGISTRY  # local: models import jax, keep space light
+        from sm2jax.models import MODELS  # local: models import jax, keep space light
 
-        if value["name"] not in MODEL_REGISTRY:
+        if value["name"] not in MODELS:
             fail(
-                f"unknown model; known: {sorted(MODEL_REGISTRY)} (register yours with sm2jax.register_model; resuming, name the module that registers it: --import MODULE)"
+                f"unknown model; known: {MODELS.names()} (register yours with sm2jax.register_model; resuming, name the module that registers it: --import MODULE)"
             )
     elif name == "optimizer":
         if value not in OPTIMIZERS:
-            fail(f"unknown optimizer; known: {list(OPTIMIZERS)} (register yours with sm2jax.register_optimizer)")
+            fail(f"unknown optimizer; known: {OPTIMIZERS.names()} (register yours with sm2jax.register_optimizer)")
     elif name == "schedule":
         if value not in SCHEDULES:
             fail(f"unknown schedule; known: {list(SCHEDULES)}")

@@ -33,7 +33,7 @@ from sm2jax.schedule.candidates import (
 from sm2jax.search import get_searcher
 from sm2jax.space import Config, SearchSpace, make_config
 from sm2jax.store.folder import StudyDir
-from sm2jax.tasks import BUILTIN_TASKS, get_task
+from sm2jax.tasks import TASKS, get_task
 
 REPLICATE_SEED_OFFSET = 1_000_003
 """A replicate's seed is its configuration's plus this (mod 2**31); its trial id differs too."""
@@ -455,7 +455,7 @@ def import_modules(names: list[str]) -> None:
 def registering_modules(spec: StudySpec, dataset: ArrayDataset | None) -> set[str]:
     """Importable modules that registered what ``spec`` uses (``__main__`` -- a notebook or a
     script -- is not importable from another process and is left out)."""
-    from sm2jax.models import BUILTIN_MODELS, MODEL_REGISTRY
+    from sm2jax.models import MODELS
     from sm2jax.vocabulary import registering_modules as vocabulary_modules
 
     found = []
@@ -467,12 +467,12 @@ def registering_modules(spec: StudySpec, dataset: ArrayDataset | None) -> set[st
 
     for model in choices("model"):
         name = model if isinstance(model, str) else model["name"]
-        if name not in BUILTIN_MODELS and name in MODEL_REGISTRY:
-            found.append(MODEL_REGISTRY[name])
+        if name not in MODELS.builtin() and name in MODELS:
+            found.append(MODELS[name].build)
     if dataset is None and registered_dataset(spec.dataset) is not None:
         found.append(registered_dataset(spec.dataset))
     task = spec.task or (dataset.task if dataset is not None else None)
-    if task is not None and task not in BUILTIN_TASKS:
+    if task is not None and task not in TASKS.builtin():
         found.append(get_task(task).loss)
     modules = {getattr(f, "__module__", None) for f in found}
     modules.add(type(get_searcher(spec.sampler)).__module__)  # a searcher or scheduler registered outside sm2jax

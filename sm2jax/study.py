@@ -24,7 +24,7 @@ from typing import Any
 import jax
 
 from sm2jax.budget import StudyBudget, first_phase_fits
-from sm2jax.cohort import blame, group_into_cohorts, unused_names
+from sm2jax.cohort import blame, check_every_name_is_used, group_into_cohorts
 from sm2jax.compile_cache import count_compiles, enable_compile_cache
 from sm2jax.data import ArrayDataset
 from sm2jax.distributed import barrier, is_primary
@@ -110,7 +110,7 @@ class Study:
             raise ValueError("the search space produced no configuration")
         data = study_data(spec, dataset)  # a data set not prepared, or not known, fails before anything is written
         if not self.folder.has_run() and not several_rounds(spec):  # (later rounds may use it)
-            _check_every_name_is_used(spec, list(self.configs.values()), data)
+            check_every_name_is_used(list(self.configs.values()), list(spec.space), get_task(data.task))
         plan = self._plan_within_budget(spec, data, devices=devices, nvml=nvml, gpus=gpus)
         self.folder.claim(spec.to_json(), normalise=current_form)
         if is_primary():
@@ -217,20 +217,7 @@ class Study:
 
     def _stop_reason(self, p: int, runners: list[CohortRunner], kept: set[int]) -> tuple[str, str] | None:
         """``(phase, why)`` when the budget cannot afford phase ``p`` for the ``kept`` trials."""
-        if not self.budget.capped:
-            return None
-        step = self.steps[p]
-        name, budget = step.label, step.budget
-        alive, delta = {}, {}
-        for r in runners:
-            n = sum(t in kept for t in r.trial_ids)
-            if n:
-                alive[r.spec.name] = n
-                delta[r.spec.name] = self.work.steps(budget, r.spec.signature.batch_size) - int(r.field("step").max())
-        tests = test_evals(self.work.data)
-        widths = {r.spec.name: r.width for r in runners}
-        reason = self.budget.stop_reason(name, alive, delta, last=step.round_end, test_evals=tests, widths=widths)
-        return None if reason is None else (name, reason)
+        return self.budget.stop_for(self.steps[p], runners, kept, self.work.steps, test_evals(self.work.data))
 
     def _follow_in_optuna(self, last: bool) -> None:
         """Rewrites ``optuna.db`` on its thread after a committed phase, when ``optuna_seconds``
@@ -368,33 +355,11 @@ class Study:
     def _run_phase(
         self, p: int, runners: list[CohortRunner], state: StudyState, checkpoints: StudyCheckpoints
     ) -> list[CohortRunner]:
+        """Phase ``p``: trains and scores every runner, decides, keeps the survivors (at the last
+        phase of a round, every finalist's rows) and commits; returns the runners that go on."""
         step, work = self.steps[p], self.work
-        name, budget, last, local = step.label, step.budget, step.round_end, step.index
-        phases = round_phases(self.steps, step.round)
-        targets = {r.spec.name: work.steps(budget, r.spec.signature.batch_size) for r in runners}
-        progress = self._progress
-        progress.plan(sum(work.planned(r, phases, local) for r in runners))  # re-planned from the trials alive
-        candidates = []
-        for r in runners:
-            alive = sum(x.k for x in runners)
-            progress.say(f"{name}: trials alive {alive}, {self.metering.so_far_text()}, best {state.best_score_text()}")
-            on_steps = lambda steps, k=r.k: progress.advance(steps * k)  # every row steps in lockstep
-            with blame(r.spec, name):
-                # An untrained model's score is the reference for "has it learned?"; for classification
-                # that reference is chance, so the evaluations of untrained models are skipped there.
-                base = r.evaluate(name) if step.name == "explore" and work.chance is None else None
-                before = {t: state.trials[str(t)]["samples_spent"] for t in r.trial_ids}
-                planned = work.planned(r, phases, local)
-                win = {"window_seconds": self.spec.window_seconds, "steps_per_window": self.spec.steps_per_window}
-                trained = r.train_to(targets[r.spec.name], name, planned_trial_steps=planned, on_steps=on_steps, **win)
-                bs = r.spec.signature.batch_size
-                state.record_training(trained.losses, bs)
-                rows = {f: r.field(f) for f in ("step", "active", "diverged_at")}
-                total = work.steps(self.spec.max_budget, bs) * bs
-                end = r.evaluate(name)
-            candidates += cohort_candidates(
-                state, r.spec.name, r.trial_ids, end, base, rows, bs, total, before, work.chance, self.rules
-            )
+        name, last = step.label, step.round_end
+        candidates = self._train_and_score(step, runners, state)
         self.metering.flush()  # every window of this phase written (at the meter's resolution), then attributed
         ids = [c.trial_id for c in candidates]
         joules = [self.metering.trial_joules(name, ids, kinds) for kinds in (("train", "eval"), ("train",))]
@@ -413,7 +378,7 @@ class Study:
         state.budget_checks += self.budget.take_checks()
         if not last and state.stopped is not None:  # the budget cannot afford the next phase: this one is the last
             last = True
-            progress.say(f"stopped after {name}: {state.stopped['reason']}; selected from {name}")
+            self._progress.say(f"stopped after {name}: {state.stopped['reason']}; selected from {name}")
         # The last phase's checkpoint keeps every finalist (each can be loaded: sm2jax.handback).
         finalists, final_rows = {f["trial_id"] for f in decision.finalists} if last else set(), {}
         for r in runners:
@@ -427,7 +392,7 @@ class Study:
             if len(ids) < r.k:
                 r.select(ids)
                 if not last:
-                    r.narrow_for_survivors(work.planned(r, phases, local + 1))
+                    r.narrow_for_survivors(work.planned(r, round_phases(self.steps, step.round), step.index + 1))
             if last and work.data.has_test:  # once, for the selected configuration only
                 with blame(r.spec, f"{name} (test split)"):
                     state.test = {"trial_id": ids[0], **r.evaluate(name, split="test").first()}
@@ -449,6 +414,37 @@ class Study:
         state.completed_by[name] = self.metering.attempt
         self._commit(p, state, checkpoints, saved, last)
         return [] if last else survivors  # a phase a budget made the last ends the study
+
+    def _train_and_score(self, step: Any, runners: list[CohortRunner], state: StudyState) -> list[Any]:
+        """Trains every runner to ``step``'s budget in energy windows and evaluates it: the phase's
+        candidates (:func:`sm2jax.phases.cohort_candidates`), each trial's losses recorded."""
+        work, progress, name = self.work, self._progress, step.label
+        phases = round_phases(self.steps, step.round)
+        progress.plan(sum(work.planned(r, phases, step.index) for r in runners))  # re-planned from the trials alive
+        win = {"window_seconds": self.spec.window_seconds, "steps_per_window": self.spec.steps_per_window}
+        candidates = []
+        for r in runners:
+            alive = sum(x.k for x in runners)
+            progress.say(f"{name}: trials alive {alive}, {self.metering.so_far_text()}, best {state.best_score_text()}")
+            on_steps = lambda steps, k=r.k: progress.advance(steps * k)  # every row steps in lockstep
+            bs = r.spec.signature.batch_size
+            with blame(r.spec, name):
+                # An untrained model's score is the reference for "has it learned?"; for classification
+                # that reference is chance, so the evaluations of untrained models are skipped there.
+                base = r.evaluate(name) if step.name == "explore" and work.chance is None else None
+                before = {t: state.trials[str(t)]["samples_spent"] for t in r.trial_ids}
+                planned = work.planned(r, phases, step.index)
+                trained = r.train_to(
+                    work.steps(step.budget, bs), name, planned_trial_steps=planned, on_steps=on_steps, **win
+                )
+                state.record_training(trained.losses, bs)
+                rows = {f: r.field(f) for f in ("step", "active", "diverged_at")}
+                total = work.steps(self.spec.max_budget, bs) * bs
+                end = r.evaluate(name)
+            candidates += cohort_candidates(
+                state, r.spec.name, r.trial_ids, end, base, rows, bs, total, before, work.chance, self.rules
+            )
+        return candidates
 
     def _end_round(self, p: int, state: StudyState) -> None:
         """Records round ``steps[p].round`` as finished (its selection, finalists, test score and
@@ -492,16 +488,3 @@ def plan_study(spec: StudySpec, **kwargs: Any) -> StudyPlan:
             "sm2jax plan predicts a study of one round (later rounds' proposals are not known before the first ends): plan it with --set rounds=1; each round costs about what a study of its size does"
         )
     return probe(spec, Study, **kwargs)
-
-
-def _check_every_name_is_used(spec: StudySpec, configs: list[Any], data: ArrayDataset) -> None:
-    """One line for a searched hyperparameter that nothing uses (it would be recorded, and selected,
-    while changing nothing): naming it and what would use it."""
-    task = get_task(data.task)
-    unused = unused_names(configs, list(spec.space), task.hyperparameters)
-    if unused:
-        name, takers = next(iter(unused.items()))
-        optimizers = sorted({c["optimizer"] for c in configs})
-        raise ValueError(
-            f"space: {name!r} is searched but no configuration uses it (optimizer {', '.join(optimizers)}, task {data.task!r}): remove it, or search with what uses it ({takers})"
-        )

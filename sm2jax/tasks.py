@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sm2jax.registry import Registry
+
 
 @dataclasses.dataclass(frozen=True)
 class Task:
@@ -90,7 +92,11 @@ BUILTIN_TASKS = {
         "language_model", _token_cross_entropy, _token_cross_entropy, "perplexity", False, report=np.exp
     ),
 }
-_REGISTRY: dict[str, Task] = dict(BUILTIN_TASKS)
+TASKS: Registry[Task] = Registry("task", "sm2jax.register_task")
+"""Every task by name (:mod:`sm2jax.registry`): the built-in ones, then yours."""
+for _task in BUILTIN_TASKS.values():
+    TASKS.register(_task)
+TASKS.seal()
 
 
 def register_task(task: Task) -> Task:
@@ -118,8 +124,7 @@ def register_task(task: Task) -> Task:
     """
     if not isinstance(task, Task):
         raise TypeError(f"register_task takes a sm2jax.Task, not {type(task).__name__}")
-    if task.name in BUILTIN_TASKS:
-        raise ValueError(f"task {task.name!r} is built in and cannot be replaced: register yours under another name")
+    TASKS.refuse_builtin(task.name)
     from sm2jax.vocabulary import HYPERPARAMETERS
 
     unknown = [h for h in task.hyperparameters if h not in HYPERPARAMETERS]
@@ -128,14 +133,9 @@ def register_task(task: Task) -> Task:
             f"task {task.name!r}: unknown hyperparameters {unknown}: declare them first with sm2jax.register_hyperparameter"
         )
     task = dataclasses.replace(task, hyperparameters=tuple(task.hyperparameters))
-    _REGISTRY[task.name] = task
-    return task
+    return TASKS.register(task)
 
 
 def get_task(name: str) -> Task:
     """The task registered as ``name`` (one-line error naming the known ones otherwise)."""
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown task {name!r}; known: {', '.join(sorted(_REGISTRY))} (register yours with sm2jax.register_task)"
-        )
-    return _REGISTRY[name]
+    return TASKS.get(name)

@@ -32,6 +32,8 @@ from typing import Any
 
 import optax
 
+from sm2jax.registry import Registry
+
 STATIC = ("model", "batch_size", "optimizer", "dtype", "augment")
 """Hyperparameters that always fix the program or shapes (``dropout`` may too: see the module)."""
 
@@ -89,8 +91,12 @@ _BUILTIN_HYPERPARAMETERS = (
     Hyperparameter("max_grad_norm", math.inf, 0.0, None, open_low=True, infinite=True, doc="global-norm clip"),
     Hyperparameter("dropout", 0.0, 0.0, 1.0, open_high=True, doc="dropout rate (traced for the built-in models)"),
 )
-BUILTIN_HYPERPARAMETERS = {h.name: h for h in _BUILTIN_HYPERPARAMETERS}
-HYPERPARAMETERS: dict[str, Hyperparameter] = dict(BUILTIN_HYPERPARAMETERS)
+HYPERPARAMETERS: Registry[Hyperparameter] = Registry("hyperparameter", "sm2jax.register_hyperparameter")
+"""Every traced hyperparameter by name (:mod:`sm2jax.registry`): the built-in ones, then those
+declared, or registered with an optimizer."""
+for _hp in _BUILTIN_HYPERPARAMETERS:
+    HYPERPARAMETERS.register(_hp)
+HYPERPARAMETERS.seal()
 """Every traced number known in this process: the built-in ones, then yours and your optimizers'."""
 
 RESERVED = (*STATIC, "schedule", "seed", *COMMON_TRACED)
@@ -119,14 +125,14 @@ def register_hyperparameter(
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"register_hyperparameter: the name must be a Python identifier (got {name!r})")
-    if name in BUILTIN_HYPERPARAMETERS or name in RESERVED:
+    HYPERPARAMETERS.refuse_builtin(name)
+    if name in RESERVED:
         raise ValueError(f"hyperparameter {name!r} is built in: register yours under another name")
     hp = Hyperparameter(name, float(default), low, high, doc=doc, registered_by=_caller())
     problem = hp.problem(default)
     if problem:
         raise ValueError(f"register_hyperparameter({name!r}): the default {problem} (got {default!r})")
-    HYPERPARAMETERS[name] = hp
-    return hp
+    return HYPERPARAMETERS.register(hp)
 
 
 # ---------------------------------------------------------------------------------- optimizers
@@ -177,7 +183,11 @@ BUILTIN_OPTIMIZERS = {
 """``sgd``: coupled L2 weight decay and heavy-ball momentum (0 gives plain SGD); ``adam`` ignores
 ``weight_decay``; ``adamw``: decoupled weight decay (Loshchilov & Hutter 2019). Their states carry all
 four numbers, whichever each takes, as they always have (checkpoints keep their layout)."""
-OPTIMIZERS: dict[str, Optimizer] = dict(BUILTIN_OPTIMIZERS)
+OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", "sm2jax.register_optimizer")
+"""Every optimizer by name (:mod:`sm2jax.registry`): the built-in ones, then yours."""
+for _optimizer in BUILTIN_OPTIMIZERS.values():
+    OPTIMIZERS.register(_optimizer)
+OPTIMIZERS.seal()
 
 
 def register_optimizer(
@@ -210,8 +220,7 @@ def register_optimizer(
         space = sm2jax.SearchSpace({"optimizer": "lion", "b1": sm2jax.Uniform(0.85, 0.95),
                                     "weight_decay": sm2jax.LogUniform(1e-4, 1e-1)})
     """
-    if name in BUILTIN_OPTIMIZERS:
-        raise ValueError(f"optimizer {name!r} is built in and cannot be replaced: register yours under another name")
+    OPTIMIZERS.refuse_builtin(name)
     if not callable(factory):
         raise TypeError(f"register_optimizer({name!r}, ...): the factory must be callable")
     try:
@@ -238,21 +247,15 @@ def register_optimizer(
         if problem:
             raise ValueError(f"register_optimizer({name!r}, ...): the default of {n!r} {problem} (got {default!r})")
         if known is None:
-            HYPERPARAMETERS[n] = Hyperparameter(
-                n, default, doc=f"argument of optimizer {name!r}", registered_by=_caller()
+            HYPERPARAMETERS.register(
+                Hyperparameter(n, default, doc=f"argument of optimizer {name!r}", registered_by=_caller())
             )
-    optimizer = Optimizer(name, factory, hyperparameters, tuple(hyperparameters), _caller())
-    OPTIMIZERS[name] = optimizer
-    return optimizer
+    return OPTIMIZERS.register(Optimizer(name, factory, hyperparameters, tuple(hyperparameters), _caller()))
 
 
 def get_optimizer(name: str) -> Optimizer:
     """The optimizer registered as ``name`` (one-line error naming the known ones otherwise)."""
-    if name not in OPTIMIZERS:
-        raise ValueError(
-            f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)} (register yours with sm2jax.register_optimizer)"
-        )
-    return OPTIMIZERS[name]
+    return OPTIMIZERS.get(name)
 
 
 def optimizer_defaults(name: str) -> dict[str, float]:
@@ -279,6 +282,6 @@ def _caller() -> str | None:
 
 def registering_modules(optimizers, hyperparameters) -> set[str]:
     """The modules that registered the optimizers and hyperparameters named (built-in ones need none)."""
-    found = {OPTIMIZERS[n].registered_by for n in optimizers if n in OPTIMIZERS and n not in BUILTIN_OPTIMIZERS}
+    found = {OPTIMIZERS[n].registered_by for n in optimizers if n in OPTIMIZERS and n not in OPTIMIZERS.builtin()}
     found |= {HYPERPARAMETERS[n].registered_by for n in hyperparameters if n in HYPERPARAMETERS}
     return {m for m in found if m}

@@ -1,6 +1,7 @@
 """The seams a newcomer adds to, used from outside the package: a searcher (what to try) and a
 scheduler (when to stop), each defined in this file alone and run in a real study."""
 
+import functools
 import json
 
 import pytest
@@ -75,3 +76,65 @@ def test_a_searcher_and_a_scheduler_from_outside_run_a_study(tmp_path):
     again = Study(tmp_path / "s", progress=False).run()
     assert again["selected"]["trial_id"] == results["selected"]["trial_id"] and Ends.calls == before + 1
     assert "final" in format_results(again)
+
+
+def _registries():
+    """Every kind a study names by a string: its registry, a built-in name, and how to register one."""
+    import optax
+
+    import sm2jax
+    from sm2jax.data import DATASETS, load_digits
+    from sm2jax.models import MODELS, model_builder
+    from sm2jax.schedule import _SCHEDULERS, HalvingScheduler
+    from sm2jax.search import _SEARCHERS, RandomSearcher
+    from sm2jax.tasks import TASKS, Task, get_task
+    from sm2jax.vocabulary import HYPERPARAMETERS, OPTIMIZERS
+
+    mse = get_task("regression")
+    task = lambda n: Task(n, mse.loss, mse.metric, mse.metric_name, mse.higher_is_better)
+    return [
+        (MODELS, "mlp", lambda n: sm2jax.register_model(n, model_builder("mlp"))),
+        (TASKS, "classification", lambda n: sm2jax.register_task(task(n))),
+        (DATASETS, "digits", lambda n: sm2jax.register_dataset(n, functools.partial(load_digits))),
+        (OPTIMIZERS, "adam", lambda n: sm2jax.register_optimizer(n, optax.lion)),
+        (HYPERPARAMETERS, "weight_decay", lambda n: sm2jax.register_hyperparameter(n, 0.5)),
+        (_SEARCHERS, "sobol", lambda n: register_searcher(_named(RandomSearcher(), n))),
+        (_SCHEDULERS, "sh", lambda n: register_scheduler(_named(HalvingScheduler("sh"), n))),
+    ]
+
+
+def _named(obj, name):
+    obj.name = name
+    return obj
+
+
+def test_every_kind_a_study_names_is_one_registry_with_one_behaviour():
+    """Models, tasks, data sets, optimizers, hyperparameters, searchers and schedulers: a built-in
+    name is never replaced, an unknown name is one line naming the known ones and how to register
+    yours, a name registered again replaces the earlier entry, and each reads as a mapping."""
+    for registry, builtin, register in _registries():
+        assert builtin in registry.builtin() and registry.names()[0] in registry.builtin()
+        before = registry[builtin]
+        with pytest.raises(ValueError, match=rf"{registry.kind} {builtin!r} is built in and cannot be replaced") as err:
+            register(builtin)
+        assert "\n" not in str(err.value) and registry[builtin] is before
+        with pytest.raises(
+            ValueError, match=rf"unknown {registry.kind} 'nope'; known: .*{builtin}.*register yours with"
+        ):
+            registry.get("nope")
+        assert registry.get("nope", None) is None and "nope" not in registry and {"a": 1} not in registry
+        name = "my_" + registry.kind.replace(" ", "_")
+        try:
+            register(name)
+            first = registry[name]
+            register(name)  # a re-run notebook cell replaces it
+            assert (
+                registry[name] is not first
+                and registry.names()[-1] == name
+                and dict(registry.items())[name] is registry[name]
+            )
+        finally:
+            registry.pop(name)
+        assert name not in registry
+        with pytest.raises(ValueError, match="built in"):
+            registry.pop(builtin)

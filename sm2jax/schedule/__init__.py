@@ -150,9 +150,7 @@ class HyperbandScheduler(HalvingScheduler):
             )
 
     def effective(self, spec: Any) -> Any:
-        from sm2jax.search import get_searcher
-
-        sampler = "random" if get_searcher(spec.sampler).fixed_size else spec.sampler  # Hyperband samples
+        sampler = "random" if spec.sampler == "grid" else spec.sampler  # Hyperband samples
         return _replace(
             spec, sampler=sampler, explore_budget=0.0, objective="performance", replicates=0, keep_rule="floor"
         )
@@ -176,7 +174,7 @@ class HyperbandScheduler(HalvingScheduler):
         return list(self.rounds(spec, ())[0].phases)
 
 
-_SCHEDULERS: Registry[Scheduler] = Registry("mode", "register_scheduler(...)")
+_SCHEDULERS: Registry[Scheduler] = Registry("mode", "sm2jax.schedule.register_scheduler")
 
 
 def register_scheduler(scheduler: Scheduler) -> Scheduler:
@@ -192,6 +190,7 @@ def get_scheduler(name: str) -> Scheduler:
 for _mode in ("sm2", "sh", "full"):
     register_scheduler(HalvingScheduler(_mode))
 register_scheduler(HyperbandScheduler())
+_SCHEDULERS.seal()  # the built-in ones are never replaced
 
 
 def _replace(spec: Any, **fields: Any) -> Any:

@@ -92,7 +92,7 @@ class Searcher:
         raise NotImplementedError
 
 
-_SEARCHERS: Registry[Searcher] = Registry("sampler", "register_searcher(...)")
+_SEARCHERS: Registry[Searcher] = Registry("sampler", "sm2jax.search.register_searcher")
 
 
 def register_searcher(searcher: Searcher) -> Searcher:
@@ -151,3 +151,4 @@ for _searcher in (GridSearcher(), RandomSearcher(), *(CohortSearcher(m) for m in
 from sm2jax.search import tpe as _tpe  # noqa: E402  (registers "tpe")
 
 del _tpe
+_SEARCHERS.seal()  # the built-in ones are never replaced
