@@ -11,7 +11,7 @@ import dataclasses
 import os
 from typing import Any
 
-from sm2jax.rounds import Proposals, observations, schedule
+from sm2jax.rounds import Proposals, observations, round_sizes, schedule
 from sm2jax.search import Observation
 from sm2jax.space import Config, SearchSpace
 from sm2jax.spec import StudySpec, read_spec
@@ -56,9 +56,10 @@ def study_proposals(folder: StudyDir, spec: StudySpec) -> tuple[Proposals, bool]
     proposed again -- or, for a study not started (or from before proposals were kept), what
     ``spec`` proposes now for its first round (:func:`first_proposals`). The flag says whether they
     were kept (else the caller keeps them once the folder is claimed)."""
-    blob = folder.read_proposals() if folder.has_run() else None  # a start that failed proposes again
+    ran = folder.has_run()
+    blob = folder.read_proposals() if ran else None  # a start that failed proposes again
     if blob is None:
-        return Proposals(*first_proposals(spec)), False
+        return Proposals(*(_as_first_drawn(spec) if ran else first_proposals(spec))), False
     try:
         return Proposals.from_json(blob), True
     except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -70,6 +71,18 @@ def study_proposals(folder: StudyDir, spec: StudySpec) -> tuple[Proposals, bool]
 def first_proposals(spec: StudySpec) -> tuple[list[Config], dict[int, int]]:
     """What a new study's first round trains: ``spec``'s proposals, from its warm start's results."""
     return spec.proposals(warm_observations(spec))
+
+
+def _as_first_drawn(spec: StudySpec) -> tuple[list[Config], dict[int, int]]:
+    """A study from before proposals were kept (it has run, and has no ``proposals.json``): its first
+    round drawn again as it was drawn then, so that it resumes on what it trained. Random draws of
+    a log-scaled integer were ``round(exp(U(log low, log high)))`` then (one mapping is used by
+    every searcher since: :meth:`~sm2jax.space.IntUniform.value_at`); everything else is drawn as
+    it always was. The caller keeps them (``proposals.json``), so this happens once."""
+    space = SearchSpace.from_json(spec.space)
+    if spec.effective().sampler != "random" or not space.rounded_log_ints():
+        return first_proposals(spec)
+    return spec.proposals(configs=space.sample(round_sizes(spec)[0], spec.seed, rounded_log_ints=True))
 
 
 def round_history(spec: StudySpec, state: Any, configs: dict[int, Config], proposals: Proposals) -> list[Observation]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from sm2jax.space import Categorical, Config, Fixed, IntUniform, LogUniform, SearchSpace, Uniform, make_config
+from sm2jax.space import DEFAULTS, Config, SearchSpace, make_config
 from sm2jax.vocabulary import STATIC
 
 METHODS = ("sobol", "halton", "cohort_random")
@@ -42,29 +42,16 @@ def static_names(space: SearchSpace) -> list[str]:
     from sm2jax.models import traced_dropout
 
     names = [n for n in space.domains if n in STATIC]
-    models = space.domains["model"].grid() if "model" in space.domains else [{"name": "mlp"}]
+    models = space.domains["model"].grid() if "model" in space.domains else [DEFAULTS["model"]]
     if "dropout" in space.domains and not all(traced_dropout(m if isinstance(m, str) else m["name"]) for m in models):
         names.append("dropout")
     return names
 
 
 def from_unit(domain: Any, u: float) -> Any:
-    """The value of ``domain`` at ``u`` in [0, 1): the inverse of its distribution function."""
-    u = min(max(float(u), 0.0), np.nextafter(1.0, 0.0))
-    if isinstance(domain, Fixed):
-        return domain.value
-    if isinstance(domain, Categorical):
-        return domain.choices[int(u * len(domain.choices))]
-    if isinstance(domain, LogUniform):
-        return float(np.exp(np.log(domain.low) + u * (np.log(domain.high) - np.log(domain.low))))
-    if isinstance(domain, Uniform):
-        return float(domain.low + u * (domain.high - domain.low))
-    if isinstance(domain, IntUniform):
-        if domain.log:
-            lo, hi = np.log(domain.low), np.log(domain.high + 1)
-            return min(int(np.exp(lo + u * (hi - lo))), domain.high)
-        return int(domain.low + int(u * (domain.high - domain.low + 1)))
-    raise TypeError(f"cannot sample domain {domain!r}")
+    """The value of ``domain`` at ``u`` in [0, 1): the inverse of its distribution function, the one
+    mapping every searcher uses (:meth:`~sm2jax.space.Uniform.value_at` and its kin)."""
+    return domain.value_at(min(max(float(u), 0.0), np.nextafter(1.0, 0.0)))
 
 
 def unit_points(method: str, n: int, d: int, seed: int) -> np.ndarray:

@@ -31,22 +31,21 @@ from sm2jax.vocabulary import HYPERPARAMETERS, OPTIMIZERS, SCHEDULES, optimizer_
 DTYPES = ("float32", "bfloat16")
 AUGMENTATIONS = ("none", "crop_flip")
 
-DEFAULTS: dict[str, Any] = {
+_SETTINGS = {  # the settings; a traced number's default is the vocabulary's (HYPERPARAMETERS)
     "model": {"name": "mlp", "hidden": [64]},
     "batch_size": 32,
     "optimizer": "adam",
-    "dropout": 0.0,
     "dtype": "float32",
     "augment": "none",
-    "learning_rate": 1e-3,
-    "weight_decay": 0.0,
-    "momentum": 0.9,
-    "b1": 0.9,
-    "b2": 0.999,
-    "warmup_fraction": 0.0,
     "schedule": "constant",
-    "max_grad_norm": math.inf,
     "seed": 0,
+}
+DEFAULTS: dict[str, Any] = {
+    name: _SETTINGS[name] if name in _SETTINGS else HYPERPARAMETERS[name].default
+    for name in (
+        *("model", "batch_size", "optimizer", "dropout", "dtype", "augment", "learning_rate", "weight_decay"),
+        *("momentum", "b1", "b2", "warmup_fraction", "schedule", "max_grad_norm", "seed"),
+    )
 }
 
 
@@ -118,6 +117,9 @@ class Fixed:
     def size(self) -> int:
         return 1
 
+    def value_at(self, u: float) -> Any:
+        return self.value
+
     def sample(self, rng: np.random.Generator) -> Any:
         return self.value
 
@@ -140,7 +142,12 @@ class Categorical:
     def size(self) -> int:
         return len(self.choices)
 
+    def value_at(self, u: float) -> Any:
+        return self.choices[int(u * len(self.choices))]
+
     def sample(self, rng: np.random.Generator) -> Any:
+        """A uniform choice: :meth:`value_at` of a uniform ``u`` in distribution, drawn as an exact
+        integer index (numpy's bounded integers: the draws random studies always made)."""
         return self.choices[int(rng.integers(len(self.choices)))]
 
     def check(self, name: str) -> None:
@@ -165,8 +172,11 @@ class Uniform:
         """Points in :meth:`grid`, without making it."""
         return self.num
 
+    def value_at(self, u: float) -> float:
+        return float(self.low + u * (self.high - self.low))
+
     def sample(self, rng: np.random.Generator) -> float:
-        return float(rng.uniform(self.low, self.high))
+        return self.value_at(rng.random())  # (bit for bit numpy's uniform(low, high): one double)
 
     def check(self, name: str) -> None:
         if not self.low <= self.high:
@@ -184,8 +194,8 @@ class LogUniform(Uniform):
     def grid(self) -> list[float]:
         return [float(v) for v in np.geomspace(self.low, self.high, self.num)]
 
-    def sample(self, rng: np.random.Generator) -> float:
-        return float(np.exp(rng.uniform(np.log(self.low), np.log(self.high))))
+    def value_at(self, u: float) -> float:
+        return float(np.exp(np.log(self.low) + u * (np.log(self.high) - np.log(self.low))))
 
     def check(self, name: str) -> None:
         if not self.low > 0:
@@ -217,9 +227,24 @@ class IntUniform:
             return span
         return len(self.grid()) if self.num <= 100_000 else min(self.num, span)
 
-    def sample(self, rng: np.random.Generator) -> int:
+    def value_at(self, u: float) -> int:
+        """Linear: each integer with probability ``1 / (high - low + 1)``. Log-scaled: a log-uniform
+        number on ``[low, high + 1)`` rounded down, so integer ``k`` has probability
+        ``log((k + 1) / k) / log((high + 1) / low)`` and both ends their full share."""
         if self.log:
+            lo, hi = np.log(self.low), np.log(self.high + 1)
+            return min(int(np.exp(lo + u * (hi - lo))), self.high)
+        return int(self.low + int(u * (self.high - self.low + 1)))
+
+    def sample(self, rng: np.random.Generator, *, rounded: bool = False) -> int:
+        """:meth:`value_at` of a uniform draw (an exact integer index where linear: the draws random
+        studies always made). ``rounded``: a log-scaled draw as studies from before their proposals
+        were kept made it, ``round(exp(U(log low, log high)))`` (ends at half their share), to take
+        such a study's first round back as it was drawn."""
+        if self.log and rounded:
             return round(np.exp(rng.uniform(np.log(self.low), np.log(self.high))))
+        if self.log:
+            return self.value_at(rng.random())
         return int(rng.integers(self.low, self.high + 1))
 
     def check(self, name: str) -> None:
@@ -337,12 +362,21 @@ class SearchSpace:
         except (AttributeError, KeyError, TypeError, ValueError):
             return None
 
-    def sample(self, num: int, seed: int = 0) -> list[Config]:
-        """``num`` configurations drawn independently with ``numpy`` seeded by ``seed``."""
+    def sample(self, num: int, seed: int = 0, *, rounded_log_ints: bool = False) -> list[Config]:
+        """``num`` configurations drawn independently with ``numpy`` seeded by ``seed``: each value
+        its domain's :meth:`value_at` of a uniform draw (``rounded_log_ints``: see
+        :meth:`IntUniform.sample`)."""
         if num < 1:
             raise ValueError(f"sample needs num >= 1 (got {num})")
         rng = np.random.default_rng(seed)
-        return [make_config(i, **{n: d.sample(rng) for n, d in self.domains.items()}) for i in range(num)]
+        draw = lambda d: (
+            d.sample(rng, rounded=True) if rounded_log_ints and isinstance(d, IntUniform) else d.sample(rng)
+        )
+        return [make_config(i, **{n: draw(d) for n, d in self.domains.items()}) for i in range(num)]
+
+    def rounded_log_ints(self) -> bool:
+        """Whether a log-scaled integer is searched (whose random draws changed: :meth:`IntUniform.sample`)."""
+        return any(isinstance(d, IntUniform) and d.log for d in self.domains.values())
 
     def to_json(self) -> dict[str, Any]:
         blob = {n: {"type": type(d).__name__, **dataclasses.asdict(d)} for n, d in self.domains.items()}

@@ -355,9 +355,12 @@ class StudySpec:
         """Replicate trial id -> the trial id of the configuration it replicates."""
         return self.proposals()[1]
 
-    def proposals(self, history: Sequence[Any] = ()) -> tuple[list[Config], dict[int, int]]:
-        """:meth:`trial_configs` and :meth:`replicate_of` from one proposal of the searcher."""
-        configs = self.configs(history)
+    def proposals(
+        self, history: Sequence[Any] = (), configs: list[Config] | None = None
+    ) -> tuple[list[Config], dict[int, int]]:
+        """:meth:`trial_configs` and :meth:`replicate_of` from one proposal of the searcher (or of
+        the first round's ``configs`` given)."""
+        configs = self.configs(history) if configs is None else configs
         twins = self.effective()._replicates(configs)
         return configs + [twin for twin, _ in twins], {twin.trial_id: original for twin, original in twins}
 

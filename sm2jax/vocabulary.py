@@ -97,7 +97,6 @@ declared, or registered with an optimizer."""
 for _hp in _BUILTIN_HYPERPARAMETERS:
     HYPERPARAMETERS.register(_hp)
 HYPERPARAMETERS.seal()
-"""Every traced number known in this process: the built-in ones, then yours and your optimizers'."""
 
 RESERVED = (*STATIC, "schedule", "seed", *COMMON_TRACED)
 
@@ -174,7 +173,7 @@ def _adamw(learning_rate, b1, b2, weight_decay):
     return optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay)
 
 
-_LEGACY = {"weight_decay": 0.0, "momentum": 0.9, "b1": 0.9, "b2": 0.999}
+_LEGACY = {n: HYPERPARAMETERS[n].default for n in ("weight_decay", "momentum", "b1", "b2")}
 BUILTIN_OPTIMIZERS = {
     "sgd": Optimizer("sgd", _sgd, _LEGACY, ("weight_decay", "momentum")),
     "adam": Optimizer("adam", _adam, _LEGACY, ("b1", "b2")),
