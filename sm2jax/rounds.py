@@ -236,7 +236,8 @@ def propose(
 
     searcher = get_searcher(spec.effective().sampler)
     space = SearchSpace.from_json(spec.space)
-    n = round_sizes(spec)[round_ - 1]
+    plan = round_plans(spec)[round_ - 1]
+    n, multiple = plan.size, 1 if plan.exact else spec.width or 8
     kwargs: dict[str, Any] = {}
     if searcher.learns:
         static = static_names(space)
@@ -247,9 +248,7 @@ def propose(
             compiled=tuple({k: c.values[k] for k in static} for c in seen.values()),
         )
     seed = spec.seed + (round_ - 1) * 7919  # another stream per round (a prime stride)
-    return searcher.propose(
-        space, n, seed=seed, first_id=first_id, history=list(history), multiple=spec.width or 8, **kwargs
-    )
+    return searcher.propose(space, n, seed=seed, first_id=first_id, history=list(history), multiple=multiple, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ selection

@@ -121,14 +121,14 @@ def _hyperband_spec(**fields):
     from sm2jax.spec import StudySpec
 
     space = SearchSpace({"learning_rate": LogUniform(1e-3, 1e-1, num=3)}).to_json()
-    return StudySpec(space=space, mode="hyperband", budget_unit="steps", max_budget=81, eta=3, **fields)
+    return StudySpec(space=space, **{"mode": "hyperband", "budget_unit": "steps", "max_budget": 81, "eta": 3, **fields})
 
 
 def test_hyperband_brackets_are_the_rounds_of_one_study():
     """Each bracket is a round with its own size and rungs (Li et al.'s Table 1), labelled as a
     study's rounds are; the study makes every bracket's configurations, sampled (a grid's space
     drawn at random), and ranks on the score, keeping floor(n / eta) and exploring nothing."""
-    from sm2jax.rounds import round_plans, schedule
+    from sm2jax.rounds import propose, round_plans, schedule
 
     spec = _hyperband_spec(explore_budget=0.5)  # (ignored: Hyperband explores nothing)
     plans = round_plans(spec)
@@ -145,6 +145,10 @@ def test_hyperband_brackets_are_the_rounds_of_one_study():
     assert (ran.sampler, ran.keep_rule, ran.objective, ran.explore_budget) == ("random", "floor", "performance", 0.0)
     assert spec.sampler == "grid" and spec.explore_budget == 0.5  # the spec keeps what was written
     assert _hyperband_spec(sampler="tpe").effective().sampler == "tpe"  # BOHB: the model learns per bracket
+    for sampler in ("random", "sobol", "tpe"):  # exactly a bracket's n: no rounding up to whole cohorts
+        bohb = _hyperband_spec(sampler=sampler, max_budget=9)
+        assert [len(propose(bohb, k, [], first_id=0)) for k in (1, 2, 3)] == [9, 5, 3]
+    assert len(propose(dataclasses.replace(bohb, mode="sh", num_samples=9), 1, [], first_id=0)) == 16  # (SH may)
 
 
 def test_hyperband_refuses_rounds_extensions_and_budgets_in_one_line():

@@ -52,11 +52,14 @@ __all__ = [
 class RoundPlan:
     """One round of a study as its scheduler runs it: how many configurations the searcher
     proposes (``size``), the round's ``phases`` (``(name, cumulative budget)``, the last at the
-    full budget) and what the report says of it (``about``, e.g. Hyperband's bracket)."""
+    full budget), what the report says of it (``about``, e.g. Hyperband's bracket), and whether
+    the searcher must propose exactly ``size`` (``exact``; else a cohort-aware searcher may round
+    it up to whole cohorts of the vmap width, which a GPU trains at nearly the cost of one)."""
 
     size: int
     phases: tuple[tuple[str, float], ...]
     about: tuple[tuple[str, Any], ...] = ()
+    exact: bool = False
 
 
 class Scheduler:
@@ -133,8 +136,9 @@ class HyperbandScheduler(HalvingScheduler):
 
     Proposals come from the study's searcher, round by round: ``random`` (or a grid's space drawn at
     random) is Li et al.'s Hyperband; ``sampler="tpe"`` fits its model to every bracket before
-    the next, as BOHB does (Falkner et al., ICML 2018); a cohort-aware sampler rounds a bracket's
-    ``n`` up to whole cohorts. Like ``sh``, it explores nothing and ranks on the score."""
+    the next, as BOHB does (Falkner et al., ICML 2018). Every searcher proposes exactly a bracket's
+    ``n`` (no rounding up to whole cohorts: the rungs' counts are the algorithm's). Like ``sh``, it
+    explores nothing and ranks on the score."""
 
     def __init__(self):
         super().__init__("hyperband")
@@ -165,6 +169,7 @@ class HyperbandScheduler(HalvingScheduler):
                 int(b["n"]),
                 tuple((f"rung-{i + 1}", float(r["r"])) for i, r in enumerate(b["rungs"])),
                 (("bracket", int(b["s"])), ("r", float(b["r"]))),
+                exact=True,
             )
             for b in self.brackets(spec)
         ]
