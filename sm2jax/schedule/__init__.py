@@ -132,7 +132,8 @@ class HyperbandScheduler(HalvingScheduler):
     ``n = ceil((s_max + 1) / (s + 1) * eta**s)`` configurations and halves them over rungs
     ``r_i = R * eta**(i - s)`` keeping ``floor(n_i / eta)`` (:func:`sm2jax.budgets.hyperband_brackets`;
     integral budgets when the unit is steps or samples); ``R`` is ``max_budget``. The selection is
-    the best score over the brackets' selections, all trained to ``R``.
+    the best score over the brackets' selections, all trained to ``R``. ``num_samples`` is not
+    used: ``max_budget`` and ``eta`` set every bracket's ``n`` (the report's rounds list them).
 
     Proposals come from the study's searcher, round by round: ``random`` (or a grid's space drawn at
     random) is Li et al.'s Hyperband; ``sampler="tpe"`` fits its model to every bracket before
