@@ -9,10 +9,10 @@ import dataclasses
 import os
 from typing import Any
 
-from sm2jax.budgets import hyperband_brackets
 from sm2jax.compile_cache import enable_compile_cache
 from sm2jax.data import ArrayDataset
 from sm2jax.energy.ledger import sum_known
+from sm2jax.schedule import get_scheduler
 from sm2jax.spec import StudySpec
 from sm2jax.store.folder import StudyDir
 from sm2jax.study import Study
@@ -53,9 +53,8 @@ def finish_bracket_run(folder: StudyDir, spec: StudySpec, **options: Any) -> dic
             "a budget (--budget-kwh, --budget-hours) caps one study, and Hyperband runs one per bracket: cap a study (--mode sm2 or sh) instead"
         )
     folder.claim({"hyperband": spec.to_json()}, normalise=_current_form)  # refuses an edited spec
-    integral = spec.budget_unit in ("steps", "samples") and spec.max_budget == int(spec.max_budget)
     outcomes = []
-    for b in hyperband_brackets(spec.max_budget, spec.eta, integral=integral):
+    for b in get_scheduler("hyperband").brackets(spec):  # the same brackets as a Hyperband study's rounds
         rungs = [r["r"] for r in b["rungs"]]
         sub = dataclasses.replace(
             spec,
